@@ -140,7 +140,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.units = nn.ModuleList([Embedding(cfg), *(Block(cfg) for _ in range(cfg.n_layer)), Head(cfg)])
+        self.units = nn.ModuleList(build_unit(cfg, i) for i in range(cfg.n_layer + 2))
 
     @property
     def embedding(self) -> Embedding:
@@ -157,20 +157,41 @@ class GPT(nn.Module):
     def tied_weight(self) -> torch.Tensor | None:
         return self.embedding.wte.weight if self.cfg.tie_embeddings else None
 
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 x layers)
-        so the residual stream's variance does not grow with depth."""
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layer)
-        for name, p in self.named_parameters():
+    def init_weights(self, seed: int) -> None:
+        """Initialise every unit from its own generator (see `init_unit`)."""
+        for index, unit in enumerate(self.units):
+            init_unit(unit, self.cfg, seed, index)
+
+
+def init_unit(unit: nn.Module, cfg: ModelConfig, seed: int, index: int) -> None:
+    """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 x layers)
+    so the residual stream's variance does not grow with depth.
+
+    Each unit draws from a generator seeded by (seed, unit index), so a unit can be
+    initialised alone, straight into a host store, and still equal the same unit of a
+    whole model built in memory: the streamer never needs the whole model at once.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+    with torch.no_grad():
+        for name, p in unit.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
-            elif ".ln_" in name:
+            elif name.split(".")[-2].startswith("ln_"):
                 nn.init.ones_(p)
             elif name.endswith(("attn.proj.weight", "fc_out.weight")):
                 nn.init.normal_(p, 0.0, residual_std, generator=generator)
             else:
-                nn.init.normal_(p, 0.0, std, generator=generator)
+                nn.init.normal_(p, 0.0, cfg.init_std, generator=generator)
+
+
+def build_unit(cfg: ModelConfig, index: int) -> nn.Module:
+    """Unit `index` alone: 0 is the embedding, 1..n_layer the blocks, n_layer + 1 the head."""
+    if index == 0:
+        return Embedding(cfg)
+    if index <= cfg.n_layer:
+        return Block(cfg)
+    return Head(cfg)
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,594 @@
+"""Hugging Face import and export for GPT-2, GPT-J and GPT-NeoX checkpoints.
+
+`models/gpt.py` knows nothing of checkpoint layouts: everything about Hugging Face
+names, tensor orientations and config keys lives here, one adapter per family. An
+adapter maps each of *our* parameter names to the Hugging Face tensor(s) it comes
+from, with a transform each way; loading and saving are generic over that map.
+
+Only safetensors are read. Pickled weights (`pytorch_model.bin`) can run arbitrary
+code when loaded, so they are refused with a pointer to converting them first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from models.config import ModelConfig
+from models.gpt import GPT
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+# Hugging Face activation names -> ours. `gelu_new` is the tanh approximation written
+# out by hand and `gelu_pytorch_tanh` the same formula in one kernel: both are ours.
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+_HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+
+Tensors = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """How one of our parameters relates to the Hugging Face tensors it is stored as."""
+
+    hf_names: tuple[str, ...]
+    to_internal: Callable[[Tensors], torch.Tensor]
+    to_hf: Callable[[torch.Tensor], Tensors]
+
+
+def _plain(hf_name: str) -> TensorMap:
+    return TensorMap((hf_name,), lambda ts: ts[0], lambda t: [t])
+
+
+def _transposed(hf_name: str) -> TensorMap:
+    # GPT-2's Conv1D stores weights as [in, out], the transpose of nn.Linear's.
+    return TensorMap((hf_name,), lambda ts: ts[0].t(), lambda t: [t.t()])
+
+
+def _vocab_rows(hf_name: str, vocab_size: int) -> TensorMap:
+    # Our padding rows exist for matmul speed only; Hugging Face gets the true vocabulary.
+    return TensorMap((hf_name,), lambda ts: ts[0], lambda t: [t[:vocab_size]])
+
+
+def _rotary_fraction(rotary_dim: int, head_dim: int) -> float:
+    """A fraction f with int(head_dim * f) == rotary_dim, the way both sides compute it.
+
+    rotary_dim / head_dim can land a hair below the integer after the product (as
+    1/49 * 49 does), which truncation would turn into one dim fewer.
+    """
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        # Rotation acts on pairs; an odd count has no faithful counterpart in our model.
+        raise ValueError(f"rotary dims must be even and within the head, got {rotary_dim} of {head_dim}")
+    fraction = rotary_dim / head_dim
+    return fraction if int(head_dim * fraction) == rotary_dim else (rotary_dim + 0.5) / head_dim
+
+
+def _get(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    """The first of several spellings of one setting present in a config.json."""
+    for key in keys:
+        if hf.get(key) is not None:
+            return hf[key]
+    return default
+
+
+def _activation(name: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation '{name}': supported are {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def _require(checks: list[tuple[bool, str]], family: str) -> None:
+    """Raise naming every (failed, requirement) pair that failed."""
+    problems = [requirement for failed, requirement in checks if failed]
+    if problems:
+        raise ValueError(f"cannot express this model as a {family} checkpoint: {'; '.join(problems)}")
+
+
+class Adapter:
+    """The name map of one family; subclasses fill in the names that differ.
+
+    `prefix` is the base-model prefix of every tensor except the output head;
+    `embedding`, `final_norm` and `block_names` map our module paths to theirs.
+    """
+
+    model_type: str
+    architecture: str
+    prefix: str
+    layers: str
+    head: str
+    embedding: dict[str, str]
+    final_norm: str
+    block_names: dict[str, str]
+    # Buffers some checkpoints carry (causal masks, cached frequencies); never weights.
+    ignored: tuple[str, ...] = ()
+    # Alternative spellings of names, rewritten before anything else looks at them.
+    aliases: dict[str, str] = {}
+
+    def config_to_internal(self, hf: dict[str, Any], name: str) -> ModelConfig:
+        """Our config for a Hugging Face config.json; padding_multiple=1 keeps shapes exact."""
+        raise NotImplementedError
+
+    def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
+        """The family's config.json keys; ValueError if the family cannot express `cfg`."""
+        raise NotImplementedError
+
+    def canonical_name(self, name: str) -> str:
+        """Names as this adapter spells them: aliases resolved, base prefix present.
+
+        Checkpoints saved from the base model (the original GPT-2 release) lack the
+        prefix, and some NeoX exports call the head `lm_head` rather than `embed_out`.
+        """
+        for old, new in self.aliases.items():
+            if name.startswith(old):
+                name = new + name[len(old) :]
+        if not name.startswith((self.prefix, self.head + ".")):
+            name = self.prefix + name
+        return name
+
+    def is_ignored(self, name: str, cfg: ModelConfig) -> bool:
+        if cfg.tie_embeddings and name == f"{self.head}.weight":
+            return True  # a saved copy of the tied table; the embedding is the one we keep
+        return any(re.search(pattern, name) for pattern in self.ignored)
+
+    def tensor_map(self, name: str, cfg: ModelConfig) -> TensorMap:
+        """The map for one of our parameter names, e.g. `units.3.attn.qkv.weight`."""
+        _, unit, rest = name.split(".", 2)
+        module, param = rest.rsplit(".", 1)
+        index = int(unit)
+        if index == 0:
+            hf_name = f"{self.prefix}{self.embedding[module]}.{param}"
+            return _vocab_rows(hf_name, cfg.vocab_size) if module == "wte" else _plain(hf_name)
+        if index == cfg.n_layer + 1:
+            if module == "lm_head":
+                return _vocab_rows(f"{self.head}.{param}", cfg.vocab_size)
+            return _plain(f"{self.prefix}{self.final_norm}.{param}")
+        return self.block_map(f"{self.prefix}{self.layers}.{index - 1}", module, param, cfg)
+
+    def block_map(self, layer: str, module: str, param: str, cfg: ModelConfig) -> TensorMap:
+        return _plain(f"{layer}.{self.block_names[module]}.{param}")
+
+
+class GPT2Adapter(Adapter):
+    model_type = "gpt2"
+    architecture = "GPT2LMHeadModel"
+    prefix = "transformer."
+    layers = "h"
+    head = "lm_head"
+    embedding = {"wte": "wte", "wpe": "wpe"}
+    final_norm = "ln_f"
+    block_names = {
+        "ln_1": "ln_1",
+        "attn.qkv": "attn.c_attn",
+        "attn.proj": "attn.c_proj",
+        "ln_2": "ln_2",
+        "mlp.fc_in": "mlp.c_fc",
+        "mlp.fc_out": "mlp.c_proj",
+    }
+    ignored = (r"\.attn\.bias$", r"\.attn\.masked_bias$")
+
+    def config_to_internal(self, hf: dict[str, Any], name: str) -> ModelConfig:
+        # Both change the attention scores and have no counterpart in our model.
+        if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+            raise ValueError("GPT-2 checkpoints with non-standard attention scaling are not supported")
+        if hf.get("add_cross_attention", False):
+            raise ValueError("GPT-2 checkpoints with cross-attention are not supported")
+        return ModelConfig(
+            name=name,
+            padding_multiple=1,
+            family="gpt3",
+            n_layer=_get(hf, "n_layer", "num_hidden_layers"),
+            d_model=_get(hf, "n_embd", "hidden_size"),
+            n_head=_get(hf, "n_head", "num_attention_heads"),
+            block_size=_get(hf, "n_positions", "max_position_embeddings", "n_ctx"),
+            vocab_size=hf["vocab_size"],
+            d_ff=_get(hf, "n_inner", "intermediate_size"),
+            positional="learned",
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            activation=_activation(_get(hf, "activation_function", default="gelu_new")),
+            norm_eps=_get(hf, "layer_norm_epsilon", default=1e-5),
+        )
+
+    def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
+        checks = [
+            (cfg.positional != "learned", "positions must be learned"),
+            (cfg.parallel_residual, "residual must be sequential"),
+            (not (cfg.attn_bias and cfg.mlp_bias), "attention and MLP need biases"),
+            (cfg.head_bias, "the output head has no bias"),
+        ]
+        _require(checks, "GPT-2")
+        return {
+            "n_layer": cfg.n_layer,
+            "n_embd": cfg.d_model,
+            "n_head": cfg.n_head,
+            "n_positions": cfg.block_size,
+            "n_inner": cfg.d_ff,
+            "activation_function": _HF_ACTIVATION[cfg.activation],
+            "layer_norm_epsilon": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            # Our model has no dropout; GPT-2's config would otherwise default to 0.1.
+            "attn_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+        }
+
+    def block_map(self, layer: str, module: str, param: str, cfg: ModelConfig) -> TensorMap:
+        hf_name = f"{layer}.{self.block_names[module]}.{param}"
+        if param == "weight" and not module.startswith("ln_"):
+            return _transposed(hf_name)
+        return _plain(hf_name)
+
+
+class GPTJAdapter(Adapter):
+    model_type = "gptj"
+    architecture = "GPTJForCausalLM"
+    prefix = "transformer."
+    layers = "h"
+    head = "lm_head"
+    embedding = {"wte": "wte"}
+    final_norm = "ln_f"
+    block_names = {
+        "ln_1": "ln_1",
+        "attn.proj": "attn.out_proj",
+        "mlp.fc_in": "mlp.fc_in",
+        "mlp.fc_out": "mlp.fc_out",
+    }
+    ignored = (r"\.attn\.bias$", r"\.attn\.masked_bias$")
+
+    def config_to_internal(self, hf: dict[str, Any], name: str) -> ModelConfig:
+        if hf.get("tie_word_embeddings", False):
+            raise ValueError("GPT-J checkpoints with tied embeddings are not supported (its head has a bias)")
+        d_model = _get(hf, "n_embd", "hidden_size")
+        head_dim = d_model // _get(hf, "n_head", "num_attention_heads")
+        rotary_dim = hf.get("rotary_dim") or head_dim  # None rotates the whole head
+        return ModelConfig(
+            name=name,
+            padding_multiple=1,
+            family="gptj",
+            n_layer=_get(hf, "n_layer", "num_hidden_layers"),
+            d_model=d_model,
+            n_head=_get(hf, "n_head", "num_attention_heads"),
+            block_size=_get(hf, "n_positions", "max_position_embeddings"),
+            vocab_size=hf["vocab_size"],
+            d_ff=_get(hf, "n_inner", "intermediate_size"),
+            positional="rotary",
+            rotary_fraction=_rotary_fraction(rotary_dim, head_dim),
+            rotary_style="interleaved",
+            parallel_residual=True,
+            shared_norm=True,
+            attn_bias=False,
+            head_bias=True,
+            tie_embeddings=False,
+            activation=_activation(_get(hf, "activation_function", default="gelu_new")),
+            norm_eps=_get(hf, "layer_norm_epsilon", default=1e-5),
+        )
+
+    def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
+        checks = [
+            (cfg.rotary_style != "interleaved", "rotation must be interleaved"),
+            (cfg.rotary_dim == 0, "positions must be rotary over at least one pair of dims"),
+            (cfg.rotary_base != 10000.0, "GPT-J's rotary base is fixed at 10000"),
+            (
+                not (cfg.parallel_residual and cfg.shared_norm),
+                "residual must be parallel with one shared norm",
+            ),
+            (cfg.attn_bias or not cfg.mlp_bias, "attention has no biases, the MLP does"),
+            (cfg.tie_embeddings or not cfg.head_bias, "the output head is untied with a bias"),
+        ]
+        _require(checks, "GPT-J")
+        return {
+            "n_layer": cfg.n_layer,
+            "n_embd": cfg.d_model,
+            "n_head": cfg.n_head,
+            "n_positions": cfg.block_size,
+            "n_inner": cfg.d_ff,
+            "rotary_dim": cfg.rotary_dim,
+            "activation_function": _HF_ACTIVATION[cfg.activation],
+            "layer_norm_epsilon": cfg.norm_eps,
+            "tie_word_embeddings": False,
+        }
+
+    def block_map(self, layer: str, module: str, param: str, cfg: ModelConfig) -> TensorMap:
+        if module != "attn.qkv":
+            return super().block_map(layer, module, param, cfg)
+        # Separate q, k, v projections; ours is their concatenation along the output rows.
+        names = tuple(f"{layer}.attn.{part}_proj.{param}" for part in "qkv")
+        return TensorMap(names, lambda ts: torch.cat(ts, dim=0), lambda t: list(t.chunk(3, dim=0)))
+
+
+class NeoXAdapter(Adapter):
+    model_type = "gpt_neox"
+    architecture = "GPTNeoXForCausalLM"
+    prefix = "gpt_neox."
+    layers = "layers"
+    head = "embed_out"
+    embedding = {"wte": "embed_in"}
+    final_norm = "final_layer_norm"
+    block_names = {
+        "ln_1": "input_layernorm",
+        "attn.qkv": "attention.query_key_value",
+        "attn.proj": "attention.dense",
+        "ln_2": "post_attention_layernorm",
+        "mlp.fc_in": "mlp.dense_h_to_4h",
+        "mlp.fc_out": "mlp.dense_4h_to_h",
+    }
+    ignored = (r"\.attention\.bias$", r"\.attention\.masked_bias$", r"\.rotary_emb\.inv_freq$")
+    # transformers 5 names the head lm_head in memory and embed_out on disk.
+    aliases = {"lm_head.": "embed_out."}
+
+    def config_to_internal(self, hf: dict[str, Any], name: str) -> ModelConfig:
+        d_model = hf["hidden_size"]
+        head_dim = d_model // hf["num_attention_heads"]
+        # transformers 5 writes rope_parameters; earlier versions rotary_pct / rotary_emb_base.
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(
+                f"GPT-NeoX rope type '{rope.get('rope_type', rope.get('type'))}' is not supported"
+            )
+        fraction = _get(rope, "partial_rotary_factor", default=hf.get("rotary_pct", 0.25))
+        rotary_dim = int(head_dim * fraction)  # as transformers computes it
+        return ModelConfig(
+            name=name,
+            padding_multiple=1,
+            family="neox",
+            n_layer=hf["num_hidden_layers"],
+            d_model=d_model,
+            n_head=hf["num_attention_heads"],
+            block_size=hf.get("max_position_embeddings", 2048),
+            vocab_size=hf["vocab_size"],
+            d_ff=hf.get("intermediate_size"),
+            positional="rotary",
+            rotary_fraction=_rotary_fraction(rotary_dim, head_dim),
+            rotary_style="half",
+            rotary_base=float(
+                _get(rope, "rope_theta", default=_get(hf, "rotary_emb_base", "rope_theta", default=10000.0))
+            ),
+            parallel_residual=hf.get("use_parallel_residual", True),
+            shared_norm=False,
+            attn_bias=hf.get("attention_bias", True),
+            mlp_bias=True,
+            head_bias=False,
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            activation=_activation(hf.get("hidden_act", "gelu")),
+            norm_eps=hf.get("layer_norm_eps", 1e-5),
+        )
+
+    def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
+        checks = [
+            (cfg.rotary_style != "half", "rotation must be by halves"),
+            (cfg.positional != "rotary", "positions must be rotary"),
+            (cfg.parallel_residual and cfg.shared_norm, "NeoX always has two norms per layer"),
+            (not cfg.mlp_bias, "the MLP needs biases"),
+            (cfg.head_bias, "the output head has no bias"),
+        ]
+        _require(checks, "GPT-NeoX")
+        return {
+            "num_hidden_layers": cfg.n_layer,
+            "hidden_size": cfg.d_model,
+            "num_attention_heads": cfg.n_head,
+            "max_position_embeddings": cfg.block_size,
+            "intermediate_size": cfg.d_ff,
+            # The pre-5.0 spelling: transformers 5 still reads it, 4.x reads nothing else.
+            "rotary_pct": _rotary_fraction(cfg.rotary_dim, cfg.head_dim),
+            "rotary_emb_base": cfg.rotary_base,
+            "use_parallel_residual": cfg.parallel_residual,
+            "attention_bias": cfg.attn_bias,
+            "hidden_act": _HF_ACTIVATION[cfg.activation],
+            "layer_norm_eps": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings,
+        }
+
+    def block_map(self, layer: str, module: str, param: str, cfg: ModelConfig) -> TensorMap:
+        if module != "attn.qkv":
+            return super().block_map(layer, module, param, cfg)
+        # NeoX interleaves per head, rows [n_head, 3, head_dim]; ours are [3, n_head, head_dim].
+        heads = (cfg.n_head, 3, cfg.head_dim)
+        ours = (3, cfg.n_head, cfg.head_dim)
+        return TensorMap(
+            (f"{layer}.{self.block_names[module]}.{param}",),
+            lambda ts: ts[0].unflatten(0, heads).transpose(0, 1).flatten(0, 2),
+            lambda t: [t.unflatten(0, ours).transpose(0, 1).flatten(0, 2)],
+        )
+
+
+ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (GPT2Adapter(), GPTJAdapter(), NeoXAdapter())}
+
+
+def _adapter_for_config(hf: dict[str, Any]) -> Adapter:
+    model_type = hf.get("model_type")
+    if model_type not in ADAPTERS:
+        raise ValueError(f"unsupported model_type '{model_type}': load_hf reads {', '.join(ADAPTERS)}")
+    return ADAPTERS[model_type]
+
+
+def _adapter_for_model(cfg: ModelConfig) -> Adapter:
+    """The family a model belongs to, read from its architecture fields, not its name."""
+    if cfg.positional == "learned":
+        return ADAPTERS["gpt2"]
+    return ADAPTERS["gptj" if cfg.rotary_style == "interleaved" else "gpt_neox"]
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, in the order Hugging Face looks for them."""
+    if (directory / SAFE_WEIGHTS).is_file():
+        return [directory / SAFE_WEIGHTS]
+    if (directory / SAFE_INDEX).is_file():
+        weight_map = json.loads((directory / SAFE_INDEX).read_text())["weight_map"]
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"{SAFE_INDEX} lists shard {path.name}, which is not in {directory}")
+        return files
+    shards = sorted(directory.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{directory} has only pickled weights ({', '.join(pickles)}); load_hf reads safetensors only, "
+            "since unpickling can run arbitrary code: convert the checkpoint to safetensors first"
+        )
+    raise FileNotFoundError(f"no {SAFE_WEIGHTS}, {SAFE_INDEX} or *.safetensors in {directory}")
+
+
+class _Checkpoint:
+    """The tensors of one or more safetensors files by canonical name, read on demand,
+    so that names and shapes are all checked before any weight is read."""
+
+    def __init__(self, files: list[Path], canonical: Callable[[str], str], stack: contextlib.ExitStack):
+        self._where: dict[str, tuple[Any, str]] = {}
+        for path in files:
+            handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            for stored in handle.keys():
+                name = canonical(stored)
+                if name in self._where:
+                    raise ValueError(
+                        f"tensor '{stored}' appears twice in the checkpoint (second in {path.name})"
+                    )
+                self._where[name] = (handle, stored)
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle, stored = self._where[name]
+        return tuple(handle.get_slice(stored).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        handle, stored = self._where[name]
+        return handle.get_tensor(stored)
+
+
+def _first(names: list[str]) -> str:
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return f"'{names[0]}'{more}"
+
+
+def _validate(model: GPT, adapter: Adapter, checkpoint: _Checkpoint) -> dict[str, TensorMap]:
+    """Every expected tensor present with its shape, nothing unexplained left over."""
+    cfg = model.cfg
+    maps = {name: adapter.tensor_map(name, cfg) for name in model.state_dict()}
+    expected = {hf: None for m in maps.values() for hf in m.hf_names}
+    missing = [hf for hf in expected if hf not in checkpoint.names()]
+    if missing:
+        raise ValueError(f"checkpoint lacks tensor {_first(missing)}")
+    unexpected = sorted(n for n in checkpoint.names() - expected.keys() if not adapter.is_ignored(n, cfg))
+    if unexpected:
+        raise ValueError(f"checkpoint has unexpected tensor {_first(unexpected)} for this config")
+    for name, param in model.state_dict().items():
+        # The transform applied to our (meta) tensor gives the shapes the checkpoint must have.
+        for hf_name, want in zip(maps[name].hf_names, maps[name].to_hf(param), strict=True):
+            found = checkpoint.shape(hf_name)
+            if found != tuple(want.shape):
+                raise ValueError(
+                    f"tensor '{hf_name}' has shape {list(found)}, config implies {list(want.shape)}"
+                )
+    return maps
+
+
+def load_hf(directory: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> GPT:
+    """Load a Hugging Face GPT-2, GPT-J or GPT-NeoX safetensors checkpoint as a `GPT`.
+
+    `directory` holds `config.json` and either `model.safetensors`, shards with
+    `model.safetensors.index.json`, or shards alone. Parameters come back in `dtype`
+    on the CPU; the vocabulary is not padded, so shapes match the checkpoint exactly.
+    Raises ValueError naming the tensor or setting that does not fit.
+    """
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {directory}")
+    hf_config = json.loads(config_path.read_text())
+    adapter = _adapter_for_config(hf_config)
+    cfg = adapter.config_to_internal(hf_config, directory.resolve().name)
+    files = _weight_files(directory)
+    # Built without storage: the checkpoint's tensors become the parameters (assign=True),
+    # so no memory or time goes into a random initialisation that would be overwritten.
+    with torch.device("meta"):
+        model = GPT(cfg)
+    with contextlib.ExitStack() as stack:
+        checkpoint = _Checkpoint(files, adapter.canonical_name, stack)
+        maps = _validate(model, adapter, checkpoint)
+        state = {
+            name: tensor_map.to_internal([checkpoint.tensor(n) for n in tensor_map.hf_names])
+            .to(dtype)
+            .contiguous()
+            for name, tensor_map in maps.items()
+        }
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor owning exactly its storage, as safetensors requires:
+    views (q/k/v chunks, vocabulary slices) would otherwise share or overhang one."""
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
+
+
+def _hf_state(model: GPT, adapter: Adapter) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, param in model.state_dict().items():
+        tensor_map = adapter.tensor_map(name, model.cfg)
+        yield from zip(tensor_map.hf_names, tensor_map.to_hf(param), strict=True)
+
+
+@contextlib.contextmanager
+def _atomic_path(target: Path) -> Iterator[Path]:
+    """A temporary path beside `target` that replaces it only once fully written and synced."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_hf(model: GPT, directory: str | os.PathLike[str]) -> None:
+    """Write `model` as a Hugging Face checkpoint: `config.json` and `model.safetensors`.
+
+    The family (GPT-2, GPT-J or GPT-NeoX) follows from the model's architecture fields;
+    a config no family can express raises ValueError before anything is written. Each
+    file is written to a temporary name, synced and renamed, so a crash leaves either
+    the old file or the new one, never half of one. Padding rows of the vocabulary
+    are dropped. The result loads with `AutoModelForCausalLM.from_pretrained`.
+    """
+    directory = Path(directory)
+    cfg = model.cfg
+    adapter = _adapter_for_model(cfg)
+    hf_config = {
+        "architectures": [adapter.architecture],
+        "model_type": adapter.model_type,
+        "vocab_size": cfg.vocab_size,
+        **adapter.config_to_hf(cfg),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    tensors = {name: _standalone(tensor) for name, tensor in _hf_state(model, adapter)}
+    directory.mkdir(parents=True, exist_ok=True)
+    with _atomic_path(directory / SAFE_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with _atomic_path(directory / "config.json") as tmp:
+        tmp.write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    # The renames are directory entries: sync the directory so they survive a crash too.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,138 @@
+"""`streamer` command line: train, prepare, models, plan.
+
+User errors print one line on stderr and exit 2; nothing else is printed for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from streamer.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block) so errors read alike."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a named model (no flags: tiny on the stdlib corpus)")
+    p.add_argument("--model", default="tiny", help="a registry name; 'streamer models' lists them")
+    p.add_argument("--mode", default="resident", choices=["resident", "stream"],
+                   help="resident: all on one device; stream: weights stream from a host store")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr/10)")
+    p.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm limit; 0 disables")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="token file from 'streamer prepare' (default: stdlib corpus)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/MODEL-TIMESTAMP)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on CUDA)")
+    p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk"],
+                   help="stream mode: where master weights and optimizer state live")
+    p.add_argument("--prefetch-depth", type=int, default=None, help="stream mode: units fetched ahead")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize text files into a token file")
+    p.add_argument("inputs", nargs="*", type=Path, help="text files or folders (default: the stdlib sources)")
+    p.add_argument("--out", required=True, type=Path, help="token file to write (.npy)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="a Hugging Face tokenizer.json (default: bytes)")
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the named model configs")
+    p.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="streamer", description="Weight-streaming training for models larger than one device.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    _add_train(sub)
+    _add_prepare(sub)
+    _add_models(sub)
+    try:
+        from streamer.planner import add_plan_parser
+    except ImportError:
+        pass
+    else:
+        add_plan_parser(sub)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from streamer.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=args.model, mode=args.mode, steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
+        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+        data=args.data, out=args.out, device=args.device, dtype=args.dtype, offload=args.offload,
+        prefetch_depth=args.prefetch_depth, progress=not args.no_progress,
+    )
+    out = train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    print(f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps; "
+          f"metrics in {out / 'metrics.jsonl'}, final weights in {out / 'final'}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from streamer.data import prepare
+
+    meta = prepare(args.out, args.inputs or None, args.tokenizer)
+    print(f"wrote {meta['n_tokens']:,} tokens ({meta['dtype']}, vocab {meta['vocab_size']}) "
+          f"from {meta['n_files']} files to {args.out}")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from models import REGISTRY, ModelConfig
+
+    rows = []
+    for name in REGISTRY:
+        c = ModelConfig.from_name(name)
+        rows.append({"name": name, "family": c.family, "n_layer": c.n_layer, "d_model": c.d_model,
+                     "n_head": c.n_head, "context": c.block_size, "vocab": c.vocab_size, "n_params": c.n_params()})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'name':<14}{'family':<8}{'layers':>7}{'d_model':>9}{'heads':>7}{'context':>9}{'params':>17}")
+    for r in rows:
+        print(f"{r['name']:<14}{r['family']:<8}{r['n_layer']:>7}{r['d_model']:>9}{r['n_head']:>7}"
+              f"{r['context']:>9}{r['n_params']:>17,}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["train", *(argv or [])])
+    handlers = {"train": cmd_train, "prepare": cmd_prepare, "models": cmd_models}
+    if args.command == "plan":
+        from streamer.planner import cmd_plan as handler
+    else:
+        handler = handlers[args.command]
+    try:
+        handler(args)
+    except UserError as exc:
+        print(f"streamer: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamer: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Resident training: the whole model, its gradients and AdamW state on one device.
+
+The reference the streamer must match, and the baseline it is benchmarked against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from models import GPT, loss_fn
+from streamer.optim import OptimConfig, decays
+from streamer.stats import StepStats
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when asked; float32 runs need no context."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class ResidentEngine:
+    def __init__(self, model: GPT, optim: OptimConfig, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model.to(device)
+        self.device, self.dtype, self.optim = device, dtype, optim
+        params = list(self.model.named_parameters())
+        groups = [
+            {"params": [p for n, p in params if decays(n, p)], "weight_decay": optim.weight_decay},
+            {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, foreach=False
+        )
+
+    def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> StepStats:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        for x, y in micro_batches:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast_for(self.device, self.dtype):
+                loss = loss_fn(self.model(x), y)
+            (loss / len(micro_batches)).backward()
+            total_loss += loss.item()
+        max_norm = self.optim.grad_clip if self.optim.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        skipped = not math.isfinite(grad_norm) or not math.isfinite(total_loss)
+        if not skipped:
+            self.optimizer.step()
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        return StepStats(loss=total_loss / len(micro_batches), grad_norm=grad_norm, skipped=skipped,
+                         peak_device_bytes=peak)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+
+    def close(self) -> None:
+        pass

@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -481,10 +481,11 @@ def _validate(model: GPT, adapter: Adapter, checkpoint: _Checkpoint) -> dict[str
     cfg = model.cfg
     maps = {name: adapter.tensor_map(name, cfg) for name in model.state_dict()}
     expected = {hf: None for m in maps.values() for hf in m.hf_names}
-    missing = [hf for hf in expected if hf not in checkpoint.names()]
+    present = checkpoint.names()
+    missing = [hf for hf in expected if hf not in present]
     if missing:
         raise ValueError(f"checkpoint lacks tensor {_first(missing)}")
-    unexpected = sorted(n for n in checkpoint.names() - expected.keys() if not adapter.is_ignored(n, cfg))
+    unexpected = sorted(n for n in present - expected.keys() if not adapter.is_ignored(n, cfg))
     if unexpected:
         raise ValueError(f"checkpoint has unexpected tensor {_first(unexpected)} for this config")
     for name, param in model.state_dict().items():
@@ -548,17 +549,19 @@ def _hf_state(model: GPT, adapter: Adapter) -> Iterator[tuple[str, torch.Tensor]
 
 @contextlib.contextmanager
 def _atomic_path(target: Path) -> Iterator[Path]:
-    """A temporary path beside `target` that replaces it only once fully written and synced."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    """A temporary path beside `target` that replaces it only once fully written and synced.
+
+    Beside, not in /tmp: os.replace is atomic only within one filesystem. A unique
+    name rather than mkstemp, whose 0600 mode would be kept by the final file.
+    """
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
-        yield Path(tmp)
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def save_hf(model: GPT, directory: str | os.PathLike[str]) -> None:

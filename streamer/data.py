@@ -121,7 +121,7 @@ def load_tokens(path: Path, vocab_size: int) -> np.ndarray:
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
-        raise UserError(f"data file '{path}' is not a token file ({exc}): recreate it with 'streamer prepare'")
+        raise UserError(f"data file '{path}' is not a token file ({exc}): recreate it with 'streamer prepare'") from None
     if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.uint32):
         raise UserError(f"data file '{path}' holds {tokens.dtype} {tokens.shape}, not a flat uint16/uint32 "
                         "token array: recreate it with 'streamer prepare'")

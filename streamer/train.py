@@ -106,7 +106,7 @@ def prepare_out_dir(out: str | None, model: str) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"output directory '{path}' is not writable ({exc.strerror}): choose another --out")
+        raise UserError(f"output directory '{path}' is not writable ({exc.strerror}): choose another --out") from None
     return path
 
 

@@ -1,0 +1,406 @@
+"""The streaming engine: weights stream in, gradients stream out, the optimizer runs
+on the host beside the next forward pass.
+
+One step, as the loop in `StreamEngine.step` reads it:
+
+    visits = forward units 0..U-1, then backward units U-2..0
+    for each visit v:
+        acquire(visits[v + 1 .. v + depth])   # issue transfers ahead (no-op if resident)
+        wait(unit)                            # block only if its weights are not here yet
+        forward all micro-batches | backward all micro-batches (recompute, then grad)
+        emit_grad(unit)  (backward)           # gradient streams out, host stores it
+        release(unit)                         # slot reusable once no visit in the window needs it
+    global grad norm -> the AdamW update of every unit becomes due; each unit's update
+    runs on the host worker just before that unit is staged for the next forward.
+
+[Note: exact optimizer with off-device updates]
+Global grad-norm clipping needs every gradient before any update, so updates cannot
+run during the backward that produced them. Instead the clip coefficient, learning
+rate and step count are recorded once the backward ends, and unit i's update is
+applied by the host worker when unit i is next staged (the next forward), or by
+`flush()`. Each update therefore sees exactly the gradient, clip factor, lr and step
+that resident AdamW would, and the updates overlap the next forward pass.
+
+[Note: why the head runs forward and backward in one visit]
+The head is the last forward unit and the first backward unit; running its backward
+right after its forward, while it is resident, saves a second fetch and the
+recompute of the logits, the largest activation of the step.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from torch.func import functional_call
+
+from models import ModelConfig, loss_fn
+from models.gpt import build_unit, init_unit
+from streamer import planner
+from streamer.optim import OptimConfig, adamw_update_, clip_coefficient
+from streamer.stats import StepStats
+from streamer.store import BUFFERS, DiskStore, HostStore, RamStore, UnitLayout
+
+
+class UnitState(enum.Enum):
+    HOME = "home"  # only in the host store; no slot
+    IN_FLIGHT = "in flight"  # staging issued into a slot; not yet waited on
+    RESIDENT = "resident"  # waited on: the slot holds the unit's current weights
+    RELEASED = "released"  # no visit needs it; its slot went back to the pool
+
+
+_TRANSITIONS = {
+    UnitState.HOME: {UnitState.IN_FLIGHT},
+    UnitState.IN_FLIGHT: {UnitState.RESIDENT},
+    UnitState.RESIDENT: {UnitState.RELEASED},
+    UnitState.RELEASED: {UnitState.IN_FLIGHT},
+}
+
+
+@dataclass
+class PendingUpdate:
+    """What the next update of every unit needs; recorded when a backward ends."""
+
+    adam_step: int
+    lr: float
+    grad_scale: float  # the clip coefficient
+
+
+class StreamEngine:
+    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, store: HostStore, device: torch.device,
+                 dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0) -> None:
+        self.cfg, self.optim, self.store = model_cfg, optim, store
+        self.device, self.dtype, self.depth = device, dtype, prefetch_depth
+        self.predicted_step_s = predicted_step_s
+        with torch.device("meta"):
+            self.modules = [build_unit(model_cfg, i) for i in range(model_cfg.n_layer + 2)]
+        self.layouts = store.layouts
+        self.n_units = len(self.layouts)
+        self.tied = model_cfg.tie_embeddings
+        biggest = max(lay.numel for lay in self.layouts)
+        cuda = device.type == "cuda"
+        # K + 1 slots hold the visits in the prefetch window; a tied table takes one more.
+        n_slots = prefetch_depth + 1 + (1 if self.tied else 0)
+        self.slots = [torch.empty(biggest, dtype=dtype, device=device) for _ in range(n_slots)]
+        # On CUDA the worker stages into pinned host buffers (one per slot, allocated
+        # once) so the host-to-device copy can run asynchronously at full link speed.
+        self.staging = [torch.empty(biggest, dtype=dtype, pin_memory=True) for _ in range(n_slots)] if cuda else None
+        # Two gradient buffers: one fills while the other drains to the host.
+        self.grad_buffers = [torch.zeros(biggest, device=device) for _ in range(2)]
+        self.grad_host = [torch.empty(biggest, pin_memory=True) for _ in range(2)] if cuda else None
+        self.tied_grad = torch.zeros(self.layouts[0].numel, device=device) if self.tied else None
+        # Copies run on their own streams so they overlap compute on the default stream.
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None  # host -> device weights
+        self.grad_stream = torch.cuda.Stream(device) if cuda else None  # device -> host gradients
+        self.slot_free_events = [torch.cuda.Event() for _ in range(n_slots)] if cuda else None
+        self.copy_done_events = [torch.cuda.Event() for _ in range(n_slots)] if cuda else None
+        self.grad_events = [torch.cuda.Event() for _ in range(2)] if cuda else None
+        self.free_slots = list(range(n_slots))
+        self.state = [UnitState.HOME] * self.n_units
+        self.slot_of: list[int | None] = [None] * self.n_units
+        self.pins = [0] * self.n_units
+        self.staged: list[Future | None] = [None] * self.n_units
+        self.grad_futures: list[Future | None] = [None, None]
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        # One host worker: staging, updates and gradient writes run in FIFO order, so
+        # a unit is always updated before it is staged and never read mid-write.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-host")
+        self.pending: PendingUpdate | None = None
+        self.update_due = [False] * self.n_units
+        self.adam_step = 0
+        self.counters = {"bytes_in": 0, "bytes_out": 0, "stall_s": 0.0}
+
+    # --- construction ------------------------------------------------------------
+
+    @classmethod
+    def create(cls, train_cfg, model_cfg: ModelConfig, optim: OptimConfig, out: Path,  # noqa: ANN001
+               device: torch.device, dtype: torch.dtype) -> StreamEngine:
+        """Plan the run, refuse it if it does not fit, and initialise the host store."""
+        import shutil
+
+        offload = planner.choose_offload(model_cfg, psutil.virtual_memory().available,
+                                         shutil.disk_usage(out).free, train_cfg.offload)
+        profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]
+        profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size())
+        plan = planner.make_plan(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
+                                 micro_tokens=train_cfg.batch_size * train_cfg.seq_len,
+                                 prefetch_depth=train_cfg.prefetch_depth)
+        with torch.device("meta"):
+            layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
+        store = DiskStore(layouts, out / "store") if offload == "disk" else RamStore(layouts)
+        for i in range(len(layouts)):
+            unit = build_unit(model_cfg, i)  # one unit in host memory at a time
+            init_unit(unit, model_cfg, train_cfg.seed, i)
+            store.init_params(i, unit)
+            del unit
+        engine = cls(model_cfg, optim, store, device, dtype, plan.prefetch_depth, plan.predicted_step_s)
+        engine.offload = offload
+        return engine
+
+    # --- unit state and transfers ------------------------------------------------
+
+    def _transition(self, unit: int, new: UnitState) -> None:
+        old = self.state[unit]
+        assert new in _TRANSITIONS[old], f"unit {unit}: illegal transition {old.value} -> {new.value}"
+        self.state[unit] = new
+
+    def acquire(self, unit: int) -> None:
+        """Pin `unit` for a visit; issue its transfer unless it is already here or coming."""
+        self.pins[unit] += 1
+        if self.state[unit] in (UnitState.IN_FLIGHT, UnitState.RESIDENT):
+            return
+        self._transition(unit, UnitState.IN_FLIGHT)
+        slot = self.free_slots.pop()
+        self.slot_of[unit] = slot
+        self.staged[unit] = self.worker.submit(self._stage, unit, slot)
+        self.counters["bytes_in"] += self.layouts[unit].numel * self.slots[0].element_size()
+
+    def wait(self, unit: int) -> torch.Tensor:
+        """Block until `unit`'s weights are usable on the device; returns its slot buffer."""
+        if self.state[unit] == UnitState.IN_FLIGHT:
+            started = time.perf_counter()
+            self.staged[unit].result()
+            self.staged[unit] = None
+            slot = self.slot_of[unit]
+            if self.copy_done_events is not None:
+                torch.cuda.current_stream(self.device).wait_event(self.copy_done_events[slot])
+            self.counters["stall_s"] += time.perf_counter() - started
+            self._transition(unit, UnitState.RESIDENT)
+        assert self.state[unit] == UnitState.RESIDENT, f"unit {unit} waited on while {self.state[unit].value}"
+        return self.slots[self.slot_of[unit]]
+
+    def release(self, unit: int) -> None:
+        """Unpin after a visit; the slot returns to the pool when no visit needs it."""
+        assert self.pins[unit] > 0, f"unit {unit} released more often than acquired"
+        self.pins[unit] -= 1
+        if self.pins[unit]:
+            return
+        self._transition(unit, UnitState.RELEASED)
+        slot = self.slot_of[unit]
+        if self.slot_free_events is not None:
+            # The next copy into this slot must wait for the kernels that read it.
+            self.slot_free_events[slot].record(torch.cuda.current_stream(self.device))
+        self.slot_of[unit] = None
+        self.free_slots.append(slot)
+
+    def _stage(self, unit: int, slot: int) -> None:
+        """Host worker: apply a due update, then copy the weights towards the device."""
+        numel = self.layouts[unit].numel
+        if self.update_due[unit]:
+            param = self._apply_update(unit)
+        else:
+            param = self.store.open(unit, ("param",))["param"]
+        if self.staging is None:
+            self.slots[slot][:numel].copy_(param)
+            return
+        self.copy_done_events[slot].synchronize()  # the previous copy out of this buffer is done
+        self.staging[slot][:numel].copy_(param)  # casts to the compute dtype
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self.slot_free_events[slot])
+            self.slots[slot][:numel].copy_(self.staging[slot][:numel], non_blocking=True)
+            self.copy_done_events[slot].record(self.copy_stream)
+
+    def _apply_update(self, unit: int) -> torch.Tensor:
+        update = self.pending
+        buffers = self.store.open(unit, BUFFERS)
+        adamw_update_(buffers["param"], buffers["grad"], buffers["exp_avg"], buffers["exp_avg_sq"],
+                      step=update.adam_step, lr=update.lr, cfg=self.optim,
+                      decay_numel=self.layouts[unit].decay_numel, grad_scale=update.grad_scale)
+        self.store.commit(unit, ("param", "exp_avg", "exp_avg_sq"))
+        self.update_due[unit] = False
+        return buffers["param"]
+
+    def emit_grad(self, unit: int, grad: torch.Tensor, buffer_index: int | None) -> None:
+        """Stream a unit's gradient out; the host worker writes it into the store."""
+        numel = self.layouts[unit].numel
+        self.counters["bytes_out"] += numel * 4
+        if self.grad_host is None:
+            future = self.worker.submit(self.store.write_grad, unit, grad)
+        else:
+            k = buffer_index if buffer_index is not None else 0
+            self._drain(k)
+            host, event = self.grad_host[k], self.grad_events[k]
+            self.grad_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.grad_stream):
+                host[:numel].copy_(grad[:numel], non_blocking=True)
+                event.record(self.grad_stream)
+
+            def write() -> None:
+                event.synchronize()
+                self.store.write_grad(unit, host)
+
+            future = self.worker.submit(write)
+        if buffer_index is not None:
+            self.grad_futures[buffer_index] = future
+        else:
+            future.result()
+
+    def _drain(self, k: int) -> None:
+        """Wait until gradient buffer k has been written out, so it can be refilled."""
+        if self.grad_futures[k] is not None:
+            self.grad_futures[k].result()
+            self.grad_futures[k] = None
+
+    # --- compute -----------------------------------------------------------------
+
+    def params(self, unit: int) -> dict[str, torch.Tensor]:
+        """Leaf views of the unit's weights in its slot, in layout order (cached per slot)."""
+        key = (unit, self.slot_of[unit])
+        if key not in self._views:
+            views = self.layouts[unit].views(self.slots[key[1]])
+            self._views[key] = {name: v.requires_grad_() for name, v in views.items()}
+        return self._views[key]
+
+    def _tied_weight(self) -> torch.Tensor | None:
+        return self.params(0)["wte.weight"] if self.tied else None
+
+    def _forward_unit(self, unit: int, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.wait(unit)
+        params = self.params(unit)
+        with torch.no_grad():
+            return [functional_call(self.modules[unit], params, (x,)) for x in inputs]
+
+    def _backward_unit(self, unit: int, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor],
+                       grad: torch.Tensor) -> list[torch.Tensor]:
+        """Recompute the unit's forward from its saved inputs, then backpropagate every
+        micro-batch; parameter gradients accumulate into the flat `grad` buffer."""
+        self.wait(unit)
+        params = self.params(unit)
+        grad_views = list(self.layouts[unit].views(grad).values())
+        grad_inputs = []
+        for x, grad_out in zip(inputs, grad_outputs):
+            x = x.detach().requires_grad_(unit > 0)  # unit 0 reads token ids
+            with torch.enable_grad():
+                out = functional_call(self.modules[unit], params, (x,))
+            wrt = [*params.values(), *([x] if unit > 0 else [])]
+            grads = torch.autograd.grad(out, wrt, grad_outputs=grad_out)
+            for acc, g in zip(grad_views, grads):
+                acc.add_(g)
+            grad_inputs.append(grads[-1] if unit > 0 else None)
+        return grad_inputs
+
+    def _head_unit(self, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+                   grad: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Forward, loss and backward of the head in one visit (see the note above)."""
+        head = self.n_units - 1
+        self.wait(head)
+        params = self.params(head)
+        grad_views = list(self.layouts[head].views(grad).values())
+        tied = self._tied_weight()
+        tied_grad = self.layouts[0].views(self.tied_grad)["wte.weight"] if self.tied else None
+        losses, grad_inputs = [], []
+        for x, y in zip(inputs, targets):
+            x = x.detach().requires_grad_()
+            with torch.enable_grad():
+                loss = loss_fn(functional_call(self.modules[head], params, (x, tied)), y)
+            wrt = [*params.values(), *([tied] if self.tied else []), x]
+            # Each micro-batch's loss is divided by their number, as resident
+            # accumulation does, so gradients sum to the step's mean-loss gradient.
+            grads = torch.autograd.grad(loss / len(inputs), wrt)
+            for acc, g in zip(grad_views, grads):
+                acc.add_(g)
+            if self.tied:
+                tied_grad.add_(grads[len(grad_views)])
+            losses.append(loss.detach())
+            grad_inputs.append(grads[-1])
+        return losses, grad_inputs
+
+    # --- the step ----------------------------------------------------------------
+
+    def visits(self) -> list[tuple[str, int]]:
+        head = self.n_units - 1
+        return [("forward", u) for u in range(head)] + [("head", head)] + [("backward", u)
+                                                                            for u in range(head - 1, -1, -1)]
+
+    def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> StepStats:
+        for key in self.counters:
+            self.counters[key] = 0
+        xs = [x.to(self.device, non_blocking=True) for x, _ in micro_batches]
+        ys = [y.to(self.device, non_blocking=True) for _, y in micro_batches]
+        visits = self.visits()
+        saved: list[list[torch.Tensor] | None] = [None] * self.n_units
+        acts, grads_in, losses = xs, None, []
+        sq_norm = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self.tied:
+            self.acquire(0)  # the head reads the embedding table: keep it for the whole step
+            self.tied_grad.zero_()
+        for v in range(min(self.depth, len(visits))):
+            self.acquire(visits[v][1])
+        for v, (phase, unit) in enumerate(visits):
+            if v + self.depth < len(visits):
+                self.acquire(visits[v + self.depth][1])
+            if phase == "forward":
+                saved[unit] = acts
+                acts = self._forward_unit(unit, acts)
+            else:
+                k = v % 2
+                self._drain(k)
+                buffer = self.tied_grad if (self.tied and unit == 0) else self.grad_buffers[k]
+                if buffer is not self.tied_grad:
+                    buffer.zero_()
+                if phase == "head":
+                    losses, grads_in = self._head_unit(acts, ys, buffer)
+                else:
+                    grads_in = self._backward_unit(unit, saved[unit], grads_in, buffer)
+                    saved[unit] = None
+                numel = self.layouts[unit].numel
+                sq_norm += buffer[:numel].double().square().sum()
+                self.emit_grad(unit, buffer, None if buffer is self.tied_grad else k)
+            self.release(unit)
+        if self.tied:
+            self.release(0)
+        for k in range(2):
+            self._drain(k)
+        return self._finish_step(losses, sq_norm, lr)
+
+    def _finish_step(self, losses: list[torch.Tensor], sq_norm: torch.Tensor, lr: float) -> StepStats:
+        loss = float(torch.stack(losses).float().mean())
+        grad_norm = math.sqrt(float(sq_norm))
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped:
+            self.adam_step += 1
+            self.pending = PendingUpdate(self.adam_step, lr, clip_coefficient(grad_norm, self.optim.grad_clip))
+            self.update_due = [True] * self.n_units
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else self.device_bytes()
+        return StepStats(loss=loss, grad_norm=grad_norm, skipped=skipped, bytes_in=self.counters["bytes_in"],
+                         bytes_out=self.counters["bytes_out"], stall_s=self.counters["stall_s"],
+                         peak_device_bytes=peak)
+
+    def device_bytes(self) -> int:
+        """Bytes of the engine's own device buffers (slots and gradient buffers)."""
+        buffers = [*self.slots, *self.grad_buffers, *([self.tied_grad] if self.tied else [])]
+        return sum(b.numel() * b.element_size() for b in buffers)
+
+    def step_extra(self) -> dict:
+        return {"predicted_step_s": self.predicted_step_s, "offload": getattr(self, "offload", "ram"),
+                "prefetch_depth": self.depth}
+
+    # --- results -----------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Apply every due update now (before export or a checkpoint)."""
+        for unit in range(self.n_units):
+            if self.update_due[unit]:
+                self.worker.submit(self._apply_update, unit).result()
+
+    def unit_state_dict(self, unit: int) -> dict[str, torch.Tensor]:
+        """Unit `unit`'s master weights keyed by `GPT.state_dict()` names."""
+        self.flush()
+        param = self.worker.submit(lambda: self.store.open(unit, ("param",))["param"].clone()).result()
+        return {f"units.{unit}.{name}": t.clone() for name, t in self.layouts[unit].views(param).items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for unit in range(self.n_units):
+            state.update(self.unit_state_dict(unit))
+        return state
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True)
+        self.store.close()

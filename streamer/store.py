@@ -1,0 +1,204 @@
+"""Host stores: where master weights, gradients and AdamW state live between uses.
+
+Each unit's parameters are packed into one flat float32 buffer (decayed tensors first,
+so weight decay is a prefix) and the unit's four buffers (param, grad, exp_avg,
+exp_avg_sq) are kept together:
+
+- `RamStore`: plain host tensors.
+- `DiskStore`: one safetensors file per unit under `DIR/store/`, read and written with
+  `pread`/`pwrite` into buffers allocated once. Reading through file descriptors (not
+  mmap) keeps file pages out of the process's resident set: the page cache may hold
+  them, but the kernel can drop those at will, and they never count as our memory.
+
+Only the engine's single host worker thread calls a store, so stores need no locks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from streamer.optim import decays
+
+BUFFERS = ("param", "grad", "exp_avg", "exp_avg_sq")
+_CHUNK = 256 * 2**20  # pread/pwrite move at most 2 GiB per call; stay well under it
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    """How one unit's named parameters sit in its flat buffer."""
+
+    index: int
+    tensors: tuple[TensorSlot, ...]
+    numel: int
+    decay_numel: int  # the first decay_numel elements are weight-decayed
+
+    @classmethod
+    def of(cls, index: int, unit: nn.Module) -> UnitLayout:
+        named = list(unit.named_parameters())
+        ordered = [np for np in named if decays(*np)] + [np for np in named if not decays(*np)]
+        slots, offset = [], 0
+        for name, p in ordered:
+            slots.append(TensorSlot(name, tuple(p.shape), offset, p.numel()))
+            offset += p.numel()
+        decay_numel = sum(p.numel() for n, p in named if decays(n, p))
+        return cls(index, tuple(slots), offset, decay_numel)
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named views into `flat` (which may be longer than this unit)."""
+        return {s.name: flat[s.offset : s.offset + s.numel].view(s.shape) for s in self.tensors}
+
+    def pack(self, unit: nn.Module, flat: torch.Tensor) -> None:
+        params = dict(unit.named_parameters())
+        for s in self.tensors:
+            flat[s.offset : s.offset + s.numel].copy_(params[s.name].detach().reshape(-1))
+
+
+class HostStore(ABC):
+    """Common interface: `open` returns the unit's buffers (reading them if needed),
+    `commit` makes changes to the named buffers durable in the tier."""
+
+    def __init__(self, layouts: list[UnitLayout]) -> None:
+        self.layouts = layouts
+
+    @abstractmethod
+    def init_params(self, index: int, unit: nn.Module) -> None:
+        """Pack an initialised unit's weights into the store; moments start at zero."""
+
+    @abstractmethod
+    def open(self, index: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The unit's named buffers, read from the tier if they are not in memory."""
+
+    @abstractmethod
+    def commit(self, index: int, names: tuple[str, ...]) -> None:
+        """Make changes to the named buffers (returned by `open`) durable in the tier."""
+
+    @abstractmethod
+    def write_grad(self, index: int, grad: torch.Tensor) -> None:
+        """Store a unit's step gradient (float32, at least layout.numel long)."""
+
+    def bytes_on_disk(self) -> int:
+        return 0
+
+    def close(self) -> None:  # noqa: B027 - only the disk tier holds resources
+        """Release files and buffers; the RAM tier has nothing to release."""
+
+
+class RamStore(HostStore):
+    def __init__(self, layouts: list[UnitLayout]) -> None:
+        super().__init__(layouts)
+        self.buffers = [{name: torch.zeros(lay.numel) for name in BUFFERS} for lay in layouts]
+
+    def init_params(self, index: int, unit: nn.Module) -> None:
+        self.layouts[index].pack(unit, self.buffers[index]["param"])
+
+    def open(self, index: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        return {n: self.buffers[index][n] for n in names}
+
+    def commit(self, index: int, names: tuple[str, ...]) -> None:
+        pass  # the buffers are the store
+
+    def write_grad(self, index: int, grad: torch.Tensor) -> None:
+        self.buffers[index]["grad"].copy_(grad[: self.layouts[index].numel])
+
+
+class DiskStore(HostStore):
+    """One safetensors file per unit holding four flat F32 tensors."""
+
+    def __init__(self, layouts: list[UnitLayout], folder: Path) -> None:
+        super().__init__(layouts)
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        biggest = max(lay.numel for lay in layouts)
+        # Scratch for one unit's four buffers, allocated once for the whole run.
+        self.scratch = {name: torch.empty(biggest) for name in BUFFERS}
+        self.fds: list[int] = []
+        self.offsets: list[dict[str, int]] = []
+        self.bytes_read = self.bytes_written = 0
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"unit_{index:05d}.safetensors"
+
+    def init_params(self, index: int, unit: nn.Module) -> None:
+        """Create unit `index`'s file: packed initial weights, zero grad and moments."""
+        layout = self.layouts[index]
+        numel = layout.numel
+        header = {name: {"dtype": "F32", "shape": [numel], "data_offsets": [k * 4 * numel, (k + 1) * 4 * numel]}
+                  for k, name in enumerate(BUFFERS)}
+        header["__metadata__"] = {"unit": str(index), "format": "streamer-unit-v1"}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
+        data_start = 8 + len(blob)
+        path = self.path(index)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, struct.pack("<Q", len(blob)) + blob)
+        os.ftruncate(fd, data_start + 16 * numel)  # a sparse file: zero moments cost no writes
+        self.fds.append(fd)
+        self.offsets.append({name: data_start + k * 4 * numel for k, name in enumerate(BUFFERS)})
+        param = self.scratch["param"][:numel]
+        layout.pack(unit, param)
+        self._pwrite(index, "param", param)
+        os.fsync(fd)
+
+    def _pwrite(self, index: int, name: str, tensor: torch.Tensor) -> None:
+        view = memoryview(tensor.numpy()).cast("B")
+        fd, base = self.fds[index], self.offsets[index][name]
+        for start in range(0, len(view), _CHUNK):
+            chunk = view[start : start + _CHUNK]
+            written = 0
+            while written < len(chunk):
+                written += os.pwrite(fd, chunk[written:], base + start + written)
+        self.bytes_written += len(view)
+
+    def _pread(self, index: int, name: str, tensor: torch.Tensor) -> None:
+        view = memoryview(tensor.numpy()).cast("B")
+        fd, base = self.fds[index], self.offsets[index][name]
+        for start in range(0, len(view), _CHUNK):
+            chunk = view[start : start + _CHUNK]
+            got = 0
+            while got < len(chunk):
+                n = os.preadv(fd, [chunk[got:]], base + start + got)
+                if n == 0:
+                    raise OSError(f"store file {self.path(index)} is truncated")
+                got += n
+        self.bytes_read += len(view)
+
+    def open(self, index: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        numel = self.layouts[index].numel
+        out = {}
+        for name in names:
+            buf = self.scratch[name][:numel]
+            self._pread(index, name, buf)
+            out[name] = buf
+        return out
+
+    def commit(self, index: int, names: tuple[str, ...]) -> None:
+        numel = self.layouts[index].numel
+        for name in names:
+            self._pwrite(index, name, self.scratch[name][:numel])
+
+    def write_grad(self, index: int, grad: torch.Tensor) -> None:
+        self._pwrite(index, "grad", grad[: self.layouts[index].numel])
+
+    def bytes_on_disk(self) -> int:
+        return sum(16 * lay.numel for lay in self.layouts)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()

@@ -58,5 +58,9 @@ class ResidentEngine:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
 
+    def shards(self) -> list:
+        """The final weights as one shard (see `streamer.train.save_final`)."""
+        return [self.state_dict]
+
     def close(self) -> None:
-        pass
+        """Nothing to release: the model is freed with the engine."""

@@ -83,25 +83,30 @@ class StreamEngine:
         self.layouts = store.layouts
         self.n_units = len(self.layouts)
         self.tied = model_cfg.tie_embeddings
-        biggest = max(lay.numel for lay in self.layouts)
         cuda = device.type == "cuda"
-        # K + 1 slots hold the visits in the prefetch window; a tied table takes one more.
-        n_slots = prefetch_depth + 1 + (1 if self.tied else 0)
-        self.slots = [torch.empty(biggest, dtype=dtype, device=device) for _ in range(n_slots)]
+        # A tied table stays resident all step in a slot of its own, sized for it; the
+        # K + 1 ring slots that hold the prefetch window are sized for the other units.
+        ring_units = range(1, self.n_units) if self.tied else range(self.n_units)
+        ring_numel = max(self.layouts[u].numel for u in ring_units)
+        sizes = [ring_numel] * (prefetch_depth + 1) + ([self.layouts[0].numel] if self.tied else [])
+        self.tied_slot = len(sizes) - 1 if self.tied else None
+        self.slots = [torch.empty(n, dtype=dtype, device=device) for n in sizes]
         # On CUDA the worker stages into pinned host buffers (one per slot, allocated
         # once) so the host-to-device copy can run asynchronously at full link speed.
-        self.staging = [torch.empty(biggest, dtype=dtype, pin_memory=True) for _ in range(n_slots)] if cuda else None
-        # Two gradient buffers: one fills while the other drains to the host.
-        self.grad_buffers = [torch.zeros(biggest, device=device) for _ in range(2)]
-        self.grad_host = [torch.empty(biggest, pin_memory=True) for _ in range(2)] if cuda else None
+        self.staging = [torch.empty(n, dtype=dtype, pin_memory=True) for n in sizes] if cuda else None
+        # Two gradient buffers: one fills while the other drains to the host. A tied
+        # table accumulates in its own buffer (head and embedding both add to it).
+        self.grad_buffers = [torch.zeros(ring_numel, device=device) for _ in range(2)]
+        self.grad_host = [torch.empty(ring_numel, pin_memory=True) for _ in range(2)] if cuda else None
         self.tied_grad = torch.zeros(self.layouts[0].numel, device=device) if self.tied else None
+        self.tied_grad_host = torch.empty(self.layouts[0].numel, pin_memory=True) if (cuda and self.tied) else None
         # Copies run on their own streams so they overlap compute on the default stream.
         self.copy_stream = torch.cuda.Stream(device) if cuda else None  # host -> device weights
         self.grad_stream = torch.cuda.Stream(device) if cuda else None  # device -> host gradients
-        self.slot_free_events = [torch.cuda.Event() for _ in range(n_slots)] if cuda else None
-        self.copy_done_events = [torch.cuda.Event() for _ in range(n_slots)] if cuda else None
-        self.grad_events = [torch.cuda.Event() for _ in range(2)] if cuda else None
-        self.free_slots = list(range(n_slots))
+        self.slot_free_events = [torch.cuda.Event() for _ in sizes] if cuda else None
+        self.copy_done_events = [torch.cuda.Event() for _ in sizes] if cuda else None
+        self.grad_events = [torch.cuda.Event() for _ in range(3)] if cuda else None
+        self.free_slots = list(range(prefetch_depth + 1))
         self.state = [UnitState.HOME] * self.n_units
         self.slot_of: list[int | None] = [None] * self.n_units
         self.pins = [0] * self.n_units
@@ -156,7 +161,7 @@ class StreamEngine:
         if self.state[unit] in (UnitState.IN_FLIGHT, UnitState.RESIDENT):
             return
         self._transition(unit, UnitState.IN_FLIGHT)
-        slot = self.free_slots.pop()
+        slot = self.tied_slot if (self.tied and unit == 0) else self.free_slots.pop()
         self.slot_of[unit] = slot
         self.staged[unit] = self.worker.submit(self._stage, unit, slot)
         self.counters["bytes_in"] += self.layouts[unit].numel * self.slots[0].element_size()
@@ -187,45 +192,61 @@ class StreamEngine:
             # The next copy into this slot must wait for the kernels that read it.
             self.slot_free_events[slot].record(torch.cuda.current_stream(self.device))
         self.slot_of[unit] = None
-        self.free_slots.append(slot)
+        if slot != self.tied_slot:
+            self.free_slots.append(slot)
 
     def _stage(self, unit: int, slot: int) -> None:
-        """Host worker: apply a due update, then copy the weights towards the device."""
-        numel = self.layouts[unit].numel
-        if self.update_due[unit]:
-            param = self._apply_update(unit)
-        else:
-            param = self.store.open(unit, ("param",))["param"]
+        """Host worker: apply a due update, then copy the weights towards the device,
+        a chunk at a time (see `HostStore.chunks`)."""
+        target = self.slots[slot] if self.staging is None else self.staging[slot]
+        if self.staging is not None:
+            self.copy_done_events[slot].synchronize()  # the previous copy out of this buffer is done
+        for start, stop in self.store.chunks(unit):
+            if self.update_due[unit]:
+                param = self._update_chunk(unit, start, stop)
+            else:
+                param = self.store.open(unit, ("param",), start, stop)["param"]
+            target[start:stop].copy_(param)  # casts to the compute dtype
+        self.update_due[unit] = False
         if self.staging is None:
-            self.slots[slot][:numel].copy_(param)
             return
-        self.copy_done_events[slot].synchronize()  # the previous copy out of this buffer is done
-        self.staging[slot][:numel].copy_(param)  # casts to the compute dtype
+        numel = self.layouts[unit].numel
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.slot_free_events[slot])
             self.slots[slot][:numel].copy_(self.staging[slot][:numel], non_blocking=True)
             self.copy_done_events[slot].record(self.copy_stream)
 
-    def _apply_update(self, unit: int) -> torch.Tensor:
+    def _update_chunk(self, unit: int, start: int, stop: int) -> torch.Tensor:
+        """AdamW on elements [start, stop) of a unit; returns the updated weights."""
         update = self.pending
-        buffers = self.store.open(unit, BUFFERS)
+        buffers = self.store.open(unit, BUFFERS, start, stop)
+        decay_numel = min(max(self.layouts[unit].decay_numel - start, 0), stop - start)
         adamw_update_(buffers["param"], buffers["grad"], buffers["exp_avg"], buffers["exp_avg_sq"],
-                      step=update.adam_step, lr=update.lr, cfg=self.optim,
-                      decay_numel=self.layouts[unit].decay_numel, grad_scale=update.grad_scale)
-        self.store.commit(unit, ("param", "exp_avg", "exp_avg_sq"))
-        self.update_due[unit] = False
+                      step=update.adam_step, lr=update.lr, cfg=self.optim, decay_numel=decay_numel,
+                      grad_scale=update.grad_scale)
+        self.store.commit(unit, ("param", "exp_avg", "exp_avg_sq"), start, stop)
         return buffers["param"]
 
+    def _apply_update(self, unit: int) -> None:
+        for start, stop in self.store.chunks(unit):
+            self._update_chunk(unit, start, stop)
+        self.update_due[unit] = False
+
     def emit_grad(self, unit: int, grad: torch.Tensor, buffer_index: int | None) -> None:
-        """Stream a unit's gradient out; the host worker writes it into the store."""
+        """Stream a unit's gradient out; the host worker writes it into the store.
+
+        `buffer_index` names the double-buffered slot the gradient came from; None means
+        the tied table's own buffer, which is written out synchronously at step end."""
         numel = self.layouts[unit].numel
         self.counters["bytes_out"] += numel * 4
         if self.grad_host is None:
             future = self.worker.submit(self.store.write_grad, unit, grad)
         else:
-            k = buffer_index if buffer_index is not None else 0
-            self._drain(k)
-            host, event = self.grad_host[k], self.grad_events[k]
+            if buffer_index is None:
+                host, event = self.tied_grad_host, self.grad_events[2]
+            else:
+                self._drain(buffer_index)
+                host, event = self.grad_host[buffer_index], self.grad_events[buffer_index]
             self.grad_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.grad_stream):
                 host[:numel].copy_(grad[:numel], non_blocking=True)
@@ -392,7 +413,13 @@ class StreamEngine:
     def unit_state_dict(self, unit: int) -> dict[str, torch.Tensor]:
         """Unit `unit`'s master weights keyed by `GPT.state_dict()` names."""
         self.flush()
-        param = self.worker.submit(lambda: self.store.open(unit, ("param",))["param"].clone()).result()
+        param = torch.empty(self.layouts[unit].numel)
+
+        def read() -> None:
+            for start, stop in self.store.chunks(unit):
+                param[start:stop].copy_(self.store.open(unit, ("param",), start, stop)["param"])
+
+        self.worker.submit(read).result()
         return {f"units.{unit}.{name}": t.clone() for name, t in self.layouts[unit].views(param).items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -400,6 +427,10 @@ class StreamEngine:
         for unit in range(self.n_units):
             state.update(self.unit_state_dict(unit))
         return state
+
+    def shards(self) -> list:
+        """One shard per unit, so export never holds the whole model in memory."""
+        return [lambda unit=unit: self.unit_state_dict(unit) for unit in range(self.n_units)]
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)

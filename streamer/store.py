@@ -28,7 +28,8 @@ from torch import nn
 from streamer.optim import decays
 
 BUFFERS = ("param", "grad", "exp_avg", "exp_avg_sq")
-_CHUNK = 256 * 2**20  # pread/pwrite move at most 2 GiB per call; stay well under it
+_IO_BYTES = 256 * 2**20  # pread/pwrite move at most 2 GiB per call; stay well under it
+CHUNK_NUMEL = 8 * 2**20  # 32 MiB per float32 buffer: large I/Os, small resident set
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,19 @@ class HostStore(ABC):
         """Pack an initialised unit's weights into the store; moments start at zero."""
 
     @abstractmethod
-    def open(self, index: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """The unit's named buffers, read from the tier if they are not in memory."""
+    def open(self, index: int, names: tuple[str, ...], start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Elements [start, stop) of the unit's named buffers, read from the tier if needed."""
 
     @abstractmethod
-    def commit(self, index: int, names: tuple[str, ...]) -> None:
-        """Make changes to the named buffers (returned by `open`) durable in the tier."""
+    def commit(self, index: int, names: tuple[str, ...], start: int, stop: int) -> None:
+        """Make changes to the chunk returned by the last `open` durable in the tier."""
+
+    def chunks(self, index: int) -> list[tuple[int, int]]:
+        """The unit split into pieces of at most CHUNK_NUMEL elements: a disk-tier unit is
+        read, updated and written a piece at a time, so host memory holds one piece of
+        each buffer, not the unit."""
+        numel = self.layouts[index].numel
+        return [(start, min(numel, start + CHUNK_NUMEL)) for start in range(0, numel, CHUNK_NUMEL)]
 
     @abstractmethod
     def write_grad(self, index: int, grad: torch.Tensor) -> None:
@@ -107,10 +115,10 @@ class RamStore(HostStore):
     def init_params(self, index: int, unit: nn.Module) -> None:
         self.layouts[index].pack(unit, self.buffers[index]["param"])
 
-    def open(self, index: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        return {n: self.buffers[index][n] for n in names}
+    def open(self, index: int, names: tuple[str, ...], start: int, stop: int) -> dict[str, torch.Tensor]:
+        return {n: self.buffers[index][n][start:stop] for n in names}
 
-    def commit(self, index: int, names: tuple[str, ...]) -> None:
+    def commit(self, index: int, names: tuple[str, ...], start: int, stop: int) -> None:
         pass  # the buffers are the store
 
     def write_grad(self, index: int, grad: torch.Tensor) -> None:
@@ -124,9 +132,8 @@ class DiskStore(HostStore):
         super().__init__(layouts)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        biggest = max(lay.numel for lay in layouts)
-        # Scratch for one unit's four buffers, allocated once for the whole run.
-        self.scratch = {name: torch.empty(biggest) for name in BUFFERS}
+        # Scratch for one chunk of each of the four buffers, allocated once for the run.
+        self.scratch = {name: torch.empty(CHUNK_NUMEL) for name in BUFFERS}
         self.fds: list[int] = []
         self.offsets: list[dict[str, int]] = []
         self.bytes_read = self.bytes_written = 0
@@ -150,26 +157,27 @@ class DiskStore(HostStore):
         os.ftruncate(fd, data_start + 16 * numel)  # a sparse file: zero moments cost no writes
         self.fds.append(fd)
         self.offsets.append({name: data_start + k * 4 * numel for k, name in enumerate(BUFFERS)})
-        param = self.scratch["param"][:numel]
+        param = torch.empty(numel)  # one unit at a time, at initialisation only
         layout.pack(unit, param)
-        self._pwrite(index, "param", param)
+        self._pwrite(index, "param", param, 0)
         os.fsync(fd)
 
-    def _pwrite(self, index: int, name: str, tensor: torch.Tensor) -> None:
+    def _pwrite(self, index: int, name: str, tensor: torch.Tensor, first: int) -> None:
+        """Write `tensor` over elements [first, first + len) of the named buffer."""
         view = memoryview(tensor.numpy()).cast("B")
-        fd, base = self.fds[index], self.offsets[index][name]
-        for start in range(0, len(view), _CHUNK):
-            chunk = view[start : start + _CHUNK]
+        fd, base = self.fds[index], self.offsets[index][name] + 4 * first
+        for start in range(0, len(view), _IO_BYTES):
+            chunk = view[start : start + _IO_BYTES]
             written = 0
             while written < len(chunk):
                 written += os.pwrite(fd, chunk[written:], base + start + written)
         self.bytes_written += len(view)
 
-    def _pread(self, index: int, name: str, tensor: torch.Tensor) -> None:
+    def _pread(self, index: int, name: str, tensor: torch.Tensor, first: int) -> None:
         view = memoryview(tensor.numpy()).cast("B")
-        fd, base = self.fds[index], self.offsets[index][name]
-        for start in range(0, len(view), _CHUNK):
-            chunk = view[start : start + _CHUNK]
+        fd, base = self.fds[index], self.offsets[index][name] + 4 * first
+        for start in range(0, len(view), _IO_BYTES):
+            chunk = view[start : start + _IO_BYTES]
             got = 0
             while got < len(chunk):
                 n = os.preadv(fd, [chunk[got:]], base + start + got)
@@ -178,22 +186,21 @@ class DiskStore(HostStore):
                 got += n
         self.bytes_read += len(view)
 
-    def open(self, index: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        numel = self.layouts[index].numel
+    def open(self, index: int, names: tuple[str, ...], start: int, stop: int) -> dict[str, torch.Tensor]:
+        assert stop - start <= CHUNK_NUMEL, "disk-tier reads go a chunk at a time"
         out = {}
         for name in names:
-            buf = self.scratch[name][:numel]
-            self._pread(index, name, buf)
+            buf = self.scratch[name][: stop - start]
+            self._pread(index, name, buf, start)
             out[name] = buf
         return out
 
-    def commit(self, index: int, names: tuple[str, ...]) -> None:
-        numel = self.layouts[index].numel
+    def commit(self, index: int, names: tuple[str, ...], start: int, stop: int) -> None:
         for name in names:
-            self._pwrite(index, name, self.scratch[name][:numel])
+            self._pwrite(index, name, self.scratch[name][: stop - start], start)
 
     def write_grad(self, index: int, grad: torch.Tensor) -> None:
-        self._pwrite(index, "grad", grad[: self.layouts[index].numel])
+        self._pwrite(index, "grad", grad[: self.layouts[index].numel], 0)
 
     def bytes_on_disk(self) -> int:
         return sum(16 * lay.numel for lay in self.layouts)

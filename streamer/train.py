@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from models import GPT, ModelConfig, UnknownModelError
 from streamer.data import BatchSampler, default_corpus, load_tokens
 from streamer.errors import UserError
-from streamer.io import atomic_write_json, fsync_dir
+from streamer.io import atomic_write_json, write_safetensors
 from streamer.optim import OptimConfig, lr_at
 from streamer.stats import StepStats
 
@@ -125,24 +125,47 @@ def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device: to
     return StreamEngine.create(cfg, model_cfg, optim, out, device, dtype)
 
 
-def save_final(state: dict[str, torch.Tensor], model_cfg: ModelConfig, out: Path) -> Path:
-    """`DIR/final/model.safetensors` keyed by `state_dict()` names, plus `config.json`."""
+def save_final(shards: list, model_cfg: ModelConfig, out: Path) -> Path:
+    """Write `DIR/final/`: safetensors keyed by `state_dict()` names, plus `config.json`.
+
+    `shards` are zero-argument callables, each returning part of the state dict, so a
+    streamed model is exported one unit at a time and never held whole in memory. More
+    than one shard gets a Hugging Face style `model.safetensors.index.json`.
+    """
     final = out / "final"
     final.mkdir(exist_ok=True)
-    tmp = final / f".model.safetensors.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final / "model.safetensors")
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = shard()
+        write_safetensors(final / name, tensors)
+        weight_map.update(dict.fromkeys(tensors, name))
+    if len(shards) > 1:
+        atomic_write_json(final / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
     atomic_write_json(final / "config.json", model_cfg.to_dict())
-    fsync_dir(final)
     return final
+
+
+def load_final(final: Path) -> dict[str, torch.Tensor]:
+    """Read back what `save_final` wrote (one file or shards with an index)."""
+    index = final / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
+        "model.safetensors"]
+    state = {}
+    for name in files:
+        state.update(load_file(final / name))
+    return state
 
 
 def micro_batches(sampler: BatchSampler, step: int, cfg: TrainConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     x, y = sampler.global_batch(step, cfg.batch_size * cfg.grad_accum)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     return list(zip(x.split(cfg.batch_size), y.split(cfg.batch_size)))
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def metrics_row(step: int, stats: StepStats, lr: float, tokens: int, step_s: float, flops_per_token: float,
@@ -153,7 +176,7 @@ def metrics_row(step: int, stats: StepStats, lr: float, tokens: int, step_s: flo
            # against the device's measured or profiled peak matmul rate.
            "mfu": tokens_per_s * flops_per_token / peak_flops if peak_flops else 0.0,
            "grad_norm": stats.grad_norm, "skipped": stats.skipped, "step_s": step_s,
-           "peak_rss_bytes": psutil.Process().memory_info().rss}
+           "peak_rss_bytes": peak_rss_bytes()}
     if stats.bytes_in or stats.bytes_out:
         row.update(bytes_in=stats.bytes_in, bytes_out=stats.bytes_out,
                    link_gbps=(stats.bytes_in + stats.bytes_out) / step_s / 1e9,
@@ -198,7 +221,7 @@ def train(cfg: TrainConfig) -> Path:
                     postfix["stall"] = f"{row['stall_s'] / step_s:.0%}"
                 bar.set_postfix(postfix)
                 bar.update()
-        save_final(engine.state_dict(), model_cfg, out)
+        save_final(engine.shards(), model_cfg, out)
     finally:
         bar.close()
         engine.close()

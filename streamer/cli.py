@@ -42,6 +42,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk"],
                    help="stream mode: where master weights and optimizer state live")
     p.add_argument("--prefetch-depth", type=int, default=None, help="stream mode: units fetched ahead")
+    p.add_argument("--recompute", default="auto", choices=["auto", "yes", "no"],
+                   help="stream mode: recompute each unit's forward in backward (auto: only if graphs do not fit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -80,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         data=args.data, out=args.out, device=args.device, dtype=args.dtype, offload=args.offload,
-        prefetch_depth=args.prefetch_depth, progress=not args.no_progress,
+        prefetch_depth=args.prefetch_depth, recompute=args.recompute, progress=not args.no_progress,
     )
     out = train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -45,6 +45,8 @@ class DeviceProfile:
     disk_write_bytes_per_s: float
     host_update_bytes_per_s: float  # AdamW over flat fp32 buffers on the host, bytes touched/s
     compute_bytes: int = 2  # bytes per parameter on the device (bf16)
+    host_memory_bytes: float = 128 * 2**30  # the host the device sits in
+    disk_free_bytes: float = 64 * 2**30
 
 
 # Sustained (not datasheet) figures; `--measure` replaces them with this machine's.
@@ -53,7 +55,8 @@ PROFILES: dict[str, DeviceProfile] = {
     "h200": DeviceProfile("h200", 6.5e14, 5.0e10, 5.0e10, 141e9, 3.0e9, 2.0e9, 2.0e10),
     "a100": DeviceProfile("a100", 2.5e14, 2.4e10, 2.4e10, 80e9, 3.0e9, 2.0e9, 2.0e10),
     # A 2-core CPU "device": the link is a host memory copy, the update shares the cores.
-    "cpu": DeviceProfile("cpu", 8e10, 5e9, 5e9, 0.0, 1.0e9, 0.8e9, 4e9, compute_bytes=4),
+    "cpu": DeviceProfile("cpu", 8e10, 5e9, 5e9, 0.0, 1.0e9, 0.8e9, 4e9, compute_bytes=4,
+                         host_memory_bytes=24 * 2**30),
 }
 
 
@@ -81,6 +84,8 @@ class Plan:
     min_tokens_backward: int
     min_tokens_disk: int
     min_tokens_per_step: int
+    recommended_tokens_per_step: int
+    recompute: bool
     compute_s: float
     predicted_step_s: float
 
@@ -115,6 +120,21 @@ def activation_bytes(cfg: ModelConfig, tokens_per_step: int, micro_tokens: int, 
     return boundary + working
 
 
+def graph_activation_bytes(cfg: ModelConfig, tokens_per_step: int, act_bytes: int) -> int:
+    """What autograd keeps for the whole step when no unit is recomputed: about 34 x
+    d_model values per token per block (flash attention keeps no T x T scores)."""
+    return cfg.n_layer * tokens_per_step * 34 * cfg.d_model * act_bytes
+
+
+def choose_recompute(cfg: ModelConfig, tokens_per_step: int, act_bytes: int, budget_bytes: float,
+                     asked: str = "auto") -> bool:
+    """Recompute only when keeping every unit's graph would not fit the memory budget:
+    recompute costs a third more compute in the blocks."""
+    if asked in ("yes", "no"):
+        return asked == "yes"
+    return graph_activation_bytes(cfg, tokens_per_step, act_bytes) > budget_bytes
+
+
 def choose_prefetch_depth(unit_compute_s: float, unit_transfer_s: float) -> int:
     """Enough units in flight that one unit's compute covers the next transfers, with one
     spare to absorb jitter; capped because each one costs a unit of device memory."""
@@ -123,44 +143,141 @@ def choose_prefetch_depth(unit_compute_s: float, unit_transfer_s: float) -> int:
     return max(1, min(4, math.ceil(unit_transfer_s / unit_compute_s) + 1))
 
 
+@dataclass(frozen=True)
+class Visit:
+    """One unit visit of a step, in seconds: device compute, host-worker work to bring
+    the unit in (update, read, copy), the device link in, and gradient work out."""
+
+    compute_s: float
+    host_in_s: float
+    link_in_s: float
+    out_s: float
+
+
+def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
+                depth: int, recompute: bool) -> list[Visit]:
+    """The visits of one step (forward 0..U-2, head, backward U-2..0) with their costs,
+    mirroring `StreamEngine.visits`; units still pinned in the window move nothing."""
+    counts = unit_param_counts(cfg)
+    flops = _unit_flops_per_token(cfg, seq_len)
+    head = len(counts) - 1
+    b, mem, F = profile.compute_bytes, profile.host_update_bytes_per_s, profile.matmul_flops
+    disk_r, disk_w = profile.disk_read_bytes_per_s, profile.disk_write_bytes_per_s
+    order = [("forward", u) for u in range(head)] + [("head", head)] + [("backward", u) for u in range(head - 1, -1, -1)]
+    last_seen: dict[int, int] = {}
+    visits = []
+    for v, (phase, unit) in enumerate(order):
+        p, f = counts[unit], flops[unit] * tokens_per_step / F
+        pinned = unit in last_seen and v - last_seen[unit] <= depth or (cfg.tie_embeddings and unit == 0 and v > 0)
+        last_seen[unit] = v
+        compute = {"forward": f, "head": 3 * f, "backward": (3 if recompute else 2) * f}[phase]
+        host_in = link_in = 0.0
+        if not pinned:
+            link_in = p * b / profile.h2d_bytes_per_s
+            host_in = p * (4 + b) / mem  # read the float32 master, write the compute copy
+            if phase == "forward":
+                host_in += 28 * p / mem  # the AdamW update due from the previous step
+            if offload == "disk":
+                host_in += (16 * p / disk_r + 12 * p / disk_w) if phase == "forward" else 4 * p / disk_r
+        out = 0.0
+        if phase != "forward":
+            out = p * 4 / profile.d2h_bytes_per_s + (4 * p / disk_w if offload == "disk" else 8 * p / mem)
+        visits.append(Visit(compute, host_in, link_in, out))
+    return visits
+
+
+def simulate_step(visits: list[Visit], depth: int) -> tuple[float, float]:
+    """Step time and stall time of the engine's pipeline: a single host worker serves
+    staging jobs (issued `depth` visits ahead) and gradient jobs in FIFO order; the link
+    copy follows the host job; compute starts when its weights have arrived."""
+    n = len(visits)
+    arrive = [0.0] * n
+    worker = link = compute_end = stall = 0.0
+
+    def issue(w: int, at: float) -> None:
+        nonlocal worker, link
+        worker = max(worker, at) + visits[w].host_in_s
+        link = max(link, worker) + visits[w].link_in_s
+        arrive[w] = link
+
+    for w in range(min(depth, n)):
+        issue(w, 0.0)
+    for v, visit in enumerate(visits):
+        start = max(compute_end, arrive[v])
+        stall += start - compute_end
+        if v + depth < n:
+            issue(v + depth, start)
+        compute_end = start + visit.compute_s
+        if visit.out_s:
+            worker = max(worker, compute_end) + visit.out_s
+    return max(compute_end, worker), stall
+
+
+def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, offload: str, depth: int,
+                       recompute: bool, stall_share: float = 0.05) -> int:
+    """The fewest tokens per step (whole sequences) at which the simulated pipeline
+    stalls compute for at most `stall_share` of the step: the link, the host worker
+    and the disk are all hidden. Searched over doublings, then refined."""
+    def stalls(tokens: int) -> bool:
+        step, stall = simulate_step(step_visits(cfg, profile, tokens, seq_len, offload, depth, recompute), depth)
+        return stall > stall_share * step
+
+    sequences = 1
+    while stalls(sequences * seq_len) and sequences < 2**20:
+        sequences *= 2
+    low = sequences // 2 + 1 if sequences > 1 else 1
+    while low < sequences:  # binary search between the last failing and first passing doubling
+        mid = (low + sequences) // 2
+        if stalls(mid * seq_len):
+            low = mid + 1
+        else:
+            sequences = mid
+    return sequences * seq_len
+
+
 def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int,
-              offload: str, micro_tokens: int | None = None, prefetch_depth: int | None = None) -> Plan:
-    """Bytes per tier, bytes per link, the hiding threshold and the predicted step time."""
+              offload: str, micro_tokens: int | None = None, prefetch_depth: int | None = None,
+              memory_budget: float | None = None, recompute: str = "auto") -> Plan:
+    """Bytes per tier, bytes per link, the hiding threshold and the predicted step time.
+
+    `memory_budget` is what activations may use (default: 80% of the device's memory;
+    a CPU device passes its host's)."""
+    if memory_budget is None:
+        if profile.device_memory_bytes:
+            memory_budget = 0.8 * profile.device_memory_bytes
+        else:  # a CPU device: activations share host memory with a RAM-tier store
+            state = STATE_BYTES_PER_PARAM * cfg.n_params() if offload == "ram" else 0
+            memory_budget = 0.5 * profile.host_memory_bytes - state
+    budget = memory_budget
+    do_recompute = choose_recompute(cfg, tokens_per_step, profile.compute_bytes, budget, recompute)
     counts = unit_param_counts(cfg)
     n_params, biggest = sum(counts), max(counts)
     b, g = profile.compute_bytes, 4  # weights in compute dtype in, float32 gradients out
-    flops = _unit_flops_per_token(cfg, seq_len)
     F = profile.matmul_flops
+    flops = _unit_flops_per_token(cfg, seq_len)
+    unit_compute = flops[1] * tokens_per_step / F if cfg.n_layer else 0.0
+    depth = prefetch_depth or choose_prefetch_depth(unit_compute, counts[1] * b / profile.h2d_bytes_per_s)
+    visits = step_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, do_recompute)
+    predicted, _ = simulate_step(visits, depth)
 
-    # Per unit and phase, the step time is the slower of compute and its transfers.
-    fwd = [max(f * tokens_per_step / F, p * b / profile.h2d_bytes_per_s) for f, p in zip(flops, counts)]
-    bwd = [max(3 * f * tokens_per_step / F, p * b / profile.h2d_bytes_per_s, p * g / profile.d2h_bytes_per_s)
-           for f, p in zip(flops, counts)]
-    compute_s = 4 * sum(flops) * tokens_per_step / F
-    # The optimizer touches 28 bytes per parameter (read p, g, m, v; write p, m, v); it
-    # runs beside the next forward, so only what exceeds that forward shows.
-    update_s = 28 * n_params / profile.host_update_bytes_per_s
+    backward_ratio = 6 if do_recompute else 4  # backward FLOPs per parameter per token
+    min_fwd = F * b / (2 * profile.h2d_bytes_per_s)
+    min_bwd = F * max(b / profile.h2d_bytes_per_s, g / profile.d2h_bytes_per_s) / backward_ratio
     disk_read = disk_write = 0
+    min_disk = 0.0
     if offload == "disk":
         # The update reads p, g, m, v and writes p, m, v, and hands p straight to the
         # forward; backward re-reads p; gradients are written once.
         disk_read, disk_write = 20 * n_params, 16 * n_params
-    io_s = disk_read / profile.disk_read_bytes_per_s + disk_write / profile.disk_write_bytes_per_s
-    predicted = max(sum(fwd) + sum(bwd) + max(0.0, update_s - sum(fwd)), io_s)
+        per_token = 2 + backward_ratio
+        min_disk = F * (20 / profile.disk_read_bytes_per_s + 16 / profile.disk_write_bytes_per_s) / per_token
 
-    block_p = counts[1]
-    min_fwd = F * b / (2 * profile.h2d_bytes_per_s)
-    min_bwd = F * max(b / profile.h2d_bytes_per_s, g / profile.d2h_bytes_per_s) / 6
-    min_disk = 0.0
-    if offload == "disk":
-        min_disk = F * (20 / profile.disk_read_bytes_per_s + 16 / profile.disk_write_bytes_per_s) / 8
-    unit_compute = 2 * flops[1] * tokens_per_step / F if cfg.n_layer else 0.0
-    depth = prefetch_depth or choose_prefetch_depth(unit_compute, block_p * b / profile.h2d_bytes_per_s)
-
+    recommended = recommended_tokens(cfg, profile, seq_len, offload, depth, do_recompute)
     micro = micro_tokens or tokens_per_step
     resident_units = depth + 1 + (1 if cfg.tie_embeddings else 0)  # a tied table stays for the head
-    device_bytes = resident_units * biggest * b + 2 * biggest * g + activation_bytes(cfg, tokens_per_step,
-                                                                                     micro, b)
+    activations = (activation_bytes(cfg, tokens_per_step, micro, b) if do_recompute
+                   else graph_activation_bytes(cfg, tokens_per_step, b))
+    device_bytes = resident_units * biggest * b + 2 * biggest * g + activations
     staging = (depth + 1) * biggest * (b + g)
     host_bytes = staging + (STATE_BYTES_PER_PARAM * n_params if offload == "ram" else 4 * biggest * 4)
     return Plan(
@@ -173,11 +290,27 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
         min_tokens_forward=math.ceil(min_fwd), min_tokens_backward=math.ceil(min_bwd),
         min_tokens_disk=math.ceil(min_disk),
         min_tokens_per_step=math.ceil(max(min_fwd, min_bwd, min_disk)),
-        compute_s=compute_s, predicted_step_s=predicted,
+        recommended_tokens_per_step=recommended, recompute=do_recompute,
+        compute_s=sum(v.compute_s for v in visits), predicted_step_s=predicted,
     )
 
 
-def choose_offload(cfg: ModelConfig, host_available: int, disk_free: int, asked: str = "auto") -> str:
+def predict_resident_step_s(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int) -> float:
+    """Resident training: forward + backward on the device, then the AdamW update there."""
+    flops = sum(_unit_flops_per_token(cfg, seq_len)) * tokens_per_step
+    return 3 * flops / profile.matmul_flops + 28 * cfg.n_params() / profile.host_update_bytes_per_s
+
+
+def offload_for_plan(cfg: ModelConfig, host_available: float, disk_free: float, asked: str) -> tuple[str, str]:
+    """The tier `streamer train` would pick, and what does not fit (empty when all fits);
+    the plan command reports a shortfall instead of refusing."""
+    try:
+        return choose_offload(cfg, host_available, disk_free, asked), ""
+    except UserError as exc:
+        return ("disk" if asked == "auto" else asked), str(exc)
+
+
+def choose_offload(cfg: ModelConfig, host_available: float, disk_free: float, asked: str = "auto") -> str:
     """RAM when the whole state fits in 80% of available memory, else disk; refuse when
     neither fits, saying what is short and by how much."""
     need = STATE_BYTES_PER_PARAM * cfg.n_params()
@@ -323,19 +456,25 @@ def cmd_plan(args: argparse.Namespace) -> None:
     seq_len = args.seq_len or cfg.block_size
     if seq_len <= 0 or seq_len > cfg.block_size:
         raise UserError(f"--seq-len must be in 1..{cfg.block_size} for {cfg.name}")
-    disk_free = shutil.disk_usage(args.disk if args.disk.exists() else Path(".")).free
-    offload = choose_offload(cfg, psutil.virtual_memory().available, disk_free, args.offload)
+    if args.measure or args.device == "cpu":  # this machine's memory and disk
+        host = psutil.virtual_memory().available
+        disk = shutil.disk_usage(args.disk if args.disk.exists() else Path(".")).free
+    else:  # the profiled machine's
+        host, disk = profile.host_memory_bytes, profile.disk_free_bytes
+    offload, shortfall = offload_for_plan(cfg, host, disk, args.offload)
     tokens = args.tokens_per_step
     if tokens is None:
-        probe = make_plan(cfg, profile, seq_len, seq_len, offload)
-        tokens = max(seq_len, math.ceil(probe.min_tokens_per_step / seq_len) * seq_len)
+        tokens = make_plan(cfg, profile, seq_len, seq_len, offload).recommended_tokens_per_step
     if tokens <= 0:
         raise UserError(f"--tokens-per-step must be positive, got {tokens}")
     plan = make_plan(cfg, profile, tokens, seq_len, offload)
     if args.json:
-        print(json.dumps({**asdict(plan), "profile": asdict(profile)}, indent=2))
+        print(json.dumps({**asdict(plan), "fits": not shortfall, "shortfall": shortfall,
+                          "profile": asdict(profile)}, indent=2))
         return
     print(format_plan(plan, profile))
+    if shortfall:
+        print(f"  does not fit: {shortfall.split(': ')[0]}")
 
 
 def format_plan(plan: Plan, profile: DeviceProfile) -> str:
@@ -351,6 +490,8 @@ def format_plan(plan: Plan, profile: DeviceProfile) -> str:
         f"disk read {plan.disk_read_bytes_per_step / 1e9:.2f} GB, write {plan.disk_write_bytes_per_step / 1e9:.2f} GB",
         f"  tokens per step to hide transfers: forward {plan.min_tokens_forward:,}, backward "
         f"{plan.min_tokens_backward:,}, disk {plan.min_tokens_disk:,} -> {plan.min_tokens_per_step:,}",
+        f"  recommended tokens per step (stall <= 5%, host work included): {plan.recommended_tokens_per_step:,}"
+        f"; recompute in backward: {'yes' if plan.recompute else 'no'}",
         f"  at {plan.tokens_per_step:,} tokens/step: compute {plan.compute_s:.3f} s, "
         f"predicted step {plan.predicted_step_s:.3f} s",
     ]

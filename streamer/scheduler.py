@@ -74,10 +74,15 @@ class PendingUpdate:
 
 class StreamEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, store: HostStore, device: torch.device,
-                 dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0) -> None:
+                 dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0,
+                 recompute: bool = True) -> None:
         self.cfg, self.optim, self.store = model_cfg, optim, store
         self.device, self.dtype, self.depth = device, dtype, prefetch_depth
         self.predicted_step_s = predicted_step_s
+        # Recompute keeps only unit-boundary activations and runs each unit's forward
+        # again in backward; without it each unit's autograd graph is kept (weights
+        # excluded, see `_weight_hooks`): a third less compute, far more activation memory.
+        self.recompute = recompute
         with torch.device("meta"):
             self.modules = [build_unit(model_cfg, i) for i in range(model_cfg.n_layer + 2)]
         self.layouts = store.layouts
@@ -132,10 +137,17 @@ class StreamEngine:
         offload = planner.choose_offload(model_cfg, psutil.virtual_memory().available,
                                          shutil.disk_usage(out).free, train_cfg.offload)
         profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]
-        profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size())
+        if device.type == "cuda":
+            budget = 0.8 * torch.cuda.get_device_properties(device).total_memory
+        else:
+            state = planner.STATE_BYTES_PER_PARAM * model_cfg.n_params() if offload == "ram" else 0
+            budget = 0.5 * psutil.virtual_memory().available - state
+        profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
+                                  matmul_flops=planner.peak_flops(device, dtype))
         plan = planner.make_plan(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
                                  micro_tokens=train_cfg.batch_size * train_cfg.seq_len,
-                                 prefetch_depth=train_cfg.prefetch_depth)
+                                 prefetch_depth=train_cfg.prefetch_depth, memory_budget=budget,
+                                 recompute=train_cfg.recompute)
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
         store = DiskStore(layouts, out / "store") if offload == "disk" else RamStore(layouts)
@@ -144,7 +156,8 @@ class StreamEngine:
             init_unit(unit, model_cfg, train_cfg.seed, i)
             store.init_params(i, unit)
             del unit
-        engine = cls(model_cfg, optim, store, device, dtype, plan.prefetch_depth, plan.predicted_step_s)
+        engine = cls(model_cfg, optim, store, device, dtype, plan.prefetch_depth, plan.predicted_step_s,
+                     recompute=plan.recompute)
         engine.offload = offload
         return engine
 
@@ -281,25 +294,67 @@ class StreamEngine:
     def _tied_weight(self) -> torch.Tensor | None:
         return self.params(0)["wte.weight"] if self.tied else None
 
-    def _forward_unit(self, unit: int, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _forward_unit(self, unit: int, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
+        """Run every micro-batch through a unit. With recompute, keep only the outputs;
+        without, keep each micro-batch's autograd graph for the backward visit."""
         self.wait(unit)
         params = self.params(unit)
-        with torch.no_grad():
-            return [functional_call(self.modules[unit], params, (x,)) for x in inputs]
-
-    def _backward_unit(self, unit: int, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor],
-                       grad: torch.Tensor) -> list[torch.Tensor]:
-        """Recompute the unit's forward from its saved inputs, then backpropagate every
-        micro-batch; parameter gradients accumulate into the flat `grad` buffer."""
-        self.wait(unit)
-        params = self.params(unit)
-        grad_views = list(self.layouts[unit].views(grad).values())
-        grad_inputs = []
-        for x, grad_out in zip(inputs, grad_outputs):
-            x = x.detach().requires_grad_(unit > 0)  # unit 0 reads token ids
-            with torch.enable_grad():
+        if self.recompute:
+            with torch.no_grad():
+                return [functional_call(self.modules[unit], params, (x,)) for x in inputs], []
+        outputs, graphs = [], []
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(*self._weight_hooks(unit)):
+            for x in inputs:
+                x = x.detach().requires_grad_(unit > 0)  # unit 0 reads token ids
                 out = functional_call(self.modules[unit], params, (x,))
-            wrt = [*params.values(), *([x] if unit > 0 else [])]
+                outputs.append(out.detach())
+                graphs.append((x, out, list(params.values())))
+        return outputs, graphs
+
+    def _weight_hooks(self, unit: int) -> tuple:
+        """Saved-tensor hooks that keep activations but never the unit's weights.
+
+        [Note: backward without recompute]
+        Autograd saves weights (or views of them) for the backward matmuls. Keeping them
+        would pin the unit's slot until backward and defeat streaming. The pack hook
+        replaces any tensor that lives in the unit's slot by its (shape, stride, offset)
+        within the slot; the unpack hook rebuilds it from whichever slot holds the unit
+        when backward runs. Every layout starts at offset 0 of its slot, so offsets carry
+        over between slots.
+        """
+        slot_ptr = self.slots[self.slot_of[unit]].untyped_storage().data_ptr()
+
+        def pack(t: torch.Tensor):  # noqa: ANN202 - returns a tensor or a weight reference
+            if t.device == self.device and t.untyped_storage().data_ptr() == slot_ptr:
+                return ("weight", unit, tuple(t.shape), t.stride(), t.storage_offset())
+            return t
+
+        def unpack(packed):  # noqa: ANN001, ANN202
+            if isinstance(packed, tuple):
+                _, owner, shape, stride, offset = packed
+                assert self.state[owner] == UnitState.RESIDENT, f"unit {owner} backward while not resident"
+                return self.slots[self.slot_of[owner]].as_strided(shape, stride, offset)
+            return packed
+
+        return pack, unpack
+
+    def _backward_unit(self, unit: int, inputs: list[torch.Tensor], graphs: list,
+                       grad_outputs: list[torch.Tensor], grad: torch.Tensor) -> list[torch.Tensor]:
+        """Backpropagate every micro-batch through a unit (recomputing its forward from the
+        saved inputs unless the graphs were kept); parameter gradients accumulate into
+        the flat `grad` buffer."""
+        self.wait(unit)
+        grad_views = list(self.layouts[unit].views(grad).values())
+        if not graphs:
+            params = self.params(unit)
+            graphs = []
+            for x in inputs:
+                x = x.detach().requires_grad_(unit > 0)
+                with torch.enable_grad():
+                    graphs.append((x, functional_call(self.modules[unit], params, (x,)), list(params.values())))
+        grad_inputs = []
+        for (x, out, weights), grad_out in zip(graphs, grad_outputs):
+            wrt = [*weights, *([x] if unit > 0 else [])]
             grads = torch.autograd.grad(out, wrt, grad_outputs=grad_out)
             for acc, g in zip(grad_views, grads):
                 acc.add_(g)
@@ -346,6 +401,7 @@ class StreamEngine:
         ys = [y.to(self.device, non_blocking=True) for _, y in micro_batches]
         visits = self.visits()
         saved: list[list[torch.Tensor] | None] = [None] * self.n_units
+        graphs: list[list] = [[] for _ in range(self.n_units)]
         acts, grads_in, losses = xs, None, []
         sq_norm = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.tied:
@@ -358,7 +414,7 @@ class StreamEngine:
                 self.acquire(visits[v + self.depth][1])
             if phase == "forward":
                 saved[unit] = acts
-                acts = self._forward_unit(unit, acts)
+                acts, graphs[unit] = self._forward_unit(unit, acts)
             else:
                 k = v % 2
                 self._drain(k)
@@ -368,10 +424,11 @@ class StreamEngine:
                 if phase == "head":
                     losses, grads_in = self._head_unit(acts, ys, buffer)
                 else:
-                    grads_in = self._backward_unit(unit, saved[unit], grads_in, buffer)
-                    saved[unit] = None
+                    grads_in = self._backward_unit(unit, saved[unit], graphs[unit], grads_in, buffer)
+                    saved[unit], graphs[unit] = None, []
                 numel = self.layouts[unit].numel
-                sq_norm += buffer[:numel].double().square().sum()
+                # vector_norm reduces in place; squaring a copy would allocate a whole unit.
+                sq_norm += torch.linalg.vector_norm(buffer[:numel]).double() ** 2
                 self.emit_grad(unit, buffer, None if buffer is self.tied_grad else k)
             self.release(unit)
         if self.tied:
@@ -400,7 +457,7 @@ class StreamEngine:
 
     def step_extra(self) -> dict:
         return {"predicted_step_s": self.predicted_step_s, "offload": getattr(self, "offload", "ram"),
-                "prefetch_depth": self.depth}
+                "prefetch_depth": self.depth, "recompute": self.recompute}
 
     # --- results -----------------------------------------------------------------
 
@@ -420,7 +477,7 @@ class StreamEngine:
                 param[start:stop].copy_(self.store.open(unit, ("param",), start, stop)["param"])
 
         self.worker.submit(read).result()
-        return {f"units.{unit}.{name}": t.clone() for name, t in self.layouts[unit].views(param).items()}
+        return {f"units.{unit}.{name}": t for name, t in self.layouts[unit].views(param).items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {}

@@ -47,6 +47,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     offload: str = "auto"  # stream mode: ram | disk | auto (the planner decides)
     prefetch_depth: int | None = None  # stream mode: units fetched ahead; None: the planner decides
+    recompute: str = "auto"  # stream mode: yes | no | auto (recompute only when graphs do not fit)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -57,6 +58,10 @@ class TrainConfig:
                 raise UserError(f"{flag} must be a positive integer, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.recompute not in ("auto", "yes", "no"):
+            raise UserError(f"--recompute must be auto, yes or no, got '{self.recompute}'")
+        if self.prefetch_depth is not None and self.prefetch_depth <= 0:
+            raise UserError(f"--prefetch-depth must be a positive integer, got {self.prefetch_depth}")
         if self.mode not in ("resident", "stream"):
             raise UserError(f"--mode must be 'resident' or 'stream', got '{self.mode}'")
         try:

@@ -21,8 +21,9 @@ def _run(tmp_path, model, mode, offload="auto", **overrides):
     return rows, load_final(out / "final")
 
 
+@pytest.mark.parametrize("recompute", ["yes", "no"])
 @pytest.mark.parametrize("model", ["tiny", "tiny-gptj", "tiny-neox"])
-def test_stream_matches_resident_for_each_tier(tmp_path, model):
+def test_stream_matches_resident_for_each_tier(tmp_path, model, recompute):
     """Per-step losses and final weights agree to 1e-5 in float32.
 
     They are not bit-identical because float32 sums run in another order: the global
@@ -33,7 +34,8 @@ def test_stream_matches_resident_for_each_tier(tmp_path, model):
     # Clipping must actually act for the comparison to cover it.
     assert max(r["grad_norm"] for r in resident_rows) > 0.5
     for offload in ("ram", "disk"):
-        rows, weights = _run(tmp_path, model, "stream", offload, prefetch_depth=2)
+        rows, weights = _run(tmp_path, model, "stream", offload, prefetch_depth=2, recompute=recompute)
+        assert all(r["recompute"] == (recompute == "yes") for r in rows)
         assert [r["step"] for r in rows] == [r["step"] for r in resident_rows]
         for a, b in zip(rows, resident_rows):
             assert abs(a["loss"] - b["loss"]) <= 1e-5
@@ -98,6 +100,17 @@ def test_stream_matches_resident_on_cuda(tmp_path):
             assert abs(a["loss"] - b["loss"]) <= 1e-4
         for name in rw:
             torch.testing.assert_close(sw[name], rw[name], atol=1e-4, rtol=0)
+
+
+def test_kept_graphs_hold_no_weights(tmp_path):
+    """Without recompute, a unit's slot is reused by other units between its forward and
+    backward (depth 1, six units); results still equal recompute exactly, so the backward
+    read the unit's weights from its new slot, not stale slot contents."""
+    kept, w_kept = _run(tmp_path / "kept", "tiny-neox", "stream", "ram", steps=3, prefetch_depth=1, recompute="no")
+    redo, w_redo = _run(tmp_path / "redo", "tiny-neox", "stream", "ram", steps=3, prefetch_depth=1, recompute="yes")
+    assert [r["loss"] for r in kept] == [r["loss"] for r in redo]
+    for name in w_kept:
+        assert torch.equal(w_kept[name], w_redo[name])
 
 
 def test_chunked_disk_updates_equal_whole_unit_updates(tmp_path, monkeypatch):

@@ -72,6 +72,19 @@ class PendingUpdate:
     grad_scale: float  # the clip coefficient
 
 
+def squared_norm(flat: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
+    """Sum of squares in float64, a chunk at a time.
+
+    A float32 reduction over a 100M-element embedding gradient can be off by several
+    percent, which would move the clip coefficient; a float64 copy of the whole unit
+    would cost 8 bytes per parameter. Chunks keep it exact and the copy small.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for piece in flat.split(chunk):
+        total += torch.linalg.vector_norm(piece, dtype=torch.float64) ** 2
+    return total
+
+
 class StreamEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, store: HostStore, device: torch.device,
                  dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0,
@@ -427,8 +440,7 @@ class StreamEngine:
                     grads_in = self._backward_unit(unit, saved[unit], graphs[unit], grads_in, buffer)
                     saved[unit], graphs[unit] = None, []
                 numel = self.layouts[unit].numel
-                # vector_norm reduces in place; squaring a copy would allocate a whole unit.
-                sq_norm += torch.linalg.vector_norm(buffer[:numel]).double() ** 2
+                sq_norm += squared_norm(buffer[:numel])
                 self.emit_grad(unit, buffer, None if buffer is self.tied_grad else k)
             self.release(unit)
         if self.tied:

@@ -1,0 +1,146 @@
+"""Streaming against resident training on the same work, with the planner's prediction.
+
+Sweeps tokens per step; at each point trains a few steps resident, streamed from the
+RAM tier and streamed from the disk tier, and reports tokens/s, stall share and the
+planner's predicted step time (from a profile calibrated on this machine in the same
+run). Plots tokens/s against tokens per step with the predicted curve: the roofline
+where the link (or disk) stops being the limit.
+
+    python benchmarks/bench_stream_vs_resident.py --model gpt3-125m --device cpu \\
+        --json benchmarks/results/stream_vs_resident_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, machine_line, read_metrics, write_json  # noqa: E402
+
+from models import ModelConfig  # noqa: E402
+from streamer import planner  # noqa: E402
+from streamer.train import TrainConfig, train  # noqa: E402
+
+MODES = (("resident", "auto"), ("stream", "ram"), ("stream", "disk"))
+
+
+def run_point(model: str, device: str, seq_len: int, batch: int, accum: int, mode: str, offload: str,
+              steps: int, scratch: Path, recompute: str) -> dict:
+    """Train `steps` steps; the first is warm-up (allocation, first-touch), the rest are timed."""
+    out = scratch / f"{mode}-{offload}-{batch}x{accum}"
+    train(TrainConfig(model=model, mode=mode, offload=offload, steps=steps, batch_size=batch, grad_accum=accum,
+                      seq_len=seq_len, device=device, progress=False, out=str(out), warmup=1, recompute=recompute))
+    rows = read_metrics(out)[1:]
+    shutil.rmtree(out, ignore_errors=True)
+    step_s = statistics.median(r["step_s"] for r in rows)
+    result = {"mode": mode, "offload": offload if mode == "stream" else None, "step_s": step_s,
+              "tokens_per_s": rows[0]["tokens"] / step_s, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rows),
+              "loss": [r["loss"] for r in rows]}
+    if mode == "stream":
+        result["stall_share"] = statistics.median(r["stall_s"] / r["step_s"] for r in rows)
+        result["link_gbps"] = statistics.median(r["link_gbps"] for r in rows)
+        result["recompute"] = rows[0]["recompute"]
+    return result
+
+
+def predict(cfg: ModelConfig, profile: planner.DeviceProfile, tokens: int, seq_len: int, result: dict) -> float:
+    if result["mode"] == "resident":
+        return planner.predict_resident_step_s(cfg, profile, tokens, seq_len)
+    plan = planner.make_plan(cfg, profile, tokens, seq_len, result["offload"],
+                             recompute="yes" if result["recompute"] else "no")
+    return plan.predicted_step_s
+
+
+def plot(points: list[dict], recommended: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (mode, offload), style in zip(MODES, ("o-", "s-", "^-")):
+        label = mode if mode == "resident" else f"stream ({offload})"
+        rows = [(p["tokens_per_step"], r) for p in points for r in p["runs"]
+                if r["mode"] == mode and (mode == "resident" or r["offload"] == offload)]
+        xs = [t for t, _ in rows]
+        ax.plot(xs, [r["tokens_per_s"] for _, r in rows], style, label=f"{label} measured")
+        ax.plot(xs, [t / r["predicted_step_s"] for t, r in rows], style[0] + ":", alpha=0.6,
+                label=f"{label} predicted")
+    ax.axvline(recommended, color="grey", linestyle="--", label="planner's recommended tokens/step")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per step")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt3-125m")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--sequences", default="1,4", help="sequences per step to sweep, besides the recommended")
+    parser.add_argument("--steps", type=int, default=3, help="steps per point (the first is warm-up)")
+    parser.add_argument("--recompute", default="auto", choices=["auto", "yes", "no"])
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = ModelConfig.from_name(args.model)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=RESULTS.parent))
+    profile = planner.measure_profile(device, dtype, scratch)
+    probe = planner.make_plan(cfg, profile, args.seq_len, args.seq_len, "ram")
+    recommended = probe.recommended_tokens_per_step
+    sweep = sorted({int(s) * args.seq_len for s in args.sequences.split(",")} | {recommended})
+    info = machine()
+    print(f"{args.model} on {args.device}: {machine_line(info)}")
+    print(f"calibrated: {profile.matmul_flops / 1e9:.0f} GFLOP/s, copy {profile.h2d_bytes_per_s / 1e9:.1f} GB/s, "
+          f"disk read {profile.disk_read_bytes_per_s / 1e9:.2f} / write {profile.disk_write_bytes_per_s / 1e9:.2f} "
+          f"GB/s, host update {profile.host_update_bytes_per_s / 1e9:.1f} GB/s; recommended {recommended} tokens/step")
+    points = []
+    print(f"{'tokens':>7} {'mode':<14} {'step s':>8} {'pred s':>8} {'err':>6} {'tok/s':>8} {'stall':>6} {'ratio':>6}")
+    for tokens in sweep:
+        sequences = tokens // args.seq_len
+        batch = min(sequences, 8)  # micro-batches of at most 8 sequences; the rest is accumulation
+        accum = -(-sequences // batch)
+        tokens = batch * accum * args.seq_len
+        runs = []
+        for mode, offload in MODES:
+            result = run_point(args.model, args.device, args.seq_len, batch, accum, mode, offload, args.steps,
+                               scratch, args.recompute)
+            result["predicted_step_s"] = predict(cfg, profile, tokens, args.seq_len, result)
+            result["prediction_error"] = result["predicted_step_s"] / result["step_s"] - 1
+            runs.append(result)
+        resident = runs[0]["tokens_per_s"]
+        for r in runs:
+            r["ratio_over_resident"] = r["tokens_per_s"] / resident
+            label = r["mode"] if r["mode"] == "resident" else f"stream-{r['offload']}"
+            stall = f"{r['stall_share']:.1%}" if "stall_share" in r else "-"
+            print(f"{tokens:>7} {label:<14} {r['step_s']:>8.2f} {r['predicted_step_s']:>8.2f} "
+                  f"{r['prediction_error']:>+6.0%} {r['tokens_per_s']:>8.0f} {stall:>6} {r['ratio_over_resident']:>6.3f}")
+        points.append({"tokens_per_step": tokens, "runs": runs})
+    shutil.rmtree(scratch, ignore_errors=True)
+    at_rec = next(p for p in points if p["tokens_per_step"] >= recommended)
+    ratio = next(r["ratio_over_resident"] for r in at_rec["runs"] if r.get("offload") == "ram")
+    max_err = max(abs(r["prediction_error"]) for p in points for r in p["runs"])
+    print(f"stream (RAM) / resident at {at_rec['tokens_per_step']} tokens/step: {ratio:.3f}; "
+          f"max |prediction error| {max_err:.1%}")
+    stem = args.json.with_suffix("") if args.json else RESULTS / f"stream_vs_resident_{args.device}"
+    plot(points, recommended, stem.with_suffix(".png"), f"{args.model}, {machine_line(info)}")
+    write_json(stem.with_suffix(".json"), {
+        "model": args.model, "device": args.device, "seq_len": args.seq_len, "machine": info,
+        "profile": planner.asdict(profile), "recommended_tokens_per_step": recommended,
+        "ratio_stream_over_resident": ratio, "max_prediction_error": max_err, "points": points})
+
+
+if __name__ == "__main__":
+    main()

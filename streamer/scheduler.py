@@ -90,6 +90,9 @@ class StreamEngine:
                  dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0,
                  recompute: bool = True) -> None:
         self.cfg, self.optim, self.store = model_cfg, optim, store
+        if device.type == "cuda" and device.index is None:
+            # An explicit index: tensors report "cuda:0", and the weight hooks compare devices.
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.dtype, self.depth = device, dtype, prefetch_depth
         self.predicted_step_s = predicted_step_s
         # Recompute keeps only unit-boundary activations and runs each unit's forward
@@ -123,6 +126,11 @@ class StreamEngine:
         self.grad_stream = torch.cuda.Stream(device) if cuda else None  # device -> host gradients
         self.slot_free_events = [torch.cuda.Event() for _ in sizes] if cuda else None
         self.copy_done_events = [torch.cuda.Event() for _ in sizes] if cuda else None
+        # Timing events for device-side stalls, two per visit, allocated once.
+        n_visits = 2 * self.n_units
+        self.ready_events = [torch.cuda.Event(enable_timing=True) for _ in range(n_visits)] if cuda else None
+        self.resumed_events = [torch.cuda.Event(enable_timing=True) for _ in range(n_visits)] if cuda else None
+        self.waits: list[tuple] = []
         self.grad_events = [torch.cuda.Event() for _ in range(3)] if cuda else None
         self.free_slots = list(range(prefetch_depth + 1))
         self.state = [UnitState.HOME] * self.n_units
@@ -199,9 +207,18 @@ class StreamEngine:
             self.staged[unit].result()
             self.staged[unit] = None
             slot = self.slot_of[unit]
-            if self.copy_done_events is not None:
-                torch.cuda.current_stream(self.device).wait_event(self.copy_done_events[slot])
+            # Host time blocked on the worker counts as stall (an upper bound on CUDA,
+            # where the device may still be busy with queued work meanwhile).
             self.counters["stall_s"] += time.perf_counter() - started
+            if self.copy_done_events is not None:
+                # The device, not the host, waits for the copy. To measure that wait, mark
+                # when compute was ready and when it resumed; see `_device_stall_s`.
+                stream = torch.cuda.current_stream(self.device)
+                ready, resumed = self.ready_events[len(self.waits)], self.resumed_events[len(self.waits)]
+                ready.record(stream)
+                stream.wait_event(self.copy_done_events[slot])
+                resumed.record(stream)
+                self.waits.append((ready, resumed))
             self._transition(unit, UnitState.RESIDENT)
         assert self.state[unit] == UnitState.RESIDENT, f"unit {unit} waited on while {self.state[unit].value}"
         return self.slots[self.slot_of[unit]]
@@ -226,6 +243,7 @@ class StreamEngine:
         a chunk at a time (see `HostStore.chunks`)."""
         target = self.slots[slot] if self.staging is None else self.staging[slot]
         if self.staging is not None:
+            torch.cuda.set_device(self.device)  # this thread's CUDA calls go to our device
             self.copy_done_events[slot].synchronize()  # the previous copy out of this buffer is done
         for start, stop in self.store.chunks(unit):
             if self.update_due[unit]:
@@ -449,7 +467,17 @@ class StreamEngine:
             self._drain(k)
         return self._finish_step(losses, sq_norm, lr)
 
+    def _device_stall_s(self) -> float:
+        """Seconds the compute stream sat waiting for weight copies this step: from
+        'compute ready' to 'copy finished, compute resumes' for each awaited visit."""
+        torch.cuda.synchronize(self.device)
+        stall = sum(ready.elapsed_time(resumed) for ready, resumed in self.waits) / 1000
+        self.waits.clear()
+        return stall
+
     def _finish_step(self, losses: list[torch.Tensor], sq_norm: torch.Tensor, lr: float) -> StepStats:
+        if self.ready_events is not None:
+            self.counters["stall_s"] += self._device_stall_s()
         loss = float(torch.stack(losses).float().mean())
         grad_norm = math.sqrt(float(sq_norm))
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))

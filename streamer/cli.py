@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefetch-depth", type=int, default=None, help="stream mode: units fetched ahead")
     p.add_argument("--recompute", default="auto", choices=["auto", "yes", "no"],
                    help="stream mode: recompute each unit's forward in backward (auto: only if graphs do not fit)")
+    p.add_argument("--grad-sync", default="sparse", choices=["sparse", "dense"],
+                   help="data parallel: sum the embedding's row-sparse gradient sparsely or densely")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -74,6 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launch(nproc: int, argv: list[str]) -> int:
+    """`streamer train --nproc N ...` is `torchrun --nproc-per-node N -m streamer train ...`."""
+    import subprocess
+
+    if nproc <= 0:
+        raise UserError(f"--nproc must be a positive integer, got {nproc}")
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "streamer", *rest]
+    return subprocess.call(cmd)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from streamer.train import TrainConfig, train
 
@@ -82,9 +105,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         data=args.data, out=args.out, device=args.device, dtype=args.dtype, offload=args.offload,
-        prefetch_depth=args.prefetch_depth, recompute=args.recompute, progress=not args.no_progress,
+        prefetch_depth=args.prefetch_depth, recompute=args.recompute, grad_sync=args.grad_sync,
+        progress=not args.no_progress,
     )
     out = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     print(f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps; "
           f"metrics in {out / 'metrics.jsonl'}, final weights in {out / 'final'}")
@@ -117,9 +143,17 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["train", *(argv or [])])
+        argv = ["train", *argv]
+        args = parser.parse_args(argv)
+    if args.command == "train" and args.nproc != 1 and "WORLD_SIZE" not in os.environ:
+        try:
+            return launch(args.nproc, argv)
+        except UserError as exc:
+            print(f"streamer: error: {exc}", file=sys.stderr)
+            return 2
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "models": cmd_models}
     if args.command == "plan":
         from streamer.planner import cmd_plan as handler

@@ -44,6 +44,7 @@ from models import ModelConfig, loss_fn
 from models.gpt import build_unit, init_unit
 from streamer import planner
 from streamer.optim import OptimConfig, adamw_update_, clip_coefficient
+from streamer.parallel import DataParallel
 from streamer.stats import StepStats
 from streamer.store import BUFFERS, DiskStore, HostStore, RamStore, UnitLayout
 
@@ -88,8 +89,9 @@ def squared_norm(flat: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
 class StreamEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, store: HostStore, device: torch.device,
                  dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0,
-                 recompute: bool = True) -> None:
+                 recompute: bool = True, dp: DataParallel | None = None) -> None:
         self.cfg, self.optim, self.store = model_cfg, optim, store
+        self.dp = dp or DataParallel()
         if device.type == "cuda" and device.index is None:
             # An explicit index: tensors report "cuda:0", and the weight hooks compare devices.
             device = torch.device("cuda", torch.cuda.current_device())
@@ -108,8 +110,10 @@ class StreamEngine:
         # A tied table stays resident all step in a slot of its own, sized for it; the
         # K + 1 ring slots that hold the prefetch window are sized for the other units.
         ring_units = range(1, self.n_units) if self.tied else range(self.n_units)
-        ring_numel = max(self.layouts[u].numel for u in ring_units)
-        sizes = [ring_numel] * (prefetch_depth + 1) + ([self.layouts[0].numel] if self.tied else [])
+        # Buffers hold a unit plus the padding that makes it divide into equal shards.
+        ring_numel = max(self.dp.padded(self.layouts[u].numel) for u in ring_units)
+        tied_numel = self.dp.padded(self.layouts[0].numel)
+        sizes = [ring_numel] * (prefetch_depth + 1) + ([tied_numel] if self.tied else [])
         self.tied_slot = len(sizes) - 1 if self.tied else None
         self.slots = [torch.empty(n, dtype=dtype, device=device) for n in sizes]
         # On CUDA the worker stages into pinned host buffers (one per slot, allocated
@@ -119,8 +123,11 @@ class StreamEngine:
         # table accumulates in its own buffer (head and embedding both add to it).
         self.grad_buffers = [torch.zeros(ring_numel, device=device) for _ in range(2)]
         self.grad_host = [torch.empty(ring_numel, pin_memory=True) for _ in range(2)] if cuda else None
-        self.tied_grad = torch.zeros(self.layouts[0].numel, device=device) if self.tied else None
-        self.tied_grad_host = torch.empty(self.layouts[0].numel, pin_memory=True) if (cuda and self.tied) else None
+        self.tied_grad = torch.zeros(tied_numel, device=device) if self.tied else None
+        self.tied_grad_host = torch.empty(tied_numel, pin_memory=True) if (cuda and self.tied) else None
+        # The squared norm of this rank's reduced gradient shards, summed by whichever
+        # thread reduces them (the host worker on CPU, the grad stream on CUDA).
+        self.shard_sq_norm = torch.zeros((), dtype=torch.float64, device=device)
         # Copies run on their own streams so they overlap compute on the default stream.
         self.copy_stream = torch.cuda.Stream(device) if cuda else None  # host -> device weights
         self.grad_stream = torch.cuda.Stream(device) if cuda else None  # device -> host gradients
@@ -171,14 +178,17 @@ class StreamEngine:
                                  recompute=train_cfg.recompute)
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
-        store = DiskStore(layouts, out / "store") if offload == "disk" else RamStore(layouts)
+        dp = DataParallel(train_cfg.grad_sync)
+        owned = [(dp.shard(lay.numel).start, dp.shard(lay.numel).stop) for lay in layouts]
+        folder = out / "store" / (f"rank{dp.rank}" if dp.world > 1 else "")
+        store = DiskStore(layouts, folder, owned) if offload == "disk" else RamStore(layouts, owned)
         for i in range(len(layouts)):
             unit = build_unit(model_cfg, i)  # one unit in host memory at a time
             init_unit(unit, model_cfg, train_cfg.seed, i)
             store.init_params(i, unit)
             del unit
         engine = cls(model_cfg, optim, store, device, dtype, plan.prefetch_depth, plan.predicted_step_s,
-                     recompute=plan.recompute)
+                     recompute=plan.recompute, dp=dp)
         engine.offload = offload
         return engine
 
@@ -245,26 +255,30 @@ class StreamEngine:
         if self.staging is not None:
             torch.cuda.set_device(self.device)  # this thread's CUDA calls go to our device
             self.copy_done_events[slot].synchronize()  # the previous copy out of this buffer is done
+        numel, first = self.layouts[unit].numel, self.store.owned[unit][0]
         for start, stop in self.store.chunks(unit):
             if self.update_due[unit]:
                 param = self._update_chunk(unit, start, stop)
             else:
                 param = self.store.open(unit, ("param",), start, stop)["param"]
-            target[start:stop].copy_(param)  # casts to the compute dtype
+            target[first + start : first + stop].copy_(param)  # casts to the compute dtype
         self.update_due[unit] = False
         if self.staging is None:
+            self.dp.gather_weights(target, numel)  # other ranks' shards fill in the rest
             return
-        numel = self.layouts[unit].numel
+        first, stop = self.store.owned[unit]
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.slot_free_events[slot])
-            self.slots[slot][:numel].copy_(self.staging[slot][:numel], non_blocking=True)
+            self.slots[slot][first:stop].copy_(self.staging[slot][first:stop], non_blocking=True)
+            self.dp.gather_weights(self.slots[slot], numel)
             self.copy_done_events[slot].record(self.copy_stream)
 
     def _update_chunk(self, unit: int, start: int, stop: int) -> torch.Tensor:
         """AdamW on elements [start, stop) of a unit; returns the updated weights."""
         update = self.pending
         buffers = self.store.open(unit, BUFFERS, start, stop)
-        decay_numel = min(max(self.layouts[unit].decay_numel - start, 0), stop - start)
+        first = self.store.owned[unit][0] + start  # the chunk's offset within the whole unit
+        decay_numel = min(max(self.layouts[unit].decay_numel - first, 0), stop - start)
         adamw_update_(buffers["param"], buffers["grad"], buffers["exp_avg"], buffers["exp_avg_sq"],
                       step=update.adam_step, lr=update.lr, cfg=self.optim, decay_numel=decay_numel,
                       grad_scale=update.grad_scale)
@@ -276,15 +290,29 @@ class StreamEngine:
             self._update_chunk(unit, start, stop)
         self.update_due[unit] = False
 
+    def _sparse_rows(self, unit: int) -> tuple[int, int] | None:
+        """(rows, cols) when the unit's gradient is row-sparse: an untied token table
+        (a tied one also takes the head's dense gradient)."""
+        names = [t.name for t in self.layouts[unit].tensors]
+        if unit == 0 and not self.tied and names == ["wte.weight"]:
+            return self.layouts[0].tensors[0].shape
+        return None
+
+    def _reduce(self, unit: int, grad: torch.Tensor) -> torch.Tensor:
+        """Average the unit's gradient over ranks and add its shard to the norm."""
+        shard = self.dp.reduce_grad(grad, self.layouts[unit].numel, self._sparse_rows(unit))
+        self.shard_sq_norm += squared_norm(shard)
+        return shard
+
     def emit_grad(self, unit: int, grad: torch.Tensor, buffer_index: int | None) -> None:
-        """Stream a unit's gradient out; the host worker writes it into the store.
+        """Reduce a unit's gradient across ranks and stream this rank's shard out; the
+        host worker writes it into the store.
 
         `buffer_index` names the double-buffered slot the gradient came from; None means
         the tied table's own buffer, which is written out synchronously at step end."""
-        numel = self.layouts[unit].numel
-        self.counters["bytes_out"] += numel * 4
+        self.counters["bytes_out"] += self.store.owned_numel(unit) * 4
         if self.grad_host is None:
-            future = self.worker.submit(self.store.write_grad, unit, grad)
+            future = self.worker.submit(lambda: self.store.write_grad(unit, self._reduce(unit, grad)))
         else:
             if buffer_index is None:
                 host, event = self.tied_grad_host, self.grad_events[2]
@@ -293,7 +321,8 @@ class StreamEngine:
                 host, event = self.grad_host[buffer_index], self.grad_events[buffer_index]
             self.grad_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.grad_stream):
-                host[:numel].copy_(grad[:numel], non_blocking=True)
+                shard = self._reduce(unit, grad)
+                host[: shard.numel()].copy_(shard, non_blocking=True)
                 event.record(self.grad_stream)
 
             def write() -> None:
@@ -434,7 +463,7 @@ class StreamEngine:
         saved: list[list[torch.Tensor] | None] = [None] * self.n_units
         graphs: list[list] = [[] for _ in range(self.n_units)]
         acts, grads_in, losses = xs, None, []
-        sq_norm = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.shard_sq_norm.zero_()
         if self.tied:
             self.acquire(0)  # the head reads the embedding table: keep it for the whole step
             self.tied_grad.zero_()
@@ -457,15 +486,13 @@ class StreamEngine:
                 else:
                     grads_in = self._backward_unit(unit, saved[unit], graphs[unit], grads_in, buffer)
                     saved[unit], graphs[unit] = None, []
-                numel = self.layouts[unit].numel
-                sq_norm += squared_norm(buffer[:numel])
                 self.emit_grad(unit, buffer, None if buffer is self.tied_grad else k)
             self.release(unit)
         if self.tied:
             self.release(0)
         for k in range(2):
             self._drain(k)
-        return self._finish_step(losses, sq_norm, lr)
+        return self._finish_step(losses, lr)
 
     def _device_stall_s(self) -> float:
         """Seconds the compute stream sat waiting for weight copies this step: from
@@ -475,11 +502,12 @@ class StreamEngine:
         self.waits.clear()
         return stall
 
-    def _finish_step(self, losses: list[torch.Tensor], sq_norm: torch.Tensor, lr: float) -> StepStats:
+    def _finish_step(self, losses: list[torch.Tensor], lr: float) -> StepStats:
         if self.ready_events is not None:
             self.counters["stall_s"] += self._device_stall_s()
-        loss = float(torch.stack(losses).float().mean())
-        grad_norm = math.sqrt(float(sq_norm))
+        # Every rank's mean loss weighs the same: ranks run equal shares of the batch.
+        loss = float(self.dp.sum(torch.stack(losses).float().mean()) / self.dp.world)
+        grad_norm = math.sqrt(float(self.dp.sum(self.shard_sq_norm)))
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if not skipped:
             self.adam_step += 1
@@ -508,15 +536,20 @@ class StreamEngine:
                 self.worker.submit(self._apply_update, unit).result()
 
     def unit_state_dict(self, unit: int) -> dict[str, torch.Tensor]:
-        """Unit `unit`'s master weights keyed by `GPT.state_dict()` names."""
+        """Unit `unit`'s master weights keyed by `GPT.state_dict()` names (every rank
+        must call it: shards are gathered)."""
         self.flush()
-        param = torch.empty(self.layouts[unit].numel)
+        numel = self.layouts[unit].numel
+        param = torch.zeros(self.dp.padded(numel), device=self.device if self.dp.world > 1 else "cpu")
+        first = self.store.owned[unit][0]
 
         def read() -> None:
             for start, stop in self.store.chunks(unit):
-                param[start:stop].copy_(self.store.open(unit, ("param",), start, stop)["param"])
+                param[first + start : first + stop].copy_(self.store.open(unit, ("param",), start, stop)["param"])
+            self.dp.gather_weights(param, numel)
 
         self.worker.submit(read).result()
+        param = param[:numel].cpu()
         return {f"units.{unit}.{name}": t for name, t in self.layouts[unit].views(param).items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -74,8 +74,21 @@ class HostStore(ABC):
     """Common interface: `open` returns the unit's buffers (reading them if needed),
     `commit` makes changes to the named buffers durable in the tier."""
 
-    def __init__(self, layouts: list[UnitLayout]) -> None:
+    def __init__(self, layouts: list[UnitLayout], owned: list[tuple[int, int]] | None = None) -> None:
         self.layouts = layouts
+        # The element range [start, stop) of each unit that this process keeps: the
+        # whole unit, or this rank's shard under data parallelism (streamer.parallel).
+        self.owned = owned or [(0, lay.numel) for lay in layouts]
+
+    def owned_numel(self, index: int) -> int:
+        start, stop = self.owned[index]
+        return stop - start
+
+    def _owned_part(self, index: int, unit: nn.Module) -> torch.Tensor:
+        full = torch.empty(self.layouts[index].numel)  # one unit at a time, at initialisation only
+        self.layouts[index].pack(unit, full)
+        start, stop = self.owned[index]
+        return full[start:stop]
 
     @abstractmethod
     def init_params(self, index: int, unit: nn.Module) -> None:
@@ -83,7 +96,8 @@ class HostStore(ABC):
 
     @abstractmethod
     def open(self, index: int, names: tuple[str, ...], start: int, stop: int) -> dict[str, torch.Tensor]:
-        """Elements [start, stop) of the unit's named buffers, read from the tier if needed."""
+        """Elements [start, stop) of the unit's owned part of the named buffers (offsets
+        relative to the owned range), read from the tier if needed."""
 
     @abstractmethod
     def commit(self, index: int, names: tuple[str, ...], start: int, stop: int) -> None:
@@ -93,12 +107,12 @@ class HostStore(ABC):
         """The unit split into pieces of at most CHUNK_NUMEL elements: a disk-tier unit is
         read, updated and written a piece at a time, so host memory holds one piece of
         each buffer, not the unit."""
-        numel = self.layouts[index].numel
+        numel = self.owned_numel(index)
         return [(start, min(numel, start + CHUNK_NUMEL)) for start in range(0, numel, CHUNK_NUMEL)]
 
     @abstractmethod
     def write_grad(self, index: int, grad: torch.Tensor) -> None:
-        """Store a unit's step gradient (float32, at least layout.numel long)."""
+        """Store the owned part of a unit's step gradient (float32)."""
 
     def bytes_on_disk(self) -> int:
         return 0
@@ -108,12 +122,12 @@ class HostStore(ABC):
 
 
 class RamStore(HostStore):
-    def __init__(self, layouts: list[UnitLayout]) -> None:
-        super().__init__(layouts)
-        self.buffers = [{name: torch.zeros(lay.numel) for name in BUFFERS} for lay in layouts]
+    def __init__(self, layouts: list[UnitLayout], owned: list[tuple[int, int]] | None = None) -> None:
+        super().__init__(layouts, owned)
+        self.buffers = [{name: torch.zeros(self.owned_numel(i)) for name in BUFFERS} for i in range(len(layouts))]
 
     def init_params(self, index: int, unit: nn.Module) -> None:
-        self.layouts[index].pack(unit, self.buffers[index]["param"])
+        self.buffers[index]["param"].copy_(self._owned_part(index, unit))
 
     def open(self, index: int, names: tuple[str, ...], start: int, stop: int) -> dict[str, torch.Tensor]:
         return {n: self.buffers[index][n][start:stop] for n in names}
@@ -122,14 +136,14 @@ class RamStore(HostStore):
         pass  # the buffers are the store
 
     def write_grad(self, index: int, grad: torch.Tensor) -> None:
-        self.buffers[index]["grad"].copy_(grad[: self.layouts[index].numel])
+        self.buffers[index]["grad"].copy_(grad[: self.owned_numel(index)])
 
 
 class DiskStore(HostStore):
     """One safetensors file per unit holding four flat F32 tensors."""
 
-    def __init__(self, layouts: list[UnitLayout], folder: Path) -> None:
-        super().__init__(layouts)
+    def __init__(self, layouts: list[UnitLayout], folder: Path, owned: list[tuple[int, int]] | None = None) -> None:
+        super().__init__(layouts, owned)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         # Scratch for one chunk of each of the four buffers, allocated once for the run.
@@ -143,8 +157,7 @@ class DiskStore(HostStore):
 
     def init_params(self, index: int, unit: nn.Module) -> None:
         """Create unit `index`'s file: packed initial weights, zero grad and moments."""
-        layout = self.layouts[index]
-        numel = layout.numel
+        numel = self.owned_numel(index)
         header = {name: {"dtype": "F32", "shape": [numel], "data_offsets": [k * 4 * numel, (k + 1) * 4 * numel]}
                   for k, name in enumerate(BUFFERS)}
         header["__metadata__"] = {"unit": str(index), "format": "streamer-unit-v1"}
@@ -157,9 +170,7 @@ class DiskStore(HostStore):
         os.ftruncate(fd, data_start + 16 * numel)  # a sparse file: zero moments cost no writes
         self.fds.append(fd)
         self.offsets.append({name: data_start + k * 4 * numel for k, name in enumerate(BUFFERS)})
-        param = torch.empty(numel)  # one unit at a time, at initialisation only
-        layout.pack(unit, param)
-        self._pwrite(index, "param", param, 0)
+        self._pwrite(index, "param", self._owned_part(index, unit).contiguous(), 0)
         os.fsync(fd)
 
     def _pwrite(self, index: int, name: str, tensor: torch.Tensor, first: int) -> None:
@@ -200,10 +211,10 @@ class DiskStore(HostStore):
             self._pwrite(index, name, self.scratch[name][: stop - start], start)
 
     def write_grad(self, index: int, grad: torch.Tensor) -> None:
-        self._pwrite(index, "grad", grad[: self.layouts[index].numel], 0)
+        self._pwrite(index, "grad", grad[: self.owned_numel(index)].contiguous(), 0)
 
     def bytes_on_disk(self) -> int:
-        return sum(16 * lay.numel for lay in self.layouts)
+        return sum(16 * self.owned_numel(i) for i in range(len(self.layouts)))
 
     def close(self) -> None:
         for fd in self.fds:

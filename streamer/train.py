@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -48,6 +49,7 @@ class TrainConfig:
     offload: str = "auto"  # stream mode: ram | disk | auto (the planner decides)
     prefetch_depth: int | None = None  # stream mode: units fetched ahead; None: the planner decides
     recompute: str = "auto"  # stream mode: yes | no | auto (recompute only when graphs do not fit)
+    grad_sync: str = "sparse"  # data parallel: the embedding's gradient by sparse or dense all-reduce
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -62,6 +64,8 @@ class TrainConfig:
             raise UserError(f"--recompute must be auto, yes or no, got '{self.recompute}'")
         if self.prefetch_depth is not None and self.prefetch_depth <= 0:
             raise UserError(f"--prefetch-depth must be a positive integer, got {self.prefetch_depth}")
+        if self.grad_sync not in ("sparse", "dense"):
+            raise UserError(f"--grad-sync must be sparse or dense, got '{self.grad_sync}'")
         if self.mode not in ("resident", "stream"):
             raise UserError(f"--mode must be 'resident' or 'stream', got '{self.mode}'")
         try:
@@ -101,10 +105,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
-def prepare_out_dir(out: str | None, model: str) -> Path:
+def prepare_out_dir(out: str | None, model: str, create: bool = True) -> Path:
+    """Check (every rank) and create (rank 0) the output directory."""
     path = Path(out) if out else Path("runs") / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (path / "metrics.jsonl").exists():
         raise UserError(f"output directory '{path}' holds another run: choose a new --out")
+    if not create:
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-probe-{os.getpid()}"
@@ -162,10 +169,16 @@ def load_final(final: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def micro_batches(sampler: BatchSampler, step: int, cfg: TrainConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    x, y = sampler.global_batch(step, cfg.batch_size * cfg.grad_accum)
+def micro_batches(sampler: BatchSampler, step: int, cfg: TrainConfig, rank: int = 0,
+                  world: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's micro-batches. The step's global batch is world x batch x accum
+    sequences; micro-batch i of rank r is rows [(i·world + r)·batch, +batch), so N ranks
+    with batch B see exactly the micro-batches one process with batch N·B would."""
+    x, y = sampler.global_batch(step, cfg.batch_size * cfg.grad_accum * world)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
-    return list(zip(x.split(cfg.batch_size), y.split(cfg.batch_size)))
+    rows = [slice((i * world + rank) * cfg.batch_size, (i * world + rank + 1) * cfg.batch_size)
+            for i in range(cfg.grad_accum)]
+    return [(x[r], y[r]) for r in rows]
 
 
 def peak_rss_bytes() -> int:
@@ -192,41 +205,58 @@ def metrics_row(step: int, stats: StepStats, lr: float, tokens: int, step_s: flo
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run a whole training job; returns the output directory."""
+    """Run a whole training job; returns the output directory.
+
+    Under torchrun every rank runs this; rank 0 alone writes metrics and final weights."""
     from streamer import planner
+    from streamer.parallel import DataParallel, init_from_env
 
     model_cfg = cfg.validate()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    init_from_env(device)
+    dp = DataParallel(cfg.grad_sync)
+    if dp.world > 1 and cfg.mode != "stream":
+        raise UserError("several processes train with --mode stream only: add --mode stream")
     tokens = load_tokens(Path(cfg.data) if cfg.data else default_corpus(), model_cfg.vocab_size)
     sampler = BatchSampler(tokens, cfg.seq_len, cfg.seed)
-    out = prepare_out_dir(cfg.out, cfg.model)
+    out = prepare_out_dir(cfg.out, cfg.model, create=dp.rank == 0)
+    dp.barrier()
     engine = build_engine(cfg, model_cfg, out, device, dtype)
     peak_flops = planner.peak_flops(device, dtype)
     flops_per_token = model_cfg.flops_per_token(cfg.seq_len)
-    atomic_write_json(out / "run.json", {"train": asdict(cfg), "model": model_cfg.to_dict(),
-                                         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                                         "flops_per_token": flops_per_token, "peak_flops": peak_flops})
-    bar = tqdm(total=cfg.steps, disable=not cfg.progress, unit="step", dynamic_ncols=True, mininterval=1.0)
+    lead = dp.rank == 0
+    if lead:
+        atomic_write_json(out / "run.json", {"train": asdict(cfg), "model": model_cfg.to_dict(), "world": dp.world,
+                                             "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                                             "flops_per_token": flops_per_token, "peak_flops": peak_flops})
+    bar = tqdm(total=cfg.steps, disable=not (cfg.progress and lead), unit="step", dynamic_ncols=True,
+               mininterval=1.0)
     optim = cfg.optim_config()
     try:
-        with open(out / "metrics.jsonl", "a") as metrics:
+        with open(out / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as metrics:
             for step in range(cfg.steps):
                 lr = lr_at(step, optim)
-                batches = micro_batches(sampler, step, cfg)
+                batches = micro_batches(sampler, step, cfg, dp.rank, dp.world)
                 started = time.perf_counter()
                 stats = engine.step(batches, lr)
                 step_s = time.perf_counter() - started
-                row = metrics_row(step, stats, lr, cfg.tokens_per_step(), step_s, flops_per_token,
-                                  peak_flops, getattr(engine, "step_extra", lambda: {})())
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                row = metrics_row(step, stats, lr, cfg.tokens_per_step() * dp.world, step_s, flops_per_token,
+                                  peak_flops * dp.world, getattr(engine, "step_extra", dict)())
+                if lead:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
                 postfix = {"loss": f"{stats.loss:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
                 if "stall_s" in row:
                     postfix["stall"] = f"{row['stall_s'] / step_s:.0%}"
                 bar.set_postfix(postfix)
                 bar.update()
-        save_final(engine.shards(), model_cfg, out)
+        shards = engine.shards()
+        if lead:
+            save_final(shards, model_cfg, out)
+        else:
+            for shard in shards:  # every rank takes part in gathering each unit
+                shard()
     finally:
         bar.close()
         engine.close()

@@ -1,0 +1,98 @@
+"""Data parallelism for the streamer on `torch.distributed` (gloo on CPU, NCCL on CUDA).
+
+Every rank streams every unit and runs its share of the batch. Each unit's flat buffer
+is cut into `world` equal shards (the last padded); rank r keeps master weights and
+AdamW state for shard r only, so host memory per rank falls as 1/world:
+
+- gradients: `reduce_scatter` leaves each rank the sum of its shard (in place, in the
+  unit's gradient buffer), divided by world to average the ranks' mean losses; a
+  row-sparse embedding gradient goes through `kernels.sparse_allreduce` instead;
+- weights: each rank updates its shard, writes it at its place in the slot, and an
+  in-place `all_gather` fills in the other ranks' shards.
+
+With world 1 every call is a no-op and the shard is the whole unit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Newer PyTorch renames the tensor collectives; older releases (the GPU machine's) lack
+# the new names.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True)
+class Shard:
+    start: int  # first element of the unit this rank owns
+    stop: int  # one past the last owned element (clipped to the unit)
+    size: int  # padded shard length: world x size >= the unit's numel
+
+
+class DataParallel:
+    def __init__(self, grad_sync: str = "sparse") -> None:
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+        self.grad_sync = grad_sync
+
+    def shard(self, numel: int) -> Shard:
+        size = -(-numel // self.world)
+        start = min(numel, self.rank * size)
+        return Shard(start, min(numel, start + size), size)
+
+    def padded(self, numel: int) -> int:
+        """Buffer length that holds a unit and its shard padding."""
+        return self.world * self.shard(numel).size
+
+    def gather_weights(self, flat: torch.Tensor, numel: int) -> None:
+        """Fill `flat` with every rank's shard; this rank's is already in place."""
+        if self.world == 1:
+            return
+        shard = self.shard(numel)
+        offset = self.rank * shard.size
+        _all_gather(flat[: self.world * shard.size], flat[offset : offset + shard.size])
+
+    def reduce_grad(self, flat: torch.Tensor, numel: int, sparse_rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Average this unit's gradient over ranks; returns this rank's shard of it.
+
+        `sparse_rows=(rows, cols)` marks a row-sparse gradient (a token embedding): it is
+        summed by the hash-partitioned sparse all-reduce, which moves only touched rows.
+        """
+        shard = self.shard(numel)
+        if self.world == 1:
+            return flat[:numel]
+        if sparse_rows is not None and self.grad_sync == "sparse":
+            from kernels import sparse_allreduce
+
+            rows, cols = sparse_rows
+            summed = sparse_allreduce(flat[: rows * cols].view(rows, cols)).view(-1)
+            return summed[shard.start : shard.stop].div_(self.world)
+        offset = self.rank * shard.size
+        padded = flat[: self.world * shard.size]
+        _reduce_scatter(padded[offset : offset + shard.size], padded)
+        return padded[offset : offset + shard.stop - shard.start].div_(self.world)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(value)
+        return value
+
+
+def init_from_env(device: torch.device) -> None:
+    """Join the process group torchrun describes in the environment, if any."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)

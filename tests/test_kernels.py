@@ -1,0 +1,358 @@
+"""kernels/: the row-sparse primitives against naive dense computations, the owner hash,
+NVRTC compilation of every CUDA kernel on a CPU machine, and the CuPy paths on a GPU.
+
+Values are small integers so that every sum is exact in float32, bfloat16 and float16,
+and results can be compared with torch.equal rather than a tolerance.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from kernels.cuda_sources import KERNEL_NAMES, SOURCES
+from kernels.hashing import mix64_python, owner_ranks
+from kernels.sparse_sync import pack_rows, unpack_rows
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DENSITIES = (0.0, 0.01, 0.5, 1.0)
+SHAPES = ((1, 1), (64, 8), (300, 33))
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def sparse_grad(
+    rows: int, hidden: int, density: float, dtype: torch.dtype, seed: int = 0, device: str = "cpu"
+) -> torch.Tensor:
+    """A [rows, hidden] tensor with round(density * rows) rows of small non-zero integers."""
+    generator = torch.Generator().manual_seed(seed)
+    grad = torch.zeros(rows, hidden, dtype=dtype)
+    touched = torch.randperm(rows, generator=generator)[: round(density * rows)]
+    values = torch.randint(1, 5, (touched.shape[0], hidden), generator=generator)
+    signs = torch.randint(0, 2, values.shape, generator=generator) * 2 - 1
+    grad[touched] = (values * signs).to(dtype)
+    return grad.to(device)
+
+
+def random_rows(
+    count: int, num_rows: int, hidden: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` (index, value-row) pairs with duplicate indices, integer values."""
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, num_rows, (count,), generator=generator)
+    values = torch.randint(-3, 4, (count, hidden), generator=generator).to(dtype)
+    return indices, values
+
+
+def naive_dense_sum(indices: torch.Tensor, values: torch.Tensor, num_rows: int) -> torch.Tensor:
+    dense = torch.zeros(num_rows, values.shape[1], dtype=torch.float64)
+    for index, row in zip(indices.tolist(), values.to(torch.float64), strict=True):
+        dense[index] += row
+    return dense
+
+
+# --- nonzero_rows ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_nonzero_rows_matches_naive(shape: tuple[int, int], density: float, dtype: torch.dtype) -> None:
+    grad = sparse_grad(*shape, density, dtype)
+    indices, values = kernels.nonzero_rows(grad)
+    expected = [row for row in range(shape[0]) if bool((grad[row] != 0).any())]
+    assert indices.dtype == torch.int64 and indices.tolist() == expected
+    assert values.dtype == dtype and torch.equal(values, grad[expected])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", (1, 3, 4, 33))
+def test_nonzero_rows_negative_zero_is_zero_and_nan_is_not(dtype: torch.dtype, hidden: int) -> None:
+    grad = torch.zeros(6, hidden, dtype=dtype)
+    grad[1] = -0.0
+    grad[2, -1] = float("nan")
+    grad[3, 0] = -1.0
+    grad[4, hidden // 2] = float("inf")
+    assert kernels.nonzero_rows(grad)[0].tolist() == [2, 3, 4]
+
+
+def test_nonzero_rows_handles_views_and_empty_hidden() -> None:
+    grad = sparse_grad(40, 10, 0.5, torch.float32)
+    columns = grad[:, 2:7]  # not contiguous
+    expected = [row for row in range(40) if bool((columns[row] != 0).any())]
+    assert kernels.nonzero_rows(columns)[0].tolist() == expected
+    assert kernels.nonzero_rows(torch.zeros(5, 0))[0].numel() == 0
+
+
+# --- coalesce -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("count", (0, 1, 7, 500))
+def test_coalesce_matches_naive(dtype: torch.dtype, count: int) -> None:
+    indices, values = random_rows(count, num_rows=50, hidden=12, dtype=dtype)
+    unique, sums = kernels.coalesce(indices, values)
+    dense = naive_dense_sum(indices, values, 50)
+    assert unique.tolist() == sorted(set(indices.tolist()))
+    assert sums.dtype == dtype and torch.equal(sums.to(torch.float64), dense[unique])
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_coalesce_accumulates_half_types_in_float32(dtype: torch.dtype) -> None:
+    # 256 + 1 + 1 + ... is stuck at 256 when summed in bfloat16 (spacing 2 there) and at
+    # 2048 in float16 (spacing 2 there); in float32 the 16 ones all count.
+    big = 256.0 if dtype == torch.bfloat16 else 2048.0
+    values = torch.tensor([[big]] + [[1.0]] * 16, dtype=dtype)
+    _, sums = kernels.coalesce(torch.zeros(17, dtype=torch.int64), values)
+    assert sums.item() == big + 16
+
+
+# --- hash_partition and the owner hash --------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", (1, 2, 3, 8))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hash_partition_groups_rows_stably_by_owner(world_size: int, dtype: torch.dtype) -> None:
+    indices, values = random_rows(200, num_rows=1000, hidden=5, dtype=dtype, seed=world_size)
+    parted_indices, parted_values, counts = kernels.hash_partition(indices, values, world_size, seed=7)
+    owners = [mix64_python(index, 7) % world_size for index in indices.tolist()]
+    expected_order = sorted(range(200), key=lambda row: owners[row])  # sorted() is stable
+    assert parted_indices.tolist() == indices[expected_order].tolist()
+    assert torch.equal(parted_values, values[expected_order])
+    assert counts.dtype == torch.int64
+    assert counts.tolist() == [owners.count(rank) for rank in range(world_size)]
+
+
+def test_owner_hash_is_the_splitmix64_specification() -> None:
+    edge_indices = [0, 1, 2, 255, 256, 50431, 2**31 - 1, 2**31, 2**32 + 5, 2**62, 2**63 - 1]
+    for seed in (0, 1, 12345, 2**64 - 1):
+        owners = owner_ranks(torch.tensor(edge_indices), 1_000_003, seed)
+        assert owners.tolist() == [mix64_python(index, seed) % 1_000_003 for index in edge_indices]
+    # splitmix64's published first output for state 0 is its finaliser applied to 0 + gamma.
+    assert mix64_python(0) == 0xE220A8397B1DCDAF
+
+
+def zipf_touched_rows(ranks: int, rows_per_rank: int, vocab: int, seed: int) -> list[np.ndarray]:
+    """Distinct Zipf(1.1) token ids per rank: a few hot ids shared by all, a long tail."""
+    rng = np.random.default_rng(seed)
+    probabilities = 1.0 / np.arange(1, vocab + 1) ** 1.1
+    probabilities /= probabilities.sum()
+    touched = []
+    for _ in range(ranks):
+        draws = rng.choice(vocab, size=rows_per_rank * 4, p=probabilities)
+        touched.append(np.unique(draws))
+    return touched
+
+
+def owner_load_imbalance(touched: list[np.ndarray], world_size: int, seed: int) -> float:
+    """max/mean of the rows each owner aggregates (every rank sends its distinct rows once)."""
+    loads = torch.zeros(world_size, dtype=torch.int64)
+    for rows in touched:
+        loads += torch.bincount(owner_ranks(torch.from_numpy(rows), world_size, seed), minlength=world_size)
+    return float(loads.max()) / float(loads.double().mean())
+
+
+@pytest.mark.parametrize("world_size", (4, 8, 16))
+def test_hash_balances_zipf_rows_across_owners(world_size: int) -> None:
+    touched = zipf_touched_rows(ranks=world_size, rows_per_rank=20_000, vocab=50_432, seed=0)
+    assert owner_load_imbalance(touched, world_size, seed=0) < 1.08
+    # Contiguous index ranges, the obvious alternative, put the hot low ids on rank 0.
+    loads = np.bincount(np.concatenate(touched) * world_size // 50_432, minlength=world_size)
+    assert loads.max() / loads.mean() > 1.5
+
+
+def test_hash_is_deterministic_given_seed() -> None:
+    indices = torch.arange(10_000)
+    assert torch.equal(owner_ranks(indices, 8, seed=3), owner_ranks(indices, 8, seed=3))
+    changed = (owner_ranks(indices, 8, seed=3) != owner_ranks(indices, 8, seed=4)).double().mean()
+    assert 0.8 < changed < 0.95  # a new seed reassigns about 7/8 of the rows
+
+
+# --- scatter_add_rows -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("count", (0, 1, 40, 400))
+def test_scatter_add_rows_matches_naive(dtype: torch.dtype, count: int) -> None:
+    indices, values = random_rows(count, num_rows=60, hidden=9, dtype=dtype, seed=count)
+    start = sparse_grad(60, 9, 0.5, dtype, seed=1)
+    dense = start.clone()
+    assert kernels.scatter_add_rows(dense, indices, values) is dense
+    expected = start.to(torch.float64) + naive_dense_sum(indices, values, 60)
+    assert torch.equal(dense.to(torch.float64), expected)
+
+
+def test_scatter_add_rows_into_a_view_updates_the_base() -> None:
+    base = torch.zeros(10, 8)
+    kernels.scatter_add_rows(base[:, 2:5], torch.tensor([3, 3]), torch.ones(2, 3))
+    assert base[3].tolist() == [0, 0, 2, 2, 2, 0, 0, 0] and base.sum() == 6
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def test_index_out_of_range_is_one_clear_line() -> None:
+    dense = torch.zeros(64, 4)
+    with pytest.raises(IndexError, match=r"^row index 70 out of range for 64 rows \(valid: 0..63\)$"):
+        kernels.scatter_add_rows(dense, torch.tensor([1, 70]), torch.ones(2, 4))
+    with pytest.raises(IndexError, match="^row index -1 is negative"):
+        kernels.scatter_add_rows(dense, torch.tensor([-1]), torch.ones(1, 4))
+    with pytest.raises(IndexError, match="negative"):
+        kernels.coalesce(torch.tensor([2, -5]), torch.ones(2, 4))
+    with pytest.raises(IndexError, match="negative"):
+        kernels.hash_partition(torch.tensor([-5]), torch.ones(1, 4), 2)
+    assert dense.count_nonzero() == 0  # nothing was written before the check
+
+
+def test_bad_inputs_are_rejected() -> None:
+    with pytest.raises(TypeError, match="unsupported"):
+        kernels.nonzero_rows(torch.zeros(3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="2-D"):
+        kernels.nonzero_rows(torch.zeros(3))
+    with pytest.raises(TypeError, match="int64"):
+        kernels.coalesce(torch.tensor([1, 2], dtype=torch.int32), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="3 indices for 2 value rows"):
+        kernels.coalesce(torch.tensor([1, 2, 3]), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.scatter_add_rows(torch.zeros(5, 4), torch.tensor([1]), torch.ones(1, 4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="world_size"):
+        kernels.hash_partition(torch.tensor([1]), torch.ones(1, 4), 0)
+    with pytest.raises(ValueError, match="seed"):
+        kernels.hash_partition(torch.tensor([1]), torch.ones(1, 4), 2, seed=-1)
+
+
+# --- packing and the single-process all-reduce ---------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("count", (0, 1, 9))
+@pytest.mark.parametrize("hidden", (1, 3, 4))
+def test_pack_rows_round_trips(dtype: torch.dtype, count: int, hidden: int) -> None:
+    indices, values = random_rows(count, num_rows=2**40, hidden=hidden, dtype=dtype)
+    unpacked_indices, unpacked_values = unpack_rows(pack_rows(indices, values), dtype, hidden)
+    assert torch.equal(unpacked_indices, indices) and torch.equal(unpacked_values, values)
+
+
+def test_sparse_allreduce_without_process_group_is_a_copy() -> None:
+    grad = sparse_grad(30, 4, 0.3, torch.bfloat16)
+    stats: dict[str, int] = {}
+    result = kernels.sparse_allreduce(grad, stats=stats)
+    assert torch.equal(result, grad) and result.data_ptr() != grad.data_ptr()
+    assert stats["bytes_sent"] == 0
+
+
+def test_import_does_not_need_cupy() -> None:
+    code = (
+        "import sys; sys.modules['cupy'] = None\n"
+        "import torch, kernels\n"
+        "assert kernels.nonzero_rows(torch.eye(3))[0].tolist() == [0, 1, 2]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --- CUDA sources through NVRTC, no GPU needed ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nvrtc_library() -> None:
+    from kernels import nvrtc
+
+    try:
+        nvrtc.load_library()
+    except nvrtc.NvrtcUnavailableError as error:
+        pytest.skip(f"NVRTC cannot be loaded: {error}")
+
+
+@pytest.mark.parametrize("arch", ("sm_80", "sm_90"))
+def test_every_kernel_compiles_to_ptx(nvrtc_library: None, arch: str) -> None:
+    from kernels.cuda import compile_all
+
+    compiled = compile_all(arch)
+    assert set(compiled) == set(SOURCES)
+    for name, ptx in compiled.items():
+        assert f".target {arch}".encode() in ptx, name
+        for kernel in KERNEL_NAMES[name]:
+            assert f".entry {kernel}(".encode() in ptx
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_every_kernel_assembles_to_cubin(nvrtc_library: None, name: str) -> None:
+    # A CUBIN runs the PTX assembler too, which checks the inline PTX of the half conversions.
+    from kernels import nvrtc
+
+    assert nvrtc.compile_source(SOURCES[name], name, "sm_90", output="cubin")[:4] == b"\x7fELF"
+
+
+def test_compile_errors_carry_the_log(nvrtc_library: None) -> None:
+    from kernels import nvrtc
+
+    with pytest.raises(nvrtc.NvrtcCompileError, match="broken failed to compile for sm_90"):
+        nvrtc.compile_source('extern "C" __global__ void f() { undeclared(); }', "broken")
+
+
+# --- CuPy kernels on a GPU, against the reference ------------------------------------------
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", (*SHAPES, (5000, 1024)))
+def test_gpu_nonzero_rows_matches_reference(shape: tuple[int, int], density: float, dtype: torch.dtype) -> None:
+    grad = sparse_grad(*shape, density, dtype)
+    grad[0] = -0.0  # a row of negative zeros stays a zero row on the GPU too
+    indices, values = kernels.nonzero_rows(grad.cuda())
+    expected_indices, expected_values = reference.nonzero_rows(grad)
+    assert indices.is_cuda and torch.equal(indices.cpu(), expected_indices)
+    assert torch.equal(values.cpu(), expected_values)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("count", (0, 1, 500, 20_000))
+def test_gpu_coalesce_matches_reference(dtype: torch.dtype, count: int) -> None:
+    indices, values = random_rows(count, num_rows=300, hidden=70, dtype=dtype)
+    unique, sums = kernels.coalesce(indices.cuda(), values.cuda())
+    expected_unique, expected_sums = reference.coalesce(indices, values)
+    assert torch.equal(unique.cpu(), expected_unique) and torch.equal(sums.cpu(), expected_sums)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("world_size", (1, 3, 8))
+@pytest.mark.parametrize("count", (0, 1, 5000))
+def test_gpu_hash_partition_matches_reference_bit_for_bit(world_size: int, count: int) -> None:
+    indices = torch.randint(0, 2**62, (count,), generator=torch.Generator().manual_seed(count))
+    values = torch.arange(count * 3, dtype=torch.float32).view(count, 3)
+    result = kernels.hash_partition(indices.cuda(), values.cuda(), world_size, seed=99)
+    expected = reference.hash_partition(indices, values, world_size, seed=99)
+    for got, want in zip(result, expected, strict=True):
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("count", (0, 1, 400, 20_000))
+def test_gpu_scatter_add_rows_matches_reference(dtype: torch.dtype, count: int) -> None:
+    indices, values = random_rows(count, num_rows=600, hidden=33, dtype=dtype)
+    start = sparse_grad(600, 33, 0.5, dtype, seed=2)
+    dense = start.cuda()
+    kernels.scatter_add_rows(dense, indices.cuda(), values.cuda())
+    assert torch.equal(dense.cpu(), reference.scatter_add_rows(start.clone(), indices, values))
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_out_of_range_index_raises() -> None:
+    with pytest.raises(IndexError, match="out of range for 4 rows"):
+        kernels.scatter_add_rows(
+            torch.zeros(4, 2, device="cuda"), torch.tensor([4], device="cuda"), torch.ones(1, 2, device="cuda")
+        )

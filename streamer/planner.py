@@ -47,6 +47,13 @@ class DeviceProfile:
     compute_bytes: int = 2  # bytes per parameter on the device (bf16)
     host_memory_bytes: float = 128 * 2**30  # the host the device sits in
     disk_free_bytes: float = 64 * 2**30
+    device_update_bytes_per_s: float = 2e12  # resident AdamW on the device (HBM-bound)
+    # A CPU "device" runs compute and the host worker on the same cores, so host work
+    # adds to the step instead of hiding behind compute.
+    shares_host_cores: bool = False
+    # Free memory the kernel can use as page cache: a disk-tier store that fits is
+    # served at memory speed after its first pass.
+    page_cache_bytes: float = 64 * 2**30
 
 
 # Sustained (not datasheet) figures; `--measure` replaces them with this machine's.
@@ -56,7 +63,8 @@ PROFILES: dict[str, DeviceProfile] = {
     "a100": DeviceProfile("a100", 2.5e14, 2.4e10, 2.4e10, 80e9, 3.0e9, 2.0e9, 2.0e10),
     # A 2-core CPU "device": the link is a host memory copy, the update shares the cores.
     "cpu": DeviceProfile("cpu", 8e10, 5e9, 5e9, 0.0, 1.0e9, 0.8e9, 4e9, compute_bytes=4,
-                         host_memory_bytes=24 * 2**30),
+                         host_memory_bytes=24 * 2**30, device_update_bytes_per_s=4e9, shares_host_cores=True,
+                         page_cache_bytes=12 * 2**30),
 }
 
 
@@ -163,6 +171,8 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     head = len(counts) - 1
     b, mem, F = profile.compute_bytes, profile.host_update_bytes_per_s, profile.matmul_flops
     disk_r, disk_w = profile.disk_read_bytes_per_s, profile.disk_write_bytes_per_s
+    if STATE_BYTES_PER_PARAM * sum(counts) <= 0.5 * profile.page_cache_bytes:
+        disk_r = disk_w = mem  # the store stays in the page cache: files move at memory speed
     order = [("forward", u) for u in range(head)] + [("head", head)] + [("backward", u) for u in range(head - 1, -1, -1)]
     last_seen: dict[int, int] = {}
     visits = []
@@ -173,7 +183,8 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
         compute = {"forward": f, "head": 3 * f, "backward": (3 if recompute else 2) * f}[phase]
         host_in = link_in = 0.0
         if not pinned:
-            link_in = p * b / profile.h2d_bytes_per_s
+            # A CPU device computes straight from the slot the host worker filled.
+            link_in = 0.0 if profile.shares_host_cores else p * b / profile.h2d_bytes_per_s
             host_in = p * (4 + b) / mem  # read the float32 master, write the compute copy
             if phase == "forward":
                 host_in += 28 * p / mem  # the AdamW update due from the previous step
@@ -213,22 +224,33 @@ def simulate_step(visits: list[Visit], depth: int) -> tuple[float, float]:
     return max(compute_end, worker), stall
 
 
+def predicted_stream_s(visits: list[Visit], depth: int, profile: DeviceProfile) -> float:
+    """Step time of the streamer: the pipeline simulation, or, when compute and host
+    work share the CPU cores, their sum."""
+    if profile.shares_host_cores:
+        return sum(v.compute_s + v.host_in_s + v.link_in_s + v.out_s for v in visits)
+    return simulate_step(visits, depth)[0]
+
+
 def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, offload: str, depth: int,
-                       recompute: bool, stall_share: float = 0.05) -> int:
-    """The fewest tokens per step (whole sequences) at which the simulated pipeline
-    stalls compute for at most `stall_share` of the step: the link, the host worker
-    and the disk are all hidden. Searched over doublings, then refined."""
-    def stalls(tokens: int) -> bool:
-        step, stall = simulate_step(step_visits(cfg, profile, tokens, seq_len, offload, depth, recompute), depth)
-        return stall > stall_share * step
+                       recompute: bool, overhead: float = 0.05) -> int:
+    """The fewest tokens per step (whole sequences) at which moving data costs at most
+    `overhead` of the step: the predicted step is within that share of its compute plus
+    the optimizer time resident training also pays. Doublings, then a binary search."""
+    update_s = 28 * cfg.n_params() / profile.device_update_bytes_per_s
+
+    def too_slow(tokens: int) -> bool:
+        visits = step_visits(cfg, profile, tokens, seq_len, offload, depth, recompute)
+        ideal = sum(v.compute_s for v in visits) + update_s
+        return predicted_stream_s(visits, depth, profile) > (1 + overhead) * ideal
 
     sequences = 1
-    while stalls(sequences * seq_len) and sequences < 2**20:
+    while too_slow(sequences * seq_len) and sequences < 2**20:
         sequences *= 2
     low = sequences // 2 + 1 if sequences > 1 else 1
-    while low < sequences:  # binary search between the last failing and first passing doubling
+    while low < sequences:
         mid = (low + sequences) // 2
-        if stalls(mid * seq_len):
+        if too_slow(mid * seq_len):
             low = mid + 1
         else:
             sequences = mid
@@ -258,7 +280,7 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
     unit_compute = flops[1] * tokens_per_step / F if cfg.n_layer else 0.0
     depth = prefetch_depth or choose_prefetch_depth(unit_compute, counts[1] * b / profile.h2d_bytes_per_s)
     visits = step_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, do_recompute)
-    predicted, _ = simulate_step(visits, depth)
+    predicted = predicted_stream_s(visits, depth, profile)
 
     backward_ratio = 6 if do_recompute else 4  # backward FLOPs per parameter per token
     min_fwd = F * b / (2 * profile.h2d_bytes_per_s)
@@ -298,7 +320,7 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
 def predict_resident_step_s(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int) -> float:
     """Resident training: forward + backward on the device, then the AdamW update there."""
     flops = sum(_unit_flops_per_token(cfg, seq_len)) * tokens_per_step
-    return 3 * flops / profile.matmul_flops + 28 * cfg.n_params() / profile.host_update_bytes_per_s
+    return 3 * flops / profile.matmul_flops + 28 * cfg.n_params() / profile.device_update_bytes_per_s
 
 
 def offload_for_plan(cfg: ModelConfig, host_available: float, disk_free: float, asked: str) -> tuple[str, str]:
@@ -416,12 +438,14 @@ def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path)
     base = PROFILES["cpu" if device.type == "cpu" else "h100"]
     h2d, d2h = measure_copy_bandwidth(device)
     read, write = measure_disk_bandwidth(disk_folder)
+    update = measure_update_rate()
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     return replace(base, name=f"measured-{device.type}", matmul_flops=measure_matmul_flops(device, dtype,
                    size=4096 if device.type == "cuda" else 1024, seconds=0.5),
                    h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h, device_memory_bytes=memory,
                    disk_read_bytes_per_s=read, disk_write_bytes_per_s=write,
-                   host_update_bytes_per_s=measure_update_rate(),
+                   host_update_bytes_per_s=update, page_cache_bytes=psutil.virtual_memory().available,
+                   device_update_bytes_per_s=update if device.type == "cpu" else base.device_update_bytes_per_s,
                    compute_bytes=torch.tensor([], dtype=dtype).element_size())
 
 
@@ -490,7 +514,7 @@ def format_plan(plan: Plan, profile: DeviceProfile) -> str:
         f"disk read {plan.disk_read_bytes_per_step / 1e9:.2f} GB, write {plan.disk_write_bytes_per_step / 1e9:.2f} GB",
         f"  tokens per step to hide transfers: forward {plan.min_tokens_forward:,}, backward "
         f"{plan.min_tokens_backward:,}, disk {plan.min_tokens_disk:,} -> {plan.min_tokens_per_step:,}",
-        f"  recommended tokens per step (stall <= 5%, host work included): {plan.recommended_tokens_per_step:,}"
+        f"  recommended tokens per step (data movement <= 5% of the step): {plan.recommended_tokens_per_step:,}"
         f"; recompute in backward: {'yes' if plan.recompute else 'no'}",
         f"  at {plan.tokens_per_step:,} tokens/step: compute {plan.compute_s:.3f} s, "
         f"predicted step {plan.predicted_step_s:.3f} s",

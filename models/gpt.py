@@ -133,7 +133,7 @@ class Head(nn.Module):
         x = self.ln_f(x)
         logits = F.linear(x, tied_weight) if self.lm_head is None else self.lm_head(x)
         # Padding rows exist for matmul speed only; they are never a prediction.
-        return logits[..., : self.vocab_size]
+        return logits if logits.shape[-1] == self.vocab_size else logits[..., : self.vocab_size]
 
 
 class GPT(nn.Module):

@@ -1,0 +1,141 @@
+"""The flagship: train a model whose weights, gradients and AdamW state exceed this
+machine's RAM, from the disk tier, on real text.
+
+Measures, in the same run: disk read and write bandwidth (fsync'd, page cache dropped),
+the matmul rate, then `streamer train --mode stream --offload disk` for a few steps:
+loss per step, peak resident memory, bytes the process read from and wrote to storage
+per step (/proc/PID/io, so page-cache hits do not count), and step time against the
+I/O floor (storage bytes / measured bandwidth) and the compute floor (model FLOPs /
+measured matmul rate).
+
+    python benchmarks/bench_oversized.py --model gpt3-2.7b --json benchmarks/results/oversized_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, machine_line, write_json  # noqa: E402
+
+from models import ModelConfig  # noqa: E402
+from streamer import planner  # noqa: E402
+
+
+def proc_io(pid: int) -> tuple[int, int]:
+    """Bytes the process made storage read and write (not page-cache hits)."""
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["read_bytes"]), int(fields["write_bytes"])
+
+
+def train_and_watch(cmd: list[str], metrics: Path) -> tuple[list[dict], list[tuple[int, int]], int]:
+    """Run training, sampling the child's storage I/O whenever a step is logged."""
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    io_at_step, seen, peak_rss = [], 0, 0
+    while child.poll() is None:
+        time.sleep(0.5)
+        try:
+            peak_rss = max(peak_rss, psutil.Process(child.pid).memory_info().rss)
+            io = proc_io(child.pid)
+        except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
+            break
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if len(lines) > seen:
+            seen = len(lines)
+            io_at_step.append(io)
+    output = child.communicate()[0]
+    if child.returncode:
+        raise SystemExit(f"training failed:\n{output[-3000:]}")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return rows, io_at_step, peak_rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt3-2.7b")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--dir", type=Path, default=None, help="where the disk tier lives (default: a temp dir here)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    cfg = ModelConfig.from_name(args.model)
+    state_bytes = planner.STATE_BYTES_PER_PARAM * cfg.n_params()
+    ram = psutil.virtual_memory().total
+    work = Path(tempfile.mkdtemp(prefix="oversized-", dir=args.dir or RESULTS.parent))
+    info = machine()
+    print(f"{args.model}: state {state_bytes / 2**30:.1f} GiB = {state_bytes / ram:.2f}x this machine's "
+          f"{ram / 2**30:.1f} GiB RAM; {machine_line(info)}")
+    read_bw, write_bw = planner.measure_disk_bandwidth(work)
+    flops = planner.measure_matmul_flops(torch.device("cpu"), torch.float32, size=2048, seconds=1.0)
+    print(f"measured: disk read {read_bw / 1e9:.2f} GB/s, write {write_bw / 1e9:.2f} GB/s, {flops / 1e9:.0f} GFLOP/s")
+    out = work / "run"
+    cmd = [sys.executable, "-m", "streamer", "train", "--model", args.model, "--mode", "stream", "--offload", "disk",
+           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+           "--warmup", "1", "--lr", str(args.lr), "--out", str(out), "--no-progress"]
+    try:
+        rows, io_at_step, peak_rss = train_and_watch(cmd, out / "metrics.jsonl")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tokens = args.batch_size * args.seq_len
+    compute_floor = cfg.flops_per_token(args.seq_len) * tokens / flops
+    steps = []
+    previous = io_at_step[0] if io_at_step else (0, 0)
+    for i, row in enumerate(rows):
+        read, written = (io_at_step[i][0] - previous[0], io_at_step[i][1] - previous[1]) if i else (0, 0)
+        previous = io_at_step[i] if i < len(io_at_step) else previous
+        io_floor = read / read_bw + written / write_bw
+        steps.append({"step": row["step"], "loss": row["loss"], "step_s": row["step_s"], "read_bytes": read,
+                      "written_bytes": written, "io_floor_s": io_floor, "compute_floor_s": compute_floor,
+                      "over_floor": row["step_s"] / max(io_floor, compute_floor) if i else None,
+                      "predicted_step_s": row.get("predicted_step_s")})
+    print(f"{'step':>4}{'loss':>9}{'step s':>9}{'read GB':>9}{'write GB':>10}{'I/O floor s':>13}"
+          f"{'compute s':>11}{'x floor':>9}")
+    for s in steps:
+        ratio = f"{s['over_floor']:.2f}" if s["over_floor"] else "-"
+        print(f"{s['step']:>4}{s['loss']:>9.3f}{s['step_s']:>9.1f}{s['read_bytes'] / 1e9:>9.1f}"
+              f"{s['written_bytes'] / 1e9:>10.1f}{s['io_floor_s']:>13.1f}{s['compute_floor_s']:>11.1f}{ratio:>9}")
+    peak = max(peak_rss, max(r["peak_rss_bytes"] for r in rows))
+    print(f"peak resident memory {peak / 2**30:.2f} GiB; loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+    stem = args.json.with_suffix("") if args.json else RESULTS / "oversized_cpu"
+    write_json(stem.with_suffix(".json"), {
+        "model": args.model, "n_params": cfg.n_params(), "state_bytes": state_bytes, "ram_bytes": ram,
+        "state_over_ram": state_bytes / ram, "tokens_per_step": tokens, "machine": info,
+        "disk_read_bytes_per_s": read_bw, "disk_write_bytes_per_s": write_bw, "matmul_flops": flops,
+        "peak_rss_bytes": peak, "loss_falling": rows[-1]["loss"] < rows[0]["loss"], "steps": steps})
+    plot(steps, stem.with_suffix(".png"), f"{args.model} from disk; {machine_line(info)}")
+
+
+def plot(steps: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [s for s in steps if s["over_floor"]]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs = [s["step"] for s in timed]
+    ax.bar([x - 0.2 for x in xs], [s["step_s"] for s in timed], width=0.4, label="measured step")
+    ax.bar([x + 0.2 for x in xs], [max(s["io_floor_s"], s["compute_floor_s"]) for s in timed], width=0.4,
+           label="max(I/O floor, compute floor)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

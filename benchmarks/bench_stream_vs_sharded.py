@@ -1,0 +1,201 @@
+"""Streaming on one process against PyTorch FSDP2 over N processes, on the same work.
+
+The same model, initial weights, global batch, data, learning-rate schedule, clipping
+and steps are trained (a) by the streamer in one process and (b) by FSDP2
+(`torch.distributed.fsdp.fully_shard` on every block and the root) over N processes:
+gloo on CPU, NCCL on GPUs, or on a single GPU FSDP2 with `CPUOffloadPolicy`. Reports
+tokens/s, peak memory per process, bytes moved per step, and whether the loss curves
+agree.
+
+    python benchmarks/bench_stream_vs_sharded.py --model gpt3-125m --world 2 \\
+        --json benchmarks/results/stream_vs_sharded_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, machine_line, read_metrics, write_json  # noqa: E402
+
+from models import GPT, ModelConfig, loss_fn  # noqa: E402
+from streamer.optim import decays, lr_at  # noqa: E402
+from streamer.train import TrainConfig, micro_batches, peak_rss_bytes  # noqa: E402
+
+
+def shared_settings(args: argparse.Namespace, world: int) -> TrainConfig:
+    """One process's share of the global batch; both runs derive everything from this."""
+    return TrainConfig(model=args.model, steps=args.steps, batch_size=args.global_batch // world,
+                       grad_accum=1, seq_len=args.seq_len, warmup=1, lr=args.lr, device=args.device,
+                       progress=False)
+
+
+def run_streaming(args: argparse.Namespace, scratch: Path) -> dict:
+    out = scratch / "stream"
+    cfg = shared_settings(args, 1)
+    cmd = [sys.executable, "-m", "streamer", "train", "--model", args.model, "--mode", "stream", "--steps",
+           str(args.steps), "--batch-size", str(cfg.batch_size), "--seq-len", str(args.seq_len), "--warmup", "1",
+           "--lr", str(args.lr), "--device", args.device, "--offload", "ram", "--out", str(out), "--no-progress"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    rows = read_metrics(out)
+    timed = rows[1:]
+    return {"losses": [r["loss"] for r in rows], "step_s": statistics.median(r["step_s"] for r in timed),
+            "tokens_per_step": rows[0]["tokens"], "peak_host_bytes_per_process": [max(r["peak_rss_bytes"] for r in rows)],
+            "peak_device_bytes_per_process": [max(r["peak_device_bytes"] for r in rows)],
+            "bytes_moved_per_step": statistics.median(r["bytes_in"] + r["bytes_out"] for r in timed),
+            "processes": 1}
+
+
+def run_sharded(args: argparse.Namespace, scratch: Path) -> dict:
+    result = scratch / "fsdp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.world}",
+           __file__, "--worker", "--model", args.model, "--steps", str(args.steps), "--global-batch",
+           str(args.global_batch), "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--device", args.device,
+           "--world", str(args.world), "--json", str(result)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(result.read_text())
+
+
+def fsdp_worker(args: argparse.Namespace) -> None:
+    """One FSDP2 rank: the same model, data, optimizer and schedule as the streamer."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    from streamer.data import BatchSampler, default_corpus, load_tokens
+
+    cuda = args.device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    cfg = shared_settings(args, world)
+    model_cfg = ModelConfig.from_name(args.model)
+    model = GPT(model_cfg)
+    model.init_weights(cfg.seed)
+    mesh = init_device_mesh(device.type, (world,))
+    # One GPU cannot shard anything away: offloading to the host is FSDP's way to fit.
+    offload = {"offload_policy": CPUOffloadPolicy()} if cuda and world == 1 else {}
+    if cuda and not offload:
+        model.to(device)
+    for block in model.units[1:-1]:
+        fully_shard(block, mesh=mesh, **offload)
+    fully_shard(model, mesh=mesh, **offload)
+    optim = cfg.optim_config()
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in named if decays(n, p)], "weight_decay": optim.weight_decay},
+         {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}],
+        lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    sampler = BatchSampler(load_tokens(default_corpus(), model_cfg.vocab_size), cfg.seq_len, cfg.seed)
+    losses, times = [], []
+    for step in range(cfg.steps):
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, optim)
+        (x, y), = micro_batches(sampler, step, cfg, rank, world)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = loss_fn(model(x.to(device)), y.to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean = loss.detach().float().clone()
+        dist.all_reduce(mean)
+        losses.append(float(mean) / world)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    host = torch.tensor([peak_rss_bytes()], dtype=torch.float64)
+    dev = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0], dtype=torch.float64)
+    hosts = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    devs = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(hosts, host.to(device) if cuda else host)
+    dist.all_gather(devs, dev.to(device) if cuda else dev)
+    if rank == 0:
+        params = model_cfg.n_params()
+        # Per rank and step: all-gather of parameters for forward and again for backward
+        # (FSDP2 reshards after forward), reduce-scatter of gradients: 3 x P x 4 bytes x
+        # (N - 1) / N over the interconnect; with CPU offload, P x 4 in and out per pass.
+        moved = 3 * params * 4 * (world - 1) / world if world > 1 else 3 * params * 4
+        write_json(Path(args.json), {
+            "losses": losses, "step_s": statistics.median(times[1:]),
+            "tokens_per_step": cfg.batch_size * world * cfg.seq_len,
+            "peak_host_bytes_per_process": [int(h) for h in hosts], "peak_device_bytes_per_process": [int(d) for d in devs],
+            "bytes_moved_per_step": moved, "processes": world})
+    dist.destroy_process_group()
+
+
+def plot(stream: dict, sharded: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
+    left.plot(stream["losses"], "o-", label="stream (1 process)")
+    left.plot(sharded["losses"], "s--", label=f"FSDP2 ({sharded['processes']} processes)")
+    left.set_xlabel("step")
+    left.set_ylabel("loss")
+    left.legend(fontsize=8)
+    names = ["stream", "FSDP2"]
+    right.bar(names, [stream["tokens_per_s"], sharded["tokens_per_s"]], color=["C0", "C1"])
+    right.set_ylabel("tokens / s")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt3-125m")
+    parser.add_argument("--world", type=int, default=2, help="FSDP2 processes")
+    parser.add_argument("--global-batch", type=int, default=4, help="sequences per step, over all processes")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        fsdp_worker(args)
+        return
+    if args.global_batch % args.world:
+        parser.error("--global-batch must be a multiple of --world")
+    scratch = Path(tempfile.mkdtemp(prefix="bench-sharded-"))
+    info = machine()
+    print(f"{args.model}, global batch {args.global_batch} x {args.seq_len}, {args.steps} steps: {machine_line(info)}")
+    stream, sharded = run_streaming(args, scratch), run_sharded(args, scratch)
+    for r in (stream, sharded):
+        r["tokens_per_s"] = r["tokens_per_step"] / r["step_s"]
+    max_gap = max(abs(a - b) for a, b in zip(stream["losses"], sharded["losses"]))
+    print(f"{'run':<22}{'tok/s':>9}{'step s':>9}{'peak host GiB/proc':>20}{'peak dev GiB/proc':>19}{'GB moved/step':>15}")
+    for name, r in (("stream, 1 process", stream), (f"FSDP2, {sharded['processes']} processes", sharded)):
+        print(f"{name:<22}{r['tokens_per_s']:>9.0f}{r['step_s']:>9.2f}"
+              f"{max(r['peak_host_bytes_per_process']) / 2**30:>20.2f}"
+              f"{max(r['peak_device_bytes_per_process']) / 2**30:>19.2f}{r['bytes_moved_per_step'] / 1e9:>15.2f}")
+    print(f"loss curves: max |difference| {max_gap:.2e} over {args.steps} steps "
+          f"({'agree' if max_gap < 1e-3 else 'DIFFER'})")
+    stem = args.json.with_suffix("") if args.json else RESULTS / f"stream_vs_sharded_{args.device}"
+    plot(stream, sharded, stem.with_suffix(".png"), f"{args.model}; {machine_line(info)}")
+    write_json(stem.with_suffix(".json"), {
+        "model": args.model, "device": args.device, "world": args.world, "global_batch": args.global_batch,
+        "seq_len": args.seq_len, "steps": args.steps, "machine": info, "stream": stream, "sharded": sharded,
+        "loss_max_abs_difference": max_gap, "losses_agree": max_gap < 1e-3,
+        "stream_over_sharded_tokens_per_s": stream["tokens_per_s"] / sharded["tokens_per_s"]})
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,7 @@ from kernels.sparse_sync import (
     allgather_rows,
     sparse_allreduce,
     sparse_allreduce_rows,
+    touched_rows,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "scatter_add_rows",
     "sparse_allreduce",
     "sparse_allreduce_rows",
+    "touched_rows",
 ]

@@ -57,11 +57,18 @@ def _cupy() -> ModuleType:
 
 
 @functools.cache
-def _kernel(module_name: str, kernel_name: str, device_index: int) -> Any:
-    """Compiled kernel, built once per device (CuPy compiles for the device's arch)."""
+def _module(module_name: str, device_index: int) -> Any:
+    """A kernel module, compiled once per device (CuPy compiles for the device's arch)."""
     cupy = _cupy()
     with cupy.cuda.Device(device_index):
-        return cupy.RawModule(code=SOURCES[module_name]).get_function(kernel_name)
+        return cupy.RawModule(code=SOURCES[module_name])
+
+
+@functools.cache
+def _kernel(module_name: str, kernel_name: str, device_index: int) -> Any:
+    cupy = _cupy()
+    with cupy.cuda.Device(device_index):
+        return _module(module_name, device_index).get_function(kernel_name)
 
 
 @contextlib.contextmanager

@@ -247,6 +247,16 @@ def test_sparse_allreduce_without_process_group_is_a_copy() -> None:
     assert stats["bytes_sent"] == 0
 
 
+def test_touched_rows_reads_only_candidates() -> None:
+    grad = sparse_grad(50, 6, 0.2, torch.float32, seed=3)
+    touched = kernels.nonzero_rows(grad)[0]
+    candidates = torch.cat([touched, touched[:3], torch.tensor([0, 49])])  # repeats, extra zero rows
+    indices, values = kernels.touched_rows(grad, candidates)
+    assert torch.equal(indices, touched) and torch.equal(values, grad[touched])
+    with pytest.raises(IndexError, match="out of range for 50 rows"):
+        kernels.touched_rows(grad, torch.tensor([50]))
+
+
 def test_import_does_not_need_cupy() -> None:
     code = (
         "import sys; sys.modules['cupy'] = None\n"

@@ -82,6 +82,28 @@ def check_stats(grad: torch.Tensor, stats: dict[str, int]) -> None:
     assert totals[1] == int(union.sum()), "distinct rows are not owned exactly once"
 
 
+def check_candidate_rows(rank: int, world: int) -> None:
+    """Given a superset of the touched rows (with repeats), only those rows are read."""
+    rows = random_rows(rank, 12)
+    grad = integer_grad(rows, rank)
+    candidates = torch.tensor(rows + rows[:4] + random_rows(rank + world, 6))
+    expected = grad.clone()
+    dist.all_reduce(expected)
+    assert torch.equal(kernels.sparse_allreduce(grad, candidate_rows=candidates), expected)
+    assert torch.equal(kernels.allgather_allreduce(grad, candidate_rows=candidates), expected)
+    assert torch.equal(kernels.ReusedOutputAllReduce()(grad, candidate_rows=candidates), expected)
+
+
+def check_reused_output_across_steps(rank: int, world: int) -> None:
+    """The reused buffer holds no rows of the previous step's sum."""
+    reducer = kernels.ReusedOutputAllReduce()
+    for step in range(3):
+        grad = integer_grad(random_rows(rank + 10 * step, 10), rank + step)
+        expected = grad.clone()
+        dist.all_reduce(expected)
+        assert torch.equal(reducer(grad), expected), f"step {step}"
+
+
 def check_duplicate_rows(rank: int, world: int) -> None:
     """sparse_allreduce_rows sums repeated indices within and across ranks."""
     indices = torch.tensor([7, 7, rank, 7, 250])
@@ -133,6 +155,8 @@ CHECKS: dict[str, Callable[[int, int], None]] = {
     "gloo_all_to_all_single": check_gloo_all_to_all_single,
     **{case: lambda rank, world, case=case: check_equal_to_all_reduce(case, rank, world) for case in CASES},
     "duplicate_indices": check_duplicate_rows,
+    "candidate_rows": check_candidate_rows,
+    "reused_output_across_steps": check_reused_output_across_steps,
     "singleton_groups": check_singleton_groups,
     "index_out_of_range": check_mismatched_rows_raise,
 }

@@ -1,0 +1,97 @@
+"""The `streamer` command as a user runs it: real subprocesses, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models import REGISTRY
+
+
+def streamer(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    # A private cache: no test may fall back on (or rebuild) the user's default corpus.
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "streamer", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (["--model", "gpt3-x1"], ["'gpt3-xl'", "streamer models"]),
+        (["--steps", "0"], ["--steps", "positive"]),
+        (["--batch-size", "-4"], ["--batch-size", "positive"]),
+        (["--seq-len", "257"], ["--seq-len 257", "256"]),
+        (["--steps", "ten"], ["--steps", "invalid int value"]),
+    ],
+)
+def test_train_user_errors(flags: list[str], fragments: list[str], token_file: Path, tmp_path: Path) -> None:
+    result = streamer(
+        "train", "--data", str(token_file), "--out", str(tmp_path / "run"), *flags, cache=tmp_path / "cache"
+    )
+    assert_user_error(result, *fragments)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_train_missing_data_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.npy"
+    result = streamer("train", "--data", str(missing), "--out", str(tmp_path / "run"), cache=tmp_path / "cache")
+    assert_user_error(result, str(missing), "streamer prepare")
+
+
+def test_models_lists_every_entry(tmp_path: Path) -> None:
+    result = streamer("models", cache=tmp_path)
+    assert result.returncode == 0, result.stderr
+    listed = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    assert listed == list(REGISTRY)
+
+
+def test_models_json(tmp_path: Path) -> None:
+    result = streamer("models", "--json", cache=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [row["name"] for row in rows] == list(REGISTRY)
+    gpt3_xl = next(row for row in rows if row["name"] == "gpt3-xl")
+    assert gpt3_xl["n_params"] == 1_315_723_264
+
+
+def test_plan_json(tmp_path: Path) -> None:
+    result = streamer("plan", "--model", "gpt3-xl", "--device", "h100", "--json", cache=tmp_path)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    keys = {"n_params", "device_bytes", "host_bytes", "disk_bytes", "min_tokens_per_step", "predicted_step_s"}
+    assert keys <= set(plan)
+    assert plan["n_params"] == 1_315_723_264
+    assert plan["predicted_step_s"] > 0
+
+
+def test_plan_unknown_device_profile(tmp_path: Path) -> None:
+    assert_user_error(streamer("plan", "--device", "tpu9", cache=tmp_path), "'tpu9'", "h100")
+
+
+def test_prepare_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "one.txt").write_text("hello\n")
+    (tmp_path / "text" / "two.txt").write_text("world\n")
+    out = tmp_path / "tokens.npy"
+    result = streamer("prepare", str(tmp_path / "text"), "--out", str(out), cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert "12 tokens" in result.stdout and "2 files" in result.stdout
+    assert np.load(out).astype(np.uint8).tobytes() == b"hello\nworld\n"

@@ -1,0 +1,179 @@
+"""Token files: what `prepare` writes, what `load_tokens` refuses, how batches are drawn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamer.data import BatchSampler, load_tokens, meta_path, prepare
+from streamer.errors import UserError
+
+TEXTS = {
+    "a.txt": "def f(x):\n    return x + 1\n",
+    "b.txt": "Unicode is bytes here: caf\u00e9, \u2713, \U0001f600.\n",
+    "c.txt": "",  # empty files are skipped, not an error
+}
+
+
+def write_texts(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in TEXTS.items():
+        (folder / name).write_text(text, encoding="utf-8")
+        paths.append(folder / name)
+    return paths
+
+
+def save_npy(path: Path, array: np.ndarray) -> Path:
+    np.save(path, array, allow_pickle=False)
+    return path
+
+
+def test_prepare_writes_byte_tokens_and_sidecar(tmp_path: Path) -> None:
+    paths = write_texts(tmp_path / "text")
+    out = tmp_path / "tokens.npy"
+    meta = prepare(out, paths)
+    tokens = np.load(out)
+    expected = b"".join(p.read_bytes() for p in paths)
+    assert tokens.dtype == np.uint16
+    assert tokens.tobytes() == np.frombuffer(expected, dtype=np.uint8).astype(np.uint16).tobytes()
+    sidecar = json.loads(meta_path(out).read_text())
+    assert sidecar == meta
+    assert sidecar == {
+        "tokenizer": "bytes",
+        "vocab_size": 256,
+        "dtype": "uint16",
+        "n_tokens": len(expected),
+        "n_files": 3,
+    }
+
+
+def test_prepare_reads_folders_in_sorted_order(tmp_path: Path) -> None:
+    paths = write_texts(tmp_path / "text")
+    prepare(tmp_path / "tokens.npy", [tmp_path / "text"])
+    expected = b"".join(p.read_bytes() for p in sorted(paths))
+    assert np.load(tmp_path / "tokens.npy").astype(np.uint8).tobytes() == expected
+
+
+def test_prepared_file_loads_for_a_byte_model(tmp_path: Path) -> None:
+    prepare(tmp_path / "tokens.npy", write_texts(tmp_path / "text"))
+    tokens = load_tokens(tmp_path / "tokens.npy", vocab_size=256)
+    assert tokens.size == json.loads(meta_path(tmp_path / "tokens.npy").read_text())["n_tokens"]
+
+
+def test_prepare_missing_input(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        prepare(tmp_path / "tokens.npy", [tmp_path / "nowhere.txt"])
+
+
+def test_prepare_empty_inputs(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match="no text"):
+        prepare(tmp_path / "tokens.npy", [tmp_path / "empty.txt"])
+    assert not (tmp_path / "tokens.npy").exists()
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found.*streamer prepare"):
+        load_tokens(tmp_path / "absent.npy", vocab_size=256)
+
+
+def test_load_empty_file(tmp_path: Path) -> None:
+    path = save_npy(tmp_path / "empty.npy", np.zeros(0, dtype=np.uint16))
+    with pytest.raises(UserError, match="empty"):
+        load_tokens(path, vocab_size=256)
+
+
+def test_load_wrong_dtype(tmp_path: Path) -> None:
+    path = save_npy(tmp_path / "floats.npy", np.arange(100, dtype=np.float32))
+    with pytest.raises(UserError, match="float32"):
+        load_tokens(path, vocab_size=256)
+
+
+def test_load_not_a_flat_array(tmp_path: Path) -> None:
+    path = save_npy(tmp_path / "matrix.npy", np.zeros((4, 4), dtype=np.uint16))
+    with pytest.raises(UserError, match="flat"):
+        load_tokens(path, vocab_size=256)
+
+
+def test_load_not_an_npy_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.npy"
+    path.write_text("these are not tokens")
+    with pytest.raises(UserError, match="not a token file"):
+        load_tokens(path, vocab_size=256)
+
+
+def test_load_token_beyond_vocab_without_sidecar(tmp_path: Path) -> None:
+    path = save_npy(tmp_path / "wide.npy", np.array([1, 2, 300, 4], dtype=np.uint16))
+    with pytest.raises(UserError, match="token id 300"):
+        load_tokens(path, vocab_size=256)
+    assert load_tokens(path, vocab_size=301).size == 4
+
+
+def test_load_sidecar_vocab_larger_than_model(tmp_path: Path) -> None:
+    path = save_npy(tmp_path / "gpt2.npy", np.array([1, 2, 3, 4], dtype=np.uint16))
+    meta_path(path).write_text(json.dumps({"vocab_size": 50257}))
+    with pytest.raises(UserError, match="vocabulary of 50257"):
+        load_tokens(path, vocab_size=256)
+
+
+def test_sequence_longer_than_data() -> None:
+    with pytest.raises(UserError, match="shorter --seq-len"):
+        BatchSampler(np.arange(64, dtype=np.uint16), seq_len=64, seed=0)
+    BatchSampler(np.arange(65, dtype=np.uint16), seq_len=64, seed=0)  # exactly one window fits
+
+
+def test_batches_are_windows_with_targets_shifted_by_one() -> None:
+    tokens = np.arange(5000, dtype=np.uint16)  # token value = position, so windows are easy to check
+    x, y = BatchSampler(tokens, seq_len=32, seed=0).global_batch(step=3, n_sequences=6)
+    assert x.shape == y.shape == (6, 32)
+    assert x.dtype == y.dtype == np.int64  # what nn.Embedding and cross_entropy take
+    starts = x[:, :1]
+    np.testing.assert_array_equal(x, starts + np.arange(32))
+    np.testing.assert_array_equal(y, x + 1)
+
+
+def test_batches_are_a_function_of_seed_and_step() -> None:
+    tokens = np.arange(5000, dtype=np.uint16)
+    first, again = BatchSampler(tokens, 32, seed=0), BatchSampler(tokens, 32, seed=0)
+    for step in (0, 1, 7):
+        np.testing.assert_array_equal(first.global_batch(step, 4)[0], again.global_batch(step, 4)[0])
+    assert not np.array_equal(first.global_batch(0, 4)[0], first.global_batch(1, 4)[0])
+    assert not np.array_equal(first.global_batch(0, 4)[0], BatchSampler(tokens, 32, seed=1).global_batch(0, 4)[0])
+
+
+def test_prepare_with_a_tokenizer_json(tmp_path: Path) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import BPE
+    from tokenizers.pre_tokenizers import Whitespace
+    from tokenizers.trainers import BpeTrainer
+
+    text = "the quick brown fox jumps over the lazy dog\n" * 50 + "the dog sleeps while the fox runs\n" * 50
+    source = tmp_path / "corpus.txt"
+    source.write_text(text)
+    tokenizer = tokenizers.Tokenizer(BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.train_from_iterator([text], BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+
+    out = tmp_path / "tokens.npy"
+    meta = prepare(out, [source], tmp_path / "tokenizer.json")
+    assert meta["vocab_size"] == tokenizer.get_vocab_size()
+    assert meta["tokenizer"] == str(tmp_path / "tokenizer.json")
+    tokens = np.load(out)
+    assert tokens.dtype == np.uint16
+    assert tokens.tolist() == tokenizer.encode(text).ids
+    assert tokens.size < len(text) // 2, "BPE tokens, not bytes"
+    with pytest.raises(UserError, match="vocabulary"):
+        load_tokens(out, vocab_size=tokenizer.get_vocab_size() - 1)
+
+
+def test_prepare_with_an_unreadable_tokenizer(tmp_path: Path) -> None:
+    pytest.importorskip("tokenizers")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(UserError, match="cannot read tokenizer"):
+        prepare(tmp_path / "tokens.npy", [tmp_path / "a.txt"], tmp_path / "tokenizer.json")

@@ -1,0 +1,83 @@
+"""The planner's arithmetic, checked without hardware."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models import REGISTRY, ModelConfig
+from models.gpt import build_unit
+from streamer.errors import UserError
+from streamer.planner import PROFILES, STATE_BYTES_PER_PARAM, choose_offload, make_plan, unit_param_counts
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_unit_param_counts_match_the_modules(name: str) -> None:
+    cfg = ModelConfig.from_name(name)
+    counts = unit_param_counts(cfg)
+    assert len(counts) == cfg.n_layer + 2
+    assert sum(counts) == cfg.n_params()
+    with torch.device("meta"):
+        for index in (0, 1, cfg.n_layer + 1):  # embedding, a block (all alike), head
+            assert sum(p.numel() for p in build_unit(cfg, index).parameters()) == counts[index]
+
+
+@pytest.mark.parametrize("profile", list(PROFILES.values()), ids=list(PROFILES))
+def test_forward_hiding_threshold(profile: object) -> None:
+    """[Note: when streaming hides]: T >= F·b / (2·W) tokens per step hide the forward's transfers."""
+    plan = make_plan(ModelConfig.from_name("gpt3-xl"), profile, 2048, 2048, "ram")
+    expected = profile.matmul_flops * profile.compute_bytes / (2 * profile.h2d_bytes_per_s)
+    assert plan.min_tokens_forward == math.ceil(expected)
+    assert plan.min_tokens_per_step >= plan.min_tokens_forward
+
+
+@pytest.mark.parametrize("offload", ["ram", "disk"])
+@pytest.mark.parametrize("profile", ["h100", "a100", "cpu"])
+@pytest.mark.parametrize("name", ["tiny", "gpt3-xl", "gpt-neox-20b"])
+def test_more_tokens_never_beat_compute(name: str, profile: str, offload: str) -> None:
+    """However many tokens a step carries, streaming can hide transfers but never make a
+    step faster than its own arithmetic."""
+    cfg = ModelConfig.from_name(name)
+    for tokens in (256, 1024, 8192, 65536, 2**20, 2**24):
+        plan = make_plan(cfg, PROFILES[profile], tokens, min(256, cfg.block_size), offload)
+        assert plan.compute_s > 0
+        assert plan.predicted_step_s / tokens >= plan.compute_s / tokens * (1 - 1e-12)
+
+
+def test_below_the_threshold_the_link_sets_the_step_time() -> None:
+    plan = make_plan(ModelConfig.from_name("gpt3-xl"), PROFILES["h100"], 2048, 2048, "ram")
+    assert plan.tokens_per_step < plan.min_tokens_forward
+    assert plan.predicted_step_s > 2 * plan.compute_s
+
+
+def test_disk_offload_moves_state_to_disk() -> None:
+    cfg = ModelConfig.from_name("gpt3-xl")
+    ram = make_plan(cfg, PROFILES["h100"], 2**16, 2048, "ram")
+    disk = make_plan(cfg, PROFILES["h100"], 2**16, 2048, "disk")
+    assert ram.disk_bytes == 0 and disk.disk_bytes == STATE_BYTES_PER_PARAM * cfg.n_params()
+    assert disk.host_bytes < ram.host_bytes / 4  # host RAM keeps only staging buffers
+    assert ram.min_tokens_disk == 0
+    assert disk.min_tokens_per_step >= disk.min_tokens_disk > 0
+
+
+def test_choose_offload_prefers_ram_when_it_fits() -> None:
+    cfg = ModelConfig.from_name("gpt3-xl")  # about 19.6 GiB of state
+    assert choose_offload(cfg, host_available=64 * GIB, disk_free=0) == "ram"
+
+
+def test_choose_offload_falls_back_to_disk() -> None:
+    cfg = ModelConfig.from_name("gpt3-xl")
+    assert choose_offload(cfg, host_available=16 * GIB, disk_free=100 * GIB) == "disk"
+    assert choose_offload(cfg, host_available=64 * GIB, disk_free=100 * GIB, asked="disk") == "disk"
+
+
+def test_choose_offload_refuses_when_nothing_fits() -> None:
+    cfg = ModelConfig.from_name("gpt3-xl")
+    with pytest.raises(UserError, match="short"):
+        choose_offload(cfg, host_available=16 * GIB, disk_free=10 * GIB)
+    with pytest.raises(UserError, match="short.*--offload disk"):
+        choose_offload(cfg, host_available=16 * GIB, disk_free=100 * GIB, asked="ram")

@@ -1,0 +1,132 @@
+"""Resident training end to end on tiny: it learns, it is reproducible, it saves what it says."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models import GPT, ModelConfig, loss_fn
+from streamer.data import BatchSampler, load_tokens
+from streamer.errors import UserError
+from streamer.train import TrainConfig, train
+
+STEPS = 30  # enough for tiny to learn byte statistics well past chance
+SHORT_STEPS = 12  # reproducibility checks: a high learning rate amplifies rounding over long runs
+
+Run = tuple[Path, list[dict], dict[str, torch.Tensor]]
+
+
+def run(data: Path, out: Path, **overrides: object) -> Run:
+    settings = dict(
+        model="tiny",
+        steps=STEPS,
+        batch_size=8,
+        seq_len=64,
+        warmup=5,
+        data=str(data),
+        out=str(out),
+        device="cpu",
+        progress=False,
+    )
+    train(TrainConfig(**{**settings, **overrides}))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, rows, load_file(str(out / "final" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """tiny's matmuls are too small to share: on a 2-core machine under load, two
+    threads waiting on each other make these runs several times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_run(token_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return run(token_file, tmp_path_factory.mktemp("runs") / "base")
+
+
+@pytest.fixture(scope="module")
+def short_run(token_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return run(token_file, tmp_path_factory.mktemp("runs") / "short", steps=SHORT_STEPS)
+
+
+def losses(rows: list[dict]) -> list[float]:
+    return [row["loss"] for row in rows]
+
+
+def test_metrics_rows(base_run: Run) -> None:
+    out, rows, _ = base_run
+    run_info = json.loads((out / "run.json").read_text())
+    assert [row["step"] for row in rows] == list(range(STEPS))
+    for row in rows:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "mfu"} <= set(row)
+        assert row["tokens"] == 8 * 64
+        assert math.isfinite(row["loss"]) and not row["skipped"]
+        assert row["tokens_per_s"] > 0
+        # MFU is model FLOPs at the achieved rate over the peak the run measured.
+        achieved = row["tokens_per_s"] * run_info["flops_per_token"]
+        assert row["mfu"] == pytest.approx(achieved / run_info["peak_flops"])
+    assert rows[4]["lr"] == pytest.approx(3e-3)  # the end of warmup reaches the peak
+    assert rows[-1]["lr"] < rows[4]["lr"]
+
+
+def test_loss_falls(base_run: Run) -> None:
+    loss = losses(base_run[1])
+    assert loss[0] == pytest.approx(math.log(256), abs=0.3), "a fresh model guesses bytes uniformly"
+    assert sum(loss[-5:]) / 5 < loss[0] - 1.0
+
+
+def test_final_weights_and_config(base_run: Run, token_file: Path) -> None:
+    out, _, weights = base_run
+    cfg = ModelConfig.from_dict(json.loads((out / "final" / "config.json").read_text()))
+    assert cfg == ModelConfig.from_name("tiny")
+    model = GPT(cfg)
+    assert set(weights) == set(model.state_dict())
+    model.load_state_dict(weights, strict=True)
+    # The saved weights are the trained ones: they predict the data far better than chance.
+    x, y = BatchSampler(load_tokens(token_file, 256), 64, seed=99).global_batch(0, 8)
+    with torch.no_grad():
+        loss = loss_fn(model(torch.from_numpy(x)), torch.from_numpy(y)).item()
+    assert loss < math.log(256) - 1.0
+
+
+def test_same_seed_same_run(short_run: Run, token_file: Path, tmp_path: Path) -> None:
+    _, rows, weights = short_run
+    _, again_rows, again_weights = run(token_file, tmp_path / "again", steps=SHORT_STEPS)
+    assert losses(again_rows) == losses(rows)
+    assert all(torch.equal(again_weights[key], weights[key]) for key in weights)
+
+
+def test_other_seed_differs(short_run: Run, token_file: Path, tmp_path: Path) -> None:
+    # The first loss comes before any update, so it depends on the seed alone (init and batch).
+    _, other_rows, _ = run(token_file, tmp_path / "other", seed=1, steps=1)
+    assert other_rows[0]["loss"] != short_run[1][0]["loss"]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(short_run: Run, token_file: Path, tmp_path: Path) -> None:
+    _, whole_rows, whole = short_run
+    _, split_rows, split = run(token_file, tmp_path / "split", steps=SHORT_STEPS, batch_size=4, grad_accum=2)
+    assert [row["tokens"] for row in split_rows] == [row["tokens"] for row in whole_rows]
+    assert losses(split_rows) == pytest.approx(losses(whole_rows), abs=1e-5)
+    # The norm before clipping: a sum of micro-batch gradients instead of a mean would double it.
+    split_norms = [row["grad_norm"] for row in split_rows]
+    assert split_norms == pytest.approx([row["grad_norm"] for row in whole_rows], rel=1e-4)
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], rtol=0, atol=2e-5)
+
+
+def test_out_dir_holding_a_run_is_refused(base_run: Run, token_file: Path) -> None:
+    out = base_run[0]
+    before = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(UserError, match="holds another run"):
+        run(token_file, out)
+    assert (out / "metrics.jsonl").read_bytes() == before

@@ -102,10 +102,11 @@ def _all_gather_rows(packed: torch.Tensor, group: dist.ProcessGroup | None, stat
     on 2 cores, against 9 ms for the concurrent pairwise sends.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    size = torch.tensor([packed.shape[0]], dtype=torch.int64, device=packed.device)
-    sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    counts = [int(rank_size) for rank_size in sizes]
+    # all_to_all_single of a repeated size, not all_gather: gloo's all_to_all is direct
+    # pairwise exchange, one network hop, where its all_gather ring takes N - 1 hops.
+    sizes = torch.empty(world, dtype=torch.int64, device=packed.device)
+    dist.all_to_all_single(sizes, torch.full_like(sizes, packed.shape[0]), group=group)
+    counts = sizes.tolist()
     gathered = [packed if peer == rank else packed.new_empty(counts[peer], packed.shape[1]) for peer in range(world)]
     operations = []
     for peer in range(world):

@@ -96,14 +96,13 @@ def _send_to_owners(
 def _all_gather_rows(packed: torch.Tensor, group: dist.ProcessGroup | None, stats: dict) -> torch.Tensor:
     """All ranks' packed rows, concatenated in rank order.
 
-    Sizes are all-gathered first; then every pair of ranks swaps its rows directly
-    (batch_isend_irecv), which needs no padding. gloo's all_gather is a ring: N - 1
-    store-and-forward hops one after the other, 17 ms for 2 MB per rank among 4 ranks
-    on 2 cores, against 9 ms for the concurrent pairwise sends.
+    Sizes go first; then every pair of ranks swaps its rows directly (batch_isend_irecv),
+    which needs no padding. gloo's all_gather is a ring, N - 1 store-and-forward hops
+    one after the other: 17 ms for 2 MB per rank among 4 ranks on 2 cores, against 9 ms
+    for the concurrent pairwise sends. The sizes travel by all_to_all_single for the
+    same reason (gloo's all_to_all is direct pairwise exchange).
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    # all_to_all_single of a repeated size, not all_gather: gloo's all_to_all is direct
-    # pairwise exchange, one network hop, where its all_gather ring takes N - 1 hops.
     sizes = torch.empty(world, dtype=torch.int64, device=packed.device)
     dist.all_to_all_single(sizes, torch.full_like(sizes, packed.shape[0]), group=group)
     counts = sizes.tolist()

@@ -1,7 +1,7 @@
 """Row-sparse gradient primitives and a load-balanced sparse all-reduce.
 
 Embedding gradients are row-sparse, and the rows they touch follow the Zipf-like
-frequencies of tokens. Following ZEN (Wang et al., OSDI 2023), rows are partitioned
+frequencies of tokens. Following ZEN (OSDI 2023), rows are partitioned
 over ranks by a well-mixed hash of the row index so every rank aggregates a similar
 share, then each owner's summed rows are shared with everyone.
 

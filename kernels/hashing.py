@@ -4,7 +4,7 @@ Embedding-gradient rows are Zipf distributed: a few indices (frequent tokens) ar
 touched by every rank and most are rare. Assigning rows by ``index % world_size``
 or by contiguous ranges puts the hot, clustered low indices on few ranks; a
 well-mixed 64-bit hash (the splitmix64 finaliser) spreads them evenly, which is
-the load-balancing idea of ZEN (Wang et al., 2023).
+the load-balancing idea of ZEN (OSDI 2023).
 """
 
 from __future__ import annotations

@@ -94,6 +94,7 @@ class Plan:
     min_tokens_per_step: int
     recommended_tokens_per_step: int
     recompute: bool
+    fits_device: bool  # device_bytes within the device's memory (always true for a CPU device)
     compute_s: float
     predicted_step_s: float
 
@@ -313,6 +314,7 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
         min_tokens_disk=math.ceil(min_disk),
         min_tokens_per_step=math.ceil(max(min_fwd, min_bwd, min_disk)),
         recommended_tokens_per_step=recommended, recompute=do_recompute,
+        fits_device=not profile.device_memory_bytes or device_bytes <= profile.device_memory_bytes,
         compute_s=sum(v.compute_s for v in visits), predicted_step_s=predicted,
     )
 
@@ -516,6 +518,9 @@ def format_plan(plan: Plan, profile: DeviceProfile) -> str:
         f"{plan.min_tokens_backward:,}, disk {plan.min_tokens_disk:,} -> {plan.min_tokens_per_step:,}",
         f"  recommended tokens per step (data movement <= 5% of the step): {plan.recommended_tokens_per_step:,}"
         f"; recompute in backward: {'yes' if plan.recompute else 'no'}",
+        *([] if plan.fits_device else [f"  device memory short: {plan.device_bytes / gib:.1f} GiB needed, "
+                                       f"{profile.device_memory_bytes / gib:.1f} GiB on {profile.name}: "
+                                       "use fewer tokens per step (unit-boundary activations grow with it)"]),
         f"  at {plan.tokens_per_step:,} tokens/step: compute {plan.compute_s:.3f} s, "
         f"predicted step {plan.predicted_step_s:.3f} s",
     ]

@@ -49,6 +49,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="data parallel: sum the embedding's row-sparse gradient sparsely or densely")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="write a checkpoint to DIR/checkpoints every N steps (0: never)")
+    p.add_argument("--keep", type=int, default=2, metavar="K", help="complete checkpoints to keep")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest valid checkpoint")
+    p.add_argument("--max-skipped-steps", type=int, default=0, metavar="N",
+                   help="stop after N steps in a row with a non-finite loss or gradient norm (0: never)")
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -82,8 +89,6 @@ def launch(nproc: int, argv: list[str]) -> int:
     """`streamer train --nproc N ...` is `torchrun --nproc-per-node N -m streamer train ...`."""
     import subprocess
 
-    if nproc <= 0:
-        raise UserError(f"--nproc must be a positive integer, got {nproc}")
     rest, skip = [], False
     for arg in argv:
         if skip:
@@ -97,18 +102,37 @@ def launch(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from streamer.train import TrainConfig, train
+def train_config(args: argparse.Namespace):  # -> streamer.train.TrainConfig
+    from streamer.train import TrainConfig
 
-    cfg = TrainConfig(
+    return TrainConfig(
         model=args.model, mode=args.mode, steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         data=args.data, out=args.out, device=args.device, dtype=args.dtype, offload=args.offload,
         prefetch_depth=args.prefetch_depth, recompute=args.recompute, grad_sync=args.grad_sync,
-        progress=not args.no_progress,
+        progress=not args.no_progress, checkpoint_every=args.checkpoint_every, keep=args.keep,
+        resume=args.resume, max_skipped_steps=args.max_skipped_steps,
     )
-    out = train(cfg)
+
+
+def launch_train(args: argparse.Namespace, argv: list[str]) -> int:
+    """Check everything that can be checked in this process, so a bad input is one line
+    here rather than one per rank, then start the ranks with one shared --out."""
+    from streamer.train import preflight
+
+    if args.nproc <= 0:
+        raise UserError(f"--nproc must be a positive integer, got {args.nproc}")
+    checked = preflight(train_config(args), world=args.nproc)
+    if args.out is None:  # ranks started a second apart must not pick different folders
+        argv = [*argv, "--out", str(checked.out)]
+    return launch(args.nproc, argv)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from streamer.train import train
+
+    out = train(train_config(args))
     if int(os.environ.get("RANK", "0")) != 0:
         return
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -150,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     if args.command == "train" and args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         try:
-            return launch(args.nproc, argv)
+            return launch_train(args, argv)
         except UserError as exc:
             print(f"streamer: error: {exc}", file=sys.stderr)
             return 2

@@ -118,10 +118,14 @@ def load_tokens(path: Path, vocab_size: int) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file '{path}' not found: create it with 'streamer prepare --out {path}'")
+    if path.stat().st_size == 0:
+        raise UserError(f"data file '{path}' is empty: prepare it from non-empty text with 'streamer prepare'")
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"data file '{path}' is not a token file ({exc}): recreate it with 'streamer prepare'") from None
+    except (ValueError, OSError, EOFError) as exc:
+        reason = str(exc).split(". ")[0]
+        raise UserError(f"data file '{path}' is not a token file ({reason}): recreate it with 'streamer prepare'"
+                        ) from None
     if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.uint32):
         raise UserError(f"data file '{path}' holds {tokens.dtype} {tokens.shape}, not a flat uint16/uint32 "
                         "token array: recreate it with 'streamer prepare'")
@@ -129,7 +133,11 @@ def load_tokens(path: Path, vocab_size: int) -> np.ndarray:
         raise UserError(f"data file '{path}' is empty: prepare it from non-empty text")
     meta = meta_path(path)
     if meta.exists():
-        data_vocab = json.loads(meta.read_text())["vocab_size"]
+        try:
+            data_vocab = int(json.loads(meta.read_text())["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"token file sidecar '{meta}' is unreadable ({type(exc).__name__}): recreate the data "
+                            "with 'streamer prepare'") from None
         if data_vocab > vocab_size:
             raise UserError(f"data file '{path}' uses a vocabulary of {data_vocab} but the model has "
                             f"{vocab_size}: prepare the data with the model's tokenizer")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import torch
 
@@ -64,3 +65,45 @@ class ResidentEngine:
 
     def close(self) -> None:
         """Nothing to release: the model is freed with the engine."""
+
+    # --- checkpoint state ----------------------------------------------------------
+
+    def save_state(self, folder: Path) -> tuple[dict[str, dict], dict]:
+        """Write the model's state dict and AdamW's per-parameter state (exp_avg,
+        exp_avg_sq and step, each keyed `KIND/parameter name`) as safetensors; returns
+        {file: size and sha256} and the engine's own state."""
+        from streamer.checkpoint import write_tensors
+
+        model = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        optim = {f"{kind}/{name}": value.detach().cpu()
+                 for name, p in self.model.named_parameters()
+                 for kind, value in self.optimizer.state.get(p, {}).items() if torch.is_tensor(value)}
+        files = {"model.safetensors": write_tensors(folder / "model.safetensors", model),
+                 "optimizer.safetensors": write_tensors(folder / "optimizer.safetensors", optim)}
+        return files, {}
+
+    def load_state(self, folder: Path, state: dict) -> None:
+        """Restore a verified checkpoint written by `save_state` for the same model."""
+        from streamer.checkpoint import CorruptCheckpointError, TensorFile
+
+        model = TensorFile(folder / "model.safetensors")
+        try:
+            self.model.load_state_dict(model.read_all(), strict=True)
+        except RuntimeError as exc:  # missing, unexpected or misshapen tensors
+            raise CorruptCheckpointError(f"checkpoint file '{model.path}' does not fit this model: "
+                                         f"{str(exc).splitlines()[0]}") from None
+        optim = TensorFile(folder / "optimizer.safetensors")
+        by_param: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in optim.read_all().items():
+            kind, _, name = key.partition("/")
+            by_param.setdefault(name, {})[kind] = value
+        params = dict(self.model.named_parameters())
+        if not set(by_param) <= set(params):
+            raise CorruptCheckpointError(f"checkpoint file '{optim.path}' holds state for parameters this model "
+                                         f"lacks: {sorted(set(by_param) - set(params))[:3]}")
+        self.optimizer.state.clear()
+        for name, kinds in by_param.items():
+            p = params[name]
+            # `step` stays a host scalar, as AdamW keeps it; moments live beside the weights.
+            self.optimizer.state[p] = {kind: value if kind == "step" else value.to(p.device)
+                                       for kind, value in kinds.items()}

@@ -46,7 +46,7 @@ from streamer import planner
 from streamer.optim import OptimConfig, adamw_update_, clip_coefficient
 from streamer.parallel import DataParallel
 from streamer.stats import StepStats
-from streamer.store import BUFFERS, DiskStore, HostStore, RamStore, UnitLayout
+from streamer.store import BUFFERS, CHECKPOINT_BUFFERS, DiskStore, HostStore, RamStore, UnitLayout
 
 
 class UnitState(enum.Enum):
@@ -158,8 +158,9 @@ class StreamEngine:
 
     @classmethod
     def create(cls, train_cfg, model_cfg: ModelConfig, optim: OptimConfig, out: Path,  # noqa: ANN001
-               device: torch.device, dtype: torch.dtype) -> StreamEngine:
-        """Plan the run, refuse it if it does not fit, and initialise the host store."""
+               device: torch.device, dtype: torch.dtype, initialise: bool = True) -> StreamEngine:
+        """Plan the run, refuse it if it does not fit, and initialise the host store
+        (or, with `initialise=False`, only allocate it: a checkpoint will fill it)."""
         import shutil
 
         offload = planner.choose_offload(model_cfg, psutil.virtual_memory().available,
@@ -183,6 +184,9 @@ class StreamEngine:
         folder = out / "store" / (f"rank{dp.rank}" if dp.world > 1 else "")
         store = DiskStore(layouts, folder, owned) if offload == "disk" else RamStore(layouts, owned)
         for i in range(len(layouts)):
+            if not initialise:
+                store.allocate(i)
+                continue
             unit = build_unit(model_cfg, i)  # one unit in host memory at a time
             init_unit(unit, model_cfg, train_cfg.seed, i)
             store.init_params(i, unit)
@@ -565,3 +569,54 @@ class StreamEngine:
     def close(self) -> None:
         self.worker.shutdown(wait=True)
         self.store.close()
+
+    # --- checkpoint state ----------------------------------------------------------
+
+    def _state_file(self, unit: int) -> str:
+        return f"unit-{unit:05d}-rank{self.dp.rank}.safetensors"
+
+    def save_state(self, folder: Path) -> tuple[dict[str, dict], dict]:
+        """Write this rank's shard of every unit's param, exp_avg and exp_avg_sq into
+        `folder`, after applying every due update; returns {file: size and sha256} and
+        the engine's own state. A copy, a chunk at a time: see streamer.checkpoint's
+        [Note: copy-on-checkpoint for the disk tier]."""
+        from streamer.checkpoint import TensorSpec, write_tensor_file
+
+        self.flush()  # now the store holds the post-update state and no update is due
+
+        def write(unit: int) -> dict:
+            numel, (first, stop) = self.store.owned_numel(unit), self.store.owned[unit]
+            specs = [TensorSpec(name, torch.float32, (numel,)) for name in CHECKPOINT_BUFFERS]
+            chunks = (self.store.open(unit, (name,), start, end)[name]
+                      for name in CHECKPOINT_BUFFERS for start, end in self.store.chunks(unit))
+            metadata = {"unit": str(unit), "owned": f"{first}:{stop}", "numel": str(self.layouts[unit].numel)}
+            return write_tensor_file(folder / self._state_file(unit), specs, chunks, metadata)
+
+        # The store belongs to the host worker thread (see streamer.store).
+        files = {self._state_file(u): self.worker.submit(write, u).result() for u in range(self.n_units)}
+        return files, {"adam_step": self.adam_step}
+
+    def load_state(self, folder: Path, state: dict) -> None:
+        """Fill the store from a verified checkpoint written by `save_state` with the
+        same model and world size; no update is due afterwards."""
+        from streamer.checkpoint import CorruptCheckpointError, TensorFile
+
+        def read(unit: int) -> None:
+            source = TensorFile(folder / self._state_file(unit))
+            first, stop = self.store.owned[unit]
+            want = (self.store.owned_numel(unit),)
+            if (source.header.metadata.get("owned") != f"{first}:{stop}"
+                    or any(source.header.tensors.get(n) is None or source.shape(n) != want
+                           for n in CHECKPOINT_BUFFERS)):
+                raise CorruptCheckpointError(f"checkpoint file '{source.path}' does not hold unit {unit}'s "
+                                             f"shard [{first}, {stop}) of this model")
+            for name in CHECKPOINT_BUFFERS:
+                for start, end in self.store.chunks(unit):
+                    self.store.open(unit, (name,), start, end)[name].copy_(source.read(name, start, end))
+                    self.store.commit(unit, (name,), start, end)
+
+        for unit in range(self.n_units):
+            self.worker.submit(read, unit).result()
+        self.adam_step = int(state["adam_step"])
+        self.pending = None
+        self.update_due = [False] * self.n_units

@@ -28,6 +28,9 @@ from torch import nn
 from streamer.optim import decays
 
 BUFFERS = ("param", "grad", "exp_avg", "exp_avg_sq")
+# What a checkpoint keeps of each unit: the update consumes the gradient before a
+# checkpoint is taken, so the gradient is not state.
+CHECKPOINT_BUFFERS = ("param", "exp_avg", "exp_avg_sq")
 _IO_BYTES = 256 * 2**20  # pread/pwrite move at most 2 GiB per call; stay well under it
 CHUNK_NUMEL = 8 * 2**20  # 32 MiB per float32 buffer: large I/Os, small resident set
 
@@ -94,6 +97,9 @@ class HostStore(ABC):
     def init_params(self, index: int, unit: nn.Module) -> None:
         """Pack an initialised unit's weights into the store; moments start at zero."""
 
+    def allocate(self, index: int) -> None:  # noqa: B027 - the RAM tier allocates up front
+        """Make room for unit `index` with every buffer zero (before a checkpoint fills it)."""
+
     @abstractmethod
     def open(self, index: int, names: tuple[str, ...], start: int, stop: int) -> dict[str, torch.Tensor]:
         """Elements [start, stop) of the unit's owned part of the named buffers (offsets
@@ -157,6 +163,13 @@ class DiskStore(HostStore):
 
     def init_params(self, index: int, unit: nn.Module) -> None:
         """Create unit `index`'s file: packed initial weights, zero grad and moments."""
+        self.allocate(index)
+        self._pwrite(index, "param", self._owned_part(index, unit).contiguous(), 0)
+        os.fsync(self.fds[index])
+
+    def allocate(self, index: int) -> None:
+        """Create unit `index`'s file with every buffer zero (units are created in order)."""
+        assert index == len(self.fds), f"unit {index} allocated out of order"
         numel = self.owned_numel(index)
         header = {name: {"dtype": "F32", "shape": [numel], "data_offsets": [k * 4 * numel, (k + 1) * 4 * numel]}
                   for k, name in enumerate(BUFFERS)}
@@ -170,8 +183,6 @@ class DiskStore(HostStore):
         os.ftruncate(fd, data_start + 16 * numel)  # a sparse file: zero moments cost no writes
         self.fds.append(fd)
         self.offsets.append({name: data_start + k * 4 * numel for k, name in enumerate(BUFFERS)})
-        self._pwrite(index, "param", self._owned_part(index, unit).contiguous(), 0)
-        os.fsync(fd)
 
     def _pwrite(self, index: int, name: str, tensor: torch.Tensor, first: int) -> None:
         """Write `tensor` over elements [first, first + len) of the named buffer."""

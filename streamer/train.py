@@ -12,19 +12,34 @@ import contextlib
 import json
 import os
 import resource
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
 from models import GPT, ModelConfig, UnknownModelError
+from streamer.checkpoint import (
+    check_compatible,
+    choose_checkpoint,
+    discard_after,
+    newest_manifest,
+    restore,
+    save_checkpoint,
+    truncate_metrics,
+)
 from streamer.data import BatchSampler, default_corpus, load_tokens
 from streamer.errors import UserError
 from streamer.io import atomic_write_json, write_safetensors
 from streamer.optim import OptimConfig, lr_at
+from streamer.parallel import DataParallel
+from streamer.safety import check_safetensors
 from streamer.stats import StepStats
 
 
@@ -51,6 +66,10 @@ class TrainConfig:
     recompute: str = "auto"  # stream mode: yes | no | auto (recompute only when graphs do not fit)
     grad_sync: str = "sparse"  # data parallel: the embedding's gradient by sparse or dense all-reduce
     progress: bool = True
+    checkpoint_every: int = 0  # steps between checkpoints in DIR/checkpoints; 0: none
+    keep: int = 2  # complete checkpoints kept; older ones go only once a newer one is complete
+    resume: bool = False  # continue from the newest valid checkpoint in --out
+    max_skipped_steps: int = 0  # stop after this many non-finite steps in a row; 0: never stop
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> ModelConfig:
@@ -60,6 +79,14 @@ class TrainConfig:
                 raise UserError(f"{flag} must be a positive integer, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        for name in ("checkpoint_every", "max_skipped_steps"):
+            if getattr(self, name) < 0:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} must be 0 (off) or a positive integer, got {getattr(self, name)}")
+        if self.keep <= 0:
+            raise UserError(f"--keep must be a positive integer, got {self.keep}")
+        if self.resume and not self.out:
+            raise UserError("--resume needs the run's directory: add --out DIR")
         if self.recompute not in ("auto", "yes", "no"):
             raise UserError(f"--recompute must be auto, yes or no, got '{self.recompute}'")
         if self.prefetch_depth is not None and self.prefetch_depth <= 0:
@@ -105,25 +132,119 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
-def prepare_out_dir(out: str | None, model: str, create: bool = True) -> Path:
-    """Check (every rank) and create (rank 0) the output directory."""
-    path = Path(out) if out else Path("runs") / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (path / "metrics.jsonl").exists():
-        raise UserError(f"output directory '{path}' holds another run: choose a new --out")
-    if not create:
-        return path
+def default_out(model: str) -> Path:
+    return Path("runs") / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_out_dir(path: Path, resume: bool) -> None:
+    """Refuse, before anything is written, an output directory that cannot be one or that
+    holds another run (unless resuming it)."""
+    existing = next(p for p in [path, *path.parents] if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise UserError(f"output directory '{path}' cannot be created: '{existing}' is a file: choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output directory '{path}' is not writable (permission denied): choose another --out")
+    if not resume and ((path / "metrics.jsonl").exists() or (path / "checkpoints").exists()):
+        raise UserError(f"output directory '{path}' holds another run: choose a new --out, "
+                        "or add --resume to continue it")
+
+
+def prepare_out_dir(path: Path) -> Path | None:
+    """Create the output directory (rank 0) and prove it writable; returns the top-most
+    folder this created, which is removed again if the run fails to start, or None."""
+    created = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise UserError(f"output directory '{path}' is not writable ({exc.strerror}): choose another --out") from None
-    return path
+    return created
+
+
+def check_grad_sync(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, world: int) -> None:
+    """Refuse device and gradient-sync choices that would fail at the first step."""
+    if device.type == "cuda" and world > torch.cuda.device_count():
+        raise UserError(f"{world} processes need {world} CUDA devices (NCCL runs one per device) but this "
+                        f"machine has {torch.cuda.device_count()}: use --nproc {torch.cuda.device_count()}")
+    # The sparse all-reduce moves an untied embedding's rows with CuPy kernels when the
+    # gradient lives on a CUDA device; a tied table's gradient is dense and never does.
+    if cfg.grad_sync != "sparse" or world <= 1 or device.type != "cuda" or model_cfg.tie_embeddings:
+        return
+    try:
+        import cupy  # noqa: F401
+    except Exception:  # ImportError, or a CuPy build that cannot load on this machine
+        raise UserError("--grad-sync sparse on CUDA needs CuPy (the 'cuda' extra): "
+                        "pip install 'streamer[cuda]', or use --grad-sync dense") from None
+
+
+def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path) -> None:
+    """A streamed model's state must fit host RAM or the disk under --out."""
+    import psutil
+
+    from streamer import planner
+
+    existing = next(p for p in [out, *out.parents] if p.exists() or p == p.parent)
+    planner.choose_offload(model_cfg, psutil.virtual_memory().available, shutil.disk_usage(existing).free,
+                           cfg.offload)
+
+
+def check_resumable(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, world: int) -> list[str]:
+    """Refuse to resume a checkpoint of another model, mode or world size (from its
+    manifest only: files are verified once the processes start); returns warnings."""
+    found = newest_manifest(out)
+    if found is None:
+        return []
+    folder, manifest = found
+    changed = check_compatible(manifest, folder, model_cfg.to_dict(), cfg.mode, world, asdict(cfg))
+    return [f"settings differ from checkpoint {folder.name}'s ({', '.join(changed)}): the resumed run uses "
+            "the new ones, so it is not the run the checkpoint came from"] if changed else []
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What `preflight` resolved: the run needs no other checks before it starts."""
+
+    model_cfg: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    tokens: np.ndarray
+    out: Path
+    warnings: list[str]
+
+
+def preflight(cfg: TrainConfig, world: int) -> Preflight:
+    """Every check that writes nothing and needs no process group, so that a bad input
+    fails before anything exists on disk (the launcher runs it before it starts any
+    process): flags, model, device, data, output directory, plan, checkpoint."""
+    model_cfg = cfg.validate()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if world > 1 and cfg.mode != "stream":
+        raise UserError("several processes train with --mode stream only: add --mode stream")
+    check_grad_sync(cfg, model_cfg, device, world)
+    tokens = load_tokens(Path(cfg.data) if cfg.data else default_corpus(), model_cfg.vocab_size)
+    BatchSampler(tokens, cfg.seq_len, cfg.seed)  # refuses data shorter than one sequence
+    out = Path(cfg.out) if cfg.out else default_out(cfg.model)
+    check_out_dir(out, cfg.resume)
+    if cfg.mode == "stream":
+        check_plan_fits(cfg, model_cfg, out)
+    warnings = check_resumable(cfg, model_cfg, out, world) if cfg.resume else []
+    return Preflight(model_cfg, device, dtype, tokens, out, warnings)
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr that does not tear the progress bar."""
+    tqdm.write(f"streamer: warning: {message}", file=sys.stderr)
 
 
 def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device: torch.device,
-                 dtype: torch.dtype):  # -> ResidentEngine | StreamEngine
+                 dtype: torch.dtype, initialise: bool = True):  # -> ResidentEngine | StreamEngine
+    """The run's engine; `initialise=False` skips the stream store's initialisation when
+    a checkpoint is about to overwrite it (for resident models it costs little)."""
     optim = cfg.optim_config()
     if cfg.mode == "resident":
         from streamer.resident import ResidentEngine
@@ -134,7 +255,7 @@ def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device: to
         return ResidentEngine(model, optim, device, dtype)
     from streamer.scheduler import StreamEngine
 
-    return StreamEngine.create(cfg, model_cfg, optim, out, device, dtype)
+    return StreamEngine.create(cfg, model_cfg, optim, out, device, dtype, initialise=initialise)
 
 
 def save_final(shards: list, model_cfg: ModelConfig, out: Path) -> Path:
@@ -165,6 +286,7 @@ def load_final(final: Path) -> dict[str, torch.Tensor]:
         "model.safetensors"]
     state = {}
     for name in files:
+        check_safetensors(final / name)  # a bad header fails here, before any allocation
         state.update(load_file(final / name))
     return state
 
@@ -204,60 +326,111 @@ def metrics_row(step: int, stats: StepStats, lr: float, tokens: int, step_s: flo
     return row
 
 
+def _skip_streak(stats: StepStats, step: int, streak: int, cfg: TrainConfig, lead: bool) -> int:
+    """Count non-finite steps in a row: warn for each, stop the run after too many."""
+    if not stats.skipped:
+        return 0
+    streak += 1
+    if lead:
+        warn(f"step {step}: non-finite loss {stats.loss} or gradient norm {stats.grad_norm}: update skipped, "
+             f"weights and optimizer state unchanged ({streak} in a row)")
+    if cfg.max_skipped_steps and streak >= cfg.max_skipped_steps:
+        raise UserError(f"stopped at step {step}: {streak} steps in a row had a non-finite loss or gradient norm "
+                        f"(--max-skipped-steps {cfg.max_skipped_steps}): lower --lr or check the data, then "
+                        "continue from the last checkpoint with --resume")
+    return streak
+
+
+def _start_engine(cfg: TrainConfig, checked: Preflight, dp: DataParallel) -> tuple[Any, int, dict]:
+    """Build the engine, fresh or from the newest valid checkpoint; returns it, the first
+    step to run and the saved run counters."""
+    lead, out = dp.rank == 0, checked.out
+    point = None
+    if cfg.resume:
+        point = choose_checkpoint(out, dp, checked.device, warn if lead else lambda _: None)
+        if point is None and lead:
+            warn(f"no checkpoint in '{out}': starting from step 0")
+    engine = build_engine(cfg, checked.model_cfg, out, checked.device, checked.dtype, initialise=point is None)
+    run_state = restore(point, engine, dp.rank) if point is not None else {}
+    start = point.step if point is not None else 0
+    if cfg.resume and lead:
+        discard_after(out, start)
+        truncate_metrics(out / "metrics.jsonl", start)
+    dp.barrier()
+    return engine, start, run_state
+
+
+def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParallel, start: int,
+               run_state: dict) -> None:
+    from streamer import planner
+
+    lead, out, optim = dp.rank == 0, checked.out, cfg.optim_config()
+    sampler = BatchSampler(checked.tokens, cfg.seq_len, cfg.seed)
+    peak_flops = planner.peak_flops(checked.device, checked.dtype)
+    flops_per_token = checked.model_cfg.flops_per_token(cfg.seq_len)
+    meta = {"mode": cfg.mode, "model": checked.model_cfg.to_dict(), "train": asdict(cfg)}
+    if lead:
+        atomic_write_json(out / "run.json", {"train": asdict(cfg), "model": checked.model_cfg.to_dict(),
+                                             "world": dp.world, "device": str(checked.device),
+                                             "dtype": str(checked.dtype).removeprefix("torch."),
+                                             "flops_per_token": flops_per_token, "peak_flops": peak_flops})
+    streak = run_state.get("skipped_in_a_row", 0)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and lead), unit="step",
+               dynamic_ncols=True, mininterval=1.0)
+    with bar, open(out / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as metrics:
+        for step in range(start, cfg.steps):
+            lr = lr_at(step, optim)
+            batches = micro_batches(sampler, step, cfg, dp.rank, dp.world)
+            started = time.perf_counter()
+            stats = engine.step(batches, lr)
+            step_s = time.perf_counter() - started
+            row = metrics_row(step, stats, lr, cfg.tokens_per_step() * dp.world, step_s, flops_per_token,
+                              peak_flops * dp.world, getattr(engine, "step_extra", dict)())
+            if lead:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            streak = _skip_streak(stats, step, streak, cfg, lead)
+            postfix = {"loss": f"{stats.loss:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+            if "stall_s" in row:
+                postfix["stall"] = f"{row['stall_s'] / step_s:.0%}"
+            bar.set_postfix(postfix)
+            bar.update()
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                if lead:  # the rows a checkpoint vouches for are durable before it is
+                    os.fsync(metrics.fileno())
+                run = {"skipped_in_a_row": streak, "next_lr": lr_at(step + 1, optim)}
+                save_checkpoint(out, step + 1, engine, dp, {**meta, "run": run}, cfg.keep)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run a whole training job; returns the output directory.
 
-    Under torchrun every rank runs this; rank 0 alone writes metrics and final weights."""
-    from streamer import planner
-    from streamer.parallel import DataParallel, init_from_env
+    Under torchrun every rank runs this; rank 0 alone writes metrics, checkpoint
+    manifests and final weights (each rank writes its own checkpoint shards)."""
+    from streamer.parallel import init_from_env
 
-    model_cfg = cfg.validate()
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    init_from_env(device)
+    checked = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    init_from_env(checked.device)
     dp = DataParallel(cfg.grad_sync)
-    if dp.world > 1 and cfg.mode != "stream":
-        raise UserError("several processes train with --mode stream only: add --mode stream")
-    tokens = load_tokens(Path(cfg.data) if cfg.data else default_corpus(), model_cfg.vocab_size)
-    sampler = BatchSampler(tokens, cfg.seq_len, cfg.seed)
-    out = prepare_out_dir(cfg.out, cfg.model, create=dp.rank == 0)
-    dp.barrier()
-    engine = build_engine(cfg, model_cfg, out, device, dtype)
-    peak_flops = planner.peak_flops(device, dtype)
-    flops_per_token = model_cfg.flops_per_token(cfg.seq_len)
     lead = dp.rank == 0
-    if lead:
-        atomic_write_json(out / "run.json", {"train": asdict(cfg), "model": model_cfg.to_dict(), "world": dp.world,
-                                             "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                                             "flops_per_token": flops_per_token, "peak_flops": peak_flops})
-    bar = tqdm(total=cfg.steps, disable=not (cfg.progress and lead), unit="step", dynamic_ncols=True,
-               mininterval=1.0)
-    optim = cfg.optim_config()
+    for warning in checked.warnings if lead else []:
+        warn(warning)
+    created = prepare_out_dir(checked.out) if lead else None
+    dp.barrier()
     try:
-        with open(out / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as metrics:
-            for step in range(cfg.steps):
-                lr = lr_at(step, optim)
-                batches = micro_batches(sampler, step, cfg, dp.rank, dp.world)
-                started = time.perf_counter()
-                stats = engine.step(batches, lr)
-                step_s = time.perf_counter() - started
-                row = metrics_row(step, stats, lr, cfg.tokens_per_step() * dp.world, step_s, flops_per_token,
-                                  peak_flops * dp.world, getattr(engine, "step_extra", dict)())
-                if lead:
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                postfix = {"loss": f"{stats.loss:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
-                if "stall_s" in row:
-                    postfix["stall"] = f"{row['stall_s'] / step_s:.0%}"
-                bar.set_postfix(postfix)
-                bar.update()
+        engine, start, run_state = _start_engine(cfg, checked, dp)
+    except UserError:
+        if created is not None:  # nothing of a run that never started stays on disk
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    try:
+        _run_steps(cfg, checked, engine, dp, start, run_state)
         shards = engine.shards()
         if lead:
-            save_final(shards, model_cfg, out)
+            save_final(shards, checked.model_cfg, checked.out)
         else:
             for shard in shards:  # every rank takes part in gathering each unit
                 shard()
     finally:
-        bar.close()
         engine.close()
-    return out
+    return checked.out

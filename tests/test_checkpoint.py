@@ -1,0 +1,317 @@
+"""Checkpoints: bit-exact resume after a crash, fallback past corruption, a full disk,
+`--keep`, partial folders, manifests that point outside, and skipped non-finite steps."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import streamer.checkpoint as checkpoint
+from models import loss_fn
+from streamer.errors import UserError
+from streamer.train import TrainConfig, load_final, train
+
+STEPS = 6
+MODES = {"resident": ("resident", "auto"), "stream-ram": ("stream", "ram"), "stream-disk": ("stream", "disk")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """tiny's matmuls are too small to share threads on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(data: Path, out: Path, mode: str = "stream-disk", **overrides: object) -> TrainConfig:
+    engine, offload = MODES[mode]
+    settings = dict(model="tiny", mode=engine, offload=offload, steps=STEPS, batch_size=4, seq_len=32, warmup=2,
+                    data=str(data), out=str(out), device="cpu", progress=False)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """Bit for bit: every step's loss and every final weight."""
+    assert losses(out) == losses(reference)
+    ours, theirs = load_final(out / "final"), load_final(reference / "final")
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+@pytest.fixture(scope="module")
+def references(token_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Uninterrupted runs without checkpoints, one per mode."""
+    root = tmp_path_factory.mktemp("reference")
+    for mode in MODES:
+        train(config(token_file, root / mode, mode))
+    return {mode: root / mode for mode in MODES}
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the run die as it starts `step` (an exception: the in-process stand-in for a kill)."""
+    import streamer.train as train_module
+
+    real = train_module.micro_batches
+
+    def batches(sampler, index, *args, **kwargs):  # noqa: ANN001, ANN202
+        if index == step:
+            raise Crash
+        return real(sampler, index, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "micro_batches", batches)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_resume_after_a_crash_is_bit_exact(mode: str, references: dict[str, Path], token_file: Path,
+                                           tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        crash_at(patch, 5)  # after the checkpoint at 4, one step past it
+        with pytest.raises(Crash):
+            train(config(token_file, out, mode, checkpoint_every=2))
+    assert len(losses(out)) == 5
+    train(config(token_file, out, mode, checkpoint_every=2, resume=True))
+    assert_same_run(out, references[mode])
+    assert [s for s, _ in checkpoint.complete(out)] == [4, 6]
+
+
+# Kill points for a real SIGKILL, each installed in the child before it trains.
+KILLER = """
+import os, signal, sys
+import streamer.checkpoint as checkpoint, streamer.store as store
+point, count = sys.argv[1], int(sys.argv[2])
+calls = [0]
+def due():
+    calls[0] += 1
+    return calls[0] == count
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+if point == "checkpoint-write":  # mid-file, mid-checkpoint
+    real_write = checkpoint._write_bytes
+    def write(file, data):
+        if due():
+            real_write(file, data[: len(data) // 2]); file.flush(); die()
+        real_write(file, data)
+    checkpoint._write_bytes = write
+elif point == "store-commit":  # mid-step, the disk store half rewritten
+    real_pwrite = store.DiskStore._pwrite
+    def pwrite(self, index, name, tensor, first):
+        if name == "exp_avg" and due():
+            real_pwrite(self, index, "param", tensor[: len(tensor) // 2] * 0 + 1e9, first); die()
+        real_pwrite(self, index, name, tensor, first)
+    store.DiskStore._pwrite = pwrite
+elif point == "prune":  # the old checkpoint's manifest gone, its files not yet
+    def remove(folder):
+        (folder / checkpoint.MANIFEST).unlink(); die()
+    checkpoint.remove_checkpoint = remove
+from streamer.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_sigkill_at_several_points_resumes_exactly(references: dict[str, Path], token_file: Path,
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--model", "tiny", "--mode", "stream", "--offload", "disk", "--steps", str(STEPS),
+            "--batch-size", "4", "--seq-len", "32", "--warmup", "2", "--data", str(token_file), "--out", str(out),
+            "--device", "cpu", "--no-progress", "--checkpoint-every", "2", "--keep", "1", "--resume"]
+    # One thread, as in this process: float sums split over threads round differently.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # (kill point, which call of it kills, the complete checkpoints the kill leaves). A
+    # checkpoint is 6 files of 4 writes; an update writes exp_avg once per unit.
+    kills = [("checkpoint-write", 9, []),  # in unit 2's file of the first checkpoint
+             ("store-commit", 14, [2]),  # in step 3, applying step 2's update
+             ("prune", 1, [4])]  # deleting checkpoint 2 once 4 is complete (--keep 1)
+    for point, count, survivors in kills:
+        done = subprocess.run([sys.executable, "-c", KILLER, point, str(count), *argv], capture_output=True,
+                              text=True, timeout=120, env=env)
+        assert done.returncode == -signal.SIGKILL, (point, done.stderr[-2000:])
+        assert [step for step, _ in checkpoint.complete(out)] == survivors, point
+    finished = subprocess.run([sys.executable, "-m", "streamer", *argv], capture_output=True, text=True,
+                              timeout=120, env=env)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert_same_run(out, references["stream-disk"])
+
+
+def two_checkpoints(token_file: Path, out: Path, mode: str = "stream-disk") -> None:
+    train(config(token_file, out, mode, steps=4, checkpoint_every=2))
+    assert [s for s, _ in checkpoint.complete(out)] == [2, 4]
+
+
+def test_corrupt_checkpoint_falls_back_with_a_warning(token_file: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    out, reference = tmp_path / "run", tmp_path / "reference"
+    train(config(token_file, reference, steps=4))
+    two_checkpoints(token_file, out)
+    damaged = out / "checkpoints" / "step-00000004" / "unit-00002-rank0.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    damaged.write_bytes(bytes(data))
+    capsys.readouterr()
+    train(config(token_file, out, steps=4, checkpoint_every=2, resume=True))
+    warning = capsys.readouterr().err
+    assert str(damaged) in warning and "falling back" in warning and "step-00000002" in warning
+    assert_same_run(out, reference)
+
+
+def test_truncated_file_is_named(token_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(config(token_file, out, "resident", steps=2, checkpoint_every=2))
+    damaged = out / "checkpoints" / "step-00000002" / "optimizer.safetensors"
+    os.truncate(damaged, damaged.stat().st_size - 3)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="truncated") as error:
+        train(config(token_file, out, "resident", steps=4, checkpoint_every=2, resume=True))
+    assert str(damaged) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_disk_full_keeps_the_previous_checkpoint(token_file: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    real_write = checkpoint._write_bytes
+    writes = [0]
+
+    def write(file, data):  # noqa: ANN001, ANN202
+        if (out / "checkpoints" / "step-00000004").exists():
+            writes[0] += 1
+            if writes[0] == 5:  # a few files into the second checkpoint
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(file, data)
+
+    monkeypatch.setattr(checkpoint, "_write_bytes", write)
+    with pytest.raises(UserError, match="no space left on device") as error:
+        train(config(token_file, out, steps=4, checkpoint_every=2))
+    assert "step-00000002 is intact" in str(error.value)
+    assert not (out / "checkpoints" / "step-00000004").exists()
+    folder = out / "checkpoints" / "step-00000002"
+    checkpoint.verify_rank(folder, checkpoint.read_manifest(folder), 0)
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_keep_deletes_older_checkpoints(token_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(config(token_file, out, "resident", steps=5, checkpoint_every=1, keep=2))
+    assert [s for s, _ in checkpoint.step_folders(out)] == [4, 5]
+
+
+def test_partial_checkpoints_are_ignored_and_removed(token_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    two_checkpoints(token_file, out, "resident")
+    partial = out / "checkpoints" / "step-00000006"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 10)  # a write cut short, no manifest
+    train(config(token_file, out, "resident", steps=4, checkpoint_every=2, resume=True))
+    assert not partial.exists()
+    assert len(losses(out)) == 4
+
+
+def rewrite_manifest(folder: Path, change: dict) -> None:
+    """Edit a manifest and re-sign it, as a crafted checkpoint would be."""
+    manifest = checkpoint.read_manifest(folder)
+    manifest.update(change)
+    body = {**manifest, "manifest_sha256": checkpoint._manifest_digest(manifest)}
+    (folder / checkpoint.MANIFEST).write_text(json.dumps(body))
+
+
+def test_manifest_paths_stay_inside_the_checkpoint(token_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(config(token_file, out, "resident", steps=2, checkpoint_every=2))
+    folder = out / "checkpoints" / "step-00000002"
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    for name in ("../../../outside.safetensors", "/etc/passwd", "sub/../model.safetensors"):
+        manifest = checkpoint.read_manifest(folder)
+        rewrite_manifest(folder, {"files": {**manifest["files"], name: {"size": 1, "sha256": "0", "rank": 0}}})
+        with pytest.raises(checkpoint.CorruptCheckpointError, match="refusing to read"):
+            checkpoint.verify_rank(folder, checkpoint.read_manifest(folder), 0)
+        rewrite_manifest(folder, {"files": manifest["files"]})
+    os.symlink(tmp_path / "outside.safetensors", folder / "link.safetensors")
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="leads outside"):
+        checkpoint.inside(folder, "link.safetensors")
+
+
+def test_a_bit_flip_in_the_manifest_is_caught(token_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(config(token_file, out, "resident", steps=2, checkpoint_every=2))
+    manifest = out / "checkpoints" / "step-00000002" / checkpoint.MANIFEST
+    manifest.write_text(manifest.read_text().replace('"step": 2', '"step": 3'))
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="checksum"):
+        checkpoint.read_manifest(manifest.parent)
+
+
+# --- numerical faults --------------------------------------------------------------------
+
+
+def nan_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return loss_fn(logits, targets) * float("nan")
+
+
+def engine_state(engine: object) -> dict[str, torch.Tensor]:
+    """Weights and optimizer state, whatever the engine."""
+    if hasattr(engine, "optimizer"):
+        state = {k: v.clone() for k, v in engine.model.state_dict().items()}
+        for name, p in engine.model.named_parameters():
+            state.update({f"{kind}/{name}": v.clone() for kind, v in engine.optimizer.state[p].items()})
+        return state
+    engine.flush()
+    state = {"adam_step": torch.tensor(engine.adam_step)}
+    for unit in range(engine.n_units):
+        for name in ("param", "exp_avg", "exp_avg_sq"):
+            state[f"{unit}/{name}"] = engine.store.open(unit, (name,), 0, engine.store.owned_numel(unit))[name].clone()
+    return state
+
+
+@pytest.mark.parametrize("mode", ["resident", "stream-ram"])
+def test_a_skipped_step_changes_nothing(mode: str, token_file: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import streamer.resident
+    import streamer.scheduler
+    from streamer.data import BatchSampler, load_tokens
+    from streamer.train import build_engine, micro_batches
+
+    cfg = config(token_file, tmp_path, mode)
+    engine = build_engine(cfg, cfg.validate(), tmp_path, torch.device("cpu"), torch.float32)
+    sampler = BatchSampler(load_tokens(token_file, 256), cfg.seq_len, cfg.seed)
+    try:
+        assert not engine.step(micro_batches(sampler, 0, cfg), 1e-3).skipped
+        before = engine_state(engine)
+        monkeypatch.setattr(streamer.resident, "loss_fn", nan_loss)
+        monkeypatch.setattr(streamer.scheduler, "loss_fn", nan_loss)
+        assert engine.step(micro_batches(sampler, 1, cfg), 1e-3).skipped
+        after = engine_state(engine)
+    finally:
+        engine.close()
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
+def test_max_skipped_steps_stops_the_run(token_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    import streamer.resident
+
+    monkeypatch.setattr(streamer.resident, "loss_fn", nan_loss)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="3 steps in a row") as error:
+        train(config(token_file, out, "resident", max_skipped_steps=3))
+    assert "--max-skipped-steps 3" in str(error.value)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [True] * 3
+    assert capsys.readouterr().err.count("update skipped") == 3

@@ -28,6 +28,9 @@ from safetensors.torch import save_file
 from models.config import ModelConfig
 from models.gpt import GPT
 
+# A format check, not streaming: shared with the streamer's checkpoint loader.
+from streamer.safety import check_safetensors
+
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -450,6 +453,7 @@ class _Checkpoint:
     def __init__(self, files: list[Path], canonical: Callable[[str], str], stack: contextlib.ExitStack):
         self._where: dict[str, tuple[Any, str]] = {}
         for path in files:
+            check_safetensors(path)  # header sizes, dtypes and ranges, before the library allocates
             handle = stack.enter_context(safe_open(str(path), framework="pt"))
             for stored in handle.keys():
                 name = canonical(stored)

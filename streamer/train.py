@@ -413,8 +413,6 @@ def train(cfg: TrainConfig) -> Path:
     init_from_env(checked.device)
     dp = DataParallel(cfg.grad_sync)
     lead = dp.rank == 0
-    for warning in checked.warnings if lead else []:
-        warn(warning)
     created = prepare_out_dir(checked.out) if lead else None
     dp.barrier()
     try:
@@ -423,6 +421,8 @@ def train(cfg: TrainConfig) -> Path:
         if created is not None:  # nothing of a run that never started stays on disk
             shutil.rmtree(created, ignore_errors=True)
         raise
+    for warning in checked.warnings if lead else []:  # once the run is sure to start
+        warn(warning)
     try:
         _run_steps(cfg, checked, engine, dp, start, run_state)
         shards = engine.shards()

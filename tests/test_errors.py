@@ -1,0 +1,179 @@
+"""Every bad input to `streamer train`: exit code 2, one line on stderr saying what is
+wrong and what to do, no traceback, and nothing on disk changed. One test per case;
+the commands run concurrently in one fixture, since each pays for importing torch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import streamer.checkpoint as checkpoint
+from streamer.train import TrainConfig, train
+
+# Pretend to be a machine with two GPUs and no CuPy, then run the CLI.
+FAKE_TWO_GPUS_NO_CUPY = """
+import sys, torch
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 2
+sys.modules["cupy"] = None  # import cupy -> ImportError
+from streamer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@dataclass(frozen=True)
+class Case:
+    args: list[str]  # after 'train'; {run}: a copy of a finished run with one checkpoint; {tmp}: a scratch folder
+    fragments: list[str]  # each must appear in the one stderr line
+    setup: Callable[[Path, Path], None] | None = None  # (tmp, run) -> None
+    script: str | None = None  # run with python -c instead of python -m streamer
+
+
+def _write_npy(name: str, array: np.ndarray) -> Callable[[Path, Path], None]:
+    return lambda tmp, run: np.save(tmp / name, array)
+
+
+def _unit_file(run: Path) -> Path:
+    return run / "checkpoints" / "step-00000002" / "unit-00002-rank0.safetensors"
+
+
+def _flip_a_bit(tmp: Path, run: Path) -> None:
+    data = bytearray(_unit_file(run).read_bytes())
+    data[-5] ^= 0x10
+    _unit_file(run).write_bytes(bytes(data))
+
+
+def _truncate(tmp: Path, run: Path) -> None:
+    os.truncate(_unit_file(run), _unit_file(run).stat().st_size - 100)
+
+
+def _craft_header(tmp: Path, run: Path) -> None:
+    """A header promising more than the file holds, the manifest re-signed to match: only
+    the header guard stands between this file and a huge allocation."""
+    path = _unit_file(run)
+    header = json.dumps({"param": {"dtype": "F32", "shape": [2**34], "data_offsets": [0, 2**36]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 64)
+    folder = path.parent
+    manifest = checkpoint.read_manifest(folder)
+    manifest["files"][path.name].update(checkpoint.file_entry(path))
+    body = {**manifest, "manifest_sha256": checkpoint._manifest_digest(manifest)}
+    (folder / checkpoint.MANIFEST).write_text(json.dumps(body))
+
+
+STREAM = ["--mode", "stream", "--offload", "ram"]
+RESUME = [*STREAM, "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--out", "{run}", "--resume"]
+CASES = {
+    "unknown model": Case(["--model", "gpt3-x1"], ["unknown model 'gpt3-x1'", "streamer models"]),
+    "zero steps": Case(["--steps", "0"], ["--steps must be a positive integer"]),
+    "negative batch": Case(["--batch-size", "-4"], ["--batch-size must be a positive integer"]),
+    "zero sequence length": Case(["--seq-len", "0"], ["--seq-len must be a positive integer"]),
+    "sequence longer than the context": Case(["--seq-len", "257"], ["--seq-len 257 exceeds", "--seq-len 256"]),
+    "data file missing": Case(["--data", "{tmp}/absent.npy"], ["absent.npy' not found", "streamer prepare"]),
+    "data file empty": Case(["--data", "{tmp}/empty.npy"], ["is empty", "streamer prepare"],
+                            lambda tmp, run: (tmp / "empty.npy").write_bytes(b"")),
+    "data file of the wrong dtype": Case(["--data", "{tmp}/floats.npy"], ["float32", "streamer prepare"],
+                                         _write_npy("floats.npy", np.zeros(1000, np.float32))),
+    "token ids beyond the vocabulary": Case(["--data", "{tmp}/big.npy"], ["token id 300 >=", "256"],
+                                            _write_npy("big.npy", np.full(1000, 300, np.uint16))),
+    "checkpoint of another model": Case([*RESUME, "--model", "tiny-neox"],
+                                        ["of model 'tiny'", "--model tiny"]),
+    "checkpoint of another world size": Case([*RESUME, "--nproc", "2"],
+                                             ["written by 1 process(es)", "has 2", "--nproc 1"]),
+    "corrupt checkpoint file": Case(RESUME,
+                                    ["unit-00002-rank0.safetensors' is corrupt", "start over"], _flip_a_bit),
+    "truncated checkpoint file": Case(RESUME,
+                                      ["unit-00002-rank0.safetensors' is truncated", "start over"], _truncate),
+    "crafted safetensors header": Case(RESUME,
+                                       ["not a valid safetensors file", "past the end"], _craft_header),
+    "plan larger than host memory": Case(["--model", "gpt-neox-20b", "--mode", "stream", "--offload", "ram"],
+                                         ["GiB of host RAM", "--offload disk"]),
+    "plan larger than the disk": Case(["--model", "gpt-neox-20b", "--mode", "stream", "--offload", "disk"],
+                                      ["GiB of disk", "free disk space"]),
+    "output directory not writable": Case(["--out", "{tmp}/a-file/run"], ["is a file", "choose another --out"],
+                                          lambda tmp, run: (tmp / "a-file").write_text("")),
+    "output directory holding another run": Case([*STREAM, "--out", "{run}"],
+                                                 ["holds another run", "--resume"]),
+    "resume without an output directory": Case(["--resume"], ["--resume needs", "--out"]),
+    "sparse gradient sync without CuPy": Case(["--model", "tiny-neox", "--mode", "stream", "--device", "cuda",
+                                               "--nproc", "2"], ["needs CuPy", "--grad-sync dense"],
+                                              script=FAKE_TWO_GPUS_NO_CUPY),
+    "more processes than CUDA devices": Case(["--mode", "stream", "--device", "cuda", "--nproc", "4"],
+                                             ["4 processes need 4 CUDA devices", "--nproc 2"],
+                                             script=FAKE_TWO_GPUS_NO_CUPY),
+    "CUDA asked for without CUDA": Case(["--device", "cuda"], ["no CUDA device", "--device cpu"]),
+    "CUDA asked for without CUDA, several processes": Case(["--mode", "stream", "--device", "cuda", "--nproc", "2"],
+                                                           ["no CUDA device", "--device cpu"]),
+}
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under root with a hash of its bytes."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(token_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stream run of tiny with one checkpoint (at step 2)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(TrainConfig(model="tiny", mode="stream", offload="ram", steps=2, batch_size=2, seq_len=32,
+                      data=str(token_file), out=str(out), device="cpu", progress=False, checkpoint_every=2))
+    return out
+
+
+def run_case(name: str, case: Case, root: Path, finished: Path, token_file: Path, cache: Path) -> tuple:
+    tmp = root / name.replace(" ", "-").replace(",", "")
+    tmp.mkdir()
+    run = tmp / "run"
+    shutil.copytree(finished, run)
+    if case.setup is not None:
+        case.setup(tmp, run)
+    args = [a.replace("{run}", str(run)).replace("{tmp}", str(tmp)) for a in case.args]
+    if "--data" not in args:
+        args += ["--data", str(token_file)]
+    if "--out" not in args and "--resume" not in args:
+        args += ["--out", str(tmp / "new")]
+    before = snapshot(tmp)
+    command = [sys.executable, "-c", case.script] if case.script else [sys.executable, "-m", "streamer"]
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*command, "train", *args], capture_output=True, text=True, env=env, timeout=120)
+    return result, before, snapshot(tmp)
+
+
+@pytest.fixture(scope="module")
+def outcomes(finished_run: Path, token_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root, cache = tmp_path_factory.mktemp("cases"), tmp_path_factory.mktemp("cache")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(run_case, name, case, root, finished_run, token_file, cache)
+                   for name, case in CASES.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name: str, outcomes: dict) -> None:
+    if "without CUDA" in name and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result, before, after = outcomes[name]
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("streamer: error: ")
+    for fragment in CASES[name].fragments:
+        assert fragment in lines[0]
+    assert after == before, "the failed command changed files on disk"

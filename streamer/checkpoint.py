@@ -452,10 +452,13 @@ def newest_manifest(out: Path) -> tuple[Path, dict] | None:
 
 def choose_checkpoint(out: Path, dp: Any, device: torch.device, warn: Callable[[str], None]) -> Resumable | None:
     """The newest checkpoint every rank verifies, falling back past corrupt ones with a
-    warning; None if there is none. Raises if checkpoints exist but none is usable."""
-    candidates = list(reversed(complete(out)))
-    problems: list[str] = []
-    for _, folder in candidates:
+    warning; None if there is none. Raises if checkpoints exist but none is usable.
+
+    Each rank verifies the files it will read and all ranks agree on the outcome, so they
+    resume from the same step; a rank warns of the problems it found itself (the lead
+    also of those found elsewhere)."""
+    problems: list[str | None] = []
+    for _, folder in reversed(complete(out)):
         problem = None
         try:
             manifest = read_manifest(folder)
@@ -463,12 +466,13 @@ def choose_checkpoint(out: Path, dp: Any, device: torch.device, warn: Callable[[
         except (CorruptCheckpointError, UnsafeFileError) as exc:
             problem = str(exc)
         if _all_ok(dp, problem is None, device):
-            for earlier in problems:
+            for earlier in filter(None, problems):
                 warn(f"{earlier}; falling back to the checkpoint before: resuming from {folder.name}")
             return Resumable(folder, manifest["step"], manifest)
-        problems.append(problem or f"checkpoint '{folder}' is unusable on another rank")
+        problems.append(problem or (f"checkpoint '{folder}' is unusable on another rank" if dp.rank == 0 else None))
     if problems:
-        raise CorruptCheckpointError(f"{problems[0]}; no earlier checkpoint is usable either: "
+        first = problems[0] or f"checkpoint '{checkpoints_root(out)}' is unusable on another rank"
+        raise CorruptCheckpointError(f"{first}; no earlier checkpoint is usable either: "
                                      f"remove '{checkpoints_root(out)}' to start over")
     return None
 

@@ -347,7 +347,8 @@ def _start_engine(cfg: TrainConfig, checked: Preflight, dp: DataParallel) -> tup
     lead, out = dp.rank == 0, checked.out
     point = None
     if cfg.resume:
-        point = choose_checkpoint(out, dp, checked.device, warn if lead else lambda _: None)
+        point = choose_checkpoint(out, dp, checked.device,
+                                  warn if lead else lambda message: warn(f"rank {dp.rank}: {message}"))
         if point is None and lead:
             warn(f"no checkpoint in '{out}': starting from step 0")
     engine = build_engine(cfg, checked.model_cfg, out, checked.device, checked.dtype, initialise=point is None)

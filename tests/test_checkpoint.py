@@ -315,3 +315,30 @@ def test_max_skipped_steps_stops_the_run(token_file: Path, tmp_path: Path, monke
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [True] * 3
     assert capsys.readouterr().err.count("update skipped") == 3
+
+
+def test_data_parallel_checkpoints_resume_exactly(token_file: Path, tmp_path: Path) -> None:
+    """Two gloo ranks: each writes its own shards, rank 0 the manifest; a shard corrupt on
+    rank 1 alone makes both ranks fall back to the same earlier checkpoint."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "streamer", "train", "--model", "tiny-neox", "--mode", "stream", "--offload",
+           "disk", "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--warmup", "2", "--data",
+           str(token_file), "--out", str(out), "--device", "cpu", "--no-progress", "--nproc", "2",
+           "--checkpoint-every", "2", "--keep", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    uninterrupted, weights = losses(out), load_final(out / "final")
+    folder = out / "checkpoints" / "step-00000004"
+    manifest = checkpoint.read_manifest(folder)
+    assert manifest["world"] == 2 and manifest["files"]["unit-00003-rank1.safetensors"]["rank"] == 1
+    checkpoint.remove_checkpoint(out / "checkpoints" / "step-00000006")  # as if killed before it completed
+    damaged = folder / "unit-00003-rank1.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-8] + b"\xff" * 8)
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"rank 1: checkpoint file '{damaged}' is corrupt" in done.stderr
+    assert "resuming from step-00000002" in done.stderr
+    assert losses(out) == uninterrupted
+    resumed = load_final(out / "final")
+    assert all(torch.equal(resumed[name], weights[name]) for name in weights)

@@ -377,7 +377,9 @@ def save_checkpoint(out: Path, step: int, engine: Any, dp: Any, meta: dict, keep
     error: BaseException | None = None
     try:
         if lead:
-            folder.parent.mkdir(exist_ok=True)
+            if not folder.parent.exists():
+                folder.parent.mkdir()
+                fsync_dir(out)  # the checkpoints folder itself must survive a power cut
             if folder.exists():  # left from a future abandoned by resuming earlier
                 remove_checkpoint(folder)
             folder.mkdir()

@@ -10,8 +10,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streamer.errors import UserError
+
+if TYPE_CHECKING:  # the CLI imports torch only for the commands that need it
+    from streamer.train import TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,7 +106,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-def train_config(args: argparse.Namespace):  # -> streamer.train.TrainConfig
+def train_config(args: argparse.Namespace) -> TrainConfig:
     from streamer.train import TrainConfig
 
     return TrainConfig(

@@ -363,6 +363,7 @@ def _start_engine(cfg: TrainConfig, checked: Preflight, dp: DataParallel) -> tup
 
 def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParallel, start: int,
                run_state: dict) -> None:
+    """Steps `start`..steps-1: log each, count skipped ones, checkpoint when due."""
     from streamer import planner
 
     lead, out, optim = dp.rank == 0, checked.out, cfg.optim_config()

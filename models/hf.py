@@ -29,7 +29,7 @@ from models.config import ModelConfig
 from models.gpt import GPT
 
 # A format check, not streaming: shared with the streamer's checkpoint loader.
-from streamer.safety import check_safetensors
+from models.safety import check_safetensors
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"

@@ -9,7 +9,7 @@
                                             size and sha256 of every other file
 
 Nothing is pickled and nothing is read through `torch.load`: tensors are safetensors
-whose headers pass `streamer.safety.check_safetensors` before any allocation, and the
+whose headers pass `models.safety.check_safetensors` before any allocation, and the
 rest is JSON. The data cursor is the step (sampling is a pure function of seed and
 step) and the learning rate a pure function of the step, so neither needs its own state.
 
@@ -56,9 +56,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.safety import ITEMSIZE, UnsafeFileError, check_safetensors
 from streamer.errors import UserError
 from streamer.io import atomic_write_bytes, atomic_write_json, fsync_dir
-from streamer.safety import ITEMSIZE, UnsafeFileError, check_safetensors
 
 FORMAT = "streamer-checkpoint-v1"
 MANIFEST = "manifest.json"

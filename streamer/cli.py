@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from models.safety import UnsafeFileError
 from streamer.errors import UserError
 
 if TYPE_CHECKING:  # the CLI imports torch only for the commands that need it
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train" and args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         try:
             return launch_train(args, argv)
-        except UserError as exc:
+        except (UserError, UnsafeFileError) as exc:
             print(f"streamer: error: {exc}", file=sys.stderr)
             return 2
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "models": cmd_models}
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = handlers[args.command]
     try:
         handler(args)
-    except UserError as exc:
+    except (UserError, UnsafeFileError) as exc:
         print(f"streamer: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from models import GPT, ModelConfig, UnknownModelError
+from models.safety import UnsafeFileError, check_safetensors
 from streamer.checkpoint import (
     check_compatible,
     choose_checkpoint,
@@ -39,7 +40,6 @@ from streamer.errors import UserError
 from streamer.io import atomic_write_json, write_safetensors
 from streamer.optim import OptimConfig, lr_at
 from streamer.parallel import DataParallel
-from streamer.safety import check_safetensors
 from streamer.stats import StepStats
 
 
@@ -419,7 +419,7 @@ def train(cfg: TrainConfig) -> Path:
     dp.barrier()
     try:
         engine, start, run_state = _start_engine(cfg, checked, dp)
-    except UserError:
+    except (UserError, UnsafeFileError):
         if created is not None:  # nothing of a run that never started stays on disk
             shutil.rmtree(created, ignore_errors=True)
         raise

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from streamer.safety import UnsafeFileError, check_safetensors
+from models.safety import UnsafeFileError, check_safetensors
 
 
 def craft(path: Path, header: object, data: bytes = b"", length: int | None = None) -> Path:

@@ -17,8 +17,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from streamer.errors import UserError
-
 # The safetensors library's own cap on header size; real headers are kilobytes.
 MAX_HEADER_BYTES = 100 * 2**20
 
@@ -29,11 +27,11 @@ ITEMSIZE = {
 }
 
 
-class UnsafeFileError(UserError, ValueError):
+class UnsafeFileError(ValueError):
     """A file that is not what it claims: corrupt, truncated or crafted.
 
-    A UserError, so the CLI prints it as one line; a ValueError, so loaders documented
-    to raise ValueError on bad checkpoints still do."""
+    A ValueError, so loaders documented to raise ValueError on bad checkpoints still
+    do; the CLI prints it as one line, like its own user errors."""
 
 
 @dataclass(frozen=True)

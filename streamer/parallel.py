@@ -58,11 +58,13 @@ class DataParallel:
         offset = self.rank * shard.size
         _all_gather(flat[: self.world * shard.size], flat[offset : offset + shard.size])
 
-    def reduce_grad(self, flat: torch.Tensor, numel: int, sparse_rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def reduce_grad(self, flat: torch.Tensor, numel: int, sparse_rows: tuple[int, int] | None = None,
+                    candidate_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Average this unit's gradient over ranks; returns this rank's shard of it.
 
         `sparse_rows=(rows, cols)` marks a row-sparse gradient (a token embedding): it is
-        summed by the hash-partitioned sparse all-reduce, which moves only touched rows.
+        summed by the hash-partitioned sparse all-reduce, which moves only touched rows;
+        `candidate_rows` (the batch's token ids) are the only rows that can be non-zero.
         """
         shard = self.shard(numel)
         if self.world == 1:
@@ -71,7 +73,8 @@ class DataParallel:
             from kernels import sparse_allreduce
 
             rows, cols = sparse_rows
-            summed = sparse_allreduce(flat[: rows * cols].view(rows, cols)).view(-1)
+            table = flat[: rows * cols].view(rows, cols)
+            summed = sparse_allreduce(table, candidate_rows=candidate_rows).view(-1)
             return summed[shard.start : shard.stop].div_(self.world)
         offset = self.rank * shard.size
         padded = flat[: self.world * shard.size]

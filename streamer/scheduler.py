@@ -149,6 +149,12 @@ class StreamEngine:
         # One host worker: staging, updates and gradient writes run in FIFO order, so
         # a unit is always updated before it is staged and never read mid-write.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-host")
+        # Gradient writes may go to a second thread, so a disk tier writes gradients while
+        # it reads the next units. Under data parallelism both kinds of job issue
+        # collectives, which every rank must issue in the same order: one thread then.
+        self.grad_worker = (self.worker if self.dp.world > 1
+                            else ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-grad"))
+        self.batch_rows: torch.Tensor | None = None  # token ids of this step, for the sparse path
         self.pending: PendingUpdate | None = None
         self.update_due = [False] * self.n_units
         self.adam_step = 0
@@ -211,6 +217,8 @@ class StreamEngine:
         self._transition(unit, UnitState.IN_FLIGHT)
         slot = self.tied_slot if (self.tied and unit == 0) else self.free_slots.pop()
         self.slot_of[unit] = slot
+        # Ask the kernel to start reading the unit's files now; the worker reads them later.
+        self.store.advise(unit, BUFFERS if self.update_due[unit] else ("param",))
         self.staged[unit] = self.worker.submit(self._stage, unit, slot)
         self.counters["bytes_in"] += self.layouts[unit].numel * self.slots[0].element_size()
 
@@ -304,7 +312,8 @@ class StreamEngine:
 
     def _reduce(self, unit: int, grad: torch.Tensor) -> torch.Tensor:
         """Average the unit's gradient over ranks and add its shard to the norm."""
-        shard = self.dp.reduce_grad(grad, self.layouts[unit].numel, self._sparse_rows(unit))
+        sparse = self._sparse_rows(unit)
+        shard = self.dp.reduce_grad(grad, self.layouts[unit].numel, sparse, self.batch_rows if sparse else None)
         self.shard_sq_norm += squared_norm(shard)
         return shard
 
@@ -316,7 +325,7 @@ class StreamEngine:
         the tied table's own buffer, which is written out synchronously at step end."""
         self.counters["bytes_out"] += self.store.owned_numel(unit) * 4
         if self.grad_host is None:
-            future = self.worker.submit(lambda: self.store.write_grad(unit, self._reduce(unit, grad)))
+            future = self.grad_worker.submit(lambda: self.store.write_grad(unit, self._reduce(unit, grad)))
         else:
             if buffer_index is None:
                 host, event = self.tied_grad_host, self.grad_events[2]
@@ -333,7 +342,7 @@ class StreamEngine:
                 event.synchronize()
                 self.store.write_grad(unit, host)
 
-            future = self.worker.submit(write)
+            future = self.grad_worker.submit(write)
         if buffer_index is not None:
             self.grad_futures[buffer_index] = future
         else:
@@ -463,6 +472,10 @@ class StreamEngine:
             self.counters[key] = 0
         xs = [x.to(self.device, non_blocking=True) for x, _ in micro_batches]
         ys = [y.to(self.device, non_blocking=True) for _, y in micro_batches]
+        if self.dp.world > 1 and self._sparse_rows(0):
+            # Only these rows of the token table can have a gradient: the sparse all-reduce
+            # then skips scanning the whole table for non-zero rows.
+            self.batch_rows = torch.unique(torch.cat([x.flatten() for x in xs]))
         visits = self.visits()
         saved: list[list[torch.Tensor] | None] = [None] * self.n_units
         graphs: list[list] = [[] for _ in range(self.n_units)]
@@ -568,6 +581,7 @@ class StreamEngine:
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
+        self.grad_worker.shutdown(wait=True)
         self.store.close()
 
     # --- checkpoint state ----------------------------------------------------------

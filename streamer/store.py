@@ -116,6 +116,9 @@ class HostStore(ABC):
         numel = self.owned_numel(index)
         return [(start, min(numel, start + CHUNK_NUMEL)) for start in range(0, numel, CHUNK_NUMEL)]
 
+    def advise(self, index: int, names: tuple[str, ...]) -> None:  # noqa: B027 - a hint; RAM needs none
+        """Hint that the unit's named buffers will be read soon."""
+
     @abstractmethod
     def write_grad(self, index: int, grad: torch.Tensor) -> None:
         """Store the owned part of a unit's step gradient (float32)."""
@@ -207,6 +210,13 @@ class DiskStore(HostStore):
                     raise OSError(f"store file {self.path(index)} is truncated")
                 got += n
         self.bytes_read += len(view)
+
+    def advise(self, index: int, names: tuple[str, ...]) -> None:
+        """POSIX_FADV_WILLNEED: the kernel reads the buffers ahead, asynchronously, while
+        the worker is still busy with earlier units."""
+        numel = self.owned_numel(index)
+        for name in names:
+            os.posix_fadvise(self.fds[index], self.offsets[index][name], 4 * numel, os.POSIX_FADV_WILLNEED)
 
     def open(self, index: int, names: tuple[str, ...], start: int, stop: int) -> dict[str, torch.Tensor]:
         assert stop - start <= CHUNK_NUMEL, "disk-tier reads go a chunk at a time"

@@ -69,9 +69,11 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     info = machine()
     size = 8192 if cuda else 2048
-    limits = {"bf16_matmul_flops": measure_matmul_flops(device, torch.bfloat16, size=size, seconds=2.0),
-              "fp32_matmul_flops": measure_matmul_flops(device, torch.float32, size=size, seconds=2.0),
-              **copy_bandwidths(args.mib * 2**20, cuda)}
+    limits = {
+        "bf16_matmul_flops": measure_matmul_flops(device, torch.bfloat16, size=size, seconds=2.0),
+        "fp32_matmul_flops": measure_matmul_flops(device, torch.float32, size=size, seconds=2.0),
+        **copy_bandwidths(args.mib * 2**20, cuda),
+    }
     print(f"limits of {'the GPU' if cuda else 'this CPU (no CUDA device)'}: {machine_line(info)}")
     for key, value in limits.items():
         unit = "TFLOP/s" if "flops" in key else "GB/s"

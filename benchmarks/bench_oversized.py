@@ -75,15 +75,39 @@ def main() -> None:
     ram = psutil.virtual_memory().total
     work = Path(tempfile.mkdtemp(prefix="oversized-", dir=args.dir or RESULTS.parent))
     info = machine()
-    print(f"{args.model}: state {state_bytes / 2**30:.1f} GiB = {state_bytes / ram:.2f}x this machine's "
-          f"{ram / 2**30:.1f} GiB RAM; {machine_line(info)}")
+    print(
+        f"{args.model}: state {state_bytes / 2**30:.1f} GiB = {state_bytes / ram:.2f}x this machine's "
+        f"{ram / 2**30:.1f} GiB RAM; {machine_line(info)}"
+    )
     read_bw, write_bw = planner.measure_disk_bandwidth(work)
     flops = planner.measure_matmul_flops(torch.device("cpu"), torch.float32, size=2048, seconds=1.0)
     print(f"measured: disk read {read_bw / 1e9:.2f} GB/s, write {write_bw / 1e9:.2f} GB/s, {flops / 1e9:.0f} GFLOP/s")
     out = work / "run"
-    cmd = [sys.executable, "-m", "streamer", "train", "--model", args.model, "--mode", "stream", "--offload", "disk",
-           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-           "--warmup", "1", "--lr", str(args.lr), "--out", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamer",
+        "train",
+        "--model",
+        args.model,
+        "--mode",
+        "stream",
+        "--offload",
+        "disk",
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--warmup",
+        "1",
+        "--lr",
+        str(args.lr),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     try:
         rows, io_at_step, peak_rss = train_and_watch(cmd, out / "metrics.jsonl")
     finally:
@@ -96,24 +120,50 @@ def main() -> None:
         read, written = (io_at_step[i][0] - previous[0], io_at_step[i][1] - previous[1]) if i else (0, 0)
         previous = io_at_step[i] if i < len(io_at_step) else previous
         io_floor = read / read_bw + written / write_bw
-        steps.append({"step": row["step"], "loss": row["loss"], "step_s": row["step_s"], "read_bytes": read,
-                      "written_bytes": written, "io_floor_s": io_floor, "compute_floor_s": compute_floor,
-                      "over_floor": row["step_s"] / max(io_floor, compute_floor) if i else None,
-                      "predicted_step_s": row.get("predicted_step_s")})
-    print(f"{'step':>4}{'loss':>9}{'step s':>9}{'read GB':>9}{'write GB':>10}{'I/O floor s':>13}"
-          f"{'compute s':>11}{'x floor':>9}")
+        steps.append(
+            {
+                "step": row["step"],
+                "loss": row["loss"],
+                "step_s": row["step_s"],
+                "read_bytes": read,
+                "written_bytes": written,
+                "io_floor_s": io_floor,
+                "compute_floor_s": compute_floor,
+                "over_floor": row["step_s"] / max(io_floor, compute_floor) if i else None,
+                "predicted_step_s": row.get("predicted_step_s"),
+            }
+        )
+    print(
+        f"{'step':>4}{'loss':>9}{'step s':>9}{'read GB':>9}{'write GB':>10}{'I/O floor s':>13}"
+        f"{'compute s':>11}{'x floor':>9}"
+    )
     for s in steps:
         ratio = f"{s['over_floor']:.2f}" if s["over_floor"] else "-"
-        print(f"{s['step']:>4}{s['loss']:>9.3f}{s['step_s']:>9.1f}{s['read_bytes'] / 1e9:>9.1f}"
-              f"{s['written_bytes'] / 1e9:>10.1f}{s['io_floor_s']:>13.1f}{s['compute_floor_s']:>11.1f}{ratio:>9}")
+        print(
+            f"{s['step']:>4}{s['loss']:>9.3f}{s['step_s']:>9.1f}{s['read_bytes'] / 1e9:>9.1f}"
+            f"{s['written_bytes'] / 1e9:>10.1f}{s['io_floor_s']:>13.1f}{s['compute_floor_s']:>11.1f}{ratio:>9}"
+        )
     peak = max(peak_rss, max(r["peak_rss_bytes"] for r in rows))
     print(f"peak resident memory {peak / 2**30:.2f} GiB; loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
     stem = args.json.with_suffix("") if args.json else RESULTS / "oversized_cpu"
-    write_json(stem.with_suffix(".json"), {
-        "model": args.model, "n_params": cfg.n_params(), "state_bytes": state_bytes, "ram_bytes": ram,
-        "state_over_ram": state_bytes / ram, "tokens_per_step": tokens, "machine": info,
-        "disk_read_bytes_per_s": read_bw, "disk_write_bytes_per_s": write_bw, "matmul_flops": flops,
-        "peak_rss_bytes": peak, "loss_falling": rows[-1]["loss"] < rows[0]["loss"], "steps": steps})
+    write_json(
+        stem.with_suffix(".json"),
+        {
+            "model": args.model,
+            "n_params": cfg.n_params(),
+            "state_bytes": state_bytes,
+            "ram_bytes": ram,
+            "state_over_ram": state_bytes / ram,
+            "tokens_per_step": tokens,
+            "machine": info,
+            "disk_read_bytes_per_s": read_bw,
+            "disk_write_bytes_per_s": write_bw,
+            "matmul_flops": flops,
+            "peak_rss_bytes": peak,
+            "loss_falling": rows[-1]["loss"] < rows[0]["loss"],
+            "steps": steps,
+        },
+    )
     plot(steps, stem.with_suffix(".png"), f"{args.model} from disk; {machine_line(info)}")
 
 
@@ -127,8 +177,12 @@ def plot(steps: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     xs = [s["step"] for s in timed]
     ax.bar([x - 0.2 for x in xs], [s["step_s"] for s in timed], width=0.4, label="measured step")
-    ax.bar([x + 0.2 for x in xs], [max(s["io_floor_s"], s["compute_floor_s"]) for s in timed], width=0.4,
-           label="max(I/O floor, compute floor)")
+    ax.bar(
+        [x + 0.2 for x in xs],
+        [max(s["io_floor_s"], s["compute_floor_s"]) for s in timed],
+        width=0.4,
+        label="max(I/O floor, compute floor)",
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("seconds")
     ax.set_title(title, fontsize=8)

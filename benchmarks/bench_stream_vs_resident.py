@@ -31,18 +31,47 @@ from streamer.train import TrainConfig, train  # noqa: E402
 MODES = (("resident", "auto"), ("stream", "ram"), ("stream", "disk"))
 
 
-def run_point(model: str, device: str, seq_len: int, batch: int, accum: int, mode: str, offload: str,
-              steps: int, scratch: Path, recompute: str) -> dict:
+def run_point(
+    model: str,
+    device: str,
+    seq_len: int,
+    batch: int,
+    accum: int,
+    mode: str,
+    offload: str,
+    steps: int,
+    scratch: Path,
+    recompute: str,
+) -> dict:
     """Train `steps` steps; the first is warm-up (allocation, first-touch), the rest are timed."""
     out = scratch / f"{mode}-{offload}-{batch}x{accum}"
-    train(TrainConfig(model=model, mode=mode, offload=offload, steps=steps, batch_size=batch, grad_accum=accum,
-                      seq_len=seq_len, device=device, progress=False, out=str(out), warmup=1, recompute=recompute))
+    train(
+        TrainConfig(
+            model=model,
+            mode=mode,
+            offload=offload,
+            steps=steps,
+            batch_size=batch,
+            grad_accum=accum,
+            seq_len=seq_len,
+            device=device,
+            progress=False,
+            out=str(out),
+            warmup=1,
+            recompute=recompute,
+        )
+    )
     rows = read_metrics(out)[1:]
     shutil.rmtree(out, ignore_errors=True)
     step_s = statistics.median(r["step_s"] for r in rows)
-    result = {"mode": mode, "offload": offload if mode == "stream" else None, "step_s": step_s,
-              "tokens_per_s": rows[0]["tokens"] / step_s, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rows),
-              "loss": [r["loss"] for r in rows]}
+    result = {
+        "mode": mode,
+        "offload": offload if mode == "stream" else None,
+        "step_s": step_s,
+        "tokens_per_s": rows[0]["tokens"] / step_s,
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rows),
+        "loss": [r["loss"] for r in rows],
+    }
     if mode == "stream":
         result["stall_share"] = statistics.median(r["stall_s"] / r["step_s"] for r in rows)
         result["link_gbps"] = statistics.median(r["link_gbps"] for r in rows)
@@ -53,8 +82,9 @@ def run_point(model: str, device: str, seq_len: int, batch: int, accum: int, mod
 def predict(cfg: ModelConfig, profile: planner.DeviceProfile, tokens: int, seq_len: int, result: dict) -> float:
     if result["mode"] == "resident":
         return planner.predict_resident_step_s(cfg, profile, tokens, seq_len)
-    plan = planner.make_plan(cfg, profile, tokens, seq_len, result["offload"],
-                             recompute="yes" if result["recompute"] else "no")
+    plan = planner.make_plan(
+        cfg, profile, tokens, seq_len, result["offload"], recompute="yes" if result["recompute"] else "no"
+    )
     return plan.predicted_step_s
 
 
@@ -67,12 +97,15 @@ def plot(points: list[dict], recommended: int, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (mode, offload), style in zip(MODES, ("o-", "s-", "^-")):
         label = mode if mode == "resident" else f"stream ({offload})"
-        rows = [(p["tokens_per_step"], r) for p in points for r in p["runs"]
-                if r["mode"] == mode and (mode == "resident" or r["offload"] == offload)]
+        rows = [
+            (p["tokens_per_step"], r)
+            for p in points
+            for r in p["runs"]
+            if r["mode"] == mode and (mode == "resident" or r["offload"] == offload)
+        ]
         xs = [t for t, _ in rows]
         ax.plot(xs, [r["tokens_per_s"] for _, r in rows], style, label=f"{label} measured")
-        ax.plot(xs, [t / r["predicted_step_s"] for t, r in rows], style[0] + ":", alpha=0.6,
-                label=f"{label} predicted")
+        ax.plot(xs, [t / r["predicted_step_s"] for t, r in rows], style[0] + ":", alpha=0.6, label=f"{label} predicted")
     ax.axvline(recommended, color="grey", linestyle="--", label="planner's recommended tokens/step")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens per step")
@@ -97,15 +130,19 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = ModelConfig.from_name(args.model)
     scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=RESULTS.parent))
-    profile = planner.measure_profile(device, dtype, scratch)
+    # Compute is calibrated on one block of the model at the largest micro-batch swept.
+    profile = planner.measure_profile(device, dtype, scratch, model=(cfg, 8, args.seq_len))
     probe = planner.make_plan(cfg, profile, args.seq_len, args.seq_len, "ram")
     recommended = probe.recommended_tokens_per_step
     sweep = sorted({int(s) * args.seq_len for s in args.sequences.split(",")} | {recommended})
     info = machine()
     print(f"{args.model} on {args.device}: {machine_line(info)}")
-    print(f"calibrated: {profile.matmul_flops / 1e9:.0f} GFLOP/s, copy {profile.h2d_bytes_per_s / 1e9:.1f} GB/s, "
-          f"disk read {profile.disk_read_bytes_per_s / 1e9:.2f} / write {profile.disk_write_bytes_per_s / 1e9:.2f} "
-          f"GB/s, host update {profile.host_update_bytes_per_s / 1e9:.1f} GB/s; recommended {recommended} tokens/step")
+    print(
+        f"calibrated: {profile.matmul_flops / 1e9:.0f} GFLOP/s (one block, fwd+bwd), "
+        f"copy {profile.h2d_bytes_per_s / 1e9:.1f} GB/s, "
+        f"disk read {profile.disk_read_bytes_per_s / 1e9:.2f} / write {profile.disk_write_bytes_per_s / 1e9:.2f} "
+        f"GB/s, host update {profile.host_update_bytes_per_s / 1e9:.1f} GB/s; recommended {recommended} tokens/step"
+    )
     points = []
     print(f"{'tokens':>7} {'mode':<14} {'step s':>8} {'pred s':>8} {'err':>6} {'tok/s':>8} {'stall':>6} {'ratio':>6}")
     for tokens in sweep:
@@ -113,11 +150,16 @@ def main() -> None:
         batch = min(sequences, 8)  # micro-batches of at most 8 sequences; the rest is accumulation
         accum = -(-sequences // batch)
         tokens = batch * accum * args.seq_len
+        # Each point's prediction uses the compute rate of its own micro-batch shape.
+        point_profile = planner.replace(
+            profile, matmul_flops=planner.measure_model_flops(cfg, device, dtype, batch, args.seq_len)
+        )
         runs = []
         for mode, offload in MODES:
-            result = run_point(args.model, args.device, args.seq_len, batch, accum, mode, offload, args.steps,
-                               scratch, args.recompute)
-            result["predicted_step_s"] = predict(cfg, profile, tokens, args.seq_len, result)
+            result = run_point(
+                args.model, args.device, args.seq_len, batch, accum, mode, offload, args.steps, scratch, args.recompute
+            )
+            result["predicted_step_s"] = predict(cfg, point_profile, tokens, args.seq_len, result)
             result["prediction_error"] = result["predicted_step_s"] / result["step_s"] - 1
             runs.append(result)
         resident = runs[0]["tokens_per_s"]
@@ -125,21 +167,36 @@ def main() -> None:
             r["ratio_over_resident"] = r["tokens_per_s"] / resident
             label = r["mode"] if r["mode"] == "resident" else f"stream-{r['offload']}"
             stall = f"{r['stall_share']:.1%}" if "stall_share" in r else "-"
-            print(f"{tokens:>7} {label:<14} {r['step_s']:>8.2f} {r['predicted_step_s']:>8.2f} "
-                  f"{r['prediction_error']:>+6.0%} {r['tokens_per_s']:>8.0f} {stall:>6} {r['ratio_over_resident']:>6.3f}")
-        points.append({"tokens_per_step": tokens, "runs": runs})
+            print(
+                f"{tokens:>7} {label:<14} {r['step_s']:>8.2f} {r['predicted_step_s']:>8.2f} "
+                f"{r['prediction_error']:>+6.0%} {r['tokens_per_s']:>8.0f} {stall:>6} "
+                f"{r['ratio_over_resident']:>6.3f}"
+            )
+        points.append({"tokens_per_step": tokens, "model_flops": point_profile.matmul_flops, "runs": runs})
     shutil.rmtree(scratch, ignore_errors=True)
     at_rec = next(p for p in points if p["tokens_per_step"] >= recommended)
     ratio = next(r["ratio_over_resident"] for r in at_rec["runs"] if r.get("offload") == "ram")
     max_err = max(abs(r["prediction_error"]) for p in points for r in p["runs"])
-    print(f"stream (RAM) / resident at {at_rec['tokens_per_step']} tokens/step: {ratio:.3f}; "
-          f"max |prediction error| {max_err:.1%}")
+    print(
+        f"stream (RAM) / resident at {at_rec['tokens_per_step']} tokens/step: {ratio:.3f}; "
+        f"max |prediction error| {max_err:.1%}"
+    )
     stem = args.json.with_suffix("") if args.json else RESULTS / f"stream_vs_resident_{args.device}"
     plot(points, recommended, stem.with_suffix(".png"), f"{args.model}, {machine_line(info)}")
-    write_json(stem.with_suffix(".json"), {
-        "model": args.model, "device": args.device, "seq_len": args.seq_len, "machine": info,
-        "profile": planner.asdict(profile), "recommended_tokens_per_step": recommended,
-        "ratio_stream_over_resident": ratio, "max_prediction_error": max_err, "points": points})
+    write_json(
+        stem.with_suffix(".json"),
+        {
+            "model": args.model,
+            "device": args.device,
+            "seq_len": args.seq_len,
+            "machine": info,
+            "profile": planner.asdict(profile),
+            "recommended_tokens_per_step": recommended,
+            "ratio_stream_over_resident": ratio,
+            "max_prediction_error": max_err,
+            "points": points,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -35,33 +35,90 @@ from streamer.train import TrainConfig, micro_batches, peak_rss_bytes  # noqa: E
 
 def shared_settings(args: argparse.Namespace, world: int) -> TrainConfig:
     """One process's share of the global batch; both runs derive everything from this."""
-    return TrainConfig(model=args.model, steps=args.steps, batch_size=args.global_batch // world,
-                       grad_accum=1, seq_len=args.seq_len, warmup=1, lr=args.lr, device=args.device,
-                       progress=False)
+    return TrainConfig(
+        model=args.model,
+        steps=args.steps,
+        batch_size=args.global_batch // world,
+        grad_accum=1,
+        seq_len=args.seq_len,
+        warmup=1,
+        lr=args.lr,
+        device=args.device,
+        progress=False,
+    )
 
 
 def run_streaming(args: argparse.Namespace, scratch: Path) -> dict:
     out = scratch / "stream"
     cfg = shared_settings(args, 1)
-    cmd = [sys.executable, "-m", "streamer", "train", "--model", args.model, "--mode", "stream", "--steps",
-           str(args.steps), "--batch-size", str(cfg.batch_size), "--seq-len", str(args.seq_len), "--warmup", "1",
-           "--lr", str(args.lr), "--device", args.device, "--offload", "ram", "--out", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamer",
+        "train",
+        "--model",
+        args.model,
+        "--mode",
+        "stream",
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(cfg.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--warmup",
+        "1",
+        "--lr",
+        str(args.lr),
+        "--device",
+        args.device,
+        "--offload",
+        "ram",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     rows = read_metrics(out)
     timed = rows[1:]
-    return {"losses": [r["loss"] for r in rows], "step_s": statistics.median(r["step_s"] for r in timed),
-            "tokens_per_step": rows[0]["tokens"], "peak_host_bytes_per_process": [max(r["peak_rss_bytes"] for r in rows)],
-            "peak_device_bytes_per_process": [max(r["peak_device_bytes"] for r in rows)],
-            "bytes_moved_per_step": statistics.median(r["bytes_in"] + r["bytes_out"] for r in timed),
-            "processes": 1}
+    return {
+        "losses": [r["loss"] for r in rows],
+        "step_s": statistics.median(r["step_s"] for r in timed),
+        "tokens_per_step": rows[0]["tokens"],
+        "peak_host_bytes_per_process": [max(r["peak_rss_bytes"] for r in rows)],
+        "peak_device_bytes_per_process": [max(r["peak_device_bytes"] for r in rows)],
+        "bytes_moved_per_step": statistics.median(r["bytes_in"] + r["bytes_out"] for r in timed),
+        "processes": 1,
+    }
 
 
 def run_sharded(args: argparse.Namespace, scratch: Path) -> dict:
     result = scratch / "fsdp.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.world}",
-           __file__, "--worker", "--model", args.model, "--steps", str(args.steps), "--global-batch",
-           str(args.global_batch), "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--device", args.device,
-           "--world", str(args.world), "--json", str(result)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.world}",
+        __file__,
+        "--worker",
+        "--model",
+        args.model,
+        "--steps",
+        str(args.steps),
+        "--global-batch",
+        str(args.global_batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--lr",
+        str(args.lr),
+        "--device",
+        args.device,
+        "--world",
+        str(args.world),
+        "--json",
+        str(result),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(result.read_text())
 
@@ -95,16 +152,21 @@ def fsdp_worker(args: argparse.Namespace) -> None:
     optim = cfg.optim_config()
     named = list(model.named_parameters())
     optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in named if decays(n, p)], "weight_decay": optim.weight_decay},
-         {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}],
-        lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+        [
+            {"params": [p for n, p in named if decays(n, p)], "weight_decay": optim.weight_decay},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0},
+        ],
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+    )
     sampler = BatchSampler(load_tokens(default_corpus(), model_cfg.vocab_size), cfg.seq_len, cfg.seed)
     losses, times = [], []
     for step in range(cfg.steps):
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, optim)
-        (x, y), = micro_batches(sampler, step, cfg, rank, world)
+        ((x, y),) = micro_batches(sampler, step, cfg, rank, world)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = loss_fn(model(x.to(device)), y.to(device))
         loss.backward()
@@ -129,11 +191,18 @@ def fsdp_worker(args: argparse.Namespace) -> None:
         # (FSDP2 reshards after forward), reduce-scatter of gradients: 3 x P x 4 bytes x
         # (N - 1) / N over the interconnect; with CPU offload, P x 4 in and out per pass.
         moved = 3 * params * 4 * (world - 1) / world if world > 1 else 3 * params * 4
-        write_json(Path(args.json), {
-            "losses": losses, "step_s": statistics.median(times[1:]),
-            "tokens_per_step": cfg.batch_size * world * cfg.seq_len,
-            "peak_host_bytes_per_process": [int(h) for h in hosts], "peak_device_bytes_per_process": [int(d) for d in devs],
-            "bytes_moved_per_step": moved, "processes": world})
+        write_json(
+            Path(args.json),
+            {
+                "losses": losses,
+                "step_s": statistics.median(times[1:]),
+                "tokens_per_step": cfg.batch_size * world * cfg.seq_len,
+                "peak_host_bytes_per_process": [int(h) for h in hosts],
+                "peak_device_bytes_per_process": [int(d) for d in devs],
+                "bytes_moved_per_step": moved,
+                "processes": world,
+            },
+        )
     dist.destroy_process_group()
 
 
@@ -181,20 +250,38 @@ def main() -> None:
     for r in (stream, sharded):
         r["tokens_per_s"] = r["tokens_per_step"] / r["step_s"]
     max_gap = max(abs(a - b) for a, b in zip(stream["losses"], sharded["losses"]))
-    print(f"{'run':<22}{'tok/s':>9}{'step s':>9}{'peak host GiB/proc':>20}{'peak dev GiB/proc':>19}{'GB moved/step':>15}")
+    print(
+        f"{'run':<22}{'tok/s':>9}{'step s':>9}{'peak host GiB/proc':>20}{'peak dev GiB/proc':>19}{'GB moved/step':>15}"
+    )
     for name, r in (("stream, 1 process", stream), (f"FSDP2, {sharded['processes']} processes", sharded)):
-        print(f"{name:<22}{r['tokens_per_s']:>9.0f}{r['step_s']:>9.2f}"
-              f"{max(r['peak_host_bytes_per_process']) / 2**30:>20.2f}"
-              f"{max(r['peak_device_bytes_per_process']) / 2**30:>19.2f}{r['bytes_moved_per_step'] / 1e9:>15.2f}")
-    print(f"loss curves: max |difference| {max_gap:.2e} over {args.steps} steps "
-          f"({'agree' if max_gap < 1e-3 else 'DIFFER'})")
+        print(
+            f"{name:<22}{r['tokens_per_s']:>9.0f}{r['step_s']:>9.2f}"
+            f"{max(r['peak_host_bytes_per_process']) / 2**30:>20.2f}"
+            f"{max(r['peak_device_bytes_per_process']) / 2**30:>19.2f}{r['bytes_moved_per_step'] / 1e9:>15.2f}"
+        )
+    print(
+        f"loss curves: max |difference| {max_gap:.2e} over {args.steps} steps "
+        f"({'agree' if max_gap < 1e-3 else 'DIFFER'})"
+    )
     stem = args.json.with_suffix("") if args.json else RESULTS / f"stream_vs_sharded_{args.device}"
     plot(stream, sharded, stem.with_suffix(".png"), f"{args.model}; {machine_line(info)}")
-    write_json(stem.with_suffix(".json"), {
-        "model": args.model, "device": args.device, "world": args.world, "global_batch": args.global_batch,
-        "seq_len": args.seq_len, "steps": args.steps, "machine": info, "stream": stream, "sharded": sharded,
-        "loss_max_abs_difference": max_gap, "losses_agree": max_gap < 1e-3,
-        "stream_over_sharded_tokens_per_s": stream["tokens_per_s"] / sharded["tokens_per_s"]})
+    write_json(
+        stem.with_suffix(".json"),
+        {
+            "model": args.model,
+            "device": args.device,
+            "world": args.world,
+            "global_batch": args.global_batch,
+            "seq_len": args.seq_len,
+            "steps": args.steps,
+            "machine": info,
+            "stream": stream,
+            "sharded": sharded,
+            "loss_max_abs_difference": max_gap,
+            "losses_agree": max_gap < 1e-3,
+            "stream_over_sharded_tokens_per_s": stream["tokens_per_s"] / sharded["tokens_per_s"],
+        },
+    )
 
 
 if __name__ == "__main__":

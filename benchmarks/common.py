@@ -24,9 +24,14 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -34,8 +39,7 @@ def machine() -> dict:
 
 def machine_line(info: dict) -> str:
     gpu = f", {info['gpu']}" if "gpu" in info else ""
-    return (f"{info['date']} on {info['cpu']} ({info['cores']} cores, {info['ram_gib']} GiB{gpu}), "
-            f"torch {info['torch']}")
+    return f"{info['date']} on {info['cpu']} ({info['cores']} cores, {info['ram_gib']} GiB{gpu}), torch {info['torch']}"
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -174,7 +174,8 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     disk_r, disk_w = profile.disk_read_bytes_per_s, profile.disk_write_bytes_per_s
     if STATE_BYTES_PER_PARAM * sum(counts) <= 0.5 * profile.page_cache_bytes:
         disk_r = disk_w = mem  # the store stays in the page cache: files move at memory speed
-    order = [("forward", u) for u in range(head)] + [("head", head)] + [("backward", u) for u in range(head - 1, -1, -1)]
+    order = [("forward", u) for u in range(head)] + [("head", head)]
+    order += [("backward", u) for u in range(head - 1, -1, -1)]
     last_seen: dict[int, int] = {}
     visits = []
     for v, (phase, unit) in enumerate(order):
@@ -436,14 +437,45 @@ def measure_update_rate(numel: int = 8 * 2**20) -> float:
     return 3 * 28 * numel / (time.perf_counter() - started)
 
 
-def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path) -> DeviceProfile:
+def measure_model_flops(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, batch: int, seq_len: int,
+                        repeat: int = 3) -> float:
+    """The FLOP rate one transformer block of `cfg` sustains, forward and backward, at a
+    micro-batch of `batch` x `seq_len`: a short profiling run that sees what a square
+    matmul does not (attention, norms, activations, memory-bound kernels)."""
+    from models.gpt import build_unit, init_unit
+
+    block = build_unit(cfg, 1).to(device=device, dtype=dtype)
+    init_unit(block, cfg, seed=0, index=1)
+    x = torch.randn(batch, seq_len, cfg.d_model, device=device, dtype=dtype, requires_grad=True)
+
+    def once() -> None:
+        block(x).float().square().mean().backward()
+
+    once()  # warm-up: allocations, kernel selection
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeat):
+        once()
+    _sync(device)
+    flops = 3 * _unit_flops_per_token(cfg, seq_len)[1] * batch * seq_len  # forward + 2x backward
+    return repeat * flops / (time.perf_counter() - started)
+
+
+def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
+                    model: tuple[ModelConfig, int, int] | None = None) -> DeviceProfile:
+    """Calibrate every rate on this machine. With `model=(cfg, batch, seq_len)` the
+    compute rate comes from profiling one block of that model (`measure_model_flops`)
+    instead of a square matmul."""
     base = PROFILES["cpu" if device.type == "cpu" else "h100"]
     h2d, d2h = measure_copy_bandwidth(device)
     read, write = measure_disk_bandwidth(disk_folder)
     update = measure_update_rate()
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
-    return replace(base, name=f"measured-{device.type}", matmul_flops=measure_matmul_flops(device, dtype,
-                   size=4096 if device.type == "cuda" else 1024, seconds=0.5),
+    if model is not None:
+        flops = measure_model_flops(model[0], device, dtype, model[1], model[2])
+    else:
+        flops = measure_matmul_flops(device, dtype, size=4096 if device.type == "cuda" else 1024, seconds=0.5)
+    return replace(base, name=f"measured-{device.type}", matmul_flops=flops,
                    h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h, device_memory_bytes=memory,
                    disk_read_bytes_per_s=read, disk_write_bytes_per_s=write,
                    host_update_bytes_per_s=update, page_cache_bytes=psutil.virtual_memory().available,

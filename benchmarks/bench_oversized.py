@@ -66,7 +66,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default: all of them)")
     parser.add_argument("--dir", type=Path, default=None, help="where the disk tier lives (default: a temp dir here)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -101,7 +102,7 @@ def main() -> None:
         "--seq-len",
         str(args.seq_len),
         "--warmup",
-        "1",
+        str(args.warmup or args.steps),
         "--lr",
         str(args.lr),
         "--out",

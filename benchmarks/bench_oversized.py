@@ -136,13 +136,16 @@ def main() -> None:
         )
     print(
         f"{'step':>4}{'loss':>9}{'step s':>9}{'read GB':>9}{'write GB':>10}{'I/O floor s':>13}"
-        f"{'compute s':>11}{'x floor':>9}"
+        f"{'compute s':>11}{'x floor':>9}{'pred s':>9}{'err':>7}"
     )
     for s in steps:
         ratio = f"{s['over_floor']:.2f}" if s["over_floor"] else "-"
+        predicted = s["predicted_step_s"] or 0.0
+        s["prediction_error"] = predicted / s["step_s"] - 1 if predicted else None
         print(
             f"{s['step']:>4}{s['loss']:>9.3f}{s['step_s']:>9.1f}{s['read_bytes'] / 1e9:>9.1f}"
             f"{s['written_bytes'] / 1e9:>10.1f}{s['io_floor_s']:>13.1f}{s['compute_floor_s']:>11.1f}{ratio:>9}"
+            f"{predicted:>9.1f}{s['prediction_error'] or 0:>+7.0%}"
         )
     peak = max(peak_rss, max(r["peak_rss_bytes"] for r in rows))
     print(f"peak resident memory {peak / 2**30:.2f} GiB; loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")

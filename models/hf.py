@@ -16,6 +16,7 @@ import json
 import os
 import re
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,7 @@ def _require(checks: list[tuple[bool, str]], family: str) -> None:
         raise ValueError(f"cannot express this model as a {family} checkpoint: {'; '.join(problems)}")
 
 
-class Adapter:
+class Adapter(ABC):
     """The name map of one family; subclasses fill in the names that differ.
 
     `prefix` is the base-model prefix of every tensor except the output head;
@@ -120,13 +121,13 @@ class Adapter:
     # Alternative spellings of names, rewritten before anything else looks at them.
     aliases: dict[str, str] = {}
 
+    @abstractmethod
     def config_to_internal(self, hf: dict[str, Any], name: str) -> ModelConfig:
         """Our config for a Hugging Face config.json; padding_multiple=1 keeps shapes exact."""
-        raise NotImplementedError
 
+    @abstractmethod
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         """The family's config.json keys; ValueError if the family cannot express `cfg`."""
-        raise NotImplementedError
 
     def canonical_name(self, name: str) -> str:
         """Names as this adapter spells them: aliases resolved, base prefix present.

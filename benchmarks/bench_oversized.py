@@ -26,7 +26,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, write_json  # noqa: E402
+from common import RESULTS, machine, machine_line, pyplot, streamer_train_cmd, write_json  # noqa: E402
 
 from models import ModelConfig  # noqa: E402
 from streamer import planner  # noqa: E402
@@ -84,31 +84,17 @@ def main() -> None:
     flops = planner.measure_matmul_flops(torch.device("cpu"), torch.float32, size=2048, seconds=1.0)
     print(f"measured: disk read {read_bw / 1e9:.2f} GB/s, write {write_bw / 1e9:.2f} GB/s, {flops / 1e9:.0f} GFLOP/s")
     out = work / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamer",
-        "train",
-        "--model",
-        args.model,
-        "--mode",
-        "stream",
-        "--offload",
-        "disk",
-        "--steps",
-        str(args.steps),
-        "--batch-size",
-        str(args.batch_size),
-        "--seq-len",
-        str(args.seq_len),
-        "--warmup",
-        str(args.warmup or args.steps),
-        "--lr",
-        str(args.lr),
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
+    cmd = streamer_train_cmd(
+        model=args.model,
+        mode="stream",
+        offload="disk",
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        warmup=args.warmup or args.steps,
+        lr=args.lr,
+        out=out,
+    )
     try:
         rows, io_at_step, peak_rss = train_and_watch(cmd, out / "metrics.jsonl")
     finally:
@@ -116,10 +102,16 @@ def main() -> None:
     tokens = args.batch_size * args.seq_len
     compute_floor = cfg.flops_per_token(args.seq_len) * tokens / flops
     steps = []
-    previous = io_at_step[0] if io_at_step else (0, 0)
+    if len(io_at_step) < len(rows):
+        # Steps shorter than the 0.5 s sampling interval: per-step I/O cannot be told apart.
+        raise SystemExit(
+            f"steps finished faster than I/O could be sampled ({len(io_at_step)} samples for "
+            f"{len(rows)} steps): use a larger --model, --batch-size or --seq-len"
+        )
+    previous = io_at_step[0]
     for i, row in enumerate(rows):
         read, written = (io_at_step[i][0] - previous[0], io_at_step[i][1] - previous[1]) if i else (0, 0)
-        previous = io_at_step[i] if i < len(io_at_step) else previous
+        previous = io_at_step[i]
         io_floor = read / read_bw + written / write_bw
         steps.append(
             {
@@ -172,10 +164,7 @@ def main() -> None:
 
 
 def plot(steps: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     timed = [s for s in steps if s["over_floor"]]
     fig, ax = plt.subplots(figsize=(6, 3.6))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, read_metrics, write_json  # noqa: E402
+from common import RESULTS, machine, machine_line, pyplot, read_metrics, write_json  # noqa: E402
 
 from models import ModelConfig  # noqa: E402
 from streamer import planner  # noqa: E402
@@ -89,10 +89,7 @@ def predict(cfg: ModelConfig, profile: planner.DeviceProfile, tokens: int, seq_l
 
 
 def plot(points: list[dict], recommended: int, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (mode, offload), style in zip(MODES, ("o-", "s-", "^-")):

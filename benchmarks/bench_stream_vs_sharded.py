@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, read_metrics, write_json  # noqa: E402
+from common import RESULTS, machine, machine_line, pyplot, read_metrics, streamer_train_cmd, write_json  # noqa: E402
 
 from models import GPT, ModelConfig, loss_fn  # noqa: E402
 from streamer.optim import decays, lr_at  # noqa: E402
@@ -51,33 +51,18 @@ def shared_settings(args: argparse.Namespace, world: int) -> TrainConfig:
 def run_streaming(args: argparse.Namespace, scratch: Path) -> dict:
     out = scratch / "stream"
     cfg = shared_settings(args, 1)
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamer",
-        "train",
-        "--model",
-        args.model,
-        "--mode",
-        "stream",
-        "--steps",
-        str(args.steps),
-        "--batch-size",
-        str(cfg.batch_size),
-        "--seq-len",
-        str(args.seq_len),
-        "--warmup",
-        "1",
-        "--lr",
-        str(args.lr),
-        "--device",
-        args.device,
-        "--offload",
-        "ram",
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
+    cmd = streamer_train_cmd(
+        model=args.model,
+        mode="stream",
+        steps=args.steps,
+        batch_size=cfg.batch_size,
+        seq_len=args.seq_len,
+        warmup=1,
+        lr=args.lr,
+        device=args.device,
+        offload="ram",
+        out=out,
+    )
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     rows = read_metrics(out)
     timed = rows[1:]
@@ -207,10 +192,7 @@ def fsdp_worker(args: argparse.Namespace) -> None:
 
 
 def plot(stream: dict, sharded: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
     left.plot(stream["losses"], "o-", label="stream (1 process)")

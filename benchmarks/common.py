@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +49,26 @@ def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def streamer_train_cmd(**flags: object) -> list[str]:
+    """`python -m streamer train --flag value ...` (underscores become dashes; True is a
+    bare switch), so the benchmarks time the command users run."""
+    cmd = [sys.executable, "-m", "streamer", "train", "--no-progress"]
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        cmd += [flag] if value is True else [flag, str(value)]
+    return cmd
+
+
+def pyplot():  # noqa: ANN201 - the matplotlib.pyplot module
+    """matplotlib's pyplot on the file-only backend: benchmark machines have no screen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -42,17 +42,41 @@ from streamer.data import prepare  # noqa: E402
 from streamer.errors import UserError  # noqa: E402
 from streamer.train import load_final  # noqa: E402
 
-MODES = {"resident": ["--mode", "resident"], "stream-ram": ["--mode", "stream", "--offload", "ram"],
-         "stream-disk": ["--mode", "stream", "--offload", "disk"]}
+MODES = {
+    "resident": ["--mode", "resident"],
+    "stream-ram": ["--mode", "stream", "--offload", "ram"],
+    "stream-disk": ["--mode", "stream", "--offload", "disk"],
+}
 # One thread in every process: float sums split over threads round differently, and
 # tiny's matmuls gain nothing from a second thread.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def command(args: argparse.Namespace, data: Path, mode: str, out: Path, checkpoints: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "streamer", "train", "--model", "tiny", *MODES[mode], "--steps", str(args.steps),
-           "--batch-size", "4", "--seq-len", "32", "--warmup", "4", "--data", str(data), "--out", str(out),
-           "--device", "cpu", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamer",
+        "train",
+        "--model",
+        "tiny",
+        *MODES[mode],
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--warmup",
+        "4",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     if checkpoints:
         cmd += ["--checkpoint-every", str(args.checkpoint_every), "--keep", "2", "--resume"]
     return cmd
@@ -75,8 +99,13 @@ def reference(args: argparse.Namespace, data: Path, mode: str, scratch: Path) ->
     """An uninterrupted run without checkpoints, and how long its training takes (from
     `run.json` appearing to the last metrics row)."""
     out = scratch / f"reference-{mode}"
-    process = subprocess.Popen(command(args, data, mode, out, checkpoints=False), env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command(args, data, mode, out, checkpoints=False),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while not (out / "run.json").exists() and process.poll() is None:
         time.sleep(0.002)
     started = time.perf_counter()
@@ -131,8 +160,9 @@ def start_and_kill(cmd: list[str], out: Path, delay_s: float) -> bool:
     return False
 
 
-def episode(args: argparse.Namespace, data: Path, mode: str, ref: dict, out: Path, kills: int,
-            rng: random.Random) -> dict:
+def episode(
+    args: argparse.Namespace, data: Path, mode: str, ref: dict, out: Path, kills: int, rng: random.Random
+) -> dict:
     """Kill one run `kills` times (fewer if it finishes first), then let it finish."""
     cmd = command(args, data, mode, out, checkpoints=True)
     result = {"mode": mode, "kills": 0, "where": {}, "resumes_rows_exact": 0, "corrupt": 0, "lost_progress": 0}
@@ -157,8 +187,11 @@ def episode(args: argparse.Namespace, data: Path, mode: str, ref: dict, out: Pat
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     final = load_final(out / "final")
-    result["final_exact"] = rows_match(out, ref) and len(losses(out)) == args.steps and all(
-        torch.equal(final[name], ref["weights"][name]) for name in ref["weights"])
+    result["final_exact"] = (
+        rows_match(out, ref)
+        and len(losses(out)) == args.steps
+        and all(torch.equal(final[name], ref["weights"][name]) for name in ref["weights"])
+    )
     # Each kill is followed by a resume, the last one judged by the finished run; an
     # episode's resumes count as exact only if it also ends on the reference's weights.
     result["resumes"] = result["kills"]
@@ -170,8 +203,18 @@ def episode(args: argparse.Namespace, data: Path, mode: str, ref: dict, out: Pat
 def summarize(episodes: list[dict]) -> dict:
     by_mode: dict[str, dict] = {}
     for e in episodes:
-        row = by_mode.setdefault(e["mode"], {"episodes": 0, "kills": 0, "resumes_exact": 0, "corrupt": 0,
-                                             "lost_progress": 0, "finals_exact": 0, "where": {}})
+        row = by_mode.setdefault(
+            e["mode"],
+            {
+                "episodes": 0,
+                "kills": 0,
+                "resumes_exact": 0,
+                "corrupt": 0,
+                "lost_progress": 0,
+                "finals_exact": 0,
+                "where": {},
+            },
+        )
         row["episodes"] += 1
         row["finals_exact"] += int(e["final_exact"])
         for key in ("kills", "resumes_exact", "corrupt", "lost_progress"):
@@ -185,8 +228,10 @@ def print_table(by_mode: dict) -> None:
     print(f"{'mode':<12}{'episodes':>9}{'kills':>7}{'exact':>7}{'corrupt':>9}{'lost':>6}{'finals':>8}  kill landed")
     for mode, row in by_mode.items():
         landed = ", ".join(f"{k} {v}" for k, v in sorted(row["where"].items()))
-        print(f"{mode:<12}{row['episodes']:>9}{row['kills']:>7}{row['resumes_exact']:>7}{row['corrupt']:>9}"
-              f"{row['lost_progress']:>6}{row['finals_exact']:>5}/{row['episodes']:<2}  {landed}")
+        print(
+            f"{mode:<12}{row['episodes']:>9}{row['kills']:>7}{row['resumes_exact']:>7}{row['corrupt']:>9}"
+            f"{row['lost_progress']:>6}{row['finals_exact']:>5}/{row['episodes']:<2}  {landed}"
+        )
 
 
 def main() -> None:
@@ -213,23 +258,39 @@ def main() -> None:
             result = episode(args, data, mode, refs[mode], scratch / f"episode-{len(episodes)}", quota, rng)
             episodes.append(result)
             killed += result["kills"]
-            print(f"episode {len(episodes)} ({mode}): {result['kills']} kills, "
-                  f"final {'exact' if result['final_exact'] else 'DIFFERS'}, {result['corrupt']} corrupt", flush=True)
+            print(
+                f"episode {len(episodes)} ({mode}): {result['kills']} kills, "
+                f"final {'exact' if result['final_exact'] else 'DIFFERS'}, {result['corrupt']} corrupt",
+                flush=True,
+            )
     by_mode = summarize(episodes)
-    totals = {"kills": killed, "resumes": sum(e["resumes"] for e in episodes),
-              "resumes_exact": sum(e["resumes_exact"] for e in episodes),
-              "corrupt_checkpoints": sum(e["corrupt"] for e in episodes),
-              "lost_progress": sum(e["lost_progress"] for e in episodes),
-              "finals_exact": sum(e["final_exact"] for e in episodes), "episodes": len(episodes),
-              "wall_s": round(time.perf_counter() - started, 1)}
+    totals = {
+        "kills": killed,
+        "resumes": sum(e["resumes"] for e in episodes),
+        "resumes_exact": sum(e["resumes_exact"] for e in episodes),
+        "corrupt_checkpoints": sum(e["corrupt"] for e in episodes),
+        "lost_progress": sum(e["lost_progress"] for e in episodes),
+        "finals_exact": sum(e["final_exact"] for e in episodes),
+        "episodes": len(episodes),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
     info = machine()
     print(machine_line(info))
     print_table(by_mode)
-    print(f"resumes exact: {totals['resumes_exact']}/{totals['resumes']}; checkpoints found corrupt: "
-          f"{totals['corrupt_checkpoints']}; progress lost: {totals['lost_progress']}; {totals['wall_s']} s")
-    write_json(args.json, {"machine": info, "settings": {k: str(v) if isinstance(v, Path) else v
-                                                         for k, v in vars(args).items()},
-                           "totals": totals, "by_mode": by_mode, "episodes": episodes})
+    print(
+        f"resumes exact: {totals['resumes_exact']}/{totals['resumes']}; checkpoints found corrupt: "
+        f"{totals['corrupt_checkpoints']}; progress lost: {totals['lost_progress']}; {totals['wall_s']} s"
+    )
+    write_json(
+        args.json,
+        {
+            "machine": info,
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "totals": totals,
+            "by_mode": by_mode,
+            "episodes": episodes,
+        },
+    )
 
 
 if __name__ == "__main__":

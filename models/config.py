@@ -147,6 +147,9 @@ _NEOX = dict(
     activation="gelu",
 )
 
+# The architecture fields each family fixes; Hugging Face import starts from these too.
+FAMILIES: dict[str, dict[str, Any]] = {"gpt3": _GPT3, "gptj": _GPTJ, "neox": _NEOX}
+
 # Shapes from the GPT-3 paper (table 2.1; 13B uses 40 heads of 128 = 5120, the
 # width whose count matches the published 12.85B), the GPT-J-6B and
 # GPT-NeoX-20B releases, and the Pythia suite.

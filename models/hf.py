@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.config import ModelConfig
+from models.config import FAMILIES, ModelConfig
 from models.gpt import GPT
 
 # A format check, not streaming: shared with the streamer's checkpoint loader.
@@ -258,25 +258,20 @@ class GPTJAdapter(Adapter):
         head_dim = d_model // _get(hf, "n_head", "num_attention_heads")
         rotary_dim = hf.get("rotary_dim") or head_dim  # None rotates the whole head
         return ModelConfig(
-            name=name,
-            padding_multiple=1,
-            family="gptj",
-            n_layer=_get(hf, "n_layer", "num_hidden_layers"),
-            d_model=d_model,
-            n_head=_get(hf, "n_head", "num_attention_heads"),
-            block_size=_get(hf, "n_positions", "max_position_embeddings"),
-            vocab_size=hf["vocab_size"],
-            d_ff=_get(hf, "n_inner", "intermediate_size"),
-            positional="rotary",
-            rotary_fraction=_rotary_fraction(rotary_dim, head_dim),
-            rotary_style="interleaved",
-            parallel_residual=True,
-            shared_norm=True,
-            attn_bias=False,
-            head_bias=True,
-            tie_embeddings=False,
-            activation=_activation(_get(hf, "activation_function", default="gelu_new")),
-            norm_eps=_get(hf, "layer_norm_epsilon", default=1e-5),
+            **{
+                **FAMILIES["gptj"],  # rotary interleaved, parallel shared-norm blocks, biased head
+                "name": name,
+                "padding_multiple": 1,
+                "n_layer": _get(hf, "n_layer", "num_hidden_layers"),
+                "d_model": d_model,
+                "n_head": _get(hf, "n_head", "num_attention_heads"),
+                "block_size": _get(hf, "n_positions", "max_position_embeddings"),
+                "vocab_size": hf["vocab_size"],
+                "d_ff": _get(hf, "n_inner", "intermediate_size"),
+                "rotary_fraction": _rotary_fraction(rotary_dim, head_dim),
+                "activation": _activation(_get(hf, "activation_function", default="gelu_new")),
+                "norm_eps": _get(hf, "layer_norm_epsilon", default=1e-5),
+            }
         )
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:

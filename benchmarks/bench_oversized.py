@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default: all of them)")
+    parser.add_argument("--max-memory", type=float, default=8.0, metavar="GIB",
+                        help="peak resident memory the run plans for (the target is 8 GiB)")
     parser.add_argument("--dir", type=Path, default=None, help="where the disk tier lives (default: a temp dir here)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -80,7 +82,7 @@ def main() -> None:
         f"{args.model}: state {state_bytes / 2**30:.1f} GiB = {state_bytes / ram:.2f}x this machine's "
         f"{ram / 2**30:.1f} GiB RAM; {machine_line(info)}"
     )
-    read_bw, write_bw = planner.measure_disk_bandwidth(work)
+    read_bw, write_bw = planner.measure_disk_bandwidth(work, nbytes=2**30)
     flops = planner.measure_matmul_flops(torch.device("cpu"), torch.float32, size=2048, seconds=1.0)
     print(f"measured: disk read {read_bw / 1e9:.2f} GB/s, write {write_bw / 1e9:.2f} GB/s, {flops / 1e9:.0f} GFLOP/s")
     out = work / "run"
@@ -93,6 +95,7 @@ def main() -> None:
         seq_len=args.seq_len,
         warmup=args.warmup or args.steps,
         lr=args.lr,
+        max_memory=args.max_memory,
         out=out,
     )
     try:
@@ -101,6 +104,11 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     tokens = args.batch_size * args.seq_len
     compute_floor = cfg.flops_per_token(args.seq_len) * tokens / flops
+    # What the plan itself must compute at that rate: model FLOPs plus the recompute in
+    # backward that the memory budget forces (the engine reports its choice per step).
+    profile = planner.replace(planner.PROFILES["cpu"], matmul_flops=flops, compute_bytes=4)
+    plan_compute = planner.make_plan(cfg, profile, tokens, args.seq_len, "disk",
+                                     kept_graphs=rows[0]["kept_graphs"]).compute_s
     steps = []
     if len(io_at_step) < len(rows):
         # Steps shorter than the 0.5 s sampling interval: per-step I/O cannot be told apart.
@@ -123,24 +131,36 @@ def main() -> None:
                 "io_floor_s": io_floor,
                 "compute_floor_s": compute_floor,
                 "over_floor": row["step_s"] / max(io_floor, compute_floor) if i else None,
+                "plan_compute_s": plan_compute,
+                "over_plan_floor": row["step_s"] / max(io_floor, plan_compute) if i else None,
+                "prediction": row.get("prediction"),
                 "predicted_step_s": row.get("predicted_step_s"),
+                # Where the step went: the forward phase carries the previous step's
+                # updates (read, AdamW, write); the store's seconds are busy time of
+                # its I/O threads, which overlap compute and each other.
+                **{k: row.get(k) for k in ("forward_s", "backward_s", "update_s", "stall_s", "store_read_s",
+                                           "store_write_s", "store_read_bytes", "store_write_bytes")},
             }
         )
     print(
         f"{'step':>4}{'loss':>9}{'step s':>9}{'read GB':>9}{'write GB':>10}{'I/O floor s':>13}"
-        f"{'compute s':>11}{'x floor':>9}{'pred s':>9}{'err':>7}"
+        f"{'compute s':>11}{'x floor':>9}{'plan s':>8}{'x plan':>8}{'pred s':>9}{'err':>7}  prediction"
     )
     for s in steps:
         ratio = f"{s['over_floor']:.2f}" if s["over_floor"] else "-"
+        plan_ratio = f"{s['over_plan_floor']:.2f}" if s["over_plan_floor"] else "-"
         predicted = s["predicted_step_s"] or 0.0
         s["prediction_error"] = predicted / s["step_s"] - 1 if predicted else None
         print(
             f"{s['step']:>4}{s['loss']:>9.3f}{s['step_s']:>9.1f}{s['read_bytes'] / 1e9:>9.1f}"
             f"{s['written_bytes'] / 1e9:>10.1f}{s['io_floor_s']:>13.1f}{s['compute_floor_s']:>11.1f}{ratio:>9}"
-            f"{predicted:>9.1f}{s['prediction_error'] or 0:>+7.0%}"
+            f"{s['plan_compute_s']:>8.1f}{plan_ratio:>8}{predicted:>9.1f}{s['prediction_error'] or 0:>+7.0%}"
+            f"  {s['prediction']}"
         )
     peak = max(peak_rss, max(r["peak_rss_bytes"] for r in rows))
-    print(f"peak resident memory {peak / 2**30:.2f} GiB; loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+    predicted_peak = rows[0]["predicted_peak_bytes"]
+    print(f"peak resident memory {peak / 2**30:.2f} GiB (predicted {predicted_peak / 2**30:.2f} GiB, "
+          f"{predicted_peak / peak - 1:+.0%}); loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
     stem = args.json.with_suffix("") if args.json else RESULTS / "oversized_cpu"
     write_json(
         stem.with_suffix(".json"),
@@ -156,6 +176,11 @@ def main() -> None:
             "disk_write_bytes_per_s": write_bw,
             "matmul_flops": flops,
             "peak_rss_bytes": peak,
+            "predicted_peak_bytes": predicted_peak,
+            "peak_prediction_error": predicted_peak / peak - 1,
+            "recompute": rows[0]["recompute"],
+            "kept_graphs": rows[0]["kept_graphs"],
+            "max_memory_gib": args.max_memory,
             "loss_falling": rows[-1]["loss"] < rows[0]["loss"],
             "steps": steps,
         },

@@ -76,16 +76,29 @@ def run_point(
         result["stall_share"] = statistics.median(r["stall_s"] / r["step_s"] for r in rows)
         result["link_gbps"] = statistics.median(r["link_gbps"] for r in rows)
         result["recompute"] = rows[0]["recompute"]
+        result["kept_graphs"] = rows[0]["kept_graphs"]
     return result
 
 
-def predict(cfg: ModelConfig, profile: planner.DeviceProfile, tokens: int, seq_len: int, result: dict) -> float:
+def predict(
+    cfg: ModelConfig, profile: planner.DeviceProfile, tokens: int, micro_tokens: int, seq_len: int, result: dict
+) -> tuple[float, int]:
+    """The planner's step time and peak memory (the process's, on CPU) for one run."""
     if result["mode"] == "resident":
-        return planner.predict_resident_step_s(cfg, profile, tokens, seq_len)
+        return (
+            planner.predict_resident_step_s(cfg, profile, tokens, seq_len),
+            planner.predict_resident_peak_bytes(cfg, micro_tokens, profile.compute_bytes),
+        )
     plan = planner.make_plan(
-        cfg, profile, tokens, seq_len, result["offload"], recompute="yes" if result["recompute"] else "no"
+        cfg,
+        profile,
+        tokens,
+        seq_len,
+        result["offload"],
+        micro_tokens=micro_tokens,
+        kept_graphs=result["kept_graphs"],
     )
-    return plan.predicted_step_s
+    return plan.predicted_step_s, planner.peak_bytes(plan, profile)
 
 
 def plot(points: list[dict], recommended: int, path: Path, title: str) -> None:
@@ -141,7 +154,10 @@ def main() -> None:
         f"GB/s, host update {profile.host_update_bytes_per_s / 1e9:.1f} GB/s; recommended {recommended} tokens/step"
     )
     points = []
-    print(f"{'tokens':>7} {'mode':<14} {'step s':>8} {'pred s':>8} {'err':>6} {'tok/s':>8} {'stall':>6} {'ratio':>6}")
+    print(
+        f"{'tokens':>7} {'mode':<14} {'step s':>8} {'pred s':>8} {'err':>6} {'tok/s':>8} {'stall':>6} {'ratio':>6}"
+        f" {'peak GiB':>9} {'pred GiB':>9} {'err':>6}"
+    )
     for tokens in sweep:
         sequences = tokens // args.seq_len
         batch = min(sequences, 8)  # micro-batches of at most 8 sequences; the rest is accumulation
@@ -156,8 +172,12 @@ def main() -> None:
             result = run_point(
                 args.model, args.device, args.seq_len, batch, accum, mode, offload, args.steps, scratch, args.recompute
             )
-            result["predicted_step_s"] = predict(cfg, point_profile, tokens, args.seq_len, result)
-            result["prediction_error"] = result["predicted_step_s"] / result["step_s"] - 1
+            micro = batch * args.seq_len
+            predicted_s, predicted_peak = predict(cfg, point_profile, tokens, micro, args.seq_len, result)
+            result["predicted_step_s"] = predicted_s
+            result["prediction_error"] = predicted_s / result["step_s"] - 1
+            result["predicted_peak_bytes"] = predicted_peak
+            result["peak_prediction_error"] = predicted_peak / result["peak_rss_bytes"] - 1
             runs.append(result)
         resident = runs[0]["tokens_per_s"]
         for r in runs:
@@ -167,16 +187,18 @@ def main() -> None:
             print(
                 f"{tokens:>7} {label:<14} {r['step_s']:>8.2f} {r['predicted_step_s']:>8.2f} "
                 f"{r['prediction_error']:>+6.0%} {r['tokens_per_s']:>8.0f} {stall:>6} "
-                f"{r['ratio_over_resident']:>6.3f}"
+                f"{r['ratio_over_resident']:>6.3f} {r['peak_rss_bytes'] / 2**30:>9.2f} "
+                f"{r['predicted_peak_bytes'] / 2**30:>9.2f} {r['peak_prediction_error']:>+6.0%}"
             )
         points.append({"tokens_per_step": tokens, "model_flops": point_profile.matmul_flops, "runs": runs})
     shutil.rmtree(scratch, ignore_errors=True)
     at_rec = next(p for p in points if p["tokens_per_step"] >= recommended)
     ratio = next(r["ratio_over_resident"] for r in at_rec["runs"] if r.get("offload") == "ram")
     max_err = max(abs(r["prediction_error"]) for p in points for r in p["runs"])
+    max_peak_err = max(abs(r["peak_prediction_error"]) for p in points for r in p["runs"])
     print(
         f"stream (RAM) / resident at {at_rec['tokens_per_step']} tokens/step: {ratio:.3f}; "
-        f"max |prediction error| {max_err:.1%}"
+        f"max |prediction error| step time {max_err:.1%}, peak memory {max_peak_err:.1%}"
     )
     stem = args.json.with_suffix("") if args.json else RESULTS / f"stream_vs_resident_{args.device}"
     plot(points, recommended, stem.with_suffix(".png"), f"{args.model}, {machine_line(info)}")
@@ -191,6 +213,7 @@ def main() -> None:
             "recommended_tokens_per_step": recommended,
             "ratio_stream_over_resident": ratio,
             "max_prediction_error": max_err,
+            "max_peak_prediction_error": max_peak_err,
             "points": points,
         },
     )

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, machine_line, pyplot, read_metrics, streamer_train_cmd, write_json  # noqa: E402
 
 from models import GPT, ModelConfig, loss_fn  # noqa: E402
+from streamer import planner  # noqa: E402
 from streamer.optim import decays, lr_at  # noqa: E402
 from streamer.train import TrainConfig, micro_batches, peak_rss_bytes  # noqa: E402
 
@@ -66,11 +67,17 @@ def run_streaming(args: argparse.Namespace, scratch: Path) -> dict:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     rows = read_metrics(out)
     timed = rows[1:]
+    step_s = statistics.median(r["step_s"] for r in timed)
+    peak = max(r["peak_rss_bytes"] for r in rows)
     return {
         "losses": [r["loss"] for r in rows],
-        "step_s": statistics.median(r["step_s"] for r in timed),
+        "step_s": step_s,
+        # The engine's own prediction, calibrated in its first step with updates.
+        "predicted_step_s": rows[-1]["predicted_step_s"],
+        "prediction": rows[-1]["prediction"],
+        "predicted_peak_host_bytes": rows[-1]["predicted_peak_bytes"],
         "tokens_per_step": rows[0]["tokens"],
-        "peak_host_bytes_per_process": [max(r["peak_rss_bytes"] for r in rows)],
+        "peak_host_bytes_per_process": [peak],
         "peak_device_bytes_per_process": [max(r["peak_device_bytes"] for r in rows)],
         "bytes_moved_per_step": statistics.median(r["bytes_in"] + r["bytes_out"] for r in timed),
         "processes": 1,
@@ -146,6 +153,7 @@ def fsdp_worker(args: argparse.Namespace) -> None:
         eps=optim.eps,
     )
     sampler = BatchSampler(load_tokens(default_corpus(), model_cfg.vocab_size), cfg.seq_len, cfg.seed)
+    rates = measure_rank_rates(device, world)
     losses, times = [], []
     for step in range(cfg.steps):
         started = time.perf_counter()
@@ -176,6 +184,9 @@ def fsdp_worker(args: argparse.Namespace) -> None:
         # (FSDP2 reshards after forward), reduce-scatter of gradients: 3 x P x 4 bytes x
         # (N - 1) / N over the interconnect; with CPU offload, P x 4 in and out per pass.
         moved = 3 * params * 4 * (world - 1) / world if world > 1 else 3 * params * 4
+        tokens_per_rank = cfg.batch_size * cfg.seq_len
+        predicted = planner.predict_fsdp_step_s(model_cfg, tokens_per_rank, cfg.seq_len, world, rates["flops"],
+                                                rates["collective"], rates["update"]) if not cuda else None
         write_json(
             Path(args.json),
             {
@@ -186,9 +197,31 @@ def fsdp_worker(args: argparse.Namespace) -> None:
                 "peak_device_bytes_per_process": [int(d) for d in devs],
                 "bytes_moved_per_step": moved,
                 "processes": world,
+                "rank_rates": rates,
+                "predicted_step_s": predicted,
+                "predicted_peak_host_bytes": planner.predict_fsdp_peak_bytes(model_cfg, tokens_per_rank, world, 4)
+                if not cuda else None,
             },
         )
     dist.destroy_process_group()
+
+
+def measure_rank_rates(device: torch.device, world: int) -> dict:
+    """What the FSDP2 cost model needs, measured by every rank at once (so they contend
+    for the cores as they will in training): matmul rate, all-gather bandwidth (bytes
+    received per second), host AdamW rate. Rank 0's figures are kept."""
+    import torch.distributed as dist
+
+    flops = planner.measure_matmul_flops(device, torch.float32, size=1024, seconds=0.5)
+    piece = torch.ones(16 * 2**20 // world, device=device)
+    gathered = torch.empty(piece.numel() * world, device=device)
+    dist.all_gather_into_tensor(gathered, piece)  # warm-up: connections, buffers
+    started = time.perf_counter()
+    for _ in range(4):
+        dist.all_gather_into_tensor(gathered, piece)
+    collective = 4 * 4 * piece.numel() * (world - 1) / (time.perf_counter() - started)
+    dist.barrier()
+    return {"flops": flops, "collective": collective, "update": planner.measure_update_rate()}
 
 
 def plot(stream: dict, sharded: dict, path: Path, title: str) -> None:
@@ -233,12 +266,18 @@ def main() -> None:
         r["tokens_per_s"] = r["tokens_per_step"] / r["step_s"]
     max_gap = max(abs(a - b) for a, b in zip(stream["losses"], sharded["losses"]))
     print(
-        f"{'run':<22}{'tok/s':>9}{'step s':>9}{'peak host GiB/proc':>20}{'peak dev GiB/proc':>19}{'GB moved/step':>15}"
+        f"{'run':<22}{'tok/s':>9}{'step s':>9}{'pred s':>8}{'err':>6}{'peak host GiB/proc':>20}{'pred':>7}{'err':>6}"
+        f"{'peak dev GiB/proc':>19}{'GB moved/step':>15}"
     )
     for name, r in (("stream, 1 process", stream), (f"FSDP2, {sharded['processes']} processes", sharded)):
+        peak = max(r["peak_host_bytes_per_process"])
+        predicted_s, predicted_peak = r.get("predicted_step_s"), r.get("predicted_peak_host_bytes")
+        r["prediction_error"] = predicted_s / r["step_s"] - 1 if predicted_s else None
+        r["peak_prediction_error"] = predicted_peak / peak - 1 if predicted_peak else None
         print(
-            f"{name:<22}{r['tokens_per_s']:>9.0f}{r['step_s']:>9.2f}"
-            f"{max(r['peak_host_bytes_per_process']) / 2**30:>20.2f}"
+            f"{name:<22}{r['tokens_per_s']:>9.0f}{r['step_s']:>9.2f}{predicted_s or 0:>8.2f}"
+            f"{r['prediction_error'] or 0:>+6.0%}{peak / 2**30:>20.2f}{(predicted_peak or 0) / 2**30:>7.2f}"
+            f"{r['peak_prediction_error'] or 0:>+6.0%}"
             f"{max(r['peak_device_bytes_per_process']) / 2**30:>19.2f}{r['bytes_moved_per_step'] / 1e9:>15.2f}"
         )
     print(

@@ -50,6 +50,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefetch-depth", type=int, default=None, help="stream mode: units fetched ahead")
     p.add_argument("--recompute", default="auto", choices=["auto", "yes", "no"],
                    help="stream mode: recompute each unit's forward in backward (auto: only if graphs do not fit)")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                   help="stream mode: peak memory to plan for (the device's; on CPU the process's); "
+                        "the planner keeps graphs or recomputes to fit, or refuses")
     p.add_argument("--grad-sync", default="sparse", choices=["sparse", "dense"],
                    help="data parallel: sum the embedding's row-sparse gradient sparsely or densely")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun)")
@@ -115,7 +118,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         data=args.data, out=args.out, device=args.device, dtype=args.dtype, offload=args.offload,
-        prefetch_depth=args.prefetch_depth, recompute=args.recompute, grad_sync=args.grad_sync,
+        prefetch_depth=args.prefetch_depth, recompute=args.recompute, max_memory_gib=args.max_memory,
+        grad_sync=args.grad_sync,
         progress=not args.no_progress, checkpoint_every=args.checkpoint_every, keep=args.keep,
         resume=args.resume, max_skipped_steps=args.max_skipped_steps,
     )

@@ -93,7 +93,8 @@ class Plan:
     min_tokens_disk: int
     min_tokens_per_step: int
     recommended_tokens_per_step: int
-    recompute: bool
+    recompute: bool  # some blocks recompute their forward in backward
+    kept_graphs: int  # blocks (the last ones) that keep their autograd graph instead
     fits_device: bool  # device_bytes within the device's memory (always true for a CPU device)
     compute_s: float
     predicted_step_s: float
@@ -135,13 +136,27 @@ def graph_activation_bytes(cfg: ModelConfig, tokens_per_step: int, act_bytes: in
     return cfg.n_layer * tokens_per_step * 34 * cfg.d_model * act_bytes
 
 
-def choose_recompute(cfg: ModelConfig, tokens_per_step: int, act_bytes: int, budget_bytes: float,
-                     asked: str = "auto") -> bool:
-    """Recompute only when keeping every unit's graph would not fit the memory budget:
-    recompute costs a third more compute in the blocks."""
+def kept_activation_bytes(cfg: ModelConfig, tokens_per_step: int, micro_tokens: int, act_bytes: int,
+                          kept: int) -> int:
+    """Activations when the last `kept` blocks keep their graphs and the others recompute."""
+    if kept >= cfg.n_layer:
+        return graph_activation_bytes(cfg, tokens_per_step, act_bytes)
+    per_block = graph_activation_bytes(cfg, tokens_per_step, act_bytes) // max(cfg.n_layer, 1)
+    return activation_bytes(cfg, tokens_per_step, micro_tokens, act_bytes) + kept * per_block
+
+
+def choose_kept_graphs(cfg: ModelConfig, tokens_per_step: int, micro_tokens: int, act_bytes: int,
+                       budget_bytes: float, asked: str = "auto") -> int:
+    """How many blocks keep their graphs: all (`--recompute no`), none (`yes`), or, on
+    auto, as many as the activation budget holds. Each kept block saves a third of its
+    backward compute; which blocks does not change the peak, which is reached when the
+    forward ends with every kept graph alive."""
     if asked in ("yes", "no"):
-        return asked == "yes"
-    return graph_activation_bytes(cfg, tokens_per_step, act_bytes) > budget_bytes
+        return 0 if asked == "yes" else cfg.n_layer
+    for kept in range(cfg.n_layer, -1, -1):
+        if kept_activation_bytes(cfg, tokens_per_step, micro_tokens, act_bytes, kept) <= budget_bytes:
+            return kept
+    return 0
 
 
 def choose_prefetch_depth(unit_compute_s: float, unit_transfer_s: float) -> int:
@@ -155,16 +170,26 @@ def choose_prefetch_depth(unit_compute_s: float, unit_transfer_s: float) -> int:
 @dataclass(frozen=True)
 class Visit:
     """One unit visit of a step, in seconds: device compute, host-worker work to bring
-    the unit in (update, read, copy), the device link in, and gradient work out."""
+    the unit in (update, copies), the device link in, gradient work out, and storage
+    time (the disk tier's reads and writes, which run on their own threads and overlap
+    the host work: see streamer.store's note on the pipeline)."""
 
     compute_s: float
     host_in_s: float
     link_in_s: float
     out_s: float
+    disk_read_s: float = 0.0
+    disk_write_s: float = 0.0
+    phase: str = "forward"  # forward | head | backward
+
+    @property
+    def disk_s(self) -> float:
+        """Storage time: the reader and writer threads run side by side."""
+        return max(self.disk_read_s, self.disk_write_s)
 
 
 def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
-                depth: int, recompute: bool) -> list[Visit]:
+                depth: int, kept: int) -> list[Visit]:
     """The visits of one step (forward 0..U-2, head, backward U-2..0) with their costs,
     mirroring `StreamEngine.visits`; units still pinned in the window move nothing."""
     counts = unit_param_counts(cfg)
@@ -172,8 +197,9 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     head = len(counts) - 1
     b, mem, F = profile.compute_bytes, profile.host_update_bytes_per_s, profile.matmul_flops
     disk_r, disk_w = profile.disk_read_bytes_per_s, profile.disk_write_bytes_per_s
-    if STATE_BYTES_PER_PARAM * sum(counts) <= 0.5 * profile.page_cache_bytes:
-        disk_r = disk_w = mem  # the store stays in the page cache: files move at memory speed
+    # A store that fits the page cache moves at memory speed after its first pass, and
+    # then its "I/O" is host copies on the cores, not time on the storage device.
+    cached = STATE_BYTES_PER_PARAM * sum(counts) <= 0.5 * profile.page_cache_bytes
     order = [("forward", u) for u in range(head)] + [("head", head)]
     order += [("backward", u) for u in range(head - 1, -1, -1)]
     last_seen: dict[int, int] = {}
@@ -182,20 +208,30 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
         p, f = counts[unit], flops[unit] * tokens_per_step / F
         pinned = unit in last_seen and v - last_seen[unit] <= depth or (cfg.tie_embeddings and unit == 0 and v > 0)
         last_seen[unit] = v
-        compute = {"forward": f, "head": 3 * f, "backward": (3 if recompute else 2) * f}[phase]
-        host_in = link_in = 0.0
+        recomputes = unit < len(counts) - 1 - kept and not (kept >= cfg.n_layer and unit == 0)
+        compute = {"forward": f, "head": 3 * f, "backward": (3 if recomputes else 2) * f}[phase]
+        host_in = link_in = disk_read = disk_write = 0.0
+        # The update reads p, g, m, v (16 bytes per parameter) and writes p, m, v (12);
+        # a staging pass without an update reads p only.
+        read, written = (16 * p, 12 * p) if phase == "forward" else (4 * p, 0)
         if not pinned:
             # A CPU device computes straight from the slot the host worker filled.
             link_in = 0.0 if profile.shares_host_cores else p * b / profile.h2d_bytes_per_s
             host_in = p * (4 + b) / mem  # read the float32 master, write the compute copy
             if phase == "forward":
                 host_in += 28 * p / mem  # the AdamW update due from the previous step
-            if offload == "disk":
-                host_in += (16 * p / disk_r + 12 * p / disk_w) if phase == "forward" else 4 * p / disk_r
+            if offload == "disk" and cached:
+                host_in += (read + written) / mem
+            elif offload == "disk":
+                disk_read, disk_write = read / disk_r, written / disk_w
         out = 0.0
         if phase != "forward":
-            out = p * 4 / profile.d2h_bytes_per_s + (4 * p / disk_w if offload == "disk" else 8 * p / mem)
-        visits.append(Visit(compute, host_in, link_in, out))
+            out = p * 4 / profile.d2h_bytes_per_s
+            if offload == "ram" or cached:
+                out += 8 * p / mem
+            else:
+                disk_write += 4 * p / disk_w
+        visits.append(Visit(compute, host_in, link_in, out, disk_read, disk_write, phase))
     return visits
 
 
@@ -205,11 +241,14 @@ def simulate_step(visits: list[Visit], depth: int) -> tuple[float, float]:
     copy follows the host job; compute starts when its weights have arrived."""
     n = len(visits)
     arrive = [0.0] * n
-    worker = link = compute_end = stall = 0.0
+    worker = link = disk = compute_end = stall = 0.0
 
     def issue(w: int, at: float) -> None:
-        nonlocal worker, link
-        worker = max(worker, at) + visits[w].host_in_s
+        nonlocal worker, link, disk
+        # Storage has its own queue; the worker's job is done when both its own work
+        # and the unit's I/O are (the two are pipelined chunk by chunk).
+        disk = max(disk, worker, at) + visits[w].disk_s
+        worker = max(max(worker, at) + visits[w].host_in_s, disk)
         link = max(link, worker) + visits[w].link_in_s
         arrive[w] = link
 
@@ -228,21 +267,30 @@ def simulate_step(visits: list[Visit], depth: int) -> tuple[float, float]:
 
 def predicted_stream_s(visits: list[Visit], depth: int, profile: DeviceProfile) -> float:
     """Step time of the streamer: the pipeline simulation, or, when compute and host
-    work share the CPU cores, their sum."""
+    work share the CPU cores, per phase the larger of the cores' work (their sum) and
+    the storage time, which the I/O threads spend waiting on the device, not computing.
+
+    The two phases are separate because the forward carries the previous step's
+    updates (most of the I/O) and cannot borrow time from the backward: the clip
+    coefficient that the updates need is known only when the backward ends."""
     if profile.shares_host_cores:
-        return sum(v.compute_s + v.host_in_s + v.link_in_s + v.out_s for v in visits)
+        forward = [v for v in visits if v.phase == "forward"]
+        rest = [v for v in visits if v.phase != "forward"]
+        return sum(max(sum(v.compute_s + v.host_in_s + v.link_in_s + v.out_s for v in phase),
+                       sum(v.disk_read_s for v in phase), sum(v.disk_write_s for v in phase))
+                   for phase in (forward, rest))
     return simulate_step(visits, depth)[0]
 
 
 def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, offload: str, depth: int,
-                       recompute: bool, overhead: float = 0.05) -> int:
+                       kept: int, overhead: float = 0.05) -> int:
     """The fewest tokens per step (whole sequences) at which moving data costs at most
     `overhead` of the step: the predicted step is within that share of its compute plus
     the optimizer time resident training also pays. Doublings, then a binary search."""
     update_s = 28 * cfg.n_params() / profile.device_update_bytes_per_s
 
     def too_slow(tokens: int) -> bool:
-        visits = step_visits(cfg, profile, tokens, seq_len, offload, depth, recompute)
+        visits = step_visits(cfg, profile, tokens, seq_len, offload, depth, kept)
         ideal = sum(v.compute_s for v in visits) + update_s
         return predicted_stream_s(visits, depth, profile) > (1 + overhead) * ideal
 
@@ -261,7 +309,7 @@ def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, o
 
 def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int,
               offload: str, micro_tokens: int | None = None, prefetch_depth: int | None = None,
-              memory_budget: float | None = None, recompute: str = "auto") -> Plan:
+              memory_budget: float | None = None, recompute: str = "auto", kept_graphs: int | None = None) -> Plan:
     """Bytes per tier, bytes per link, the hiding threshold and the predicted step time.
 
     `memory_budget` is what activations may use (default: 80% of the device's memory;
@@ -273,7 +321,10 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
             state = STATE_BYTES_PER_PARAM * cfg.n_params() if offload == "ram" else 0
             memory_budget = 0.5 * profile.host_memory_bytes - state
     budget = memory_budget
-    do_recompute = choose_recompute(cfg, tokens_per_step, profile.compute_bytes, budget, recompute)
+    micro = micro_tokens or tokens_per_step
+    kept = (min(kept_graphs, cfg.n_layer) if kept_graphs is not None
+            else choose_kept_graphs(cfg, tokens_per_step, micro, profile.compute_bytes, budget, recompute))
+    do_recompute = kept < cfg.n_layer
     counts = unit_param_counts(cfg)
     n_params, biggest = sum(counts), max(counts)
     b, g = profile.compute_bytes, 4  # weights in compute dtype in, float32 gradients out
@@ -281,7 +332,7 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
     flops = _unit_flops_per_token(cfg, seq_len)
     unit_compute = flops[1] * tokens_per_step / F if cfg.n_layer else 0.0
     depth = prefetch_depth or choose_prefetch_depth(unit_compute, counts[1] * b / profile.h2d_bytes_per_s)
-    visits = step_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, do_recompute)
+    visits = step_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, kept)
     predicted = predicted_stream_s(visits, depth, profile)
 
     backward_ratio = 6 if do_recompute else 4  # backward FLOPs per parameter per token
@@ -296,14 +347,8 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
         per_token = 2 + backward_ratio
         min_disk = F * (20 / profile.disk_read_bytes_per_s + 16 / profile.disk_write_bytes_per_s) / per_token
 
-    recommended = recommended_tokens(cfg, profile, seq_len, offload, depth, do_recompute)
-    micro = micro_tokens or tokens_per_step
-    resident_units = depth + 1 + (1 if cfg.tie_embeddings else 0)  # a tied table stays for the head
-    activations = (activation_bytes(cfg, tokens_per_step, micro, b) if do_recompute
-                   else graph_activation_bytes(cfg, tokens_per_step, b))
-    device_bytes = resident_units * biggest * b + 2 * biggest * g + activations
-    staging = (depth + 1) * biggest * (b + g)
-    host_bytes = staging + (STATE_BYTES_PER_PARAM * n_params if offload == "ram" else 4 * biggest * 4)
+    recommended = recommended_tokens(cfg, profile, seq_len, offload, depth, kept)
+    device_bytes, host_bytes = memory_bytes(cfg, profile, tokens_per_step, micro, offload, depth, kept)
     return Plan(
         model=cfg.name, device=profile.name, offload=offload, prefetch_depth=depth,
         tokens_per_step=tokens_per_step, seq_len=seq_len, n_params=n_params, n_units=len(counts),
@@ -314,10 +359,110 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
         min_tokens_forward=math.ceil(min_fwd), min_tokens_backward=math.ceil(min_bwd),
         min_tokens_disk=math.ceil(min_disk),
         min_tokens_per_step=math.ceil(max(min_fwd, min_bwd, min_disk)),
-        recommended_tokens_per_step=recommended, recompute=do_recompute,
+        recommended_tokens_per_step=recommended, recompute=do_recompute, kept_graphs=kept,
         fits_device=not profile.device_memory_bytes or device_bytes <= profile.device_memory_bytes,
         compute_s=sum(v.compute_s for v in visits), predicted_step_s=predicted,
     )
+
+
+RUNTIME_BYTES = 240 * 2**20  # Python, torch and this package, before any tensor (measured on CPU)
+
+
+def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, micro_tokens: int,
+                 offload: str, depth: int, kept: int) -> tuple[int, int]:
+    """(device bytes, host bytes) at the step's peak, mirroring what `StreamEngine`
+    and the stores allocate. On a CPU device the two are the same memory: the
+    process's resident set is their sum.
+
+    Device: K + 1 ring slots sized for the largest unit outside a tied table, the tied
+    table's own slot, two gradient buffers (and the tied table's), and activations.
+    Host: pinned staging mirrors of the slots and gradient buffers (CUDA only), the
+    store (the whole state for the RAM tier; for the disk tier its chunk buffers: a
+    scratch set and the pipeline's ring), and the runtime itself.
+    """
+    from streamer.store import CHUNK_NUMEL, RING  # the store's own sizes, not copies of them
+
+    counts = unit_param_counts(cfg)
+    b, g = profile.compute_bytes, 4
+    tied = counts[0] if cfg.tie_embeddings else 0
+    ring = max(counts[1:] if cfg.tie_embeddings else counts)
+    weights = (depth + 1) * ring * b + tied * b
+    grads = 2 * ring * g + tied * g
+    activations = kept_activation_bytes(cfg, tokens_per_step, micro_tokens, b, kept)
+    device = weights + grads + activations
+    staging = 0 if profile.shares_host_cores else weights + grads
+    if offload == "ram":
+        store = STATE_BYTES_PER_PARAM * sum(counts)
+    else:
+        store = (RING + 1) * len(("param", "grad", "exp_avg", "exp_avg_sq")) * min(CHUNK_NUMEL, max(counts)) * 4
+    return int(device), int(staging + store + RUNTIME_BYTES)
+
+
+def predicted_peak_rss(plan: Plan) -> int:
+    """The process's peak resident set on a CPU device: device and host are one memory."""
+    return plan.device_bytes + plan.host_bytes
+
+
+def peak_bytes(plan: Plan, profile: DeviceProfile) -> int:
+    """The memory a `--max-memory` limit applies to: the device's (a CPU device's
+    is the process's whole resident set)."""
+    return predicted_peak_rss(plan) if profile.shares_host_cores else plan.device_bytes
+
+
+def fit_memory(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
+               micro_tokens: int, limit_bytes: float, prefetch_depth: int | None = None,
+               recompute: str = "auto") -> Plan:
+    """The fastest plan whose peak memory stays within `limit_bytes`: as many blocks
+    keep their graphs as fit (all of them with `--recompute no`, none with `yes`);
+    refuse when even the leanest allowed plan does not fit."""
+    first = make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
+                      prefetch_depth=prefetch_depth, memory_budget=float("inf"), recompute="yes")
+    depth = first.prefetch_depth
+    allowed = {"auto": range(cfg.n_layer, -1, -1), "yes": [0], "no": [cfg.n_layer]}[recompute]
+    peaks = {}
+    for kept in allowed:  # memory alone decides; plan only the chosen count
+        device, host = memory_bytes(cfg, profile, tokens_per_step, micro_tokens, offload, depth, kept)
+        peaks[kept] = device + host if profile.shares_host_cores else device
+        if peaks[kept] <= limit_bytes:
+            return make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
+                             prefetch_depth=depth, memory_budget=float("inf"), kept_graphs=kept)
+    need = min(peaks.values())
+    raise UserError(f"{cfg.name} at {tokens_per_step:,} tokens per step needs about {need / 2**30:.1f} GiB "
+                    f"{'' if recompute == 'auto' else f'with --recompute {recompute} '}but --max-memory is "
+                    f"{limit_bytes / 2**30:.1f} GiB: lower --batch-size or --seq-len, "
+                    f"{'allow --recompute yes, ' if recompute == 'no' else ''}or raise --max-memory")
+
+
+def predict_resident_peak_bytes(cfg: ModelConfig, micro_tokens: int, act_bytes: int) -> int:
+    """Resident training's peak: weights, gradients and AdamW moments of the whole
+    model, one micro-batch's autograd graph, the head's logits, and the runtime."""
+    logits = micro_tokens * 3 * cfg.padded_vocab_size * 4
+    return int(STATE_BYTES_PER_PARAM * cfg.n_params() + graph_activation_bytes(cfg, micro_tokens, act_bytes)
+               + logits + RUNTIME_BYTES)
+
+
+def predict_fsdp_step_s(cfg: ModelConfig, tokens_per_rank: int, seq_len: int, world: int, rank_flops: float,
+                        collective_bytes_per_s: float, update_bytes_per_s: float) -> float:
+    """FSDP2 over `world` processes, each at `rank_flops`: its share of forward and
+    backward, the all-gathers of parameters (forward, and again in backward after
+    resharding) and the reduce-scatter of gradients, 3 x 4 x P x (N - 1) / N bytes, and
+    AdamW on its 1/N shard. Summed: on a CPU the collectives use the same cores."""
+    compute = cfg.flops_per_token(seq_len) * tokens_per_rank / rank_flops
+    moved = 3 * 4 * cfg.n_params() * (world - 1) / world
+    return compute + moved / collective_bytes_per_s + 28 * cfg.n_params() / world / update_bytes_per_s
+
+
+def predict_fsdp_peak_bytes(cfg: ModelConfig, micro_tokens: int, world: int, act_bytes: int) -> int:
+    """One FSDP2 process: its shard of weights, gradients and moments; the root's
+    parameters (embeddings, final norm, an untied head) gathered whole for the step;
+    two blocks gathered at a time (the one running and the one prefetched) with their
+    unsharded gradients; one micro-batch's graph and logits; the runtime."""
+    counts = unit_param_counts(cfg)
+    root = counts[0] + counts[-1]
+    block = counts[1] if cfg.n_layer else 0
+    logits = micro_tokens * 3 * cfg.padded_vocab_size * 4
+    return int(STATE_BYTES_PER_PARAM * sum(counts) / world + 4 * root + 2 * 2 * 4 * block
+               + graph_activation_bytes(cfg, micro_tokens, act_bytes) + logits + RUNTIME_BYTES)
 
 
 def predict_resident_step_s(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int) -> float:
@@ -403,13 +548,16 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20) -> t
 
 
 def measure_disk_bandwidth(folder: Path, nbytes: int = 256 * 2**20) -> tuple[float, float]:
-    """Sequential read and write bytes/s with fsync, page cache dropped before reading."""
+    """Sequential read and write bytes/s: 16 MiB writes then one fsync (so the time
+    counts the data reaching storage, as a long run's writeback does), and reads with
+    the page cache dropped first."""
     folder.mkdir(parents=True, exist_ok=True)
-    data = os.urandom(2**20) * (nbytes // 2**20)
+    piece = os.urandom(16 * 2**20)
     fd, name = tempfile.mkstemp(dir=folder, prefix=".bw-probe-")
     try:
         started = time.perf_counter()
-        os.write(fd, data)
+        for offset in range(0, nbytes, len(piece)):
+            os.pwrite(fd, piece, offset)
         os.fsync(fd)
         write_rate = nbytes / (time.perf_counter() - started)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -535,6 +683,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(f"  does not fit: {shortfall.split(': ')[0]}")
 
 
+def recompute_text(plan: Plan) -> str:
+    if not plan.recompute:
+        return "no"
+    return f"all but the last {plan.kept_graphs} blocks" if plan.kept_graphs else "every block"
+
+
 def format_plan(plan: Plan, profile: DeviceProfile) -> str:
     gib = 2**30
     lines = [
@@ -549,7 +703,7 @@ def format_plan(plan: Plan, profile: DeviceProfile) -> str:
         f"  tokens per step to hide transfers: forward {plan.min_tokens_forward:,}, backward "
         f"{plan.min_tokens_backward:,}, disk {plan.min_tokens_disk:,} -> {plan.min_tokens_per_step:,}",
         f"  recommended tokens per step (data movement <= 5% of the step): {plan.recommended_tokens_per_step:,}"
-        f"; recompute in backward: {'yes' if plan.recompute else 'no'}",
+        f"; recompute in backward: {recompute_text(plan)}",
         *([] if plan.fits_device else [f"  device memory short: {plan.device_bytes / gib:.1f} GiB needed, "
                                        f"{profile.device_memory_bytes / gib:.1f} GiB on {profile.name}: "
                                        "use fewer tokens per step (unit-boundary activations grow with it)"]),

@@ -48,6 +48,8 @@ from streamer.parallel import DataParallel
 from streamer.stats import StepStats
 from streamer.store import BUFFERS, CHECKPOINT_BUFFERS, DiskStore, HostStore, RamStore, UnitLayout
 
+UPDATED = ("param", "exp_avg", "exp_avg_sq")  # what an update writes back (it consumes the gradient)
+
 
 class UnitState(enum.Enum):
     HOME = "home"  # only in the host store; no slot
@@ -89,7 +91,7 @@ def squared_norm(flat: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
 class StreamEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, store: HostStore, device: torch.device,
                  dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0,
-                 recompute: bool = True, dp: DataParallel | None = None) -> None:
+                 recompute: bool = True, dp: DataParallel | None = None, kept_graphs: int | None = None) -> None:
         self.cfg, self.optim, self.store = model_cfg, optim, store
         self.dp = dp or DataParallel()
         if device.type == "cuda" and device.index is None:
@@ -97,10 +99,20 @@ class StreamEngine:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.dtype, self.depth = device, dtype, prefetch_depth
         self.predicted_step_s = predicted_step_s
+        # Re-plans with measured rates (set by `create`); see `_calibrate`.
+        self.replan = None
+        self.prediction = "profile"  # where predicted_step_s comes from: profile | calibrated
         # Recompute keeps only unit-boundary activations and runs each unit's forward
         # again in backward; without it each unit's autograd graph is kept (weights
         # excluded, see `_weight_hooks`): a third less compute, far more activation memory.
-        self.recompute = recompute
+        # `kept_graphs` blocks, the last ones, keep their graphs and the others recompute
+        # (the planner fits the count to memory); by default all or none, by `recompute`.
+        n_layer = model_cfg.n_layer
+        kept = (0 if recompute else n_layer) if kept_graphs is None else min(kept_graphs, n_layer)
+        self.kept_graphs = kept
+        self.keeps_graph = {u: (n_layer + 1 - kept <= u <= n_layer) or (kept == n_layer and u == 0)
+                            for u in range(n_layer + 2)}
+        self.recompute = kept < n_layer
         with torch.device("meta"):
             self.modules = [build_unit(model_cfg, i) for i in range(model_cfg.n_layer + 2)]
         self.layouts = store.layouts
@@ -158,7 +170,10 @@ class StreamEngine:
         self.pending: PendingUpdate | None = None
         self.update_due = [False] * self.n_units
         self.adam_step = 0
-        self.counters = {"bytes_in": 0, "bytes_out": 0, "stall_s": 0.0}
+        self.counters = {"bytes_in": 0, "bytes_out": 0, "stall_s": 0.0, "update_s": 0.0,
+                         "forward_s": 0.0, "backward_s": 0.0}
+        self.io_before = store.io_seconds()
+        self.io_step: dict[str, float] = {}
 
     # --- construction ------------------------------------------------------------
 
@@ -179,10 +194,15 @@ class StreamEngine:
             budget = 0.5 * psutil.virtual_memory().available - state
         profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
                                   matmul_flops=planner.peak_flops(device, dtype))
-        plan = planner.make_plan(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
-                                 micro_tokens=train_cfg.batch_size * train_cfg.seq_len,
-                                 prefetch_depth=train_cfg.prefetch_depth, memory_budget=budget,
-                                 recompute=train_cfg.recompute)
+        micro = train_cfg.batch_size * train_cfg.seq_len
+        if train_cfg.max_memory_gib:
+            plan = planner.fit_memory(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
+                                      micro, train_cfg.max_memory_gib * 2**30, train_cfg.prefetch_depth,
+                                      train_cfg.recompute)
+        else:
+            plan = planner.make_plan(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
+                                     micro_tokens=micro, prefetch_depth=train_cfg.prefetch_depth,
+                                     memory_budget=budget, recompute=train_cfg.recompute)
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
         dp = DataParallel(train_cfg.grad_sync)
@@ -198,8 +218,13 @@ class StreamEngine:
             store.init_params(i, unit)
             del unit
         engine = cls(model_cfg, optim, store, device, dtype, plan.prefetch_depth, plan.predicted_step_s,
-                     recompute=plan.recompute, dp=dp)
+                     dp=dp, kept_graphs=plan.kept_graphs)
         engine.offload = offload
+        engine.predicted_peak_bytes = planner.peak_bytes(plan, profile)
+        engine.replan = lambda rates: planner.make_plan(
+            model_cfg, planner.replace(profile, **rates), train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
+            micro_tokens=train_cfg.batch_size * train_cfg.seq_len, prefetch_depth=plan.prefetch_depth,
+            memory_budget=budget, kept_graphs=plan.kept_graphs).predicted_step_s
         return engine
 
     # --- unit state and transfers ------------------------------------------------
@@ -268,12 +293,12 @@ class StreamEngine:
             torch.cuda.set_device(self.device)  # this thread's CUDA calls go to our device
             self.copy_done_events[slot].synchronize()  # the previous copy out of this buffer is done
         numel, first = self.layouts[unit].numel, self.store.owned[unit][0]
-        for start, stop in self.store.chunks(unit):
-            if self.update_due[unit]:
-                param = self._update_chunk(unit, start, stop)
-            else:
-                param = self.store.open(unit, ("param",), start, stop)["param"]
-            target[first + start : first + stop].copy_(param)  # casts to the compute dtype
+        due = self.update_due[unit]
+        read, write = (BUFFERS, UPDATED) if due else (("param",), ())
+        for start, stop, buffers in self.store.stream(unit, read, write):
+            if due:
+                self._update_chunk(unit, start, stop, buffers)
+            target[first + start : first + stop].copy_(buffers["param"])  # casts to the compute dtype
         self.update_due[unit] = False
         if self.staging is None:
             self.dp.gather_weights(target, numel)  # other ranks' shards fill in the rest
@@ -285,21 +310,21 @@ class StreamEngine:
             self.dp.gather_weights(self.slots[slot], numel)
             self.copy_done_events[slot].record(self.copy_stream)
 
-    def _update_chunk(self, unit: int, start: int, stop: int) -> torch.Tensor:
-        """AdamW on elements [start, stop) of a unit; returns the updated weights."""
+    def _update_chunk(self, unit: int, start: int, stop: int, buffers: dict[str, torch.Tensor]) -> None:
+        """AdamW, in place, on elements [start, stop) of a unit's owned part."""
+        started = time.perf_counter()
         update = self.pending
-        buffers = self.store.open(unit, BUFFERS, start, stop)
         first = self.store.owned[unit][0] + start  # the chunk's offset within the whole unit
         decay_numel = min(max(self.layouts[unit].decay_numel - first, 0), stop - start)
         adamw_update_(buffers["param"], buffers["grad"], buffers["exp_avg"], buffers["exp_avg_sq"],
                       step=update.adam_step, lr=update.lr, cfg=self.optim, decay_numel=decay_numel,
                       grad_scale=update.grad_scale)
-        self.store.commit(unit, ("param", "exp_avg", "exp_avg_sq"), start, stop)
-        return buffers["param"]
+        self.counters["update_s"] += time.perf_counter() - started
 
     def _apply_update(self, unit: int) -> None:
-        for start, stop in self.store.chunks(unit):
-            self._update_chunk(unit, start, stop)
+        for start, stop, buffers in self.store.stream(unit, BUFFERS, UPDATED):
+            self._update_chunk(unit, start, stop, buffers)
+        self.store.settle()
         self.update_due[unit] = False
 
     def _sparse_rows(self, unit: int) -> tuple[int, int] | None:
@@ -372,7 +397,7 @@ class StreamEngine:
         without, keep each micro-batch's autograd graph for the backward visit."""
         self.wait(unit)
         params = self.params(unit)
-        if self.recompute:
+        if not self.keeps_graph[unit]:
             with torch.no_grad():
                 return [functional_call(self.modules[unit], params, (x,)) for x in inputs], []
         outputs, graphs = [], []
@@ -481,6 +506,10 @@ class StreamEngine:
         graphs: list[list] = [[] for _ in range(self.n_units)]
         acts, grads_in, losses = xs, None, []
         self.shard_sq_norm.zero_()
+        started = head_started = time.perf_counter()
+        # What was predicted before this step ran: a calibration made at its end
+        # applies to the steps after it.
+        self.step_prediction = (self.predicted_step_s, self.prediction)
         if self.tied:
             self.acquire(0)  # the head reads the embedding table: keep it for the whole step
             self.tied_grad.zero_()
@@ -489,6 +518,9 @@ class StreamEngine:
         for v, (phase, unit) in enumerate(visits):
             if v + self.depth < len(visits):
                 self.acquire(visits[v + self.depth][1])
+            if phase == "head":
+                head_started = time.perf_counter()
+                self.counters["forward_s"] = head_started - started
             if phase == "forward":
                 saved[unit] = acts
                 acts, graphs[unit] = self._forward_unit(unit, acts)
@@ -509,6 +541,7 @@ class StreamEngine:
             self.release(0)
         for k in range(2):
             self._drain(k)
+        self.counters["backward_s"] = time.perf_counter() - head_started
         return self._finish_step(losses, lr)
 
     def _device_stall_s(self) -> float:
@@ -531,6 +564,11 @@ class StreamEngine:
             self.pending = PendingUpdate(self.adam_step, lr, clip_coefficient(grad_norm, self.optim.grad_clip))
             self.update_due = [True] * self.n_units
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else self.device_bytes()
+        io_now = self.store.io_seconds()
+        self.io_step = {f"store_{k}": io_now[k] - self.io_before.get(k, 0) for k in io_now}
+        self.io_before = io_now
+        if self.prediction == "profile" and self.counters["update_s"] > 0 and self.replan is not None:
+            self._calibrate()
         return StepStats(loss=loss, grad_norm=grad_norm, skipped=skipped, bytes_in=self.counters["bytes_in"],
                          bytes_out=self.counters["bytes_out"], stall_s=self.counters["stall_s"],
                          peak_device_bytes=peak)
@@ -541,8 +579,30 @@ class StreamEngine:
         return sum(b.numel() * b.element_size() for b in buffers)
 
     def step_extra(self) -> dict:
-        return {"predicted_step_s": self.predicted_step_s, "offload": getattr(self, "offload", "ram"),
-                "prefetch_depth": self.depth, "recompute": self.recompute}
+        """Per-step timings beside the totals: the forward and backward phases (the
+        forward carries the previous step's updates), the host worker's update compute,
+        and, for the disk tier, seconds and bytes of storage reads and writes."""
+        predicted, source = getattr(self, "step_prediction", (self.predicted_step_s, self.prediction))
+        return {"predicted_step_s": predicted, "prediction": source,
+                "predicted_peak_bytes": getattr(self, "predicted_peak_bytes", 0),
+                "offload": getattr(self, "offload", "ram"),
+                "prefetch_depth": self.depth, "recompute": self.recompute, "kept_graphs": self.kept_graphs,
+                **{k: self.counters[k] for k in ("forward_s", "backward_s", "update_s")}, **self.io_step}
+
+    def _calibrate(self) -> None:
+        """Re-predict the step from rates this run measured in its first step that
+        carried updates: the host AdamW rate (under the compute it shares the machine
+        with) and, for the disk tier, the store's read and write rates (busy time of its
+        I/O threads, page-cache hits included). A profile's figures, or a short fsync'd
+        probe, miss both contention and the page cache."""
+        owned = sum(self.store.owned_numel(u) for u in range(self.n_units))
+        rates = {"host_update_bytes_per_s": 28 * owned / self.counters["update_s"]}
+        io = self.io_step
+        if io.get("store_read_s", 0) > 0 and io.get("store_write_s", 0) > 0:
+            rates.update(disk_read_bytes_per_s=io["store_read_bytes"] / io["store_read_s"],
+                         disk_write_bytes_per_s=io["store_write_bytes"] / io["store_write_s"])
+        self.predicted_step_s = self.replan(rates)
+        self.prediction = "calibrated"
 
     # --- results -----------------------------------------------------------------
 

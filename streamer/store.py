@@ -10,7 +10,19 @@ exp_avg_sq) are kept together:
   mmap) keeps file pages out of the process's resident set: the page cache may hold
   them, but the kernel can drop those at will, and they never count as our memory.
 
-Only the engine's single host worker thread calls a store, so stores need no locks.
+Only the engine's host worker thread reads and updates a store; gradient writes may
+come from a second thread but touch only the gradient buffer, which no update-time job
+writes.
+
+[Note: the disk tier's read-update-write pipeline]
+An update reads four buffers and writes three, about 28 bytes per parameter, and the
+whole model's worth must move between one backward and the next forward (the clip
+coefficient is known only when the backward ends). Done in sequence per chunk, the
+read, the update and the write add up. `DiskStore.stream` instead keeps a ring of
+`RING` chunk-buffer sets: a reader thread fills chunk i + 2 while the worker updates
+chunk i and a writer thread writes chunk i - 1 back, so the step pays about the largest
+of the three, not their sum. A later read of a unit first waits for that unit's
+pending writes (`settle`), so no read ever sees a half-written chunk.
 """
 
 from __future__ import annotations
@@ -18,7 +30,11 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +49,7 @@ BUFFERS = ("param", "grad", "exp_avg", "exp_avg_sq")
 CHECKPOINT_BUFFERS = ("param", "exp_avg", "exp_avg_sq")
 _IO_BYTES = 256 * 2**20  # pread/pwrite move at most 2 GiB per call; stay well under it
 CHUNK_NUMEL = 8 * 2**20  # 32 MiB per float32 buffer: large I/Os, small resident set
+RING = 3  # chunk-buffer sets in the disk pipeline: one being read, one updated, one written
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,23 @@ class HostStore(ABC):
         numel = self.owned_numel(index)
         return [(start, min(numel, start + CHUNK_NUMEL)) for start in range(0, numel, CHUNK_NUMEL)]
 
+    def stream(self, index: int, read: tuple[str, ...],
+               write: tuple[str, ...] = ()) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        """Every chunk of the unit as (start, stop, {name: buffer}) for the `read` names,
+        in order; once the consumer asks for the next chunk, the `write` names of the
+        previous one are committed. Here: `open` and `commit` in sequence."""
+        for start, stop in self.chunks(index):
+            yield start, stop, self.open(index, read, start, stop)
+            if write:
+                self.commit(index, write, start, stop)
+
+    def settle(self) -> None:  # noqa: B027 - only the disk tier writes in the background
+        """Wait for background writes and raise the first error any of them hit."""
+
+    def io_seconds(self) -> dict[str, float]:
+        """Cumulative seconds spent in storage reads and writes, and their bytes."""
+        return {}
+
     def advise(self, index: int, names: tuple[str, ...]) -> None:  # noqa: B027 - a hint; RAM needs none
         """Hint that the unit's named buffers will be read soon."""
 
@@ -155,11 +189,19 @@ class DiskStore(HostStore):
         super().__init__(layouts, owned)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        # Scratch for one chunk of each of the four buffers, allocated once for the run.
+        # Scratch for one chunk of each of the four buffers, allocated once for the run,
+        # and the pipeline's ring of chunk sets (see the note at the top).
         self.scratch = {name: torch.empty(CHUNK_NUMEL) for name in BUFFERS}
+        self.ring = [{name: torch.empty(CHUNK_NUMEL) for name in BUFFERS} for _ in range(RING)]
+        self.ring_busy: list[Future | None] = [None] * RING  # the write out of each set
+        self.pending: dict[int, list[Future]] = {}  # unit -> its writes not yet waited on
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-read")
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-write")
         self.fds: list[int] = []
         self.offsets: list[dict[str, int]] = []
+        self._lock = threading.Lock()  # the counters below are updated from several threads
         self.bytes_read = self.bytes_written = 0
+        self.read_s = self.write_s = 0.0
 
     def path(self, index: int) -> Path:
         return self.folder / f"unit_{index:05d}.safetensors"
@@ -189,6 +231,7 @@ class DiskStore(HostStore):
 
     def _pwrite(self, index: int, name: str, tensor: torch.Tensor, first: int) -> None:
         """Write `tensor` over elements [first, first + len) of the named buffer."""
+        started = time.perf_counter()
         view = memoryview(tensor.numpy()).cast("B")
         fd, base = self.fds[index], self.offsets[index][name] + 4 * first
         for start in range(0, len(view), _IO_BYTES):
@@ -196,9 +239,12 @@ class DiskStore(HostStore):
             written = 0
             while written < len(chunk):
                 written += os.pwrite(fd, chunk[written:], base + start + written)
-        self.bytes_written += len(view)
+        with self._lock:
+            self.bytes_written += len(view)
+            self.write_s += time.perf_counter() - started
 
     def _pread(self, index: int, name: str, tensor: torch.Tensor, first: int) -> None:
+        started = time.perf_counter()
         view = memoryview(tensor.numpy()).cast("B")
         fd, base = self.fds[index], self.offsets[index][name] + 4 * first
         for start in range(0, len(view), _IO_BYTES):
@@ -209,7 +255,74 @@ class DiskStore(HostStore):
                 if n == 0:
                     raise OSError(f"store file {self.path(index)} is truncated")
                 got += n
-        self.bytes_read += len(view)
+        with self._lock:
+            self.bytes_read += len(view)
+            self.read_s += time.perf_counter() - started
+
+    def io_seconds(self) -> dict[str, float]:
+        with self._lock:
+            return {"read_s": self.read_s, "write_s": self.write_s,
+                    "read_bytes": self.bytes_read, "write_bytes": self.bytes_written}
+
+    def _settle_unit(self, index: int) -> None:
+        futures = self.pending.pop(index, [])
+        for future in futures:
+            future.exception()  # wait for all of them before raising any error
+        for future in futures:
+            future.result()
+
+    def settle(self) -> None:
+        errors = []
+        for index in list(self.pending):
+            try:
+                self._settle_unit(index)
+            except OSError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def stream(self, index: int, read: tuple[str, ...],
+               write: tuple[str, ...] = ()) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        """The pipelined pass over a unit (see the note at the top of this module)."""
+        self._settle_unit(index)  # an earlier pass's writes land before we read
+        chunks = self.chunks(index)
+
+        def fill(i: int) -> None:
+            start, stop = chunks[i]
+            k = i % RING
+            if self.ring_busy[k] is not None:
+                # Wait until the set's previous chunk is written out; a failed write is
+                # reported by `settle`, through `pending`, not here.
+                self.ring_busy[k].exception()
+            for name in read:
+                self._pread(index, name, self.ring[k][name][: stop - start], start)
+
+        def drain(i: int) -> None:
+            start, stop = chunks[i]
+            for name in write:
+                self._pwrite(index, name, self.ring[i % RING][name][: stop - start], start)
+
+        reads = [self.reader.submit(fill, i) for i in range(min(RING - 1, len(chunks)))]
+        finished = False
+        try:
+            for i, (start, stop) in enumerate(chunks):
+                reads[i].result()
+                yield start, stop, {name: self.ring[i % RING][name][: stop - start] for name in read}
+                if write:
+                    future = self.writer.submit(drain, i)
+                    self.ring_busy[i % RING] = future
+                    self.pending.setdefault(index, []).append(future)
+                if i + RING - 1 < len(chunks):
+                    reads.append(self.reader.submit(fill, i + RING - 1))
+            finished = True
+        finally:
+            # A pass that stops early (an error) must not leave reads or writes using
+            # sets that the next pass will fill; the error in flight is the one reported.
+            for future in reads:
+                future.exception()
+            if not finished:
+                for future in self.pending.pop(index, []):
+                    future.exception()
 
     def advise(self, index: int, names: tuple[str, ...]) -> None:
         """POSIX_FADV_WILLNEED: the kernel reads the buffers ahead, asynchronously, while
@@ -220,6 +333,7 @@ class DiskStore(HostStore):
 
     def open(self, index: int, names: tuple[str, ...], start: int, stop: int) -> dict[str, torch.Tensor]:
         assert stop - start <= CHUNK_NUMEL, "disk-tier reads go a chunk at a time"
+        self._settle_unit(index)
         out = {}
         for name in names:
             buf = self.scratch[name][: stop - start]
@@ -238,6 +352,11 @@ class DiskStore(HostStore):
         return sum(16 * self.owned_numel(i) for i in range(len(self.layouts)))
 
     def close(self) -> None:
+        try:
+            self.settle()
+        finally:
+            self.reader.shutdown(wait=True)
+            self.writer.shutdown(wait=True)
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()

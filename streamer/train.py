@@ -64,6 +64,7 @@ class TrainConfig:
     offload: str = "auto"  # stream mode: ram | disk | auto (the planner decides)
     prefetch_depth: int | None = None  # stream mode: units fetched ahead; None: the planner decides
     recompute: str = "auto"  # stream mode: yes | no | auto (recompute only when graphs do not fit)
+    max_memory_gib: float | None = None  # stream mode: peak device memory (a CPU's: the process) to plan for
     grad_sync: str = "sparse"  # data parallel: the embedding's gradient by sparse or dense all-reduce
     progress: bool = True
     checkpoint_every: int = 0  # steps between checkpoints in DIR/checkpoints; 0: none
@@ -89,6 +90,8 @@ class TrainConfig:
             raise UserError("--resume needs the run's directory: add --out DIR")
         if self.recompute not in ("auto", "yes", "no"):
             raise UserError(f"--recompute must be auto, yes or no, got '{self.recompute}'")
+        if self.max_memory_gib is not None and self.max_memory_gib <= 0:
+            raise UserError(f"--max-memory must be a positive number of GiB, got {self.max_memory_gib}")
         if self.prefetch_depth is not None and self.prefetch_depth <= 0:
             raise UserError(f"--prefetch-depth must be a positive integer, got {self.prefetch_depth}")
         if self.grad_sync not in ("sparse", "dense"):
@@ -181,15 +184,25 @@ def check_grad_sync(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.devi
                         "pip install 'streamer[cuda]', or use --grad-sync dense") from None
 
 
-def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path) -> None:
-    """A streamed model's state must fit host RAM or the disk under --out."""
+def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device: torch.device,
+                    dtype: torch.dtype) -> None:
+    """A streamed model's state must fit host RAM or the disk under --out, and its
+    step the --max-memory limit when one is given."""
     import psutil
 
     from streamer import planner
 
     existing = next(p for p in [out, *out.parents] if p.exists() or p == p.parent)
-    planner.choose_offload(model_cfg, psutil.virtual_memory().available, shutil.disk_usage(existing).free,
-                           cfg.offload)
+    offload = planner.choose_offload(model_cfg, psutil.virtual_memory().available,
+                                     shutil.disk_usage(existing).free, cfg.offload)
+    if cfg.max_memory_gib:
+        # Memory does not depend on the compute rate, so the device's stock profile
+        # answers "does it fit" before anything is measured or written.
+        profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]
+        profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size())
+        planner.fit_memory(model_cfg, profile, cfg.tokens_per_step(), cfg.seq_len, offload,
+                           cfg.batch_size * cfg.seq_len, cfg.max_memory_gib * 2**30, cfg.prefetch_depth,
+                           cfg.recompute)
 
 
 def check_resumable(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, world: int) -> list[str]:
@@ -231,7 +244,7 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
     out = Path(cfg.out) if cfg.out else default_out(cfg.model)
     check_out_dir(out, cfg.resume)
     if cfg.mode == "stream":
-        check_plan_fits(cfg, model_cfg, out)
+        check_plan_fits(cfg, model_cfg, out, device, dtype)
     warnings = check_resumable(cfg, model_cfg, out, world) if cfg.resume else []
     return Preflight(model_cfg, device, dtype, tokens, out, warnings)
 
@@ -304,8 +317,49 @@ def micro_batches(sampler: BatchSampler, step: int, cfg: TrainConfig, rank: int 
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
+    """The process's peak resident set since the last `reset_peak_rss` (Linux's VmHWM;
+    elsewhere ru_maxrss, a peak over the whole process life)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def tune_allocator() -> None:
+    """Keep large CPU tensors on the heap instead of fresh mappings (glibc only).
+
+    glibc serves every allocation above 32 MiB with its own mmap and unmaps it on free,
+    so each step's activations of a large model (tens of MB per tensor) come back as
+    new pages that fault in and are zeroed one by one: on a 2-core machine that costs
+    about a tenth of matmul throughput, and more when the page cache is under pressure
+    from a disk-tier store. With a high mmap threshold the heap keeps and reuses them;
+    with a high trim threshold it does not hand them back between steps."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return
+    if mallopt is None:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    mallopt(m_mmap_threshold, 2**30)
+    mallopt(m_trim_threshold, 2**31 - 1)
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak: a benchmark that runs several trainings in one process then
+    reports each run's own peak, not the largest so far. Linux only; a no-op elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def metrics_row(step: int, stats: StepStats, lr: float, tokens: int, step_s: float, flops_per_token: float,
@@ -412,6 +466,8 @@ def train(cfg: TrainConfig) -> Path:
     from streamer.parallel import init_from_env
 
     checked = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    tune_allocator()
+    reset_peak_rss()
     init_from_env(checked.device)
     dp = DataParallel(cfg.grad_sync)
     lead = dp.rank == 0

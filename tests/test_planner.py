@@ -9,6 +9,7 @@ import torch
 
 from models import REGISTRY, ModelConfig
 from models.gpt import build_unit
+from streamer import planner
 from streamer.errors import UserError
 from streamer.planner import PROFILES, STATE_BYTES_PER_PARAM, choose_offload, make_plan, unit_param_counts
 
@@ -81,3 +82,44 @@ def test_choose_offload_refuses_when_nothing_fits() -> None:
         choose_offload(cfg, host_available=16 * GIB, disk_free=10 * GIB)
     with pytest.raises(UserError, match="short.*--offload disk"):
         choose_offload(cfg, host_available=16 * GIB, disk_free=100 * GIB, asked="ram")
+
+
+def test_fit_memory_keeps_as_many_graphs_as_fit() -> None:
+    cfg, profile = ModelConfig.from_name("gpt3-2.7b"), planner.PROFILES["cpu"]
+
+    def plan(limit: float, recompute: str = "auto") -> planner.Plan:
+        return planner.fit_memory(cfg, profile, 1024, 256, "disk", 1024, limit, recompute=recompute)
+
+    every = planner.peak_bytes(plan(float("inf"), "no"), profile)
+    none = planner.peak_bytes(plan(float("inf"), "yes"), profile)
+    assert none < every
+    assert plan(every).kept_graphs == cfg.n_layer and not plan(every).recompute
+    middle = plan((none + every) / 2)
+    assert 0 < middle.kept_graphs < cfg.n_layer and middle.recompute
+    assert planner.peak_bytes(middle, profile) <= (none + every) / 2
+    # Faster than recomputing everything, slower than recomputing nothing.
+    assert plan(every).compute_s < middle.compute_s < plan(none).compute_s
+    with pytest.raises(UserError, match="--max-memory"):
+        plan(none / 2)
+    with pytest.raises(UserError, match="allow --recompute yes"):
+        plan((none + every) / 2, "no")
+
+
+def test_memory_model_counts_what_the_engine_allocates() -> None:
+    """A CPU engine's own buffers (slots, gradient buffers) are exactly the plan's
+    device bytes less activations."""
+    from streamer.optim import OptimConfig
+    from streamer.scheduler import StreamEngine
+    from streamer.store import RamStore, UnitLayout
+
+    cfg = ModelConfig.from_name("tiny-neox")
+    with torch.device("meta"):
+        layouts = [UnitLayout.of(i, build_unit(cfg, i)) for i in range(cfg.n_layer + 2)]
+    profile = planner.replace(planner.PROFILES["cpu"], compute_bytes=4)
+    plan = planner.make_plan(cfg, profile, 256, 64, "ram", micro_tokens=256, prefetch_depth=2, recompute="yes")
+    engine = StreamEngine(cfg, OptimConfig(), RamStore(layouts), torch.device("cpu"), torch.float32, 2)
+    try:
+        activations = planner.activation_bytes(cfg, 256, 256, 4)
+        assert engine.device_bytes() == plan.device_bytes - activations
+    finally:
+        engine.close()

@@ -113,6 +113,29 @@ def test_kept_graphs_hold_no_weights(tmp_path):
         assert torch.equal(w_kept[name], w_redo[name])
 
 
+def test_a_memory_limit_keeps_some_graphs_and_recomputes_the_rest(tmp_path):
+    """--max-memory between the all-recompute and keep-everything peaks: the planner
+    keeps the graphs of the last blocks that fit and the rest recompute; the math is
+    the same as recomputing everything, bit for bit."""
+    from models import ModelConfig
+    from streamer import planner
+
+    cfg = ModelConfig.from_name("tiny-neox")
+    profile = planner.replace(planner.PROFILES["cpu"], compute_bytes=4)
+    tokens = 2 * 2 * 32  # batch 2, accumulation 2, seq_len 32, as _run trains
+    peaks = [sum(planner.memory_bytes(cfg, profile, tokens, 2 * 32, "ram", 1, kept)) for kept in range(cfg.n_layer + 1)]
+    assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks)  # each kept graph costs memory
+    limit = peaks[2] / 2**30
+    some, w_some = _run(tmp_path / "some", "tiny-neox", "stream", "ram", steps=3, prefetch_depth=1,
+                        max_memory_gib=limit)
+    redo, w_redo = _run(tmp_path / "redo", "tiny-neox", "stream", "ram", steps=3, prefetch_depth=1, recompute="yes")
+    assert {r["kept_graphs"] for r in some} == {2} and all(r["recompute"] for r in some)
+    assert some[0]["predicted_peak_bytes"] == peaks[2]
+    assert [r["loss"] for r in some] == [r["loss"] for r in redo]
+    for name in w_some:
+        assert torch.equal(w_some[name], w_redo[name])
+
+
 def test_chunked_disk_updates_equal_whole_unit_updates(tmp_path, monkeypatch):
     """The disk tier reads, updates and writes a unit in chunks; chunk edges (including
     the weight-decay boundary inside a chunk) must not change the result."""

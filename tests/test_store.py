@@ -67,3 +67,72 @@ def test_ram_and_disk_stores_return_the_same_buffers(tmp_path):
         assert torch.equal(a["param"], b["param"])
     assert disk.bytes_on_disk() == 16 * sum(lay.numel for lay in layouts)
     disk.close()
+
+
+def test_pipelined_disk_pass_matches_a_sequential_one_and_lands_on_disk(tmp_path, monkeypatch):
+    """The read-update-write pipeline over many chunks gives the bytes a chunk-by-chunk
+    open/commit would, and a later read sees every write."""
+    import streamer.store as store_module
+
+    monkeypatch.setattr(store_module, "CHUNK_NUMEL", 1000)  # many chunks, a ragged last one
+    layouts, units = _layouts_and_units("tiny")
+    unit = 1
+    stores = {kind: DiskStore(layouts, tmp_path / kind) for kind in ("seq", "pipe")}
+    grad = torch.randn(layouts[unit].numel)
+    for store in stores.values():
+        for i, u in enumerate(units):
+            store.init_params(i, u)
+        store.write_grad(unit, grad)
+
+    def update(buffers):  # any in-place change that reads every buffer
+        buffers["exp_avg"].add_(buffers["grad"])
+        buffers["exp_avg_sq"].addcmul_(buffers["grad"], buffers["grad"])
+        buffers["param"].sub_(0.1 * buffers["exp_avg"])
+
+    seq, pipe = stores["seq"], stores["pipe"]
+    assert len(seq.chunks(unit)) > store_module.RING  # the ring wraps around
+    for start, stop in seq.chunks(unit):
+        buffers = seq.open(unit, BUFFERS, start, stop)
+        update(buffers)
+        seq.commit(unit, ("param", "exp_avg", "exp_avg_sq"), start, stop)
+    for second in (False, True):  # the second pass reads what the first wrote in the background
+        if second:
+            pipe.write_grad(unit, grad)
+        for _start, _stop, buffers in pipe.stream(unit, BUFFERS, ("param", "exp_avg", "exp_avg_sq")):
+            update(buffers)
+    seq.write_grad(unit, grad)
+    for start, stop in seq.chunks(unit):  # the sequential store takes its second pass
+        buffers = seq.open(unit, BUFFERS, start, stop)
+        update(buffers)
+        seq.commit(unit, ("param", "exp_avg", "exp_avg_sq"), start, stop)
+    for store in stores.values():
+        store.close()
+    assert pipe.bytes_read == seq.bytes_read and pipe.bytes_written == seq.bytes_written
+    a = load_file(tmp_path / "seq" / f"unit_{unit:05d}.safetensors")
+    b = load_file(tmp_path / "pipe" / f"unit_{unit:05d}.safetensors")
+    for name in BUFFERS:
+        assert torch.equal(a[name], b[name]), name
+
+
+
+def test_a_failed_background_write_is_raised_not_lost(tmp_path, monkeypatch):
+    import pytest
+
+    import streamer.store as store_module
+
+    monkeypatch.setattr(store_module, "CHUNK_NUMEL", 1000)
+    layouts, units = _layouts_and_units("tiny")
+    store = DiskStore(layouts, tmp_path / "s")
+    for i, u in enumerate(units):
+        store.init_params(i, u)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "pwrite", full_disk)
+    with pytest.raises(OSError, match="No space left"):  # in the pass, or when it settles
+        for _start, _stop, buffers in store.stream(1, BUFFERS, ("param",)):
+            buffers["param"].add_(1.0)
+        store.settle()
+    monkeypatch.undo()
+    store.close()

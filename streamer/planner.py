@@ -130,10 +130,17 @@ def activation_bytes(cfg: ModelConfig, tokens_per_step: int, micro_tokens: int, 
     return boundary + working
 
 
+# Values per token, in units of d_model, that autograd saves for one block's backward
+# (weights excluded): 16 for GPT-3 blocks, 17 to 18 for GPT-J and NeoX (rotary tables),
+# counted with saved-tensor hooks on CPU, where attention is flash attention and keeps
+# no T x T scores. (The Megatron paper's 34 counts bytes at 2 bytes per value, with
+# dropout masks this model does not have.)
+GRAPH_VALUES_PER_TOKEN = 19  # the largest family's count, rounded up
+
+
 def graph_activation_bytes(cfg: ModelConfig, tokens_per_step: int, act_bytes: int) -> int:
-    """What autograd keeps for the whole step when no unit is recomputed: about 34 x
-    d_model values per token per block (flash attention keeps no T x T scores)."""
-    return cfg.n_layer * tokens_per_step * 34 * cfg.d_model * act_bytes
+    """What autograd keeps for the whole step when no unit is recomputed."""
+    return cfg.n_layer * tokens_per_step * GRAPH_VALUES_PER_TOKEN * cfg.d_model * act_bytes
 
 
 def kept_activation_bytes(cfg: ModelConfig, tokens_per_step: int, micro_tokens: int, act_bytes: int,
@@ -375,7 +382,8 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     process's resident set is their sum.
 
     Device: K + 1 ring slots sized for the largest unit outside a tied table, the tied
-    table's own slot, two gradient buffers (and the tied table's), and activations.
+    table's own slot, two gradient buffers (and the tied table's), one unit's fresh
+    gradients, and activations.
     Host: pinned staging mirrors of the slots and gradient buffers (CUDA only), the
     store (the whole state for the RAM tier; for the disk tier its chunk buffers: a
     scratch set and the pipeline's ring), and the runtime itself.
@@ -387,7 +395,9 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     tied = counts[0] if cfg.tie_embeddings else 0
     ring = max(counts[1:] if cfg.tie_embeddings else counts)
     weights = (depth + 1) * ring * b + tied * b
-    grads = 2 * ring * g + tied * g
+    # Two gradient buffers (and the tied table's), plus the fresh gradients autograd
+    # returns for one unit before they are added into its buffer.
+    grads = 2 * ring * g + tied * g + max(ring, tied) * g
     activations = kept_activation_bytes(cfg, tokens_per_step, micro_tokens, b, kept)
     device = weights + grads + activations
     staging = 0 if profile.shares_host_cores else weights + grads

@@ -107,7 +107,7 @@ def test_fit_memory_keeps_as_many_graphs_as_fit() -> None:
 
 def test_memory_model_counts_what_the_engine_allocates() -> None:
     """A CPU engine's own buffers (slots, gradient buffers) are exactly the plan's
-    device bytes less activations."""
+    device bytes less activations and autograd's transient gradients of one unit."""
     from streamer.optim import OptimConfig
     from streamer.scheduler import StreamEngine
     from streamer.store import RamStore, UnitLayout
@@ -120,6 +120,28 @@ def test_memory_model_counts_what_the_engine_allocates() -> None:
     engine = StreamEngine(cfg, OptimConfig(), RamStore(layouts), torch.device("cpu"), torch.float32, 2)
     try:
         activations = planner.activation_bytes(cfg, 256, 256, 4)
-        assert engine.device_bytes() == plan.device_bytes - activations
+        transient = 4 * max(layout.numel for layout in layouts)
+        assert engine.device_bytes() == plan.device_bytes - activations - transient
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gptj", "tiny-neox"])
+def test_graph_memory_per_block_is_what_autograd_saves(name: str) -> None:
+    """The planner's bytes for a kept graph cover what a block's forward actually saves
+    for backward (weights excluded), without overcounting by more than a fifth."""
+    cfg = ModelConfig.from_name(name)
+    block = build_unit(cfg, 1)
+    x = torch.randn(2, cfg.block_size, cfg.d_model, requires_grad=True)
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    planned = planner.graph_activation_bytes(cfg, x.shape[0] * x.shape[1], 4) / cfg.n_layer
+    assert sum(saved.values()) <= planned <= 1.2 * sum(saved.values())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,11 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, pyplot, read_metrics, write_json  # noqa: E402
+from common import RESULTS, machine, machine_line, pyplot, read_metrics, streamer_train_cmd, write_json  # noqa: E402
 
 from models import ModelConfig  # noqa: E402
 from streamer import planner  # noqa: E402
-from streamer.train import TrainConfig, train  # noqa: E402
+from streamer.train import tune_allocator  # noqa: E402
 
 MODES = (("resident", "auto"), ("stream", "ram"), ("stream", "disk"))
 
@@ -43,24 +44,23 @@ def run_point(
     scratch: Path,
     recompute: str,
 ) -> dict:
-    """Train `steps` steps; the first is warm-up (allocation, first-touch), the rest are timed."""
+    """Train `steps` steps in a process of its own (so its peak memory is its own); the
+    first step is warm-up (allocation, first-touch), the rest are timed."""
     out = scratch / f"{mode}-{offload}-{batch}x{accum}"
-    train(
-        TrainConfig(
-            model=model,
-            mode=mode,
-            offload=offload,
-            steps=steps,
-            batch_size=batch,
-            grad_accum=accum,
-            seq_len=seq_len,
-            device=device,
-            progress=False,
-            out=str(out),
-            warmup=1,
-            recompute=recompute,
-        )
+    flags = {"offload": offload, "recompute": recompute} if mode == "stream" else {}
+    cmd = streamer_train_cmd(
+        model=model,
+        mode=mode,
+        steps=steps,
+        batch_size=batch,
+        grad_accum=accum,
+        seq_len=seq_len,
+        device=device,
+        out=out,
+        warmup=1,
+        **flags,
     )
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
     rows = read_metrics(out)[1:]
     shutil.rmtree(out, ignore_errors=True)
     step_s = statistics.median(r["step_s"] for r in rows)
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--recompute", default="auto", choices=["auto", "yes", "no"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    tune_allocator()  # as every training process does, so that calibration sees the same allocator
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = ModelConfig.from_name(args.model)
@@ -160,8 +161,10 @@ def main() -> None:
     )
     for tokens in sweep:
         sequences = tokens // args.seq_len
-        batch = min(sequences, 8)  # micro-batches of at most 8 sequences; the rest is accumulation
-        accum = -(-sequences // batch)
+        # Micro-batches of at most 8 sequences, as few as that allows, as even as can be:
+        # the step holds the fewest whole micro-batches that reach the asked tokens.
+        accum = -(-sequences // 8)
+        batch = -(-sequences // accum)
         tokens = batch * accum * args.seq_len
         # Each point's prediction uses the compute rate of its own micro-batch shape.
         point_profile = planner.replace(

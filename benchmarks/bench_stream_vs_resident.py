@@ -27,7 +27,6 @@ from common import RESULTS, machine, machine_line, pyplot, read_metrics, streame
 
 from models import ModelConfig  # noqa: E402
 from streamer import planner  # noqa: E402
-from streamer.train import tune_allocator  # noqa: E402
 
 MODES = (("resident", "auto"), ("stream", "ram"), ("stream", "disk"))
 
@@ -136,7 +135,6 @@ def main() -> None:
     parser.add_argument("--recompute", default="auto", choices=["auto", "yes", "no"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    tune_allocator()  # as every training process does, so that calibration sees the same allocator
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = ModelConfig.from_name(args.model)

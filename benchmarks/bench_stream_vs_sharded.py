@@ -31,7 +31,7 @@ from common import RESULTS, machine, machine_line, pyplot, read_metrics, streame
 from models import GPT, ModelConfig, loss_fn  # noqa: E402
 from streamer import planner  # noqa: E402
 from streamer.optim import decays, lr_at  # noqa: E402
-from streamer.train import TrainConfig, micro_batches, peak_rss_bytes, tune_allocator  # noqa: E402
+from streamer.train import TrainConfig, micro_batches, peak_rss_bytes  # noqa: E402
 
 
 def shared_settings(args: argparse.Namespace, world: int) -> TrainConfig:
@@ -123,7 +123,6 @@ def fsdp_worker(args: argparse.Namespace) -> None:
 
     from streamer.data import BatchSampler, default_corpus, load_tokens
 
-    tune_allocator()  # the same heap policy the streamer's processes run with
     cuda = args.device == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -328,31 +328,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def tune_allocator() -> None:
-    """Keep large CPU tensors on the heap instead of fresh mappings (glibc only).
-
-    glibc serves every allocation above 32 MiB with its own mmap and unmaps it on free,
-    so each step's activations of a large model (tens of MB per tensor) come back as
-    new pages that fault in and are zeroed one by one: on a 2-core machine that costs
-    about a tenth of matmul throughput, and more when the page cache is under pressure
-    from a disk-tier store. With a high mmap threshold the heap keeps and reuses them;
-    with a high trim threshold it does not hand them back between steps."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return
-    if mallopt is None:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    mallopt(m_mmap_threshold, 2**30)
-    mallopt(m_trim_threshold, 2**31 - 1)
-
-
 def reset_peak_rss() -> None:
     """Start a new peak: a benchmark that runs several trainings in one process then
     reports each run's own peak, not the largest so far. Linux only; a no-op elsewhere."""
@@ -466,7 +441,6 @@ def train(cfg: TrainConfig) -> Path:
     from streamer.parallel import init_from_env
 
     checked = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    tune_allocator()
     reset_peak_rss()
     init_from_env(checked.device)
     dp = DataParallel(cfg.grad_sync)

@@ -668,6 +668,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens-per-step", type=int, default=None, help="default: the hiding threshold")
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
     p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk"])
+    p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                   help="plan for this peak memory (the device's; a CPU's: the process's), as train does")
     p.add_argument("--measure", action="store_true", help="calibrate on this machine instead of a profile")
     p.add_argument("--disk", type=Path, default=Path("."), help="folder the disk tier would use")
     p.add_argument("--json", action="store_true")
@@ -700,7 +702,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
         tokens = make_plan(cfg, profile, seq_len, seq_len, offload).recommended_tokens_per_step
     if tokens <= 0:
         raise UserError(f"--tokens-per-step must be positive, got {tokens}")
-    plan = make_plan(cfg, profile, tokens, seq_len, offload)
+    if args.max_memory is not None and args.max_memory <= 0:
+        raise UserError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
+    if args.max_memory:
+        plan = fit_memory(cfg, profile, tokens, seq_len, offload, tokens, args.max_memory * 2**30)
+    else:
+        plan = make_plan(cfg, profile, tokens, seq_len, offload)
     if args.json:
         print(json.dumps({**asdict(plan), "fits": not shortfall, "shortfall": shortfall,
                           "profile": asdict(profile)}, indent=2))

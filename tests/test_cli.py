@@ -82,6 +82,20 @@ def test_plan_json(tmp_path: Path) -> None:
     assert plan["predicted_step_s"] > 0
 
 
+def test_plan_fits_a_memory_limit_by_recomputing(tmp_path: Path) -> None:
+    free = streamer("plan", "--model", "gpt3-2.7b", "--tokens-per-step", "1024", "--seq-len", "256",
+                    "--offload", "disk", "--json", cache=tmp_path)
+    tight = streamer("plan", "--model", "gpt3-2.7b", "--tokens-per-step", "1024", "--seq-len", "256",
+                     "--offload", "disk", "--max-memory", "6", "--json", cache=tmp_path)
+    assert free.returncode == 0 and tight.returncode == 0, tight.stderr
+    free, tight = json.loads(free.stdout), json.loads(tight.stdout)
+    assert free["kept_graphs"] == 32 and 0 < tight["kept_graphs"] < 32
+    assert tight["device_bytes"] + tight["host_bytes"] <= 6 * 2**30 < free["device_bytes"] + free["host_bytes"]
+    too_small = streamer("plan", "--model", "gpt3-2.7b", "--tokens-per-step", "1024", "--seq-len", "256",
+                         "--offload", "disk", "--max-memory", "1", cache=tmp_path)
+    assert_user_error(too_small, "--max-memory is 1.0 GiB", "lower --batch-size")
+
+
 def test_plan_unknown_device_profile(tmp_path: Path) -> None:
     assert_user_error(streamer("plan", "--device", "tpu9", cache=tmp_path), "'tpu9'", "h100")
 

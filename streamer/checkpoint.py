@@ -58,7 +58,7 @@ import torch
 
 from models.safety import ITEMSIZE, UnsafeFileError, check_safetensors
 from streamer.errors import UserError
-from streamer.io import atomic_write_bytes, atomic_write_json, fsync_dir
+from streamer.io import atomic_path, atomic_write_bytes, atomic_write_json, fsync_dir
 
 FORMAT = "streamer-checkpoint-v1"
 MANIFEST = "manifest.json"
@@ -118,27 +118,19 @@ def write_tensor_file(path: Path, specs: list[TensorSpec], chunks: Iterable[torc
 
     Streaming keeps host memory at one chunk, however large the unit."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     digest = hashlib.sha256()
     expected = sum(spec.nbytes for spec in specs)
-    try:
-        with open(tmp, "wb") as file:
-            header = _header_bytes(specs, metadata or {})
-            digest.update(header)
-            _write_bytes(file, memoryview(header))
-            written = 0
-            for chunk in chunks:
-                data = _as_bytes(chunk)
-                digest.update(data)
-                _write_bytes(file, data)
-                written += len(data)
-            assert written == expected, f"{path.name}: wrote {written} data bytes, the header promises {expected}"
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        header = _header_bytes(specs, metadata or {})
+        digest.update(header)
+        _write_bytes(file, memoryview(header))
+        written = 0
+        for chunk in chunks:
+            data = _as_bytes(chunk)
+            digest.update(data)
+            _write_bytes(file, data)
+            written += len(data)
+        assert written == expected, f"{path.name}: wrote {written} data bytes, the header promises {expected}"
     return {"size": len(header) + expected, "sha256": digest.hexdigest()}
 
 

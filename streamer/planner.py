@@ -124,16 +124,16 @@ def _unit_flops_per_token(cfg: ModelConfig, seq_len: int) -> list[float]:
 HEAD_VALUES_PER_TOKEN = 4
 
 
-def activation_bytes(cfg: ModelConfig, tokens_per_step: int, micro_tokens: int, act_bytes: int) -> int:
-    """Unit-boundary activations for the whole step plus one unit's working set.
+def head_bytes(cfg: ModelConfig, micro_tokens: int) -> int:
+    """The head's loss forward and backward for one micro-batch (float32 logits)."""
+    return micro_tokens * HEAD_VALUES_PER_TOKEN * cfg.padded_vocab_size * 4
 
-    The working set (attention and MLP intermediates of one micro-batch while a unit
-    recomputes and backpropagates) is about 34 x d_model values per token for a block,
-    the count from the Megatron activation-recompute paper, and the logits for the head.
-    """
-    boundary = (cfg.n_layer + 2) * tokens_per_step * cfg.d_model * act_bytes
-    working = micro_tokens * max(34 * cfg.d_model * act_bytes, HEAD_VALUES_PER_TOKEN * cfg.padded_vocab_size * 4)
-    return boundary + working
+
+def working_bytes(cfg: ModelConfig, micro_tokens: int, act_bytes: int) -> int:
+    """One unit's working set while it recomputes and backpropagates a micro-batch:
+    about 34 x d_model values per token for a block (its graph and the gradients
+    flowing through it), or the head's logits, whichever is larger."""
+    return max(micro_tokens * 34 * cfg.d_model * act_bytes, head_bytes(cfg, micro_tokens))
 
 
 # Values per token, in units of d_model, that autograd saves for one block's backward
@@ -157,9 +157,7 @@ def kept_activation_bytes(cfg: ModelConfig, tokens_per_step: int, micro_tokens: 
     kept = min(kept, cfg.n_layer)
     per_block = graph_activation_bytes(cfg, tokens_per_step, act_bytes) // max(cfg.n_layer, 1)
     boundary = (cfg.n_layer + 2 - kept) * tokens_per_step * cfg.d_model * act_bytes
-    working = activation_bytes(cfg, tokens_per_step, micro_tokens, act_bytes) - (
-        (cfg.n_layer + 2) * tokens_per_step * cfg.d_model * act_bytes)
-    return boundary + kept * per_block + working
+    return boundary + kept * per_block + working_bytes(cfg, micro_tokens, act_bytes)
 
 
 def choose_kept_graphs(cfg: ModelConfig, tokens_per_step: int, micro_tokens: int, act_bytes: int,
@@ -463,7 +461,7 @@ def fit_memory(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, s
 def predict_resident_peak_bytes(cfg: ModelConfig, micro_tokens: int, act_bytes: int) -> int:
     """Resident training's peak: weights, gradients and AdamW moments of the whole
     model, one micro-batch's autograd graph, the head's logits, and the runtime."""
-    logits = micro_tokens * HEAD_VALUES_PER_TOKEN * cfg.padded_vocab_size * 4
+    logits = head_bytes(cfg, micro_tokens)
     return int(STATE_BYTES_PER_PARAM * cfg.n_params() + graph_activation_bytes(cfg, micro_tokens, act_bytes)
                + logits + RUNTIME_BYTES)
 
@@ -487,7 +485,7 @@ def predict_fsdp_peak_bytes(cfg: ModelConfig, micro_tokens: int, world: int, act
     counts = unit_param_counts(cfg)
     root = counts[0] + counts[-1]
     block = counts[1] if cfg.n_layer else 0
-    logits = micro_tokens * HEAD_VALUES_PER_TOKEN * cfg.padded_vocab_size * 4
+    logits = head_bytes(cfg, micro_tokens)
     return int(STATE_BYTES_PER_PARAM * sum(counts) / world + 4 * root + 2 * 2 * 4 * block
                + graph_activation_bytes(cfg, micro_tokens, act_bytes) + logits + RUNTIME_BYTES)
 

@@ -119,7 +119,7 @@ def test_memory_model_counts_what_the_engine_allocates() -> None:
     plan = planner.make_plan(cfg, profile, 256, 64, "ram", micro_tokens=256, prefetch_depth=2, recompute="yes")
     engine = StreamEngine(cfg, OptimConfig(), RamStore(layouts), torch.device("cpu"), torch.float32, 2)
     try:
-        activations = planner.activation_bytes(cfg, 256, 256, 4)
+        activations = planner.kept_activation_bytes(cfg, 256, 256, 4, kept=0)
         transient = 4 * max(layout.numel for layout in layouts)
         assert engine.device_bytes() == plan.device_bytes - activations - transient
     finally:

@@ -82,7 +82,7 @@ def main() -> None:
         plot(done["steps"], args.replot.with_suffix(".png"), title)
         return
     cfg = ModelConfig.from_name(args.model)
-    state_bytes = planner.STATE_BYTES_PER_PARAM * cfg.n_params()
+    state_bytes = planner.state_bytes("fp32")[0] * cfg.n_params()
     ram = psutil.virtual_memory().total
     work = Path(tempfile.mkdtemp(prefix="oversized-", dir=args.dir or RESULTS.parent))
     info = machine()

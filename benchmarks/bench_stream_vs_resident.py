@@ -86,7 +86,7 @@ def predict(
     if result["mode"] == "resident":
         return (
             planner.predict_resident_step_s(cfg, profile, tokens, seq_len),
-            planner.predict_resident_peak_bytes(cfg, micro_tokens, profile.compute_bytes),
+            planner.predict_resident_peak_bytes(cfg, micro_tokens, profile.compute_bytes, tokens // micro_tokens),
         )
     plan = planner.make_plan(
         cfg,

@@ -7,6 +7,11 @@ gloo on CPU, NCCL on GPUs, or on a single GPU FSDP2 with `CPUOffloadPolicy`. Rep
 tokens/s, peak memory per process, bytes moved per step, and whether the loss curves
 agree.
 
+Peak memory is measured twice: under glibc's default allocator, and with its mmap
+threshold fixed (`MALLOC_MMAP_THRESHOLD_`), which stops the default's dynamic threshold
+from keeping freed tensors on the heap. The first is what users get; the second is what
+the tensors themselves need, which is what the planner's memory model predicts.
+
     python benchmarks/bench_stream_vs_sharded.py --model gpt3-125m --world 2 \\
         --json benchmarks/results/stream_vs_sharded_cpu.json
 """
@@ -31,7 +36,7 @@ from common import RESULTS, machine, machine_line, pyplot, read_metrics, streame
 from models import GPT, ModelConfig, loss_fn  # noqa: E402
 from streamer import planner  # noqa: E402
 from streamer.optim import decays, lr_at  # noqa: E402
-from streamer.train import TrainConfig, micro_batches, peak_rss_bytes  # noqa: E402
+from streamer.train import TrainConfig, micro_batches, peak_rss_bytes, reset_peak_rss  # noqa: E402
 
 
 def shared_settings(args: argparse.Namespace, world: int) -> TrainConfig:
@@ -49,8 +54,12 @@ def shared_settings(args: argparse.Namespace, world: int) -> TrainConfig:
     )
 
 
-def run_streaming(args: argparse.Namespace, scratch: Path) -> dict:
-    out = scratch / "stream"
+# Allocations of 1 MiB and more are mmapped and returned to the system when freed.
+FIXED_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+
+
+def run_streaming(args: argparse.Namespace, scratch: Path, env: dict | None = None) -> dict:
+    out = scratch / ("stream-fixed" if env else "stream")
     cfg = shared_settings(args, 1)
     cmd = streamer_train_cmd(
         model=args.model,
@@ -64,7 +73,7 @@ def run_streaming(args: argparse.Namespace, scratch: Path) -> dict:
         offload="ram",
         out=out,
     )
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
     rows = read_metrics(out)
     timed = rows[1:]
     step_s = statistics.median(r["step_s"] for r in timed)
@@ -78,14 +87,15 @@ def run_streaming(args: argparse.Namespace, scratch: Path) -> dict:
         "predicted_peak_host_bytes": rows[-1]["predicted_peak_bytes"],
         "tokens_per_step": rows[0]["tokens"],
         "peak_host_bytes_per_process": [peak],
+        "peak_host_bytes_by_step": [r["peak_rss_bytes"] for r in rows],
         "peak_device_bytes_per_process": [max(r["peak_device_bytes"] for r in rows)],
         "bytes_moved_per_step": statistics.median(r["bytes_in"] + r["bytes_out"] for r in timed),
         "processes": 1,
     }
 
 
-def run_sharded(args: argparse.Namespace, scratch: Path) -> dict:
-    result = scratch / "fsdp.json"
+def run_sharded(args: argparse.Namespace, scratch: Path, env: dict | None = None) -> dict:
+    result = scratch / ("fsdp-fixed.json" if env else "fsdp.json")
     cmd = [
         sys.executable,
         "-m",
@@ -111,7 +121,7 @@ def run_sharded(args: argparse.Namespace, scratch: Path) -> dict:
         "--json",
         str(result),
     ]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
     return json.loads(result.read_text())
 
 
@@ -153,8 +163,9 @@ def fsdp_worker(args: argparse.Namespace) -> None:
         eps=optim.eps,
     )
     sampler = BatchSampler(load_tokens(default_corpus(), model_cfg.vocab_size), cfg.seq_len, cfg.seed)
-    rates = measure_rank_rates(device, world)
-    losses, times = [], []
+    rates = measure_rank_rates(model_cfg, cfg, device, world)
+    reset_peak_rss()  # the peak of training, not of the profiling above
+    losses, times, peaks = [], [], []
     for step in range(cfg.steps):
         started = time.perf_counter()
         for group in optimizer.param_groups:
@@ -172,6 +183,9 @@ def fsdp_worker(args: argparse.Namespace) -> None:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
+        peaks.append(peak_rss_bytes())
+    everyone = [None] * world
+    dist.all_gather_object(everyone, peaks)
     host = torch.tensor([peak_rss_bytes()], dtype=torch.float64)
     dev = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0], dtype=torch.float64)
     hosts = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
@@ -185,8 +199,9 @@ def fsdp_worker(args: argparse.Namespace) -> None:
         # (N - 1) / N over the interconnect; with CPU offload, P x 4 in and out per pass.
         moved = 3 * params * 4 * (world - 1) / world if world > 1 else 3 * params * 4
         tokens_per_rank = cfg.batch_size * cfg.seq_len
-        predicted = planner.predict_fsdp_step_s(model_cfg, tokens_per_rank, cfg.seq_len, world, rates["flops"],
-                                                rates["collective"], rates["update"]) if not cuda else None
+        predicted = None if cuda else planner.predict_fsdp_step_s(
+            model_cfg, tokens_per_rank, cfg.seq_len, world, rates["flops"], rates["gather"], rates["scatter"],
+            rates["update"])
         write_json(
             Path(args.json),
             {
@@ -194,6 +209,7 @@ def fsdp_worker(args: argparse.Namespace) -> None:
                 "step_s": statistics.median(times[1:]),
                 "tokens_per_step": cfg.batch_size * world * cfg.seq_len,
                 "peak_host_bytes_per_process": [int(h) for h in hosts],
+                "peak_host_bytes_by_step": [max(p[i] for p in everyone) for i in range(len(peaks))],
                 "peak_device_bytes_per_process": [int(d) for d in devs],
                 "bytes_moved_per_step": moved,
                 "processes": world,
@@ -206,22 +222,27 @@ def fsdp_worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def measure_rank_rates(device: torch.device, world: int) -> dict:
+def measure_rank_rates(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, world: int) -> dict:
     """What the FSDP2 cost model needs, measured by every rank at once (so they contend
-    for the cores as they will in training): matmul rate, all-gather bandwidth (bytes
-    received per second), host AdamW rate. Rank 0's figures are kept."""
+    for the cores as they will in training): the compute rate of one block at the
+    rank's micro-batch (as the streamer profiles its own), all-gather bandwidth (bytes
+    received per second), reduce-scatter bandwidth, host AdamW rate. Rank 0's figures are kept."""
     import torch.distributed as dist
 
-    flops = planner.measure_matmul_flops(device, torch.float32, size=1024, seconds=0.5)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    flops = planner.measure_model_flops(model_cfg, device, dtype, cfg.batch_size, cfg.seq_len)
     piece = torch.ones(16 * 2**20 // world, device=device)
-    gathered = torch.empty(piece.numel() * world, device=device)
-    dist.all_gather_into_tensor(gathered, piece)  # warm-up: connections, buffers
-    started = time.perf_counter()
-    for _ in range(4):
-        dist.all_gather_into_tensor(gathered, piece)
-    collective = 4 * 4 * piece.numel() * (world - 1) / (time.perf_counter() - started)
-    dist.barrier()
-    return {"flops": flops, "collective": collective, "update": planner.measure_update_rate()}
+    whole = torch.empty(piece.numel() * world, device=device)
+    rates = {"flops": flops}
+    for name, collective in (("gather", lambda: dist.all_gather_into_tensor(whole, piece)),
+                             ("scatter", lambda: dist.reduce_scatter_tensor(piece, whole))):
+        collective()  # warm-up: connections, buffers
+        started = time.perf_counter()
+        for _ in range(4):
+            collective()
+        rates[name] = 4 * 4 * piece.numel() * (world - 1) / (time.perf_counter() - started)
+        dist.barrier()
+    return {**rates, "update": planner.measure_update_rate()}
 
 
 def plot(stream: dict, sharded: dict, path: Path, title: str) -> None:
@@ -262,24 +283,34 @@ def main() -> None:
     info = machine()
     print(f"{args.model}, global batch {args.global_batch} x {args.seq_len}, {args.steps} steps: {machine_line(info)}")
     stream, sharded = run_streaming(args, scratch), run_sharded(args, scratch)
-    for r in (stream, sharded):
+    fixed = {
+        "stream": run_streaming(args, scratch, FIXED_THRESHOLD),
+        "sharded": run_sharded(args, scratch, FIXED_THRESHOLD),
+    }
+    for key, r in (("stream", stream), ("sharded", sharded)):
         r["tokens_per_s"] = r["tokens_per_step"] / r["step_s"]
+        r["peak_host_bytes_fixed_threshold"] = fixed[key]["peak_host_bytes_per_process"]
+        r["peak_host_bytes_by_step_fixed_threshold"] = fixed[key]["peak_host_bytes_by_step"]
     max_gap = max(abs(a - b) for a, b in zip(stream["losses"], sharded["losses"]))
     print(
-        f"{'run':<22}{'tok/s':>9}{'step s':>9}{'pred s':>8}{'err':>6}{'peak host GiB/proc':>20}{'pred':>7}{'err':>6}"
-        f"{'peak dev GiB/proc':>19}{'GB moved/step':>15}"
+        f"{'run':<22}{'tok/s':>7}{'step s':>8}{'pred s':>8}{'err':>6}"
+        f"{'peak host GiB/proc':>20}{'fixed':>7}{'pred':>7}{'err':>6}{'fixed':>7}{'GB moved/step':>15}"
     )
     for name, r in (("stream, 1 process", stream), (f"FSDP2, {sharded['processes']} processes", sharded)):
-        peak = max(r["peak_host_bytes_per_process"])
+        peak, peak_fixed = max(r["peak_host_bytes_per_process"]), max(r["peak_host_bytes_fixed_threshold"])
         predicted_s, predicted_peak = r.get("predicted_step_s"), r.get("predicted_peak_host_bytes")
         r["prediction_error"] = predicted_s / r["step_s"] - 1 if predicted_s else None
         r["peak_prediction_error"] = predicted_peak / peak - 1 if predicted_peak else None
+        r["peak_prediction_error_fixed_threshold"] = predicted_peak / peak_fixed - 1 if predicted_peak else None
         print(
-            f"{name:<22}{r['tokens_per_s']:>9.0f}{r['step_s']:>9.2f}{predicted_s or 0:>8.2f}"
-            f"{r['prediction_error'] or 0:>+6.0%}{peak / 2**30:>20.2f}{(predicted_peak or 0) / 2**30:>7.2f}"
-            f"{r['peak_prediction_error'] or 0:>+6.0%}"
-            f"{max(r['peak_device_bytes_per_process']) / 2**30:>19.2f}{r['bytes_moved_per_step'] / 1e9:>15.2f}"
+            f"{name:<22}{r['tokens_per_s']:>7.0f}{r['step_s']:>8.2f}{predicted_s or 0:>8.2f}"
+            f"{r['prediction_error'] or 0:>+6.0%}{peak / 2**30:>20.2f}{peak_fixed / 2**30:>7.2f}"
+            f"{(predicted_peak or 0) / 2**30:>7.2f}{r['peak_prediction_error'] or 0:>+6.0%}"
+            f"{r['peak_prediction_error_fixed_threshold'] or 0:>+7.0%}{r['bytes_moved_per_step'] / 1e9:>15.2f}"
         )
+        steps = " ".join(f"{p / 2**30:.2f}" for p in r["peak_host_bytes_by_step"])
+        steps_fixed = " ".join(f"{p / 2**30:.2f}" for p in r["peak_host_bytes_by_step_fixed_threshold"])
+        print(f"{'':<22}peak GiB by step: default {steps}; fixed threshold {steps_fixed}")
     print(
         f"loss curves: max |difference| {max_gap:.2e} over {args.steps} steps "
         f"({'agree' if max_gap < 1e-3 else 'DIFFER'})"

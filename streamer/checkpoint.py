@@ -416,7 +416,8 @@ _REPORTED_SETTINGS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min
 
 def check_compatible(manifest: dict, folder: Path, model_cfg: dict, mode: str, world: int,
                      train: dict) -> list[str]:
-    """Refuse a checkpoint of another model, mode or world size; list other differences."""
+    """Refuse a checkpoint of another model, mode, world size or state format; list other
+    differences."""
     saved_train = manifest.get("train", {})
     if manifest.get("model") != model_cfg:
         theirs = saved_train.get("model", manifest.get("model", {}).get("name", "?"))
@@ -429,6 +430,10 @@ def check_compatible(manifest: dict, folder: Path, model_cfg: dict, mode: str, w
     if manifest.get("world") != world:
         raise UserError(f"checkpoint '{folder}' was written by {manifest.get('world')} process(es) but this run "
                         f"has {world}: resume with --nproc {manifest.get('world')}, or choose a new --out")
+    saved_state = saved_train.get("state", "fp32")  # checkpoints from before --state hold fp32 state
+    if mode == "stream" and saved_state != train.get("state", "fp32"):
+        raise UserError(f"checkpoint '{folder}' holds --state {saved_state} optimizer state: resume with "
+                        f"--state {saved_state}, or choose a new --out")
     return [f"{key} {saved_train.get(key)!r} -> {train.get(key)!r}" for key in _REPORTED_SETTINGS
             if key in saved_train and saved_train.get(key) != train.get(key)]
 

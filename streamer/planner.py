@@ -30,8 +30,15 @@ import torch
 
 from models import ModelConfig, UnknownModelError
 from streamer.errors import UserError
+from streamer.state import FORMATS
 
-STATE_BYTES_PER_PARAM = 16  # float32 master weight, gradient, Adam first and second moments
+
+def state_bytes(state: str) -> tuple[float, float, int, int]:
+    """Per parameter, for a state format (see streamer.state): the whole state, what an
+    update writes back (all but the gradient), the master weight, the gradient."""
+    fmt = FORMATS[state]
+    grad = fmt.buffer("grad").itemsize
+    return fmt.bytes_per_param(), fmt.bytes_per_param() - grad, fmt.buffer("param").itemsize, grad
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class Plan:
     fits_device: bool  # device_bytes within the device's memory (always true for a CPU device)
     compute_s: float
     predicted_step_s: float
+    state: str = "fp32"  # the host state's format (streamer.state)
 
 
 def unit_param_counts(cfg: ModelConfig) -> list[int]:
@@ -118,10 +126,11 @@ def _unit_flops_per_token(cfg: ModelConfig, seq_len: int) -> list[float]:
     return [0.0, *([float(block)] * cfg.n_layer), 2.0 * head_matmul]
 
 
-# The head's loss forward and backward hold about four float32 vocabulary-sized rows per
-# token at once (logits, log-probabilities, their gradient, softmax): 3.6 to 4 measured
-# for gpt3-125m at 512 and 2,048 tokens.
-HEAD_VALUES_PER_TOKEN = 4
+# The head's loss forward and backward hold three float32 vocabulary-sized rows per
+# token at once (the loss's saved log-probabilities, their gradient and the logits'
+# gradient; the logits themselves are freed after the forward): 3.0 measured for
+# gpt3-125m at 512 to 2,048 tokens.
+HEAD_VALUES_PER_TOKEN = 3
 
 
 def head_bytes(cfg: ModelConfig, micro_tokens: int) -> int:
@@ -137,16 +146,17 @@ def working_bytes(cfg: ModelConfig, micro_tokens: int, act_bytes: int) -> int:
 
 
 # Values per token, in units of d_model, that autograd saves for one block's backward
-# (weights excluded): 16 for GPT-3 blocks, 17 to 18 for GPT-J and NeoX (rotary tables),
-# counted with saved-tensor hooks on CPU, where attention is flash attention and keeps
-# no T x T scores. (The Megatron paper's 34 counts bytes at 2 bytes per value, with
-# dropout masks this model does not have.)
-GRAPH_VALUES_PER_TOKEN = 19  # the largest family's count, rounded up
+# (weights excluded), counted with saved-tensor hooks on CPU, where attention is flash
+# attention and keeps no T x T scores: 16.0 for GPT-3 blocks, 17.2 (GPT-J) and 18.1
+# (NeoX) with rotary tables; each rounded up here. (The Megatron paper's 34 counts
+# bytes at 2 bytes per value, with dropout masks this model does not have.)
+def graph_values_per_token(cfg: ModelConfig) -> int:
+    return 19 if cfg.positional == "rotary" else 17
 
 
 def graph_activation_bytes(cfg: ModelConfig, tokens_per_step: int, act_bytes: int) -> int:
     """What autograd keeps for the whole step when no unit is recomputed."""
-    return cfg.n_layer * tokens_per_step * GRAPH_VALUES_PER_TOKEN * cfg.d_model * act_bytes
+    return cfg.n_layer * tokens_per_step * graph_values_per_token(cfg) * cfg.d_model * act_bytes
 
 
 def kept_activation_bytes(cfg: ModelConfig, tokens_per_step: int, micro_tokens: int, act_bytes: int,
@@ -204,7 +214,7 @@ class Visit:
 
 
 def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
-                depth: int, kept: int) -> list[Visit]:
+                depth: int, kept: int, state: str = "fp32") -> list[Visit]:
     """The visits of one step (forward 0..U-2, head, backward U-2..0) with their costs,
     mirroring `StreamEngine.visits`; units still pinned in the window move nothing."""
     counts = unit_param_counts(cfg)
@@ -214,7 +224,8 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     disk_r, disk_w = profile.disk_read_bytes_per_s, profile.disk_write_bytes_per_s
     # A store that fits the page cache moves at memory speed after its first pass, and
     # then its "I/O" is host copies on the cores, not time on the storage device.
-    cached = STATE_BYTES_PER_PARAM * sum(counts) <= 0.5 * profile.page_cache_bytes
+    whole, updated, master, grad = state_bytes(state)
+    cached = whole * sum(counts) <= 0.5 * profile.page_cache_bytes
     order = [("forward", u) for u in range(head)] + [("head", head)]
     order += [("backward", u) for u in range(head - 1, -1, -1)]
     last_seen: dict[int, int] = {}
@@ -226,13 +237,13 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
         recomputes = unit < len(counts) - 1 - kept and not (kept >= cfg.n_layer and unit == 0)
         compute = {"forward": f, "head": 3 * f, "backward": (3 if recomputes else 2) * f}[phase]
         host_in = link_in = disk_read = disk_write = 0.0
-        # The update reads p, g, m, v (16 bytes per parameter) and writes p, m, v (12);
-        # a staging pass without an update reads p only.
-        read, written = (16 * p, 12 * p) if phase == "forward" else (4 * p, 0)
+        # The update reads p, g, m, v (16 bytes per parameter in float32) and writes p,
+        # m, v (12); a staging pass without an update reads p only.
+        read, written = (whole * p, updated * p) if phase == "forward" else (master * p, 0)
         if not pinned:
             # A CPU device computes straight from the slot the host worker filled.
             link_in = 0.0 if profile.shares_host_cores else p * b / profile.h2d_bytes_per_s
-            host_in = p * (4 + b) / mem  # read the float32 master, write the compute copy
+            host_in = p * (master + b) / mem  # read the master, write the compute copy
             if phase == "forward":
                 host_in += 28 * p / mem  # the AdamW update due from the previous step
             if offload == "disk" and cached:
@@ -243,9 +254,9 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
         if phase != "forward":
             out = p * 4 / profile.d2h_bytes_per_s
             if offload == "ram" or cached:
-                out += 8 * p / mem
+                out += (4 + grad) * p / mem
             else:
-                disk_write += 4 * p / disk_w
+                disk_write += grad * p / disk_w
         visits.append(Visit(compute, host_in, link_in, out, disk_read, disk_write, phase))
     return visits
 
@@ -303,14 +314,14 @@ RECOMMENDED_OVERHEAD = 0.03
 
 
 def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, offload: str, depth: int,
-                       kept: int, overhead: float = RECOMMENDED_OVERHEAD) -> int:
+                       kept: int, overhead: float = RECOMMENDED_OVERHEAD, state: str = "fp32") -> int:
     """The fewest tokens per step (whole sequences) at which moving data costs at most
     `overhead` of the step: the predicted step is within that share of its compute plus
     the optimizer time resident training also pays. Doublings, then a binary search."""
     update_s = 28 * cfg.n_params() / profile.device_update_bytes_per_s
 
     def too_slow(tokens: int) -> bool:
-        visits = step_visits(cfg, profile, tokens, seq_len, offload, depth, kept)
+        visits = step_visits(cfg, profile, tokens, seq_len, offload, depth, kept, state)
         ideal = sum(v.compute_s for v in visits) + update_s
         return predicted_stream_s(visits, depth, profile) > (1 + overhead) * ideal
 
@@ -329,7 +340,8 @@ def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, o
 
 def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int,
               offload: str, micro_tokens: int | None = None, prefetch_depth: int | None = None,
-              memory_budget: float | None = None, recompute: str = "auto", kept_graphs: int | None = None) -> Plan:
+              memory_budget: float | None = None, recompute: str = "auto", kept_graphs: int | None = None,
+              state: str = "fp32") -> Plan:
     """Bytes per tier, bytes per link, the hiding threshold and the predicted step time.
 
     `memory_budget` is what activations may use (default: 80% of the device's memory;
@@ -338,8 +350,8 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
         if profile.device_memory_bytes:
             memory_budget = 0.8 * profile.device_memory_bytes
         else:  # a CPU device: activations share host memory with a RAM-tier store
-            state = STATE_BYTES_PER_PARAM * cfg.n_params() if offload == "ram" else 0
-            memory_budget = 0.5 * profile.host_memory_bytes - state
+            store = state_bytes(state)[0] * cfg.n_params() if offload == "ram" else 0
+            memory_budget = 0.5 * profile.host_memory_bytes - store
     budget = memory_budget
     micro = micro_tokens or tokens_per_step
     kept = (min(kept_graphs, cfg.n_layer) if kept_graphs is not None
@@ -352,7 +364,7 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
     flops = _unit_flops_per_token(cfg, seq_len)
     unit_compute = flops[1] * tokens_per_step / F if cfg.n_layer else 0.0
     depth = prefetch_depth or choose_prefetch_depth(unit_compute, counts[1] * b / profile.h2d_bytes_per_s)
-    visits = step_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, kept)
+    visits = step_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, kept, state)
     predicted = predicted_stream_s(visits, depth, profile)
 
     backward_ratio = 6 if do_recompute else 4  # backward FLOPs per parameter per token
@@ -363,17 +375,19 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
     if offload == "disk":
         # The update reads p, g, m, v and writes p, m, v, and hands p straight to the
         # forward; backward re-reads p; gradients are written once.
-        disk_read, disk_write = 20 * n_params, 16 * n_params
+        whole, updated, master, grad = state_bytes(state)
+        read, written = whole + master, updated + grad
+        disk_read, disk_write = int(read * n_params), int(written * n_params)
         per_token = 2 + backward_ratio
-        min_disk = F * (20 / profile.disk_read_bytes_per_s + 16 / profile.disk_write_bytes_per_s) / per_token
+        min_disk = F * (read / profile.disk_read_bytes_per_s + written / profile.disk_write_bytes_per_s) / per_token
 
-    recommended = recommended_tokens(cfg, profile, seq_len, offload, depth, kept)
-    device_bytes, host_bytes = memory_bytes(cfg, profile, tokens_per_step, micro, offload, depth, kept)
+    recommended = recommended_tokens(cfg, profile, seq_len, offload, depth, kept, state=state)
+    device_bytes, host_bytes = memory_bytes(cfg, profile, tokens_per_step, micro, offload, depth, kept, state)
     return Plan(
         model=cfg.name, device=profile.name, offload=offload, prefetch_depth=depth,
         tokens_per_step=tokens_per_step, seq_len=seq_len, n_params=n_params, n_units=len(counts),
         max_unit_params=biggest, device_bytes=int(device_bytes), host_bytes=int(host_bytes),
-        disk_bytes=STATE_BYTES_PER_PARAM * n_params if offload == "disk" else 0,
+        disk_bytes=int(state_bytes(state)[0] * n_params) if offload == "disk" else 0, state=state,
         h2d_bytes_per_step=2 * n_params * b, d2h_bytes_per_step=n_params * g,
         disk_read_bytes_per_step=disk_read, disk_write_bytes_per_step=disk_write,
         min_tokens_forward=math.ceil(min_fwd), min_tokens_backward=math.ceil(min_bwd),
@@ -391,7 +405,7 @@ RUNTIME_BYTES = 450 * 2**20
 
 
 def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, micro_tokens: int,
-                 offload: str, depth: int, kept: int) -> tuple[int, int]:
+                 offload: str, depth: int, kept: int, state: str = "fp32") -> tuple[int, int]:
     """(device bytes, host bytes) at the step's peak, mirroring what `StreamEngine`
     and the stores allocate. On a CPU device the two are the same memory: the
     process's resident set is their sum.
@@ -400,8 +414,8 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     table's own slot, two gradient buffers (and the tied table's), one unit's fresh
     gradients, and activations.
     Host: pinned staging mirrors of the slots and gradient buffers (CUDA only), the
-    store (the whole state for the RAM tier; for the disk tier its chunk buffers: a
-    scratch set and the pipeline's ring), and the runtime itself.
+    store (the whole state for the RAM tier; for the disk tier the pipeline's ring of
+    chunk buffers), and the runtime itself.
     """
     from streamer.store import CHUNK_NUMEL, RING  # the store's own sizes, not copies of them
 
@@ -417,9 +431,11 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     device = weights + grads + activations
     staging = 0 if profile.shares_host_cores else weights + grads
     if offload == "ram":
-        store = STATE_BYTES_PER_PARAM * sum(counts)
+        store = state_bytes(state)[0] * sum(counts)
     else:
-        store = (RING + 1) * len(("param", "grad", "exp_avg", "exp_avg_sq")) * min(CHUNK_NUMEL, max(counts)) * 4
+        # The pipeline's ring; the store's scratch set is touched only by export and
+        # resume, never during a step, so it holds no resident pages then.
+        store = RING * state_bytes(state)[0] * min(CHUNK_NUMEL, max(counts))
     return int(device), int(staging + store + RUNTIME_BYTES)
 
 
@@ -436,21 +452,21 @@ def peak_bytes(plan: Plan, profile: DeviceProfile) -> int:
 
 def fit_memory(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
                micro_tokens: int, limit_bytes: float, prefetch_depth: int | None = None,
-               recompute: str = "auto") -> Plan:
+               recompute: str = "auto", state: str = "fp32") -> Plan:
     """The fastest plan whose peak memory stays within `limit_bytes`: as many blocks
     keep their graphs as fit (all of them with `--recompute no`, none with `yes`);
     refuse when even the leanest allowed plan does not fit."""
     first = make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
-                      prefetch_depth=prefetch_depth, memory_budget=float("inf"), recompute="yes")
+                      prefetch_depth=prefetch_depth, memory_budget=float("inf"), recompute="yes", state=state)
     depth = first.prefetch_depth
     allowed = {"auto": range(cfg.n_layer, -1, -1), "yes": [0], "no": [cfg.n_layer]}[recompute]
     peaks = {}
     for kept in allowed:  # memory alone decides; plan only the chosen count
-        device, host = memory_bytes(cfg, profile, tokens_per_step, micro_tokens, offload, depth, kept)
+        device, host = memory_bytes(cfg, profile, tokens_per_step, micro_tokens, offload, depth, kept, state)
         peaks[kept] = device + host if profile.shares_host_cores else device
         if peaks[kept] <= limit_bytes:
             return make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
-                             prefetch_depth=depth, memory_budget=float("inf"), kept_graphs=kept)
+                             prefetch_depth=depth, memory_budget=float("inf"), kept_graphs=kept, state=state)
     need = min(peaks.values())
     raise UserError(f"{cfg.name} at {tokens_per_step:,} tokens per step needs about {need / 2**30:.1f} GiB "
                     f"{'' if recompute == 'auto' else f'with --recompute {recompute} '}but --max-memory is "
@@ -458,36 +474,51 @@ def fit_memory(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, s
                     f"{'allow --recompute yes, ' if recompute == 'no' else ''}or raise --max-memory")
 
 
-def predict_resident_peak_bytes(cfg: ModelConfig, micro_tokens: int, act_bytes: int) -> int:
+def _dense_peak_bytes(params: float, largest: int, gathered: float, activations: float, accum: int) -> int:
+    """The peak of a process that holds `params` parameters' weights and AdamW moments
+    (12 bytes each), `gathered` bytes of parameters it holds whole all step, and whose
+    gradients (4 bytes each) are freed after every update. With one micro-batch the
+    gradients appear during backward as the graph is freed, so the peak is the larger
+    of backward's start (every activation, no gradient yet) and the update (every
+    gradient, and AdamW's scratch for the largest tensor); with accumulation the later
+    micro-batches' backward starts with all of them, and autograd's fresh gradient of
+    the largest tensor before it is added into `.grad`."""
+    grads = 4 * params
+    at_start = activations + (grads + 4 * largest if accum > 1 else 0)
+    return int(12 * params + gathered + max(at_start, grads + 4 * largest) + RUNTIME_BYTES)
+
+
+def predict_resident_peak_bytes(cfg: ModelConfig, micro_tokens: int, act_bytes: int, accum: int = 1) -> int:
     """Resident training's peak: weights, gradients and AdamW moments of the whole
-    model, one micro-batch's autograd graph, the head's logits, and the runtime."""
-    logits = head_bytes(cfg, micro_tokens)
-    return int(STATE_BYTES_PER_PARAM * cfg.n_params() + graph_activation_bytes(cfg, micro_tokens, act_bytes)
-               + logits + RUNTIME_BYTES)
+    model, one micro-batch's autograd graph and the head's logits (see
+    `_dense_peak_bytes` for when they coincide), and the runtime."""
+    activations = graph_activation_bytes(cfg, micro_tokens, act_bytes) + head_bytes(cfg, micro_tokens)
+    return _dense_peak_bytes(cfg.n_params(), max(unit_param_counts(cfg)), 0, activations, accum)
 
 
 def predict_fsdp_step_s(cfg: ModelConfig, tokens_per_rank: int, seq_len: int, world: int, rank_flops: float,
-                        collective_bytes_per_s: float, update_bytes_per_s: float) -> float:
+                        gather_bytes_per_s: float, scatter_bytes_per_s: float, update_bytes_per_s: float) -> float:
     """FSDP2 over `world` processes, each at `rank_flops`: its share of forward and
     backward, the all-gathers of parameters (forward, and again in backward after
-    resharding) and the reduce-scatter of gradients, 3 x 4 x P x (N - 1) / N bytes, and
-    AdamW on its 1/N shard. Summed: on a CPU the collectives use the same cores."""
+    resharding, 2 x 4 x P x (N - 1) / N bytes received), the reduce-scatter of
+    gradients (4 x P x (N - 1) / N, slower per byte: it also sums), and AdamW on its
+    1/N shard. Summed: on a CPU the collectives use the same cores."""
     compute = cfg.flops_per_token(seq_len) * tokens_per_rank / rank_flops
-    moved = 3 * 4 * cfg.n_params() * (world - 1) / world
-    return compute + moved / collective_bytes_per_s + 28 * cfg.n_params() / world / update_bytes_per_s
+    moved = 4 * cfg.n_params() * (world - 1) / world
+    return (compute + 2 * moved / gather_bytes_per_s + moved / scatter_bytes_per_s
+            + 28 * cfg.n_params() / world / update_bytes_per_s)
 
 
 def predict_fsdp_peak_bytes(cfg: ModelConfig, micro_tokens: int, world: int, act_bytes: int) -> int:
-    """One FSDP2 process: its shard of weights, gradients and moments; the root's
+    """One FSDP2 process: its 1/N shard of weights, moments and gradients; the root's
     parameters (embeddings, final norm, an untied head) gathered whole for the step;
-    two blocks gathered at a time (the one running and the one prefetched) with their
-    unsharded gradients; one micro-batch's graph and logits; the runtime."""
+    two blocks gathered at a time (the one running and the one prefetched); one
+    micro-batch's graph and logits; the runtime (see `_dense_peak_bytes`)."""
     counts = unit_param_counts(cfg)
     root = counts[0] + counts[-1]
     block = counts[1] if cfg.n_layer else 0
-    logits = head_bytes(cfg, micro_tokens)
-    return int(STATE_BYTES_PER_PARAM * sum(counts) / world + 4 * root + 2 * 2 * 4 * block
-               + graph_activation_bytes(cfg, micro_tokens, act_bytes) + logits + RUNTIME_BYTES)
+    activations = graph_activation_bytes(cfg, micro_tokens, act_bytes) + head_bytes(cfg, micro_tokens)
+    return _dense_peak_bytes(sum(counts) / world, max(root, block), 4 * root + 2 * 4 * block, activations, 1)
 
 
 def predict_resident_step_s(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int) -> float:
@@ -496,19 +527,22 @@ def predict_resident_step_s(cfg: ModelConfig, profile: DeviceProfile, tokens_per
     return 3 * flops / profile.matmul_flops + 28 * cfg.n_params() / profile.device_update_bytes_per_s
 
 
-def offload_for_plan(cfg: ModelConfig, host_available: float, disk_free: float, asked: str) -> tuple[str, str]:
+def offload_for_plan(cfg: ModelConfig, host_available: float, disk_free: float, asked: str,
+                     state: str = "fp32") -> tuple[str, str]:
     """The tier `streamer train` would pick, and what does not fit (empty when all fits);
     the plan command reports a shortfall instead of refusing."""
     try:
-        return choose_offload(cfg, host_available, disk_free, asked), ""
+        return choose_offload(cfg, host_available, disk_free, asked, state), ""
     except UserError as exc:
         return ("disk" if asked == "auto" else asked), str(exc)
 
 
-def choose_offload(cfg: ModelConfig, host_available: float, disk_free: float, asked: str = "auto") -> str:
+def choose_offload(cfg: ModelConfig, host_available: float, disk_free: float, asked: str = "auto",
+                   state: str = "fp32") -> str:
     """RAM when the whole state fits in 80% of available memory, else disk; refuse when
     neither fits, saying what is short and by how much."""
-    need = STATE_BYTES_PER_PARAM * cfg.n_params()
+    need = state_bytes(state)[0] * cfg.n_params()
+    smaller = "" if state == "compact" else "use --state compact (6 bytes per parameter), "
     fits_ram = need <= 0.8 * host_available
     if asked == "ram" and not fits_ram:
         raise UserError(f"{cfg.name} needs {need / 2**30:.1f} GiB of host RAM for its state but "
@@ -519,7 +553,7 @@ def choose_offload(cfg: ModelConfig, host_available: float, disk_free: float, as
     if need > disk_free:
         raise UserError(f"{cfg.name} needs {need / 2**30:.1f} GiB of disk for its state but "
                         f"{disk_free / 2**30:.1f} GiB is free ({(need - disk_free) / 2**30:.1f} GiB short): "
-                        "free disk space or choose a smaller --model")
+                        f"free disk space, {smaller}or choose a smaller --model")
     return "disk"
 
 
@@ -597,52 +631,76 @@ def measure_disk_bandwidth(folder: Path, nbytes: int = 256 * 2**20) -> tuple[flo
     return read_rate, write_rate
 
 
-def measure_update_rate(numel: int = 8 * 2**20) -> float:
-    """Bytes/s the host AdamW update touches (28 bytes per parameter)."""
-    from streamer.optim import OptimConfig, adamw_update_
+def measure_update_rate(numel: int = 8 * 2**20, state: str = "fp32") -> float:
+    """Host AdamW over one chunk in a state format, in float32 AdamW's bytes per second
+    (28 bytes per parameter touched), so that rates of both formats compare."""
+    from streamer.optim import OptimConfig
 
-    p, g, m, v = (torch.randn(numel) for _ in range(4))
+    fmt = FORMATS[state]
+    buffers = {b.name: torch.zeros(b.numel(numel), dtype=b.dtype) for b in fmt.buffers}
+    buffers["param"].copy_(torch.randn(numel))
+    buffers["grad"].copy_(torch.randn(numel))
     cfg = OptimConfig()
-    adamw_update_(p, g, m, v, step=1, lr=1e-3, cfg=cfg, decay_numel=numel)
+
+    def update(step: int) -> None:
+        fmt.update_(buffers, step=step, lr=1e-3, cfg=cfg, decay_numel=numel, grad_scale=1.0, seed=step)
+
+    update(1)
     started = time.perf_counter()
     for step in range(2, 5):
-        adamw_update_(p, g, m, v, step=step, lr=1e-3, cfg=cfg, decay_numel=numel)
+        update(step)
     return 3 * 28 * numel / (time.perf_counter() - started)
 
 
 def measure_model_flops(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, batch: int, seq_len: int,
                         repeat: int = 3) -> float:
-    """The FLOP rate one transformer block of `cfg` sustains, forward and backward, at a
-    micro-batch of `batch` x `seq_len`: a short profiling run that sees what a square
-    matmul does not (attention, norms, activations, memory-bound kernels)."""
-    from models.gpt import build_unit, init_unit
+    """The FLOP rate this model's own compute sustains, forward and backward, at a
+    micro-batch of `batch` x `seq_len`: a short profiling run of one block and of the
+    head (with its loss), weighted as the model holds them (n_layer blocks, one head).
+    It sees what a square matmul does not: attention, norms, activations, the loss's
+    memory-bound softmax; on a 2-core CPU gpt3-125m's blocks run at 1.25x its head's
+    rate. Each part's time is the median of `repeat` timed passes after a warm-up, so
+    one slow pass on a shared machine does not skew it."""
+    import statistics
 
-    block = build_unit(cfg, 1).to(device=device, dtype=dtype)
-    init_unit(block, cfg, seed=0, index=1)
+    from models.gpt import build_unit, init_unit, loss_fn
+
+    head_index = cfg.n_layer + 1
     x = torch.randn(batch, seq_len, cfg.d_model, device=device, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
+    # A tied head reads the embedding table; an untied one owns its projection.
+    tied = (torch.randn(cfg.padded_vocab_size, cfg.d_model, device=device, dtype=dtype) * 0.02).requires_grad_()
 
-    def once() -> None:
-        block(x).float().square().mean().backward()
+    def timed(index: int) -> float:
+        unit = build_unit(cfg, index).to(device=device, dtype=dtype)
+        init_unit(unit, cfg, seed=0, index=index)
+        run = ((lambda: loss_fn(unit(x, tied if cfg.tie_embeddings else None), targets).backward())
+               if index == head_index else (lambda: unit(x).float().square().mean().backward()))
+        run()  # warm-up: allocations, kernel selection
+        times = []
+        for _ in range(repeat):
+            _sync(device)
+            started = time.perf_counter()
+            run()
+            _sync(device)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
 
-    once()  # warm-up: allocations, kernel selection
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(repeat):
-        once()
-    _sync(device)
-    flops = 3 * _unit_flops_per_token(cfg, seq_len)[1] * batch * seq_len  # forward + 2x backward
-    return repeat * flops / (time.perf_counter() - started)
+    per_token = _unit_flops_per_token(cfg, seq_len)
+    seconds = cfg.n_layer * timed(1) + timed(head_index)
+    flops = 3 * (cfg.n_layer * per_token[1] + per_token[-1]) * batch * seq_len  # forward + 2x backward
+    return flops / seconds
 
 
 def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
-                    model: tuple[ModelConfig, int, int] | None = None) -> DeviceProfile:
+                    model: tuple[ModelConfig, int, int] | None = None, state: str = "fp32") -> DeviceProfile:
     """Calibrate every rate on this machine. With `model=(cfg, batch, seq_len)` the
     compute rate comes from profiling one block of that model (`measure_model_flops`)
     instead of a square matmul."""
     base = PROFILES["cpu" if device.type == "cpu" else "h100"]
     h2d, d2h = measure_copy_bandwidth(device)
     read, write = measure_disk_bandwidth(disk_folder)
-    update = measure_update_rate()
+    update = measure_update_rate(state=state)
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     if model is not None:
         flops = measure_model_flops(model[0], device, dtype, model[1], model[2])
@@ -666,6 +724,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens-per-step", type=int, default=None, help="default: the hiding threshold")
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
     p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk"])
+    p.add_argument("--state", default="fp32", choices=list(FORMATS),
+                   help="host state format: fp32 (16 bytes/parameter) or compact (about 6)")
     p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
                    help="plan for this peak memory (the device's; a CPU's: the process's), as train does")
     p.add_argument("--measure", action="store_true", help="calibrate on this machine instead of a profile")
@@ -681,7 +741,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.measure:
         device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        profile = measure_profile(device, dtype, args.disk)
+        profile = measure_profile(device, dtype, args.disk, state=args.state)
     elif args.device in PROFILES:
         profile = PROFILES[args.device]
     else:
@@ -694,18 +754,19 @@ def cmd_plan(args: argparse.Namespace) -> None:
         disk = shutil.disk_usage(args.disk if args.disk.exists() else Path(".")).free
     else:  # the profiled machine's
         host, disk = profile.host_memory_bytes, profile.disk_free_bytes
-    offload, shortfall = offload_for_plan(cfg, host, disk, args.offload)
+    offload, shortfall = offload_for_plan(cfg, host, disk, args.offload, args.state)
     tokens = args.tokens_per_step
     if tokens is None:
-        tokens = make_plan(cfg, profile, seq_len, seq_len, offload).recommended_tokens_per_step
+        tokens = make_plan(cfg, profile, seq_len, seq_len, offload, state=args.state).recommended_tokens_per_step
     if tokens <= 0:
         raise UserError(f"--tokens-per-step must be positive, got {tokens}")
     if args.max_memory is not None and args.max_memory <= 0:
         raise UserError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
     if args.max_memory:
-        plan = fit_memory(cfg, profile, tokens, seq_len, offload, tokens, args.max_memory * 2**30)
+        plan = fit_memory(cfg, profile, tokens, seq_len, offload, tokens, args.max_memory * 2**30,
+                          state=args.state)
     else:
-        plan = make_plan(cfg, profile, tokens, seq_len, offload)
+        plan = make_plan(cfg, profile, tokens, seq_len, offload, state=args.state)
     if args.json:
         print(json.dumps({**asdict(plan), "fits": not shortfall, "shortfall": shortfall,
                           "profile": asdict(profile)}, indent=2))
@@ -725,7 +786,8 @@ def format_plan(plan: Plan, profile: DeviceProfile) -> str:
     gib = 2**30
     lines = [
         f"plan for {plan.model} on {profile.name} ({profile.matmul_flops / 1e12:.1f} TFLOP/s, "
-        f"h2d {profile.h2d_bytes_per_s / 1e9:.1f} GB/s), offload {plan.offload}, prefetch {plan.prefetch_depth}",
+        f"h2d {profile.h2d_bytes_per_s / 1e9:.1f} GB/s), offload {plan.offload}, prefetch {plan.prefetch_depth}, "
+        f"state {plan.state} ({state_bytes(plan.state)[0]:.2f} bytes/parameter)",
         f"  parameters        {plan.n_params:>16,} in {plan.n_units} units (largest {plan.max_unit_params:,})",
         f"  device memory     {plan.device_bytes / gib:>12.2f} GiB",
         f"  host memory       {plan.host_bytes / gib:>12.2f} GiB",

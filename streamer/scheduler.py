@@ -43,8 +43,9 @@ from torch.func import functional_call
 from models import ModelConfig, loss_fn
 from models.gpt import build_unit, init_unit
 from streamer import planner
-from streamer.optim import OptimConfig, adamw_update_, clip_coefficient
+from streamer.optim import OptimConfig, clip_coefficient
 from streamer.parallel import DataParallel
+from streamer.state import FORMATS
 from streamer.stats import StepStats
 from streamer.store import BUFFERS, CHECKPOINT_BUFFERS, DiskStore, HostStore, RamStore, UnitLayout
 
@@ -184,31 +185,37 @@ class StreamEngine:
         (or, with `initialise=False`, only allocate it: a checkpoint will fill it)."""
         import shutil
 
+        state = train_cfg.state
         offload = planner.choose_offload(model_cfg, psutil.virtual_memory().available,
-                                         shutil.disk_usage(out).free, train_cfg.offload)
+                                         shutil.disk_usage(out).free, train_cfg.offload, state)
         profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]
         if device.type == "cuda":
             budget = 0.8 * torch.cuda.get_device_properties(device).total_memory
         else:
-            state = planner.STATE_BYTES_PER_PARAM * model_cfg.n_params() if offload == "ram" else 0
-            budget = 0.5 * psutil.virtual_memory().available - state
+            held = planner.state_bytes(state)[0] * model_cfg.n_params() if offload == "ram" else 0
+            budget = 0.5 * psutil.virtual_memory().available - held
+        # The compute rate comes from a short profiling run of one block at this run's
+        # micro-batch: a square matmul misses attention, norms and memory-bound kernels
+        # (10-20% on a 2-core CPU for gpt3-125m).
+        flops = planner.measure_model_flops(model_cfg, device, dtype, train_cfg.batch_size, train_cfg.seq_len)
         profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
-                                  matmul_flops=planner.peak_flops(device, dtype))
+                                  matmul_flops=flops)
         micro = train_cfg.batch_size * train_cfg.seq_len
         if train_cfg.max_memory_gib:
             plan = planner.fit_memory(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
                                       micro, train_cfg.max_memory_gib * 2**30, train_cfg.prefetch_depth,
-                                      train_cfg.recompute)
+                                      train_cfg.recompute, state)
         else:
             plan = planner.make_plan(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
                                      micro_tokens=micro, prefetch_depth=train_cfg.prefetch_depth,
-                                     memory_budget=budget, recompute=train_cfg.recompute)
+                                     memory_budget=budget, recompute=train_cfg.recompute, state=state)
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
         dp = DataParallel(train_cfg.grad_sync)
         owned = [(dp.shard(lay.numel).start, dp.shard(lay.numel).stop) for lay in layouts]
         folder = out / "store" / (f"rank{dp.rank}" if dp.world > 1 else "")
-        store = DiskStore(layouts, folder, owned) if offload == "disk" else RamStore(layouts, owned)
+        fmt = FORMATS[state]
+        store = DiskStore(layouts, folder, owned, fmt) if offload == "disk" else RamStore(layouts, owned, fmt)
         for i in range(len(layouts)):
             if not initialise:
                 store.allocate(i)
@@ -224,7 +231,7 @@ class StreamEngine:
         engine.replan = lambda rates: planner.make_plan(
             model_cfg, planner.replace(profile, **rates), train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
             micro_tokens=train_cfg.batch_size * train_cfg.seq_len, prefetch_depth=plan.prefetch_depth,
-            memory_budget=budget, kept_graphs=plan.kept_graphs).predicted_step_s
+            memory_budget=budget, kept_graphs=plan.kept_graphs, state=state).predicted_step_s
         return engine
 
     # --- unit state and transfers ------------------------------------------------
@@ -316,9 +323,11 @@ class StreamEngine:
         update = self.pending
         first = self.store.owned[unit][0] + start  # the chunk's offset within the whole unit
         decay_numel = min(max(self.layouts[unit].decay_numel - first, 0), stop - start)
-        adamw_update_(buffers["param"], buffers["grad"], buffers["exp_avg"], buffers["exp_avg_sq"],
-                      step=update.adam_step, lr=update.lr, cfg=self.optim, decay_numel=decay_numel,
-                      grad_scale=update.grad_scale)
+        # The compact format's stochastic rounding draws from a seed fixed by the step and
+        # the chunk's place in the model, so a resumed run rounds exactly as an unbroken one.
+        self.store.format.update_(buffers, step=update.adam_step, lr=update.lr, cfg=self.optim,
+                                  decay_numel=decay_numel, grad_scale=update.grad_scale,
+                                  seed=hash((update.adam_step, unit, first)))
         self.counters["update_s"] += time.perf_counter() - started
 
     def _apply_update(self, unit: int) -> None:
@@ -658,12 +667,16 @@ class StreamEngine:
 
         self.flush()  # now the store holds the post-update state and no update is due
 
+        fmt = self.store.format
+        names = fmt.expand(CHECKPOINT_BUFFERS)
+
         def write(unit: int) -> dict:
             numel, (first, stop) = self.store.owned_numel(unit), self.store.owned[unit]
-            specs = [TensorSpec(name, torch.float32, (numel,)) for name in CHECKPOINT_BUFFERS]
+            specs = [TensorSpec(name, fmt.buffer(name).dtype, (fmt.buffer(name).numel(numel),)) for name in names]
             chunks = (self.store.open(unit, (name,), start, end)[name]
-                      for name in CHECKPOINT_BUFFERS for start, end in self.store.chunks(unit))
-            metadata = {"unit": str(unit), "owned": f"{first}:{stop}", "numel": str(self.layouts[unit].numel)}
+                      for name in names for start, end in self.store.chunks(unit))
+            metadata = {"unit": str(unit), "owned": f"{first}:{stop}", "numel": str(self.layouts[unit].numel),
+                        "state": fmt.name}
             return write_tensor_file(folder / self._state_file(unit), specs, chunks, metadata)
 
         # The store belongs to the host worker thread (see streamer.store).
@@ -675,18 +688,27 @@ class StreamEngine:
         same model and world size; no update is due afterwards."""
         from streamer.checkpoint import CorruptCheckpointError, TensorFile
 
+        fmt = self.store.format
+        names = fmt.expand(CHECKPOINT_BUFFERS)
+
         def read(unit: int) -> None:
             source = TensorFile(folder / self._state_file(unit))
             first, stop = self.store.owned[unit]
-            want = (self.store.owned_numel(unit),)
+            saved = source.header.metadata.get("state", "fp32")
+            if saved != fmt.name:
+                raise CorruptCheckpointError(f"checkpoint file '{source.path}' holds --state {saved} state but this "
+                                             f"run asks for --state {fmt.name}: resume with --state {saved}")
+            numel = self.store.owned_numel(unit)
             if (source.header.metadata.get("owned") != f"{first}:{stop}"
-                    or any(source.header.tensors.get(n) is None or source.shape(n) != want
-                           for n in CHECKPOINT_BUFFERS)):
+                    or any(source.header.tensors.get(n) is None or source.shape(n) != (fmt.buffer(n).numel(numel),)
+                           for n in names)):
                 raise CorruptCheckpointError(f"checkpoint file '{source.path}' does not hold unit {unit}'s "
                                              f"shard [{first}, {stop}) of this model")
-            for name in CHECKPOINT_BUFFERS:
+            for name in names:
                 for start, end in self.store.chunks(unit):
-                    self.store.open(unit, (name,), start, end)[name].copy_(source.read(name, start, end))
+                    target = self.store.open(unit, (name,), start, end)[name]
+                    offset = fmt.buffer(name).offset(start)
+                    target.copy_(source.read(name, offset, offset + target.numel()))
                     self.store.commit(unit, (name,), start, end)
 
         for unit in range(self.n_units):

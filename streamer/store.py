@@ -1,8 +1,9 @@
 """Host stores: where master weights, gradients and AdamW state live between uses.
 
-Each unit's parameters are packed into one flat float32 buffer (decayed tensors first,
-so weight decay is a prefix) and the unit's four buffers (param, grad, exp_avg,
-exp_avg_sq) are kept together:
+Each unit's parameters are packed into one flat buffer (decayed tensors first, so
+weight decay is a prefix) and the unit's state buffers (param, grad, exp_avg,
+exp_avg_sq, and the moments' block scales in the compact format: see
+`streamer.state`) are kept together:
 
 - `RamStore`: plain host tensors.
 - `DiskStore`: one safetensors file per unit under `DIR/store/`, read and written with
@@ -42,13 +43,14 @@ import torch
 from torch import nn
 
 from streamer.optim import decays
+from streamer.state import FORMATS, StateFormat
 
-BUFFERS = ("param", "grad", "exp_avg", "exp_avg_sq")
+BUFFERS = ("param", "grad", "exp_avg", "exp_avg_sq")  # what an update reads; a format adds scales
 # What a checkpoint keeps of each unit: the update consumes the gradient before a
 # checkpoint is taken, so the gradient is not state.
 CHECKPOINT_BUFFERS = ("param", "exp_avg", "exp_avg_sq")
 _IO_BYTES = 256 * 2**20  # pread/pwrite move at most 2 GiB per call; stay well under it
-CHUNK_NUMEL = 8 * 2**20  # 32 MiB per float32 buffer: large I/Os, small resident set
+CHUNK_NUMEL = 8 * 2**20  # 32 MiB per float32 buffer: large I/Os, small resident set; whole blocks
 RING = 3  # chunk-buffer sets in the disk pipeline: one being read, one updated, one written
 
 
@@ -94,11 +96,20 @@ class HostStore(ABC):
     """Common interface: `open` returns the unit's buffers (reading them if needed),
     `commit` makes changes to the named buffers durable in the tier."""
 
-    def __init__(self, layouts: list[UnitLayout], owned: list[tuple[int, int]] | None = None) -> None:
+    def __init__(self, layouts: list[UnitLayout], owned: list[tuple[int, int]] | None = None,
+                 state: StateFormat = FORMATS["fp32"]) -> None:
         self.layouts = layouts
         # The element range [start, stop) of each unit that this process keeps: the
         # whole unit, or this rank's shard under data parallelism (streamer.parallel).
         self.owned = owned or [(0, lay.numel) for lay in layouts]
+        self.format = state
+
+    def _slice(self, name: str, tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The part of buffer `name` (held in `tensor` from element 0) that elements
+        [start, stop) occupy: the same range, or their blocks' scales."""
+        buffer = self.format.buffer(name)
+        first = buffer.offset(start)
+        return tensor[first : first + buffer.numel(stop - start)]
 
     def owned_numel(self, index: int) -> int:
         start, stop = self.owned[index]
@@ -120,7 +131,8 @@ class HostStore(ABC):
     @abstractmethod
     def open(self, index: int, names: tuple[str, ...], start: int, stop: int) -> dict[str, torch.Tensor]:
         """Elements [start, stop) of the unit's owned part of the named buffers (offsets
-        relative to the owned range), read from the tier if needed."""
+        relative to the owned range; a scale buffer gives those elements' blocks), read
+        from the tier if needed. `start` is a block boundary."""
 
     @abstractmethod
     def commit(self, index: int, names: tuple[str, ...], start: int, stop: int) -> None:
@@ -135,9 +147,11 @@ class HostStore(ABC):
 
     def stream(self, index: int, read: tuple[str, ...],
                write: tuple[str, ...] = ()) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
-        """Every chunk of the unit as (start, stop, {name: buffer}) for the `read` names,
-        in order; once the consumer asks for the next chunk, the `write` names of the
-        previous one are committed. Here: `open` and `commit` in sequence."""
+        """Every chunk of the unit as (start, stop, {name: buffer}) for the `read` names
+        and their scales, in order; once the consumer asks for the next chunk, the
+        `write` names of the previous one are committed. Here: `open` and `commit` in
+        sequence."""
+        read, write = self.format.expand(read), self.format.expand(write)
         for start, stop in self.chunks(index):
             yield start, stop, self.open(index, read, start, stop)
             if write:
@@ -155,7 +169,8 @@ class HostStore(ABC):
 
     @abstractmethod
     def write_grad(self, index: int, grad: torch.Tensor) -> None:
-        """Store the owned part of a unit's step gradient (float32)."""
+        """Store the owned part of a unit's step gradient (float32; the format's dtype
+        in the store)."""
 
     def bytes_on_disk(self) -> int:
         return 0
@@ -165,15 +180,17 @@ class HostStore(ABC):
 
 
 class RamStore(HostStore):
-    def __init__(self, layouts: list[UnitLayout], owned: list[tuple[int, int]] | None = None) -> None:
-        super().__init__(layouts, owned)
-        self.buffers = [{name: torch.zeros(self.owned_numel(i)) for name in BUFFERS} for i in range(len(layouts))]
+    def __init__(self, layouts: list[UnitLayout], owned: list[tuple[int, int]] | None = None,
+                 state: StateFormat = FORMATS["fp32"]) -> None:
+        super().__init__(layouts, owned, state)
+        self.buffers = [{b.name: torch.zeros(b.numel(self.owned_numel(i)), dtype=b.dtype) for b in state.buffers}
+                        for i in range(len(layouts))]
 
     def init_params(self, index: int, unit: nn.Module) -> None:
         self.buffers[index]["param"].copy_(self._owned_part(index, unit))
 
     def open(self, index: int, names: tuple[str, ...], start: int, stop: int) -> dict[str, torch.Tensor]:
-        return {n: self.buffers[index][n][start:stop] for n in names}
+        return {n: self._slice(n, self.buffers[index][n], start, stop) for n in names}
 
     def commit(self, index: int, names: tuple[str, ...], start: int, stop: int) -> None:
         pass  # the buffers are the store
@@ -183,16 +200,17 @@ class RamStore(HostStore):
 
 
 class DiskStore(HostStore):
-    """One safetensors file per unit holding four flat F32 tensors."""
+    """One safetensors file per unit holding the format's flat buffers."""
 
-    def __init__(self, layouts: list[UnitLayout], folder: Path, owned: list[tuple[int, int]] | None = None) -> None:
-        super().__init__(layouts, owned)
+    def __init__(self, layouts: list[UnitLayout], folder: Path, owned: list[tuple[int, int]] | None = None,
+                 state: StateFormat = FORMATS["fp32"]) -> None:
+        super().__init__(layouts, owned, state)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        # Scratch for one chunk of each of the four buffers, allocated once for the run,
-        # and the pipeline's ring of chunk sets (see the note at the top).
-        self.scratch = {name: torch.empty(CHUNK_NUMEL) for name in BUFFERS}
-        self.ring = [{name: torch.empty(CHUNK_NUMEL) for name in BUFFERS} for _ in range(RING)]
+        # Scratch for one chunk of each buffer, allocated once for the run, and the
+        # pipeline's ring of chunk sets (see the note at the top).
+        self.scratch = self._chunk_set()
+        self.ring = [self._chunk_set() for _ in range(RING)]
         self.ring_busy: list[Future | None] = [None] * RING  # the write out of each set
         self.pending: dict[int, list[Future]] = {}  # unit -> its writes not yet waited on
         self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-read")
@@ -203,37 +221,50 @@ class DiskStore(HostStore):
         self.bytes_read = self.bytes_written = 0
         self.read_s = self.write_s = 0.0
 
+    def _chunk_set(self) -> dict[str, torch.Tensor]:
+        return {b.name: torch.empty(b.numel(CHUNK_NUMEL), dtype=b.dtype) for b in self.format.buffers}
+
     def path(self, index: int) -> Path:
         return self.folder / f"unit_{index:05d}.safetensors"
 
     def init_params(self, index: int, unit: nn.Module) -> None:
         """Create unit `index`'s file: packed initial weights, zero grad and moments."""
         self.allocate(index)
-        self._pwrite(index, "param", self._owned_part(index, unit).contiguous(), 0)
+        self._pwrite(index, "param", self._owned_part(index, unit).to(self.format.buffer("param").dtype), 0)
         os.fsync(self.fds[index])
 
     def allocate(self, index: int) -> None:
         """Create unit `index`'s file with every buffer zero (units are created in order)."""
         assert index == len(self.fds), f"unit {index} allocated out of order"
+        from streamer.checkpoint import DTYPE_NAMES
+
         numel = self.owned_numel(index)
-        header = {name: {"dtype": "F32", "shape": [numel], "data_offsets": [k * 4 * numel, (k + 1) * 4 * numel]}
-                  for k, name in enumerate(BUFFERS)}
-        header["__metadata__"] = {"unit": str(index), "format": "streamer-unit-v1"}
+        header, offsets, end = {}, {}, 0
+        for b in self.format.buffers:
+            size = b.itemsize * b.numel(numel)
+            header[b.name] = {"dtype": DTYPE_NAMES[b.dtype], "shape": [b.numel(numel)],
+                              "data_offsets": [end, end + size]}
+            offsets[b.name], end = end, end + size
+        header["__metadata__"] = {"unit": str(index), "format": "streamer-unit-v1", "state": self.format.name}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
         data_start = 8 + len(blob)
         path = self.path(index)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.write(fd, struct.pack("<Q", len(blob)) + blob)
-        os.ftruncate(fd, data_start + 16 * numel)  # a sparse file: zero moments cost no writes
+        os.ftruncate(fd, data_start + end)  # a sparse file: zero moments cost no writes
         self.fds.append(fd)
-        self.offsets.append({name: data_start + k * 4 * numel for k, name in enumerate(BUFFERS)})
+        self.offsets.append({name: data_start + offset for name, offset in offsets.items()})
+
+    def _byte_offset(self, index: int, name: str, first: int) -> int:
+        buffer = self.format.buffer(name)
+        return self.offsets[index][name] + buffer.itemsize * buffer.offset(first)
 
     def _pwrite(self, index: int, name: str, tensor: torch.Tensor, first: int) -> None:
         """Write `tensor` over elements [first, first + len) of the named buffer."""
         started = time.perf_counter()
-        view = memoryview(tensor.numpy()).cast("B")
-        fd, base = self.fds[index], self.offsets[index][name] + 4 * first
+        view = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+        fd, base = self.fds[index], self._byte_offset(index, name, first)
         for start in range(0, len(view), _IO_BYTES):
             chunk = view[start : start + _IO_BYTES]
             written = 0
@@ -245,8 +276,8 @@ class DiskStore(HostStore):
 
     def _pread(self, index: int, name: str, tensor: torch.Tensor, first: int) -> None:
         started = time.perf_counter()
-        view = memoryview(tensor.numpy()).cast("B")
-        fd, base = self.fds[index], self.offsets[index][name] + 4 * first
+        view = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+        fd, base = self.fds[index], self._byte_offset(index, name, first)
         for start in range(0, len(view), _IO_BYTES):
             chunk = view[start : start + _IO_BYTES]
             got = 0
@@ -285,6 +316,7 @@ class DiskStore(HostStore):
                write: tuple[str, ...] = ()) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
         """The pipelined pass over a unit (see the note at the top of this module)."""
         self._settle_unit(index)  # an earlier pass's writes land before we read
+        read, write = self.format.expand(read), self.format.expand(write)
         chunks = self.chunks(index)
 
         def fill(i: int) -> None:
@@ -295,19 +327,20 @@ class DiskStore(HostStore):
                 # reported by `settle`, through `pending`, not here.
                 self.ring_busy[k].exception()
             for name in read:
-                self._pread(index, name, self.ring[k][name][: stop - start], start)
+                self._pread(index, name, self._slice(name, self.ring[k][name], 0, stop - start), start)
 
         def drain(i: int) -> None:
             start, stop = chunks[i]
             for name in write:
-                self._pwrite(index, name, self.ring[i % RING][name][: stop - start], start)
+                self._pwrite(index, name, self._slice(name, self.ring[i % RING][name], 0, stop - start), start)
 
         reads = [self.reader.submit(fill, i) for i in range(min(RING - 1, len(chunks)))]
         finished = False
         try:
             for i, (start, stop) in enumerate(chunks):
                 reads[i].result()
-                yield start, stop, {name: self.ring[i % RING][name][: stop - start] for name in read}
+                yield start, stop, {name: self._slice(name, self.ring[i % RING][name], 0, stop - start)
+                                    for name in read}
                 if write:
                     future = self.writer.submit(drain, i)
                     self.ring_busy[i % RING] = future
@@ -328,28 +361,32 @@ class DiskStore(HostStore):
         """POSIX_FADV_WILLNEED: the kernel reads the buffers ahead, asynchronously, while
         the worker is still busy with earlier units."""
         numel = self.owned_numel(index)
-        for name in names:
-            os.posix_fadvise(self.fds[index], self.offsets[index][name], 4 * numel, os.POSIX_FADV_WILLNEED)
+        for name in self.format.expand(names):
+            buffer = self.format.buffer(name)
+            os.posix_fadvise(self.fds[index], self.offsets[index][name], buffer.itemsize * buffer.numel(numel),
+                             os.POSIX_FADV_WILLNEED)
 
     def open(self, index: int, names: tuple[str, ...], start: int, stop: int) -> dict[str, torch.Tensor]:
         assert stop - start <= CHUNK_NUMEL, "disk-tier reads go a chunk at a time"
         self._settle_unit(index)
         out = {}
         for name in names:
-            buf = self.scratch[name][: stop - start]
+            buf = self._slice(name, self.scratch[name], 0, stop - start)
             self._pread(index, name, buf, start)
             out[name] = buf
         return out
 
     def commit(self, index: int, names: tuple[str, ...], start: int, stop: int) -> None:
         for name in names:
-            self._pwrite(index, name, self.scratch[name][: stop - start], start)
+            self._pwrite(index, name, self._slice(name, self.scratch[name], 0, stop - start), start)
 
     def write_grad(self, index: int, grad: torch.Tensor) -> None:
-        self._pwrite(index, "grad", grad[: self.owned_numel(index)].contiguous(), 0)
+        dtype = self.format.buffer("grad").dtype
+        self._pwrite(index, "grad", grad[: self.owned_numel(index)].to(dtype).contiguous(), 0)
 
     def bytes_on_disk(self) -> int:
-        return sum(16 * self.owned_numel(i) for i in range(len(self.layouts)))
+        return sum(b.itemsize * b.numel(self.owned_numel(i)) for i in range(len(self.layouts))
+                   for b in self.format.buffers)
 
     def close(self) -> None:
         try:

@@ -65,6 +65,7 @@ class TrainConfig:
     prefetch_depth: int | None = None  # stream mode: units fetched ahead; None: the planner decides
     recompute: str = "auto"  # stream mode: yes | no | auto (recompute only when graphs do not fit)
     max_memory_gib: float | None = None  # stream mode: peak device memory (a CPU's: the process) to plan for
+    state: str = "fp32"  # stream mode: host state format, fp32 | compact (streamer.state)
     grad_sync: str = "sparse"  # data parallel: the embedding's gradient by sparse or dense all-reduce
     progress: bool = True
     checkpoint_every: int = 0  # steps between checkpoints in DIR/checkpoints; 0: none
@@ -94,6 +95,10 @@ class TrainConfig:
             raise UserError(f"--max-memory must be a positive number of GiB, got {self.max_memory_gib}")
         if self.prefetch_depth is not None and self.prefetch_depth <= 0:
             raise UserError(f"--prefetch-depth must be a positive integer, got {self.prefetch_depth}")
+        if self.state not in ("fp32", "compact"):
+            raise UserError(f"--state must be fp32 or compact, got '{self.state}'")
+        if self.state != "fp32" and self.mode != "stream":
+            raise UserError("--state compact is a host-store format: use it with --mode stream")
         if self.grad_sync not in ("sparse", "dense"):
             raise UserError(f"--grad-sync must be sparse or dense, got '{self.grad_sync}'")
         if self.mode not in ("resident", "stream"):
@@ -194,7 +199,7 @@ def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device:
 
     existing = next(p for p in [out, *out.parents] if p.exists() or p == p.parent)
     offload = planner.choose_offload(model_cfg, psutil.virtual_memory().available,
-                                     shutil.disk_usage(existing).free, cfg.offload)
+                                     shutil.disk_usage(existing).free, cfg.offload, cfg.state)
     if cfg.max_memory_gib:
         # Memory does not depend on the compute rate, so the device's stock profile
         # answers "does it fit" before anything is measured or written.
@@ -202,7 +207,7 @@ def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device:
         profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size())
         planner.fit_memory(model_cfg, profile, cfg.tokens_per_step(), cfg.seq_len, offload,
                            cfg.batch_size * cfg.seq_len, cfg.max_memory_gib * 2**30, cfg.prefetch_depth,
-                           cfg.recompute)
+                           cfg.recompute, cfg.state)
 
 
 def check_resumable(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, world: int) -> list[str]:

@@ -21,7 +21,8 @@ from streamer.errors import UserError
 from streamer.train import TrainConfig, load_final, train
 
 STEPS = 6
-MODES = {"resident": ("resident", "auto"), "stream-ram": ("stream", "ram"), "stream-disk": ("stream", "disk")}
+MODES = {"resident": ("resident", "auto", "fp32"), "stream-ram": ("stream", "ram", "fp32"),
+         "stream-disk": ("stream", "disk", "fp32"), "stream-disk-compact": ("stream", "disk", "compact")}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,9 +35,9 @@ def one_thread() -> Iterator[None]:
 
 
 def config(data: Path, out: Path, mode: str = "stream-disk", **overrides: object) -> TrainConfig:
-    engine, offload = MODES[mode]
-    settings = dict(model="tiny", mode=engine, offload=offload, steps=STEPS, batch_size=4, seq_len=32, warmup=2,
-                    data=str(data), out=str(out), device="cpu", progress=False)
+    engine, offload, state = MODES[mode]
+    settings = dict(model="tiny", mode=engine, offload=offload, state=state, steps=STEPS, batch_size=4, seq_len=32,
+                    warmup=2, data=str(data), out=str(out), device="cpu", progress=False)
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -342,3 +343,11 @@ def test_data_parallel_checkpoints_resume_exactly(token_file: Path, tmp_path: Pa
     assert losses(out) == uninterrupted
     resumed = load_final(out / "final")
     assert all(torch.equal(resumed[name], weights[name]) for name in weights)
+
+
+def test_resuming_in_another_state_format_is_refused(token_file: Path, tmp_path: Path) -> None:
+    """A compact run's checkpoint holds 8-bit moments: an fp32 run cannot continue it."""
+    out = tmp_path / "run"
+    train(config(token_file, out, "stream-disk-compact", steps=2, checkpoint_every=2))
+    with pytest.raises(UserError, match="resume with --state compact"):
+        train(config(token_file, out, "stream-disk", steps=4, checkpoint_every=2, resume=True))

@@ -11,7 +11,7 @@ from models import REGISTRY, ModelConfig
 from models.gpt import build_unit
 from streamer import planner
 from streamer.errors import UserError
-from streamer.planner import PROFILES, STATE_BYTES_PER_PARAM, choose_offload, make_plan, unit_param_counts
+from streamer.planner import PROFILES, choose_offload, make_plan, state_bytes, unit_param_counts
 
 GIB = 2**30
 
@@ -59,7 +59,7 @@ def test_disk_offload_moves_state_to_disk() -> None:
     cfg = ModelConfig.from_name("gpt3-xl")
     ram = make_plan(cfg, PROFILES["h100"], 2**16, 2048, "ram")
     disk = make_plan(cfg, PROFILES["h100"], 2**16, 2048, "disk")
-    assert ram.disk_bytes == 0 and disk.disk_bytes == STATE_BYTES_PER_PARAM * cfg.n_params()
+    assert ram.disk_bytes == 0 and disk.disk_bytes == state_bytes("fp32")[0] * cfg.n_params()
     assert disk.host_bytes < ram.host_bytes / 4  # host RAM keeps only staging buffers
     assert ram.min_tokens_disk == 0
     assert disk.min_tokens_per_step >= disk.min_tokens_disk > 0

@@ -1,0 +1,97 @@
+"""State formats: stochastic bf16 rounding, 8-bit log-coded moments, the compact update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamer.optim import OptimConfig, adamw_update_
+from streamer.state import BLOCK, FORMATS, decode, encode, round_bf16_stochastic
+
+
+def coded(name: str, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    codes = torch.empty(x.numel(), dtype=torch.uint8)
+    scales = torch.empty(-(-x.numel() // BLOCK))
+    encode(name, x, codes, scales, torch.Generator().manual_seed(seed))
+    return decode(name, codes, scales)
+
+
+def test_compact_state_is_about_six_bytes_per_parameter() -> None:
+    assert FORMATS["fp32"].bytes_per_param() == 16
+    assert 6.0 < FORMATS["compact"].bytes_per_param() < 6.05
+
+
+def test_stochastic_bf16_rounding_picks_a_neighbour_and_is_unbiased() -> None:
+    x = torch.full((200_000,), 1.0 + 2**-9)  # a quarter of the way from bf16 1.0 to its neighbour 1 + 2^-7
+    rounded = round_bf16_stochastic(x, torch.Generator().manual_seed(0)).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert rounded.mean().item() == pytest.approx(1.0 + 2**-9, abs=2e-5)
+    negative = round_bf16_stochastic(-x, torch.Generator().manual_seed(1)).float()
+    assert negative.mean().item() == pytest.approx(-(1.0 + 2**-9), abs=2e-5)
+
+
+def test_small_updates_still_move_bf16_weights() -> None:
+    """1,000 updates of 1e-4 each, every one below half a bf16 spacing at 1.0: round to
+    nearest never moves the weight; stochastic rounding follows float32 on average."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.ones(4096, dtype=torch.bfloat16)
+    nearest = torch.ones(4096, dtype=torch.bfloat16)
+    for _ in range(1000):
+        weights = round_bf16_stochastic(weights.float() + 1e-4, generator)
+        nearest = (nearest.float() + 1e-4).to(torch.bfloat16)
+    assert nearest.float().mean().item() == 1.0
+    assert weights.float().mean().item() == pytest.approx(1.1, abs=0.005)
+
+
+@pytest.mark.parametrize("name", ["exp_avg", "exp_avg_sq"])
+def test_moment_codes_are_within_one_level_and_unbiased(name: str) -> None:
+    torch.manual_seed(0)
+    magnitudes = torch.exp2(torch.empty(BLOCK * 40 + 17).uniform_(-12, 0))  # a partial last block
+    x = magnitudes * (torch.randint(0, 2, magnitudes.shape) * 2 - 1) if name == "exp_avg" else magnitudes
+    once = coded(name, x)
+    assert torch.equal(torch.sign(once), torch.sign(x))
+    assert ((once - x).abs() / x.abs()).max() < 0.15  # one level: 9% (first moment), 7% (second)
+    average = torch.stack([coded(name, x, seed) for seed in range(200)]).mean(0)
+    assert ((average - x).abs() / x.abs()).mean() < 0.005
+
+
+def test_second_moment_never_decodes_to_zero() -> None:
+    """A root far below its block's largest becomes the smallest level: AdamW's
+    denominator stays above eps and the step stays small."""
+    x = torch.full((BLOCK,), 1e-30)
+    x[0] = 1.0
+    out = coded("exp_avg_sq", x)
+    assert (out[1:] > 0).all() and out[1:].max() <= 2**-23
+    assert out[0] == 1.0
+
+
+def test_zero_moments_stay_zero() -> None:
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(coded(name, torch.zeros(BLOCK + 3)), torch.zeros(BLOCK + 3))
+
+
+def compact_buffers(param: torch.Tensor) -> dict[str, torch.Tensor]:
+    fmt = FORMATS["compact"]
+    buffers = {b.name: torch.zeros(b.numel(param.numel()), dtype=b.dtype) for b in fmt.buffers}
+    buffers["param"].copy_(param)
+    return buffers
+
+
+def test_compact_update_follows_float32_adamw_on_a_quadratic() -> None:
+    """Minimising |w - target|^2 from the same start: the compact state's weights end
+    within bf16 resolution of float32 AdamW's, and both reach the target."""
+    torch.manual_seed(0)
+    cfg = OptimConfig(weight_decay=0.0)
+    target = 0.3 * torch.randn(3 * BLOCK)
+    exact = {n: torch.zeros(3 * BLOCK) for n in ("param", "grad", "exp_avg", "exp_avg_sq")}
+    compact = compact_buffers(exact["param"])
+    for step in range(1, 301):
+        lr = 0.02 * (1 - step / 301)  # decays to almost nothing: both settle
+        exact["grad"].copy_(2 * (exact["param"] - target))
+        adamw_update_(exact["param"], exact["grad"], exact["exp_avg"], exact["exp_avg_sq"], step=step, lr=lr,
+                      cfg=cfg, decay_numel=0)
+        compact["grad"].copy_(2 * (compact["param"].float() - target))
+        FORMATS["compact"].update_(compact, step=step, lr=lr, cfg=cfg, decay_numel=0, grad_scale=1.0, seed=step)
+    assert (exact["param"] - target).abs().max() < 0.02
+    assert (compact["param"].float() - target).abs().max() < 0.05
+    assert (compact["param"].float() - exact["param"]).abs().mean() < 0.01

@@ -45,8 +45,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output directory (default: runs/MODEL-TIMESTAMP)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on CUDA)")
-    p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk"],
-                   help="stream mode: where master weights and optimizer state live")
+    p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk", "split"],
+                   help="stream mode: where master weights and optimizer state live (split: the leading units "
+                        "in RAM, the rest on disk)")
     p.add_argument("--state", default="fp32", choices=["fp32", "compact"],
                    help="stream mode: host state format: fp32 (16 bytes/parameter, exact) or compact (about 6: "
                         "bf16 weights with stochastic rounding, 8-bit moments)")

@@ -33,6 +33,26 @@ from streamer.errors import UserError
 from streamer.state import FORMATS
 
 
+def units_in_ram(n_units: int, offload: str, ram_units: int | None = None) -> int:
+    """How many leading units the store keeps in RAM: all for the RAM tier, none for the
+    disk tier, `ram_units` for the split tier (the rest on disk)."""
+    if offload == "split":
+        assert ram_units is not None, "the split tier needs its count of RAM units"
+        return ram_units
+    return n_units if offload == "ram" else 0
+
+
+def split_ram_units(cfg: ModelConfig, host_available: float, state: str = "fp32") -> int:
+    """The most leading units whose state fits in 80% of available host memory (the
+    rest is for the runtime, pinned buffers and the page cache the disk part uses)."""
+    per_param, held = state_bytes(state)[0], 0.0
+    for k, count in enumerate(unit_param_counts(cfg)):
+        held += per_param * count
+        if held > 0.8 * host_available:
+            return k
+    return cfg.n_layer + 2
+
+
 def state_bytes(state: str) -> tuple[float, float, int, int]:
     """Per parameter, for a state format (see streamer.state): the whole state, what an
     update writes back (all but the gradient), the master weight, the gradient."""
@@ -106,6 +126,7 @@ class Plan:
     compute_s: float
     predicted_step_s: float
     state: str = "fp32"  # the host state's format (streamer.state)
+    ram_units: int = 0  # leading units whose state is in RAM (the rest on disk)
 
 
 def unit_param_counts(cfg: ModelConfig) -> list[int]:
@@ -214,7 +235,7 @@ class Visit:
 
 
 def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
-                depth: int, kept: int, state: str = "fp32") -> list[Visit]:
+                depth: int, kept: int, state: str = "fp32", ram_units: int | None = None) -> list[Visit]:
     """The visits of one step (forward 0..U-2, head, backward U-2..0) with their costs,
     mirroring `StreamEngine.visits`; units still pinned in the window move nothing."""
     counts = unit_param_counts(cfg)
@@ -225,13 +246,15 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     # A store that fits the page cache moves at memory speed after its first pass, and
     # then its "I/O" is host copies on the cores, not time on the storage device.
     whole, updated, master, grad = state_bytes(state)
-    cached = whole * sum(counts) <= 0.5 * profile.page_cache_bytes
+    in_ram = units_in_ram(len(counts), offload, ram_units)
+    cached = whole * sum(counts[in_ram:]) <= 0.5 * profile.page_cache_bytes
     order = [("forward", u) for u in range(head)] + [("head", head)]
     order += [("backward", u) for u in range(head - 1, -1, -1)]
     last_seen: dict[int, int] = {}
     visits = []
     for v, (phase, unit) in enumerate(order):
         p, f = counts[unit], flops[unit] * tokens_per_step / F
+        on_disk = unit >= in_ram
         pinned = unit in last_seen and v - last_seen[unit] <= depth or (cfg.tie_embeddings and unit == 0 and v > 0)
         last_seen[unit] = v
         recomputes = unit < len(counts) - 1 - kept and not (kept >= cfg.n_layer and unit == 0)
@@ -246,14 +269,14 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
             host_in = p * (master + b) / mem  # read the master, write the compute copy
             if phase == "forward":
                 host_in += 28 * p / mem  # the AdamW update due from the previous step
-            if offload == "disk" and cached:
+            if on_disk and cached:
                 host_in += (read + written) / mem
-            elif offload == "disk":
+            elif on_disk:
                 disk_read, disk_write = read / disk_r, written / disk_w
         out = 0.0
         if phase != "forward":
             out = p * 4 / profile.d2h_bytes_per_s
-            if offload == "ram" or cached:
+            if not on_disk or cached:
                 out += (4 + grad) * p / mem
             else:
                 disk_write += grad * p / disk_w
@@ -314,14 +337,15 @@ RECOMMENDED_OVERHEAD = 0.03
 
 
 def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, offload: str, depth: int,
-                       kept: int, overhead: float = RECOMMENDED_OVERHEAD, state: str = "fp32") -> int:
+                       kept: int, overhead: float = RECOMMENDED_OVERHEAD, state: str = "fp32",
+                       ram_units: int | None = None) -> int:
     """The fewest tokens per step (whole sequences) at which moving data costs at most
     `overhead` of the step: the predicted step is within that share of its compute plus
     the optimizer time resident training also pays. Doublings, then a binary search."""
     update_s = 28 * cfg.n_params() / profile.device_update_bytes_per_s
 
     def too_slow(tokens: int) -> bool:
-        visits = step_visits(cfg, profile, tokens, seq_len, offload, depth, kept, state)
+        visits = step_visits(cfg, profile, tokens, seq_len, offload, depth, kept, state, ram_units)
         ideal = sum(v.compute_s for v in visits) + update_s
         return predicted_stream_s(visits, depth, profile) > (1 + overhead) * ideal
 
@@ -341,30 +365,31 @@ def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, o
 def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int,
               offload: str, micro_tokens: int | None = None, prefetch_depth: int | None = None,
               memory_budget: float | None = None, recompute: str = "auto", kept_graphs: int | None = None,
-              state: str = "fp32") -> Plan:
+              state: str = "fp32", ram_units: int | None = None) -> Plan:
     """Bytes per tier, bytes per link, the hiding threshold and the predicted step time.
 
     `memory_budget` is what activations may use (default: 80% of the device's memory;
     a CPU device passes its host's)."""
+    counts = unit_param_counts(cfg)
+    in_ram = units_in_ram(len(counts), offload, ram_units)
+    ram_params, disk_params = sum(counts[:in_ram]), sum(counts[in_ram:])
     if memory_budget is None:
         if profile.device_memory_bytes:
             memory_budget = 0.8 * profile.device_memory_bytes
         else:  # a CPU device: activations share host memory with a RAM-tier store
-            store = state_bytes(state)[0] * cfg.n_params() if offload == "ram" else 0
-            memory_budget = 0.5 * profile.host_memory_bytes - store
+            memory_budget = 0.5 * profile.host_memory_bytes - state_bytes(state)[0] * ram_params
     budget = memory_budget
     micro = micro_tokens or tokens_per_step
     kept = (min(kept_graphs, cfg.n_layer) if kept_graphs is not None
             else choose_kept_graphs(cfg, tokens_per_step, micro, profile.compute_bytes, budget, recompute))
     do_recompute = kept < cfg.n_layer
-    counts = unit_param_counts(cfg)
     n_params, biggest = sum(counts), max(counts)
     b, g = profile.compute_bytes, 4  # weights in compute dtype in, float32 gradients out
     F = profile.matmul_flops
     flops = _unit_flops_per_token(cfg, seq_len)
     unit_compute = flops[1] * tokens_per_step / F if cfg.n_layer else 0.0
     depth = prefetch_depth or choose_prefetch_depth(unit_compute, counts[1] * b / profile.h2d_bytes_per_s)
-    visits = step_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, kept, state)
+    visits = step_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, kept, state, in_ram)
     predicted = predicted_stream_s(visits, depth, profile)
 
     backward_ratio = 6 if do_recompute else 4  # backward FLOPs per parameter per token
@@ -372,22 +397,25 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
     min_bwd = F * max(b / profile.h2d_bytes_per_s, g / profile.d2h_bytes_per_s) / backward_ratio
     disk_read = disk_write = 0
     min_disk = 0.0
-    if offload == "disk":
+    if disk_params:
         # The update reads p, g, m, v and writes p, m, v, and hands p straight to the
         # forward; backward re-reads p; gradients are written once.
         whole, updated, master, grad = state_bytes(state)
         read, written = whole + master, updated + grad
-        disk_read, disk_write = int(read * n_params), int(written * n_params)
+        disk_read, disk_write = int(read * disk_params), int(written * disk_params)
         per_token = 2 + backward_ratio
-        min_disk = F * (read / profile.disk_read_bytes_per_s + written / profile.disk_write_bytes_per_s) / per_token
+        share = disk_params / n_params  # of the compute that hides the disk part
+        min_disk = (F * (read / profile.disk_read_bytes_per_s + written / profile.disk_write_bytes_per_s)
+                    * share / per_token)
 
-    recommended = recommended_tokens(cfg, profile, seq_len, offload, depth, kept, state=state)
-    device_bytes, host_bytes = memory_bytes(cfg, profile, tokens_per_step, micro, offload, depth, kept, state)
+    recommended = recommended_tokens(cfg, profile, seq_len, offload, depth, kept, state=state, ram_units=in_ram)
+    device_bytes, host_bytes = memory_bytes(cfg, profile, tokens_per_step, micro, offload, depth, kept, state,
+                                            in_ram)
     return Plan(
         model=cfg.name, device=profile.name, offload=offload, prefetch_depth=depth,
         tokens_per_step=tokens_per_step, seq_len=seq_len, n_params=n_params, n_units=len(counts),
         max_unit_params=biggest, device_bytes=int(device_bytes), host_bytes=int(host_bytes),
-        disk_bytes=int(state_bytes(state)[0] * n_params) if offload == "disk" else 0, state=state,
+        disk_bytes=int(state_bytes(state)[0] * disk_params), state=state, ram_units=in_ram,
         h2d_bytes_per_step=2 * n_params * b, d2h_bytes_per_step=n_params * g,
         disk_read_bytes_per_step=disk_read, disk_write_bytes_per_step=disk_write,
         min_tokens_forward=math.ceil(min_fwd), min_tokens_backward=math.ceil(min_bwd),
@@ -405,7 +433,8 @@ RUNTIME_BYTES = 450 * 2**20
 
 
 def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, micro_tokens: int,
-                 offload: str, depth: int, kept: int, state: str = "fp32") -> tuple[int, int]:
+                 offload: str, depth: int, kept: int, state: str = "fp32",
+                 ram_units: int | None = None) -> tuple[int, int]:
     """(device bytes, host bytes) at the step's peak, mirroring what `StreamEngine`
     and the stores allocate. On a CPU device the two are the same memory: the
     process's resident set is their sum.
@@ -430,12 +459,13 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     activations = kept_activation_bytes(cfg, tokens_per_step, micro_tokens, b, kept)
     device = weights + grads + activations
     staging = 0 if profile.shares_host_cores else weights + grads
-    if offload == "ram":
-        store = state_bytes(state)[0] * sum(counts)
-    else:
-        # The pipeline's ring; the store's scratch set is touched only by export and
-        # resume, never during a step, so it holds no resident pages then.
-        store = RING * state_bytes(state)[0] * min(CHUNK_NUMEL, max(counts))
+    # The RAM part of the state; for a disk part, the pipeline's ring (the disk store's
+    # scratch set is touched only by export and resume, never during a step, so it holds
+    # no resident pages then).
+    in_ram = units_in_ram(len(counts), offload, ram_units)
+    store = state_bytes(state)[0] * sum(counts[:in_ram])
+    if in_ram < len(counts):
+        store += RING * state_bytes(state)[0] * min(CHUNK_NUMEL, max(counts[in_ram:]))
     return int(device), int(staging + store + RUNTIME_BYTES)
 
 
@@ -452,21 +482,24 @@ def peak_bytes(plan: Plan, profile: DeviceProfile) -> int:
 
 def fit_memory(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
                micro_tokens: int, limit_bytes: float, prefetch_depth: int | None = None,
-               recompute: str = "auto", state: str = "fp32") -> Plan:
+               recompute: str = "auto", state: str = "fp32", ram_units: int | None = None) -> Plan:
     """The fastest plan whose peak memory stays within `limit_bytes`: as many blocks
     keep their graphs as fit (all of them with `--recompute no`, none with `yes`);
     refuse when even the leanest allowed plan does not fit."""
     first = make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
-                      prefetch_depth=prefetch_depth, memory_budget=float("inf"), recompute="yes", state=state)
+                      prefetch_depth=prefetch_depth, memory_budget=float("inf"), recompute="yes", state=state,
+                      ram_units=ram_units)
     depth = first.prefetch_depth
     allowed = {"auto": range(cfg.n_layer, -1, -1), "yes": [0], "no": [cfg.n_layer]}[recompute]
     peaks = {}
     for kept in allowed:  # memory alone decides; plan only the chosen count
-        device, host = memory_bytes(cfg, profile, tokens_per_step, micro_tokens, offload, depth, kept, state)
+        device, host = memory_bytes(cfg, profile, tokens_per_step, micro_tokens, offload, depth, kept, state,
+                                    ram_units)
         peaks[kept] = device + host if profile.shares_host_cores else device
         if peaks[kept] <= limit_bytes:
             return make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
-                             prefetch_depth=depth, memory_budget=float("inf"), kept_graphs=kept, state=state)
+                             prefetch_depth=depth, memory_budget=float("inf"), kept_graphs=kept, state=state,
+                             ram_units=ram_units)
     need = min(peaks.values())
     raise UserError(f"{cfg.name} at {tokens_per_step:,} tokens per step needs about {need / 2**30:.1f} GiB "
                     f"{'' if recompute == 'auto' else f'with --recompute {recompute} '}but --max-memory is "
@@ -534,26 +567,36 @@ def offload_for_plan(cfg: ModelConfig, host_available: float, disk_free: float, 
     try:
         return choose_offload(cfg, host_available, disk_free, asked, state), ""
     except UserError as exc:
-        return ("disk" if asked == "auto" else asked), str(exc)
+        return ("split" if asked == "auto" else asked), str(exc)
 
 
 def choose_offload(cfg: ModelConfig, host_available: float, disk_free: float, asked: str = "auto",
                    state: str = "fp32") -> str:
-    """RAM when the whole state fits in 80% of available memory, else disk; refuse when
-    neither fits, saying what is short and by how much."""
+    """RAM when the whole state fits in 80% of available memory; else the disk when it
+    fits there; else split (the leading units in RAM, the rest on disk) when the two
+    together hold it. Refuse when nothing fits, saying what is short and by how much."""
+    gib = 2**30
     need = state_bytes(state)[0] * cfg.n_params()
     smaller = "" if state == "compact" else "use --state compact (6 bytes per parameter), "
     fits_ram = need <= 0.8 * host_available
     if asked == "ram" and not fits_ram:
-        raise UserError(f"{cfg.name} needs {need / 2**30:.1f} GiB of host RAM for its state but "
-                        f"{0.8 * host_available / 2**30:.1f} GiB is usable "
-                        f"({(need - 0.8 * host_available) / 2**30:.1f} GiB short): use --offload disk")
+        raise UserError(f"{cfg.name} needs {need / gib:.1f} GiB of host RAM for its state but "
+                        f"{0.8 * host_available / gib:.1f} GiB is usable "
+                        f"({(need - 0.8 * host_available) / gib:.1f} GiB short): use --offload disk or split")
     if asked == "ram" or (asked == "auto" and fits_ram):
         return "ram"
+    if asked == "split" or (asked == "auto" and need > disk_free):
+        in_ram = split_ram_units(cfg, host_available, state)
+        on_disk = state_bytes(state)[0] * sum(unit_param_counts(cfg)[in_ram:])
+        if on_disk <= disk_free:
+            return "split"
+        raise UserError(f"{cfg.name} needs {need / gib:.1f} GiB for its state: {(need - on_disk) / gib:.1f} GiB fit "
+                        f"in RAM, and the other {on_disk / gib:.1f} GiB need disk but {disk_free / gib:.1f} GiB is "
+                        f"free: free disk space, {smaller}or choose a smaller --model")
     if need > disk_free:
-        raise UserError(f"{cfg.name} needs {need / 2**30:.1f} GiB of disk for its state but "
-                        f"{disk_free / 2**30:.1f} GiB is free ({(need - disk_free) / 2**30:.1f} GiB short): "
-                        f"free disk space, {smaller}or choose a smaller --model")
+        raise UserError(f"{cfg.name} needs {need / gib:.1f} GiB of disk for its state but "
+                        f"{disk_free / gib:.1f} GiB is free ({(need - disk_free) / gib:.1f} GiB short): "
+                        f"free disk space, use --offload split, {smaller}or choose a smaller --model")
     return "disk"
 
 
@@ -723,7 +766,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help=f"a profile ({', '.join(PROFILES)}) or measure with --measure")
     p.add_argument("--tokens-per-step", type=int, default=None, help="default: the hiding threshold")
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
-    p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk"])
+    p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk", "split"])
     p.add_argument("--state", default="fp32", choices=list(FORMATS),
                    help="host state format: fp32 (16 bytes/parameter) or compact (about 6)")
     p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
@@ -755,18 +798,20 @@ def cmd_plan(args: argparse.Namespace) -> None:
     else:  # the profiled machine's
         host, disk = profile.host_memory_bytes, profile.disk_free_bytes
     offload, shortfall = offload_for_plan(cfg, host, disk, args.offload, args.state)
+    ram_units = split_ram_units(cfg, host, args.state) if offload == "split" else None
     tokens = args.tokens_per_step
     if tokens is None:
-        tokens = make_plan(cfg, profile, seq_len, seq_len, offload, state=args.state).recommended_tokens_per_step
+        tokens = make_plan(cfg, profile, seq_len, seq_len, offload, state=args.state,
+                           ram_units=ram_units).recommended_tokens_per_step
     if tokens <= 0:
         raise UserError(f"--tokens-per-step must be positive, got {tokens}")
     if args.max_memory is not None and args.max_memory <= 0:
         raise UserError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
     if args.max_memory:
         plan = fit_memory(cfg, profile, tokens, seq_len, offload, tokens, args.max_memory * 2**30,
-                          state=args.state)
+                          state=args.state, ram_units=ram_units)
     else:
-        plan = make_plan(cfg, profile, tokens, seq_len, offload, state=args.state)
+        plan = make_plan(cfg, profile, tokens, seq_len, offload, state=args.state, ram_units=ram_units)
     if args.json:
         print(json.dumps({**asdict(plan), "fits": not shortfall, "shortfall": shortfall,
                           "profile": asdict(profile)}, indent=2))
@@ -786,7 +831,9 @@ def format_plan(plan: Plan, profile: DeviceProfile) -> str:
     gib = 2**30
     lines = [
         f"plan for {plan.model} on {profile.name} ({profile.matmul_flops / 1e12:.1f} TFLOP/s, "
-        f"h2d {profile.h2d_bytes_per_s / 1e9:.1f} GB/s), offload {plan.offload}, prefetch {plan.prefetch_depth}, "
+        f"h2d {profile.h2d_bytes_per_s / 1e9:.1f} GB/s), offload {plan.offload}"
+        f"{f' ({plan.ram_units} of {plan.n_units} units in RAM)' if plan.offload == 'split' else ''}, "
+        f"prefetch {plan.prefetch_depth}, "
         f"state {plan.state} ({state_bytes(plan.state)[0]:.2f} bytes/parameter)",
         f"  parameters        {plan.n_params:>16,} in {plan.n_units} units (largest {plan.max_unit_params:,})",
         f"  device memory     {plan.device_bytes / gib:>12.2f} GiB",

@@ -47,7 +47,7 @@ from streamer.optim import OptimConfig, clip_coefficient
 from streamer.parallel import DataParallel
 from streamer.state import FORMATS
 from streamer.stats import StepStats
-from streamer.store import BUFFERS, CHECKPOINT_BUFFERS, DiskStore, HostStore, RamStore, UnitLayout
+from streamer.store import BUFFERS, CHECKPOINT_BUFFERS, DiskStore, HostStore, RamStore, SplitStore, UnitLayout
 
 UPDATED = ("param", "exp_avg", "exp_avg_sq")  # what an update writes back (it consumes the gradient)
 
@@ -185,15 +185,16 @@ class StreamEngine:
         (or, with `initialise=False`, only allocate it: a checkpoint will fill it)."""
         import shutil
 
-        state = train_cfg.state
-        offload = planner.choose_offload(model_cfg, psutil.virtual_memory().available,
-                                         shutil.disk_usage(out).free, train_cfg.offload, state)
+        state, available = train_cfg.state, psutil.virtual_memory().available
+        offload = planner.choose_offload(model_cfg, available, shutil.disk_usage(out).free, train_cfg.offload, state)
+        ram_units = planner.units_in_ram(model_cfg.n_layer + 2, offload,
+                                         planner.split_ram_units(model_cfg, available, state))
         profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]
         if device.type == "cuda":
             budget = 0.8 * torch.cuda.get_device_properties(device).total_memory
         else:
-            held = planner.state_bytes(state)[0] * model_cfg.n_params() if offload == "ram" else 0
-            budget = 0.5 * psutil.virtual_memory().available - held
+            held = planner.state_bytes(state)[0] * sum(planner.unit_param_counts(model_cfg)[:ram_units])
+            budget = 0.5 * available - held
         # The compute rate comes from a short profiling run of one block at this run's
         # micro-batch: a square matmul misses attention, norms and memory-bound kernels
         # (10-20% on a 2-core CPU for gpt3-125m).
@@ -204,18 +205,20 @@ class StreamEngine:
         if train_cfg.max_memory_gib:
             plan = planner.fit_memory(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
                                       micro, train_cfg.max_memory_gib * 2**30, train_cfg.prefetch_depth,
-                                      train_cfg.recompute, state)
+                                      train_cfg.recompute, state, ram_units)
         else:
             plan = planner.make_plan(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
                                      micro_tokens=micro, prefetch_depth=train_cfg.prefetch_depth,
-                                     memory_budget=budget, recompute=train_cfg.recompute, state=state)
+                                     memory_budget=budget, recompute=train_cfg.recompute, state=state,
+                                     ram_units=ram_units)
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
         dp = DataParallel(train_cfg.grad_sync)
         owned = [(dp.shard(lay.numel).start, dp.shard(lay.numel).stop) for lay in layouts]
         folder = out / "store" / (f"rank{dp.rank}" if dp.world > 1 else "")
         fmt = FORMATS[state]
-        store = DiskStore(layouts, folder, owned, fmt) if offload == "disk" else RamStore(layouts, owned, fmt)
+        store = {"ram": lambda: RamStore(layouts, owned, fmt), "disk": lambda: DiskStore(layouts, folder, owned, fmt),
+                 "split": lambda: SplitStore(layouts, folder, ram_units, owned, fmt)}[offload]()
         for i in range(len(layouts)):
             if not initialise:
                 store.allocate(i)
@@ -231,7 +234,7 @@ class StreamEngine:
         engine.replan = lambda rates: planner.make_plan(
             model_cfg, planner.replace(profile, **rates), train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
             micro_tokens=train_cfg.batch_size * train_cfg.seq_len, prefetch_depth=plan.prefetch_depth,
-            memory_budget=budget, kept_graphs=plan.kept_graphs, state=state).predicted_step_s
+            memory_budget=budget, kept_graphs=plan.kept_graphs, state=state, ram_units=ram_units).predicted_step_s
         return engine
 
     # --- unit state and transfers ------------------------------------------------

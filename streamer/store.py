@@ -203,8 +203,9 @@ class DiskStore(HostStore):
     """One safetensors file per unit holding the format's flat buffers."""
 
     def __init__(self, layouts: list[UnitLayout], folder: Path, owned: list[tuple[int, int]] | None = None,
-                 state: StateFormat = FORMATS["fp32"]) -> None:
+                 state: StateFormat = FORMATS["fp32"], first_unit: int = 0) -> None:
         super().__init__(layouts, owned, state)
+        self.first_unit = first_unit  # the model's index of this store's unit 0 (a split store's disk part)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         # Scratch for one chunk of each buffer, allocated once for the run, and the
@@ -225,7 +226,7 @@ class DiskStore(HostStore):
         return {b.name: torch.empty(b.numel(CHUNK_NUMEL), dtype=b.dtype) for b in self.format.buffers}
 
     def path(self, index: int) -> Path:
-        return self.folder / f"unit_{index:05d}.safetensors"
+        return self.folder / f"unit_{self.first_unit + index:05d}.safetensors"
 
     def init_params(self, index: int, unit: nn.Module) -> None:
         """Create unit `index`'s file: packed initial weights, zero grad and moments."""
@@ -245,7 +246,8 @@ class DiskStore(HostStore):
             header[b.name] = {"dtype": DTYPE_NAMES[b.dtype], "shape": [b.numel(numel)],
                               "data_offsets": [end, end + size]}
             offsets[b.name], end = end, end + size
-        header["__metadata__"] = {"unit": str(index), "format": "streamer-unit-v1", "state": self.format.name}
+        header["__metadata__"] = {"unit": str(self.first_unit + index), "format": "streamer-unit-v1",
+                                  "state": self.format.name}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
         data_start = 8 + len(blob)
@@ -397,3 +399,60 @@ class DiskStore(HostStore):
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
+
+
+class SplitStore(HostStore):
+    """The first `ram_units` units in RAM, the rest on disk: for a state that fits
+    neither alone (a 20B model's compact state is 115 GiB; a GPU host may have 128 GiB
+    of RAM and 64 GiB of disk). Every call goes to the unit's own tier."""
+
+    def __init__(self, layouts: list[UnitLayout], folder: Path, ram_units: int,
+                 owned: list[tuple[int, int]] | None = None, state: StateFormat = FORMATS["fp32"]) -> None:
+        super().__init__(layouts, owned, state)
+        self.ram_units = ram_units
+        self.ram = RamStore(layouts[:ram_units], self.owned[:ram_units], state)
+        self.disk = DiskStore(layouts[ram_units:], folder, self.owned[ram_units:], state, first_unit=ram_units)
+
+    def _tier(self, index: int) -> tuple[HostStore, int]:
+        return (self.ram, index) if index < self.ram_units else (self.disk, index - self.ram_units)
+
+    def init_params(self, index: int, unit: nn.Module) -> None:
+        store, local = self._tier(index)
+        store.init_params(local, unit)
+
+    def allocate(self, index: int) -> None:
+        store, local = self._tier(index)
+        store.allocate(local)
+
+    def open(self, index: int, names: tuple[str, ...], start: int, stop: int) -> dict[str, torch.Tensor]:
+        store, local = self._tier(index)
+        return store.open(local, names, start, stop)
+
+    def commit(self, index: int, names: tuple[str, ...], start: int, stop: int) -> None:
+        store, local = self._tier(index)
+        store.commit(local, names, start, stop)
+
+    def stream(self, index: int, read: tuple[str, ...],
+               write: tuple[str, ...] = ()) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        store, local = self._tier(index)
+        return store.stream(local, read, write)
+
+    def settle(self) -> None:
+        self.disk.settle()
+
+    def io_seconds(self) -> dict[str, float]:
+        return self.disk.io_seconds()
+
+    def advise(self, index: int, names: tuple[str, ...]) -> None:
+        store, local = self._tier(index)
+        store.advise(local, names)
+
+    def write_grad(self, index: int, grad: torch.Tensor) -> None:
+        store, local = self._tier(index)
+        store.write_grad(local, grad)
+
+    def bytes_on_disk(self) -> int:
+        return self.disk.bytes_on_disk()
+
+    def close(self) -> None:
+        self.disk.close()

@@ -61,7 +61,7 @@ class TrainConfig:
     out: str | None = None
     device: str = "auto"  # auto: cuda when present, else cpu
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    offload: str = "auto"  # stream mode: ram | disk | auto (the planner decides)
+    offload: str = "auto"  # stream mode: ram | disk | split | auto (the planner decides)
     prefetch_depth: int | None = None  # stream mode: units fetched ahead; None: the planner decides
     recompute: str = "auto"  # stream mode: yes | no | auto (recompute only when graphs do not fit)
     max_memory_gib: float | None = None  # stream mode: peak device memory (a CPU's: the process) to plan for
@@ -198,8 +198,9 @@ def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device:
     from streamer import planner
 
     existing = next(p for p in [out, *out.parents] if p.exists() or p == p.parent)
-    offload = planner.choose_offload(model_cfg, psutil.virtual_memory().available,
-                                     shutil.disk_usage(existing).free, cfg.offload, cfg.state)
+    available = psutil.virtual_memory().available
+    offload = planner.choose_offload(model_cfg, available, shutil.disk_usage(existing).free, cfg.offload, cfg.state)
+    ram_units = planner.split_ram_units(model_cfg, available, cfg.state) if offload == "split" else None
     if cfg.max_memory_gib:
         # Memory does not depend on the compute rate, so the device's stock profile
         # answers "does it fit" before anything is measured or written.
@@ -207,7 +208,7 @@ def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device:
         profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size())
         planner.fit_memory(model_cfg, profile, cfg.tokens_per_step(), cfg.seq_len, offload,
                            cfg.batch_size * cfg.seq_len, cfg.max_memory_gib * 2**30, cfg.prefetch_depth,
-                           cfg.recompute, cfg.state)
+                           cfg.recompute, cfg.state, ram_units)
 
 
 def check_resumable(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, world: int) -> list[str]:

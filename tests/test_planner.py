@@ -77,11 +77,34 @@ def test_choose_offload_falls_back_to_disk() -> None:
 
 
 def test_choose_offload_refuses_when_nothing_fits() -> None:
-    cfg = ModelConfig.from_name("gpt3-xl")
-    with pytest.raises(UserError, match="short"):
-        choose_offload(cfg, host_available=16 * GIB, disk_free=10 * GIB)
+    cfg = ModelConfig.from_name("gpt3-xl")  # 20.9 GiB of fp32 state, 7.8 GiB compact
+    with pytest.raises(UserError, match="fit in RAM.*need disk.*--state compact"):
+        choose_offload(cfg, host_available=8 * GIB, disk_free=5 * GIB)
     with pytest.raises(UserError, match="short.*--offload disk"):
         choose_offload(cfg, host_available=16 * GIB, disk_free=100 * GIB, asked="ram")
+    assert choose_offload(cfg, host_available=8 * GIB, disk_free=5 * GIB, state="compact") == "split"
+
+
+def test_a_state_that_fits_neither_tier_alone_is_split_between_them() -> None:
+    """A 20B model's compact state (115 GiB) on a 128 GiB host with 64 GiB of disk: the
+    leading units that fit 80% of RAM stay there, the rest go to disk, and only the
+    disk part is read and written from storage each step."""
+    cfg = ModelConfig.from_name("gpt-neox-20b")
+    host, disk = 120 * GIB, 60 * GIB
+    assert choose_offload(cfg, host, disk, state="compact") == "split"
+    with pytest.raises(UserError):
+        choose_offload(cfg, host, disk, asked="disk", state="compact")
+    ram_units = planner.split_ram_units(cfg, host, "compact")
+    counts = unit_param_counts(cfg)
+    per_param = state_bytes("compact")[0]
+    assert per_param * sum(counts[:ram_units]) <= 0.8 * host < per_param * sum(counts[: ram_units + 1])
+    profile = planner.PROFILES["h200"]
+    split = make_plan(cfg, profile, 2**18, 2048, "split", state="compact", ram_units=ram_units)
+    disk_only = make_plan(cfg, profile, 2**18, 2048, "disk", state="compact")
+    assert split.disk_bytes == pytest.approx(per_param * sum(counts[ram_units:]), rel=1e-9)
+    share = sum(counts[ram_units:]) / sum(counts)
+    assert split.disk_read_bytes_per_step == pytest.approx(share * disk_only.disk_read_bytes_per_step, rel=1e-6)
+    assert split.predicted_step_s <= disk_only.predicted_step_s
 
 
 def test_fit_memory_keeps_as_many_graphs_as_fit() -> None:

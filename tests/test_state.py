@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from streamer.optim import OptimConfig, adamw_update_
-from streamer.state import BLOCK, FORMATS, decode, encode, round_bf16_stochastic
+from streamer.state import BLOCK, FORMATS, decode, encode, random_bits, round_bf16_stochastic
 
 
 def coded(name: str, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     codes = torch.empty(x.numel(), dtype=torch.uint8)
     scales = torch.empty(-(-x.numel() // BLOCK))
-    encode(name, x, codes, scales, torch.Generator().manual_seed(seed))
+    encode(name, x, codes, scales, random_bits(x.shape, 8, torch.Generator().manual_seed(seed)))
     return decode(name, codes, scales)
 
 
@@ -23,10 +23,10 @@ def test_compact_state_is_about_six_bytes_per_parameter() -> None:
 
 def test_stochastic_bf16_rounding_picks_a_neighbour_and_is_unbiased() -> None:
     x = torch.full((200_000,), 1.0 + 2**-9)  # a quarter of the way from bf16 1.0 to its neighbour 1 + 2^-7
-    rounded = round_bf16_stochastic(x, torch.Generator().manual_seed(0)).float()
+    rounded = round_bf16_stochastic(x, random_bits(x.shape, 16, torch.Generator().manual_seed(0))).float()
     assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
     assert rounded.mean().item() == pytest.approx(1.0 + 2**-9, abs=2e-5)
-    negative = round_bf16_stochastic(-x, torch.Generator().manual_seed(1)).float()
+    negative = round_bf16_stochastic(-x, random_bits(x.shape, 16, torch.Generator().manual_seed(1))).float()
     assert negative.mean().item() == pytest.approx(-(1.0 + 2**-9), abs=2e-5)
 
 
@@ -37,7 +37,7 @@ def test_small_updates_still_move_bf16_weights() -> None:
     weights = torch.ones(4096, dtype=torch.bfloat16)
     nearest = torch.ones(4096, dtype=torch.bfloat16)
     for _ in range(1000):
-        weights = round_bf16_stochastic(weights.float() + 1e-4, generator)
+        weights = round_bf16_stochastic(weights.float() + 1e-4, random_bits(weights.shape, 16, generator))
         nearest = (nearest.float() + 1e-4).to(torch.bfloat16)
     assert nearest.float().mean().item() == 1.0
     assert weights.float().mean().item() == pytest.approx(1.1, abs=0.005)

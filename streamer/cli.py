@@ -51,6 +51,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state", default="fp32", choices=["fp32", "compact"],
                    help="stream mode: host state format: fp32 (16 bytes/parameter, exact) or compact (about 6: "
                         "bf16 weights with stochastic rounding, 8-bit moments)")
+    p.add_argument("--update-on", default="host", choices=["host", "device"],
+                   help="stream mode: run AdamW on the host beside the store, or on the compute device (the "
+                        "state's chunks cross the link both ways; faster for --state compact on a GPU)")
     p.add_argument("--prefetch-depth", type=int, default=None, help="stream mode: units fetched ahead")
     p.add_argument("--recompute", default="auto", choices=["auto", "yes", "no"],
                    help="stream mode: recompute each unit's forward in backward (auto: only if graphs do not fit)")
@@ -123,7 +126,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         data=args.data, out=args.out, device=args.device, dtype=args.dtype, offload=args.offload,
         prefetch_depth=args.prefetch_depth, recompute=args.recompute, max_memory_gib=args.max_memory,
-        state=args.state,
+        state=args.state, update_on=args.update_on,
         grad_sync=args.grad_sync,
         progress=not args.no_progress, checkpoint_every=args.checkpoint_every, keep=args.keep,
         resume=args.resume, max_skipped_steps=args.max_skipped_steps,

@@ -70,7 +70,9 @@ class DeviceProfile:
     device_memory_bytes: float
     disk_read_bytes_per_s: float
     disk_write_bytes_per_s: float
-    host_update_bytes_per_s: float  # AdamW over flat fp32 buffers on the host, bytes touched/s
+    # AdamW on the host in the `update_state` format, in float32 AdamW's bytes (28 per
+    # parameter) per second; other formats scale it by their measured relative cost.
+    host_update_bytes_per_s: float
     compute_bytes: int = 2  # bytes per parameter on the device (bf16)
     host_memory_bytes: float = 128 * 2**30  # the host the device sits in
     disk_free_bytes: float = 64 * 2**30
@@ -81,6 +83,7 @@ class DeviceProfile:
     # Free memory the kernel can use as page cache: a disk-tier store that fits is
     # served at memory speed after its first pass.
     page_cache_bytes: float = 64 * 2**30
+    update_state: str = "fp32"
 
 
 # Sustained (not datasheet) figures; `--measure` replaces them with this machine's.
@@ -127,6 +130,10 @@ class Plan:
     predicted_step_s: float
     state: str = "fp32"  # the host state's format (streamer.state)
     ram_units: int = 0  # leading units whose state is in RAM (the rest on disk)
+    # Where the step's time goes (each a sum over the step's visits; they overlap):
+    host_s: float = 0.0  # the host worker: updates and copies
+    link_s: float = 0.0  # host <-> device copies
+    storage_s: float = 0.0  # disk reads and writes (their threads run side by side)
 
 
 def unit_param_counts(cfg: ModelConfig) -> list[int]:
@@ -246,6 +253,7 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     # A store that fits the page cache moves at memory speed after its first pass, and
     # then its "I/O" is host copies on the cores, not time on the storage device.
     whole, updated, master, grad = state_bytes(state)
+    update_cost = FORMATS[state].update_cost / FORMATS[profile.update_state].update_cost
     in_ram = units_in_ram(len(counts), offload, ram_units)
     cached = whole * sum(counts[in_ram:]) <= 0.5 * profile.page_cache_bytes
     order = [("forward", u) for u in range(head)] + [("head", head)]
@@ -268,7 +276,7 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
             link_in = 0.0 if profile.shares_host_cores else p * b / profile.h2d_bytes_per_s
             host_in = p * (master + b) / mem  # read the master, write the compute copy
             if phase == "forward":
-                host_in += 28 * p / mem  # the AdamW update due from the previous step
+                host_in += 28 * p * update_cost / mem  # the AdamW update due from the previous step
             if on_disk and cached:
                 host_in += (read + written) / mem
             elif on_disk:
@@ -424,6 +432,8 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
         recommended_tokens_per_step=recommended, recompute=do_recompute, kept_graphs=kept,
         fits_device=not profile.device_memory_bytes or device_bytes <= profile.device_memory_bytes,
         compute_s=sum(v.compute_s for v in visits), predicted_step_s=predicted,
+        host_s=sum(v.host_in_s + v.out_s for v in visits), link_s=sum(v.link_in_s for v in visits),
+        storage_s=max(sum(v.disk_read_s for v in visits), sum(v.disk_write_s for v in visits)),
     )
 
 
@@ -752,7 +762,8 @@ def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
     return replace(base, name=f"measured-{device.type}", matmul_flops=flops,
                    h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h, device_memory_bytes=memory,
                    disk_read_bytes_per_s=read, disk_write_bytes_per_s=write,
-                   host_update_bytes_per_s=update, page_cache_bytes=psutil.virtual_memory().available,
+                   host_update_bytes_per_s=update, update_state=state,
+                   page_cache_bytes=psutil.virtual_memory().available,
                    device_update_bytes_per_s=update if device.type == "cpu" else base.device_update_bytes_per_s,
                    compute_bytes=torch.tensor([], dtype=dtype).element_size())
 
@@ -821,6 +832,15 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(f"  does not fit: {shortfall.split(': ')[0]}")
 
 
+def bound_text(plan: Plan) -> str:
+    """The step's parts, largest first: the largest is what more tokens per step (for
+    compute) or faster hardware (for the rest) must beat."""
+    parts = {"compute": plan.compute_s, "host worker (updates, copies)": plan.host_s,
+             "host-device link": plan.link_s, "storage": plan.storage_s}
+    ranked = sorted(((s, name) for name, s in parts.items() if s > 0), reverse=True)
+    return ", ".join(f"{name} {s:.3f} s" for s, name in ranked)
+
+
 def recompute_text(plan: Plan) -> str:
     if not plan.recompute:
         return "no"
@@ -851,5 +871,6 @@ def format_plan(plan: Plan, profile: DeviceProfile) -> str:
                                        "use fewer tokens per step (unit-boundary activations grow with it)"]),
         f"  at {plan.tokens_per_step:,} tokens/step: compute {plan.compute_s:.3f} s, "
         f"predicted step {plan.predicted_step_s:.3f} s",
+        f"  what bounds it: {bound_text(plan)}",
     ]
     return "\n".join(lines)

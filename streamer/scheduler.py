@@ -92,8 +92,13 @@ def squared_norm(flat: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
 class StreamEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, store: HostStore, device: torch.device,
                  dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0,
-                 recompute: bool = True, dp: DataParallel | None = None, kept_graphs: int | None = None) -> None:
+                 recompute: bool = True, dp: DataParallel | None = None, kept_graphs: int | None = None,
+                 update_on: str = "host") -> None:
         self.cfg, self.optim, self.store = model_cfg, optim, store
+        # Where AdamW runs: on the host beside the store, or on the compute device, which
+        # decodes and re-codes a compact state far faster than host cores (the chunks
+        # travel both ways over the link; the host then only copies).
+        self.update_device = device if update_on == "device" else torch.device("cpu")
         self.dp = dp or DataParallel()
         if device.type == "cuda" and device.index is None:
             # An explicit index: tensors report "cuda:0", and the weight hooks compare devices.
@@ -201,6 +206,12 @@ class StreamEngine:
         flops = planner.measure_model_flops(model_cfg, device, dtype, train_cfg.batch_size, train_cfg.seq_len)
         profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
                                   matmul_flops=flops)
+        if train_cfg.update_on == "device" and device.type == "cuda":
+            # The host worker's part of a device update is its copies: the whole state in,
+            # all but the gradient back (device-side compute is negligible beside them).
+            whole, updated, _, _ = planner.state_bytes(state)
+            per_param = whole / profile.h2d_bytes_per_s + updated / profile.d2h_bytes_per_s
+            profile = planner.replace(profile, host_update_bytes_per_s=28 / per_param, update_state=state)
         micro = train_cfg.batch_size * train_cfg.seq_len
         if train_cfg.max_memory_gib:
             plan = planner.fit_memory(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
@@ -228,7 +239,7 @@ class StreamEngine:
             store.init_params(i, unit)
             del unit
         engine = cls(model_cfg, optim, store, device, dtype, plan.prefetch_depth, plan.predicted_step_s,
-                     dp=dp, kept_graphs=plan.kept_graphs)
+                     dp=dp, kept_graphs=plan.kept_graphs, update_on=train_cfg.update_on)
         engine.offload = offload
         engine.predicted_peak_bytes = planner.peak_bytes(plan, profile)
         engine.replan = lambda rates: planner.make_plan(
@@ -328,9 +339,14 @@ class StreamEngine:
         decay_numel = min(max(self.layouts[unit].decay_numel - first, 0), stop - start)
         # The compact format's stochastic rounding draws from a seed fixed by the step and
         # the chunk's place in the model, so a resumed run rounds exactly as an unbroken one.
-        self.store.format.update_(buffers, step=update.adam_step, lr=update.lr, cfg=self.optim,
-                                  decay_numel=decay_numel, grad_scale=update.grad_scale,
-                                  seed=hash((update.adam_step, unit, first)))
+        fmt = self.store.format
+        work = buffers if self.update_device.type == "cpu" else {
+            name: buffer.to(self.update_device) for name, buffer in buffers.items()}
+        fmt.update_(work, step=update.adam_step, lr=update.lr, cfg=self.optim, decay_numel=decay_numel,
+                    grad_scale=update.grad_scale, seed=hash((update.adam_step, unit, first)))
+        if work is not buffers:
+            for name in fmt.expand(UPDATED):
+                buffers[name].copy_(work[name])  # synchronous: the store commits these next
         self.counters["update_s"] += time.perf_counter() - started
 
     def _apply_update(self, unit: int) -> None:
@@ -608,7 +624,8 @@ class StreamEngine:
         I/O threads, page-cache hits included). A profile's figures, or a short fsync'd
         probe, miss both contention and the page cache."""
         owned = sum(self.store.owned_numel(u) for u in range(self.n_units))
-        rates = {"host_update_bytes_per_s": 28 * owned / self.counters["update_s"]}
+        rates = {"host_update_bytes_per_s": 28 * owned / self.counters["update_s"],
+                 "update_state": self.store.format.name}
         io = self.io_step
         if io.get("store_read_s", 0) > 0 and io.get("store_write_s", 0) > 0:
             rates.update(disk_read_bytes_per_s=io["store_read_bytes"] / io["store_read_s"],

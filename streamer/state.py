@@ -70,6 +70,11 @@ class Buffer:
 class StateFormat:
     name: str
     buffers: tuple[Buffer, ...]
+    # Host update time per parameter relative to float32 AdamW's, for planning with a
+    # profile measured in another format (a run measures its own: see the engine's
+    # calibration). Measured on a 2-core CPU: 500-600 M parameters/s for float32 AdamW,
+    # 20-25 M/s for the compact format (decoding, rounding and coding 8-bit moments).
+    update_cost: float = 1.0
 
     def buffer(self, name: str) -> Buffer:
         return next(b for b in self.buffers if b.name == name)
@@ -92,7 +97,8 @@ class StateFormat:
             adamw_update_(buffers["param"], buffers["grad"], buffers["exp_avg"], buffers["exp_avg_sq"], step=step,
                           lr=lr, cfg=cfg, decay_numel=decay_numel, grad_scale=grad_scale)
             return
-        bits = random_bits(buffers["param"].shape, 32, torch.Generator().manual_seed(seed))
+        generator = torch.Generator(device=buffers["param"].device).manual_seed(seed)
+        bits = random_bits(buffers["param"].shape, 32, generator)
         param = buffers["param"].float()
         exp_avg = decode("exp_avg", buffers["exp_avg"], buffers["exp_avg_scale"])
         exp_avg_sq = decode("exp_avg_sq", buffers["exp_avg_sq"], buffers["exp_avg_sq_scale"]).square_()
@@ -113,17 +119,18 @@ FORMATS = {
         Buffer("exp_avg_sq", torch.uint8),
         Buffer("exp_avg_scale", torch.float32, per_block=True),
         Buffer("exp_avg_sq_scale", torch.float32, per_block=True),
-    )),
+    ), update_cost=25.0),
 }
 
 
 def random_bits(shape: torch.Size | tuple[int, ...], count: int, generator: torch.Generator) -> torch.Tensor:
     """`count` (at most 32) uniformly random low bits per element, as int32."""
     if count < 32:
-        return torch.randint(0, 1 << count, shape, dtype=torch.int32, generator=generator)
+        return torch.randint(0, 1 << count, shape, dtype=torch.int32, generator=generator, device=generator.device)
     numel = math.prod(shape)
     # Half as many 64-bit draws, each split in two: a third faster than 32-bit draws.
-    wide = torch.randint(-(2**63), 2**63 - 1, ((numel + 1) // 2,), dtype=torch.int64, generator=generator)
+    wide = torch.randint(-(2**63), 2**63 - 1, ((numel + 1) // 2,), dtype=torch.int64, generator=generator,
+                         device=generator.device)
     return wide.view(torch.int32)[:numel].view(shape)
 
 
@@ -154,7 +161,7 @@ def decode(name: str, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     """float32 values of a coded moment: code 0 is zero, code c >= 1 is
     scale x 2^((c - 1) / levels_per_octave - octaves), negative when signed and c > 128."""
     k, octaves, top = _levels_per_octave(name), OCTAVES[name], LEVELS[name]
-    table = torch.zeros(256)
+    table = torch.zeros(256, device=codes.device)
     table[1 : top + 1] = torch.exp2((torch.arange(top, dtype=torch.float64)) / k - octaves).float()
     if name == "exp_avg":
         table[129:] = -table[1:128]

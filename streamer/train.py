@@ -66,6 +66,7 @@ class TrainConfig:
     recompute: str = "auto"  # stream mode: yes | no | auto (recompute only when graphs do not fit)
     max_memory_gib: float | None = None  # stream mode: peak device memory (a CPU's: the process) to plan for
     state: str = "fp32"  # stream mode: host state format, fp32 | compact (streamer.state)
+    update_on: str = "host"  # stream mode: where AdamW runs, host | device (the compute device)
     grad_sync: str = "sparse"  # data parallel: the embedding's gradient by sparse or dense all-reduce
     progress: bool = True
     checkpoint_every: int = 0  # steps between checkpoints in DIR/checkpoints; 0: none
@@ -99,6 +100,8 @@ class TrainConfig:
             raise UserError(f"--state must be fp32 or compact, got '{self.state}'")
         if self.state != "fp32" and self.mode != "stream":
             raise UserError("--state compact is a host-store format: use it with --mode stream")
+        if self.update_on not in ("host", "device"):
+            raise UserError(f"--update-on must be host or device, got '{self.update_on}'")
         if self.grad_sync not in ("sparse", "dense"):
             raise UserError(f"--grad-sync must be sparse or dense, got '{self.grad_sync}'")
         if self.mode not in ("resident", "stream"):

@@ -178,3 +178,15 @@ def test_compact_state_trains_close_to_fp32(tmp_path):
                       state="compact")
     assert compact[-1]["loss"] < 0.6 * compact[0]["loss"]
     assert abs(compact[-1]["loss"] - exact[-1]["loss"]) < 0.01 * exact[-1]["loss"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", ["ram", "disk"])
+def test_compact_updates_on_the_device_track_host_updates(tmp_path, offload):
+    """The compact state updated on the GPU (its own random bits, so not bit-equal)
+    trains like the same state updated on the host."""
+    settings = dict(device="cuda", steps=30, grad_accum=1, batch_size=8, seq_len=64, state="compact")
+    host, _ = _run(tmp_path / "host", "tiny", "stream", offload, **settings)
+    device, _ = _run(tmp_path / "device", "tiny", "stream", offload, update_on="device", **settings)
+    assert device[-1]["loss"] < 0.7 * device[0]["loss"]
+    assert abs(device[-1]["loss"] - host[-1]["loss"]) < 0.02 * host[-1]["loss"]

@@ -1,0 +1,105 @@
+"""The host state's formats on the same work: float32 (16 bytes per parameter) against
+compact (about 6: bf16 weights with stochastic rounding, 8-bit log-coded moments).
+
+Trains the same model from the same initial weights on the same real-text batches with
+each format, streamed from the RAM tier, and reports the loss curves and their largest
+gap, the state's bytes, the peak resident memory, the host update rate each format
+reached in the run, tokens/s and the planner's predicted step time. This is what the
+compact format trades: memory for update compute, at a measured cost in loss.
+
+    python benchmarks/bench_state_formats.py --model gpt3-125m --steps 24 \\
+        --json benchmarks/results/state_formats_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, machine_line, pyplot, read_metrics, streamer_train_cmd, write_json  # noqa: E402
+
+from models import ModelConfig  # noqa: E402
+from streamer.state import FORMATS  # noqa: E402
+
+STATES = ("fp32", "compact")
+
+
+def run(args: argparse.Namespace, state: str, scratch: Path) -> dict:
+    out = scratch / state
+    cmd = streamer_train_cmd(model=args.model, mode="stream", offload="ram", state=state, steps=args.steps,
+                             batch_size=args.batch_size, seq_len=args.seq_len, warmup=2, lr=args.lr,
+                             device="cpu", out=out)
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    rows = read_metrics(out)
+    timed = rows[2:]  # the first step has no update; the second calibrates the prediction
+    owned = ModelConfig.from_name(args.model).n_params()
+    return {
+        "state": state,
+        "bytes_per_param": FORMATS[state].bytes_per_param(),
+        "state_gib": FORMATS[state].bytes_per_param() * owned / 2**30,
+        "losses": [r["loss"] for r in rows],
+        "step_s": min(r["step_s"] for r in timed),  # the fastest: contention only adds time
+        "predicted_step_s": statistics.median(r["predicted_step_s"] for r in timed),
+        "tokens_per_s": rows[0]["tokens"] / min(r["step_s"] for r in timed),
+        "update_s": statistics.median(r["update_s"] for r in timed),
+        "update_params_per_s": owned / statistics.median(r["update_s"] for r in timed),
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rows),
+        "predicted_peak_bytes": rows[-1]["predicted_peak_bytes"],
+    }
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r, style in zip(runs, ("o-", "s--")):
+        ax.plot(r["losses"], style, markersize=3, label=f"{r['state']} ({r['bytes_per_param']:.2f} bytes/parameter)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt3-125m")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    info = machine()
+    scratch = Path(tempfile.mkdtemp(prefix="bench-states-", dir=RESULTS.parent))
+    print(f"{args.model}, {args.batch_size} x {args.seq_len} tokens, {args.steps} steps: {machine_line(info)}")
+    runs = [run(args, state, scratch) for state in STATES]
+    shutil.rmtree(scratch, ignore_errors=True)
+    exact, compact = runs
+    gaps = [abs(a - b) for a, b in zip(exact["losses"], compact["losses"])]
+    print(f"{'state':<9}{'B/param':>8}{'state GiB':>10}{'peak GiB':>9}{'pred GiB':>9}{'step s':>8}{'pred s':>8}"
+          f"{'tok/s':>7}{'update s':>9}{'M params/s':>11}{'final loss':>11}")
+    for r in runs:
+        print(f"{r['state']:<9}{r['bytes_per_param']:>8.2f}{r['state_gib']:>10.2f}{r['peak_rss_bytes'] / 2**30:>9.2f}"
+              f"{r['predicted_peak_bytes'] / 2**30:>9.2f}{r['step_s']:>8.2f}{r['predicted_step_s']:>8.2f}"
+              f"{r['tokens_per_s']:>7.0f}{r['update_s']:>9.2f}{r['update_params_per_s'] / 1e6:>11.1f}"
+              f"{r['losses'][-1]:>11.4f}")
+    print(f"loss gap: largest {max(gaps):.4f}, final {gaps[-1]:.4f} "
+          f"({gaps[-1] / exact['losses'][-1]:.2%} of float32's final loss)")
+    stem = args.json.with_suffix("") if args.json else RESULTS / "state_formats_cpu"
+    plot(runs, stem.with_suffix(".png"), f"{args.model}, stream (RAM tier); {machine_line(info)}")
+    write_json(stem.with_suffix(".json"), {
+        "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+        "machine": info, "runs": runs, "loss_gap_max": max(gaps), "loss_gap_final": gaps[-1],
+        "loss_gap_final_relative": gaps[-1] / exact["losses"][-1],
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -53,6 +53,18 @@ def split_ram_units(cfg: ModelConfig, host_available: float, state: str = "fp32"
     return cfg.n_layer + 2
 
 
+def with_device_update(profile: DeviceProfile, state: str) -> DeviceProfile:
+    """The profile as seen by a run whose AdamW runs on the device (`--update-on device`):
+    the host worker's part of an update is its copies, the whole state in and all but
+    the gradient back; the device's compute for it is negligible beside them."""
+    whole, updated, _, _ = state_bytes(state)
+    per_param = whole / profile.h2d_bytes_per_s + updated / profile.d2h_bytes_per_s
+    update_rate = profile.host_update_bytes_per_s * FORMATS[profile.update_state].update_cost
+    copies = profile.host_copy_bytes_per_s or update_rate
+    return replace(profile, host_update_bytes_per_s=28 / per_param, update_state=state,
+                   host_copy_bytes_per_s=copies)
+
+
 def state_bytes(state: str) -> tuple[float, float, int, int]:
     """Per parameter, for a state format (see streamer.state): the whole state, what an
     update writes back (all but the gradient), the master weight, the gradient."""
@@ -84,6 +96,9 @@ class DeviceProfile:
     # served at memory speed after its first pass.
     page_cache_bytes: float = 64 * 2**30
     update_state: str = "fp32"
+    # Host memory copies (staging, gradient writes); 0: float32 AdamW's memory rate, as
+    # derived from the update rate above.
+    host_copy_bytes_per_s: float = 0.0
 
 
 # Sustained (not datasheet) figures; `--measure` replaces them with this machine's.
@@ -249,9 +264,11 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     flops = _unit_flops_per_token(cfg, seq_len)
     head = len(counts) - 1
     b, F = profile.compute_bytes, profile.matmul_flops
-    # Host copies move at float32 AdamW's memory rate; a profile calibrated on another
-    # format's update converts back through that format's relative cost.
-    mem = profile.host_update_bytes_per_s * FORMATS[profile.update_state].update_cost
+    # Host copies move at float32 AdamW's memory rate unless the profile says otherwise;
+    # a profile calibrated on another format's update converts back through that
+    # format's relative cost. The update itself runs at the profile's update rate.
+    update_rate = profile.host_update_bytes_per_s * FORMATS[profile.update_state].update_cost
+    mem = profile.host_copy_bytes_per_s or update_rate
     disk_r, disk_w = profile.disk_read_bytes_per_s, profile.disk_write_bytes_per_s
     # A store that fits the page cache moves at memory speed after its first pass, and
     # then its "I/O" is host copies on the cores, not time on the storage device.
@@ -279,7 +296,7 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
             link_in = 0.0 if profile.shares_host_cores else p * b / profile.h2d_bytes_per_s
             host_in = p * (master + b) / mem  # read the master, write the compute copy
             if phase == "forward":
-                host_in += 28 * p * update_cost / mem  # the AdamW update due from the previous step
+                host_in += 28 * p * update_cost / update_rate  # the AdamW update due from the previous step
             if on_disk and cached:
                 host_in += (read + written) / mem
             elif on_disk:
@@ -457,7 +474,7 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     gradients, and activations.
     Host: pinned staging mirrors of the slots and gradient buffers (CUDA only), the
     store (the whole state for the RAM tier; for the disk tier the pipeline's ring of
-    chunk buffers), and the runtime itself.
+    chunk buffers; a compact update's temporaries), and the runtime itself.
     """
     from streamer.store import CHUNK_NUMEL, RING  # the store's own sizes, not copies of them
 
@@ -477,6 +494,7 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     # no resident pages then).
     in_ram = units_in_ram(len(counts), offload, ram_units)
     store = state_bytes(state)[0] * sum(counts[:in_ram])
+    store += FORMATS[state].workspace_bytes * min(CHUNK_NUMEL, max(counts))  # the update's temporaries
     if in_ram < len(counts):
         store += RING * state_bytes(state)[0] * min(CHUNK_NUMEL, max(counts[in_ram:]))
     return int(device), int(staging + store + RUNTIME_BYTES)
@@ -784,6 +802,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk", "split"])
     p.add_argument("--state", default="fp32", choices=list(FORMATS),
                    help="host state format: fp32 (16 bytes/parameter) or compact (about 6)")
+    p.add_argument("--update-on", default="host", choices=["host", "device"],
+                   help="where AdamW runs, as train's flag: the device's update costs the host only copies")
     p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
                    help="plan for this peak memory (the device's; a CPU's: the process's), as train does")
     p.add_argument("--measure", action="store_true", help="calibrate on this machine instead of a profile")
@@ -804,6 +824,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         profile = PROFILES[args.device]
     else:
         raise UserError(f"unknown device profile '{args.device}': use one of {', '.join(PROFILES)} or --measure")
+    if args.update_on == "device":
+        profile = with_device_update(profile, args.state)
     seq_len = args.seq_len or cfg.block_size
     if seq_len <= 0 or seq_len > cfg.block_size:
         raise UserError(f"--seq-len must be in 1..{cfg.block_size} for {cfg.name}")

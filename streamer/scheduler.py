@@ -207,11 +207,7 @@ class StreamEngine:
         profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
                                   matmul_flops=flops)
         if train_cfg.update_on == "device" and device.type == "cuda":
-            # The host worker's part of a device update is its copies: the whole state in,
-            # all but the gradient back (device-side compute is negligible beside them).
-            whole, updated, _, _ = planner.state_bytes(state)
-            per_param = whole / profile.h2d_bytes_per_s + updated / profile.d2h_bytes_per_s
-            profile = planner.replace(profile, host_update_bytes_per_s=28 / per_param, update_state=state)
+            profile = planner.with_device_update(profile, state)
         micro = train_cfg.batch_size * train_cfg.seq_len
         if train_cfg.max_memory_gib:
             plan = planner.fit_memory(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,

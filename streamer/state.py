@@ -75,6 +75,10 @@ class StateFormat:
     # calibration). Measured on a 2-core CPU: 500-600 M parameters/s for float32 AdamW,
     # 20-25 M/s for the compact format (decoding, rounding and coding 8-bit moments).
     update_cost: float = 1.0
+    # Host bytes per chunk element that an update allocates besides the store's buffers:
+    # float32 AdamW works in place; the compact update decodes to float32 and codes back,
+    # with about ten float32-sized temporaries alive at its peak.
+    workspace_bytes: int = 0
 
     def buffer(self, name: str) -> Buffer:
         return next(b for b in self.buffers if b.name == name)
@@ -119,7 +123,7 @@ FORMATS = {
         Buffer("exp_avg_sq", torch.uint8),
         Buffer("exp_avg_scale", torch.float32, per_block=True),
         Buffer("exp_avg_sq_scale", torch.float32, per_block=True),
-    ), update_cost=25.0),
+    ), update_cost=25.0, workspace_bytes=40),
 }
 
 

@@ -168,3 +168,20 @@ def test_graph_memory_per_block_is_what_autograd_saves(name: str) -> None:
         block(x)
     planned = planner.graph_activation_bytes(cfg, x.shape[0] * x.shape[1], 4) / cfg.n_layer
     assert sum(saved.values()) <= planned <= 1.2 * sum(saved.values())
+
+
+def test_the_compact_update_is_planned_at_its_own_cost_on_the_host_or_as_copies_on_the_device() -> None:
+    """Host cores code 8-bit moments far slower than they run float32 AdamW; run on the
+    device, the update costs the host only its copies over the link."""
+    cfg, profile = ModelConfig.from_name("gpt3-xl"), planner.PROFILES["h100"]
+
+    def step(state: str, prof: planner.DeviceProfile = profile) -> planner.Plan:
+        return make_plan(cfg, prof, 16384, 2048, "ram", state=state)
+
+    exact, compact = step("fp32"), step("compact")
+    on_device = step("compact", planner.with_device_update(profile, "compact"))
+    assert compact.host_s > 10 * exact.host_s
+    assert on_device.host_s < compact.host_s / 5
+    link = cfg.n_params() * (state_bytes("compact")[0] / profile.h2d_bytes_per_s
+                             + state_bytes("compact")[1] / profile.d2h_bytes_per_s)
+    assert on_device.host_s > link  # the update's copies, plus staging and gradient copies

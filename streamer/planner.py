@@ -53,16 +53,23 @@ def split_ram_units(cfg: ModelConfig, host_available: float, state: str = "fp32"
     return cfg.n_layer + 2
 
 
+def host_rates(profile: DeviceProfile) -> tuple[float, float]:
+    """(float32 AdamW's host update rate, host copy rate), in bytes per second. A
+    profile calibrated on another format's update converts back through that format's
+    relative cost; copies move at float32 AdamW's memory rate unless the profile says
+    otherwise."""
+    update = profile.host_update_bytes_per_s * FORMATS[profile.update_state].update_cost
+    return update, profile.host_copy_bytes_per_s or update
+
+
 def with_device_update(profile: DeviceProfile, state: str) -> DeviceProfile:
     """The profile as seen by a run whose AdamW runs on the device (`--update-on device`):
     the host worker's part of an update is its copies, the whole state in and all but
     the gradient back; the device's compute for it is negligible beside them."""
     whole, updated, _, _ = state_bytes(state)
     per_param = whole / profile.h2d_bytes_per_s + updated / profile.d2h_bytes_per_s
-    update_rate = profile.host_update_bytes_per_s * FORMATS[profile.update_state].update_cost
-    copies = profile.host_copy_bytes_per_s or update_rate
     return replace(profile, host_update_bytes_per_s=28 / per_param, update_state=state,
-                   host_copy_bytes_per_s=copies)
+                   host_copy_bytes_per_s=host_rates(profile)[1])
 
 
 def state_bytes(state: str) -> tuple[float, float, int, int]:
@@ -264,11 +271,7 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     flops = _unit_flops_per_token(cfg, seq_len)
     head = len(counts) - 1
     b, F = profile.compute_bytes, profile.matmul_flops
-    # Host copies move at float32 AdamW's memory rate unless the profile says otherwise;
-    # a profile calibrated on another format's update converts back through that
-    # format's relative cost. The update itself runs at the profile's update rate.
-    update_rate = profile.host_update_bytes_per_s * FORMATS[profile.update_state].update_cost
-    mem = profile.host_copy_bytes_per_s or update_rate
+    update_rate, mem = host_rates(profile)  # the update scales by its format's cost below
     disk_r, disk_w = profile.disk_read_bytes_per_s, profile.disk_write_bytes_per_s
     # A store that fits the page cache moves at memory speed after its first pass, and
     # then its "I/O" is host copies on the cores, not time on the storage device.

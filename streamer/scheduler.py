@@ -192,13 +192,13 @@ class StreamEngine:
 
         state, available = train_cfg.state, psutil.virtual_memory().available
         offload = planner.choose_offload(model_cfg, available, shutil.disk_usage(out).free, train_cfg.offload, state)
-        ram_units = planner.units_in_ram(model_cfg.n_layer + 2, offload,
-                                         planner.split_ram_units(model_cfg, available, state))
+        ram_units = planner.split_ram_units(model_cfg, available, state) if offload == "split" else None
         profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]
         if device.type == "cuda":
             budget = 0.8 * torch.cuda.get_device_properties(device).total_memory
         else:
-            held = planner.state_bytes(state)[0] * sum(planner.unit_param_counts(model_cfg)[:ram_units])
+            counts = planner.unit_param_counts(model_cfg)
+            held = planner.state_bytes(state)[0] * sum(counts[: planner.units_in_ram(len(counts), offload, ram_units)])
             budget = 0.5 * available - held
         # The compute rate comes from a short profiling run of one block at this run's
         # micro-batch: a square matmul misses attention, norms and memory-bound kernels

@@ -1,8 +1,9 @@
 """The learning-rate schedule and AdamW over flat buffers.
 
-Resident training uses `torch.optim.AdamW`; the streamer updates each unit's flat
-master buffer with `adamw_update_`, which performs the same operations in the same
-order, so the two modes agree to float32 rounding.
+Resident training uses `torch.optim.AdamW(fused=True)`; the streamer updates each
+unit's flat master buffer with `adamw_update_`, which calls the same fused kernel, so
+the two modes agree to float32 rounding (the clip factor is applied by the kernel as a
+divisor, resident clipping multiplies: the last bit may differ).
 """
 
 from __future__ import annotations
@@ -62,18 +63,21 @@ def adamw_update_(
     """One AdamW step in place on flat float32 buffers.
 
     `param[:decay_numel]` is weight-decayed, the rest is not (the store packs decayed
-    tensors first). `grad` is scaled in place by `grad_scale` (the clip coefficient):
-    it is the store's own accumulator, consumed by this update.
+    tensors first). `grad` is consumed: the kernel scales it in place by `grad_scale`
+    (the clip coefficient).
+
+    [Note: the fused kernel]
+    PyTorch's fused AdamW reads each element's four values once and writes three: one
+    pass over memory, where the same math as separate in-place ops takes seven (2.0G vs
+    0.58G parameters/s on 2 CPU cores; torch.optim's per-tensor default does 0.26G).
+    Its `grad_scale` divides the gradient, so the clip factor goes in as its inverse.
     """
-    if grad_scale != 1.0:
-        grad.mul_(grad_scale)
-    if cfg.weight_decay and decay_numel:
-        param[:decay_numel].mul_(1.0 - lr * cfg.weight_decay)
-    exp_avg.lerp_(grad, 1.0 - cfg.beta1)
-    exp_avg_sq.mul_(cfg.beta2).addcmul_(grad, grad, value=1.0 - cfg.beta2)
-    bias_correction1 = 1.0 - cfg.beta1**step
-    bias_correction2_sqrt = math.sqrt(1.0 - cfg.beta2**step)
-    # The denominator reuses `grad` as scratch: the gradient is no longer needed, and
-    # the hot loop then allocates nothing.
-    denom = torch.sqrt(exp_avg_sq, out=grad).div_(bias_correction2_sqrt).add_(cfg.eps)
-    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    device = param.device
+    steps = [torch.tensor(float(step), device=device)]
+    scale = None if grad_scale == 1.0 else torch.tensor(1.0 / grad_scale, device=device)
+    decay = min(decay_numel, param.numel()) if cfg.weight_decay else 0
+    for part, weight_decay in ((slice(0, decay), cfg.weight_decay), (slice(decay, None), 0.0)):
+        if param[part].numel():
+            torch._fused_adamw_([param[part]], [grad[part]], [exp_avg[part]], [exp_avg_sq[part]], [], steps,
+                                lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, weight_decay=weight_decay, eps=cfg.eps,
+                                amsgrad=False, maximize=False, grad_scale=scale, found_inf=None)

@@ -56,10 +56,17 @@ def split_ram_units(cfg: ModelConfig, host_available: float, state: str = "fp32"
 def host_rates(profile: DeviceProfile) -> tuple[float, float]:
     """(float32 AdamW's host update rate, host copy rate), in bytes per second. A
     profile calibrated on another format's update converts back through that format's
-    relative cost; copies move at float32 AdamW's memory rate unless the profile says
-    otherwise."""
+    relative cost."""
     update = profile.host_update_bytes_per_s * FORMATS[profile.update_state].update_cost
-    return update, profile.host_copy_bytes_per_s or update
+    return update, profile.host_copy_bytes_per_s
+
+
+def host_threads(device_is_host: bool, store_in_ram: bool) -> bool:
+    """Whether the host work (updates, copies, gradient writes) runs on worker threads.
+    Not when the device is the host's own cores and nothing waits on storage: threads
+    would then only split the same cores (see streamer.scheduler's
+    [Note: no worker thread on a CPU device])."""
+    return not (device_is_host and store_in_ram)
 
 
 def with_device_update(profile: DeviceProfile, state: str) -> DeviceProfile:
@@ -103,9 +110,11 @@ class DeviceProfile:
     # served at memory speed after its first pass.
     page_cache_bytes: float = 64 * 2**30
     update_state: str = "fp32"
-    # Host memory copies (staging, gradient writes); 0: float32 AdamW's memory rate, as
-    # derived from the update rate above.
-    host_copy_bytes_per_s: float = 0.0
+    # Host memory copies (staging, gradient writes): bytes read plus bytes written per
+    # second, as the update's rate counts them. Not the update's rate: the fused AdamW
+    # kernel streams 28 bytes per parameter in one vectorised pass, well above a copy
+    # (51 vs 20-35 GB/s on 2 CPU cores).
+    host_copy_bytes_per_s: float = 2.0e10
 
 
 # Sustained (not datasheet) figures; `--measure` replaces them with this machine's.
@@ -114,9 +123,9 @@ PROFILES: dict[str, DeviceProfile] = {
     "h200": DeviceProfile("h200", 6.5e14, 5.0e10, 5.0e10, 141e9, 3.0e9, 2.0e9, 2.0e10),
     "a100": DeviceProfile("a100", 2.5e14, 2.4e10, 2.4e10, 80e9, 3.0e9, 2.0e9, 2.0e10),
     # A 2-core CPU "device": the link is a host memory copy, the update shares the cores.
-    "cpu": DeviceProfile("cpu", 8e10, 5e9, 5e9, 0.0, 1.0e9, 0.8e9, 4e9, compute_bytes=4,
-                         host_memory_bytes=24 * 2**30, device_update_bytes_per_s=4e9, shares_host_cores=True,
-                         page_cache_bytes=12 * 2**30),
+    "cpu": DeviceProfile("cpu", 8e10, 5e9, 5e9, 0.0, 1.0e9, 0.8e9, 3e10, compute_bytes=4,
+                         host_memory_bytes=24 * 2**30, device_update_bytes_per_s=3e10, shares_host_cores=True,
+                         page_cache_bytes=12 * 2**30, host_copy_bytes_per_s=1e10),
 }
 
 
@@ -734,13 +743,13 @@ def measure_update_rate(numel: int = 8 * 2**20, state: str = "fp32") -> float:
 def measure_model_flops(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, batch: int, seq_len: int,
                         repeat: int = 3) -> float:
     """The FLOP rate this model's own compute sustains, forward and backward, at a
-    micro-batch of `batch` x `seq_len`: a short profiling run of one block and of the
-    head (with its loss), weighted as the model holds them (n_layer blocks, one head).
+    micro-batch of `batch` x `seq_len`: a short profiling run of the embedding, one
+    block and the head (with its loss), weighted as the model holds them.
     It sees what a square matmul does not: attention, norms, activations, the loss's
-    memory-bound softmax; on a 2-core CPU gpt3-125m's blocks run at 1.25x its head's
-    rate. Each part's time is the fastest of `repeat` timed passes after a warm-up:
-    other tenants of a shared machine only ever add time (on this project's CPU
-    machine, up to 2x in a pass)."""
+    memory-bound softmax, and the embedding's dense table gradient; on a 2-core CPU
+    gpt3-125m's blocks run at 1.25x its head's rate. Each part's time is the fastest
+    of `repeat` timed passes after a warm-up: other tenants of a shared machine only
+    ever add time (on this project's CPU machine, up to 2x in a pass)."""
     from models.gpt import build_unit, init_unit, loss_fn
 
     head_index = cfg.n_layer + 1
@@ -752,8 +761,11 @@ def measure_model_flops(cfg: ModelConfig, device: torch.device, dtype: torch.dty
     def timed(index: int) -> float:
         unit = build_unit(cfg, index).to(device=device, dtype=dtype)
         init_unit(unit, cfg, seed=0, index=index)
-        run = ((lambda: loss_fn(unit(x, tied if cfg.tie_embeddings else None), targets).backward())
-               if index == head_index else (lambda: unit(x).float().square().mean().backward()))
+        if index == head_index:
+            run = lambda: loss_fn(unit(x, tied if cfg.tie_embeddings else None), targets).backward()  # noqa: E731
+        else:
+            inputs = targets if index == 0 else x  # the embedding reads token ids
+            run = lambda: unit(inputs).float().square().mean().backward()  # noqa: E731
         run()  # warm-up: allocations, kernel selection
         times = []
         for _ in range(repeat):
@@ -765,7 +777,9 @@ def measure_model_flops(cfg: ModelConfig, device: torch.device, dtype: torch.dty
         return min(times)
 
     per_token = _unit_flops_per_token(cfg, seq_len)
-    seconds = cfg.n_layer * timed(1) + timed(head_index)
+    # The embedding does no matmul FLOPs but costs time: its backward writes a dense
+    # gradient of the whole table (154 MB for gpt3-125m) every micro-batch.
+    seconds = timed(0) + cfg.n_layer * timed(1) + timed(head_index)
     flops = 3 * (cfg.n_layer * per_token[1] + per_token[-1]) * batch * seq_len  # forward + 2x backward
     return flops / seconds
 
@@ -777,6 +791,8 @@ def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
     instead of a square matmul."""
     base = PROFILES["cpu" if device.type == "cpu" else "h100"]
     h2d, d2h = measure_copy_bandwidth(device)
+    # A copy of n bytes reads n and writes n.
+    host_copy = 2 * (h2d if device.type == "cpu" else measure_copy_bandwidth(torch.device("cpu"))[0])
     read, write = measure_disk_bandwidth(disk_folder)
     update = measure_update_rate(state=state)
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
@@ -787,7 +803,7 @@ def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
     return replace(base, name=f"measured-{device.type}", matmul_flops=flops,
                    h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h, device_memory_bytes=memory,
                    disk_read_bytes_per_s=read, disk_write_bytes_per_s=write,
-                   host_update_bytes_per_s=update, update_state=state,
+                   host_update_bytes_per_s=update, update_state=state, host_copy_bytes_per_s=host_copy,
                    page_cache_bytes=psutil.virtual_memory().available,
                    device_update_bytes_per_s=update if device.type == "cpu" else base.device_update_bytes_per_s,
                    compute_bytes=torch.tensor([], dtype=dtype).element_size())

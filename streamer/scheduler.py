@@ -29,6 +29,7 @@ recompute of the logits, the largest activation of the step.
 
 from __future__ import annotations
 
+import collections
 import enum
 import math
 import time
@@ -76,24 +77,79 @@ class PendingUpdate:
     grad_scale: float  # the clip coefficient
 
 
-def squared_norm(flat: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
-    """Sum of squares in float64, a chunk at a time.
+def squared_norm(flat: torch.Tensor, width: int = 2**14) -> torch.Tensor:
+    """Sum of squares, exact to float32 rounding per row and float64 across rows.
 
-    A float32 reduction over a 100M-element embedding gradient can be off by several
-    percent, which would move the clip coefficient; a float64 copy of the whole unit
-    would cost 8 bytes per parameter. Chunks keep it exact and the copy small.
+    A single float32 reduction over a 100M-element embedding gradient can be off by
+    several percent, which would move the clip coefficient; converting the whole unit to
+    float64 costs a pass that writes twice its bytes (0.34 s of a 6.5 s gpt3-125m step on
+    2 cores). Rows of 16,384 elements reduce in float32 with no measurable error, and
+    only their squares (one value per row) are summed in float64.
     """
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for piece in flat.split(chunk):
-        total += torch.linalg.vector_norm(piece, dtype=torch.float64) ** 2
+    whole = flat.numel() // width * width
+    rows = torch.linalg.vector_norm(flat[:whole].view(-1, width), dim=1).double()
+    total = (rows * rows).sum()
+    if whole < flat.numel():
+        total = total + torch.linalg.vector_norm(flat[whole:], dtype=torch.float64) ** 2
     return total
+
+
+class _Deferred(Future):
+    def __init__(self, worker: InlineWorker) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def result(self, timeout: float | None = None):  # noqa: ANN201 - whatever the job returns
+        self.worker.run_until(self)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self.worker.run_until(self)
+        return super().exception(timeout)
+
+
+class InlineWorker:
+    """The host worker when the device is the host's own cores and the store is in RAM.
+
+    [Note: no worker thread on a CPU device]
+    A worker thread overlaps host work with compute only if something else computes.
+    On a CPU device both run on the same cores: the update and copies cost the same
+    core time either way, and a third thread beside the two that each matmul splits
+    into makes the matmul wait for whichever half was preempted (same matmuls 9%
+    slower on 2 cores, measured with torch.profiler). So jobs are queued as the
+    threaded worker would take them and run on the caller's thread, in submission
+    order, when a result is first needed: the same work in the same order, at the
+    moment the compute would otherwise block on it, with every core. Storage tiers keep
+    their threads: there the worker spends its time waiting on the disk.
+    """
+
+    def __init__(self) -> None:
+        self.queue: collections.deque = collections.deque()
+
+    def submit(self, fn, *args) -> Future:  # noqa: ANN001
+        future = _Deferred(self)
+        self.queue.append((future, fn, args))
+        return future
+
+    def run_until(self, target: Future) -> None:
+        while not target.done() and self.queue:
+            future, fn, args = self.queue.popleft()
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - delivered through the future, as a thread's would be
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True) -> None:
+        if self.queue:
+            self.run_until(self.queue[-1][0])
 
 
 class StreamEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, store: HostStore, device: torch.device,
                  dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0,
                  recompute: bool = True, dp: DataParallel | None = None, kept_graphs: int | None = None,
-                 update_on: str = "host") -> None:
+                 update_on: str = "host", host_threads: bool | None = None) -> None:
         self.cfg, self.optim, self.store = model_cfg, optim, store
         # Where AdamW runs: on the host beside the store, or on the compute device, which
         # decodes and re-codes a compact state far faster than host cores (the chunks
@@ -166,11 +222,17 @@ class StreamEngine:
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         # One host worker: staging, updates and gradient writes run in FIFO order, so
         # a unit is always updated before it is staged and never read mid-write.
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-host")
+        # Without threads (see [Note: no worker thread on a CPU device]) the same queue
+        # runs on the caller's thread.
+        if host_threads is None:
+            host_threads = planner.host_threads(device.type == "cpu", isinstance(store, RamStore))
+        self.host_threads = host_threads
+        self.worker = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-host") if host_threads
+                       else InlineWorker())
         # Gradient writes may go to a second thread, so a disk tier writes gradients while
         # it reads the next units. Under data parallelism both kinds of job issue
         # collectives, which every rank must issue in the same order: one thread then.
-        self.grad_worker = (self.worker if self.dp.world > 1
+        self.grad_worker = (self.worker if self.dp.world > 1 or not host_threads
                             else ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-grad"))
         self.batch_rows: torch.Tensor | None = None  # token ids of this step, for the sparse path
         self.pending: PendingUpdate | None = None

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from streamer.scheduler import StreamEngine, UnitState
+from streamer import planner
+from streamer.scheduler import InlineWorker, StreamEngine, UnitState, squared_norm
 from streamer.train import TrainConfig, load_final, train
 
 
@@ -65,6 +66,42 @@ def test_prefetch_depth_does_not_change_results(tmp_path, depth):
     assert [r["loss"] for r in rows] == [r["loss"] for r in base]
     for name in w0:
         assert torch.equal(w0[name], w1[name])
+
+
+def test_inline_host_work_trains_exactly_as_a_worker_thread(tmp_path, monkeypatch):
+    """A CPU device with a RAM store runs host work on the caller's thread; the same
+    jobs on a worker thread give bit-identical losses and weights."""
+    assert not planner.host_threads(device_is_host=True, store_in_ram=True)
+    inline, w0 = _run(tmp_path / "a", "tiny", "stream", "ram", steps=3)
+    monkeypatch.setattr(planner, "host_threads", lambda device_is_host, store_in_ram: True)
+    threaded, w1 = _run(tmp_path / "b", "tiny", "stream", "ram", steps=3)
+    assert [r["loss"] for r in inline] == [r["loss"] for r in threaded]
+    for name in w0:
+        assert torch.equal(w0[name], w1[name])
+
+
+def test_inline_worker_runs_jobs_in_submission_order_when_needed():
+    ran = []
+    worker = InlineWorker()
+    first = worker.submit(ran.append, 1)
+    failing = worker.submit(lambda: 1 / 0)
+    third = worker.submit(ran.append, 3)
+    assert ran == []  # nothing runs until a result is needed
+    assert third.result() is None and ran == [1, 3]  # earlier jobs first
+    assert first.done() and isinstance(failing.exception(), ZeroDivisionError)
+    with pytest.raises(ZeroDivisionError):
+        failing.result()
+    worker.submit(ran.append, 4)
+    worker.shutdown(wait=True)
+    assert ran == [1, 3, 4]
+
+
+def test_squared_norm_is_exact_where_one_float32_sum_is_not():
+    torch.manual_seed(0)
+    flat = torch.randn(30_000_011) * torch.logspace(-2, 2, 30_000_011)
+    exact = float((flat.double() ** 2).sum())
+    assert abs(float(squared_norm(flat)) - exact) <= 1e-6 * exact
+    assert abs(float(squared_norm(flat[:100])) - float((flat[:100].double() ** 2).sum())) <= 1e-9 * exact
 
 
 def test_unit_state_transitions_are_asserted(tmp_path):

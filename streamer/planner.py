@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def with_device_update(profile: DeviceProfile, state: str) -> DeviceProfile:
     whole, updated, _, _ = state_bytes(state)
     per_param = whole / profile.h2d_bytes_per_s + updated / profile.d2h_bytes_per_s
     return replace(profile, host_update_bytes_per_s=28 / per_param, update_state=state,
-                   host_copy_bytes_per_s=host_rates(profile)[1])
+                   host_copy_bytes_per_s=host_rates(profile)[1], update_on_device=True)
 
 
 def state_bytes(state: str) -> tuple[float, float, int, int]:
@@ -115,6 +116,8 @@ class DeviceProfile:
     # kernel streams 28 bytes per parameter in one vectorised pass, well above a copy
     # (51 vs 20-35 GB/s on 2 CPU cores).
     host_copy_bytes_per_s: float = 2.0e10
+    # AdamW runs on the device (`--update-on device`, see `with_device_update`).
+    update_on_device: bool = False
 
 
 # Sustained (not datasheet) figures; `--measure` replaces them with this machine's.
@@ -304,9 +307,14 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
         # m, v (12); a staging pass without an update reads p only.
         read, written = (whole * p, updated * p) if phase == "forward" else (master * p, 0)
         if not pinned:
-            # A CPU device computes straight from the slot the host worker filled.
-            link_in = 0.0 if profile.shares_host_cores else p * b / profile.h2d_bytes_per_s
-            host_in = p * (master + b) / mem  # read the master, write the compute copy
+            # The weights' way in: a CPU device computes from the slot the worker copies
+            # them into; a GPU copies them from a page-locked RAM tier directly, and from a
+            # staging buffer the worker fills otherwise; an update on the device writes
+            # them into the slot itself.
+            if not (phase == "forward" and profile.update_on_device):
+                link_in = 0.0 if profile.shares_host_cores else p * b / profile.h2d_bytes_per_s
+                locked = not profile.shares_host_cores and not on_disk
+                host_in = 0.0 if locked else p * (master + b) / mem  # read the master, write the copy
             if phase == "forward":
                 host_in += 28 * p * update_cost / update_rate  # the AdamW update due from the previous step
             if on_disk and cached:
@@ -314,7 +322,9 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
             elif on_disk:
                 disk_read, disk_write = read / disk_r, written / disk_w
         out = 0.0
-        if phase != "forward":
+        if phase != "forward" and not profile.shares_host_cores and not on_disk:
+            out = grad * p / profile.d2h_bytes_per_s  # straight into the page-locked store
+        elif phase != "forward":
             out = p * 4 / profile.d2h_bytes_per_s
             if not on_disk or cached:
                 out += (4 + grad) * p / mem
@@ -741,7 +751,7 @@ def measure_update_rate(numel: int = 8 * 2**20, state: str = "fp32") -> float:
 
 
 def measure_model_flops(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, batch: int, seq_len: int,
-                        repeat: int = 3) -> float:
+                        repeat: int = 3, before_pass: Callable[[], object] | None = None) -> float:
     """The FLOP rate this model's own compute sustains, forward and backward, at a
     micro-batch of `batch` x `seq_len`: a short profiling run of the embedding, one
     block and the head (with its loss), weighted as the model holds them.
@@ -749,7 +759,10 @@ def measure_model_flops(cfg: ModelConfig, device: torch.device, dtype: torch.dty
     memory-bound softmax, and the embedding's dense table gradient; on a 2-core CPU
     gpt3-125m's blocks run at 1.25x its head's rate. Each part's time is the fastest
     of `repeat` timed passes after a warm-up: other tenants of a shared machine only
-    ever add time (on this project's CPU machine, up to 2x in a pass)."""
+    ever add time (on this project's CPU machine, up to 2x in a pass). Processes that
+    share the machine pass a barrier as `before_pass`, so that every timed pass runs
+    while the others run theirs: the rate under their contention, not beside an idle
+    neighbour."""
     from models.gpt import build_unit, init_unit, loss_fn
 
     head_index = cfg.n_layer + 1
@@ -769,6 +782,8 @@ def measure_model_flops(cfg: ModelConfig, device: torch.device, dtype: torch.dty
         run()  # warm-up: allocations, kernel selection
         times = []
         for _ in range(repeat):
+            if before_pass is not None:
+                before_pass()
             _sync(device)
             started = time.perf_counter()
             run()
@@ -818,6 +833,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help=f"a profile ({', '.join(PROFILES)}) or measure with --measure")
     p.add_argument("--tokens-per-step", type=int, default=None, help="default: the hiding threshold")
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
+    p.add_argument("--micro-tokens", type=int, default=None,
+                   help="tokens per micro-batch (train's --batch-size x --seq-len); it sizes the "
+                        "head's logits and the working set. Default: the whole step in one")
     p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk", "split"])
     p.add_argument("--state", default="fp32", choices=list(FORMATS),
                    help="host state format: fp32 (16 bytes/parameter) or compact (about 6)")
@@ -861,13 +879,18 @@ def cmd_plan(args: argparse.Namespace) -> None:
                            ram_units=ram_units).recommended_tokens_per_step
     if tokens <= 0:
         raise UserError(f"--tokens-per-step must be positive, got {tokens}")
+    micro = args.micro_tokens or tokens
+    if micro <= 0 or micro % seq_len or tokens % micro:
+        raise UserError(f"--micro-tokens must be a positive multiple of --seq-len ({seq_len}) that divides "
+                        f"--tokens-per-step ({tokens}), got {micro}")
     if args.max_memory is not None and args.max_memory <= 0:
         raise UserError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
     if args.max_memory:
-        plan = fit_memory(cfg, profile, tokens, seq_len, offload, tokens, args.max_memory * 2**30,
+        plan = fit_memory(cfg, profile, tokens, seq_len, offload, micro, args.max_memory * 2**30,
                           state=args.state, ram_units=ram_units)
     else:
-        plan = make_plan(cfg, profile, tokens, seq_len, offload, state=args.state, ram_units=ram_units)
+        plan = make_plan(cfg, profile, tokens, seq_len, offload, micro_tokens=micro, state=args.state,
+                         ram_units=ram_units)
     if args.json:
         print(json.dumps({**asdict(plan), "fits": not shortfall, "shortfall": shortfall,
                           "profile": asdict(profile)}, indent=2))

@@ -164,6 +164,7 @@ class StreamEngine:
         # Re-plans with measured rates (set by `create`); see `_calibrate`.
         self.replan = None
         self.prediction = "profile"  # where predicted_step_s comes from: profile | calibrated
+        self.fastest_update_s = math.inf  # the host update's best time so far (see `_calibrate`)
         # Recompute keeps only unit-boundary activations and runs each unit's forward
         # again in backward; without it each unit's autograd graph is kept (weights
         # excluded, see `_weight_hooks`): a third less compute, far more activation memory.
@@ -213,6 +214,9 @@ class StreamEngine:
         self.resumed_events = [torch.cuda.Event(enable_timing=True) for _ in range(n_visits)] if cuda else None
         self.waits: list[tuple] = []
         self.grad_events = [torch.cuda.Event() for _ in range(3)] if cuda else None
+        # Per unit, the last direct copy out of a page-locked store: a host update of the
+        # unit waits for it before it writes those buffers.
+        self.store_read_events = [torch.cuda.Event() for _ in self.layouts] if cuda else None
         self.free_slots = list(range(prefetch_depth + 1))
         self.state = [UnitState.HOME] * self.n_units
         self.slot_of: list[int | None] = [None] * self.n_units
@@ -266,8 +270,12 @@ class StreamEngine:
         # micro-batch: a square matmul misses attention, norms and memory-bound kernels
         # (10-20% on a 2-core CPU for gpt3-125m).
         flops = planner.measure_model_flops(model_cfg, device, dtype, train_cfg.batch_size, train_cfg.seq_len)
+        # Host copies (staging, gradient writes) at this machine's memcpy rate: a copy of
+        # n bytes reads n and writes n. On a CPU device it is also the "link".
+        copy = planner.measure_copy_bandwidth(torch.device("cpu"), 64 * 2**20)[0]
+        links = {"h2d_bytes_per_s": copy, "d2h_bytes_per_s": copy} if device.type == "cpu" else {}
         profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
-                                  matmul_flops=flops)
+                                  matmul_flops=flops, host_copy_bytes_per_s=2 * copy, **links)
         if train_cfg.update_on == "device" and device.type == "cuda":
             profile = planner.with_device_update(profile, state)
         micro = train_cfg.batch_size * train_cfg.seq_len
@@ -286,8 +294,10 @@ class StreamEngine:
         owned = [(dp.shard(lay.numel).start, dp.shard(lay.numel).stop) for lay in layouts]
         folder = out / "store" / (f"rank{dp.rank}" if dp.world > 1 else "")
         fmt = FORMATS[state]
-        store = {"ram": lambda: RamStore(layouts, owned, fmt), "disk": lambda: DiskStore(layouts, folder, owned, fmt),
-                 "split": lambda: SplitStore(layouts, folder, ram_units, owned, fmt)}[offload]()
+        pin = device.type == "cuda"  # see streamer.store's [Note: page-locking the RAM tier]
+        store = {"ram": lambda: RamStore(layouts, owned, fmt, pin),
+                 "disk": lambda: DiskStore(layouts, folder, owned, fmt),
+                 "split": lambda: SplitStore(layouts, folder, ram_units, owned, fmt, pin)}[offload]()
         for i in range(len(layouts)):
             if not initialise:
                 store.allocate(i)
@@ -366,31 +376,62 @@ class StreamEngine:
 
     def _stage(self, unit: int, slot: int) -> None:
         """Host worker: apply a due update, then copy the weights towards the device,
-        a chunk at a time (see `HostStore.chunks`)."""
-        target = self.slots[slot] if self.staging is None else self.staging[slot]
-        if self.staging is not None:
-            torch.cuda.set_device(self.device)  # this thread's CUDA calls go to our device
-            self.copy_done_events[slot].synchronize()  # the previous copy out of this buffer is done
+        a chunk at a time (see `HostStore.chunks`).
+
+        On CUDA the weights reach the slot in one of three ways: an update on the
+        device writes them there itself; a page-locked store is copied from directly;
+        other host memory (the disk tier's chunk buffers) goes through the slot's
+        pinned staging buffer."""
         numel, first = self.layouts[unit].numel, self.store.owned[unit][0]
         due = self.update_due[unit]
         read, write = (BUFFERS, UPDATED) if due else (("param",), ())
+        if self.staging is None:  # a CPU device computes from the slot the worker fills
+            for start, stop, buffers in self.store.stream(unit, read, write):
+                if due:
+                    self._update_chunk(unit, start, stop, buffers)
+                self.slots[slot][first + start : first + stop].copy_(buffers["param"])  # casts to the compute dtype
+            self.update_due[unit] = False
+            self.dp.gather_weights(self.slots[slot], numel)
+            return
+        torch.cuda.set_device(self.device)  # this thread's CUDA calls go to our device
+        on_device = due and self.update_device.type == "cuda"
+        direct = on_device or self.store.pinned(unit)
+        if direct:
+            # Writes into the slot wait for the kernels that still read its previous unit.
+            self.copy_stream.wait_event(self.slot_free_events[slot])
+        else:
+            self.copy_done_events[slot].synchronize()  # the previous copy out of the staging buffer is done
         for start, stop, buffers in self.store.stream(unit, read, write):
+            into = slice(first + start, first + stop)
+            if on_device:
+                self._update_chunk(unit, start, stop, buffers, weights=self.slots[slot][into])
+                continue
             if due:
                 self._update_chunk(unit, start, stop, buffers)
-            target[first + start : first + stop].copy_(buffers["param"])  # casts to the compute dtype
+            if direct:
+                with torch.cuda.stream(self.copy_stream):
+                    self.slots[slot][into].copy_(buffers["param"], non_blocking=True)
+            else:
+                self.staging[slot][into].copy_(buffers["param"])
         self.update_due[unit] = False
-        if self.staging is None:
-            self.dp.gather_weights(target, numel)  # other ranks' shards fill in the rest
-            return
-        first, stop = self.store.owned[unit]
+        lo, hi = self.store.owned[unit]
         with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(self.slot_free_events[slot])
-            self.slots[slot][first:stop].copy_(self.staging[slot][first:stop], non_blocking=True)
+            if not direct:
+                self.copy_stream.wait_event(self.slot_free_events[slot])
+                self.slots[slot][lo:hi].copy_(self.staging[slot][lo:hi], non_blocking=True)
             self.dp.gather_weights(self.slots[slot], numel)
             self.copy_done_events[slot].record(self.copy_stream)
+            if direct:
+                self.store_read_events[unit].record(self.copy_stream)
 
-    def _update_chunk(self, unit: int, start: int, stop: int, buffers: dict[str, torch.Tensor]) -> None:
-        """AdamW, in place, on elements [start, stop) of a unit's owned part."""
+    def _update_chunk(self, unit: int, start: int, stop: int, buffers: dict[str, torch.Tensor],
+                      weights: torch.Tensor | None = None) -> None:
+        """AdamW, in place, on elements [start, stop) of a unit's owned part.
+
+        With `update_on="device"` the chunk's state crosses the link, is updated on the
+        copy stream (beside the compute, not queued behind it) and crosses back; the
+        updated weights also go straight into `weights` (the unit's slot) when given,
+        so the forward that needs them does not fetch them again."""
         started = time.perf_counter()
         update = self.pending
         first = self.store.owned[unit][0] + start  # the chunk's offset within the whole unit
@@ -398,13 +439,23 @@ class StreamEngine:
         # The compact format's stochastic rounding draws from a seed fixed by the step and
         # the chunk's place in the model, so a resumed run rounds exactly as an unbroken one.
         fmt = self.store.format
-        work = buffers if self.update_device.type == "cpu" else {
-            name: buffer.to(self.update_device) for name, buffer in buffers.items()}
-        fmt.update_(work, step=update.adam_step, lr=update.lr, cfg=self.optim, decay_numel=decay_numel,
-                    grad_scale=update.grad_scale, seed=hash((update.adam_step, unit, first)))
-        if work is not buffers:
-            for name in fmt.expand(UPDATED):
-                buffers[name].copy_(work[name])  # synchronous: the store commits these next
+        settings = dict(step=update.adam_step, lr=update.lr, cfg=self.optim, decay_numel=decay_numel,
+                        grad_scale=update.grad_scale, seed=hash((update.adam_step, unit, first)))
+        if self.update_device.type == "cpu":
+            if self.store_read_events is not None:
+                self.store_read_events[unit].synchronize()  # no copy out of these buffers is still reading
+            fmt.update_(buffers, **settings)
+        else:
+            torch.cuda.set_device(self.device)  # `flush` may be this thread's first CUDA work
+            with torch.cuda.stream(self.copy_stream):
+                work = {name: buffer.to(self.update_device, non_blocking=True) for name, buffer in buffers.items()}
+                fmt.update_(work, **settings)
+                if weights is not None:
+                    weights.copy_(work["param"])  # casts to the compute dtype
+                for name in fmt.expand(UPDATED):
+                    buffers[name].copy_(work[name], non_blocking=True)
+                # The store commits these buffers next (the disk tier writes them out).
+                self.copy_stream.synchronize()
         self.counters["update_s"] += time.perf_counter() - started
 
     def _apply_update(self, unit: int) -> None:
@@ -443,15 +494,23 @@ class StreamEngine:
             else:
                 self._drain(buffer_index)
                 host, event = self.grad_host[buffer_index], self.grad_events[buffer_index]
+            # A page-locked store takes the gradient straight from the device, already
+            # in its own dtype (half the bytes for the compact format); anything else
+            # goes through a pinned float32 buffer that the worker writes out.
+            target = self.store.grad_target(unit)
             self.grad_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.grad_stream):
                 shard = self._reduce(unit, grad)
-                host[: shard.numel()].copy_(shard, non_blocking=True)
+                if target is None:
+                    host[: shard.numel()].copy_(shard, non_blocking=True)
+                else:
+                    target.copy_(shard[: target.numel()].to(target.dtype), non_blocking=True)
                 event.record(self.grad_stream)
 
             def write() -> None:
                 event.synchronize()
-                self.store.write_grad(unit, host)
+                if target is None:
+                    self.store.write_grad(unit, host)
 
             future = self.grad_worker.submit(write)
         if buffer_index is not None:
@@ -653,7 +712,7 @@ class StreamEngine:
         io_now = self.store.io_seconds()
         self.io_step = {f"store_{k}": io_now[k] - self.io_before.get(k, 0) for k in io_now}
         self.io_before = io_now
-        if self.prediction == "profile" and self.counters["update_s"] > 0 and self.replan is not None:
+        if self.counters["update_s"] > 0 and self.replan is not None:
             self._calibrate()
         return StepStats(loss=loss, grad_norm=grad_norm, skipped=skipped, bytes_in=self.counters["bytes_in"],
                          bytes_out=self.counters["bytes_out"], stall_s=self.counters["stall_s"],
@@ -676,13 +735,16 @@ class StreamEngine:
                 **{k: self.counters[k] for k in ("forward_s", "backward_s", "update_s")}, **self.io_step}
 
     def _calibrate(self) -> None:
-        """Re-predict the step from rates this run measured in its first step that
-        carried updates: the host AdamW rate (under the compute it shares the machine
-        with) and, for the disk tier, the store's read and write rates (busy time of its
-        I/O threads, page-cache hits included). A profile's figures, or a short fsync'd
-        probe, miss both contention and the page cache."""
+        """Re-predict the step from rates this run measured in its steps that carried
+        updates: the host AdamW rate (under the compute it shares the machine with; the
+        fastest step's, since the first update also pays first-touch page faults and
+        other tenants only ever add time) and, for the disk tier, the last step's store
+        read and write rates (busy time of its I/O threads, page-cache hits included).
+        A profile's figures, or a short fsync'd probe, miss both contention and the
+        page cache."""
         owned = sum(self.store.owned_numel(u) for u in range(self.n_units))
-        rates = {"host_update_bytes_per_s": 28 * owned / self.counters["update_s"],
+        self.fastest_update_s = min(self.fastest_update_s, self.counters["update_s"])
+        rates = {"host_update_bytes_per_s": 28 * owned / self.fastest_update_s,
                  "update_state": self.store.format.name}
         io = self.io_step
         if io.get("store_read_s", 0) > 0 and io.get("store_write_s", 0) > 0:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -167,6 +168,16 @@ class HostStore(ABC):
     def advise(self, index: int, names: tuple[str, ...]) -> None:  # noqa: B027 - a hint; RAM needs none
         """Hint that the unit's named buffers will be read soon."""
 
+    def pinned(self, index: int) -> bool:
+        """Whether the buffers `stream` yields for the unit are page-locked and stay put
+        (the device may then copy from them directly and asynchronously)."""
+        return False
+
+    def grad_target(self, index: int) -> torch.Tensor | None:
+        """The unit's page-locked gradient buffer, which the device may fill directly
+        (in the store's dtype) instead of calling `write_grad`; None if there is none."""
+        return None
+
     @abstractmethod
     def write_grad(self, index: int, grad: torch.Tensor) -> None:
         """Store the owned part of a unit's step gradient (float32; the format's dtype
@@ -175,16 +186,61 @@ class HostStore(ABC):
     def bytes_on_disk(self) -> int:
         return 0
 
-    def close(self) -> None:  # noqa: B027 - only the disk tier holds resources
-        """Release files and buffers; the RAM tier has nothing to release."""
+    def close(self) -> None:  # noqa: B027 - a tier without resources has nothing to do
+        """Release files, page locks and buffers."""
+
+
+def page_lock(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Register host tensors with CUDA as page-locked, in place; returns those that are
+    (all, or none if the driver refuses: copies then go through staging buffers).
+
+    [Note: page-locking the RAM tier]
+    The device copies from page-locked memory by DMA, asynchronously and at the link's
+    full rate; from pageable memory the driver first copies through a bounce buffer of
+    its own, on the calling thread. The RAM tier is therefore locked where it lies
+    (cudaHostRegister) rather than allocated by the pinned allocator, which rounds each
+    allocation up to a power of two: a 20B model's compact state fills most of a
+    128 GiB host, and up to 2x of it would not fit.
+    """
+    cudart = torch.cuda.cudart()
+    locked = []
+    for tensor in tensors:
+        if not tensor.numel():
+            continue
+        code = int(cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0))
+        if code != 0:
+            print(f"warning: host state not page-locked (CUDA error {code}); its copies go through staging "
+                  "buffers at a lower rate", file=sys.stderr)
+            page_unlock(locked)
+            return []
+        locked.append(tensor)
+    return locked
+
+
+def page_unlock(tensors: list[torch.Tensor]) -> None:
+    cudart = torch.cuda.cudart()
+    for tensor in tensors:
+        cudart.cudaHostUnregister(tensor.data_ptr())
 
 
 class RamStore(HostStore):
     def __init__(self, layouts: list[UnitLayout], owned: list[tuple[int, int]] | None = None,
-                 state: StateFormat = FORMATS["fp32"]) -> None:
+                 state: StateFormat = FORMATS["fp32"], pin: bool = False) -> None:
         super().__init__(layouts, owned, state)
         self.buffers = [{b.name: torch.zeros(b.numel(self.owned_numel(i)), dtype=b.dtype) for b in state.buffers}
                         for i in range(len(layouts))]
+        # With a CUDA device: see [Note: page-locking the RAM tier].
+        self.locked = page_lock([t for unit in self.buffers for t in unit.values()]) if pin else []
+
+    def pinned(self, index: int) -> bool:
+        return bool(self.locked)
+
+    def grad_target(self, index: int) -> torch.Tensor | None:
+        return self.buffers[index]["grad"] if self.locked else None
+
+    def close(self) -> None:
+        page_unlock(self.locked)
+        self.locked = []
 
     def init_params(self, index: int, unit: nn.Module) -> None:
         self.buffers[index]["param"].copy_(self._owned_part(index, unit))
@@ -407,10 +463,11 @@ class SplitStore(HostStore):
     of RAM and 64 GiB of disk). Every call goes to the unit's own tier."""
 
     def __init__(self, layouts: list[UnitLayout], folder: Path, ram_units: int,
-                 owned: list[tuple[int, int]] | None = None, state: StateFormat = FORMATS["fp32"]) -> None:
+                 owned: list[tuple[int, int]] | None = None, state: StateFormat = FORMATS["fp32"],
+                 pin: bool = False) -> None:
         super().__init__(layouts, owned, state)
         self.ram_units = ram_units
-        self.ram = RamStore(layouts[:ram_units], self.owned[:ram_units], state)
+        self.ram = RamStore(layouts[:ram_units], self.owned[:ram_units], state, pin)
         self.disk = DiskStore(layouts[ram_units:], folder, self.owned[ram_units:], state, first_unit=ram_units)
 
     def _tier(self, index: int) -> tuple[HostStore, int]:
@@ -451,8 +508,19 @@ class SplitStore(HostStore):
         store, local = self._tier(index)
         store.write_grad(local, grad)
 
+    def pinned(self, index: int) -> bool:
+        store, local = self._tier(index)
+        return store.pinned(local)
+
+    def grad_target(self, index: int) -> torch.Tensor | None:
+        store, local = self._tier(index)
+        return store.grad_target(local)
+
     def bytes_on_disk(self) -> int:
         return self.disk.bytes_on_disk()
 
     def close(self) -> None:
-        self.disk.close()
+        try:
+            self.disk.close()
+        finally:
+            self.ram.close()

@@ -96,6 +96,22 @@ def test_plan_fits_a_memory_limit_by_recomputing(tmp_path: Path) -> None:
     assert_user_error(too_small, "--max-memory is 1.0 GiB", "lower --batch-size")
 
 
+def test_plan_sizes_the_working_set_by_the_micro_batch(tmp_path: Path) -> None:
+    """A 20B step of 24 sequences run as micro-batches of one holds one sequence's
+    logits, not 24: the memory freed keeps more graphs (less recompute) in a smaller
+    footprint; a micro-batch that does not divide the step is refused."""
+    args = ("plan", "--model", "gpt-neox-20b", "--device", "h200", "--tokens-per-step", "49152",
+            "--seq-len", "2048", "--offload", "ram", "--json")
+    whole = streamer(*args, cache=tmp_path)
+    micro = streamer(*args, "--micro-tokens", "2048", cache=tmp_path)
+    assert whole.returncode == 0 and micro.returncode == 0, micro.stderr
+    whole, micro = json.loads(whole.stdout), json.loads(micro.stdout)
+    assert micro["kept_graphs"] > whole["kept_graphs"]
+    assert micro["device_bytes"] < whole["device_bytes"]
+    assert micro["compute_s"] < whole["compute_s"]
+    assert_user_error(streamer(*args, "--micro-tokens", "3000", cache=tmp_path), "--micro-tokens", "divides")
+
+
 def test_plan_unknown_device_profile(tmp_path: Path) -> None:
     assert_user_error(streamer("plan", "--device", "tpu9", cache=tmp_path), "'tpu9'", "h100")
 

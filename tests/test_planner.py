@@ -185,3 +185,23 @@ def test_the_compact_update_is_planned_at_its_own_cost_on_the_host_or_as_copies_
     link = cfg.n_params() * (state_bytes("compact")[0] / profile.h2d_bytes_per_s
                              + state_bytes("compact")[1] / profile.d2h_bytes_per_s)
     assert on_device.host_s > link  # the update's copies, plus staging and gradient copies
+
+
+def test_a_gpu_reads_a_page_locked_ram_tier_directly_and_an_update_there_writes_the_weights() -> None:
+    """On a GPU the RAM tier is page-locked: no host copy stages weights in or
+    gradients out (the disk tier's chunks still go through staging), gradients leave
+    in the store's dtype, and an update on the device writes the forward's weights into
+    the slot itself, so they do not cross the link."""
+    cfg, profile = ModelConfig.from_name("gpt3-xl"), PROFILES["h100"]
+
+    def visits(offload: str, prof: planner.DeviceProfile = profile, state: str = "fp32") -> list:
+        return planner.step_visits(cfg, prof, 16384, 2048, offload, 2, cfg.n_layer, state)
+
+    fetched = [v for v in visits("ram") if v.phase == "backward" and v.link_in_s > 0]
+    assert fetched and all(v.host_in_s == 0 for v in fetched)
+    assert all(v.host_in_s > 0 for v in visits("disk") if v.phase == "backward" and v.link_in_s > 0)
+    counts = unit_param_counts(cfg)
+    grads = [v.out_s for v in visits("ram", state="compact") if v.phase == "backward"]
+    assert grads[-1] == pytest.approx(2 * counts[0] / profile.d2h_bytes_per_s)  # bf16 straight into the store
+    on_device = visits("ram", planner.with_device_update(profile, "compact"), "compact")
+    assert all(v.link_in_s == 0 for v in on_device if v.phase == "forward")

@@ -218,10 +218,29 @@ def test_compact_state_trains_close_to_fp32(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("offload", ["ram", "disk"])
-def test_compact_updates_on_the_device_track_host_updates(tmp_path, offload):
+@pytest.mark.parametrize("state", ["fp32", "compact"])
+def test_a_page_locked_ram_tier_trains_exactly_as_staged_copies(tmp_path, monkeypatch, state):
+    """On CUDA the RAM tier is page-locked: weights go to the device from it and
+    gradients come back into it directly, with no staging buffer; the results are bit
+    for bit those of the staged path (the same values, the same roundings)."""
+    from streamer import store
+
+    settings = dict(device="cuda", dtype="float32", steps=4, state=state)
+    locked, w_locked = _run(tmp_path / "locked", "tiny", "stream", "ram", **settings)
+    monkeypatch.setattr(store, "page_lock", lambda tensors: [])
+    staged, w_staged = _run(tmp_path / "staged", "tiny", "stream", "ram", **settings)
+    assert [r["loss"] for r in locked] == [r["loss"] for r in staged]
+    for name in w_locked:
+        assert torch.equal(w_locked[name], w_staged[name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", ["ram", "disk", "split"])
+def test_compact_updates_on_the_device_track_host_updates(tmp_path, monkeypatch, offload):
     """The compact state updated on the GPU (its own random bits, so not bit-equal)
-    trains like the same state updated on the host."""
+    trains like the same state updated on the host; the updated weights go from the
+    update straight into the slot, from a page-locked RAM tier or a disk tier's chunks."""
+    monkeypatch.setattr(planner, "split_ram_units", lambda cfg, available, state="fp32": 3)
     settings = dict(device="cuda", steps=30, grad_accum=1, batch_size=8, seq_len=64, state="compact")
     host, _ = _run(tmp_path / "host", "tiny", "stream", offload, **settings)
     device, _ = _run(tmp_path / "device", "tiny", "stream", offload, update_on="device", **settings)

@@ -1,0 +1,165 @@
+"""The sparse-aggregation kernels against the PyTorch reference and against memory bandwidth.
+
+For each primitive of `kernels` (nonzero_rows, coalesce, hash_partition,
+scatter_add_rows) at an embedding's realistic size (vocab 50,432 x hidden 6,144 by
+default) and 1-5% of rows touched: the result is checked against `kernels.reference`
+(indices equal, values equal to float32 rounding), then timed; its effective bandwidth
+(the bytes it must read and write at least, per second) is compared with the device's
+memory copy bandwidth measured in the same run. The target on a GPU is >= 50% of it.
+
+On a machine without CUDA the same sizes run through the reference on the CPU (nothing
+to check against), so the script is exercised everywhere; the JSON says which.
+
+    python benchmarks/bench_kernels.py --json benchmarks/results/kernels_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, machine_line, write_json  # noqa: E402
+
+from kernels import reference  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeat: int) -> float:  # noqa: ANN001
+    """Median seconds per call after a warm-up call (kernel compilation, allocation)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
+    """Device memory copy: bytes read plus written per second."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timed(lambda: dst.copy_(src), device, 5)
+
+
+def cases(vocab: int, hidden: int, density: float, world: int, dtype: torch.dtype, device: torch.device,
+          seed: int) -> dict:
+    """Inputs shaped as one step's embedding gradient: `density` of the rows touched per
+    rank; the ranks' rows gathered (with the duplicates several ranks share) for the
+    sum; and a dense table to add them into."""
+    generator = torch.Generator().manual_seed(seed)
+    touched = max(1, int(density * vocab))
+    rows = [torch.randperm(vocab, generator=generator)[:touched] for _ in range(world)]
+    grad = torch.zeros(vocab, hidden, dtype=dtype)
+    grad[rows[0]] = torch.randn(touched, hidden, generator=generator).to(dtype)
+    gathered = torch.cat(rows)
+    values = torch.randn(gathered.numel(), hidden, generator=generator).to(dtype)
+    dense = torch.randn(vocab, hidden, generator=generator).to(dtype)
+    on = {"grad": grad, "indices": gathered, "values": values, "dense": dense}
+    return {"cpu": on, "device": {k: v.to(device) for k, v in on.items()}}
+
+
+def check(name: str, got: tuple, want: tuple) -> float:
+    """Largest absolute difference of the value tensors; indices must be equal."""
+    worst = 0.0
+    for a, b in zip(got, want):
+        a = a.cpu()
+        if a.dtype in (torch.int64, torch.int32):
+            if not torch.equal(a, b):
+                raise AssertionError(f"{name}: indices differ from the reference")
+        else:
+            worst = max(worst, float((a.float() - b.float()).abs().max()) if a.numel() else 0.0)
+    return worst
+
+
+def operations(impl, d: dict, c: dict, world: int, scan_bytes: int, n: int, unique: int,  # noqa: ANN001
+               row_bytes: int) -> dict:
+    """Per primitive: the run under test, the reference on the CPU copies, and the
+    bytes it must move at least."""
+    return {
+        # Reads the whole table, writes the touched rows out.
+        "nonzero_rows": (lambda: impl.nonzero_rows(d["grad"]), lambda: reference.nonzero_rows(c["grad"]),
+                         scan_bytes),
+        # Reads every gathered row, writes one per distinct index.
+        "coalesce": (lambda: impl.coalesce(d["indices"], d["values"]),
+                     lambda: reference.coalesce(c["indices"], c["values"]), (n + unique) * row_bytes),
+        # Reads and writes every row once, reordered by owner.
+        "hash_partition": (lambda: impl.hash_partition(d["indices"], d["values"], world),
+                           lambda: reference.hash_partition(c["indices"], c["values"], world), 2 * n * row_bytes),
+        # Reads every row to add, and reads and writes each touched table row.
+        "scatter_add_rows": (lambda: impl.scatter_add_rows(d["dense"].clone(), d["indices"], d["values"]),
+                             lambda: (reference.scatter_add_rows(c["dense"].clone(), c["indices"], c["values"]),),
+                             (n + 2 * unique) * row_bytes),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=50_432)
+    parser.add_argument("--hidden", type=int, default=6_144)
+    parser.add_argument("--densities", default="0.01,0.02,0.05", help="share of rows each rank touches")
+    parser.add_argument("--world", type=int, default=4, help="ranks whose rows are summed")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        from kernels import cuda as impl
+    else:
+        impl = reference
+    info = machine()
+    memory = copy_bandwidth(device)
+    print(f"sparse kernels on {'the GPU' if cuda else 'the CPU (reference; no CUDA device)'}: {machine_line(info)}")
+    print(f"memory copy bandwidth {memory / 1e9:.0f} GB/s (read + write)")
+    print(f"{'kernel':<18}{'dtype':<10}{'density':>8}{'rows in':>9}{'ms':>9}{'GB/s':>8}{'of copy':>9}"
+          f"{'max |diff|':>12}")
+    rows = []
+    for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
+        size = torch.tensor([], dtype=dtype).element_size()
+        for density in [float(d) for d in args.densities.split(",")]:
+            data = cases(args.vocab, args.hidden, density, args.world, dtype, device, seed=0)
+            d, c = data["device"], data["cpu"]
+            n, h = d["values"].shape
+            unique = int(torch.unique(c["indices"]).numel())
+            touched = int((c["grad"].abs().sum(1) > 0).sum())
+            ops = operations(impl, d, c, args.world, (args.vocab + touched) * h * size, n, unique, h * size)
+            for name, (run, ref, nbytes) in ops.items():
+                got = run()
+                diff = check(name, got if isinstance(got, tuple) else (got,), ref()) if cuda else 0.0
+                seconds = timed(run, device, args.repeat)
+                if name == "scatter_add_rows":  # the clone of the table is not the kernel's work
+                    seconds -= timed(d["dense"].clone, device, args.repeat)
+                rate = nbytes / seconds
+                rows.append({"kernel": name, "dtype": str(dtype).removeprefix("torch."), "density": density,
+                             "rows_in": n if name != "nonzero_rows" else args.vocab, "seconds": seconds,
+                             "bytes": nbytes, "bytes_per_s": rate, "share_of_copy": rate / memory,
+                             "max_abs_diff": diff})
+                r = rows[-1]
+                print(f"{name:<18}{r['dtype']:<10}{density:>8.2f}{r['rows_in']:>9}{seconds * 1e3:>9.2f}"
+                      f"{rate / 1e9:>8.0f}{rate / memory:>9.0%}{diff:>12.2e}")
+    worst = min(rows, key=lambda r: r["share_of_copy"])
+    print(f"lowest share of copy bandwidth: {worst['kernel']} {worst['dtype']} at {worst['density']:.0%}: "
+          f"{worst['share_of_copy']:.0%}")
+    path = args.json or RESULTS / ("kernels_cuda.json" if cuda else "kernels_cpu.json")
+    write_json(path, {"machine": info, "device": device.type, "checked_against_reference": cuda,
+                      "vocab": args.vocab, "hidden": args.hidden, "world": args.world,
+                      "copy_bytes_per_s": memory, "rows": rows,
+                      "min_share_of_copy": worst["share_of_copy"]})
+
+
+if __name__ == "__main__":
+    main()

@@ -161,6 +161,7 @@ def fsdp_worker(args: argparse.Namespace) -> None:
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,
+        fused=True,  # the fastest AdamW torch has, as the streamer and resident training use
     )
     sampler = BatchSampler(load_tokens(default_corpus(), model_cfg.vocab_size), cfg.seq_len, cfg.seed)
     rates = measure_rank_rates(model_cfg, cfg, device, world)
@@ -230,7 +231,9 @@ def measure_rank_rates(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.d
     import torch.distributed as dist
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    flops = planner.measure_model_flops(model_cfg, device, dtype, cfg.batch_size, cfg.seq_len)
+    # A barrier before each timed pass: the ranks time the same part at the same moment.
+    flops = planner.measure_model_flops(model_cfg, device, dtype, cfg.batch_size, cfg.seq_len,
+                                        before_pass=dist.barrier)
     piece = torch.ones(16 * 2**20 // world, device=device)
     whole = torch.empty(piece.numel() * world, device=device)
     rates = {"flops": flops}

@@ -218,9 +218,8 @@ def page_lock(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def page_unlock(tensors: list[torch.Tensor]) -> None:
-    cudart = torch.cuda.cudart()
     for tensor in tensors:
-        cudart.cudaHostUnregister(tensor.data_ptr())
+        torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
 
 
 class RamStore(HostStore):

@@ -5,10 +5,12 @@
 # rest on disk); AdamW and the 8-bit moments' coding run on the GPU (--update-on device)
 # because host cores code them ~70x slower than float32 AdamW. The RAM part is
 # page-locked, so state, weights and gradients cross the link by DMA. 18 sequences of
-# 2048 per step, one per micro-batch: the planner's step at 36,864 tokens is about
-# 12.9 s at 650 TFLOP/s, ~350 TFLOP/s of model FLOPs (6 x parameters x tokens plus
-# attention), with 35.8 GiB of device memory. First the plan, then 10 steps on real
-# text under a 40 GB device-memory limit (37 GiB); metrics go to $OUT.
+# 2048 per step, one per micro-batch: with the h200 profile's disk (3 GB/s read, 2 GB/s
+# write) the planner's step at 36,864 tokens is 17.4 s, ~270 TFLOP/s of model FLOPs
+# (6 x parameters x tokens plus attention), with 35.8 GiB of device memory; the disk
+# part's update I/O in the forward bounds it, so the measured disk rates decide.
+# First the plan, then 10 steps on real text under a 40 GB device-memory limit
+# (37 GiB); metrics go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1

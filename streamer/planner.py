@@ -118,6 +118,9 @@ class DeviceProfile:
     host_copy_bytes_per_s: float = 2.0e10
     # AdamW runs on the device (`--update-on device`, see `with_device_update`).
     update_on_device: bool = False
+    # A disk-tier store the page cache holds: bytes its I/O threads read or write per
+    # second (the kernel's copies, one thread each way; see `measure_page_cache_rate`).
+    cached_io_bytes_per_s: float = 8e9
 
 
 # Sustained (not datasheet) figures; `--measure` replaces them with this machine's.
@@ -290,7 +293,9 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     whole, updated, master, grad = state_bytes(state)
     update_cost = FORMATS[state].update_cost
     in_ram = units_in_ram(len(counts), offload, ram_units)
-    cached = whole * sum(counts[in_ram:]) <= 0.5 * profile.page_cache_bytes
+    # The RAM part of a split store takes its memory from the cache.
+    cache = min(profile.page_cache_bytes, profile.host_memory_bytes - whole * sum(counts[:in_ram]))
+    cached = whole * sum(counts[in_ram:]) <= 0.5 * cache
     order = [("forward", u) for u in range(head)] + [("head", head)]
     order += [("backward", u) for u in range(head - 1, -1, -1)]
     last_seen: dict[int, int] = {}
@@ -318,7 +323,7 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
             if phase == "forward":
                 host_in += 28 * p * update_cost / update_rate  # the AdamW update due from the previous step
             if on_disk and cached:
-                host_in += (read + written) / mem
+                host_in += (read + written) / profile.cached_io_bytes_per_s
             elif on_disk:
                 disk_read, disk_write = read / disk_r, written / disk_w
         out = 0.0
@@ -326,12 +331,29 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
             out = grad * p / profile.d2h_bytes_per_s  # straight into the page-locked store
         elif phase != "forward":
             out = p * 4 / profile.d2h_bytes_per_s
-            if not on_disk or cached:
+            if not on_disk:
                 out += (4 + grad) * p / mem
+            elif cached:
+                out += grad * p / profile.cached_io_bytes_per_s
             else:
                 disk_write += grad * p / disk_w
         visits.append(Visit(compute, host_in, link_in, out, disk_read, disk_write, phase))
     return visits
+
+
+def link_bytes(cfg: ModelConfig, profile: DeviceProfile, state: str, in_ram: int) -> tuple[int, int]:
+    """Bytes over the device link per step, in and out: weights in the compute dtype for
+    the forward and again for the backward; gradients out, in float32 through a staging
+    buffer or in the store's dtype straight into a page-locked RAM tier. An update on
+    the device takes the whole state in instead of the forward's weights, and sends
+    back all of it but the gradient."""
+    whole, updated, _, grad = state_bytes(state)
+    b, h2d, d2h = profile.compute_bytes, 0.0, 0.0
+    for unit, p in enumerate(unit_param_counts(cfg)):
+        locked = not profile.shares_host_cores and unit < in_ram
+        h2d += p * (b + (whole if profile.update_on_device else b))
+        d2h += p * ((grad if locked else 4) + (updated if profile.update_on_device else 0))
+    return int(h2d), int(d2h)
 
 
 def simulate_step(visits: list[Visit], depth: int) -> tuple[float, float]:
@@ -466,7 +488,8 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
         tokens_per_step=tokens_per_step, seq_len=seq_len, n_params=n_params, n_units=len(counts),
         max_unit_params=biggest, device_bytes=int(device_bytes), host_bytes=int(host_bytes),
         disk_bytes=int(state_bytes(state)[0] * disk_params), state=state, ram_units=in_ram,
-        h2d_bytes_per_step=2 * n_params * b, d2h_bytes_per_step=n_params * g,
+        h2d_bytes_per_step=link_bytes(cfg, profile, state, in_ram)[0],
+        d2h_bytes_per_step=link_bytes(cfg, profile, state, in_ram)[1],
         disk_read_bytes_per_step=disk_read, disk_write_bytes_per_step=disk_write,
         min_tokens_forward=math.ceil(min_fwd), min_tokens_backward=math.ceil(min_bwd),
         min_tokens_disk=math.ceil(min_disk),
@@ -727,6 +750,27 @@ def measure_disk_bandwidth(folder: Path, nbytes: int = 256 * 2**20) -> tuple[flo
     return read_rate, write_rate
 
 
+def measure_page_cache_rate(folder: Path, nbytes: int = 256 * 2**20) -> float:
+    """Bytes per second that one thread writes into and reads back from the page cache,
+    as the disk tier's I/O threads move a store that the cache holds: the kernel's
+    copies, single-threaded, at a third to a half of a two-thread memcpy on 2 CPU cores."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = memoryview(bytearray(os.urandom(16 * 2**20)))
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".cache-probe-")
+    try:
+        for offset in range(0, nbytes, len(buffer)):  # first touch: allocate the cache pages
+            os.pwrite(fd, buffer, offset)
+        started = time.perf_counter()
+        for offset in range(0, nbytes, len(buffer)):
+            os.pwrite(fd, buffer, offset)
+        for offset in range(0, nbytes, len(buffer)):
+            os.preadv(fd, [buffer], offset)
+        return 2 * nbytes / (time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
 def measure_update_rate(numel: int = 8 * 2**20, state: str = "fp32") -> float:
     """Host AdamW over one chunk in a state format, in float32 AdamW's bytes per second
     (28 bytes per parameter touched), so that rates of both formats compare."""
@@ -809,6 +853,7 @@ def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
     # A copy of n bytes reads n and writes n.
     host_copy = 2 * (h2d if device.type == "cpu" else measure_copy_bandwidth(torch.device("cpu"))[0])
     read, write = measure_disk_bandwidth(disk_folder)
+    cached_io = measure_page_cache_rate(disk_folder)
     update = measure_update_rate(state=state)
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     if model is not None:
@@ -817,7 +862,7 @@ def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
         flops = measure_matmul_flops(device, dtype, size=4096 if device.type == "cuda" else 1024, seconds=0.5)
     return replace(base, name=f"measured-{device.type}", matmul_flops=flops,
                    h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h, device_memory_bytes=memory,
-                   disk_read_bytes_per_s=read, disk_write_bytes_per_s=write,
+                   disk_read_bytes_per_s=read, disk_write_bytes_per_s=write, cached_io_bytes_per_s=cached_io,
                    host_update_bytes_per_s=update, update_state=state, host_copy_bytes_per_s=host_copy,
                    page_cache_bytes=psutil.virtual_memory().available,
                    device_update_bytes_per_s=update if device.type == "cpu" else base.device_update_bytes_per_s,

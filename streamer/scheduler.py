@@ -274,6 +274,8 @@ class StreamEngine:
         # n bytes reads n and writes n. On a CPU device it is also the "link".
         copy = planner.measure_copy_bandwidth(torch.device("cpu"), 64 * 2**20)[0]
         links = {"h2d_bytes_per_s": copy, "d2h_bytes_per_s": copy} if device.type == "cpu" else {}
+        if offload != "ram":  # a store the page cache holds moves at the kernel's copy rate
+            links["cached_io_bytes_per_s"] = planner.measure_page_cache_rate(out, 64 * 2**20)
         profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
                                   matmul_flops=flops, host_copy_bytes_per_s=2 * copy, **links)
         if train_cfg.update_on == "device" and device.type == "cuda":
@@ -748,8 +750,12 @@ class StreamEngine:
                  "update_state": self.store.format.name}
         io = self.io_step
         if io.get("store_read_s", 0) > 0 and io.get("store_write_s", 0) > 0:
+            # Whether the page cache held the store or not, these are the rates its I/O
+            # threads saw; the plan uses the pair that applies.
             rates.update(disk_read_bytes_per_s=io["store_read_bytes"] / io["store_read_s"],
-                         disk_write_bytes_per_s=io["store_write_bytes"] / io["store_write_s"])
+                         disk_write_bytes_per_s=io["store_write_bytes"] / io["store_write_s"],
+                         cached_io_bytes_per_s=(io["store_read_bytes"] + io["store_write_bytes"])
+                         / (io["store_read_s"] + io["store_write_s"]))
         self.predicted_step_s = self.replan(rates)
         self.prediction = "calibrated"
 

@@ -205,3 +205,17 @@ def test_a_gpu_reads_a_page_locked_ram_tier_directly_and_an_update_there_writes_
     assert grads[-1] == pytest.approx(2 * counts[0] / profile.d2h_bytes_per_s)  # bf16 straight into the store
     on_device = visits("ram", planner.with_device_update(profile, "compact"), "compact")
     assert all(v.link_in_s == 0 for v in on_device if v.phase == "forward")
+
+
+def test_the_page_cache_holds_a_split_stores_disk_part_only_beside_its_ram_part() -> None:
+    """A 20B compact state split 40/6 on a 128 GiB host: the RAM part leaves too little
+    memory for the kernel to cache the 14.5 GiB disk part, which then costs storage
+    time; on a host with memory to spare it is served from the cache."""
+    cfg, profile = ModelConfig.from_name("gpt-neox-20b"), PROFILES["h200"]
+
+    def storage(prof: planner.DeviceProfile) -> float:
+        visits = planner.step_visits(cfg, prof, 2048, 2048, "split", 2, 0, "compact", 40)
+        return sum(v.disk_read_s + v.disk_write_s for v in visits)
+
+    assert storage(profile) > 0
+    assert storage(planner.replace(profile, host_memory_bytes=2**40)) == 0

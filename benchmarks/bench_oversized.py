@@ -110,8 +110,12 @@ def main() -> None:
         rows, io_at_step, peak_rss = train_and_watch(cmd, out / "metrics.jsonl")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    # The same probe once the steps are done: a shared machine's speed drifts over a
+    # run of several minutes, and a floor taken at one end can miss the steps' machine.
+    flops_end = planner.measure_matmul_flops(torch.device("cpu"), torch.float32, size=2048, seconds=1.0)
     tokens = args.batch_size * args.seq_len
     compute_floor = cfg.flops_per_token(args.seq_len) * tokens / flops
+    compute_floor_end = cfg.flops_per_token(args.seq_len) * tokens / flops_end
     # What the plan itself must compute at that rate: model FLOPs plus the recompute in
     # backward that the memory budget forces (the engine reports its choice per step).
     profile = planner.replace(planner.PROFILES["cpu"], matmul_flops=flops, compute_bytes=4)
@@ -139,6 +143,8 @@ def main() -> None:
                 "io_floor_s": io_floor,
                 "compute_floor_s": compute_floor,
                 "over_floor": row["step_s"] / max(io_floor, compute_floor) if i else None,
+                "compute_floor_end_s": compute_floor_end,
+                "over_floor_end": row["step_s"] / max(io_floor, compute_floor_end) if i else None,
                 "plan_compute_s": plan_compute,
                 "over_plan_floor": row["step_s"] / max(io_floor, plan_compute) if i else None,
                 "prediction": row.get("prediction"),
@@ -165,6 +171,11 @@ def main() -> None:
             f"{s['plan_compute_s']:>8.1f}{plan_ratio:>8}{predicted:>9.1f}{s['prediction_error'] or 0:>+7.0%}"
             f"  {s['prediction']}"
         )
+    timed = [s for s in steps if s["over_floor"]]
+    print(f"matmul rate {flops / 1e9:.0f} GFLOP/s before the steps, {flops_end / 1e9:.0f} after: x floor "
+          f"{min(s['over_floor'] for s in timed):.2f}-{max(s['over_floor'] for s in timed):.2f} with the first, "
+          f"{min(s['over_floor_end'] for s in timed):.2f}-{max(s['over_floor_end'] for s in timed):.2f} "
+          f"with the second")
     peak = max(peak_rss, max(r["peak_rss_bytes"] for r in rows))
     predicted_peak = rows[0]["predicted_peak_bytes"]
     print(f"peak resident memory {peak / 2**30:.2f} GiB (predicted {predicted_peak / 2**30:.2f} GiB, "
@@ -183,6 +194,7 @@ def main() -> None:
             "disk_read_bytes_per_s": read_bw,
             "disk_write_bytes_per_s": write_bw,
             "matmul_flops": flops,
+            "matmul_flops_end": flops_end,
             "peak_rss_bytes": peak,
             "predicted_peak_bytes": predicted_peak,
             "peak_prediction_error": predicted_peak / peak - 1,

@@ -303,6 +303,7 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     for v, (phase, unit) in enumerate(order):
         p, f = counts[unit], flops[unit] * tokens_per_step / F
         on_disk = unit >= in_ram
+        locked = not profile.shares_host_cores and not on_disk  # a GPU's page-locked RAM tier
         pinned = unit in last_seen and v - last_seen[unit] <= depth or (cfg.tie_embeddings and unit == 0 and v > 0)
         last_seen[unit] = v
         recomputes = unit < len(counts) - 1 - kept and not (kept >= cfg.n_layer and unit == 0)
@@ -318,7 +319,6 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
             # them into the slot itself.
             if not (phase == "forward" and profile.update_on_device):
                 link_in = 0.0 if profile.shares_host_cores else p * b / profile.h2d_bytes_per_s
-                locked = not profile.shares_host_cores and not on_disk
                 host_in = 0.0 if locked else p * (master + b) / mem  # read the master, write the copy
             if phase == "forward":
                 host_in += 28 * p * update_cost / update_rate  # the AdamW update due from the previous step
@@ -327,7 +327,7 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
             elif on_disk:
                 disk_read, disk_write = read / disk_r, written / disk_w
         out = 0.0
-        if phase != "forward" and not profile.shares_host_cores and not on_disk:
+        if phase != "forward" and locked:
             out = grad * p / profile.d2h_bytes_per_s  # straight into the page-locked store
         elif phase != "forward":
             out = p * 4 / profile.d2h_bytes_per_s
@@ -483,13 +483,13 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
     recommended = recommended_tokens(cfg, profile, seq_len, offload, depth, kept, state=state, ram_units=in_ram)
     device_bytes, host_bytes = memory_bytes(cfg, profile, tokens_per_step, micro, offload, depth, kept, state,
                                             in_ram)
+    h2d_bytes, d2h_bytes = link_bytes(cfg, profile, state, in_ram)
     return Plan(
         model=cfg.name, device=profile.name, offload=offload, prefetch_depth=depth,
         tokens_per_step=tokens_per_step, seq_len=seq_len, n_params=n_params, n_units=len(counts),
         max_unit_params=biggest, device_bytes=int(device_bytes), host_bytes=int(host_bytes),
         disk_bytes=int(state_bytes(state)[0] * disk_params), state=state, ram_units=in_ram,
-        h2d_bytes_per_step=link_bytes(cfg, profile, state, in_ram)[0],
-        d2h_bytes_per_step=link_bytes(cfg, profile, state, in_ram)[1],
+        h2d_bytes_per_step=h2d_bytes, d2h_bytes_per_step=d2h_bytes,
         disk_read_bytes_per_step=disk_read, disk_write_bytes_per_step=disk_write,
         min_tokens_forward=math.ceil(min_fwd), min_tokens_backward=math.ceil(min_bwd),
         min_tokens_disk=math.ceil(min_disk),

@@ -149,7 +149,7 @@ class StreamEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, store: HostStore, device: torch.device,
                  dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0,
                  recompute: bool = True, dp: DataParallel | None = None, kept_graphs: int | None = None,
-                 update_on: str = "host", host_threads: bool | None = None) -> None:
+                 update_on: str = "host") -> None:
         self.cfg, self.optim, self.store = model_cfg, optim, store
         # Where AdamW runs: on the host beside the store, or on the compute device, which
         # decodes and re-codes a compact state far faster than host cores (the chunks
@@ -228,9 +228,7 @@ class StreamEngine:
         # a unit is always updated before it is staged and never read mid-write.
         # Without threads (see [Note: no worker thread on a CPU device]) the same queue
         # runs on the caller's thread.
-        if host_threads is None:
-            host_threads = planner.host_threads(device.type == "cpu", isinstance(store, RamStore))
-        self.host_threads = host_threads
+        host_threads = planner.host_threads(device.type == "cpu", isinstance(store, RamStore))
         self.worker = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-host") if host_threads
                        else InlineWorker())
         # Gradient writes may go to a second thread, so a disk tier writes gradients while

@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--sequences", default="1,4", help="sequences per step to sweep, besides the recommended")
-    parser.add_argument("--steps", type=int, default=3, help="steps per point (the first is warm-up)")
+    parser.add_argument("--steps", type=int, default=8, help="steps per point (the first is warm-up)")
     parser.add_argument("--recompute", default="auto", choices=["auto", "yes", "no"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -168,22 +168,27 @@ def main() -> None:
         accum = -(-sequences // 8)
         batch = -(-sequences // accum)
         tokens = batch * accum * args.seq_len
-        # Each point's prediction uses the compute rate of its own micro-batch shape.
-        point_profile = planner.replace(
-            profile, matmul_flops=planner.measure_model_flops(cfg, device, dtype, batch, args.seq_len)
-        )
-        runs = []
-        for mode, offload in MODES:
-            result = run_point(
+        # Each point's prediction uses the compute rate of its own micro-batch shape,
+        # probed before and after the point's runs and taken at the faster of the two, as
+        # each run's step time is its fastest step: on this shared machine the matmul
+        # rate swings 130-190 GFLOP/s from one second to the next, and a probe taken
+        # only before can land on a slow stretch that the runs missed, or the reverse.
+        rates = [planner.measure_model_flops(cfg, device, dtype, batch, args.seq_len, repeat=6)]
+        runs = [
+            run_point(
                 args.model, args.device, args.seq_len, batch, accum, mode, offload, args.steps, scratch, args.recompute
             )
+            for mode, offload in MODES
+        ]
+        rates.append(planner.measure_model_flops(cfg, device, dtype, batch, args.seq_len, repeat=6))
+        point_profile = planner.replace(profile, matmul_flops=max(rates))
+        for result in runs:
             micro = batch * args.seq_len
             predicted_s, predicted_peak = predict(cfg, point_profile, tokens, micro, args.seq_len, result)
             result["predicted_step_s"] = predicted_s
             result["prediction_error"] = predicted_s / result["step_s"] - 1
             result["predicted_peak_bytes"] = predicted_peak
             result["peak_prediction_error"] = predicted_peak / result["peak_rss_bytes"] - 1
-            runs.append(result)
         resident = runs[0]["tokens_per_s"]
         for r in runs:
             r["ratio_over_resident"] = r["tokens_per_s"] / resident
@@ -195,7 +200,14 @@ def main() -> None:
                 f"{r['ratio_over_resident']:>6.3f} {r['peak_rss_bytes'] / 2**30:>9.2f} "
                 f"{r['predicted_peak_bytes'] / 2**30:>9.2f} {r['peak_prediction_error']:>+6.0%}"
             )
-        points.append({"tokens_per_step": tokens, "model_flops": point_profile.matmul_flops, "runs": runs})
+        points.append(
+            {
+                "tokens_per_step": tokens,
+                "model_flops": point_profile.matmul_flops,
+                "model_flops_probes": rates,
+                "runs": runs,
+            }
+        )
     shutil.rmtree(scratch, ignore_errors=True)
     at_rec = next(p for p in points if p["tokens_per_step"] >= recommended)
     ratio = next(r["ratio_over_resident"] for r in at_rec["runs"] if r.get("offload") == "ram")

@@ -7,10 +7,14 @@ gloo on CPU, NCCL on GPUs, or on a single GPU FSDP2 with `CPUOffloadPolicy`. Rep
 tokens/s, peak memory per process, bytes moved per step, and whether the loss curves
 agree.
 
-Peak memory is measured twice: under glibc's default allocator, and with its mmap
-threshold fixed (`MALLOC_MMAP_THRESHOLD_`), which stops the default's dynamic threshold
-from keeping freed tensors on the heap. The first is what users get; the second is what
-the tensors themselves need, which is what the planner's memory model predicts.
+Each side runs twice: under glibc's default allocator, which is what users get and the
+faster (the throughput comparison), and with its mmap threshold fixed
+(`MALLOC_MMAP_THRESHOLD_`, 1 MiB), which returns freed tensors to the system at once.
+The default's dynamic threshold keeps freed tensors on the heaps of a process with many
+threads, so there a process holds more than its tensors need; the fixed threshold
+shows what the tensors need, which is what the planner's memory model predicts, and
+costs both sides speed in page faults (1.08-1.28x the step time in two runs on the
+project's CPU machine). Every run makes its own step-time and memory predictions.
 
     python benchmarks/bench_stream_vs_sharded.py --model gpt3-125m --world 2 \\
         --json benchmarks/results/stream_vs_sharded_cpu.json
@@ -286,36 +290,38 @@ def main() -> None:
     info = machine()
     print(f"{args.model}, global batch {args.global_batch} x {args.seq_len}, {args.steps} steps: {machine_line(info)}")
     stream, sharded = run_streaming(args, scratch), run_sharded(args, scratch)
-    fixed = {
-        "stream": run_streaming(args, scratch, FIXED_THRESHOLD),
-        "sharded": run_sharded(args, scratch, FIXED_THRESHOLD),
-    }
-    for key, r in (("stream", stream), ("sharded", sharded)):
-        r["tokens_per_s"] = r["tokens_per_step"] / r["step_s"]
-        r["peak_host_bytes_fixed_threshold"] = fixed[key]["peak_host_bytes_per_process"]
-        r["peak_host_bytes_by_step_fixed_threshold"] = fixed[key]["peak_host_bytes_by_step"]
-    max_gap = max(abs(a - b) for a, b in zip(stream["losses"], sharded["losses"]))
+    fixed = {"stream": run_streaming(args, scratch, FIXED_THRESHOLD),
+             "sharded": run_sharded(args, scratch, FIXED_THRESHOLD)}
+    # Every run trains the same steps on the same data: all four curves must agree.
+    curves = [stream["losses"], sharded["losses"], fixed["stream"]["losses"], fixed["sharded"]["losses"]]
+    max_gap = max(abs(a - b) for curve in curves[1:] for a, b in zip(curves[0], curve))
     print(
-        f"{'run':<22}{'tok/s':>7}{'step s':>8}{'pred s':>8}{'err':>6}"
-        f"{'peak host GiB/proc':>20}{'fixed':>7}{'pred':>7}{'err':>6}{'fixed':>7}{'GB moved/step':>15}"
+        f"{'run':<22}{'allocator':<11}{'tok/s':>7}{'step s':>8}{'pred s':>8}{'err':>6}"
+        f"{'peak host GiB/proc':>20}{'pred':>7}{'err':>6}{'GB moved/step':>15}"
     )
-    for name, r in (("stream, 1 process", stream), (f"FSDP2, {sharded['processes']} processes", sharded)):
-        peak, peak_fixed = max(r["peak_host_bytes_per_process"]), max(r["peak_host_bytes_fixed_threshold"])
-        predicted_s, predicted_peak = r.get("predicted_step_s"), r.get("predicted_peak_host_bytes")
-        r["prediction_error"] = predicted_s / r["step_s"] - 1 if predicted_s else None
-        r["peak_prediction_error"] = predicted_peak / peak - 1 if predicted_peak else None
-        r["peak_prediction_error_fixed_threshold"] = predicted_peak / peak_fixed - 1 if predicted_peak else None
-        print(
-            f"{name:<22}{r['tokens_per_s']:>7.0f}{r['step_s']:>8.2f}{predicted_s or 0:>8.2f}"
-            f"{r['prediction_error'] or 0:>+6.0%}{peak / 2**30:>20.2f}{peak_fixed / 2**30:>7.2f}"
-            f"{(predicted_peak or 0) / 2**30:>7.2f}{r['peak_prediction_error'] or 0:>+6.0%}"
-            f"{r['peak_prediction_error_fixed_threshold'] or 0:>+7.0%}{r['bytes_moved_per_step'] / 1e9:>15.2f}"
-        )
-        steps = " ".join(f"{p / 2**30:.2f}" for p in r["peak_host_bytes_by_step"])
-        steps_fixed = " ".join(f"{p / 2**30:.2f}" for p in r["peak_host_bytes_by_step_fixed_threshold"])
-        print(f"{'':<22}peak GiB by step: default {steps}; fixed threshold {steps_fixed}")
+    for name, key, r in (("stream, 1 process", "stream", stream),
+                         (f"FSDP2, {sharded['processes']} processes", "sharded", sharded)):
+        for allocator, run in (("default", r), ("fixed", fixed[key])):
+            run["tokens_per_s"] = run["tokens_per_step"] / run["step_s"]
+            peak = max(run["peak_host_bytes_per_process"])
+            predicted_s, predicted_peak = run.get("predicted_step_s"), run.get("predicted_peak_host_bytes")
+            run["prediction_error"] = predicted_s / run["step_s"] - 1 if predicted_s else None
+            run["peak_prediction_error"] = predicted_peak / peak - 1 if predicted_peak else None
+            print(
+                f"{name if allocator == 'default' else '':<22}{allocator:<11}{run['tokens_per_s']:>7.0f}"
+                f"{run['step_s']:>8.2f}{predicted_s or 0:>8.2f}{run['prediction_error'] or 0:>+6.0%}"
+                f"{peak / 2**30:>20.2f}{(predicted_peak or 0) / 2**30:>7.2f}{run['peak_prediction_error'] or 0:>+6.0%}"
+                f"{run['bytes_moved_per_step'] / 1e9:>15.2f}"
+            )
+        r["fixed_threshold"] = fixed[key]
+        # What the default allocator holds beyond the tensors, as a multiple.
+        r["default_over_fixed_peak"] = max(r["peak_host_bytes_per_process"]) / max(
+            fixed[key]["peak_host_bytes_per_process"])
+        by_step = " ".join(f"{p / 2**30:.2f}" for p in r["peak_host_bytes_by_step"])
+        by_step_fixed = " ".join(f"{p / 2**30:.2f}" for p in fixed[key]["peak_host_bytes_by_step"])
+        print(f"{'':<22}peak GiB by step: default {by_step}; fixed threshold {by_step_fixed}")
     print(
-        f"loss curves: max |difference| {max_gap:.2e} over {args.steps} steps "
+        f"loss curves (all four runs): max |difference| {max_gap:.2e} over {args.steps} steps "
         f"({'agree' if max_gap < 1e-3 else 'DIFFER'})"
     )
     stem = args.json.with_suffix("") if args.json else RESULTS / f"stream_vs_sharded_{args.device}"

@@ -278,6 +278,18 @@ class Visit:
         return max(self.disk_read_s, self.disk_write_s)
 
 
+def store_cached(cfg: ModelConfig, profile: DeviceProfile, offload: str, state: str = "fp32",
+                 ram_units: int | None = None) -> bool:
+    """Whether the page cache holds a store's disk part, so that its I/O runs at the
+    kernel's copy rate: it must fit in half of the cache, and the RAM part of a split
+    store takes its memory from the cache."""
+    counts = unit_param_counts(cfg)
+    whole = state_bytes(state)[0]
+    in_ram = units_in_ram(len(counts), offload, ram_units)
+    cache = min(profile.page_cache_bytes, profile.host_memory_bytes - whole * sum(counts[:in_ram]))
+    return whole * sum(counts[in_ram:]) <= 0.5 * cache
+
+
 def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
                 depth: int, kept: int, state: str = "fp32", ram_units: int | None = None) -> list[Visit]:
     """The visits of one step (forward 0..U-2, head, backward U-2..0) with their costs,
@@ -293,9 +305,7 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     whole, updated, master, grad = state_bytes(state)
     update_cost = FORMATS[state].update_cost
     in_ram = units_in_ram(len(counts), offload, ram_units)
-    # The RAM part of a split store takes its memory from the cache.
-    cache = min(profile.page_cache_bytes, profile.host_memory_bytes - whole * sum(counts[:in_ram]))
-    cached = whole * sum(counts[in_ram:]) <= 0.5 * cache
+    cached = store_cached(cfg, profile, offload, state, ram_units)
     order = [("forward", u) for u in range(head)] + [("head", head)]
     order += [("backward", u) for u in range(head - 1, -1, -1)]
     last_seen: dict[int, int] = {}
@@ -326,6 +336,12 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
                 host_in += (read + written) / profile.cached_io_bytes_per_s
             elif on_disk:
                 disk_read, disk_write = read / disk_r, written / disk_w
+                if profile.shares_host_cores:
+                    # [Note: buffered I/O costs core time] Every byte also passes
+                    # through the page cache, copied by the kernel on the cores that
+                    # compute: 94 GB per gpt3-2.7b step on 2 cores, ~12 s of a 135 s
+                    # step that the disk time (overlapped) does not account for.
+                    host_in += (read + written) / profile.cached_io_bytes_per_s
         out = 0.0
         if phase != "forward" and locked:
             out = grad * p / profile.d2h_bytes_per_s  # straight into the page-locked store
@@ -337,6 +353,8 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
                 out += grad * p / profile.cached_io_bytes_per_s
             else:
                 disk_write += grad * p / disk_w
+                if profile.shares_host_cores:  # see [Note: buffered I/O costs core time]
+                    out += grad * p / profile.cached_io_bytes_per_s
         visits.append(Visit(compute, host_in, link_in, out, disk_read, disk_write, phase))
     return visits
 

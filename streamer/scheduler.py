@@ -165,6 +165,7 @@ class StreamEngine:
         self.replan = None
         self.prediction = "profile"  # where predicted_step_s comes from: profile | calibrated
         self.fastest_update_s = math.inf  # the host update's best time so far (see `_calibrate`)
+        self.store_cached = False  # whether the page cache holds the store's disk part (set by `create`)
         # Recompute keeps only unit-boundary activations and runs each unit's forward
         # again in backward; without it each unit's autograd graph is kept (weights
         # excluded, see `_weight_hooks`): a third less compute, far more activation memory.
@@ -309,6 +310,7 @@ class StreamEngine:
         engine = cls(model_cfg, optim, store, device, dtype, plan.prefetch_depth, plan.predicted_step_s,
                      dp=dp, kept_graphs=plan.kept_graphs, update_on=train_cfg.update_on)
         engine.offload = offload
+        engine.store_cached = offload != "ram" and planner.store_cached(model_cfg, profile, offload, state, ram_units)
         engine.predicted_peak_bytes = planner.peak_bytes(plan, profile)
         engine.replan = lambda rates: planner.make_plan(
             model_cfg, planner.replace(profile, **rates), train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
@@ -748,12 +750,17 @@ class StreamEngine:
                  "update_state": self.store.format.name}
         io = self.io_step
         if io.get("store_read_s", 0) > 0 and io.get("store_write_s", 0) > 0:
-            # Whether the page cache held the store or not, these are the rates its I/O
-            # threads saw; the plan uses the pair that applies.
-            rates.update(disk_read_bytes_per_s=io["store_read_bytes"] / io["store_read_s"],
-                         disk_write_bytes_per_s=io["store_write_bytes"] / io["store_write_s"],
-                         cached_io_bytes_per_s=(io["store_read_bytes"] + io["store_write_bytes"])
-                         / (io["store_read_s"] + io["store_write_s"]))
+            # These are the rates the store's I/O threads saw: the kernel's copies when
+            # the page cache holds the store, copies and waits on the disk when it does
+            # not. Each calibrates the rate the plan uses for that case; the kernel's copy
+            # rate of a store the cache cannot hold stays at its probe's (see the
+            # planner's [Note: buffered I/O costs core time]).
+            if self.store_cached:
+                rates["cached_io_bytes_per_s"] = ((io["store_read_bytes"] + io["store_write_bytes"])
+                                                  / (io["store_read_s"] + io["store_write_s"]))
+            else:
+                rates.update(disk_read_bytes_per_s=io["store_read_bytes"] / io["store_read_s"],
+                             disk_write_bytes_per_s=io["store_write_bytes"] / io["store_write_s"])
         self.predicted_step_s = self.replan(rates)
         self.prediction = "calibrated"
 

@@ -219,3 +219,28 @@ def test_the_page_cache_holds_a_split_stores_disk_part_only_beside_its_ram_part(
 
     assert storage(profile) > 0
     assert storage(planner.replace(profile, host_memory_bytes=2**40)) == 0
+
+
+def test_on_shared_cores_a_disk_tier_pays_the_kernels_copies_as_well_as_the_disk() -> None:
+    """A store too big for the page cache still moves through it: on a CPU device the
+    kernel's copies take the cores that compute, besides the time the disk takes."""
+    cfg = ModelConfig.from_name("gpt3-2.7b")
+    small_cache = planner.replace(PROFILES["cpu"], page_cache_bytes=8 * GIB, host_memory_bytes=24 * GIB)
+    whole, updated, master, grad = state_bytes("fp32")
+    counts = unit_param_counts(cfg)
+
+    def core_s(profile: planner.DeviceProfile) -> float:
+        visits = planner.step_visits(cfg, profile, 1024, 256, "disk", 2, 0)
+        assert any(v.disk_read_s > 0 for v in visits)  # the store does not fit the cache
+        return sum(v.host_in_s + v.out_s for v in visits)
+
+    slow_copies = planner.replace(small_cache, cached_io_bytes_per_s=small_cache.cached_io_bytes_per_s / 2)
+    # Forward: the update reads the whole state and writes back all but the gradient;
+    # backward: the weights are read again and the gradient written. (Within 2%: the
+    # head and the tied table, pinned across visits, are not read a second time.)
+    copied = sum(counts) * (whole + updated + master + grad)
+    assert core_s(slow_copies) - core_s(small_cache) == pytest.approx(
+        copied / small_cache.cached_io_bytes_per_s, rel=0.02)
+    gpu = planner.replace(PROFILES["h100"], page_cache_bytes=8 * GIB, host_memory_bytes=24 * GIB)
+    # On a GPU the copies run on host cores beside the device: no change to core time.
+    assert core_s(planner.replace(gpu, cached_io_bytes_per_s=1e9)) == core_s(gpu)

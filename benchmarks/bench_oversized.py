@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
                         help="only redraw the plot of an earlier run's JSON")
     args = parser.parse_args()
+    if args.probe_gib <= 0 or args.matmul_seconds <= 0:
+        parser.error("--probe-gib and --matmul-seconds must be positive")
     if args.replot:
         done = json.loads(args.replot.read_text())
         title = f"{done['model']} from disk; {machine_line(done['machine'])}"

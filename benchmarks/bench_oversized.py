@@ -105,6 +105,8 @@ def main() -> None:
     if args.probe_gib <= 0 or args.matmul_seconds <= 0:
         parser.error("--probe-gib and --matmul-seconds must be positive")
     if args.replot:
+        if not args.replot.is_file():
+            parser.error(f"--replot: no such file '{args.replot}'; give the JSON an earlier run wrote")
         done = json.loads(args.replot.read_text())
         title = f"{done['model']} from disk; {machine_line(done['machine'])}"
         plot(done["steps"], args.replot.with_suffix(".png"), title)

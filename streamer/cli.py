@@ -60,6 +60,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
                    help="stream mode: peak memory to plan for (the device's; on CPU the process's); "
                         "the planner keeps graphs or recomputes to fit, or refuses")
+    p.add_argument("--host-memory", type=float, default=None, metavar="GIB",
+                   help="stream mode: host RAM to plan the store with (default: what the OS reports available; "
+                        "give it where that reading is not what the machine can give, as in a VM whose RAM "
+                        "grows as it is used)")
     p.add_argument("--grad-sync", default="sparse", choices=["sparse", "dense"],
                    help="data parallel: sum the embedding's row-sparse gradient sparsely or densely")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun)")
@@ -126,6 +130,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         data=args.data, out=args.out, device=args.device, dtype=args.dtype, offload=args.offload,
         prefetch_depth=args.prefetch_depth, recompute=args.recompute, max_memory_gib=args.max_memory,
+        host_memory_gib=args.host_memory,
         state=args.state, update_on=args.update_on,
         grad_sync=args.grad_sync,
         progress=not args.no_progress, checkpoint_every=args.checkpoint_every, keep=args.keep,

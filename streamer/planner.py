@@ -54,6 +54,29 @@ def split_ram_units(cfg: ModelConfig, host_available: float, state: str = "fp32"
     return cfg.n_layer + 2
 
 
+HOST_MEMORY_ENV = "STREAMER_HOST_MEMORY_GIB"
+
+
+def host_available(asked_gib: float | None = None) -> float:
+    """Host memory a run may plan with, in bytes: `--host-memory` when given, else the
+    machine-wide setting in $STREAMER_HOST_MEMORY_GIB, else what the OS reports available
+    now. The override is for machines where that reading is not what they can give: a
+    virtual machine whose RAM grows as it is used reports far less at start, and a
+    shared host may report memory that others will take."""
+    if asked_gib is None and os.environ.get(HOST_MEMORY_ENV):
+        text = os.environ[HOST_MEMORY_ENV]
+        try:
+            asked_gib = float(text)
+        except ValueError:
+            asked_gib = float("nan")
+        if not asked_gib > 0:
+            raise UserError(f"{HOST_MEMORY_ENV} must be a positive number of GiB, got '{text}': "
+                            f"fix it or unset it")
+    if asked_gib is not None:
+        return asked_gib * 2**30
+    return float(psutil.virtual_memory().available)
+
+
 def host_rates(profile: DeviceProfile) -> tuple[float, float]:
     """(float32 AdamW's host update rate, host copy rate), in bytes per second. A
     profile calibrated on another format's update converts back through that format's
@@ -862,7 +885,8 @@ def measure_model_flops(cfg: ModelConfig, device: torch.device, dtype: torch.dty
 
 
 def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
-                    model: tuple[ModelConfig, int, int] | None = None, state: str = "fp32") -> DeviceProfile:
+                    model: tuple[ModelConfig, int, int] | None = None, state: str = "fp32",
+                    host_memory_gib: float | None = None) -> DeviceProfile:
     """Calibrate every rate on this machine. With `model=(cfg, batch, seq_len)` the
     compute rate comes from profiling one block of that model (`measure_model_flops`)
     instead of a square matmul."""
@@ -874,6 +898,10 @@ def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
     cached_io = measure_page_cache_rate(disk_folder)
     update = measure_update_rate(state=state)
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    # What the OS reports, unless the user says what this machine can give (see host_available).
+    free = host_available(host_memory_gib)
+    told = host_memory_gib is not None or bool(os.environ.get(HOST_MEMORY_ENV))
+    total = free if told else psutil.virtual_memory().total
     if model is not None:
         flops = measure_model_flops(model[0], device, dtype, model[1], model[2])
     else:
@@ -882,7 +910,7 @@ def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
                    h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h, device_memory_bytes=memory,
                    disk_read_bytes_per_s=read, disk_write_bytes_per_s=write, cached_io_bytes_per_s=cached_io,
                    host_update_bytes_per_s=update, update_state=state, host_copy_bytes_per_s=host_copy,
-                   page_cache_bytes=psutil.virtual_memory().available,
+                   page_cache_bytes=free, host_memory_bytes=total,
                    device_update_bytes_per_s=update if device.type == "cpu" else base.device_update_bytes_per_s,
                    compute_bytes=torch.tensor([], dtype=dtype).element_size())
 
@@ -906,6 +934,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="where AdamW runs, as train's flag: the device's update costs the host only copies")
     p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
                    help="plan for this peak memory (the device's; a CPU's: the process's), as train does")
+    p.add_argument("--host-memory", type=float, default=None, metavar="GIB",
+                   help="host RAM to plan with (default: the profile's; with --measure or the cpu profile, "
+                        "what this machine reports available)")
     p.add_argument("--measure", action="store_true", help="calibrate on this machine instead of a profile")
     p.add_argument("--disk", type=Path, default=Path("."), help="folder the disk tier would use")
     p.add_argument("--json", action="store_true")
@@ -916,12 +947,16 @@ def cmd_plan(args: argparse.Namespace) -> None:
         cfg = ModelConfig.from_name(args.model)
     except UnknownModelError as exc:
         raise UserError(str(exc)) from exc
+    if args.host_memory is not None and args.host_memory <= 0:
+        raise UserError(f"--host-memory must be a positive number of GiB, got {args.host_memory}")
     if args.measure:
         device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        profile = measure_profile(device, dtype, args.disk, state=args.state)
+        profile = measure_profile(device, dtype, args.disk, state=args.state, host_memory_gib=args.host_memory)
     elif args.device in PROFILES:
         profile = PROFILES[args.device]
+        if args.host_memory is not None:
+            profile = replace(profile, host_memory_bytes=host_available(args.host_memory))
     else:
         raise UserError(f"unknown device profile '{args.device}': use one of {', '.join(PROFILES)} or --measure")
     if args.update_on == "device":
@@ -930,7 +965,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if seq_len <= 0 or seq_len > cfg.block_size:
         raise UserError(f"--seq-len must be in 1..{cfg.block_size} for {cfg.name}")
     if args.measure or args.device == "cpu":  # this machine's memory and disk
-        host = psutil.virtual_memory().available
+        host = host_available(args.host_memory)
         disk = shutil.disk_usage(args.disk if args.disk.exists() else Path(".")).free
     else:  # the profiled machine's
         host, disk = profile.host_memory_bytes, profile.disk_free_bytes

@@ -37,7 +37,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 from torch.func import functional_call
 
@@ -255,7 +254,7 @@ class StreamEngine:
         (or, with `initialise=False`, only allocate it: a checkpoint will fill it)."""
         import shutil
 
-        state, available = train_cfg.state, psutil.virtual_memory().available
+        state, available = train_cfg.state, planner.host_available(train_cfg.host_memory_gib)
         offload = planner.choose_offload(model_cfg, available, shutil.disk_usage(out).free, train_cfg.offload, state)
         ram_units = planner.split_ram_units(model_cfg, available, state) if offload == "split" else None
         profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]

@@ -65,6 +65,7 @@ class TrainConfig:
     prefetch_depth: int | None = None  # stream mode: units fetched ahead; None: the planner decides
     recompute: str = "auto"  # stream mode: yes | no | auto (recompute only when graphs do not fit)
     max_memory_gib: float | None = None  # stream mode: peak device memory (a CPU's: the process) to plan for
+    host_memory_gib: float | None = None  # stream mode: host RAM to plan with; None: what the OS reports available
     state: str = "fp32"  # stream mode: host state format, fp32 | compact (streamer.state)
     update_on: str = "host"  # stream mode: where AdamW runs, host | device (the compute device)
     grad_sync: str = "sparse"  # data parallel: the embedding's gradient by sparse or dense all-reduce
@@ -94,6 +95,8 @@ class TrainConfig:
             raise UserError(f"--recompute must be auto, yes or no, got '{self.recompute}'")
         if self.max_memory_gib is not None and self.max_memory_gib <= 0:
             raise UserError(f"--max-memory must be a positive number of GiB, got {self.max_memory_gib}")
+        if self.host_memory_gib is not None and self.host_memory_gib <= 0:
+            raise UserError(f"--host-memory must be a positive number of GiB, got {self.host_memory_gib}")
         if self.prefetch_depth is not None and self.prefetch_depth <= 0:
             raise UserError(f"--prefetch-depth must be a positive integer, got {self.prefetch_depth}")
         if self.state not in ("fp32", "compact"):
@@ -196,12 +199,10 @@ def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device:
                     dtype: torch.dtype) -> None:
     """A streamed model's state must fit host RAM or the disk under --out, and its
     step the --max-memory limit when one is given."""
-    import psutil
-
     from streamer import planner
 
     existing = next(p for p in [out, *out.parents] if p.exists() or p == p.parent)
-    available = psutil.virtual_memory().available
+    available = planner.host_available(cfg.host_memory_gib)
     offload = planner.choose_offload(model_cfg, available, shutil.disk_usage(existing).free, cfg.offload, cfg.state)
     ram_units = planner.split_ram_units(model_cfg, available, cfg.state) if offload == "split" else None
     if cfg.max_memory_gib:

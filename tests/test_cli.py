@@ -14,9 +14,9 @@ import pytest
 from models import REGISTRY
 
 
-def streamer(*args: str, cache: Path) -> subprocess.CompletedProcess:
+def streamer(*args: str, cache: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     # A private cache: no test may fall back on (or rebuild) the user's default corpus.
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "streamer", *args], capture_output=True, text=True, env=env, timeout=120
     )
@@ -40,6 +40,7 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
         (["--batch-size", "-4"], ["--batch-size", "positive"]),
         (["--seq-len", "257"], ["--seq-len 257", "256"]),
         (["--steps", "ten"], ["--steps", "invalid int value"]),
+        (["--mode", "stream", "--host-memory", "-1"], ["--host-memory", "positive"]),
     ],
 )
 def test_train_user_errors(flags: list[str], fragments: list[str], token_file: Path, tmp_path: Path) -> None:
@@ -110,6 +111,37 @@ def test_plan_sizes_the_working_set_by_the_micro_batch(tmp_path: Path) -> None:
     assert micro["device_bytes"] < whole["device_bytes"]
     assert micro["compute_s"] < whole["compute_s"]
     assert_user_error(streamer(*args, "--micro-tokens", "3000", cache=tmp_path), "--micro-tokens", "divides")
+
+
+def test_plan_splits_the_store_by_the_host_memory_given(tmp_path: Path) -> None:
+    """A VM whose RAM grows as it is used reports little available at start: the
+    planner must plan with the memory the user says the machine has. Less host memory
+    keeps fewer units in RAM and puts more on disk; a non-positive amount is refused."""
+    args = ("plan", "--model", "gpt-neox-20b", "--device", "h200", "--state", "compact", "--offload", "split",
+            "--tokens-per-step", "2048", "--seq-len", "2048", "--json")
+    runs = [streamer(*args, "--host-memory", gib, cache=tmp_path) for gib in ("128", "96")]
+    assert all(r.returncode == 0 for r in runs), runs[1].stderr
+    big, small = (json.loads(r.stdout) for r in runs)
+    assert big["ram_units"] == 40  # 0.8 x 128 GiB holds 40 of the 46 units' compact state (2.54 GiB each)
+    assert small["ram_units"] == 30
+    assert small["disk_bytes"] > big["disk_bytes"]
+    assert small["predicted_step_s"] > big["predicted_step_s"]
+    assert_user_error(streamer(*args, "--host-memory", "0", cache=tmp_path), "--host-memory", "positive")
+
+
+def test_the_machine_wide_host_memory_setting_plans_this_machine(tmp_path: Path) -> None:
+    """$STREAMER_HOST_MEMORY_GIB stands for this machine's memory wherever a run reads
+    it (here the cpu profile, which plans this machine); a bad value is one line."""
+    args = ("plan", "--model", "gpt3-2.7b", "--device", "cpu", "--tokens-per-step", "1024", "--seq-len", "256",
+            "--json")
+    small = streamer(*args, cache=tmp_path, env={"STREAMER_HOST_MEMORY_GIB": "4"})
+    big = streamer(*args, cache=tmp_path, env={"STREAMER_HOST_MEMORY_GIB": "4096"})
+    assert small.returncode == 0 and big.returncode == 0, small.stderr
+    # gpt3-2.7b's float32 state is 39.5 GiB: it fits 80% of 4 TiB, not of 4 GiB.
+    assert json.loads(big.stdout)["offload"] == "ram"
+    assert json.loads(small.stdout)["offload"] == "disk"
+    bad = streamer(*args, cache=tmp_path, env={"STREAMER_HOST_MEMORY_GIB": "lots"})
+    assert_user_error(bad, "STREAMER_HOST_MEMORY_GIB", "'lots'")
 
 
 def test_plan_unknown_device_profile(tmp_path: Path) -> None:

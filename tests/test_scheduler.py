@@ -68,6 +68,17 @@ def test_prefetch_depth_does_not_change_results(tmp_path, depth):
         assert torch.equal(w0[name], w1[name])
 
 
+def test_the_host_memory_given_decides_the_tier(tmp_path):
+    """`--host-memory` replaces what the OS reports: told the machine has 5 MiB, the
+    engine keeps tiny's state (about 16 MB) on disk, and trains the same steps."""
+    ram, _ = _run(tmp_path / "ram", "tiny", "stream", steps=2)
+    disk, _ = _run(tmp_path / "disk", "tiny", "stream", steps=2, host_memory_gib=5 / 1024)
+    assert {r["offload"] for r in ram} == {"ram"} and {r["offload"] for r in disk} == {"disk"}
+    assert disk[-1]["store_read_bytes"] > 0
+    for a, b in zip(ram, disk):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5
+
+
 def test_inline_host_work_trains_exactly_as_a_worker_thread(tmp_path, monkeypatch):
     """A CPU device with a RAM store runs host work on the caller's thread; the same
     jobs on a worker thread give bit-identical losses and weights."""

@@ -91,11 +91,27 @@ class DataParallel:
         return value
 
 
-def init_from_env(device: torch.device) -> None:
-    """Join the process group torchrun describes in the environment, if any."""
+def init_from_env(device: torch.device) -> bool:
+    """Join the process group torchrun describes in the environment, if any; whether
+    this call joined it (a caller that did must `leave` it)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
+    return True
+
+
+def leave() -> None:
+    """Leave the process group once a run has finished well, all ranks together.
+
+    A rank that finished its last collective and exited while the lead rank was still
+    writing the final weights aborted in its interpreter's teardown (SIGABRT,
+    "terminate called without an active exception", from a C++ thread destroyed while
+    joinable): 1 run in 5 of a 4-process tiny run on 2 cores. Meeting at a barrier
+    and destroying the group before exit: 0 in 34. Not after an error: another rank
+    may still be inside a collective, and destroying the group then can hang."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

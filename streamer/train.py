@@ -448,11 +448,11 @@ def train(cfg: TrainConfig) -> Path:
 
     Under torchrun every rank runs this; rank 0 alone writes metrics, checkpoint
     manifests and final weights (each rank writes its own checkpoint shards)."""
-    from streamer.parallel import init_from_env
+    from streamer.parallel import init_from_env, leave
 
     checked = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     reset_peak_rss()
-    init_from_env(checked.device)
+    joined = init_from_env(checked.device)
     dp = DataParallel(cfg.grad_sync)
     lead = dp.rank == 0
     created = prepare_out_dir(checked.out) if lead else None
@@ -475,4 +475,6 @@ def train(cfg: TrainConfig) -> Path:
                 shard()
     finally:
         engine.close()
+    if joined:
+        leave()
     return checked.out

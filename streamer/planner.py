@@ -190,6 +190,9 @@ class Plan:
     predicted_step_s: float
     state: str = "fp32"  # the host state's format (streamer.state)
     ram_units: int = 0  # leading units whose state is in RAM (the rest on disk)
+    # The disk units' updates run on a lane of their own as soon as they are due
+    # (streamer.scheduler's [Note: early updates of the disk part]).
+    early_updates: bool = False
     # Where the step's time goes (each a sum over the step's visits; they overlap):
     host_s: float = 0.0  # the host worker: updates and copies
     link_s: float = 0.0  # host <-> device copies
@@ -294,6 +297,7 @@ class Visit:
     disk_read_s: float = 0.0
     disk_write_s: float = 0.0
     phase: str = "forward"  # forward | head | backward
+    ready_s: float = 0.0  # not staged before this time: the lane's early update of the unit ends
 
     @property
     def disk_s(self) -> float:
@@ -313,10 +317,44 @@ def store_cached(cfg: ModelConfig, profile: DeviceProfile, offload: str, state: 
     return whole * sum(counts[in_ram:]) <= 0.5 * cache
 
 
+def early_lane_s(cfg: ModelConfig, profile: DeviceProfile, state: str, in_ram: int) -> tuple[dict[int, float], float]:
+    """When each disk unit's early update ends, from the step's start (see streamer.
+    scheduler's [Note: early updates of the disk part]), and the update work the lane
+    shares with the host worker. In forward order, each update reads the whole state
+    and writes all but the gradient, and the unit's staging reads the weights again:
+    the lane is charged that re-read too, since the reads share the disk. Its update
+    work (AdamW on host cores, or the state's copies over the link for an update on the
+    device) uses what the worker's updates use, so the worker pays it as well."""
+    counts = unit_param_counts(cfg)
+    whole, updated, master, _ = state_bytes(state)
+    update_rate, _ = host_rates(profile)
+    ends, t, shared = {}, 0.0, 0.0
+    for unit in range(in_ram, len(counts)):
+        p = counts[unit]
+        io = max((whole + master) * p / profile.disk_read_bytes_per_s, updated * p / profile.disk_write_bytes_per_s)
+        work = 28 * p * FORMATS[state].update_cost / update_rate
+        t += max(io, work)
+        shared += work
+        ends[unit] = t
+    return ends, shared
+
+
+def can_update_early(cfg: ModelConfig, profile: DeviceProfile, offload: str, state: str = "fp32",
+                     ram_units: int | None = None) -> bool:
+    """Early updates need a disk part whose I/O waits on storage, beside a device that
+    computes on its own: on a CPU device the lane would take the cores that compute."""
+    counts = unit_param_counts(cfg)
+    return (units_in_ram(len(counts), offload, ram_units) < len(counts) and not profile.shares_host_cores
+            and not store_cached(cfg, profile, offload, state, ram_units))
+
+
 def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
-                depth: int, kept: int, state: str = "fp32", ram_units: int | None = None) -> list[Visit]:
+                depth: int, kept: int, state: str = "fp32", ram_units: int | None = None,
+                early: bool = False) -> list[Visit]:
     """The visits of one step (forward 0..U-2, head, backward U-2..0) with their costs,
-    mirroring `StreamEngine.visits`; units still pinned in the window move nothing."""
+    mirroring `StreamEngine.visits`; units still pinned in the window move nothing.
+    With `early`, the disk units' updates run on the lane (`early_lane_s`) and their
+    staging waits for it, then reads the weights only."""
     counts = unit_param_counts(cfg)
     flops = _unit_flops_per_token(cfg, seq_len)
     head = len(counts) - 1
@@ -329,6 +367,7 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     update_cost = FORMATS[state].update_cost
     in_ram = units_in_ram(len(counts), offload, ram_units)
     cached = store_cached(cfg, profile, offload, state, ram_units)
+    lane, shared = early_lane_s(cfg, profile, state, in_ram) if early else ({}, 0.0)
     order = [("forward", u) for u in range(head)] + [("head", head)]
     order += [("backward", u) for u in range(head - 1, -1, -1)]
     last_seen: dict[int, int] = {}
@@ -342,20 +381,26 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
         recomputes = unit < len(counts) - 1 - kept and not (kept >= cfg.n_layer and unit == 0)
         compute = {"forward": f, "head": 3 * f, "backward": (3 if recomputes else 2) * f}[phase]
         host_in = link_in = disk_read = disk_write = 0.0
+        # A unit's first visit of the step (its forward, or the head's one visit) stages
+        # it with the update due from the previous step, unless the lane ran it.
+        on_lane = unit in lane and phase != "backward"
+        updates = phase != "backward" and not on_lane
         # The update reads p, g, m, v (16 bytes per parameter in float32) and writes p,
         # m, v (12); a staging pass without an update reads p only.
-        read, written = (whole * p, updated * p) if phase == "forward" else (master * p, 0)
+        read, written = (whole * p, updated * p) if updates else (master * p, 0)
         if not pinned:
             # The weights' way in: a CPU device computes from the slot the worker copies
             # them into; a GPU copies them from a page-locked RAM tier directly, and from a
             # staging buffer the worker fills otherwise; an update on the device writes
             # them into the slot itself.
-            if not (phase == "forward" and profile.update_on_device):
+            if not (updates and profile.update_on_device):
                 link_in = 0.0 if profile.shares_host_cores else p * b / profile.h2d_bytes_per_s
                 host_in = 0.0 if locked else p * (master + b) / mem  # read the master, write the copy
-            if phase == "forward":
+            if updates:
                 host_in += 28 * p * update_cost / update_rate  # the AdamW update due from the previous step
-            if on_disk and cached:
+            if on_lane:
+                pass  # the lane's time holds this pass's re-read (see early_lane_s)
+            elif on_disk and cached:
                 host_in += (read + written) / profile.cached_io_bytes_per_s
             elif on_disk:
                 disk_read, disk_write = read / disk_r, written / disk_w
@@ -378,8 +423,28 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
                 disk_write += grad * p / disk_w
                 if profile.shares_host_cores:  # see [Note: buffered I/O costs core time]
                     out += grad * p / profile.cached_io_bytes_per_s
-        visits.append(Visit(compute, host_in, link_in, out, disk_read, disk_write, phase))
+        if v == 0:
+            host_in += shared  # the lane's update work, charged to the worker from the start
+        visits.append(Visit(compute, host_in, link_in, out, disk_read, disk_write, phase,
+                            ready_s=lane[unit] if on_lane else 0.0))
     return visits
+
+
+def fastest_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
+                   depth: int, kept: int, state: str = "fp32", ram_units: int | None = None,
+                   early: bool | None = None) -> tuple[list[Visit], bool]:
+    """The step's visits with or without early updates (`early`), or, when None,
+    whichever the model predicts faster where they are possible."""
+    options = [False, True] if early is None else [early]
+    if not can_update_early(cfg, profile, offload, state, ram_units):
+        options = [False]
+    best = None
+    for option in options:
+        visits = step_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, kept, state, ram_units, option)
+        predicted = predicted_stream_s(visits, depth, profile)
+        if best is None or predicted < best[0]:
+            best = (predicted, visits, option)
+    return best[1], best[2]
 
 
 def link_bytes(cfg: ModelConfig, profile: DeviceProfile, state: str, in_ram: int) -> tuple[int, int]:
@@ -409,6 +474,7 @@ def simulate_step(visits: list[Visit], depth: int) -> tuple[float, float]:
         nonlocal worker, link, disk
         # Storage has its own queue; the worker's job is done when both its own work
         # and the unit's I/O are (the two are pipelined chunk by chunk).
+        at = max(at, visits[w].ready_s)
         disk = max(disk, worker, at) + visits[w].disk_s
         worker = max(max(worker, at) + visits[w].host_in_s, disk)
         link = max(link, worker) + visits[w].link_in_s
@@ -458,7 +524,7 @@ def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, o
     update_s = 28 * cfg.n_params() / profile.device_update_bytes_per_s
 
     def too_slow(tokens: int) -> bool:
-        visits = step_visits(cfg, profile, tokens, seq_len, offload, depth, kept, state, ram_units)
+        visits, _ = fastest_visits(cfg, profile, tokens, seq_len, offload, depth, kept, state, ram_units)
         ideal = sum(v.compute_s for v in visits) + update_s
         return predicted_stream_s(visits, depth, profile) > (1 + overhead) * ideal
 
@@ -478,11 +544,12 @@ def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, o
 def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int,
               offload: str, micro_tokens: int | None = None, prefetch_depth: int | None = None,
               memory_budget: float | None = None, recompute: str = "auto", kept_graphs: int | None = None,
-              state: str = "fp32", ram_units: int | None = None) -> Plan:
+              state: str = "fp32", ram_units: int | None = None, early_updates: bool | None = None) -> Plan:
     """Bytes per tier, bytes per link, the hiding threshold and the predicted step time.
 
     `memory_budget` is what activations may use (default: 80% of the device's memory;
-    a CPU device passes its host's)."""
+    a CPU device passes its host's). `early_updates` None: the faster of the two
+    schedules where early updates are possible (see `fastest_visits`)."""
     counts = unit_param_counts(cfg)
     in_ram = units_in_ram(len(counts), offload, ram_units)
     ram_params, disk_params = sum(counts[:in_ram]), sum(counts[in_ram:])
@@ -502,7 +569,8 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
     flops = _unit_flops_per_token(cfg, seq_len)
     unit_compute = flops[1] * tokens_per_step / F if cfg.n_layer else 0.0
     depth = prefetch_depth or choose_prefetch_depth(unit_compute, counts[1] * b / profile.h2d_bytes_per_s)
-    visits = step_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, kept, state, in_ram)
+    visits, early = fastest_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, kept, state, in_ram,
+                                   early_updates)
     predicted = predicted_stream_s(visits, depth, profile)
 
     backward_ratio = 6 if do_recompute else 4  # backward FLOPs per parameter per token
@@ -514,7 +582,7 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
         # The update reads p, g, m, v and writes p, m, v, and hands p straight to the
         # forward; backward re-reads p; gradients are written once.
         whole, updated, master, grad = state_bytes(state)
-        read, written = whole + master, updated + grad
+        read, written = whole + master + (master if early else 0), updated + grad  # early: staging re-reads p
         disk_read, disk_write = int(read * disk_params), int(written * disk_params)
         per_token = 2 + backward_ratio
         share = disk_params / n_params  # of the compute that hides the disk part
@@ -523,8 +591,9 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
 
     recommended = recommended_tokens(cfg, profile, seq_len, offload, depth, kept, state=state, ram_units=in_ram)
     device_bytes, host_bytes = memory_bytes(cfg, profile, tokens_per_step, micro, offload, depth, kept, state,
-                                            in_ram)
+                                            in_ram, early)
     h2d_bytes, d2h_bytes = link_bytes(cfg, profile, state, in_ram)
+    lane_s = max(early_lane_s(cfg, profile, state, in_ram)[0].values()) if early else 0.0
     return Plan(
         model=cfg.name, device=profile.name, offload=offload, prefetch_depth=depth,
         tokens_per_step=tokens_per_step, seq_len=seq_len, n_params=n_params, n_units=len(counts),
@@ -539,7 +608,8 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
         fits_device=not profile.device_memory_bytes or device_bytes <= profile.device_memory_bytes,
         compute_s=sum(v.compute_s for v in visits), predicted_step_s=predicted,
         host_s=sum(v.host_in_s + v.out_s for v in visits), link_s=sum(v.link_in_s for v in visits),
-        storage_s=max(sum(v.disk_read_s for v in visits), sum(v.disk_write_s for v in visits)),
+        storage_s=max(sum(v.disk_read_s for v in visits), sum(v.disk_write_s for v in visits)) + lane_s,
+        early_updates=early,
     )
 
 
@@ -550,7 +620,7 @@ RUNTIME_BYTES = 450 * 2**20
 
 def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, micro_tokens: int,
                  offload: str, depth: int, kept: int, state: str = "fp32",
-                 ram_units: int | None = None) -> tuple[int, int]:
+                 ram_units: int | None = None, early: bool = False) -> tuple[int, int]:
     """(device bytes, host bytes) at the step's peak, mirroring what `StreamEngine`
     and the stores allocate. On a CPU device the two are the same memory: the
     process's resident set is their sum.
@@ -560,7 +630,8 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     gradients, and activations.
     Host: pinned staging mirrors of the slots and gradient buffers (CUDA only), the
     store (the whole state for the RAM tier; for the disk tier the pipeline's ring of
-    chunk buffers; a compact update's temporaries), and the runtime itself.
+    chunk buffers, and a second ring for the lane of early updates; a compact update's
+    temporaries), and the runtime itself.
     """
     from streamer.store import CHUNK_NUMEL, RING  # the store's own sizes, not copies of them
 
@@ -582,7 +653,7 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     store = state_bytes(state)[0] * sum(counts[:in_ram])
     store += FORMATS[state].workspace_bytes * min(CHUNK_NUMEL, max(counts))  # the update's temporaries
     if in_ram < len(counts):
-        store += RING * state_bytes(state)[0] * min(CHUNK_NUMEL, max(counts[in_ram:]))
+        store += (2 if early else 1) * RING * state_bytes(state)[0] * min(CHUNK_NUMEL, max(counts[in_ram:]))
     return int(device), int(staging + store + RUNTIME_BYTES)
 
 
@@ -1038,5 +1109,7 @@ def format_plan(plan: Plan, profile: DeviceProfile) -> str:
         f"  at {plan.tokens_per_step:,} tokens/step: compute {plan.compute_s:.3f} s, "
         f"predicted step {plan.predicted_step_s:.3f} s",
         f"  what bounds it: {bound_text(plan)}",
+        *(["  the disk units update early, on a lane of their own, as soon as the backward ends"]
+          if plan.early_updates else []),
     ]
     return "\n".join(lines)

@@ -21,6 +21,19 @@ applied by the host worker when unit i is next staged (the next forward), or by
 `flush()`. Each update therefore sees exactly the gradient, clip factor, lr and step
 that resident AdamW would, and the updates overlap the next forward pass.
 
+[Note: early updates of the disk part]
+A unit's update is due once the backward ends, and ran when the unit is next staged,
+`depth` visits before its forward. For a unit on disk that update is I/O (its whole
+state read, all but the gradient written back), which the prefetch window hides only
+if the unit's compute is as long: a 20B model's six disk units each stalled the
+forward ~0.9 s while the disk sat idle through the RAM units before them. When the
+plan says so (`Plan.early_updates`: GPU runs whose store has a disk part, where the
+planner predicts it faster), the disk units' updates start as soon as they are due, in
+forward order, on a lane of their own (a thread, a CUDA stream, and the disk store's
+lane 1), and write their weights back; the unit's staging then waits for its update
+and reads the weights again, a pass that reads a third of the bytes. The updates see
+the same gradient, clip factor, lr, step and rounding seed, so the run is the same.
+
 [Note: why the head runs forward and backward in one visit]
 The head is the last forward unit and the first backward unit; running its backward
 right after its forward, while it is resident, saves a second fetch and the
@@ -32,6 +45,7 @@ from __future__ import annotations
 import collections
 import enum
 import math
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -148,7 +162,7 @@ class StreamEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, store: HostStore, device: torch.device,
                  dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0,
                  recompute: bool = True, dp: DataParallel | None = None, kept_graphs: int | None = None,
-                 update_on: str = "host") -> None:
+                 update_on: str = "host", early_updates: bool = False) -> None:
         self.cfg, self.optim, self.store = model_cfg, optim, store
         # Where AdamW runs: on the host beside the store, or on the compute device, which
         # decodes and re-codes a compact state far faster than host cores (the chunks
@@ -236,6 +250,13 @@ class StreamEngine:
         # collectives, which every rank must issue in the same order: one thread then.
         self.grad_worker = (self.worker if self.dp.world > 1 or not host_threads
                             else ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-grad"))
+        # See [Note: early updates of the disk part].
+        self.early_units = [u for u in range(self.n_units) if store.on_disk(u)] if early_updates else []
+        self.lane = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-early")
+                     if self.early_units else None)
+        self.lane_stream = torch.cuda.Stream(device) if cuda and self.early_units else None
+        self.early: dict[int, Future] = {}  # unit -> its update running on the lane
+        self._counter_lock = threading.Lock()  # the lane and the worker both add update time
         self.batch_rows: torch.Tensor | None = None  # token ids of this step, for the sparse path
         self.pending: PendingUpdate | None = None
         self.update_due = [False] * self.n_units
@@ -307,14 +328,16 @@ class StreamEngine:
             store.init_params(i, unit)
             del unit
         engine = cls(model_cfg, optim, store, device, dtype, plan.prefetch_depth, plan.predicted_step_s,
-                     dp=dp, kept_graphs=plan.kept_graphs, update_on=train_cfg.update_on)
+                     dp=dp, kept_graphs=plan.kept_graphs, update_on=train_cfg.update_on,
+                     early_updates=plan.early_updates)
         engine.offload = offload
         engine.store_cached = offload != "ram" and planner.store_cached(model_cfg, profile, offload, state, ram_units)
         engine.predicted_peak_bytes = planner.peak_bytes(plan, profile)
         engine.replan = lambda rates: planner.make_plan(
             model_cfg, planner.replace(profile, **rates), train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
             micro_tokens=train_cfg.batch_size * train_cfg.seq_len, prefetch_depth=plan.prefetch_depth,
-            memory_budget=budget, kept_graphs=plan.kept_graphs, state=state, ram_units=ram_units).predicted_step_s
+            memory_budget=budget, kept_graphs=plan.kept_graphs, state=state, ram_units=ram_units,
+            early_updates=plan.early_updates).predicted_step_s
         return engine
 
     # --- unit state and transfers ------------------------------------------------
@@ -384,6 +407,9 @@ class StreamEngine:
         other host memory (the disk tier's chunk buffers) goes through the slot's
         pinned staging buffer."""
         numel, first = self.layouts[unit].numel, self.store.owned[unit][0]
+        early = self.early.pop(unit, None)
+        if early is not None:
+            early.result()  # the unit's update ran on the lane; read its new weights
         due = self.update_due[unit]
         read, write = (BUFFERS, UPDATED) if due else (("param",), ())
         if self.staging is None:  # a CPU device computes from the slot the worker fills
@@ -426,7 +452,7 @@ class StreamEngine:
                 self.store_read_events[unit].record(self.copy_stream)
 
     def _update_chunk(self, unit: int, start: int, stop: int, buffers: dict[str, torch.Tensor],
-                      weights: torch.Tensor | None = None) -> None:
+                      weights: torch.Tensor | None = None, stream: torch.cuda.Stream | None = None) -> None:
         """AdamW, in place, on elements [start, stop) of a unit's owned part.
 
         With `update_on="device"` the chunk's state crosses the link, is updated on the
@@ -448,7 +474,8 @@ class StreamEngine:
             fmt.update_(buffers, **settings)
         else:
             torch.cuda.set_device(self.device)  # `flush` may be this thread's first CUDA work
-            with torch.cuda.stream(self.copy_stream):
+            stream = stream or self.copy_stream
+            with torch.cuda.stream(stream):
                 work = {name: buffer.to(self.update_device, non_blocking=True) for name, buffer in buffers.items()}
                 fmt.update_(work, **settings)
                 if weights is not None:
@@ -456,14 +483,34 @@ class StreamEngine:
                 for name in fmt.expand(UPDATED):
                     buffers[name].copy_(work[name], non_blocking=True)
                 # The store commits these buffers next (the disk tier writes them out).
-                self.copy_stream.synchronize()
-        self.counters["update_s"] += time.perf_counter() - started
+                stream.synchronize()
+        with self._counter_lock:
+            self.counters["update_s"] += time.perf_counter() - started
 
     def _apply_update(self, unit: int) -> None:
         for start, stop, buffers in self.store.stream(unit, BUFFERS, UPDATED):
             self._update_chunk(unit, start, stop, buffers)
         self.store.settle()
         self.update_due[unit] = False
+
+    def _early_update(self, unit: int) -> None:
+        """The lane: a disk unit's due update, written back; its staging reads the
+        weights again (see [Note: early updates of the disk part])."""
+        for start, stop, buffers in self.store.stream(unit, BUFFERS, UPDATED, lane=1):
+            self._update_chunk(unit, start, stop, buffers, stream=self.lane_stream)
+        self.update_due[unit] = False
+
+    def _start_early_updates(self) -> None:
+        for unit in self.early_units:
+            self.early[unit] = self.lane.submit(self._early_update, unit)
+
+    def _wait_early_updates(self) -> None:
+        """Wait for the lane's updates (each one's error is raised here, the first first)."""
+        early, self.early = self.early, {}
+        for future in early.values():
+            future.exception()
+        for future in early.values():
+            future.result()
 
     def _sparse_rows(self, unit: int) -> tuple[int, int] | None:
         """(rows, cols) when the unit's gradient is row-sparse: an untied token table
@@ -639,8 +686,9 @@ class StreamEngine:
                                                                             for u in range(head - 1, -1, -1)]
 
     def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> StepStats:
-        for key in self.counters:
-            self.counters[key] = 0
+        with self._counter_lock:  # the lane may be adding update time already
+            for key in self.counters:
+                self.counters[key] = 0
         xs = [x.to(self.device, non_blocking=True) for x, _ in micro_batches]
         ys = [y.to(self.device, non_blocking=True) for _, y in micro_batches]
         if self.dp.world > 1 and self._sparse_rows(0):
@@ -709,6 +757,7 @@ class StreamEngine:
             self.adam_step += 1
             self.pending = PendingUpdate(self.adam_step, lr, clip_coefficient(grad_norm, self.optim.grad_clip))
             self.update_due = [True] * self.n_units
+            self._start_early_updates()
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else self.device_bytes()
         io_now = self.store.io_seconds()
         self.io_step = {f"store_{k}": io_now[k] - self.io_before.get(k, 0) for k in io_now}
@@ -733,6 +782,7 @@ class StreamEngine:
                 "predicted_peak_bytes": getattr(self, "predicted_peak_bytes", 0),
                 "offload": getattr(self, "offload", "ram"),
                 "prefetch_depth": self.depth, "recompute": self.recompute, "kept_graphs": self.kept_graphs,
+                "early_updates": bool(self.early_units),
                 **{k: self.counters[k] for k in ("forward_s", "backward_s", "update_s")}, **self.io_step}
 
     def _calibrate(self) -> None:
@@ -767,6 +817,7 @@ class StreamEngine:
 
     def flush(self) -> None:
         """Apply every due update now (before export or a checkpoint)."""
+        self._wait_early_updates()
         for unit in range(self.n_units):
             if self.update_due[unit]:
                 self.worker.submit(self._apply_update, unit).result()
@@ -799,6 +850,13 @@ class StreamEngine:
         return [lambda unit=unit: self.unit_state_dict(unit) for unit in range(self.n_units)]
 
     def close(self) -> None:
+        # The lane's errors reach the run through staging or `flush`; here it only must
+        # be done with the store before the store closes.
+        for future in self.early.values():
+            future.exception()
+        self.early = {}
+        if self.lane is not None:
+            self.lane.shutdown(wait=True)
         self.worker.shutdown(wait=True)
         self.grad_worker.shutdown(wait=True)
         self.store.close()

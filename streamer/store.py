@@ -24,6 +24,12 @@ read, the update and the write add up. `DiskStore.stream` instead keeps a ring o
 chunk i and a writer thread writes chunk i - 1 back, so the step pays about the largest
 of the three, not their sum. A later read of a unit first waits for that unit's
 pending writes (`settle`), so no read ever sees a half-written chunk.
+
+Two passes may run at once on different units, each in a lane of its own (its ring,
+reader and writer): the host worker's staging in lane 0, and the engine's early updates
+of the disk units in lane 1 (see streamer.scheduler's [Note: early updates of the disk
+part]). The per-unit pending writes are shared, so a pass over a unit in either lane
+first waits for the other lane's writes of that unit.
 """
 
 from __future__ import annotations
@@ -146,12 +152,13 @@ class HostStore(ABC):
         numel = self.owned_numel(index)
         return [(start, min(numel, start + CHUNK_NUMEL)) for start in range(0, numel, CHUNK_NUMEL)]
 
-    def stream(self, index: int, read: tuple[str, ...],
-               write: tuple[str, ...] = ()) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    def stream(self, index: int, read: tuple[str, ...], write: tuple[str, ...] = (),
+               lane: int = 0) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
         """Every chunk of the unit as (start, stop, {name: buffer}) for the `read` names
         and their scales, in order; once the consumer asks for the next chunk, the
         `write` names of the previous one are committed. Here: `open` and `commit` in
-        sequence."""
+        sequence. `lane` matters to the disk tier only: passes in different lanes may
+        run at once."""
         read, write = self.format.expand(read), self.format.expand(write)
         for start, stop in self.chunks(index):
             yield start, stop, self.open(index, read, start, stop)
@@ -160,6 +167,10 @@ class HostStore(ABC):
 
     def settle(self) -> None:  # noqa: B027 - only the disk tier writes in the background
         """Wait for background writes and raise the first error any of them hit."""
+
+    def on_disk(self, index: int) -> bool:
+        """Whether the unit's state lives on disk (its passes are storage I/O)."""
+        return False
 
     def io_seconds(self) -> dict[str, float]:
         """Cumulative seconds spent in storage reads and writes, and their bytes."""
@@ -254,6 +265,17 @@ class RamStore(HostStore):
         self.buffers[index]["grad"].copy_(grad[: self.owned_numel(index)])
 
 
+@dataclass
+class _Lane:
+    """One pipeline of the disk tier: its ring of chunk sets, the pending write out of
+    each set, and its reader and writer threads."""
+
+    ring: list[dict[str, torch.Tensor]]
+    busy: list[Future | None]
+    reader: ThreadPoolExecutor
+    writer: ThreadPoolExecutor
+
+
 class DiskStore(HostStore):
     """One safetensors file per unit holding the format's flat buffers."""
 
@@ -263,14 +285,12 @@ class DiskStore(HostStore):
         self.first_unit = first_unit  # the model's index of this store's unit 0 (a split store's disk part)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        # Scratch for one chunk of each buffer, allocated once for the run, and the
-        # pipeline's ring of chunk sets (see the note at the top).
+        # Scratch for one chunk of each buffer, allocated once for the run; each lane's
+        # ring of chunk sets and I/O threads come with its first pass (see the note at
+        # the top): a run without early updates never allocates lane 1.
         self.scratch = self._chunk_set()
-        self.ring = [self._chunk_set() for _ in range(RING)]
-        self.ring_busy: list[Future | None] = [None] * RING  # the write out of each set
+        self.lanes: dict[int, _Lane] = {}
         self.pending: dict[int, list[Future]] = {}  # unit -> its writes not yet waited on
-        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-read")
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-write")
         self.fds: list[int] = []
         self.offsets: list[dict[str, int]] = []
         self._lock = threading.Lock()  # the counters below are updated from several threads
@@ -279,6 +299,16 @@ class DiskStore(HostStore):
 
     def _chunk_set(self) -> dict[str, torch.Tensor]:
         return {b.name: torch.empty(b.numel(CHUNK_NUMEL), dtype=b.dtype) for b in self.format.buffers}
+
+    def _lane(self, lane: int) -> _Lane:
+        if lane not in self.lanes:
+            self.lanes[lane] = _Lane(ring=[self._chunk_set() for _ in range(RING)], busy=[None] * RING,
+                                     reader=ThreadPoolExecutor(1, thread_name_prefix=f"streamer-read{lane}"),
+                                     writer=ThreadPoolExecutor(1, thread_name_prefix=f"streamer-write{lane}"))
+        return self.lanes[lane]
+
+    def on_disk(self, index: int) -> bool:
+        return True
 
     def path(self, index: int) -> Path:
         return self.folder / f"unit_{self.first_unit + index:05d}.safetensors"
@@ -369,41 +399,42 @@ class DiskStore(HostStore):
         if errors:
             raise errors[0]
 
-    def stream(self, index: int, read: tuple[str, ...],
-               write: tuple[str, ...] = ()) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    def stream(self, index: int, read: tuple[str, ...], write: tuple[str, ...] = (),
+               lane: int = 0) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
         """The pipelined pass over a unit (see the note at the top of this module)."""
         self._settle_unit(index)  # an earlier pass's writes land before we read
         read, write = self.format.expand(read), self.format.expand(write)
         chunks = self.chunks(index)
+        pipe = self._lane(lane)
 
         def fill(i: int) -> None:
             start, stop = chunks[i]
             k = i % RING
-            if self.ring_busy[k] is not None:
+            if pipe.busy[k] is not None:
                 # Wait until the set's previous chunk is written out; a failed write is
                 # reported by `settle`, through `pending`, not here.
-                self.ring_busy[k].exception()
+                pipe.busy[k].exception()
             for name in read:
-                self._pread(index, name, self._slice(name, self.ring[k][name], 0, stop - start), start)
+                self._pread(index, name, self._slice(name, pipe.ring[k][name], 0, stop - start), start)
 
         def drain(i: int) -> None:
             start, stop = chunks[i]
             for name in write:
-                self._pwrite(index, name, self._slice(name, self.ring[i % RING][name], 0, stop - start), start)
+                self._pwrite(index, name, self._slice(name, pipe.ring[i % RING][name], 0, stop - start), start)
 
-        reads = [self.reader.submit(fill, i) for i in range(min(RING - 1, len(chunks)))]
+        reads = [pipe.reader.submit(fill, i) for i in range(min(RING - 1, len(chunks)))]
         finished = False
         try:
             for i, (start, stop) in enumerate(chunks):
                 reads[i].result()
-                yield start, stop, {name: self._slice(name, self.ring[i % RING][name], 0, stop - start)
+                yield start, stop, {name: self._slice(name, pipe.ring[i % RING][name], 0, stop - start)
                                     for name in read}
                 if write:
-                    future = self.writer.submit(drain, i)
-                    self.ring_busy[i % RING] = future
+                    future = pipe.writer.submit(drain, i)
+                    pipe.busy[i % RING] = future
                     self.pending.setdefault(index, []).append(future)
                 if i + RING - 1 < len(chunks):
-                    reads.append(self.reader.submit(fill, i + RING - 1))
+                    reads.append(pipe.reader.submit(fill, i + RING - 1))
             finished = True
         finally:
             # A pass that stops early (an error) must not leave reads or writes using
@@ -449,8 +480,9 @@ class DiskStore(HostStore):
         try:
             self.settle()
         finally:
-            self.reader.shutdown(wait=True)
-            self.writer.shutdown(wait=True)
+            for pipe in self.lanes.values():
+                pipe.reader.shutdown(wait=True)
+                pipe.writer.shutdown(wait=True)
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
@@ -488,10 +520,13 @@ class SplitStore(HostStore):
         store, local = self._tier(index)
         store.commit(local, names, start, stop)
 
-    def stream(self, index: int, read: tuple[str, ...],
-               write: tuple[str, ...] = ()) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    def stream(self, index: int, read: tuple[str, ...], write: tuple[str, ...] = (),
+               lane: int = 0) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
         store, local = self._tier(index)
-        return store.stream(local, read, write)
+        return store.stream(local, read, write, lane)
+
+    def on_disk(self, index: int) -> bool:
+        return index >= self.ram_units
 
     def settle(self) -> None:
         self.disk.settle()

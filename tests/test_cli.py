@@ -118,7 +118,8 @@ def test_plan_splits_the_store_by_the_host_memory_given(tmp_path: Path) -> None:
     planner must plan with the memory the user says the machine has. Less host memory
     keeps fewer units in RAM and puts more on disk; a non-positive amount is refused."""
     args = ("plan", "--model", "gpt-neox-20b", "--device", "h200", "--state", "compact", "--offload", "split",
-            "--tokens-per-step", "2048", "--seq-len", "2048", "--json")
+            "--update-on", "device", "--tokens-per-step", "49152", "--micro-tokens", "2048", "--seq-len", "2048",
+            "--json")
     runs = [streamer(*args, "--host-memory", gib, cache=tmp_path) for gib in ("128", "96")]
     assert all(r.returncode == 0 for r in runs), runs[1].stderr
     big, small = (json.loads(r.stdout) for r in runs)

@@ -244,3 +244,46 @@ def test_on_shared_cores_a_disk_tier_pays_the_kernels_copies_as_well_as_the_disk
     gpu = planner.replace(PROFILES["h100"], page_cache_bytes=8 * GIB, host_memory_bytes=24 * GIB)
     # On a GPU the copies run on host cores beside the device: no change to core time.
     assert core_s(planner.replace(gpu, cached_io_bytes_per_s=1e9)) == core_s(gpu)
+
+
+def test_early_updates_take_the_disk_parts_update_io_out_of_the_forwards_window() -> None:
+    """A 20B compact state split 40/6 on a GPU host: with each disk unit's update run
+    when the unit is staged, two visits ahead, the disk idles through the 40 RAM units
+    and then stalls the forward; started on their own lane when the backward ends, the
+    same updates overlap those units. The plan picks the faster and counts the staging
+    pass's re-read of the weights; a CPU device, whose lane would take the cores that
+    compute, and a store without a disk part never update early."""
+    cfg = ModelConfig.from_name("gpt-neox-20b")
+    profile = planner.with_device_update(PROFILES["h200"], "compact")
+
+    def plan(early: bool | None, prof: planner.DeviceProfile = profile, offload: str = "split") -> planner.Plan:
+        return planner.make_plan(cfg, prof, 49152, 2048, offload, micro_tokens=2048, prefetch_depth=2,
+                                 kept_graphs=0, state="compact", ram_units=40, early_updates=early)
+
+    staged, early, chosen = plan(False), plan(True), plan(None)
+    assert early.predicted_step_s < 0.95 * staged.predicted_step_s
+    assert chosen.early_updates and chosen.predicted_step_s == early.predicted_step_s
+    disk_params = sum(unit_param_counts(cfg)[40:])
+    assert early.disk_read_bytes_per_step - staged.disk_read_bytes_per_step == pytest.approx(
+        state_bytes("compact")[2] * disk_params, rel=1e-6)
+    # The lane ends each unit's update in forward order; that unit's staging waits for it.
+    lane, _ = planner.early_lane_s(cfg, profile, "compact", 40)
+    assert list(lane) == list(range(40, 46)) and sorted(lane.values()) == list(lane.values())
+    visits = planner.step_visits(cfg, profile, 49152, 2048, "split", 2, 0, "compact", 40, early=True)
+    assert [v.ready_s for v in visits[:46]] == [0.0] * 40 + [lane[u] for u in range(40, 46)]
+    assert not plan(None, PROFILES["cpu"], "disk").early_updates
+    assert not plan(None, offload="ram").early_updates
+
+
+def test_the_heads_visit_applies_its_update() -> None:
+    """The head's one visit stages it with the update due from the last step, as the
+    engine does: on the disk tier that visit reads the head's whole state and writes
+    back all but its gradient (before, the plan left the head's update out)."""
+    cfg, profile = ModelConfig.from_name("gpt-neox-20b"), PROFILES["h200"]
+    whole, updated, _, grad = state_bytes("compact")
+    head = unit_param_counts(cfg)[-1]
+    visit = next(v for v in planner.step_visits(cfg, profile, 2048, 2048, "disk", 2, 0, "compact")
+                 if v.phase == "head")
+    assert visit.disk_read_s == pytest.approx(whole * head / profile.disk_read_bytes_per_s)
+    # The gradient is written in the same visit, after the head's backward.
+    assert visit.disk_write_s == pytest.approx((updated + grad) * head / profile.disk_write_bytes_per_s)

@@ -248,6 +248,55 @@ def test_a_split_store_trains_exactly_as_one_tier(tmp_path, monkeypatch, state):
     assert files == [f"unit_{u:05d}.safetensors" for u in range(3, n_units)]
 
 
+def _force_early_updates(monkeypatch, early: bool) -> None:
+    """Plan every run with (or without) early updates, which a CPU device never picks."""
+    step_visits = planner.step_visits
+
+    def forced(cfg, profile, tokens, seq_len, offload, depth, kept, state="fp32", ram_units=None, early_=None):
+        return step_visits(cfg, profile, tokens, seq_len, offload, depth, kept, state, ram_units, early), early
+
+    monkeypatch.setattr(planner, "fastest_visits", forced)
+
+
+@pytest.mark.parametrize(("offload", "state"), [("disk", "fp32"), ("split", "compact")])
+def test_early_updates_of_the_disk_part_train_exactly_as_updates_at_staging(tmp_path, monkeypatch, offload, state):
+    """The disk units' updates run on their own lane as soon as the backward ends, beside
+    the next forward's staging (both passing over many chunks at once): the same losses
+    and weights, bit for bit, as each update run when its unit is staged; the staging
+    then reads the updated weights again."""
+    import streamer.store
+    from streamer.state import BLOCK
+
+    monkeypatch.setattr(streamer.store, "CHUNK_NUMEL", 4 * BLOCK)  # whole blocks of the 8-bit moments
+    monkeypatch.setattr(planner, "split_ram_units", lambda cfg, available, state="fp32": 3)
+    settings = dict(steps=4, state=state, prefetch_depth=1)
+    _force_early_updates(monkeypatch, False)
+    staged, w_staged = _run(tmp_path / "staged", "tiny", "stream", offload, **settings)
+    _force_early_updates(monkeypatch, True)
+    early, w_early = _run(tmp_path / "early", "tiny", "stream", offload, **settings)
+    assert [r["loss"] for r in early] == [r["loss"] for r in staged]
+    for name in w_staged:
+        assert torch.equal(w_staged[name], w_early[name]), name
+    assert all(r["early_updates"] for r in early) and not any(r["early_updates"] for r in staged)
+    # Steps after the first carry updates: the early ones re-read the disk units' weights.
+    assert all(e["store_read_bytes"] > s["store_read_bytes"] for e, s in zip(early[1:], staged[1:]))
+
+
+@pytest.mark.gpu
+def test_early_updates_on_the_device_train_exactly_as_updates_at_staging(tmp_path, monkeypatch):
+    """On CUDA the lane updates on a stream of its own (the device's rounding is seeded
+    per chunk, so the results are still bit for bit the same)."""
+    monkeypatch.setattr(planner, "split_ram_units", lambda cfg, available, state="fp32": 3)
+    settings = dict(device="cuda", steps=4, state="compact", update_on="device")
+    _force_early_updates(monkeypatch, False)
+    staged, w_staged = _run(tmp_path / "staged", "tiny", "stream", "split", **settings)
+    _force_early_updates(monkeypatch, True)
+    early, w_early = _run(tmp_path / "early", "tiny", "stream", "split", **settings)
+    assert [r["loss"] for r in early] == [r["loss"] for r in staged]
+    for name in w_staged:
+        assert torch.equal(w_staged[name], w_early[name]), name
+
+
 def test_compact_state_trains_close_to_fp32(tmp_path):
     """bf16 weights with stochastic rounding and 8-bit moments: after 40 steps on real
     text the loss is within 1% of the float32 state's, and falling like it."""

@@ -114,6 +114,50 @@ def test_pipelined_disk_pass_matches_a_sequential_one_and_lands_on_disk(tmp_path
         assert torch.equal(a[name], b[name]), name
 
 
+def test_passes_in_two_lanes_run_at_once_and_each_lands_whole(tmp_path, monkeypatch):
+    """The engine's early updates (lane 1) run beside its staging (lane 0): two
+    threads passing over different units at once, over many chunks each, leave exactly
+    the bytes that one pass after the other would; a later pass over a unit in the
+    other lane reads every write of the first."""
+    import threading
+
+    import streamer.store as store_module
+
+    monkeypatch.setattr(store_module, "CHUNK_NUMEL", 1000)
+    layouts, units = _layouts_and_units("tiny")
+    stores = {kind: DiskStore(layouts, tmp_path / kind) for kind in ("serial", "lanes")}
+    for store in stores.values():
+        for i, u in enumerate(units):
+            store.init_params(i, u)
+        for i in (1, 2):
+            store.write_grad(i, torch.full((layouts[i].numel,), float(i)))
+
+    def update(store, unit, lane, barrier=None):
+        for _start, _stop, buffers in store.stream(unit, BUFFERS, ("param", "exp_avg"), lane=lane):
+            if barrier is not None:
+                barrier.wait()  # both lanes are mid-pass together, chunk by chunk
+            buffers["exp_avg"].add_(buffers["grad"])
+            buffers["param"].sub_(buffers["exp_avg"])
+
+    update(stores["serial"], 1, 0)
+    update(stores["serial"], 2, 0)
+    assert len(stores["lanes"].chunks(1)) == len(stores["lanes"].chunks(2)) > store_module.RING
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=update, args=(stores["lanes"], unit, lane, barrier))
+               for unit, lane in ((1, 0), (2, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for store in stores.values():
+        update(store, 2, 0)  # unit 2 again, in the other lane: it must see lane 1's writes
+        store.close()
+    for unit in (1, 2):
+        a = load_file(tmp_path / "serial" / f"unit_{unit:05d}.safetensors")
+        b = load_file(tmp_path / "lanes" / f"unit_{unit:05d}.safetensors")
+        for name in BUFFERS:
+            assert torch.equal(a[name], b[name]), (unit, name)
+
 
 def test_a_failed_background_write_is_raised_not_lost(tmp_path, monkeypatch):
     import pytest

@@ -6,15 +6,17 @@
 # because host cores code them ~70x slower than float32 AdamW. The RAM part is
 # page-locked, so state, weights and gradients cross the link by DMA. 24 sequences of
 # 2048 per step, one per micro-batch: with the h200 profile's disk (3 GB/s read, 2 GB/s
-# write) the planner's step at 49,152 tokens is 19.6 s, ~322 TFLOP/s of model FLOPs
+# write) the planner's step at 49,152 tokens is 18.3 s, ~344 TFLOP/s of model FLOPs
 # (6 x parameters x tokens plus attention), with 34.6 GiB of device memory (every block
-# recomputed; the boundary activations are most of it); the disk part's update I/O in
-# the forward bounds it, so the measured disk rates decide.
+# recomputed; the boundary activations are most of it). The disk units' updates run on
+# their own lane from the end of each backward; their I/O bounds the forward, so the
+# measured disk rates decide.
 # The machine is a VM whose RAM grows as it is used, so the OS reports far less than its
 # 128 GiB at start: the planner is told the machine's memory (STREAMER_HOST_MEMORY_GIB),
 # which puts 40 of the 46 units in RAM.
 # First the plan, then 10 steps on real text under a 40 GB device-memory limit
-# (37 GiB); metrics go to $OUT.
+# (37 GiB), at the published 20B run's peak learning rate (about 1e-4; the CLI's
+# default, 3e-3, is for the tiny models); metrics go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
@@ -29,6 +31,6 @@ python3 -m streamer plan "${flags[@]}" --measure --disk /tmp --tokens-per-step 4
     | tee "$results/plan_neox20b_cuda.txt"
 rm -rf "$run"
 timeout 480 python3 -m streamer train "${flags[@]}" --mode stream --update-on device --max-memory 37 \
-    --batch-size 1 --grad-accum 24 --steps 10 --warmup 2 --out "$run" --no-progress 2>&1 \
+    --batch-size 1 --grad-accum 24 --steps 10 --warmup 2 --lr 1e-4 --out "$run" --no-progress 2>&1 \
     | tail -20 | tee "$results/train_neox20b_cuda.log"
 cp "$run/metrics.jsonl" "$results/train_neox20b_cuda.jsonl" 2>/dev/null || true

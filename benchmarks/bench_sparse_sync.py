@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import kernels  # noqa: E402
 from kernels.sparse_sync import STAT_KEYS  # noqa: E402
+from streamer.parallel import end_process, leave  # noqa: E402
 
 BPE_VOCAB = 50_000  # the tokenizer's vocabulary; --vocab pads the embedding above it (50432 = NeoX)
 ZIPF_EXPONENT = 1.1  # typical of natural-language token frequencies
@@ -221,7 +222,8 @@ def run_rank(rank: int, args: argparse.Namespace, rows: list[list[np.ndarray]], 
         result["stats"] = gather_totals(result.pop("totals"))
     if rank == 0:
         report(args, rows, results)
-    dist.destroy_process_group()
+    leave()  # all ranks together: see streamer.parallel.leave
+    end_process()
 
 
 # --- report ------------------------------------------------------------------------------------

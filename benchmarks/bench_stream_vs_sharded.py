@@ -40,6 +40,7 @@ from common import RESULTS, machine, machine_line, pyplot, read_metrics, streame
 from models import GPT, ModelConfig, loss_fn  # noqa: E402
 from streamer import planner  # noqa: E402
 from streamer.optim import decays, lr_at  # noqa: E402
+from streamer.parallel import end_process, leave  # noqa: E402
 from streamer.train import TrainConfig, micro_batches, peak_rss_bytes, reset_peak_rss  # noqa: E402
 
 
@@ -224,7 +225,8 @@ def fsdp_worker(args: argparse.Namespace) -> None:
                 if not cuda else None,
             },
         )
-    dist.destroy_process_group()
+    leave()  # all ranks together: see streamer.parallel.leave
+    end_process()
 
 
 def measure_rank_rates(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, world: int) -> dict:
@@ -279,6 +281,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--fixed-threshold", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run each side with the mmap threshold fixed (host memory as the tensors "
+                             "need it); --no-fixed-threshold halves the runs where host memory is not the "
+                             "question, as on a GPU")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -290,18 +296,22 @@ def main() -> None:
     info = machine()
     print(f"{args.model}, global batch {args.global_batch} x {args.seq_len}, {args.steps} steps: {machine_line(info)}")
     stream, sharded = run_streaming(args, scratch), run_sharded(args, scratch)
-    fixed = {"stream": run_streaming(args, scratch, FIXED_THRESHOLD),
-             "sharded": run_sharded(args, scratch, FIXED_THRESHOLD)}
-    # Every run trains the same steps on the same data: all four curves must agree.
-    curves = [stream["losses"], sharded["losses"], fixed["stream"]["losses"], fixed["sharded"]["losses"]]
+    fixed = ({"stream": run_streaming(args, scratch, FIXED_THRESHOLD),
+              "sharded": run_sharded(args, scratch, FIXED_THRESHOLD)} if args.fixed_threshold else {})
+    # Every run trains the same steps on the same data: all curves must agree. On CPU
+    # both sides compute in float32 (to rounding); on a GPU the streamer computes with
+    # bf16 weights and FSDP2 with float32 weights under bf16 autocast, which round in
+    # other places (a few hundredths of a nat).
+    curves = [stream["losses"], sharded["losses"], *(run["losses"] for run in fixed.values())]
     max_gap = max(abs(a - b) for curve in curves[1:] for a, b in zip(curves[0], curve))
+    tolerance = 1e-3 if args.device == "cpu" else 5e-2
     print(
         f"{'run':<22}{'allocator':<11}{'tok/s':>7}{'step s':>8}{'pred s':>8}{'err':>6}"
         f"{'peak host GiB/proc':>20}{'pred':>7}{'err':>6}{'GB moved/step':>15}"
     )
     for name, key, r in (("stream, 1 process", "stream", stream),
                          (f"FSDP2, {sharded['processes']} processes", "sharded", sharded)):
-        for allocator, run in (("default", r), ("fixed", fixed[key])):
+        for allocator, run in (("default", r), *((("fixed", fixed[key]),) if fixed else ())):
             run["tokens_per_s"] = run["tokens_per_step"] / run["step_s"]
             peak = max(run["peak_host_bytes_per_process"])
             predicted_s, predicted_peak = run.get("predicted_step_s"), run.get("predicted_peak_host_bytes")
@@ -313,16 +323,18 @@ def main() -> None:
                 f"{peak / 2**30:>20.2f}{(predicted_peak or 0) / 2**30:>7.2f}{run['peak_prediction_error'] or 0:>+6.0%}"
                 f"{run['bytes_moved_per_step'] / 1e9:>15.2f}"
             )
-        r["fixed_threshold"] = fixed[key]
-        # What the default allocator holds beyond the tensors, as a multiple.
-        r["default_over_fixed_peak"] = max(r["peak_host_bytes_per_process"]) / max(
-            fixed[key]["peak_host_bytes_per_process"])
         by_step = " ".join(f"{p / 2**30:.2f}" for p in r["peak_host_bytes_by_step"])
-        by_step_fixed = " ".join(f"{p / 2**30:.2f}" for p in fixed[key]["peak_host_bytes_by_step"])
-        print(f"{'':<22}peak GiB by step: default {by_step}; fixed threshold {by_step_fixed}")
+        if fixed:
+            r["fixed_threshold"] = fixed[key]
+            # What the default allocator holds beyond the tensors, as a multiple.
+            r["default_over_fixed_peak"] = max(r["peak_host_bytes_per_process"]) / max(
+                fixed[key]["peak_host_bytes_per_process"])
+            peaks = fixed[key]["peak_host_bytes_by_step"]
+            by_step += "; fixed threshold " + " ".join(f"{p / 2**30:.2f}" for p in peaks)
+        print(f"{'':<22}peak GiB by step: default {by_step}")
     print(
-        f"loss curves (all four runs): max |difference| {max_gap:.2e} over {args.steps} steps "
-        f"({'agree' if max_gap < 1e-3 else 'DIFFER'})"
+        f"loss curves (all {len(curves)} runs): max |difference| {max_gap:.2e} over {args.steps} steps "
+        f"({'agree' if max_gap < tolerance else 'DIFFER'}, tolerance {tolerance:g})"
     )
     stem = args.json.with_suffix("") if args.json else RESULTS / f"stream_vs_sharded_{args.device}"
     plot(stream, sharded, stem.with_suffix(".png"), f"{args.model}; {machine_line(info)}")
@@ -339,7 +351,8 @@ def main() -> None:
             "stream": stream,
             "sharded": sharded,
             "loss_max_abs_difference": max_gap,
-            "losses_agree": max_gap < 1e-3,
+            "losses_agree": max_gap < tolerance,
+            "loss_tolerance": tolerance,
             "stream_over_sharded_tokens_per_s": stream["tokens_per_s"] / sharded["tokens_per_s"],
         },
     )

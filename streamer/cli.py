@@ -155,11 +155,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from streamer.train import train
 
     out = train(train_config(args))
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    print(f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps; "
-          f"metrics in {out / 'metrics.jsonl'}, final weights in {out / 'final'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        print(f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps; "
+              f"metrics in {out / 'metrics.jsonl'}, final weights in {out / 'final'}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from streamer.parallel import end_process
+
+        end_process()  # a torchrun rank: see there
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

@@ -16,7 +16,9 @@ With world 1 every call is a no-op and the shard is the whole unit.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -115,3 +117,13 @@ def leave() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def end_process() -> NoReturn:
+    """A rank of a multi-process run ends here, after `leave` and with its files
+    closed: it skips the interpreter's teardown, where a C++ thread still destroyed
+    while joinable aborted the process now and then even after `leave` (1 run in 15
+    of a 2-process FSDP2 worker on 2 cores). Exit status 0: the work is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kernels
+from streamer.parallel import end_process, leave
 
 ROWS, HIDDEN = 300, 16
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=20)
@@ -178,7 +179,8 @@ def run_checks(rank: int, world: int, init_file: str, verdict_dir: str) -> None:
             verdicts[name] = traceback.format_exc()
         dist.barrier()
     Path(verdict_dir, f"rank{rank}.json").write_text(json.dumps(verdicts))
-    dist.destroy_process_group()
+    leave()  # all ranks together: see streamer.parallel.leave
+    end_process()
 
 
 @pytest.fixture(scope="module", params=(2, 4), ids=lambda world: f"world{world}")

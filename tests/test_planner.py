@@ -287,3 +287,11 @@ def test_the_heads_visit_applies_its_update() -> None:
     assert visit.disk_read_s == pytest.approx(whole * head / profile.disk_read_bytes_per_s)
     # The gradient is written in the same visit, after the head's backward.
     assert visit.disk_write_s == pytest.approx((updated + grad) * head / profile.disk_write_bytes_per_s)
+
+
+def test_the_disk_probe_writes_and_reads_two_streams_and_leaves_nothing(tmp_path) -> None:
+    """The probe moves its bytes through two files at once, fsync'd, and removes them:
+    a user's --disk folder holds nothing of it afterwards."""
+    read, write = planner.measure_disk_bandwidth(tmp_path, nbytes=32 * 2**20)
+    assert read > 0 and write > 0
+    assert list(tmp_path.iterdir()) == []

@@ -289,7 +289,7 @@ def test_the_heads_visit_applies_its_update() -> None:
     assert visit.disk_write_s == pytest.approx((updated + grad) * head / profile.disk_write_bytes_per_s)
 
 
-def test_the_disk_probe_writes_and_reads_two_streams_and_leaves_nothing(tmp_path) -> None:
+def test_the_disk_probe_leaves_nothing_in_the_folder(tmp_path) -> None:
     """The probe moves its bytes through two files at once, fsync'd, and removes them:
     a user's --disk folder holds nothing of it afterwards."""
     read, write = planner.measure_disk_bandwidth(tmp_path, nbytes=32 * 2**20)

@@ -73,6 +73,7 @@ def run_point(
         "step_s_median": statistics.median(r["step_s"] for r in rows),
         "tokens_per_s": rows[0]["tokens"] / step_s,
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rows),
+        "peak_device_bytes": max(r.get("peak_device_bytes", 0) for r in rows),
         "loss": [r["loss"] for r in rows],
     }
     if mode == "stream":
@@ -86,12 +87,13 @@ def run_point(
 def predict(
     cfg: ModelConfig, profile: planner.DeviceProfile, tokens: int, micro_tokens: int, seq_len: int, result: dict
 ) -> tuple[float, int]:
-    """The planner's step time and peak memory (the process's, on CPU) for one run."""
+    """The planner's step time and peak memory (the device's; on CPU, the process's)
+    for one run."""
     if result["mode"] == "resident":
-        return (
-            planner.predict_resident_step_s(cfg, profile, tokens, seq_len),
-            planner.predict_resident_peak_bytes(cfg, micro_tokens, profile.compute_bytes, tokens // micro_tokens),
-        )
+        peak = planner.predict_resident_peak_bytes(cfg, micro_tokens, profile.compute_bytes, tokens // micro_tokens)
+        if not profile.shares_host_cores:  # a GPU's memory holds no Python runtime
+            peak -= planner.RUNTIME_BYTES
+        return planner.predict_resident_step_s(cfg, profile, tokens, seq_len), peak
     plan = planner.make_plan(
         cfg,
         profile,
@@ -116,6 +118,8 @@ def plot(points: list[dict], recommended: int, path: Path, title: str) -> None:
             for r in p["runs"]
             if r["mode"] == mode and (mode == "resident" or r["offload"] == offload)
         ]
+        if not rows:  # a mode left out (--modes)
+            continue
         xs = [t for t, _ in rows]
         ax.plot(xs, [r["tokens_per_s"] for _, r in rows], style, label=f"{label} measured")
         ax.plot(xs, [t / r["predicted_step_s"] for t, r in rows], style[0] + ":", alpha=0.6, label=f"{label} predicted")
@@ -137,8 +141,17 @@ def main() -> None:
     parser.add_argument("--sequences", default="1,4", help="sequences per step to sweep, besides the recommended")
     parser.add_argument("--steps", type=int, default=8, help="steps per point (the first is warm-up)")
     parser.add_argument("--recompute", default="auto", choices=["auto", "yes", "no"])
+    parser.add_argument("--modes", default="resident,ram,disk",
+                        help="what runs at each point: resident, and streaming from the ram and disk tiers "
+                             "(resident and ram are needed; disk is the slowest to run)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    asked = args.modes.split(",")
+    if not {"resident", "ram"} <= set(asked) <= {"resident", "ram", "disk"}:
+        parser.error("--modes takes resident and ram, and optionally disk, comma-separated")
+    modes = [(mode, offload) for mode, offload in MODES if (offload if mode == "stream" else mode) in asked]
+    # The memory the planner predicts: a GPU's own; on a CPU device, the process's.
+    peak_key = "peak_device_bytes" if args.device == "cuda" else "peak_rss_bytes"
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = ModelConfig.from_name(args.model)
@@ -178,7 +191,7 @@ def main() -> None:
             run_point(
                 args.model, args.device, args.seq_len, batch, accum, mode, offload, args.steps, scratch, args.recompute
             )
-            for mode, offload in MODES
+            for mode, offload in modes
         ]
         rates.append(planner.measure_model_flops(cfg, device, dtype, batch, args.seq_len, repeat=6))
         point_profile = planner.replace(profile, matmul_flops=max(rates))
@@ -188,7 +201,7 @@ def main() -> None:
             result["predicted_step_s"] = predicted_s
             result["prediction_error"] = predicted_s / result["step_s"] - 1
             result["predicted_peak_bytes"] = predicted_peak
-            result["peak_prediction_error"] = predicted_peak / result["peak_rss_bytes"] - 1
+            result["peak_prediction_error"] = predicted_peak / result[peak_key] - 1
         resident = runs[0]["tokens_per_s"]
         for r in runs:
             r["ratio_over_resident"] = r["tokens_per_s"] / resident
@@ -197,7 +210,7 @@ def main() -> None:
             print(
                 f"{tokens:>7} {label:<14} {r['step_s']:>8.2f} {r['predicted_step_s']:>8.2f} "
                 f"{r['prediction_error']:>+6.0%} {r['tokens_per_s']:>8.0f} {stall:>6} "
-                f"{r['ratio_over_resident']:>6.3f} {r['peak_rss_bytes'] / 2**30:>9.2f} "
+                f"{r['ratio_over_resident']:>6.3f} {r[peak_key] / 2**30:>9.2f} "
                 f"{r['predicted_peak_bytes'] / 2**30:>9.2f} {r['peak_prediction_error']:>+6.0%}"
             )
         points.append(

@@ -95,6 +95,32 @@ def test_resume_after_a_crash_is_bit_exact(mode: str, references: dict[str, Path
     assert [s for s, _ in checkpoint.complete(out)] == [4, 6]
 
 
+def test_resume_with_early_updates_is_the_same_run(references: dict[str, Path], token_file: Path,
+                                                  tmp_path: Path) -> None:
+    """The disk units' updates on their own lane (streamer.scheduler's [Note: early
+    updates of the disk part]): a checkpoint waits for the lane's updates, a crash
+    while the lane may still run leaves it to finish, and the resumed run is bit for bit
+    the uninterrupted run that updated each unit at staging."""
+    from streamer import planner
+
+    step_visits = planner.step_visits
+
+    def early(cfg, profile, tokens, seq_len, offload, depth, kept, state="fp32", ram_units=None, early_=None):
+        return step_visits(cfg, profile, tokens, seq_len, offload, depth, kept, state, ram_units, True), True
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(planner, "fastest_visits", early)
+        crash_at(patch, 5)
+        with pytest.raises(Crash):
+            train(config(token_file, out, "stream-disk", checkpoint_every=2))
+        patch.undo()
+        patch.setattr(planner, "fastest_visits", early)
+        train(config(token_file, out, "stream-disk", checkpoint_every=2, resume=True))
+    assert all(json.loads(line)["early_updates"] for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert_same_run(out, references["stream-disk"])
+
+
 # Kill points for a real SIGKILL, each installed in the child before it trains.
 KILLER = """
 import os, signal, sys

@@ -79,6 +79,8 @@ def run_point(
     if mode == "stream":
         result["stall_share"] = statistics.median(r["stall_s"] / r["step_s"] for r in rows)
         result["link_gbps"] = statistics.median(r["link_gbps"] for r in rows)
+        if all("h2d_copy_gbps" in r for r in rows):  # CUDA: the link's rate while it copies
+            result["h2d_copy_gbps"] = statistics.median(r["h2d_copy_gbps"] for r in rows)
         result["recompute"] = rows[0]["recompute"]
         result["kept_graphs"] = rows[0]["kept_graphs"]
     return result
@@ -223,12 +225,14 @@ def main() -> None:
         )
     shutil.rmtree(scratch, ignore_errors=True)
     at_rec = next(p for p in points if p["tokens_per_step"] >= recommended)
-    ratio = next(r["ratio_over_resident"] for r in at_rec["runs"] if r.get("offload") == "ram")
+    ram_run = next(r for r in at_rec["runs"] if r.get("offload") == "ram")
+    ratio = ram_run["ratio_over_resident"]
     max_err = max(abs(r["prediction_error"]) for p in points for r in p["runs"])
     max_peak_err = max(abs(r["peak_prediction_error"]) for p in points for r in p["runs"])
     print(
         f"stream (RAM) / resident at {at_rec['tokens_per_step']} tokens/step: {ratio:.3f}; "
         f"max |prediction error| step time {max_err:.1%}, peak memory {max_peak_err:.1%}"
+        + (f"; link while copying {ram_run['h2d_copy_gbps']:.1f} GB/s" if "h2d_copy_gbps" in ram_run else "")
     )
     stem = args.json.with_suffix("") if args.json else RESULTS / f"stream_vs_resident_{args.device}"
     plot(points, recommended, stem.with_suffix(".png"), f"{args.model}, {machine_line(info)}")
@@ -242,6 +246,7 @@ def main() -> None:
             "profile": planner.asdict(profile),
             "recommended_tokens_per_step": recommended,
             "ratio_stream_over_resident": ratio,
+            "h2d_copy_gbps_at_recommended": ram_run.get("h2d_copy_gbps"),
             "max_prediction_error": max_err,
             "max_peak_prediction_error": max_peak_err,
             "points": points,

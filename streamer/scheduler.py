@@ -43,6 +43,7 @@ recompute of the logits, the largest activation of the step.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import math
 import threading
@@ -262,7 +263,10 @@ class StreamEngine:
         self.update_due = [False] * self.n_units
         self.adam_step = 0
         self.counters = {"bytes_in": 0, "bytes_out": 0, "stall_s": 0.0, "update_s": 0.0,
-                         "forward_s": 0.0, "backward_s": 0.0}
+                         "forward_s": 0.0, "backward_s": 0.0, "h2d_busy_s": 0.0, "h2d_bytes": 0}
+        # On CUDA, (start, end, bytes) of each host-to-device copy this step: the link's
+        # rate while it copies, which the step's average (`link_gbps`) does not show.
+        self.link_timings: list[tuple] = []
         self.io_before = store.io_seconds()
         self.io_step: dict[str, float] = {}
 
@@ -398,6 +402,17 @@ class StreamEngine:
         if slot != self.tied_slot:
             self.free_slots.append(slot)
 
+    @contextlib.contextmanager
+    def _link_timed(self, stream: torch.cuda.Stream, nbytes: int):  # noqa: ANN202 - a context manager
+        """Time the host-to-device copies enqueued inside on `stream` with a pair of
+        events; `_finish_step` reads them once the device is synchronised."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        yield
+        end.record(stream)
+        with self._counter_lock:
+            self.link_timings.append((start, end, nbytes))
+
     def _stage(self, unit: int, slot: int) -> None:
         """Host worker: apply a due update, then copy the weights towards the device,
         a chunk at a time (see `HostStore.chunks`).
@@ -436,7 +451,8 @@ class StreamEngine:
             if due:
                 self._update_chunk(unit, start, stop, buffers)
             if direct:
-                with torch.cuda.stream(self.copy_stream):
+                nbytes = buffers["param"].numel() * buffers["param"].element_size()
+                with torch.cuda.stream(self.copy_stream), self._link_timed(self.copy_stream, nbytes):
                     self.slots[slot][into].copy_(buffers["param"], non_blocking=True)
             else:
                 self.staging[slot][into].copy_(buffers["param"])
@@ -445,7 +461,8 @@ class StreamEngine:
         with torch.cuda.stream(self.copy_stream):
             if not direct:
                 self.copy_stream.wait_event(self.slot_free_events[slot])
-                self.slots[slot][lo:hi].copy_(self.staging[slot][lo:hi], non_blocking=True)
+                with self._link_timed(self.copy_stream, (hi - lo) * self.staging[slot].element_size()):
+                    self.slots[slot][lo:hi].copy_(self.staging[slot][lo:hi], non_blocking=True)
             self.dp.gather_weights(self.slots[slot], numel)
             self.copy_done_events[slot].record(self.copy_stream)
             if direct:
@@ -475,8 +492,11 @@ class StreamEngine:
         else:
             torch.cuda.set_device(self.device)  # `flush` may be this thread's first CUDA work
             stream = stream or self.copy_stream
+            nbytes = sum(buffer.numel() * buffer.element_size() for buffer in buffers.values())
             with torch.cuda.stream(stream):
-                work = {name: buffer.to(self.update_device, non_blocking=True) for name, buffer in buffers.items()}
+                with self._link_timed(stream, nbytes):
+                    work = {name: buffer.to(self.update_device, non_blocking=True)
+                            for name, buffer in buffers.items()}
                 fmt.update_(work, **settings)
                 if weights is not None:
                     weights.copy_(work["param"])  # casts to the compute dtype
@@ -748,7 +768,11 @@ class StreamEngine:
 
     def _finish_step(self, losses: list[torch.Tensor], lr: float) -> StepStats:
         if self.ready_events is not None:
-            self.counters["stall_s"] += self._device_stall_s()
+            self.counters["stall_s"] += self._device_stall_s()  # synchronises the device
+            with self._counter_lock:
+                timings, self.link_timings = self.link_timings, []
+            self.counters["h2d_busy_s"] = sum(start.elapsed_time(end) for start, end, _ in timings) / 1000
+            self.counters["h2d_bytes"] = sum(nbytes for _, _, nbytes in timings)
         # Every rank's mean loss weighs the same: ranks run equal shares of the batch.
         loss = float(self.dp.sum(torch.stack(losses).float().mean()) / self.dp.world)
         grad_norm = math.sqrt(float(self.dp.sum(self.shard_sq_norm)))
@@ -783,7 +807,10 @@ class StreamEngine:
                 "offload": getattr(self, "offload", "ram"),
                 "prefetch_depth": self.depth, "recompute": self.recompute, "kept_graphs": self.kept_graphs,
                 "early_updates": bool(self.early_units),
-                **{k: self.counters[k] for k in ("forward_s", "backward_s", "update_s")}, **self.io_step}
+                **{k: self.counters[k] for k in ("forward_s", "backward_s", "update_s")}, **self.io_step,
+                # The link's rate while it copied (CUDA): bytes over the copies' own time.
+                **({"h2d_copy_gbps": self.counters["h2d_bytes"] / self.counters["h2d_busy_s"] / 1e9}
+                   if self.counters["h2d_busy_s"] > 0 else {})}
 
     def _calibrate(self) -> None:
         """Re-predict the step from rates this run measured in its steps that carried

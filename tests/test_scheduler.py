@@ -180,6 +180,17 @@ def test_stream_matches_resident_on_cuda(tmp_path):
             torch.testing.assert_close(sw[name], rw[name], atol=1e-4, rtol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", ["ram", "disk"])
+def test_the_link_rate_while_copying_is_reported_and_within_the_links(tmp_path, offload):
+    """Each step times its host-to-device copies with CUDA events: the link's rate while
+    it copies (a page-locked RAM tier's chunks, or a disk tier's through a pinned
+    staging buffer), which must be positive and below any PCIe or NVLink-C2C link."""
+    rows, _ = _run(tmp_path, "tiny", "stream", offload, device="cuda", steps=3)
+    for row in rows:
+        assert 0 < row["h2d_copy_gbps"] < 1000
+
+
 def test_kept_graphs_hold_no_weights(tmp_path):
     """Without recompute, a unit's slot is reused by other units between its forward and
     backward (depth 1, six units); results still equal recompute exactly, so the backward

@@ -17,14 +17,9 @@
 # First the plan, then 10 steps on real text under a 40 GB device-memory limit
 # (37 GiB), at the published 20B run's peak learning rate (about 1e-4; the CLI's
 # default, 3e-3, is for the tiny models); metrics go to $OUT.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
-export STREAMER_HOST_MEMORY_GIB="${STREAMER_HOST_MEMORY_GIB:-128}"
-results="${OUT:-benchmarks/results}"
+source "$(dirname "$0")/gpu_env.sh"
 run="${RUN_DIR:-/tmp/neox20b}"
-mkdir -p "$results"
-{ date -u; nproc; free -g; df -h /tmp .; nvidia-smi; } > "$results/machine_20b.txt" 2>&1
+machine_facts "$results/machine_20b.txt"
 flags=(--model gpt-neox-20b --state compact --seq-len 2048)
 python3 -m streamer plan "${flags[@]}" --measure --disk /tmp --tokens-per-step 49152 --micro-tokens 2048 \
     --update-on device --max-memory 37 \

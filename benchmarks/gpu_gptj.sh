@@ -6,14 +6,8 @@
 # sides; each side's fp32 state is host-resident (the streamer's RAM tier holds
 # 97 GB, page-locked). Only glibc's default allocator: host memory is not the question
 # here, and the fixed-threshold runs would double the call.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
-# The GPU machine is a VM whose RAM grows as it is used (see gpu_session.sh).
-export STREAMER_HOST_MEMORY_GIB="${STREAMER_HOST_MEMORY_GIB:-128}"
-results="${OUT:-benchmarks/results}"
-mkdir -p "$results"
-{ date -u; nproc; free -g; df -h /tmp .; nvidia-smi; } > "$results/machine_gptj.txt" 2>&1
+source "$(dirname "$0")/gpu_env.sh"
+machine_facts "$results/machine_gptj.txt"
 timeout 420 python3 benchmarks/bench_stream_vs_sharded.py --model gpt-j-6b --device cuda --world 1 \
     --global-batch 8 --seq-len 2048 --steps 3 --no-fixed-threshold \
     --json "$results/stream_vs_sharded_gptj_cuda.json" 2>&1 | tee "$results/stream_vs_sharded_gptj_cuda.log"

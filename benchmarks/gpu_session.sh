@@ -4,19 +4,10 @@
 # gpu_gptj.sh are the other sessions' calls):
 #   device limits -> GPU tests -> sparse kernels -> overlap (gpt3-xl, RAM tier) -> FSDP2 + CPU offload.
 # The GPU machine has torch, CuPy, safetensors, psutil, tqdm, pytest and matplotlib;
-# nothing is installed: the repository is put on PYTHONPATH. Results go to
-# benchmarks/results/ (and to $OUT when the device tool provides one).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
-# The GPU machine is a VM whose RAM grows as it is used: at start the OS reports far
-# less available than its 128 GiB, and the planner would refuse gpt3-xl's 21 GB RAM
-# tier. Plan with the machine's memory instead (see planner.host_available).
-export STREAMER_HOST_MEMORY_GIB="${STREAMER_HOST_MEMORY_GIB:-128}"
-results="${OUT:-benchmarks/results}"
-mkdir -p "$results"
+# gpu_env.sh sets up the rest.
+source "$(dirname "$0")/gpu_env.sh"
 # The machine's facts head the test log ($OUT returns at most 8 files; this call makes 7).
-{ date -u; nproc; free -g; df -h /tmp .; nvidia-smi; } > "$results/gpu_tests.log" 2>&1
+machine_facts "$results/gpu_tests.log"
 timeout 60 python3 benchmarks/bench_device_limits.py --json "$results/device_limits_cuda.json"
 timeout 150 python3 -m pytest -q -m gpu tests/ 2>&1 | tee -a "$results/gpu_tests.log"
 timeout 75 python3 benchmarks/bench_kernels.py --json "$results/kernels_cuda.json"

@@ -69,7 +69,7 @@ def host_available(asked_gib: float | None = None) -> float:
             asked_gib = float(text)
         except ValueError:
             asked_gib = float("nan")
-        if not asked_gib > 0:
+        if not 0 < asked_gib < math.inf:
             raise UserError(f"{HOST_MEMORY_ENV} must be a positive number of GiB, got '{text}': "
                             f"fix it or unset it")
     if asked_gib is not None:
@@ -1034,7 +1034,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         cfg = ModelConfig.from_name(args.model)
     except UnknownModelError as exc:
         raise UserError(str(exc)) from exc
-    if args.host_memory is not None and args.host_memory <= 0:
+    if args.host_memory is not None and not 0 < args.host_memory < math.inf:
         raise UserError(f"--host-memory must be a positive number of GiB, got {args.host_memory}")
     if args.measure:
         device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")

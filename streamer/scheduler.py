@@ -258,6 +258,10 @@ class StreamEngine:
         self.lane_stream = torch.cuda.Stream(device) if cuda and self.early_units else None
         self.early: dict[int, Future] = {}  # unit -> its update running on the lane
         self._counter_lock = threading.Lock()  # the lane and the worker both add update time
+        # Update seconds since the run began, and up to the last step's end: a step's own
+        # share is the difference (the lane's updates for the next step start before the
+        # last step's metrics are written, so a per-step counter would split them).
+        self.update_s_total = self._update_s_seen = 0.0
         self.batch_rows: torch.Tensor | None = None  # token ids of this step, for the sparse path
         self.pending: PendingUpdate | None = None
         self.update_due = [False] * self.n_units
@@ -505,7 +509,7 @@ class StreamEngine:
                 # The store commits these buffers next (the disk tier writes them out).
                 stream.synchronize()
         with self._counter_lock:
-            self.counters["update_s"] += time.perf_counter() - started
+            self.update_s_total += time.perf_counter() - started
 
     def _apply_update(self, unit: int) -> None:
         for start, stop, buffers in self.store.stream(unit, BUFFERS, UPDATED):
@@ -706,9 +710,8 @@ class StreamEngine:
                                                                             for u in range(head - 1, -1, -1)]
 
     def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> StepStats:
-        with self._counter_lock:  # the lane may be adding update time already
-            for key in self.counters:
-                self.counters[key] = 0
+        for key in self.counters:
+            self.counters[key] = 0
         xs = [x.to(self.device, non_blocking=True) for x, _ in micro_batches]
         ys = [y.to(self.device, non_blocking=True) for _, y in micro_batches]
         if self.dp.world > 1 and self._sparse_rows(0):
@@ -767,6 +770,9 @@ class StreamEngine:
         return stall
 
     def _finish_step(self, losses: list[torch.Tensor], lr: float) -> StepStats:
+        with self._counter_lock:
+            total = self.update_s_total
+        self.counters["update_s"], self._update_s_seen = total - self._update_s_seen, total
         if self.ready_events is not None:
             self.counters["stall_s"] += self._device_stall_s()  # synchronises the device
             with self._counter_lock:
@@ -781,13 +787,14 @@ class StreamEngine:
             self.adam_step += 1
             self.pending = PendingUpdate(self.adam_step, lr, clip_coefficient(grad_norm, self.optim.grad_clip))
             self.update_due = [True] * self.n_units
-            self._start_early_updates()
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else self.device_bytes()
         io_now = self.store.io_seconds()
         self.io_step = {f"store_{k}": io_now[k] - self.io_before.get(k, 0) for k in io_now}
         self.io_before = io_now
         if self.counters["update_s"] > 0 and self.replan is not None:
             self._calibrate()
+        if not skipped:  # after this step's I/O counters, which the lane's must not join
+            self._start_early_updates()
         return StepStats(loss=loss, grad_norm=grad_norm, skipped=skipped, bytes_in=self.counters["bytes_in"],
                          bytes_out=self.counters["bytes_out"], stall_s=self.counters["stall_s"],
                          peak_device_bytes=peak)

@@ -95,7 +95,7 @@ class TrainConfig:
             raise UserError(f"--recompute must be auto, yes or no, got '{self.recompute}'")
         if self.max_memory_gib is not None and self.max_memory_gib <= 0:
             raise UserError(f"--max-memory must be a positive number of GiB, got {self.max_memory_gib}")
-        if self.host_memory_gib is not None and self.host_memory_gib <= 0:
+        if self.host_memory_gib is not None and not 0 < self.host_memory_gib < float("inf"):
             raise UserError(f"--host-memory must be a positive number of GiB, got {self.host_memory_gib}")
         if self.prefetch_depth is not None and self.prefetch_depth <= 0:
             raise UserError(f"--prefetch-depth must be a positive integer, got {self.prefetch_depth}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPT-NeoX 20B on one GPU (a separate device call from gpu_session.sh: about 8 minutes).
+# GPT-NeoX 20B on one GPU, in about 8 minutes (gpu_session.sh measures the rest).
 # The compact state (about 6 bytes per parameter, 115 GiB) fits neither a 128 GiB host's
 # RAM nor its 64 GiB disk alone, so the planner splits it (the leading units in RAM, the
 # rest on disk); AdamW and the 8-bit moments' coding run on the GPU (--update-on device)
@@ -16,7 +16,7 @@
 # which puts 40 of the 46 units in RAM.
 # First the plan, then 10 steps on real text under a 40 GB device-memory limit
 # (37 GiB), at the published 20B run's peak learning rate (about 1e-4; the CLI's
-# default, 3e-3, is for the tiny models); metrics go to $OUT.
+# default, 3e-3, is for the tiny models); metrics go to the results folder.
 source "$(dirname "$0")/gpu_env.sh"
 run="${RUN_DIR:-/tmp/neox20b}"
 machine_facts "$results/machine_20b.txt"

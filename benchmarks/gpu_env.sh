@@ -1,6 +1,6 @@
 # Sourced by the GPU scripts (gpu_session.sh, gpu_20b.sh, gpu_gptj.sh): the repository on
 # PYTHONPATH (nothing is installed on the GPU machine), the machine's memory for the
-# planner, the results folder ($OUT where the device tool provides one), and a function
+# planner, the results folder ($OUT if set, else benchmarks/results), and a function
 # that records the machine's facts.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Streaming against FSDP2 with CPUOffloadPolicy for gpt-j-6b on one GPU (the issue's
-# second model for that comparison; gpu_session.sh runs gpt3-xl): one device call of
-# about 5 minutes, in a session of its own (a session's device time is 15 minutes).
+# second model for that comparison; gpu_session.sh runs gpt3-xl), in about 5 minutes.
 # Same model, initial weights, batch (8 x 2048), data, schedule and steps on both
 # sides; each side's fp32 state is host-resident (the streamer's RAM tier holds
 # 97 GB, page-locked). Only glibc's default allocator: host memory is not the question

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Everything the GPU machine must measure but the 20B run and the gpt-j-6b comparison, in one call of at most nine minutes
-# (a session's device time is 15 minutes in all, start-up included; gpu_20b.sh and
-# gpu_gptj.sh are the other sessions' calls):
+# Everything the GPU machine must measure but the 20B run and the gpt-j-6b comparison
+# (gpu_20b.sh, gpu_gptj.sh), in at most nine and a half minutes:
 #   device limits -> GPU tests -> sparse kernels -> overlap (gpt3-xl, RAM tier) -> FSDP2 + CPU offload.
 # The GPU machine has torch, CuPy, safetensors, psutil, tqdm, pytest and matplotlib;
 # gpu_env.sh sets up the rest.
 source "$(dirname "$0")/gpu_env.sh"
-# The machine's facts head the test log ($OUT returns at most 8 files; this call makes 7).
+# The machine's facts head the test log (seven result files in all).
 machine_facts "$results/gpu_tests.log"
 timeout 60 python3 benchmarks/bench_device_limits.py --json "$results/device_limits_cuda.json"
 timeout 150 python3 -m pytest -q -m gpu tests/ 2>&1 | tee -a "$results/gpu_tests.log"

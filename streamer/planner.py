@@ -593,7 +593,7 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
     device_bytes, host_bytes = memory_bytes(cfg, profile, tokens_per_step, micro, offload, depth, kept, state,
                                             in_ram, early)
     h2d_bytes, d2h_bytes = link_bytes(cfg, profile, state, in_ram)
-    lane_s = max(early_lane_s(cfg, profile, state, in_ram)[0].values()) if early else 0.0
+    lane_s = max(v.ready_s for v in visits)  # when the lane's last update ends (0 without it)
     return Plan(
         model=cfg.name, device=profile.name, offload=offload, prefetch_depth=depth,
         tokens_per_step=tokens_per_step, seq_len=seq_len, n_params=n_params, n_units=len(counts),

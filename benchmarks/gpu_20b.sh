@@ -29,3 +29,4 @@ timeout 480 python3 -m streamer train "${flags[@]}" --mode stream --update-on de
     --batch-size 1 --grad-accum 24 --steps 10 --warmup 2 --lr 1e-4 --out "$run" --no-progress 2>&1 \
     | tail -20 | tee "$results/train_neox20b_cuda.log"
 cp "$run/metrics.jsonl" "$results/train_neox20b_cuda.jsonl" 2>/dev/null || true
+cp "$run/run.json" "$results/train_neox20b_cuda_run.json" 2>/dev/null || true  # with the start-up's parts

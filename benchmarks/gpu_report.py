@@ -169,6 +169,11 @@ def report(folder: Path) -> tuple[str, list[Row]]:
     lines = [f"# GPU results, {time.strftime('%Y-%m-%d', time.gmtime())}", "", f"Device: {device}.", "",
              "| target | goal | measured | | from |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r.target} | {r.goal} | {r.measured} | {mark[r.met]} | `{r.source}` |" for r in rows]
+    run_info = folder / "train_neox20b_cuda_run.json"
+    if run_info.exists() and "startup" in (info := json.loads(run_info.read_text())):
+        parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s"
+                          for k, v in info["startup"].items() if k != "total_s")
+        lines += ["", f"The 20B run's start-up took {info['startup']['total_s']:.0f} s ({parts})."]
     return "\n".join(lines) + "\n", rows
 
 

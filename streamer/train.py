@@ -390,8 +390,11 @@ def _start_engine(cfg: TrainConfig, checked: Preflight, dp: DataParallel) -> tup
                                   warn if lead else lambda message: warn(f"rank {dp.rank}: {message}"))
         if point is None and lead:
             warn(f"no checkpoint in '{out}': starting from step 0")
+    started = time.perf_counter()
     engine = build_engine(cfg, checked.model_cfg, out, checked.device, checked.dtype, initialise=point is None)
     run_state = restore(point, engine, dp.rank) if point is not None else {}
+    # The engine's start-up, in run.json: with its parts for a stream store.
+    engine.startup = {**getattr(engine, "startup", {}), "total_s": time.perf_counter() - started}
     start = point.step if point is not None else 0
     if cfg.resume and lead:
         discard_after(out, start)
@@ -414,7 +417,8 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
         atomic_write_json(out / "run.json", {"train": asdict(cfg), "model": checked.model_cfg.to_dict(),
                                              "world": dp.world, "device": str(checked.device),
                                              "dtype": str(checked.dtype).removeprefix("torch."),
-                                             "flops_per_token": flops_per_token, "peak_flops": peak_flops})
+                                             "flops_per_token": flops_per_token, "peak_flops": peak_flops,
+                                             "startup": engine.startup})
     streak = run_state.get("skipped_in_a_row", 0)
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and lead), unit="step",
                dynamic_ncols=True, mininterval=1.0)

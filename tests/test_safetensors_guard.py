@@ -41,8 +41,9 @@ def test_disk_store_files_pass(tmp_path: Path) -> None:
     from streamer.store import DiskStore, UnitLayout
 
     unit = build_unit(ModelConfig.from_name("tiny"), 1)
-    store = DiskStore([UnitLayout.of(1, unit)], tmp_path)
-    store.init_params(0, unit)
+    layout = UnitLayout.of(1, unit)
+    store = DiskStore([layout], tmp_path)
+    store.init_params(0, layout.flatten(unit))
     store.close()
     assert set(check_safetensors(store.path(0)).tensors) == {"param", "grad", "exp_avg", "exp_avg_sq"}
 

@@ -352,3 +352,28 @@ def test_compact_updates_on_the_device_track_host_updates(tmp_path, monkeypatch,
     device, _ = _run(tmp_path / "device", "tiny", "stream", offload, update_on="device", **settings)
     assert device[-1]["loss"] < 0.7 * device[0]["loss"]
     assert abs(device[-1]["loss"] - host[-1]["loss"]) < 0.02 * host[-1]["loss"]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_store_is_initialised_as_units_built_one_by_one(tmp_path, workers):
+    """Units drawn several at a time into reused buffers give each unit the weights it
+    has when built and initialised alone, in every tier; the disk tier's files come out
+    in order, each with zero moments."""
+    from models import ModelConfig
+    from models.gpt import build_unit, init_unit
+    from streamer.scheduler import initialise_store
+    from streamer.store import DiskStore, SplitStore, UnitLayout
+
+    cfg = ModelConfig.from_name("tiny-neox")
+    units = [build_unit(cfg, i) for i in range(cfg.n_layer + 2)]
+    for i, unit in enumerate(units):
+        init_unit(unit, cfg, seed=5, index=i)
+    layouts = [UnitLayout.of(i, u) for i, u in enumerate(units)]
+    store = SplitStore(layouts, tmp_path / "store", ram_units=3)
+    initialise_store(store, layouts, cfg, seed=5, workers=workers)
+    for i, layout in enumerate(layouts):
+        got = store.open(i, ("param", "exp_avg"), 0, layout.numel)
+        assert torch.equal(got["param"], layout.flatten(units[i])), f"unit {i}"
+        assert not got["exp_avg"].any()
+    assert isinstance(store.disk, DiskStore) and len(store.disk.fds) == len(layouts) - 3
+    store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -33,11 +34,28 @@ def test_layout_puts_decayed_tensors_first_and_round_trips():
         assert torch.equal(view, dict(units[1].named_parameters())[name].detach())
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-gptj", "tiny-neox"])
+def test_a_unit_initialised_in_place_has_the_weights_of_one_built_whole(name):
+    """The engine initialises each unit on the meta device, bound to one reused buffer;
+    every unit's weights are bit for bit those of the unit built and initialised
+    normally, whatever the buffer held before (here: the previous unit's weights)."""
+    cfg = ModelConfig.from_name(name)
+    layouts, units = _layouts_and_units(name)
+    scratch = torch.full((max(lay.numel for lay in layouts),), float("nan"))
+    for i, layout in enumerate(layouts):
+        with torch.device("meta"):
+            unit = build_unit(cfg, i)
+        weights = scratch[: layout.numel]
+        init_unit(layout.bind(unit, weights), cfg, seed=3, index=i)
+        assert torch.equal(weights, layout.flatten(units[i])), f"unit {i}"
+        assert all(p.data_ptr() >= scratch.data_ptr() for p in unit.parameters())  # views, not copies
+
+
 def test_disk_store_files_are_valid_safetensors_with_exact_bytes(tmp_path):
     layouts, units = _layouts_and_units()
     store = DiskStore(layouts, tmp_path / "store")
     for i, unit in enumerate(units):
-        store.init_params(i, unit)
+        store.init_params(i, layouts[i].flatten(unit))
     grad = torch.randn(layouts[2].numel)
     store.write_grad(2, grad)
     numel = layouts[2].numel
@@ -59,8 +77,8 @@ def test_ram_and_disk_stores_return_the_same_buffers(tmp_path):
     layouts, units = _layouts_and_units("tiny")
     ram, disk = RamStore(layouts), DiskStore(layouts, tmp_path / "s")
     for i, unit in enumerate(units):
-        ram.init_params(i, unit)
-        disk.init_params(i, unit)
+        ram.init_params(i, layouts[i].flatten(unit))
+        disk.init_params(i, layouts[i].flatten(unit))
     for i in range(len(layouts)):
         numel = layouts[i].numel
         a, b = ram.open(i, ("param",), 0, numel), disk.open(i, ("param",), 0, numel)
@@ -81,7 +99,7 @@ def test_pipelined_disk_pass_matches_a_sequential_one_and_lands_on_disk(tmp_path
     grad = torch.randn(layouts[unit].numel)
     for store in stores.values():
         for i, u in enumerate(units):
-            store.init_params(i, u)
+            store.init_params(i, layouts[i].flatten(u))
         store.write_grad(unit, grad)
 
     def update(buffers):  # any in-place change that reads every buffer
@@ -128,7 +146,7 @@ def test_passes_in_two_lanes_run_at_once_and_each_lands_whole(tmp_path, monkeypa
     stores = {kind: DiskStore(layouts, tmp_path / kind) for kind in ("serial", "lanes")}
     for store in stores.values():
         for i, u in enumerate(units):
-            store.init_params(i, u)
+            store.init_params(i, layouts[i].flatten(u))
         for i in (1, 2):
             store.write_grad(i, torch.full((layouts[i].numel,), float(i)))
 
@@ -168,7 +186,7 @@ def test_a_failed_background_write_is_raised_not_lost(tmp_path, monkeypatch):
     layouts, units = _layouts_and_units("tiny")
     store = DiskStore(layouts, tmp_path / "s")
     for i, u in enumerate(units):
-        store.init_params(i, u)
+        store.init_params(i, layouts[i].flatten(u))
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -190,7 +208,7 @@ def test_compact_disk_store_files_hold_bf16_weights_and_8_bit_moments(tmp_path):
     layouts, units = _layouts_and_units()
     store = DiskStore(layouts, tmp_path / "store", state=FORMATS["compact"])
     for i, unit in enumerate(units):
-        store.init_params(i, unit)
+        store.init_params(i, layouts[i].flatten(unit))
     grad = torch.randn(layouts[2].numel)
     store.write_grad(2, grad)
     store.close()
@@ -221,7 +239,7 @@ def test_compact_updates_through_ram_and_pipelined_disk_stores_agree(tmp_path, m
     grad = torch.randn(layouts[unit].numel)
     for store in stores:
         for i, u in enumerate(units):
-            store.init_params(i, u)
+            store.init_params(i, layouts[i].flatten(u))
         assert len(store.chunks(unit)) > store_module.RING
         for step in (1, 2):
             store.write_grad(unit, grad * step)

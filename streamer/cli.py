@@ -48,9 +48,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk", "split"],
                    help="stream mode: where master weights and optimizer state live (split: the leading units "
                         "in RAM, the rest on disk)")
-    p.add_argument("--state", default="fp32", choices=["fp32", "compact"],
-                   help="stream mode: host state format: fp32 (16 bytes/parameter, exact) or compact (about 6: "
-                        "bf16 weights with stochastic rounding, 8-bit moments)")
+    p.add_argument("--state", default="fp32", choices=["fp32", "compact", "compact8"],
+                   help="stream mode: host state format: fp32 (16 bytes/parameter, exact), compact (about 6: "
+                        "bf16 weights with stochastic rounding, 8-bit moments) or compact8 (about 5: compact with "
+                        "an 8-bit gradient)")
     p.add_argument("--update-on", default="host", choices=["host", "device"],
                    help="stream mode: run AdamW on the host beside the store, or on the compute device (the "
                         "state's chunks cross the link both ways; faster for --state compact on a GPU)")

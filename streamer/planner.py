@@ -103,11 +103,11 @@ def with_device_update(profile: DeviceProfile, state: str) -> DeviceProfile:
                    host_copy_bytes_per_s=host_rates(profile)[1], update_on_device=True)
 
 
-def state_bytes(state: str) -> tuple[float, float, int, int]:
+def state_bytes(state: str) -> tuple[float, float, int, float]:
     """Per parameter, for a state format (see streamer.state): the whole state, what an
     update writes back (all but the gradient), the master weight, the gradient."""
     fmt = FORMATS[state]
-    grad = fmt.buffer("grad").itemsize
+    grad = fmt.bytes_per_param(("grad",))  # with its scales, for a coded gradient
     return fmt.bytes_per_param(), fmt.bytes_per_param() - grad, fmt.buffer("param").itemsize, grad
 
 
@@ -765,7 +765,8 @@ def choose_offload(cfg: ModelConfig, host_available: float, disk_free: float, as
     together hold it. Refuse when nothing fits, saying what is short and by how much."""
     gib = 2**30
     need = state_bytes(state)[0] * cfg.n_params()
-    smaller = "" if state == "compact" else "use --state compact (6 bytes per parameter), "
+    smaller = {"fp32": "use --state compact (6 bytes per parameter) or compact8 (5), ",
+               "compact": "use --state compact8 (5 bytes per parameter), "}.get(state, "")
     fits_ram = need <= 0.8 * host_available
     if asked == "ram" and not fits_ram:
         raise UserError(f"{cfg.name} needs {need / gib:.1f} GiB of host RAM for its state but "
@@ -907,7 +908,7 @@ def measure_update_rate(numel: int = 8 * 2**20, state: str = "fp32") -> float:
     fmt = FORMATS[state]
     buffers = {b.name: torch.zeros(b.numel(numel), dtype=b.dtype) for b in fmt.buffers}
     buffers["param"].copy_(torch.randn(numel))
-    buffers["grad"].copy_(torch.randn(numel))
+    fmt.store_grad(torch.randn(numel), buffers)
     cfg = OptimConfig()
 
     def update(step: int) -> None:
@@ -1016,7 +1017,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                         "head's logits and the working set. Default: the whole step in one")
     p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk", "split"])
     p.add_argument("--state", default="fp32", choices=list(FORMATS),
-                   help="host state format: fp32 (16 bytes/parameter) or compact (about 6)")
+                   help="host state format: fp32 (16 bytes/parameter), compact (about 6) or compact8 (about 5)")
     p.add_argument("--update-on", default="host", choices=["host", "device"],
                    help="where AdamW runs, as train's flag: the device's update costs the host only copies")
     p.add_argument("--max-memory", type=float, default=None, metavar="GIB",

@@ -606,8 +606,9 @@ class StreamEngine:
                 self._drain(buffer_index)
                 host, event = self.grad_host[buffer_index], self.grad_events[buffer_index]
             # A page-locked store takes the gradient straight from the device, already
-            # in its own dtype (half the bytes for the compact format); anything else
-            # goes through a pinned float32 buffer that the worker writes out.
+            # as it keeps it (bf16 in the compact format, coded on the device in 8 bits
+            # in compact8); anything else goes through a pinned float32 buffer that the
+            # worker writes out.
             target = self.store.grad_target(unit)
             self.grad_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.grad_stream):
@@ -615,7 +616,7 @@ class StreamEngine:
                 if target is None:
                     host[: shard.numel()].copy_(shard, non_blocking=True)
                 else:
-                    target.copy_(shard[: target.numel()].to(target.dtype), non_blocking=True)
+                    self.store.format.store_grad(shard[: target["grad"].numel()], target, non_blocking=True)
                 event.record(self.grad_stream)
 
             def write() -> None:

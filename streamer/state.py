@@ -5,6 +5,20 @@
 - `compact` (about 6 bytes per parameter): a bfloat16 master weight written back with
   stochastic rounding, a bfloat16 gradient, and both moments in 8 bits with one float32
   scale per block of `BLOCK` elements. A 20B model's state is then 115 GiB, not 307.
+- `compact8` (about 5 bytes per parameter): `compact` with the gradient in 8 bits too,
+  on the first moment's signed log scale. A 20B model's state is then 97 GiB, which a
+  128 GiB host holds in RAM, with no disk tier.
+
+[Note: an 8-bit gradient, rounded to nearest]
+The gradient is stored from the backward that makes it to the update that reads it,
+once: its rounding error does not accumulate the way a stored weight's or moment's
+does, so it rounds to the nearest code (no random bits to plumb through the device's
+gradient path, and the same bytes whichever path wrote it). Codes lie 9% apart, so a
+value moves by at most 4.5% of itself; AdamW divides the first moment by the root of
+the second, and an error common to both cancels. Values below 2^-16 of their block's
+largest (by more than half a code) are zero, as the first moment's are. The format is for states that would
+otherwise need a disk tier: test_scheduler checks that it trains as close to float32
+as `compact` does.
 
 [Note: why stochastic rounding, and why logarithmic 8-bit moments]
 A bf16 weight has 8 significant bits: an update smaller than half its spacing (about
@@ -39,8 +53,9 @@ import torch
 from streamer.optim import OptimConfig, adamw_update_
 
 BLOCK = 256  # elements per moment scale: small enough to follow local magnitudes
-OCTAVES = {"exp_avg": 16, "exp_avg_sq": 24}  # each code's range below its block's largest value
-LEVELS = {"exp_avg": 127, "exp_avg_sq": 255}  # nonzero codes: sign + 7 bits, and 8 bits
+OCTAVES = {"exp_avg": 16, "exp_avg_sq": 24, "grad": 16}  # each code's range below its block's largest value
+LEVELS = {"exp_avg": 127, "exp_avg_sq": 255, "grad": 127}  # nonzero codes: sign + 7 bits, and 8 bits
+SIGNED = ("exp_avg", "grad")
 
 
 @dataclass(frozen=True)
@@ -92,8 +107,33 @@ class StateFormat:
         """The buffers that hold `names`: a coded moment brings its block scales."""
         return tuple(n for base in names for n in (base, f"{base}_scale") if n in self.names)
 
-    def bytes_per_param(self) -> float:
-        return sum(b.itemsize / (BLOCK if b.per_block else 1) for b in self.buffers)
+    def bytes_per_param(self, names: tuple[str, ...] | None = None) -> float:
+        """Bytes per parameter of the named buffers and their scales (default: all)."""
+        chosen = self.expand(names) if names is not None else self.names
+        return sum(b.itemsize / (BLOCK if b.per_block else 1) for b in self.buffers if b.name in chosen)
+
+    def store_grad(self, grad: torch.Tensor, out: dict[str, torch.Tensor], non_blocking: bool = False) -> None:
+        """Write a gradient (float, on any device) into the store's gradient buffers `out`
+        (the "grad" buffer, and its scales for a coded one): cast, or coded a chunk at a
+        time (the coding's float32 temporaries stay small on the device)."""
+        target = out["grad"]
+        if "grad_scale" not in self.names:  # cast on the gradient's device: fewer bytes cross
+            target.copy_(grad.to(target.dtype) if grad.device != target.device else grad, non_blocking=non_blocking)
+            return
+        chunk = 32 * 1024 * BLOCK  # 8 Mi elements, as the store's chunks
+        for start in range(0, grad.numel(), chunk):
+            piece = grad[start : start + chunk].float()
+            codes = torch.empty(piece.shape, dtype=torch.uint8, device=piece.device)
+            scales = torch.empty(-(-piece.numel() // BLOCK), device=piece.device)
+            encode("grad", piece, codes, scales, None)
+            target[start : start + piece.numel()].copy_(codes, non_blocking=non_blocking)
+            out["grad_scale"][start // BLOCK : start // BLOCK + scales.numel()].copy_(scales, non_blocking=non_blocking)
+
+    def gradient(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A chunk's gradient as float32."""
+        if "grad_scale" in buffers:
+            return decode("grad", buffers["grad"], buffers["grad_scale"])
+        return buffers["grad"].float()
 
     def update_(self, buffers: dict[str, torch.Tensor], *, step: int, lr: float, cfg: OptimConfig,
                 decay_numel: int, grad_scale: float, seed: int) -> None:
@@ -107,7 +147,7 @@ class StateFormat:
         param = buffers["param"].float()
         exp_avg = decode("exp_avg", buffers["exp_avg"], buffers["exp_avg_scale"])
         exp_avg_sq = decode("exp_avg_sq", buffers["exp_avg_sq"], buffers["exp_avg_sq_scale"]).square_()
-        adamw_update_(param, buffers["grad"].float(), exp_avg, exp_avg_sq, step=step, lr=lr, cfg=cfg,
+        adamw_update_(param, self.gradient(buffers), exp_avg, exp_avg_sq, step=step, lr=lr, cfg=cfg,
                       decay_numel=decay_numel, grad_scale=grad_scale)
         buffers["param"].copy_(round_bf16_stochastic(param, bits.bitwise_right_shift(16)))
         encode("exp_avg", exp_avg, buffers["exp_avg"], buffers["exp_avg_scale"], bits.bitwise_and(255))
@@ -125,6 +165,15 @@ FORMATS = {
         Buffer("exp_avg_scale", torch.float32, per_block=True),
         Buffer("exp_avg_sq_scale", torch.float32, per_block=True),
     ), update_cost=70.0, workspace_bytes=40),
+    "compact8": StateFormat("compact8", (
+        Buffer("param", torch.bfloat16),
+        Buffer("grad", torch.uint8),
+        Buffer("exp_avg", torch.uint8),
+        Buffer("exp_avg_sq", torch.uint8),
+        Buffer("grad_scale", torch.float32, per_block=True),
+        Buffer("exp_avg_scale", torch.float32, per_block=True),
+        Buffer("exp_avg_sq_scale", torch.float32, per_block=True),
+    ), update_cost=75.0, workspace_bytes=44),  # the compact update plus the gradient's decoding
 }
 
 
@@ -168,15 +217,17 @@ def decode(name: str, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     k, octaves, top = _levels_per_octave(name), OCTAVES[name], LEVELS[name]
     table = torch.zeros(256, device=codes.device)
     table[1 : top + 1] = torch.exp2((torch.arange(top, dtype=torch.float64)) / k - octaves).float()
-    if name == "exp_avg":
+    if name in SIGNED:
         table[129:] = -table[1:128]
     return _blockwise_("mul_", table.index_select(0, codes.int()), scales)
 
 
-def encode(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, noise: torch.Tensor) -> None:
+def encode(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+           noise: torch.Tensor | None) -> None:
     """Code `x` into `codes` (uint8) and `scales` (one per block): each value's position
     on the block's log scale, rounded up with probability equal to its fraction (8
-    random bits of `noise` per element; see the note at the top)."""
+    random bits of `noise` per element; see the note at the top), or to the nearest
+    code when `noise` is None."""
     k, octaves, top = _levels_per_octave(name), OCTAVES[name], LEVELS[name]
     magnitude = x.abs()
     full = x.numel() - x.numel() % BLOCK
@@ -187,10 +238,10 @@ def encode(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
     # Position on the level scale: 0 at the smallest level, top - 1 at the block's largest.
     position = magnitude.log2_()
     _blockwise_("sub_", position, block_max.log2()).add_(octaves).mul_(k)
-    position.add_(noise.float().add_(0.5).div_(256)).floor_().add_(1).clamp_(min=0, max=top)
+    position.add_(0.5 if noise is None else noise.float().add_(0.5).div_(256)).floor_().add_(1).clamp_(min=0, max=top)
     zero = x == 0  # log2(0) is -inf: the clamp made it code 0; a zero block's max gives NaN
     if name == "exp_avg_sq":
         position.clamp_(min=1)  # a nonzero root never codes as zero
-    else:
+    else:  # signed
         position.add_(torch.where(torch.signbit(x) & (position > 0), 128.0, 0.0))
     codes.copy_(position.masked_fill_(zero, 0))

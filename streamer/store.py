@@ -204,15 +204,16 @@ class HostStore(ABC):
         (the device may then copy from them directly and asynchronously)."""
         return False
 
-    def grad_target(self, index: int) -> torch.Tensor | None:
-        """The unit's page-locked gradient buffer, which the device may fill directly
-        (in the store's dtype) instead of calling `write_grad`; None if there is none."""
+    def grad_target(self, index: int) -> dict[str, torch.Tensor] | None:
+        """The unit's page-locked gradient buffers (the gradient, and its scales when the
+        format codes it), which the device may fill directly through the format's
+        `store_grad` instead of calling `write_grad`; None if there are none."""
         return None
 
     @abstractmethod
     def write_grad(self, index: int, grad: torch.Tensor) -> None:
-        """Store the owned part of a unit's step gradient (float32; the format's dtype
-        in the store)."""
+        """Store the owned part of a unit's step gradient (float32; in the store, as the
+        format keeps it: cast or coded)."""
 
     def bytes_on_disk(self) -> int:
         return 0
@@ -267,8 +268,8 @@ class RamStore(HostStore):
     def pinned(self, index: int) -> bool:
         return bool(self.locked)
 
-    def grad_target(self, index: int) -> torch.Tensor | None:
-        return self.buffers[index]["grad"] if self.locked else None
+    def grad_target(self, index: int) -> dict[str, torch.Tensor] | None:
+        return {n: self.buffers[index][n] for n in self.format.expand(("grad",))} if self.locked else None
 
     def close(self) -> None:
         page_unlock(self.locked)
@@ -284,7 +285,8 @@ class RamStore(HostStore):
         pass  # the buffers are the store
 
     def write_grad(self, index: int, grad: torch.Tensor) -> None:
-        self.buffers[index]["grad"].copy_(grad[: self.owned_numel(index)])
+        out = {n: self.buffers[index][n] for n in self.format.expand(("grad",))}
+        self.format.store_grad(grad[: self.owned_numel(index)], out)
 
 
 @dataclass
@@ -491,8 +493,12 @@ class DiskStore(HostStore):
             self._pwrite(index, name, self._slice(name, self.scratch[name], 0, stop - start), start)
 
     def write_grad(self, index: int, grad: torch.Tensor) -> None:
-        dtype = self.format.buffer("grad").dtype
-        self._pwrite(index, "grad", grad[: self.owned_numel(index)].to(dtype).contiguous(), 0)
+        numel = self.owned_numel(index)
+        out = {b.name: torch.empty(b.numel(numel), dtype=b.dtype) for b in self.format.buffers
+               if b.name in self.format.expand(("grad",))}
+        self.format.store_grad(grad[:numel], out)
+        for name, tensor in out.items():
+            self._pwrite(index, name, tensor, 0)
 
     def bytes_on_disk(self) -> int:
         return sum(b.itemsize * b.numel(self.owned_numel(i)) for i in range(len(self.layouts))
@@ -568,7 +574,7 @@ class SplitStore(HostStore):
         store, local = self._tier(index)
         return store.pinned(local)
 
-    def grad_target(self, index: int) -> torch.Tensor | None:
+    def grad_target(self, index: int) -> dict[str, torch.Tensor] | None:
         store, local = self._tier(index)
         return store.grad_target(local)
 

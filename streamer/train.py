@@ -99,10 +99,10 @@ class TrainConfig:
             raise UserError(f"--host-memory must be a positive number of GiB, got {self.host_memory_gib}")
         if self.prefetch_depth is not None and self.prefetch_depth <= 0:
             raise UserError(f"--prefetch-depth must be a positive integer, got {self.prefetch_depth}")
-        if self.state not in ("fp32", "compact"):
-            raise UserError(f"--state must be fp32 or compact, got '{self.state}'")
+        if self.state not in ("fp32", "compact", "compact8"):
+            raise UserError(f"--state must be fp32, compact or compact8, got '{self.state}'")
         if self.state != "fp32" and self.mode != "stream":
-            raise UserError("--state compact is a host-store format: use it with --mode stream")
+            raise UserError(f"--state {self.state} is a host-store format: use it with --mode stream")
         if self.update_on not in ("host", "device"):
             raise UserError(f"--update-on must be host or device, got '{self.update_on}'")
         if self.grad_sync not in ("sparse", "dense"):

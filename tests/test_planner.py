@@ -107,6 +107,28 @@ def test_a_state_that_fits_neither_tier_alone_is_split_between_them() -> None:
     assert split.storage_s < share * 1.01 * disk_only.storage_s
 
 
+def test_an_8bit_gradient_keeps_a_20b_state_in_ram_and_the_step_off_the_disk() -> None:
+    """compact8 on the same 128 GiB host: 5 bytes per parameter (97 GiB) fit 80% of its
+    RAM, so no unit goes to disk; on the h200 profile the step is then bound by compute,
+    not by the disk part that the compact state needs."""
+    cfg = ModelConfig.from_name("gpt-neox-20b")
+    host, disk = 128 * GIB, 60 * GIB
+    assert choose_offload(cfg, host, disk, state="compact") == "split"
+    assert choose_offload(cfg, host, disk, state="compact8") == "ram"
+    with pytest.raises(UserError, match="--state compact8"):
+        choose_offload(cfg, 90 * GIB, 10 * GIB, state="compact")
+
+    def plan(state: str, offload: str, ram_units: int | None = None) -> planner.Plan:
+        profile = planner.with_device_update(PROFILES["h200"], state)
+        return planner.make_plan(cfg, profile, 49152, 2048, offload, micro_tokens=2048, prefetch_depth=2,
+                                 kept_graphs=0, state=state, ram_units=ram_units)
+
+    compact = plan("compact", "split", planner.split_ram_units(cfg, host, "compact"))
+    compact8 = plan("compact8", "ram")
+    assert compact8.disk_bytes == 0 and compact8.disk_read_bytes_per_step == 0
+    assert compact8.predicted_step_s < 1.1 * compact8.compute_s < compact.predicted_step_s
+
+
 def test_fit_memory_keeps_as_many_graphs_as_fit() -> None:
     cfg, profile = ModelConfig.from_name("gpt3-2.7b"), planner.PROFILES["cpu"]
 

@@ -240,7 +240,7 @@ def test_chunked_disk_updates_equal_whole_unit_updates(tmp_path, monkeypatch):
         assert torch.equal(w_whole[name], w_chunked[name])
 
 
-@pytest.mark.parametrize("state", ["fp32", "compact"])
+@pytest.mark.parametrize("state", ["fp32", "compact", "compact8"])
 def test_a_split_store_trains_exactly_as_one_tier(tmp_path, monkeypatch, state):
     """Units 0-2 in RAM and the rest on disk (as when a state fits neither alone): the
     same losses and weights, bit for bit, as the whole state in RAM; only the disk
@@ -308,15 +308,17 @@ def test_early_updates_on_the_device_train_exactly_as_updates_at_staging(tmp_pat
         assert torch.equal(w_staged[name], w_early[name]), name
 
 
-def test_compact_state_trains_close_to_fp32(tmp_path):
-    """bf16 weights with stochastic rounding and 8-bit moments: after 40 steps on real
+@pytest.mark.parametrize("state", ["compact", "compact8"])
+def test_compact_state_trains_close_to_fp32(tmp_path, state):
+    """bf16 weights with stochastic rounding and 8-bit moments (and, in compact8, an
+    8-bit gradient): after 40 steps on real
     text the loss is within 1% of the float32 state's, and falling like it. Both runs see
     the same batches; the loss is averaged over the last 5 of them, since one batch's loss
     moves by more than 1% with rounding alone (torch 2.11 gave +1.1% on the last step and
     +0.6% on the average of five)."""
     exact, _ = _run(tmp_path, "tiny", "stream", "ram", steps=40, grad_accum=1, batch_size=8, seq_len=64)
     compact, _ = _run(tmp_path / "c", "tiny", "stream", "ram", steps=40, grad_accum=1, batch_size=8, seq_len=64,
-                      state="compact")
+                      state=state)
     assert compact[-1]["loss"] < 0.6 * compact[0]["loss"]
     late_exact = sum(r["loss"] for r in exact[-5:]) / 5
     late_compact = sum(r["loss"] for r in compact[-5:]) / 5
@@ -324,7 +326,7 @@ def test_compact_state_trains_close_to_fp32(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("state", ["fp32", "compact"])
+@pytest.mark.parametrize("state", ["fp32", "compact", "compact8"])
 def test_a_page_locked_ram_tier_trains_exactly_as_staged_copies(tmp_path, monkeypatch, state):
     """On CUDA the RAM tier is page-locked: weights go to the device from it and
     gradients come back into it directly, with no staging buffer; the results are bit
@@ -341,13 +343,14 @@ def test_a_page_locked_ram_tier_trains_exactly_as_staged_copies(tmp_path, monkey
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("offload", ["ram", "disk", "split"])
-def test_compact_updates_on_the_device_track_host_updates(tmp_path, monkeypatch, offload):
+@pytest.mark.parametrize(("offload", "state"), [("ram", "compact"), ("disk", "compact"), ("split", "compact"),
+                                               ("ram", "compact8")])
+def test_compact_updates_on_the_device_track_host_updates(tmp_path, monkeypatch, offload, state):
     """The compact state updated on the GPU (its own random bits, so not bit-equal)
     trains like the same state updated on the host; the updated weights go from the
     update straight into the slot, from a page-locked RAM tier or a disk tier's chunks."""
     monkeypatch.setattr(planner, "split_ram_units", lambda cfg, available, state="fp32": 3)
-    settings = dict(device="cuda", steps=30, grad_accum=1, batch_size=8, seq_len=64, state="compact")
+    settings = dict(device="cuda", steps=30, grad_accum=1, batch_size=8, seq_len=64, state=state)
     host, _ = _run(tmp_path / "host", "tiny", "stream", offload, **settings)
     device, _ = _run(tmp_path / "device", "tiny", "stream", offload, update_on="device", **settings)
     assert device[-1]["loss"] < 0.7 * device[0]["loss"]

@@ -223,8 +223,31 @@ def test_compact_disk_store_files_hold_bf16_weights_and_8_bit_moments(tmp_path):
     assert 6 * total < store.bytes_on_disk() < 6.05 * total
 
 
-def test_compact_updates_through_ram_and_pipelined_disk_stores_agree(tmp_path, monkeypatch):
-    """Two AdamW steps in the compact format, a chunk at a time (many chunks, a ragged
+def test_a_compact8_disk_store_keeps_the_coded_gradient_in_its_file(tmp_path):
+    """compact8 on disk: the gradient as uint8 codes with float32 block scales, the bytes
+    the format codes, in a file the reference safetensors reader reads."""
+    from streamer.state import BLOCK, FORMATS
+
+    fmt = FORMATS["compact8"]
+    layouts, units = _layouts_and_units()
+    store = DiskStore(layouts, tmp_path / "store", state=fmt)
+    for i, unit in enumerate(units):
+        store.init_params(i, layouts[i].flatten(unit))
+    grad = torch.randn(layouts[2].numel)
+    store.write_grad(2, grad)
+    store.close()
+    on_disk = load_file(tmp_path / "store" / "unit_00002.safetensors")
+    expected = {"grad": torch.empty(grad.numel(), dtype=torch.uint8),
+                "grad_scale": torch.empty(-(-grad.numel() // BLOCK))}
+    fmt.store_grad(grad, expected)
+    assert torch.equal(on_disk["grad"], expected["grad"]) and torch.equal(on_disk["grad_scale"], expected["grad_scale"])
+    total = sum(lay.numel for lay in layouts)
+    assert 5 * total < store.bytes_on_disk() < 5.05 * total
+
+
+@pytest.mark.parametrize("state", ["compact", "compact8"])
+def test_compact_updates_through_ram_and_pipelined_disk_stores_agree(tmp_path, monkeypatch, state):
+    """Two AdamW steps in a compact format, a chunk at a time (many chunks, a ragged
     last one): the RAM store and the disk pipeline hold the same bytes afterwards, so
     the scale buffers are sliced by block in both."""
     import streamer.store as store_module
@@ -232,7 +255,7 @@ def test_compact_updates_through_ram_and_pipelined_disk_stores_agree(tmp_path, m
     from streamer.state import FORMATS
 
     monkeypatch.setattr(store_module, "CHUNK_NUMEL", 1024)
-    fmt = FORMATS["compact"]
+    fmt = FORMATS[state]
     layouts, units = _layouts_and_units("tiny")
     unit = 1
     stores = [RamStore(layouts, state=fmt), DiskStore(layouts, tmp_path / "disk", state=fmt)]

@@ -16,6 +16,7 @@ the step time; above it streaming costs only the recompute and the optimizer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -1047,6 +1048,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             profile = replace(profile, host_memory_bytes=host_available(args.host_memory))
     else:
         raise UserError(f"unknown device profile '{args.device}': use one of {', '.join(PROFILES)} or --measure")
+    measured = profile  # before the update's placement, which depends on the state format
     if args.update_on == "device":
         profile = with_device_update(profile, args.state)
     seq_len = args.seq_len or cfg.block_size
@@ -1071,19 +1073,37 @@ def cmd_plan(args: argparse.Namespace) -> None:
                         f"--tokens-per-step ({tokens}), got {micro}")
     if args.max_memory is not None and args.max_memory <= 0:
         raise UserError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
-    if args.max_memory:
-        plan = fit_memory(cfg, profile, tokens, seq_len, offload, micro, args.max_memory * 2**30,
-                          state=args.state, ram_units=ram_units)
-    else:
-        plan = make_plan(cfg, profile, tokens, seq_len, offload, micro_tokens=micro, state=args.state,
-                         ram_units=ram_units)
+    def plan_for(state: str, offload: str, ram_units: int | None) -> Plan:
+        prof = with_device_update(measured, state) if args.update_on == "device" else measured
+        if args.max_memory:
+            return fit_memory(cfg, prof, tokens, seq_len, offload, micro, args.max_memory * 2**30,
+                              state=state, ram_units=ram_units)
+        return make_plan(cfg, prof, tokens, seq_len, offload, micro_tokens=micro, state=state, ram_units=ram_units)
+
+    plan = plan_for(args.state, offload, ram_units)
+    # A state that leaves units on disk is compared with the next smaller format, when
+    # that one keeps more of them in RAM: the choice the tiers force, with its price.
+    smaller = {"fp32": "compact", "compact": "compact8"}.get(args.state)
+    alternative = None
+    if smaller and offload in ("disk", "split") and not shortfall:
+        other, short = offload_for_plan(cfg, host, disk, "auto", smaller)
+        other_units = split_ram_units(cfg, host, smaller) if other == "split" else None
+        more_in_ram = units_in_ram(plan.n_units, other, other_units) > units_in_ram(plan.n_units, offload, ram_units)
+        if not short and more_in_ram:
+            with contextlib.suppress(UserError):  # it may not fit --max-memory: then there is nothing to weigh
+                alternative = plan_for(smaller, other, other_units)
     if args.json:
-        print(json.dumps({**asdict(plan), "fits": not shortfall, "shortfall": shortfall,
-                          "profile": asdict(profile)}, indent=2))
+        print(json.dumps({**asdict(plan), "fits": not shortfall, "shortfall": shortfall, "profile": asdict(profile),
+                          "smaller_state": asdict(alternative) if alternative else None}, indent=2))
         return
     print(format_plan(plan, profile))
     if shortfall:
         print(f"  does not fit: {shortfall.split(': ')[0]}")
+    if alternative:
+        where = "all in RAM" if alternative.offload == "ram" else f"{alternative.ram_units} units in RAM"
+        print(f"  --state {alternative.state} ({state_bytes(alternative.state)[0]:.2f} bytes/parameter) would keep "
+              f"{where}: predicted step {alternative.predicted_step_s:.3f} s, device memory "
+              f"{alternative.device_bytes / 2**30:.2f} GiB")
 
 
 def bound_text(plan: Plan) -> str:

@@ -130,6 +130,22 @@ def test_plan_splits_the_store_by_the_host_memory_given(tmp_path: Path) -> None:
     assert_user_error(streamer(*args, "--host-memory", "0", cache=tmp_path), "--host-memory", "positive")
 
 
+def test_plan_weighs_a_split_state_against_the_smaller_format(tmp_path: Path) -> None:
+    """The compact state of a 20B model leaves 6 units on disk of a 128 GiB host; the
+    plan says what compact8 would do instead: all in RAM, and a faster step. A state
+    that fits RAM has nothing to weigh."""
+    args = ("plan", "--model", "gpt-neox-20b", "--device", "h200", "--update-on", "device", "--tokens-per-step",
+            "49152", "--micro-tokens", "2048", "--seq-len", "2048", "--max-memory", "37", "--host-memory", "128")
+    compact = streamer(*args, "--state", "compact", "--json", cache=tmp_path)
+    assert compact.returncode == 0, compact.stderr
+    split = json.loads(compact.stdout)
+    assert split["offload"] == "split" and split["smaller_state"]["offload"] == "ram"
+    assert split["smaller_state"]["predicted_step_s"] < split["predicted_step_s"]
+    text = streamer(*args, "--state", "compact", cache=tmp_path).stdout
+    assert "--state compact8 (5.05 bytes/parameter) would keep all in RAM: predicted step" in text
+    assert json.loads(streamer(*args, "--state", "compact8", "--json", cache=tmp_path).stdout)["smaller_state"] is None
+
+
 def test_the_machine_wide_host_memory_setting_plans_this_machine(tmp_path: Path) -> None:
     """$STREAMER_HOST_MEMORY_GIB stands for this machine's memory wherever a run reads
     it (here the cpu profile, which plans this machine); a bad value is one line."""

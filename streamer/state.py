@@ -117,7 +117,7 @@ class StateFormat:
         (the "grad" buffer, and its scales for a coded one): cast, or coded a chunk at a
         time (the coding's float32 temporaries stay small on the device)."""
         target = out["grad"]
-        if "grad_scale" not in self.names:  # cast on the gradient's device: fewer bytes cross
+        if not self.codes_grad:  # cast on the gradient's device: fewer bytes cross
             target.copy_(grad.to(target.dtype) if grad.device != target.device else grad, non_blocking=non_blocking)
             return
         chunk = 32 * 1024 * BLOCK  # 8 Mi elements, as the store's chunks
@@ -128,6 +128,23 @@ class StateFormat:
             encode("grad", piece, codes, scales, None)
             target[start : start + piece.numel()].copy_(codes, non_blocking=non_blocking)
             out["grad_scale"][start // BLOCK : start // BLOCK + scales.numel()].copy_(scales, non_blocking=non_blocking)
+
+    @property
+    def codes_grad(self) -> bool:
+        return "grad_scale" in self.names
+
+    def grad_buffers_in(self, raw: torch.Tensor, numel: int) -> dict[str, torch.Tensor]:
+        """The gradient's buffers for `numel` elements as views of the bytes `raw` (any
+        dtype; each buffer starts 16-byte aligned): a staging buffer of float32
+        gradients also holds them coded, in fewer bytes."""
+        raw, views, offset = raw.view(torch.uint8), {}, 0
+        for b in self.buffers:
+            if b.name in self.expand(("grad",)):
+                size = b.itemsize * b.numel(numel)
+                views[b.name] = raw[offset : offset + size].view(b.dtype)
+                offset = -(-(offset + size) // 16) * 16
+        assert offset <= raw.numel() + 15, "the staging buffer is too small for the coded gradient"
+        return views
 
     def gradient(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         """A chunk's gradient as float32."""

@@ -211,9 +211,10 @@ class HostStore(ABC):
         return None
 
     @abstractmethod
-    def write_grad(self, index: int, grad: torch.Tensor) -> None:
-        """Store the owned part of a unit's step gradient (float32; in the store, as the
-        format keeps it: cast or coded)."""
+    def write_grad(self, index: int, grad: torch.Tensor | dict[str, torch.Tensor]) -> None:
+        """Store the owned part of a unit's step gradient: float32 (the store casts or
+        codes it, as its format keeps it), or already in the format's gradient buffers
+        (coded on the device, where coding is cheap)."""
 
     def bytes_on_disk(self) -> int:
         return 0
@@ -284,8 +285,12 @@ class RamStore(HostStore):
     def commit(self, index: int, names: tuple[str, ...], start: int, stop: int) -> None:
         pass  # the buffers are the store
 
-    def write_grad(self, index: int, grad: torch.Tensor) -> None:
+    def write_grad(self, index: int, grad: torch.Tensor | dict[str, torch.Tensor]) -> None:
         out = {n: self.buffers[index][n] for n in self.format.expand(("grad",))}
+        if isinstance(grad, dict):
+            for name, tensor in grad.items():
+                out[name].copy_(tensor)
+            return
         self.format.store_grad(grad[: self.owned_numel(index)], out)
 
 
@@ -492,11 +497,13 @@ class DiskStore(HostStore):
         for name in names:
             self._pwrite(index, name, self._slice(name, self.scratch[name], 0, stop - start), start)
 
-    def write_grad(self, index: int, grad: torch.Tensor) -> None:
+    def write_grad(self, index: int, grad: torch.Tensor | dict[str, torch.Tensor]) -> None:
         numel = self.owned_numel(index)
-        out = {b.name: torch.empty(b.numel(numel), dtype=b.dtype) for b in self.format.buffers
-               if b.name in self.format.expand(("grad",))}
-        self.format.store_grad(grad[:numel], out)
+        out = grad
+        if not isinstance(grad, dict):
+            out = {b.name: torch.empty(b.numel(numel), dtype=b.dtype) for b in self.format.buffers
+                   if b.name in self.format.expand(("grad",))}
+            self.format.store_grad(grad[:numel], out)
         for name, tensor in out.items():
             self._pwrite(index, name, tensor, 0)
 
@@ -566,7 +573,7 @@ class SplitStore(HostStore):
         store, local = self._tier(index)
         store.advise(local, names)
 
-    def write_grad(self, index: int, grad: torch.Tensor) -> None:
+    def write_grad(self, index: int, grad: torch.Tensor | dict[str, torch.Tensor]) -> None:
         store, local = self._tier(index)
         store.write_grad(local, grad)
 

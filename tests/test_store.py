@@ -245,6 +245,35 @@ def test_a_compact8_disk_store_keeps_the_coded_gradient_in_its_file(tmp_path):
     assert 5 * total < store.bytes_on_disk() < 5.05 * total
 
 
+@pytest.mark.parametrize("state", ["fp32", "compact8"])
+def test_a_gradient_coded_in_a_staging_buffer_is_stored_as_one_coded_by_the_store(tmp_path, state):
+    """On CUDA a store that is not page-locked gets the gradient through a float32
+    staging buffer; for compact8 the device codes it into that buffer's bytes and the
+    store takes the codes as they are. Both tiers then hold the bytes they would have
+    coded themselves."""
+    from streamer.state import FORMATS
+
+    fmt = FORMATS[state]
+    layouts, units = _layouts_and_units("tiny")
+    grad = torch.randn(layouts[1].numel)
+    staging = torch.full((layouts[1].numel + 1000,), float("nan"))  # a ring buffer: longer than the unit
+    coded = fmt.grad_buffers_in(staging, grad.numel())
+    fmt.store_grad(grad, coded)
+    for tier in ("ram", "disk"):
+        stores = [RamStore(layouts, state=fmt) if tier == "ram" else DiskStore(layouts, tmp_path / f"{k}", state=fmt)
+                  for k in ("float", "coded")]
+        for store in stores:
+            for i, u in enumerate(units):
+                store.init_params(i, layouts[i].flatten(u))
+        stores[0].write_grad(1, grad)
+        stores[1].write_grad(1, coded if fmt.codes_grad else staging)
+        names = fmt.expand(("grad",))
+        a, b = (store.open(1, names, 0, layouts[1].numel) for store in stores)
+        assert all(torch.equal(a[n], b[n]) for n in names)
+        for store in stores:
+            store.close()
+
+
 @pytest.mark.parametrize("state", ["compact", "compact8"])
 def test_compact_updates_through_ram_and_pipelined_disk_stores_agree(tmp_path, monkeypatch, state):
     """Two AdamW steps in a compact format, a chunk at a time (many chunks, a ragged

@@ -173,7 +173,8 @@ def report(folder: Path) -> tuple[str, list[Row]]:
     if run_info.exists() and "startup" in (info := json.loads(run_info.read_text())):
         parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s"
                           for k, v in info["startup"].items() if k != "total_s")
-        lines += ["", f"The 20B run's start-up took {info['startup']['total_s']:.0f} s ({parts})."]
+        state = info.get("train", {}).get("state", "?")
+        lines += ["", f"The 20B run (state {state}): start-up took {info['startup']['total_s']:.0f} s ({parts})."]
     return "\n".join(lines) + "\n", rows
 
 

@@ -22,7 +22,8 @@ from streamer.train import TrainConfig, load_final, train
 
 STEPS = 6
 MODES = {"resident": ("resident", "auto", "fp32"), "stream-ram": ("stream", "ram", "fp32"),
-         "stream-disk": ("stream", "disk", "fp32"), "stream-disk-compact": ("stream", "disk", "compact")}
+         "stream-disk": ("stream", "disk", "fp32"), "stream-disk-compact": ("stream", "disk", "compact"),
+         "stream-ram-compact8": ("stream", "ram", "compact8")}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1073,6 +1073,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
                         f"--tokens-per-step ({tokens}), got {micro}")
     if args.max_memory is not None and args.max_memory <= 0:
         raise UserError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
+
     def plan_for(state: str, offload: str, ram_units: int | None) -> Plan:
         prof = with_device_update(measured, state) if args.update_on == "device" else measured
         if args.max_memory:

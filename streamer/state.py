@@ -15,10 +15,10 @@ once: its rounding error does not accumulate the way a stored weight's or moment
 does, so it rounds to the nearest code (no random bits to plumb through the device's
 gradient path, and the same bytes whichever path wrote it). Codes lie 9% apart, so a
 value moves by at most 4.5% of itself; AdamW divides the first moment by the root of
-the second, and an error common to both cancels. Values below 2^-16 of their block's
-largest (by more than half a code) are zero, as the first moment's are. The format is for states that would
-otherwise need a disk tier: test_scheduler checks that it trains as close to float32
-as `compact` does.
+the second, and an error common to both cancels. Values more than half a code below
+2^-16 of their block's largest are zero, as the first moment's are. The format is for
+states that would otherwise need a disk tier: test_scheduler checks that it trains as
+close to float32 as `compact` does, and bench_state_formats measures the gap.
 
 [Note: why stochastic rounding, and why logarithmic 8-bit moments]
 A bf16 weight has 8 significant bits: an update smaller than half its spacing (about

@@ -596,7 +596,12 @@ class StreamEngine:
 
         `buffer_index` names the double-buffered slot the gradient came from; None means
         the tied table's own buffer, which is written out synchronously at step end."""
-        self.counters["bytes_out"] += self.store.owned_numel(unit) * 4
+        # The bytes that leave: float32, or on CUDA as the format keeps the gradient
+        # when the device casts or codes it (bf16: 2 bytes, compact8: about 1).
+        fmt, target = self.store.format, self.store.grad_target(unit)
+        kept = self.grad_host is not None and (target is not None or fmt.codes_grad)
+        per_element = fmt.bytes_per_param(("grad",)) if kept else 4
+        self.counters["bytes_out"] += round(self.store.owned_numel(unit) * per_element)
         if self.grad_host is None:
             future = self.grad_worker.submit(lambda: self.store.write_grad(unit, self._reduce(unit, grad)))
         else:
@@ -610,7 +615,7 @@ class StreamEngine:
             # in compact8); anything else goes through a pinned float32 buffer that the
             # worker writes out, holding the gradient coded when the format codes it
             # (the host's cores code it ~100x slower than the device).
-            fmt, target, staged = self.store.format, self.store.grad_target(unit), None
+            staged = None
             self.grad_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.grad_stream):
                 shard = self._reduce(unit, grad)

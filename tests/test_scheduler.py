@@ -340,6 +340,12 @@ def test_a_page_locked_ram_tier_trains_exactly_as_staged_copies(tmp_path, monkey
     assert [r["loss"] for r in locked] == [r["loss"] for r in staged]
     for name in w_locked:
         assert torch.equal(w_locked[name], w_staged[name]), name
+    # The gradient leaves the device as the store keeps it: 4, 2 or about 1 byte each.
+    from models import ModelConfig
+    from streamer.state import FORMATS
+
+    n_params = ModelConfig.from_name("tiny").n_params()
+    assert locked[0]["bytes_out"] == pytest.approx(FORMATS[state].bytes_per_param(("grad",)) * n_params, abs=8)
 
 
 @pytest.mark.gpu

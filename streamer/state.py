@@ -172,25 +172,25 @@ class StateFormat:
                bits.bitwise_right_shift(8).bitwise_and_(255))
 
 
+def _compact(name: str, grad: tuple[Buffer, ...], update_cost: float, workspace_bytes: int) -> StateFormat:
+    """bf16 weights and 8-bit moments with their block scales, around a gradient kept as
+    `grad`."""
+    return StateFormat(name, (
+        Buffer("param", torch.bfloat16),
+        *grad,
+        Buffer("exp_avg", torch.uint8),
+        Buffer("exp_avg_sq", torch.uint8),
+        Buffer("exp_avg_scale", torch.float32, per_block=True),
+        Buffer("exp_avg_sq_scale", torch.float32, per_block=True),
+    ), update_cost=update_cost, workspace_bytes=workspace_bytes)
+
+
 FORMATS = {
     "fp32": StateFormat("fp32", tuple(Buffer(n, torch.float32) for n in ("param", "grad", "exp_avg", "exp_avg_sq"))),
-    "compact": StateFormat("compact", (
-        Buffer("param", torch.bfloat16),
-        Buffer("grad", torch.bfloat16),
-        Buffer("exp_avg", torch.uint8),
-        Buffer("exp_avg_sq", torch.uint8),
-        Buffer("exp_avg_scale", torch.float32, per_block=True),
-        Buffer("exp_avg_sq_scale", torch.float32, per_block=True),
-    ), update_cost=70.0, workspace_bytes=40),
-    "compact8": StateFormat("compact8", (
-        Buffer("param", torch.bfloat16),
-        Buffer("grad", torch.uint8),
-        Buffer("exp_avg", torch.uint8),
-        Buffer("exp_avg_sq", torch.uint8),
-        Buffer("grad_scale", torch.float32, per_block=True),
-        Buffer("exp_avg_scale", torch.float32, per_block=True),
-        Buffer("exp_avg_sq_scale", torch.float32, per_block=True),
-    ), update_cost=75.0, workspace_bytes=44),  # the compact update plus the gradient's decoding
+    "compact": _compact("compact", (Buffer("grad", torch.bfloat16),), update_cost=70.0, workspace_bytes=40),
+    # The compact update plus the gradient's decoding.
+    "compact8": _compact("compact8", (Buffer("grad", torch.uint8), Buffer("grad_scale", torch.float32, per_block=True)),
+                         update_cost=75.0, workspace_bytes=44),
 }
 
 

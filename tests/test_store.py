@@ -200,19 +200,28 @@ def test_a_failed_background_write_is_raised_not_lost(tmp_path, monkeypatch):
     store.close()
 
 
-def test_compact_disk_store_files_hold_bf16_weights_and_8_bit_moments(tmp_path):
-    """The compact format on disk: bf16 param and grad, uint8 moments with float32 block
-    scales, about 6 bytes per parameter, readable by the reference safetensors reader."""
-    from streamer.state import BLOCK, FORMATS
+def _disk_store_with_a_gradient(tmp_path, state: str):
+    """A disk store of tiny-neox in `state`, unit 2 given a gradient; its files closed.
+    Returns the layouts, units, store, the gradient and unit 2's file as read back by
+    the reference safetensors reader."""
+    from streamer.state import FORMATS
 
     layouts, units = _layouts_and_units()
-    store = DiskStore(layouts, tmp_path / "store", state=FORMATS["compact"])
+    store = DiskStore(layouts, tmp_path / "store", state=FORMATS[state])
     for i, unit in enumerate(units):
         store.init_params(i, layouts[i].flatten(unit))
     grad = torch.randn(layouts[2].numel)
     store.write_grad(2, grad)
     store.close()
-    on_disk = load_file(tmp_path / "store" / "unit_00002.safetensors")
+    return layouts, units, store, grad, load_file(tmp_path / "store" / "unit_00002.safetensors")
+
+
+def test_compact_disk_store_files_hold_bf16_weights_and_8_bit_moments(tmp_path):
+    """The compact format on disk: bf16 param and grad, uint8 moments with float32 block
+    scales, about 6 bytes per parameter, readable by the reference safetensors reader."""
+    from streamer.state import BLOCK
+
+    layouts, units, store, grad, on_disk = _disk_store_with_a_gradient(tmp_path, "compact")
     expected = torch.empty(layouts[2].numel)
     layouts[2].pack(units[2], expected)
     assert torch.equal(on_disk["param"], expected.to(torch.bfloat16))
@@ -229,14 +238,7 @@ def test_a_compact8_disk_store_keeps_the_coded_gradient_in_its_file(tmp_path):
     from streamer.state import BLOCK, FORMATS
 
     fmt = FORMATS["compact8"]
-    layouts, units = _layouts_and_units()
-    store = DiskStore(layouts, tmp_path / "store", state=fmt)
-    for i, unit in enumerate(units):
-        store.init_params(i, layouts[i].flatten(unit))
-    grad = torch.randn(layouts[2].numel)
-    store.write_grad(2, grad)
-    store.close()
-    on_disk = load_file(tmp_path / "store" / "unit_00002.safetensors")
+    layouts, _, store, grad, on_disk = _disk_store_with_a_gradient(tmp_path, "compact8")
     expected = {"grad": torch.empty(grad.numel(), dtype=torch.uint8),
                 "grad_scale": torch.empty(-(-grad.numel() // BLOCK))}
     fmt.store_grad(grad, expected)

@@ -62,13 +62,16 @@ def cases(vocab: int, hidden: int, density: float, world: int, dtype: torch.dtyp
     generator = torch.Generator().manual_seed(seed)
     touched = max(1, int(density * vocab))
     rows = [torch.randperm(vocab, generator=generator)[:touched] for _ in range(world)]
-    grad = torch.zeros(vocab, hidden, dtype=dtype)
-    grad[rows[0]] = torch.randn(touched, hidden, generator=generator).to(dtype)
     gathered = torch.cat(rows)
-    values = torch.randn(gathered.numel(), hidden, generator=generator).to(dtype)
-    dense = torch.randn(vocab, hidden, generator=generator).to(dtype)
-    on = {"grad": grad, "indices": gathered, "values": values, "dense": dense}
-    return {"cpu": on, "device": {k: v.to(device) for k, v in on.items()}}
+    # The values are drawn where they are used: on one CPU thread the dense table alone
+    # (310 M values) takes seconds, which the GPU machine's budget has no room for.
+    draw = torch.Generator(device).manual_seed(seed)
+    grad = torch.zeros(vocab, hidden, dtype=dtype, device=device)
+    grad[rows[0].to(device)] = torch.randn(touched, hidden, generator=draw, device=device).to(dtype)
+    values = torch.randn(gathered.numel(), hidden, generator=draw, device=device).to(dtype)
+    dense = torch.randn(vocab, hidden, generator=draw, device=device).to(dtype)
+    on = {"grad": grad, "indices": gathered.to(device), "values": values, "dense": dense}
+    return {"device": on, "cpu": {k: v.cpu() for k, v in on.items()}}
 
 
 def check(name: str, got: tuple, want: tuple) -> float:

@@ -53,8 +53,9 @@ def write_json(path: Path, payload: dict) -> None:
 
 def streamer_train_cmd(**flags: object) -> list[str]:
     """`python -m streamer train --flag value ...` (underscores become dashes; True is a
-    bare switch), so the benchmarks time the command users run."""
-    cmd = [sys.executable, "-m", "streamer", "train", "--no-progress"]
+    bare switch), so the benchmarks time the command users run. No benchmark reads the
+    final weights, so none exports them (gpt-j-6b's are 24 GB)."""
+    cmd = [sys.executable, "-m", "streamer", "train", "--no-progress", "--no-save-final"]
     for name, value in flags.items():
         flag = "--" + name.replace("_", "-")
         cmd += [flag] if value is True else [flag, str(value)]

@@ -1,10 +1,11 @@
 """The GPU targets, read off the result files the GPU scripts write, as one dated report.
 
-`gpu_session.sh`, `gpu_20b.sh` and `gpu_gptj.sh` each leave JSON (and the 20B run's
-metrics) in one folder; this script reads whatever of them is there and writes a
-markdown report naming the device: every target with what was measured, the goal, and
-whether it was met. A target whose file is missing, or whose file was not measured on
-a GPU, says so instead of a number.
+`gpu_session.sh`'s stages each leave JSON (and the 20B run's metrics) in one folder
+(through the device tool, packed as `gpu_results.tar`: unpack it there first); this
+script reads whatever of them is there and writes a markdown report naming the
+device: every target with what was measured, the goal, and whether it was met. A
+target whose file is missing, or whose file was not measured on a GPU, says so
+instead of a number; the stages' times (`stages.log`) close the report.
 
     python benchmarks/gpu_report.py --results benchmarks/results
 """
@@ -175,6 +176,12 @@ def report(folder: Path) -> tuple[str, list[Row]]:
                           for k, v in info["startup"].items() if k != "total_s")
         state = info.get("train", {}).get("state", "?")
         lines += ["", f"The 20B run (state {state}): start-up took {info['startup']['total_s']:.0f} s ({parts})."]
+    tests = folder / "gpu_tests.log"
+    if tests.exists() and (summary := [ln for ln in tests.read_text().splitlines() if " in " in ln and "passed" in ln]):
+        lines += ["", f"GPU tests (`gpu_tests.log`): {summary[-1].strip('= ')}."]
+    stages = folder / "stages.log"
+    if stages.exists():  # what each stage took: the next session's budget is planned from it
+        lines += ["", "Stages (`stages.log`):", "", "```", *stages.read_text().splitlines(), "```"]
     return "\n".join(lines) + "\n", rows
 
 

@@ -69,6 +69,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="data parallel: sum the embedding's row-sparse gradient sparsely or densely")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-save-final", action="store_true",
+                   help="do not export the final weights to DIR/final (a benchmark's run; checkpoints still save)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="write a checkpoint to DIR/checkpoints every N steps (0: never)")
     p.add_argument("--keep", type=int, default=2, metavar="K", help="complete checkpoints to keep")
@@ -134,7 +136,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         host_memory_gib=args.host_memory,
         state=args.state, update_on=args.update_on,
         grad_sync=args.grad_sync,
-        progress=not args.no_progress, checkpoint_every=args.checkpoint_every, keep=args.keep,
+        progress=not args.no_progress, save_final=not args.no_save_final,
+        checkpoint_every=args.checkpoint_every, keep=args.keep,
         resume=args.resume, max_skipped_steps=args.max_skipped_steps,
     )
 
@@ -158,8 +161,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = train(train_config(args))
     if int(os.environ.get("RANK", "0")) == 0:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        final = "not exported (--no-save-final)" if args.no_save_final else f"in {out / 'final'}"
         print(f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps; "
-              f"metrics in {out / 'metrics.jsonl'}, final weights in {out / 'final'}")
+              f"metrics in {out / 'metrics.jsonl'}, final weights {final}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from streamer.parallel import end_process
 

@@ -906,8 +906,8 @@ class StreamEngine:
                 self.worker.submit(self._apply_update, unit).result()
 
     def unit_state_dict(self, unit: int) -> dict[str, torch.Tensor]:
-        """Unit `unit`'s master weights keyed by `GPT.state_dict()` names (every rank
-        must call it: shards are gathered)."""
+        """Unit `unit`'s master weights keyed by `GPT.state_dict()` names, in the store's
+        precision (every rank must call it: shards are gathered)."""
         self.flush()
         numel = self.layouts[unit].numel
         param = torch.zeros(self.dp.padded(numel), device=self.device if self.dp.world > 1 else "cpu")
@@ -919,7 +919,8 @@ class StreamEngine:
             self.dp.gather_weights(param, numel)
 
         self.worker.submit(read).result()
-        param = param[:numel].cpu()
+        # The master weights' own precision (bfloat16 in the compact formats): exact.
+        param = param[:numel].cpu().to(self.store.format.buffer("param").dtype)
         return {f"units.{unit}.{name}": t for name, t in self.layouts[unit].views(param).items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:

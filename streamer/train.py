@@ -70,6 +70,7 @@ class TrainConfig:
     update_on: str = "host"  # stream mode: where AdamW runs, host | device (the compute device)
     grad_sync: str = "sparse"  # data parallel: the embedding's gradient by sparse or dense all-reduce
     progress: bool = True
+    save_final: bool = True  # export DIR/final/ at the end (a benchmark may not need 40 GB of weights)
     checkpoint_every: int = 0  # steps between checkpoints in DIR/checkpoints; 0: none
     keep: int = 2  # complete checkpoints kept; older ones go only once a newer one is complete
     resume: bool = False  # continue from the newest valid checkpoint in --out
@@ -195,16 +196,24 @@ def check_grad_sync(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.devi
                         "pip install 'streamer[cuda]', or use --grad-sync dense") from None
 
 
+def _existing(out: Path) -> Path:
+    """`out`, or its nearest folder that exists: where its free space is read."""
+    return next(p for p in [out, *out.parents] if p.exists() or p == p.parent)
+
+
 def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device: torch.device,
-                    dtype: torch.dtype) -> None:
+                    dtype: torch.dtype) -> float:
     """A streamed model's state must fit host RAM or the disk under --out, and its
-    step the --max-memory limit when one is given."""
+    step the --max-memory limit when one is given. Returns the bytes the store will
+    write under --out (its disk part)."""
     from streamer import planner
 
-    existing = next(p for p in [out, *out.parents] if p.exists() or p == p.parent)
     available = planner.host_available(cfg.host_memory_gib)
-    offload = planner.choose_offload(model_cfg, available, shutil.disk_usage(existing).free, cfg.offload, cfg.state)
+    offload = planner.choose_offload(model_cfg, available, shutil.disk_usage(_existing(out)).free, cfg.offload,
+                                     cfg.state)
     ram_units = planner.split_ram_units(model_cfg, available, cfg.state) if offload == "split" else None
+    counts = planner.unit_param_counts(model_cfg)
+    on_disk = planner.state_bytes(cfg.state)[0] * sum(counts[planner.units_in_ram(len(counts), offload, ram_units):])
     if cfg.max_memory_gib:
         # Memory does not depend on the compute rate, so the device's stock profile
         # answers "does it fit" before anything is measured or written.
@@ -213,6 +222,32 @@ def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device:
         planner.fit_memory(model_cfg, profile, cfg.tokens_per_step(), cfg.seq_len, offload,
                            cfg.batch_size * cfg.seq_len, cfg.max_memory_gib * 2**30, cfg.prefetch_depth,
                            cfg.recompute, cfg.state, ram_units)
+    return on_disk
+
+
+def final_bytes(cfg: TrainConfig, model_cfg: ModelConfig) -> int:
+    """The final weights' size: in the master weights' own precision, float32, or
+    bfloat16 in the compact formats (a float32 copy would double the bytes and add no
+    information)."""
+    from streamer.planner import unit_param_counts
+    from streamer.state import FORMATS
+
+    itemsize = FORMATS[cfg.state].buffer("param").itemsize if cfg.mode == "stream" else 4
+    return itemsize * sum(unit_param_counts(model_cfg))
+
+
+def check_final_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, store_bytes: float) -> None:
+    """The final weights, and the disk part of a fresh store beside them, must fit the
+    free space under --out: a 20B model's are 41 GB, and a disk that fills only after
+    the last step loses the run's result."""
+    def size(n: float) -> str:
+        return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    need, free = final_bytes(cfg, model_cfg), shutil.disk_usage(_existing(out)).free
+    beside = f" beside its store's {size(store_bytes)}" if store_bytes else ""
+    if need + store_bytes > free:
+        raise UserError(f"{cfg.model}'s final weights need {size(need)} under '{out}'{beside}, but {size(free)} "
+                        "is free: free space, choose another --out, or add --no-save-final")
 
 
 def check_resumable(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, world: int) -> list[str]:
@@ -253,8 +288,9 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
     BatchSampler(tokens, cfg.seq_len, cfg.seed)  # refuses data shorter than one sequence
     out = Path(cfg.out) if cfg.out else default_out(cfg.model)
     check_out_dir(out, cfg.resume)
-    if cfg.mode == "stream":
-        check_plan_fits(cfg, model_cfg, out, device, dtype)
+    store_bytes = check_plan_fits(cfg, model_cfg, out, device, dtype) if cfg.mode == "stream" else 0
+    if cfg.save_final:  # a resumed run's store is already on the disk: its free space excludes it
+        check_final_fits(cfg, model_cfg, out, 0 if cfg.resume else store_bytes)
     warnings = check_resumable(cfg, model_cfg, out, world) if cfg.resume else []
     return Preflight(model_cfg, device, dtype, tokens, out, warnings)
 
@@ -471,12 +507,13 @@ def train(cfg: TrainConfig) -> Path:
         warn(warning)
     try:
         _run_steps(cfg, checked, engine, dp, start, run_state)
-        shards = engine.shards()
-        if lead:
-            save_final(shards, checked.model_cfg, checked.out)
-        else:
-            for shard in shards:  # every rank takes part in gathering each unit
-                shard()
+        if cfg.save_final:
+            shards = engine.shards()
+            if lead:
+                save_final(shards, checked.model_cfg, checked.out)
+            else:
+                for shard in shards:  # every rank takes part in gathering each unit
+                    shard()
     finally:
         engine.close()
     if joined:

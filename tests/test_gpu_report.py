@@ -63,8 +63,12 @@ def test_each_target_is_met_or_not_by_its_goal(gpu_report, tmp_path: Path) -> No
     write(tmp_path, "train_neox20b_cuda_run.json", {"train": {"state": "compact8"},
                                                     "startup": {"plan_s": 9.0, "store_s": 41.2, "page_lock_s": 30.0,
                                                                 "initialise_s": 60.4, "total_s": 111.0}})
+    (tmp_path / "gpu_tests.log").write_text("....F\n1 failed, 92 passed in 41.20s\n")
+    (tmp_path / "stages.log").write_text("limits: ok in 14s\nneox20b: TIMED OUT after 400s (limit 400s)\n")
     text, rows = gpu_report.report(tmp_path)
     assert "NVIDIA H200" in text
+    assert "GPU tests (`gpu_tests.log`): 1 failed, 92 passed in 41.20s." in text
+    assert "neox20b: TIMED OUT after 400s (limit 400s)" in text
     assert "(state compact8): start-up took 111 s (plan 9 s, store 41 s, page lock 30 s, initialise 60 s)" in text
     assert met(rows, "1. overlap") is True
     assert met(rows, "1. link") is False

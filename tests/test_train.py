@@ -144,3 +144,48 @@ def test_out_dir_holding_a_run_is_refused(base_run: Run, token_file: Path) -> No
     with pytest.raises(UserError, match="holds another run"):
         run(token_file, out)
     assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_without_a_final_export_the_run_writes_only_its_metrics(token_file: Path, tmp_path: Path) -> None:
+    """--no-save-final: a benchmark's 20B run would otherwise end by writing 41 GB."""
+    out = tmp_path / "nofinal"
+    train(TrainConfig(model="tiny", steps=2, batch_size=2, seq_len=64, data=str(token_file), out=str(out),
+                      device="cpu", progress=False, save_final=False))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not (out / "final").exists()
+
+
+def test_a_compact_state_exports_its_bfloat16_master_weights(token_file: Path, tmp_path: Path) -> None:
+    """The compact formats keep bf16 master weights: the export is those, at 2 bytes per
+    parameter, and loads into the model as any checkpoint does."""
+    out = tmp_path / "compact"
+    train(TrainConfig(model="tiny", steps=2, batch_size=2, seq_len=64, data=str(token_file), out=str(out),
+                      device="cpu", progress=False, mode="stream", offload="ram", state="compact8"))
+    weights = load_file(str(out / "final" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    model = GPT(ModelConfig.from_name("tiny"))
+    model.load_state_dict(weights, strict=True)
+    n = sum(t.numel() for t in weights.values())
+    assert (out / "final" / "model.safetensors").stat().st_size < 2 * n + 2**16
+
+
+def test_a_final_export_the_disk_cannot_hold_is_refused_before_anything_is_written(
+    token_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import streamer.train
+
+    real = shutil.disk_usage
+    # Room for the disk tier's store of tiny, not for its weights beside it as well.
+    store = 16 * sum(t.numel() for t in GPT(ModelConfig.from_name("tiny")).state_dict().values())
+    monkeypatch.setattr(streamer.train.shutil, "disk_usage", lambda p: real(p)._replace(free=store + 2**20))
+    out = tmp_path / "full"
+    settings = dict(model="tiny", steps=2, batch_size=2, seq_len=64, data=str(token_file), out=str(out),
+                    device="cpu", progress=False, mode="stream", offload="disk")
+    refused = r"final weights need \d+\.\d MiB under .* beside its store's .*--no-save-final"
+    with pytest.raises(UserError, match=refused):
+        train(TrainConfig(**settings))
+    assert not out.exists()
+    train(TrainConfig(**settings, save_final=False))  # without the export it fits
+    assert not (out / "final").exists()

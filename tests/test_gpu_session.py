@@ -1,0 +1,52 @@
+"""The GPU session's runner (benchmarks/gpu_session.sh): it keeps to its time budget,
+refuses what it does not know, skips what is done, and hands its results back as one
+file. Only the runner is exercised here: every stage it skips needs a GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+
+
+def session(tmp_path: Path, *stages: str, budget: str = "100") -> subprocess.CompletedProcess:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "OUT": str(out), "BUDGET_S": budget, "GPU_RESULTS": str(tmp_path / "results"),
+           "GPU_STAGES_DONE": str(tmp_path / "done")}
+    return subprocess.run(["bash", str(SCRIPT), *stages], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_stage_whose_floor_exceeds_the_budget_left_is_skipped_and_said(tmp_path: Path) -> None:
+    run = session(tmp_path, "neox20b", "gptj-sharded", budget="100")
+    assert run.returncode == 0, run.stderr
+    log = (tmp_path / "out" / "stages.log").read_text()
+    assert "neox20b: skipped, 100s left of the budget and it needs 240s" in log
+    assert "gptj-sharded: skipped" in log
+    with tarfile.open(tmp_path / "out" / "gpu_results.tar") as tar:  # one file back, whatever ran
+        assert "./stages.log" in tar.getnames()
+    assert not (tmp_path / "out" / "gpu_results.tar.part").exists()
+
+
+def test_stages_done_on_this_machine_are_not_run_again(tmp_path: Path) -> None:
+    (tmp_path / "done").mkdir()
+    for stage in ("limits", "neox20b", "xl-overlap", "kernels", "xl-sharded", "tests", "gptj-sharded"):
+        (tmp_path / "done" / stage).touch()
+    run = session(tmp_path, budget="570")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("done earlier on this machine") == 7
+    assert "==" not in run.stdout  # no stage started
+
+
+def test_an_unknown_stage_or_budget_is_refused_in_one_line(tmp_path: Path) -> None:
+    run = session(tmp_path, "limits", "neox-20b")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "gpu_session.sh: unknown stage 'neox-20b': choose from "
+        "limits neox20b xl-overlap kernels xl-sharded tests gptj-sharded"]
+    run = session(tmp_path, budget="ten")
+    assert run.returncode == 2 and "BUDGET_S must be a whole number of seconds, got 'ten'" in run.stderr
+    assert not (tmp_path / "results").exists()

@@ -176,6 +176,13 @@ def report(folder: Path) -> tuple[str, list[Row]]:
                           for k, v in info["startup"].items() if k != "total_s")
         state = info.get("train", {}).get("state", "?")
         lines += ["", f"The 20B run (state {state}): start-up took {info['startup']['total_s']:.0f} s ({parts})."]
+        if plan := info.get("plan"):  # the plan it started from, before its first step calibrated it
+            tiers = (f"{plan['ram_units']} of {plan['n_units']} units in RAM" if plan["offload"] == "split"
+                     else f"all {plan['n_units']} units {'in RAM' if plan['offload'] == 'ram' else 'on disk'}")
+            lines[-1] += (f" Its plan: {tiers}, prefetch depth {plan['prefetch_depth']}, "
+                          f"{plan['n_units'] - 2 - plan['kept_graphs']} blocks recomputed, predicted step "
+                          f"{plan['predicted_step_s']:.1f} s and {plan['device_bytes'] / 2**30:.1f} GiB of device "
+                          "memory.")
     tests = folder / "gpu_tests.log"
     if tests.exists() and (summary := [ln for ln in tests.read_text().splitlines() if " in " in ln and "passed" in ln]):
         lines += ["", f"GPU tests (`gpu_tests.log`): {summary[-1].strip('= ')}."]

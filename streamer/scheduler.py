@@ -377,6 +377,7 @@ class StreamEngine:
                      dp=dp, kept_graphs=plan.kept_graphs, update_on=train_cfg.update_on,
                      early_updates=plan.early_updates)
         engine.offload = offload
+        engine.plan = plan
         engine.startup = startup
         engine.store_cached = offload != "ram" and planner.store_cached(model_cfg, profile, offload, state, ram_units)
         engine.predicted_peak_bytes = planner.peak_bytes(plan, profile)

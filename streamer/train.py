@@ -454,7 +454,10 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                                              "world": dp.world, "device": str(checked.device),
                                              "dtype": str(checked.dtype).removeprefix("torch."),
                                              "flops_per_token": flops_per_token, "peak_flops": peak_flops,
-                                             "startup": engine.startup})
+                                             "startup": engine.startup,
+                                             # The streamer's plan as it started: tiers, state, recompute,
+                                             # prefetch, predicted step and memory (before calibration).
+                                             **({"plan": asdict(engine.plan)} if hasattr(engine, "plan") else {})})
     streak = run_state.get("skipped_in_a_row", 0)
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and lead), unit="step",
                dynamic_ncols=True, mininterval=1.0)

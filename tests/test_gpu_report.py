@@ -62,7 +62,10 @@ def test_each_target_is_met_or_not_by_its_goal(gpu_report, tmp_path: Path) -> No
     (tmp_path / "train_neox20b_cuda.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     write(tmp_path, "train_neox20b_cuda_run.json", {"train": {"state": "compact8"},
                                                     "startup": {"plan_s": 9.0, "store_s": 41.2, "page_lock_s": 30.0,
-                                                                "initialise_s": 60.4, "total_s": 111.0}})
+                                                                "initialise_s": 60.4, "total_s": 111.0},
+                                                    "plan": {"offload": "ram", "n_units": 46, "ram_units": 46,
+                                                             "prefetch_depth": 2, "kept_graphs": 0,
+                                                             "predicted_step_s": 13.45, "device_bytes": 34.6 * 2**30}})
     (tmp_path / "gpu_tests.log").write_text("....F\n1 failed, 92 passed in 41.20s\n")
     (tmp_path / "stages.log").write_text("limits: ok in 14s\nneox20b: TIMED OUT after 400s (limit 400s)\n")
     text, rows = gpu_report.report(tmp_path)
@@ -70,6 +73,8 @@ def test_each_target_is_met_or_not_by_its_goal(gpu_report, tmp_path: Path) -> No
     assert "GPU tests (`gpu_tests.log`): 1 failed, 92 passed in 41.20s." in text
     assert "neox20b: TIMED OUT after 400s (limit 400s)" in text
     assert "(state compact8): start-up took 111 s (plan 9 s, store 41 s, page lock 30 s, initialise 60 s)" in text
+    assert ("Its plan: all 46 units in RAM, prefetch depth 2, 44 blocks recomputed, predicted step 13.4 s and "
+            "34.6 GiB of device memory.") in text
     assert met(rows, "1. overlap") is True
     assert met(rows, "1. link") is False
     assert met(rows, "2. 20B: peak") is True and met(rows, "2. 20B: loss") is True

@@ -63,14 +63,19 @@ def losses(rows: list[dict]) -> list[float]:
     return [row["loss"] for row in rows]
 
 
-def test_the_start_up_is_reported_with_its_parts(token_file: Path, tmp_path: Path) -> None:
+def test_the_start_up_and_the_plan_are_reported(token_file: Path, tmp_path: Path) -> None:
     """run.json says how long the engine took to start and where the time went (for a
-    20B state, allocating, page-locking and initialising take minutes)."""
+    20B state, allocating, page-locking and initialising take minutes), and what plan
+    it runs."""
     out = tmp_path / "split"
     train(TrainConfig(model="tiny", steps=1, batch_size=2, seq_len=64, data=str(token_file), out=str(out),
                       device="cpu", progress=False, mode="stream", offload="split"))
-    startup = json.loads((out / "run.json").read_text())["startup"]
+    info = json.loads((out / "run.json").read_text())
+    startup = info["startup"]
     assert {"plan_s", "store_s", "page_lock_s", "initialise_s", "total_s"} <= set(startup)
+    # The plan it started from is there too: what the tiers hold and what a step should cost.
+    assert info["plan"]["offload"] == "split" and info["plan"]["ram_units"] <= info["plan"]["n_units"] == 6
+    assert info["plan"]["predicted_step_s"] > 0
     parts = startup["plan_s"] + startup["store_s"] + startup["initialise_s"]
     assert 0 < parts <= startup["total_s"]
     resident = json.loads((run(token_file, tmp_path / "res", steps=1)[0] / "run.json").read_text())["startup"]

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, pyplot, read_metrics, streamer_train_cmd, write_json  # noqa: E402
+from common import RESULTS, machine, machine_line, pyplot, read_metrics, run_child, streamer_train_cmd, write_json  # noqa: E402
 
 from models import ModelConfig  # noqa: E402
 from streamer.state import FORMATS  # noqa: E402
@@ -38,7 +37,7 @@ def run(args: argparse.Namespace, state: str, scratch: Path) -> dict:
     cmd = streamer_train_cmd(model=args.model, mode="stream", offload="ram", state=state, steps=args.steps,
                              batch_size=args.batch_size, seq_len=args.seq_len, warmup=2, lr=args.lr,
                              device="cpu", out=out)
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    run_child(cmd)
     rows = read_metrics(out)
     timed = rows[2:]  # the first step has no update; the second calibrates the prediction
     owned = ModelConfig.from_name(args.model).n_params()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, pyplot, read_metrics, streamer_train_cmd, write_json  # noqa: E402
+from common import RESULTS, machine, machine_line, pyplot, read_metrics, run_child, streamer_train_cmd, write_json  # noqa: E402
 
 from models import ModelConfig  # noqa: E402
 from streamer import planner  # noqa: E402
@@ -60,7 +59,7 @@ def run_point(
         warmup=1,
         **flags,
     )
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    run_child(cmd)
     rows = read_metrics(out)[1:]
     shutil.rmtree(out, ignore_errors=True)
     # The fastest timed step: contention from other tenants of a shared machine only
@@ -162,7 +161,10 @@ def main() -> None:
     profile = planner.measure_profile(device, dtype, scratch, model=(cfg, 8, args.seq_len))
     probe = planner.make_plan(cfg, profile, args.seq_len, args.seq_len, "ram")
     recommended = probe.recommended_tokens_per_step
-    sweep = sorted({int(s) * args.seq_len for s in args.sequences.split(",")} | {recommended})
+    # The recommended point first: it is the overlap target's, and a run cut short by a
+    # time limit keeps the points already written (the JSON is rewritten after each).
+    sweep = sorted({int(s) * args.seq_len for s in args.sequences.split(",")} | {recommended},
+                   key=lambda t: (t != recommended, t))
     info = machine()
     print(f"{args.model} on {args.device}: {machine_line(info)}")
     print(
@@ -223,7 +225,14 @@ def main() -> None:
                 "runs": runs,
             }
         )
+        write_results(args, points, recommended, profile, info)
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_results(args: argparse.Namespace, points: list[dict], recommended: int, profile: planner.DeviceProfile,
+                  info: dict) -> None:
+    """The summary, plot and JSON of the points measured so far."""
+    points = sorted(points, key=lambda p: p["tokens_per_step"])
     at_rec = next(p for p in points if p["tokens_per_step"] >= recommended)
     ram_run = next(r for r in at_rec["runs"] if r.get("offload") == "ram")
     ratio = ram_run["ratio_over_resident"]

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, pyplot, read_metrics, streamer_train_cmd, write_json  # noqa: E402
+from common import RESULTS, machine, machine_line, pyplot, read_metrics, run_child, streamer_train_cmd, write_json  # noqa: E402
 
 from models import GPT, ModelConfig, loss_fn  # noqa: E402
 from streamer import planner  # noqa: E402
@@ -78,7 +77,7 @@ def run_streaming(args: argparse.Namespace, scratch: Path, env: dict | None = No
         offload="ram",
         out=out,
     )
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    run_child(cmd, env={**os.environ, **(env or {})})
     rows = read_metrics(out)
     timed = rows[1:]
     step_s = min(r["step_s"] for r in timed)  # both runs: the fastest timed step (contention only adds)
@@ -126,7 +125,7 @@ def run_sharded(args: argparse.Namespace, scratch: Path, env: dict | None = None
         "--json",
         str(result),
     ]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    run_child(cmd, env={**os.environ, **(env or {})})
     return json.loads(result.read_text())
 
 
@@ -146,7 +145,9 @@ def fsdp_worker(args: argparse.Namespace) -> None:
         torch.cuda.set_device(device)
     cfg = shared_settings(args, world)
     model_cfg = ModelConfig.from_name(args.model)
-    model = GPT(model_cfg)
+    with torch.device("meta"):  # one draw of the weights, not the layers' defaults and then ours
+        model = GPT(model_cfg)
+    model.to_empty(device="cpu")
     model.init_weights(cfg.seed)
     mesh = init_device_mesh(device.type, (world,))
     # One GPU cannot shard anything away: offloading to the host is FSDP's way to fit.
@@ -192,12 +193,10 @@ def fsdp_worker(args: argparse.Namespace) -> None:
         peaks.append(peak_rss_bytes())
     everyone = [None] * world
     dist.all_gather_object(everyone, peaks)
-    host = torch.tensor([peak_rss_bytes()], dtype=torch.float64)
-    dev = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0], dtype=torch.float64)
-    hosts = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
-    devs = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(hosts, host.to(device) if cuda else host)
-    dist.all_gather(devs, dev.to(device) if cuda else dev)
+    # As objects: NCCL gathers only into CUDA tensors, and these are two numbers.
+    finals = [None] * world
+    dist.all_gather_object(finals, (peak_rss_bytes(), torch.cuda.max_memory_allocated() if cuda else 0))
+    hosts, devs = [h for h, _ in finals], [d for _, d in finals]
     if rank == 0:
         params = model_cfg.n_params()
         # Per rank and step: all-gather of parameters for forward and again for backward

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,18 @@ def streamer_train_cmd(**flags: object) -> list[str]:
         flag = "--" + name.replace("_", "-")
         cmd += [flag] if value is True else [flag, str(value)]
     return cmd
+
+
+def run_child(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a benchmark's child process with its output captured; if it fails, print the
+    end of that output before raising, or the one run on a borrowed GPU leaves nothing
+    to diagnose."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr)[-4000:]
+        print(f"{' '.join(map(str, cmd[:5]))} ... exited {done.returncode}; its last output:\n{tail}", file=sys.stderr)
+        raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
+    return done
 
 
 def pyplot():  # noqa: ANN201 - the matplotlib.pyplot module

@@ -12,10 +12,10 @@
 #
 #   stage         cap  floor  what (the target of issue #7 it serves)
 #   limits         60     20  bf16 matmul, pinned copies each way and both at once, HBM copy (all)
-#   neox20b       400    240  GPT-NeoX 20B streamed for 10 steps, its plan first (2, 5)
-#   xl-overlap    170     90  gpt3-xl resident against the RAM tier, at 16k and the
-#                             planner's recommended tokens per step (1, 5)
 #   kernels        75     30  the CuPy kernels against the reference and against HBM (4)
+#   neox20b       400    240  GPT-NeoX 20B streamed for 10 steps, its plan first (2, 5)
+#   xl-overlap    170     90  gpt3-xl resident against the RAM tier, at the planner's
+#                             recommended tokens per step, then at 16k (1, 5)
 #   xl-sharded    120     60  gpt3-xl streamed against FSDP2 with CPUOffloadPolicy (3, 5)
 #   tests         150     45  the gpu-marked tests
 #   gptj-sharded  420    200  gpt-j-6b streamed against FSDP2 with CPUOffloadPolicy (3, 5)
@@ -38,7 +38,7 @@ export STREAMER_HOST_MEMORY_GIB="${STREAMER_HOST_MEMORY_GIB:-128}"
 if [[ -n "${OUT:-}" ]]; then results="${GPU_RESULTS:-/tmp/gpu_results}"; else results=benchmarks/results; fi
 done_dir="${GPU_STAGES_DONE:-/tmp/gpu_stages_done}"  # what this machine has done, while it stays warm
 
-STAGES=(limits neox20b xl-overlap kernels xl-sharded tests gptj-sharded)
+STAGES=(limits kernels neox20b xl-overlap xl-sharded tests gptj-sharded)
 declare -A CAP=([limits]=60 [neox20b]=400 [xl-overlap]=170 [kernels]=75 [xl-sharded]=120 [tests]=150
                 [gptj-sharded]=420)
 declare -A FLOOR=([limits]=20 [neox20b]=240 [xl-overlap]=90 [kernels]=30 [xl-sharded]=60 [tests]=45
@@ -48,8 +48,12 @@ declare -A FLOOR=([limits]=20 [neox20b]=240 [xl-overlap]=90 [kernels]=30 [xl-sha
 
 stage_limits() {
     { date -u; nproc; free -g; df -h /tmp .; nvidia-smi; python3 -m pip list 2>/dev/null \
-        | grep -iE '^(torch|cupy|numpy|safetensors|transformers) '; } > "$results/machine.txt" 2>&1
+        | grep -iE '^(torch|cupy[-a-z0-9]*|numpy|safetensors|transformers) '; } > "$results/machine.txt" 2>&1
     python3 benchmarks/bench_device_limits.py --json "$results/device_limits_cuda.json"
+}
+
+stage_kernels() {
+    python3 benchmarks/bench_kernels.py --json "$results/kernels_cuda.json"
 }
 
 # The state is compact8 (bf16 weights with stochastic rounding, 8-bit moments and an 8-bit
@@ -70,7 +74,7 @@ stage_limits() {
 neox20b_run="${RUN_DIR:-/tmp/neox20b}"
 stage_neox20b() {
     local flags=(--model gpt-neox-20b --state "${STATE:-compact8}" --seq-len 2048 --update-on device --max-memory 37)
-    timeout 60 python3 -m streamer plan "${flags[@]}" --measure --disk /tmp --tokens-per-step 49152 \
+    timeout 60 python3 -m streamer plan "${flags[@]}" --device cuda --measure --disk /tmp --tokens-per-step 49152 \
         --micro-tokens 2048 | tee "$results/plan_neox20b_cuda.txt"
     rm -rf "$neox20b_run"
     python3 -m streamer train "${flags[@]}" --mode stream --batch-size 1 --grad-accum 24 --steps 10 --warmup 2 \
@@ -90,10 +94,6 @@ collect_neox20b() {  # also after a timeout: the steps that finished are in the 
 stage_xl-overlap() {
     python3 benchmarks/bench_stream_vs_resident.py --model gpt3-xl --device cuda --seq-len 2048 \
         --sequences 8 --modes resident,ram --steps 3 --json "$results/stream_vs_resident_cuda.json"
-}
-
-stage_kernels() {
-    python3 benchmarks/bench_kernels.py --json "$results/kernels_cuda.json"
 }
 
 # Same model, initial weights, batch (8 x 2048), data, schedule and steps on both sides.

@@ -52,7 +52,8 @@ def _cupy() -> ModuleType:
     try:
         import cupy
     except ImportError as error:
-        raise ImportError("CUDA tensors need CuPy: pip install cupy-cuda12x") from error
+        raise ImportError("CUDA tensors need CuPy: pip install cupy-cuda12x (CUDA 12) "
+                          "or cupy-cuda13x (CUDA 13)") from error
     return cupy
 
 

@@ -169,9 +169,12 @@ def init_unit(unit: nn.Module, cfg: ModelConfig, seed: int, index: int) -> None:
 
     Each unit draws from a generator seeded by (seed, unit index), so a unit can be
     initialised alone, straight into a host store, and still equal the same unit of a
-    whole model built in memory: the streamer never needs the whole model at once.
+    whole model built in memory: the streamer never needs the whole model at once. The
+    generator lives on the unit's device (a CUDA tensor refuses a CPU generator), so
+    the same seed gives the same weights on the same kind of device.
     """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    device = next(unit.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
     residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
     with torch.no_grad():
         for name, p in unit.named_parameters():

@@ -629,7 +629,8 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     Device: K + 1 ring slots sized for the largest unit outside a tied table, the tied
     table's own slot, two gradient buffers (and the tied table's), one unit's fresh
     gradients, and activations.
-    Host: pinned staging mirrors of the slots and gradient buffers (CUDA only), the
+    Host: pinned staging mirrors of the slots and gradient buffers (CUDA only, and not
+    for a RAM tier, which is page-locked and copies in place), the
     store (the whole state for the RAM tier; for the disk tier the pipeline's ring of
     chunk buffers, and a second ring for the lane of early updates; a compact update's
     temporaries), and the runtime itself.
@@ -646,7 +647,8 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     grads = 2 * ring * g + tied * g + max(ring, tied) * g
     activations = kept_activation_bytes(cfg, tokens_per_step, micro_tokens, b, kept)
     device = weights + grads + activations
-    staging = 0 if profile.shares_host_cores else weights + grads
+    # A page-locked RAM tier copies to and from the device in place: nothing stages.
+    staging = 0 if profile.shares_host_cores or offload == "ram" else weights + grads
     # The RAM part of the state; for a disk part, the pipeline's ring (the disk store's
     # scratch set is touched only by export and resume, never during a step, so it holds
     # no resident pages then).
@@ -946,7 +948,10 @@ def measure_model_flops(cfg: ModelConfig, device: torch.device, dtype: torch.dty
     tied = (torch.randn(cfg.padded_vocab_size, cfg.d_model, device=device, dtype=dtype) * 0.02).requires_grad_()
 
     def timed(index: int) -> float:
-        unit = build_unit(cfg, index).to(device=device, dtype=dtype)
+        # Built and drawn where it runs: a 20B block is 453 M parameters, seconds to
+        # draw on a CPU core and moments on a GPU.
+        with torch.device(device):
+            unit = build_unit(cfg, index).to(dtype=dtype)
         init_unit(unit, cfg, seed=0, index=index)
         if index == head_index:
             run = lambda: loss_fn(unit(x, tied if cfg.tie_embeddings else None), targets).backward()  # noqa: E731
@@ -1010,7 +1015,9 @@ def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="bytes per tier, bytes per link, hiding threshold, predicted step time")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--device", default="cpu", help=f"a profile ({', '.join(PROFILES)}) or measure with --measure")
+    p.add_argument("--device", default=None,
+                   help=f"a profile ({', '.join(PROFILES)}; default cpu), or with --measure the device to measure: "
+                        "cuda or cpu (default: cuda when there is one)")
     p.add_argument("--tokens-per-step", type=int, default=None, help="default: the hiding threshold")
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
     p.add_argument("--micro-tokens", type=int, default=None,
@@ -1039,11 +1046,16 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.host_memory is not None and not 0 < args.host_memory < math.inf:
         raise UserError(f"--host-memory must be a positive number of GiB, got {args.host_memory}")
     if args.measure:
+        if args.device not in (None, "cpu", "cuda"):
+            raise UserError(f"--measure measures cuda or cpu, got --device {args.device}: drop --measure to plan "
+                            "with that profile")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda --measure needs a CUDA device, and this machine has none")
         device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         profile = measure_profile(device, dtype, args.disk, state=args.state, host_memory_gib=args.host_memory)
-    elif args.device in PROFILES:
-        profile = PROFILES[args.device]
+    elif (args.device or "cpu") in PROFILES:
+        profile = PROFILES[args.device or "cpu"]
         if args.host_memory is not None:
             profile = replace(profile, host_memory_bytes=host_available(args.host_memory))
     else:
@@ -1054,7 +1066,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     seq_len = args.seq_len or cfg.block_size
     if seq_len <= 0 or seq_len > cfg.block_size:
         raise UserError(f"--seq-len must be in 1..{cfg.block_size} for {cfg.name}")
-    if args.measure or args.device == "cpu":  # this machine's memory and disk
+    if args.measure or args.device in (None, "cpu"):  # this machine's memory and disk
         host = host_available(args.host_memory)
         disk = shutil.disk_usage(args.disk if args.disk.exists() else Path(".")).free
     else:  # the profiled machine's

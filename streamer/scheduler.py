@@ -191,6 +191,27 @@ def initialise_store(store: HostStore, layouts: list[UnitLayout], cfg: ModelConf
                 drawn[i + len(buffers)] = pool.submit(draw, i + len(buffers))
 
 
+class OnFirstUse:
+    """A list of buffers, each made by its function when first indexed (from any
+    thread)."""
+
+    def __init__(self, makers: list) -> None:
+        self._makers, self._made, self._lock = makers, [None] * len(makers), threading.Lock()
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with self._lock:
+            if self._made[index] is None:
+                self._made[index] = self._makers[index]()
+            return self._made[index]
+
+    def __len__(self) -> int:
+        return len(self._makers)
+
+    def made(self) -> int:
+        """How many have been made so far."""
+        return sum(m is not None for m in self._made)
+
+
 class StreamEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, store: HostStore, device: torch.device,
                  dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0,
@@ -240,13 +261,16 @@ class StreamEngine:
         self.slots = [torch.empty(n, dtype=dtype, device=device) for n in sizes]
         # On CUDA the worker stages into pinned host buffers (one per slot, allocated
         # once) so the host-to-device copy can run asynchronously at full link speed.
-        self.staging = [torch.empty(n, dtype=dtype, pin_memory=True) for n in sizes] if cuda else None
+        # A page-locked RAM tier copies straight from the store and never stages, so
+        # they are allocated at first use: at 20B they would pin 7 GiB for nothing.
+        pinned = lambda n, dt=torch.float32: lambda: torch.empty(n, dtype=dt, pin_memory=True)  # noqa: E731
+        self.staging = OnFirstUse([pinned(n, dtype) for n in sizes]) if cuda else None
         # Two gradient buffers: one fills while the other drains to the host. A tied
         # table accumulates in its own buffer (head and embedding both add to it).
         self.grad_buffers = [torch.zeros(ring_numel, device=device) for _ in range(2)]
-        self.grad_host = [torch.empty(ring_numel, pin_memory=True) for _ in range(2)] if cuda else None
+        self.grad_host = OnFirstUse([pinned(ring_numel), pinned(ring_numel)]) if cuda else None
         self.tied_grad = torch.zeros(tied_numel, device=device) if self.tied else None
-        self.tied_grad_host = torch.empty(tied_numel, pin_memory=True) if (cuda and self.tied) else None
+        self.tied_grad_host = OnFirstUse([pinned(tied_numel)]) if (cuda and self.tied) else None
         # The squared norm of this rank's reduced gradient shards, summed by whichever
         # thread reduces them (the host worker on CPU, the grad stream on CUDA).
         self.shard_sq_norm = torch.zeros((), dtype=torch.float64, device=device)
@@ -330,6 +354,9 @@ class StreamEngine:
         # micro-batch: a square matmul misses attention, norms and memory-bound kernels
         # (10-20% on a 2-core CPU for gpt3-125m).
         flops = planner.measure_model_flops(model_cfg, device, dtype, train_cfg.batch_size, train_cfg.seq_len)
+        if device.type == "cuda":  # the run's peak memory is its steps', not the probe's
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         # Host copies (staging, gradient writes) at this machine's memcpy rate: a copy of
         # n bytes reads n and writes n. On a CPU device it is also the "link".
         copy = planner.measure_copy_bandwidth(torch.device("cpu"), 64 * 2**20)[0]
@@ -607,25 +634,26 @@ class StreamEngine:
             future = self.grad_worker.submit(lambda: self.store.write_grad(unit, self._reduce(unit, grad)))
         else:
             if buffer_index is None:
-                host, event = self.tied_grad_host, self.grad_events[2]
+                hosts, k, event = self.tied_grad_host, 0, self.grad_events[2]
             else:
                 self._drain(buffer_index)
-                host, event = self.grad_host[buffer_index], self.grad_events[buffer_index]
+                hosts, k, event = self.grad_host, buffer_index, self.grad_events[buffer_index]
             # A page-locked store takes the gradient straight from the device, already
             # as it keeps it (bf16 in the compact format, coded on the device in 8 bits
             # in compact8); anything else goes through a pinned float32 buffer that the
             # worker writes out, holding the gradient coded when the format codes it
             # (the host's cores code it ~100x slower than the device).
-            staged = None
+            staged = host = None
             self.grad_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.grad_stream):
                 shard = self._reduce(unit, grad)
                 if target is not None:
                     fmt.store_grad(shard[: target["grad"].numel()], target, non_blocking=True)
                 elif fmt.codes_grad:
-                    staged = fmt.grad_buffers_in(host, shard.numel())
+                    staged = fmt.grad_buffers_in(hosts[k], shard.numel())
                     fmt.store_grad(shard, staged, non_blocking=True)
                 else:
+                    host = hosts[k]
                     host[: shard.numel()].copy_(shard, non_blocking=True)
                 event.record(self.grad_stream)
 
@@ -944,6 +972,8 @@ class StreamEngine:
             self.lane.shutdown(wait=True)
         self.worker.shutdown(wait=True)
         self.grad_worker.shutdown(wait=True)
+        if self.device.type == "cuda":  # after a failed step, copies from the store may still be queued
+            torch.cuda.synchronize(self.device)
         self.store.close()
 
     # --- checkpoint state ----------------------------------------------------------

@@ -242,12 +242,42 @@ def page_lock(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             continue
         code = int(cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0))
         if code != 0:
+            _clear_cuda_error()
             print(f"warning: host state not page-locked (CUDA error {code}); its copies go through staging "
                   "buffers at a lower rate", file=sys.stderr)
             page_unlock(locked)
             return []
         locked.append(tensor)
     return locked
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a refused cudaHostRegister: torch reads
+    it after every kernel launch, so the refusal would surface later as the failure of
+    some unrelated kernel. torch binds no cudaGetLastError; the runtime library it
+    loaded is found again by its name (best effort: without it the error stays)."""
+    import ctypes
+
+    major = (torch.version.cuda or "0").split(".")[0]
+    try:
+        ctypes.CDLL(f"libcudart.so.{major}").cudaGetLastError()
+    except (OSError, AttributeError):
+        pass
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def page_aligned_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed 1-D tensor that starts on a page boundary, in an allocation of its own
+    whole pages: no other tensor shares a page with it, so page-locking it never
+    overlaps a range already locked (cudaHostRegister refuses overlaps, and small
+    buffers from the allocator share pages)."""
+    nbytes = numel * torch.tensor([], dtype=dtype).element_size()
+    span = -(-nbytes // PAGE) * PAGE
+    raw = torch.zeros(span + PAGE, dtype=torch.uint8)
+    offset = -raw.data_ptr() % PAGE
+    return raw[offset : offset + nbytes].view(dtype)
 
 
 def page_unlock(tensors: list[torch.Tensor]) -> None:
@@ -259,7 +289,7 @@ class RamStore(HostStore):
     def __init__(self, layouts: list[UnitLayout], owned: list[tuple[int, int]] | None = None,
                  state: StateFormat = FORMATS["fp32"], pin: bool = False) -> None:
         super().__init__(layouts, owned, state)
-        self.buffers = [{b.name: torch.zeros(b.numel(self.owned_numel(i)), dtype=b.dtype) for b in state.buffers}
+        self.buffers = [{b.name: page_aligned_zeros(b.numel(self.owned_numel(i)), b.dtype) for b in state.buffers}
                         for i in range(len(layouts))]
         # With a CUDA device: see [Note: page-locking the RAM tier].
         started = time.perf_counter()

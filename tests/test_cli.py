@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from models import REGISTRY
 
@@ -163,6 +164,15 @@ def test_the_machine_wide_host_memory_setting_plans_this_machine(tmp_path: Path)
 
 def test_plan_unknown_device_profile(tmp_path: Path) -> None:
     assert_user_error(streamer("plan", "--device", "tpu9", cache=tmp_path), "'tpu9'", "h100")
+
+
+def test_plan_measures_a_device_it_has_not_a_profile(tmp_path: Path) -> None:
+    """--measure times this machine: a profile's name, or a GPU the machine lacks, is
+    refused rather than silently measuring the CPU."""
+    assert_user_error(streamer("plan", "--device", "h100", "--measure", cache=tmp_path), "--device h100",
+                      "drop --measure")
+    if not torch.cuda.is_available():
+        assert_user_error(streamer("plan", "--device", "cuda", "--measure", cache=tmp_path), "needs a CUDA device")
 
 
 def test_prepare_a_folder(tmp_path: Path) -> None:

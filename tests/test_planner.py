@@ -317,3 +317,21 @@ def test_the_disk_probe_leaves_nothing_in_the_folder(tmp_path) -> None:
     read, write = planner.measure_disk_bandwidth(tmp_path, nbytes=32 * 2**20)
     assert read > 0 and write > 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_page_locked_ram_tier_plans_no_staging_buffers_on_a_gpu() -> None:
+    """On a GPU the RAM tier is page-locked and copies in place, so the host holds the
+    state and the runtime only; a disk tier stages every unit through pinned mirrors of
+    the slots and gradient buffers."""
+    cfg, gpu = ModelConfig.from_name("gpt-neox-20b"), PROFILES["h200"]
+    args = (cfg, gpu, 49152, 2048)
+    _, ram = planner.memory_bytes(*args, "ram", depth=2, kept=0, state="compact8")
+    state = state_bytes("compact8")[0] * sum(unit_param_counts(cfg))
+    from streamer.state import FORMATS
+    from streamer.store import CHUNK_NUMEL
+
+    workspace = FORMATS["compact8"].workspace_bytes * min(CHUNK_NUMEL, max(unit_param_counts(cfg)))
+    assert ram == pytest.approx(state + workspace + planner.RUNTIME_BYTES, rel=1e-9)
+    _, disk = planner.memory_bytes(*args, "disk", depth=2, kept=0, state="compact8")
+    ring = max(unit_param_counts(cfg))
+    assert disk > 3 * ring * 2 + 3 * ring * 4  # three bf16 slot mirrors and the float32 gradient buffers

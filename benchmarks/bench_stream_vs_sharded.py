@@ -291,6 +291,8 @@ def main() -> None:
         return
     if args.global_batch % args.world:
         parser.error("--global-batch must be a multiple of --world")
+    if args.device == "cpu" and args.world < 2:  # on a GPU, one process offloads to the host instead
+        parser.error("on CPU, FSDP2 in one process shards nothing: use --world 2 or more")
     scratch = Path(tempfile.mkdtemp(prefix="bench-sharded-"))
     info = machine()
     print(f"{args.model}, global batch {args.global_batch} x {args.seq_len}, {args.steps} steps: {machine_line(info)}")

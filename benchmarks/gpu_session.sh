@@ -60,24 +60,26 @@ stage_kernels() {
 # gradient: about 5 bytes per parameter, 97 GiB), which the 128 GiB host holds in RAM: no
 # unit goes to disk, so the step does not wait on the machine's disk. (The compact state,
 # 6 bytes per parameter, 115 GiB, fits neither RAM nor the 64 GiB disk alone: the planner
-# splits it 40 units in RAM, 6 on disk, and on the h200 profile predicts 18.3 s per step
-# against compact8's 13.5 s; STATE=compact runs that plan.) AdamW and the coding run on
+# splits it 40 units in RAM, 6 on disk, and on the h200 profile predicts 18.7 s per step
+# against compact8's 12.4 s; STATE=compact runs that plan.) AdamW and the coding run on
 # the GPU (--update-on device): host cores code ~70x slower than float32 AdamW. The RAM
 # tier is page-locked, so state, weights and gradients cross the link by DMA, and
-# gradients leave the GPU already coded. 24 sequences of 2048 per step, one per
-# micro-batch: on the h200 profile the planner's step at 49,152 tokens is 13.5 s, ~468
-# TFLOP/s of model FLOPs (6 x parameters x tokens plus attention), with 34.6 GiB of device
-# memory (every block recomputed; the boundary activations are most of it). 10 steps on
-# real text under a 40 GB limit (37 GiB), at the published 20B run's peak learning rate
-# (about 1e-4; the CLI's default, 3e-3, is for the tiny models). No final export: the
-# 20B's weights are 41 GB, and writing them is not what is measured.
+# gradients leave the GPU already coded. 20 sequences of 2048 per step, one per
+# micro-batch: on the h200 profile the planner's step at 40,960 tokens is 12.4 s, ~423
+# TFLOP/s of model FLOPs (6 x parameters x tokens plus attention), with 31.1 GiB (33 GB)
+# of device memory (every block recomputed; the boundary activations are most of it):
+# 24 sequences would plan 449 TFLOP/s but 35.4 GiB (38 GB), too close to the 40 GB goal
+# for what the model leaves out. 10 steps on real text under a 40 GB limit (37 GiB), at
+# the published 20B run's peak learning rate (about 1e-4; the CLI's default, 3e-3, is
+# for the tiny models). No final export: the 20B's weights are 41 GB, and writing them
+# is not what is measured.
 neox20b_run="${RUN_DIR:-/tmp/neox20b}"
 stage_neox20b() {
     local flags=(--model gpt-neox-20b --state "${STATE:-compact8}" --seq-len 2048 --update-on device --max-memory 37)
-    timeout 60 python3 -m streamer plan "${flags[@]}" --device cuda --measure --disk /tmp --tokens-per-step 49152 \
+    timeout 60 python3 -m streamer plan "${flags[@]}" --device cuda --measure --disk /tmp --tokens-per-step 40960 \
         --micro-tokens 2048 | tee "$results/plan_neox20b_cuda.txt"
     rm -rf "$neox20b_run"
-    python3 -m streamer train "${flags[@]}" --mode stream --batch-size 1 --grad-accum 24 --steps 10 --warmup 2 \
+    python3 -m streamer train "${flags[@]}" --mode stream --batch-size 1 --grad-accum 20 --steps 10 --warmup 2 \
         --lr 1e-4 --out "$neox20b_run" --no-progress --no-save-final > "$results/train_neox20b_cuda.log" 2>&1
     local rc=$?
     tail -n 20 "$results/train_neox20b_cuda.log"

@@ -73,8 +73,10 @@ def adamw_update_(
     Its `grad_scale` divides the gradient, so the clip factor goes in as its inverse.
     """
     device = param.device
-    steps = [torch.tensor(float(step), device=device)]
-    scale = None if grad_scale == 1.0 else torch.tensor(1.0 / grad_scale, device=device)
+    # Filled on the device: `torch.tensor(x, device=cuda)` copies from pageable memory,
+    # which waits for the stream, once per chunk.
+    steps = [torch.full((), float(step), device=device)]
+    scale = None if grad_scale == 1.0 else torch.full((), 1.0 / grad_scale, device=device)
     decay = min(decay_numel, param.numel()) if cfg.weight_decay else 0
     for part, weight_decay in ((slice(0, decay), cfg.weight_decay), (slice(decay, None), 0.0)):
         if param[part].numel():

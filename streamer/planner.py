@@ -94,12 +94,25 @@ def host_threads(device_is_host: bool, store_in_ram: bool) -> bool:
     return not (device_is_host and store_in_ram)
 
 
-def with_device_update(profile: DeviceProfile, state: str) -> DeviceProfile:
+def with_device_update(profile: DeviceProfile, state: str, device_rate: float | None = None,
+                       pipelined: bool = False) -> DeviceProfile:
     """The profile as seen by a run whose AdamW runs on the device (`--update-on device`):
-    the host worker's part of an update is its copies, the whole state in and all but
-    the gradient back; the device's compute for it is negligible beside them."""
+    the host worker's part of an update is a chunk at a time, the whole state in, the
+    update's kernels, all but the gradient back. `device_rate` is the update's rate on
+    the device in float32 AdamW's bytes per second (28 per parameter), measured
+    (`measure_update_rate`); without it, the profile's float32 rate scaled by the
+    format's counted cost (the compact formats' ~80 elementwise kernels move 15x the
+    bytes of float32's one fused kernel).
+
+    A disk tier's chunks run one after the other (each is committed before the next);
+    a page-locked RAM tier's (`pipelined`) alternate between two streams, so one
+    chunk's kernels overlap the next one's copy in and the previous one's copy out:
+    a chunk then costs its kernels' time, or half of the three parts when the copies
+    are the longer."""
     whole, updated, _, _ = state_bytes(state)
-    per_param = whole / profile.h2d_bytes_per_s + updated / profile.d2h_bytes_per_s
+    rate = device_rate or profile.device_update_bytes_per_s / FORMATS[state].device_update_cost
+    parts = (whole / profile.h2d_bytes_per_s, 28 / rate, updated / profile.d2h_bytes_per_s)
+    per_param = max(parts[1], sum(parts) / 2) if pipelined else sum(parts)
     return replace(profile, host_update_bytes_per_s=28 / per_param, update_state=state,
                    host_copy_bytes_per_s=host_rates(profile)[1], update_on_device=True)
 
@@ -628,7 +641,8 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
 
     Device: K + 1 ring slots sized for the largest unit outside a tied table, the tied
     table's own slot, two gradient buffers (and the tied table's), one unit's fresh
-    gradients, and activations.
+    gradients, activations, and with the update on the device two chunks' state and
+    update temporaries.
     Host: pinned staging mirrors of the slots and gradient buffers (CUDA only, and not
     for a RAM tier, which is page-locked and copies in place), the
     store (the whole state for the RAM tier; for the disk tier the pipeline's ring of
@@ -647,6 +661,8 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     grads = 2 * ring * g + tied * g + max(ring, tied) * g
     activations = kept_activation_bytes(cfg, tokens_per_step, micro_tokens, b, kept)
     device = weights + grads + activations
+    if profile.update_on_device:  # two chunks' state and update temporaries, one per stream
+        device += 2 * min(CHUNK_NUMEL, max(counts)) * (state_bytes(state)[0] + FORMATS[state].workspace_bytes)
     # A page-locked RAM tier copies to and from the device in place: nothing stages.
     staging = 0 if profile.shares_host_cores or offload == "ram" else weights + grads
     # The RAM part of the state; for a disk part, the pipeline's ring (the disk store's
@@ -903,15 +919,17 @@ def measure_page_cache_rate(folder: Path, nbytes: int = 256 * 2**20) -> float:
         os.unlink(name)
 
 
-def measure_update_rate(numel: int = 8 * 2**20, state: str = "fp32") -> float:
-    """Host AdamW over one chunk in a state format, in float32 AdamW's bytes per second
-    (28 bytes per parameter touched), so that rates of both formats compare."""
+def measure_update_rate(numel: int = 8 * 2**20, state: str = "fp32", device: torch.device | None = None) -> float:
+    """AdamW over one chunk in a state format, on the host (or `device`, the state
+    already there), in float32 AdamW's bytes per second (28 bytes per parameter
+    touched), so that rates of all formats compare."""
     from streamer.optim import OptimConfig
 
+    device = device or torch.device("cpu")
     fmt = FORMATS[state]
-    buffers = {b.name: torch.zeros(b.numel(numel), dtype=b.dtype) for b in fmt.buffers}
-    buffers["param"].copy_(torch.randn(numel))
-    fmt.store_grad(torch.randn(numel), buffers)
+    buffers = {b.name: torch.zeros(b.numel(numel), dtype=b.dtype, device=device) for b in fmt.buffers}
+    buffers["param"].copy_(torch.randn(numel, device=device))
+    fmt.store_grad(torch.randn(numel, device=device), buffers)
     cfg = OptimConfig()
 
     def update(step: int) -> None:
@@ -920,8 +938,10 @@ def measure_update_rate(numel: int = 8 * 2**20, state: str = "fp32") -> float:
     update(1)
     fastest = math.inf
     for step in range(2, 5):  # the fastest pass, as in `measure_model_flops`
+        _sync(device)
         started = time.perf_counter()
         update(step)
+        _sync(device)
         fastest = min(fastest, time.perf_counter() - started)
     return 28 * numel / fastest
 
@@ -1005,7 +1025,7 @@ def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
                    disk_read_bytes_per_s=read, disk_write_bytes_per_s=write, cached_io_bytes_per_s=cached_io,
                    host_update_bytes_per_s=update, update_state=state, host_copy_bytes_per_s=host_copy,
                    page_cache_bytes=free, host_memory_bytes=total,
-                   device_update_bytes_per_s=update if device.type == "cpu" else base.device_update_bytes_per_s,
+                   device_update_bytes_per_s=update if device.type == "cpu" else measure_update_rate(device=device),
                    compute_bytes=torch.tensor([], dtype=dtype).element_size())
 
 
@@ -1061,8 +1081,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
     else:
         raise UserError(f"unknown device profile '{args.device}': use one of {', '.join(PROFILES)} or --measure")
     measured = profile  # before the update's placement, which depends on the state format
+
+    def on_device(state: str, offload: str) -> DeviceProfile:
+        """The update's rate on this GPU in `state`, measured, or the profile's estimate."""
+        rate = measure_update_rate(state=state, device=device) if args.measure and device.type == "cuda" else None
+        return with_device_update(measured, state, rate, pipelined=offload == "ram")
+
     if args.update_on == "device":
-        profile = with_device_update(profile, args.state)
+        profile = on_device(args.state, "disk")  # for the recommendation only: the tiers are not chosen yet
     seq_len = args.seq_len or cfg.block_size
     if seq_len <= 0 or seq_len > cfg.block_size:
         raise UserError(f"--seq-len must be in 1..{cfg.block_size} for {cfg.name}")
@@ -1087,7 +1113,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         raise UserError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
 
     def plan_for(state: str, offload: str, ram_units: int | None) -> Plan:
-        prof = with_device_update(measured, state) if args.update_on == "device" else measured
+        prof = on_device(state, offload) if args.update_on == "device" else measured
         if args.max_memory:
             return fit_memory(cfg, prof, tokens, seq_len, offload, micro, args.max_memory * 2**30,
                               state=state, ram_units=ram_units)

@@ -191,6 +191,22 @@ def initialise_store(store: HostStore, layouts: list[UnitLayout], cfg: ModelConf
                 drawn[i + len(buffers)] = pool.submit(draw, i + len(buffers))
 
 
+def _busy_ms(timings: list[tuple]) -> float:
+    """Milliseconds in which at least one of the timed copies ran: copies on two streams
+    may overlap, and a sum of their spans would count the overlap twice (and halve the
+    link's apparent rate)."""
+    if not timings:
+        return 0.0
+    ref = timings[0][0]
+    spans = sorted((ref.elapsed_time(start), ref.elapsed_time(end)) for start, end, _ in timings)
+    busy, (low, high) = 0.0, spans[0]
+    for start, end in spans[1:]:
+        if start > high:
+            busy, low = busy + high - low, start
+        high = max(high, end)
+    return busy + high - low
+
+
 class OnFirstUse:
     """A list of buffers, each made by its function when first indexed (from any
     thread)."""
@@ -276,6 +292,10 @@ class StreamEngine:
         self.shard_sq_norm = torch.zeros((), dtype=torch.float64, device=device)
         # Copies run on their own streams so they overlap compute on the default stream.
         self.copy_stream = torch.cuda.Stream(device) if cuda else None  # host -> device weights
+        # A page-locked unit's updates on the device alternate chunks between the copy
+        # stream and this one: one chunk's kernels overlap the next one's copy in and the
+        # last one's copy out (see `_stage`).
+        self.update_stream = torch.cuda.Stream(device) if cuda else None
         self.grad_stream = torch.cuda.Stream(device) if cuda else None  # device -> host gradients
         self.slot_free_events = [torch.cuda.Event() for _ in sizes] if cuda else None
         self.copy_done_events = [torch.cuda.Event() for _ in sizes] if cuda else None
@@ -313,11 +333,13 @@ class StreamEngine:
                      if self.early_units else None)
         self.lane_stream = torch.cuda.Stream(device) if cuda and self.early_units else None
         self.early: dict[int, Future] = {}  # unit -> its update running on the lane
-        self._counter_lock = threading.Lock()  # the lane and the worker both add update time
+        self._counter_lock = threading.Lock()  # the lane, the worker and the step add time and bytes
         # Update seconds since the run began, and up to the last step's end: a step's own
         # share is the difference (the lane's updates for the next step start before the
         # last step's metrics are written, so a per-step counter would split them).
         self.update_s_total = self._update_s_seen = 0.0
+        # Bytes an update on the device moves (state in, updated state out), likewise.
+        self.update_bytes_total, self._update_bytes_seen = [0, 0], [0, 0]
         self.batch_rows: torch.Tensor | None = None  # token ids of this step, for the sparse path
         self.pending: PendingUpdate | None = None
         self.update_due = [False] * self.n_units
@@ -354,9 +376,6 @@ class StreamEngine:
         # micro-batch: a square matmul misses attention, norms and memory-bound kernels
         # (10-20% on a 2-core CPU for gpt3-125m).
         flops = planner.measure_model_flops(model_cfg, device, dtype, train_cfg.batch_size, train_cfg.seq_len)
-        if device.type == "cuda":  # the run's peak memory is its steps', not the probe's
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
         # Host copies (staging, gradient writes) at this machine's memcpy rate: a copy of
         # n bytes reads n and writes n. On a CPU device it is also the "link".
         copy = planner.measure_copy_bandwidth(torch.device("cpu"), 64 * 2**20)[0]
@@ -366,7 +385,12 @@ class StreamEngine:
         profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
                                   matmul_flops=flops, host_copy_bytes_per_s=2 * copy, **links)
         if train_cfg.update_on == "device" and device.type == "cuda":
-            profile = planner.with_device_update(profile, state)
+            # The update's kernels on this GPU, timed on one chunk (a second at most).
+            rate = planner.measure_update_rate(state=state, device=device)
+            profile = planner.with_device_update(profile, state, rate, pipelined=offload == "ram")
+        if device.type == "cuda":  # the run's peak memory is its steps', not the probes'
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         micro = train_cfg.batch_size * train_cfg.seq_len
         if train_cfg.max_memory_gib:
             plan = planner.fit_memory(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
@@ -433,7 +457,8 @@ class StreamEngine:
         # Ask the kernel to start reading the unit's files now; the worker reads them later.
         self.store.advise(unit, BUFFERS if self.update_due[unit] else ("param",))
         self.staged[unit] = self.worker.submit(self._stage, unit, slot)
-        self.counters["bytes_in"] += self.layouts[unit].numel * self.slots[0].element_size()
+        with self._counter_lock:  # the worker adds an on-device update's bytes
+            self.counters["bytes_in"] += self.layouts[unit].numel * self.slots[0].element_size()
 
     def wait(self, unit: int) -> torch.Tensor:
         """Block until `unit`'s weights are usable on the device; returns its slot buffer."""
@@ -509,15 +534,21 @@ class StreamEngine:
         torch.cuda.set_device(self.device)  # this thread's CUDA calls go to our device
         on_device = due and self.update_device.type == "cuda"
         direct = on_device or self.store.pinned(unit)
+        # A page-locked unit's chunks need no wait between them, so consecutive chunks go
+        # to two streams and overlap; a disk tier's buffers are committed chunk by chunk.
+        streams = (self.copy_stream, self.update_stream) if on_device and self.store.pinned(unit) else None
         if direct:
             # Writes into the slot wait for the kernels that still read its previous unit.
             self.copy_stream.wait_event(self.slot_free_events[slot])
+            if streams:
+                self.update_stream.wait_event(self.slot_free_events[slot])
         else:
             self.copy_done_events[slot].synchronize()  # the previous copy out of the staging buffer is done
-        for start, stop, buffers in self.store.stream(unit, read, write):
+        for k, (start, stop, buffers) in enumerate(self.store.stream(unit, read, write)):
             into = slice(first + start, first + stop)
             if on_device:
-                self._update_chunk(unit, start, stop, buffers, weights=self.slots[slot][into])
+                self._update_chunk(unit, start, stop, buffers, weights=self.slots[slot][into],
+                                   stream=streams[k % 2] if streams else None)
                 continue
             if due:
                 self._update_chunk(unit, start, stop, buffers)
@@ -527,6 +558,10 @@ class StreamEngine:
                     self.slots[slot][into].copy_(buffers["param"], non_blocking=True)
             else:
                 self.staging[slot][into].copy_(buffers["param"])
+        if streams:  # the copy stream's events below then cover both streams' work
+            self.copy_stream.wait_stream(self.update_stream)
+        if on_device:
+            self._await_update(unit, self.copy_stream)
         self.update_due[unit] = False
         lo, hi = self.store.owned[unit]
         with torch.cuda.stream(self.copy_stream):
@@ -573,14 +608,33 @@ class StreamEngine:
                     weights.copy_(work["param"])  # casts to the compute dtype
                 for name in fmt.expand(UPDATED):
                     buffers[name].copy_(work[name], non_blocking=True)
-                # The store commits these buffers next (the disk tier writes them out).
-                stream.synchronize()
+                if not self.store.pinned(unit):  # the store commits these buffers next (a disk tier writes them)
+                    stream.synchronize()
+                # A page-locked unit's chunks follow each other with no wait (nothing on the
+                # host reads them before its next update); `_await_update` waits for the last.
+            # The link carried the whole state in and the updated state out; the weights
+            # that went into the slot were counted when the visit was issued.
+            counted = (stop - start) * self.slots[0].element_size() if weights is not None else 0
+            with self._counter_lock:  # totals, as update time: the lane's run across a step's end
+                self.update_bytes_total[0] += nbytes - counted
+                self.update_bytes_total[1] += sum(buffers[n].numel() * buffers[n].element_size()
+                                                  for n in fmt.expand(UPDATED))
         with self._counter_lock:
             self.update_s_total += time.perf_counter() - started
+
+    def _await_update(self, unit: int, stream: torch.cuda.Stream) -> None:
+        """Wait for a page-locked unit's updates on the device to finish: the update's time
+        is then the device's, and the worker runs at most a unit ahead of it."""
+        if self.update_device.type == "cuda" and self.store.pinned(unit):
+            started = time.perf_counter()
+            stream.synchronize()
+            with self._counter_lock:
+                self.update_s_total += time.perf_counter() - started
 
     def _apply_update(self, unit: int) -> None:
         for start, stop, buffers in self.store.stream(unit, BUFFERS, UPDATED):
             self._update_chunk(unit, start, stop, buffers)
+        self._await_update(unit, self.copy_stream)
         self.store.settle()
         self.update_due[unit] = False
 
@@ -589,6 +643,8 @@ class StreamEngine:
         weights again (see [Note: early updates of the disk part])."""
         for start, stop, buffers in self.store.stream(unit, BUFFERS, UPDATED, lane=1):
             self._update_chunk(unit, start, stop, buffers, stream=self.lane_stream)
+        if self.lane_stream is not None:
+            self._await_update(unit, self.lane_stream)
         self.update_due[unit] = False
 
     def _start_early_updates(self) -> None:
@@ -629,7 +685,8 @@ class StreamEngine:
         fmt, target = self.store.format, self.store.grad_target(unit)
         kept = self.grad_host is not None and (target is not None or fmt.codes_grad)
         per_element = fmt.bytes_per_param(("grad",)) if kept else 4
-        self.counters["bytes_out"] += round(self.store.owned_numel(unit) * per_element)
+        with self._counter_lock:
+            self.counters["bytes_out"] += round(self.store.owned_numel(unit) * per_element)
         if self.grad_host is None:
             future = self.grad_worker.submit(lambda: self.store.write_grad(unit, self._reduce(unit, grad)))
         else:
@@ -738,15 +795,22 @@ class StreamEngine:
         the flat `grad` buffer."""
         self.wait(unit)
         grad_views = list(self.layouts[unit].views(grad).values())
-        if not graphs:
-            params = self.params(unit)
-            graphs = []
-            for x in inputs:
-                x = x.detach().requires_grad_(unit > 0)
-                with torch.enable_grad():
-                    graphs.append((x, functional_call(self.modules[unit], params, (x,)), list(params.values())))
+        params = None if graphs else self.params(unit)
         grad_inputs = []
-        for (x, out, weights), grad_out in zip(graphs, grad_outputs):
+        # Each micro-batch's graph, saved input and incoming gradient are dropped as it
+        # is used, so the lists going out grow as the lists coming in shrink.
+        for i in range(len(grad_outputs)):
+            grad_out, grad_outputs[i] = grad_outputs[i], None
+            if graphs:
+                (x, out, weights), graphs[i] = graphs[i], None
+            else:
+                # Recomputed one micro-batch at a time, just before its backward: one
+                # micro-batch's graph is alive, as the planner's memory model has it (all
+                # 24 of a 20B step at once would add 10 GB).
+                x, inputs[i] = inputs[i].detach().requires_grad_(unit > 0), None
+                with torch.enable_grad():
+                    out = functional_call(self.modules[unit], params, (x,))
+                weights = list(params.values())
             wrt = [*weights, *([x] if unit > 0 else [])]
             grads = torch.autograd.grad(out, wrt, grad_outputs=grad_out)
             for acc, g in zip(grad_views, grads):
@@ -788,8 +852,9 @@ class StreamEngine:
                                                                             for u in range(head - 1, -1, -1)]
 
     def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> StepStats:
-        for key in self.counters:
-            self.counters[key] = 0
+        with self._counter_lock:
+            for key in self.counters:
+                self.counters[key] = 0
         xs = [x.to(self.device, non_blocking=True) for x, _ in micro_batches]
         ys = [y.to(self.device, non_blocking=True) for _, y in micro_batches]
         if self.dp.world > 1 and self._sparse_rows(0):
@@ -849,13 +914,16 @@ class StreamEngine:
 
     def _finish_step(self, losses: list[torch.Tensor], lr: float) -> StepStats:
         with self._counter_lock:
-            total = self.update_s_total
+            total, moved = self.update_s_total, list(self.update_bytes_total)
         self.counters["update_s"], self._update_s_seen = total - self._update_s_seen, total
+        self.counters["bytes_in"] += moved[0] - self._update_bytes_seen[0]
+        self.counters["bytes_out"] += moved[1] - self._update_bytes_seen[1]
+        self._update_bytes_seen = moved
         if self.ready_events is not None:
             self.counters["stall_s"] += self._device_stall_s()  # synchronises the device
             with self._counter_lock:
                 timings, self.link_timings = self.link_timings, []
-            self.counters["h2d_busy_s"] = sum(start.elapsed_time(end) for start, end, _ in timings) / 1000
+            self.counters["h2d_busy_s"] = _busy_ms(timings) / 1000
             self.counters["h2d_bytes"] = sum(nbytes for _, _, nbytes in timings)
         # Every rank's mean loss weighs the same: ranks run equal shares of the batch.
         loss = float(self.dp.sum(torch.stack(losses).float().mean()) / self.dp.world)

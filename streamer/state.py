@@ -95,6 +95,12 @@ class StateFormat:
     # float32 AdamW works in place; the compact update decodes to float32 and codes back,
     # with about ten float32-sized temporaries alive at its peak.
     workspace_bytes: int = 0
+    # Device update time per parameter relative to float32 AdamW's, from the bytes of
+    # device memory its kernels read and write (counted op by op over `update_`, on
+    # 1 Mi elements: 32 per parameter for float32's one fused kernel, 464 for compact's
+    # 83 kernels, 479 for compact8's 78), for a profile's estimate; a CUDA run measures
+    # its own (`planner.measure_update_rate`).
+    device_update_cost: float = 1.0
 
     def buffer(self, name: str) -> Buffer:
         return next(b for b in self.buffers if b.name == name)
@@ -172,7 +178,8 @@ class StateFormat:
                bits.bitwise_right_shift(8).bitwise_and_(255))
 
 
-def _compact(name: str, grad: tuple[Buffer, ...], update_cost: float, workspace_bytes: int) -> StateFormat:
+def _compact(name: str, grad: tuple[Buffer, ...], update_cost: float, workspace_bytes: int,
+             device_update_cost: float) -> StateFormat:
     """bf16 weights and 8-bit moments with their block scales, around a gradient kept as
     `grad`."""
     return StateFormat(name, (
@@ -182,15 +189,16 @@ def _compact(name: str, grad: tuple[Buffer, ...], update_cost: float, workspace_
         Buffer("exp_avg_sq", torch.uint8),
         Buffer("exp_avg_scale", torch.float32, per_block=True),
         Buffer("exp_avg_sq_scale", torch.float32, per_block=True),
-    ), update_cost=update_cost, workspace_bytes=workspace_bytes)
+    ), update_cost=update_cost, workspace_bytes=workspace_bytes, device_update_cost=device_update_cost)
 
 
 FORMATS = {
     "fp32": StateFormat("fp32", tuple(Buffer(n, torch.float32) for n in ("param", "grad", "exp_avg", "exp_avg_sq"))),
-    "compact": _compact("compact", (Buffer("grad", torch.bfloat16),), update_cost=70.0, workspace_bytes=40),
+    "compact": _compact("compact", (Buffer("grad", torch.bfloat16),), update_cost=70.0, workspace_bytes=40,
+                        device_update_cost=464 / 32),
     # The compact update plus the gradient's decoding.
     "compact8": _compact("compact8", (Buffer("grad", torch.uint8), Buffer("grad_scale", torch.float32, per_block=True)),
-                         update_cost=75.0, workspace_bytes=44),
+                         update_cost=75.0, workspace_bytes=44, device_update_cost=479 / 32),
 }
 
 
@@ -231,12 +239,23 @@ def _blockwise_(op: str, x: torch.Tensor, per_block: torch.Tensor) -> torch.Tens
 def decode(name: str, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """float32 values of a coded moment: code 0 is zero, code c >= 1 is
     scale x 2^((c - 1) / levels_per_octave - octaves), negative when signed and c > 128."""
-    k, octaves, top = _levels_per_octave(name), OCTAVES[name], LEVELS[name]
-    table = torch.zeros(256, device=codes.device)
-    table[1 : top + 1] = torch.exp2((torch.arange(top, dtype=torch.float64)) / k - octaves).float()
-    if name in SIGNED:
-        table[129:] = -table[1:128]
-    return _blockwise_("mul_", table.index_select(0, codes.int()), scales)
+    return _blockwise_("mul_", _table(name, codes.device).index_select(0, codes.int()), scales)
+
+
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """The 256 values a code of `name` stands for, made once per device: made per
+    chunk, its copy from the host would wait for the stream each time."""
+    if (name, device) not in _TABLES:
+        k, octaves, top = _levels_per_octave(name), OCTAVES[name], LEVELS[name]
+        table = torch.zeros(256)
+        table[1 : top + 1] = torch.exp2((torch.arange(top, dtype=torch.float64)) / k - octaves).float()
+        if name in SIGNED:
+            table[129:] = -table[1:128]
+        _TABLES[name, device] = table.to(device)
+    return _TABLES[name, device]
 
 
 def encode(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,

@@ -109,8 +109,8 @@ def test_a_state_that_fits_neither_tier_alone_is_split_between_them() -> None:
 
 def test_an_8bit_gradient_keeps_a_20b_state_in_ram_and_the_step_off_the_disk() -> None:
     """compact8 on the same 128 GiB host: 5 bytes per parameter (97 GiB) fit 80% of its
-    RAM, so no unit goes to disk; on the h200 profile the step is then bound by compute,
-    not by the disk part that the compact state needs."""
+    RAM, so no unit goes to disk; on the h200 profile its step then waits on no disk,
+    only on the updates the forward runs on the device, and is faster than compact's."""
     cfg = ModelConfig.from_name("gpt-neox-20b")
     host, disk = 128 * GIB, 60 * GIB
     assert choose_offload(cfg, host, disk, state="compact") == "split"
@@ -126,7 +126,13 @@ def test_an_8bit_gradient_keeps_a_20b_state_in_ram_and_the_step_off_the_disk() -
     compact = plan("compact", "split", planner.split_ram_units(cfg, host, "compact"))
     compact8 = plan("compact8", "ram")
     assert compact8.disk_bytes == 0 and compact8.disk_read_bytes_per_step == 0
-    assert compact8.predicted_step_s < 1.1 * compact8.compute_s < compact.predicted_step_s
+    assert compact8.storage_s == 0 < compact.storage_s
+    assert compact8.compute_s < compact8.predicted_step_s < compact.predicted_step_s
+    # What the device's update costs: the same plan with free update kernels is faster.
+    free_kernels = planner.make_plan(cfg, planner.with_device_update(PROFILES["h200"], "compact8", device_rate=1e30),
+                                     49152, 2048, "ram", micro_tokens=2048, prefetch_depth=2, kept_graphs=0,
+                                     state="compact8")
+    assert free_kernels.predicted_step_s < compact8.predicted_step_s
 
 
 def test_fit_memory_keeps_as_many_graphs_as_fit() -> None:
@@ -335,3 +341,64 @@ def test_a_page_locked_ram_tier_plans_no_staging_buffers_on_a_gpu() -> None:
     _, disk = planner.memory_bytes(*args, "disk", depth=2, kept=0, state="compact8")
     ring = max(unit_param_counts(cfg))
     assert disk > 3 * ring * 2 + 3 * ring * 4  # three bf16 slot mirrors and the float32 gradient buffers
+
+
+def test_the_compact_updates_device_cost_is_the_bytes_its_kernels_move() -> None:
+    """A profile estimates the device's update in a compact format from float32 AdamW's
+    rate and the bytes each format's kernels read and write: recounted here op by op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from streamer.optim import OptimConfig
+    from streamer.state import FORMATS
+
+    class Bytes(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            if func.is_view:  # a view moves nothing
+                return out
+            tensors = {id(t): t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)}
+            written = [t for a, v in zip(func._schema.arguments, args) if a.alias_info and a.alias_info.is_write
+                       for t in tree_flatten(v)[0] if isinstance(t, torch.Tensor)]
+            Bytes.total += sum(t.numel() * t.element_size() for t in [*tensors.values(), *written] if t.numel() > 64)
+            return out
+
+    def counted(state: str, n: int = 2**16) -> float:
+        fmt = FORMATS[state]
+        buffers = {b.name: torch.zeros(b.numel(n), dtype=b.dtype) for b in fmt.buffers}
+        buffers["param"].copy_(torch.randn(n))
+        fmt.store_grad(torch.randn(n), buffers)
+        Bytes.total = 0
+        with Bytes():
+            fmt.update_(buffers, step=2, lr=1e-3, cfg=OptimConfig(), decay_numel=n, grad_scale=0.5, seed=1)
+        return Bytes.total / n
+
+    for state in ("compact", "compact8"):
+        assert FORMATS[state].device_update_cost == pytest.approx(counted(state) / counted("fp32"), rel=0.1), state
+
+
+def test_a_page_locked_tier_overlaps_the_device_updates_chunks_and_the_plan_holds_two() -> None:
+    """On the device, a RAM tier's update chunks alternate between two streams: a chunk
+    costs its kernels (or half of copy in, kernels and copy out when the copies are the
+    longer) instead of all three one after the other; the device holds two chunks' state
+    and temporaries."""
+    gpu, state = PROFILES["h200"], "compact8"
+    whole, updated, _, _ = state_bytes(state)
+    copy_in, copy_out = whole / gpu.h2d_bytes_per_s, updated / gpu.d2h_bytes_per_s
+
+    def per_param(rate: float, pipelined: bool) -> float:
+        return 28 / planner.with_device_update(gpu, state, rate, pipelined=pipelined).host_update_bytes_per_s
+
+    slow, fast = 28 / (copy_in + copy_out), 28 / (0.1 * (copy_in + copy_out))  # kernels 1x and 0.1x the copies
+    assert per_param(slow, False) == pytest.approx(2 * (copy_in + copy_out))
+    assert per_param(slow, True) == pytest.approx(copy_in + copy_out)  # the kernels' time
+    assert per_param(fast, True) == pytest.approx(1.1 * (copy_in + copy_out) / 2)  # half of the three
+    cfg = ModelConfig.from_name("gpt-neox-20b")
+    on_host, on_device = (planner.memory_bytes(cfg, p, 40960, 2048, "ram", depth=2, kept=0, state=state)[0]
+                          for p in (gpu, planner.with_device_update(gpu, state)))
+    from streamer.state import FORMATS
+    from streamer.store import CHUNK_NUMEL
+
+    assert on_device - on_host == 2 * CHUNK_NUMEL * (state_bytes(state)[0] + FORMATS[state].workspace_bytes)

@@ -6,7 +6,9 @@ this machine; everything else is arithmetic that tests check without a GPU.
 [Note: when streaming hides]
 A unit of P parameters costs 2·P·T FLOPs forward and, with recompute, 2·P·T + 4·P·T
 backward for T tokens per step (all micro-batches pass while the unit is resident).
-Moving its weights costs P·b bytes (b bytes per parameter in compute dtype). Compute
+Moving its weights costs P·b bytes (b bytes per parameter as they cross: the compute
+dtype through a staging buffer; from a GPU's page-locked RAM tier the master weights
+as kept, float32 or bf16, cast on the device). Compute
 covers the transfer when 2·P·T / F >= P·b / W, i.e. T >= F·b / (2·W) for the forward
 and T >= F·max(b/W_in, g/W_out) / 6 for the backward (weights in and gradients of g
 bytes out overlap on a full-duplex link). Below that the link, not the device, sets
@@ -408,7 +410,9 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
             # staging buffer the worker fills otherwise; an update on the device writes
             # them into the slot itself.
             if not (updates and profile.update_on_device):
-                link_in = 0.0 if profile.shares_host_cores else p * b / profile.h2d_bytes_per_s
+                # From a page-locked tier the master weights cross as they are kept (a
+                # float32 master as float32, cast on the device); staging casts first.
+                link_in = 0.0 if profile.shares_host_cores else p * (master if locked else b) / profile.h2d_bytes_per_s
                 host_in = 0.0 if locked else p * (master + b) / mem  # read the master, write the copy
             if updates:
                 host_in += 28 * p * update_cost / update_rate  # the AdamW update due from the previous step
@@ -462,16 +466,18 @@ def fastest_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: in
 
 
 def link_bytes(cfg: ModelConfig, profile: DeviceProfile, state: str, in_ram: int) -> tuple[int, int]:
-    """Bytes over the device link per step, in and out: weights in the compute dtype for
-    the forward and again for the backward; gradients out, in float32 through a staging
-    buffer or in the store's dtype straight into a page-locked RAM tier. An update on
-    the device takes the whole state in instead of the forward's weights, and sends
-    back all of it but the gradient."""
-    whole, updated, _, grad = state_bytes(state)
+    """Bytes over the device link per step, in and out: weights for the forward and again
+    for the backward, in the compute dtype through a staging buffer or as the master
+    weights are kept from a page-locked RAM tier; gradients out, in float32 through a
+    staging buffer or in the store's dtype straight into a page-locked RAM tier. An
+    update on the device takes the whole state in instead of the forward's weights, and
+    sends back all of it but the gradient."""
+    whole, updated, master, grad = state_bytes(state)
     b, h2d, d2h = profile.compute_bytes, 0.0, 0.0
     for unit, p in enumerate(unit_param_counts(cfg)):
         locked = not profile.shares_host_cores and unit < in_ram
-        h2d += p * (b + (whole if profile.update_on_device else b))
+        weights = master if locked else b
+        h2d += p * (weights + (whole if profile.update_on_device else weights))
         d2h += p * ((grad if locked else 4) + (updated if profile.update_on_device else 0))
     return int(h2d), int(d2h)
 
@@ -579,6 +585,8 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
     do_recompute = kept < cfg.n_layer
     n_params, biggest = sum(counts), max(counts)
     b, g = profile.compute_bytes, 4  # weights in compute dtype in, float32 gradients out
+    if offload == "ram" and not profile.shares_host_cores:  # page-locked: the master weights cross as kept
+        b = state_bytes(state)[2]
     F = profile.matmul_flops
     flops = _unit_flops_per_token(cfg, seq_len)
     unit_compute = flops[1] * tokens_per_step / F if cfg.n_layer else 0.0

@@ -458,7 +458,14 @@ class StreamEngine:
         self.store.advise(unit, BUFFERS if self.update_due[unit] else ("param",))
         self.staged[unit] = self.worker.submit(self._stage, unit, slot)
         with self._counter_lock:  # the worker adds an on-device update's bytes
-            self.counters["bytes_in"] += self.layouts[unit].numel * self.slots[0].element_size()
+            self.counters["bytes_in"] += self.layouts[unit].numel * self._weight_bytes(unit)
+
+    def _weight_bytes(self, unit: int) -> int:
+        """Bytes per element of a unit's weights on their way in: from a page-locked store
+        as the master weights are kept (cast on the device), else in the compute dtype."""
+        if self.device.type == "cuda" and self.store.pinned(unit):
+            return self.store.format.buffer("param").itemsize
+        return self.slots[0].element_size()
 
     def wait(self, unit: int) -> torch.Tensor:
         """Block until `unit`'s weights are usable on the device; returns its slot buffer."""
@@ -614,7 +621,7 @@ class StreamEngine:
                 # host reads them before its next update); `_await_update` waits for the last.
             # The link carried the whole state in and the updated state out; the weights
             # that went into the slot were counted when the visit was issued.
-            counted = (stop - start) * self.slots[0].element_size() if weights is not None else 0
+            counted = (stop - start) * self._weight_bytes(unit) if weights is not None else 0
             with self._counter_lock:  # totals, as update time: the lane's run across a step's end
                 self.update_bytes_total[0] += nbytes - counted
                 self.update_bytes_total[1] += sum(buffers[n].numel() * buffers[n].element_size()

@@ -29,11 +29,16 @@ def test_unit_param_counts_match_the_modules(name: str) -> None:
 
 @pytest.mark.parametrize("profile", list(PROFILES.values()), ids=list(PROFILES))
 def test_forward_hiding_threshold(profile: object) -> None:
-    """[Note: when streaming hides]: T >= F·b / (2·W) tokens per step hide the forward's transfers."""
-    plan = make_plan(ModelConfig.from_name("gpt3-xl"), profile, 2048, 2048, "ram")
-    expected = profile.matmul_flops * profile.compute_bytes / (2 * profile.h2d_bytes_per_s)
-    assert plan.min_tokens_forward == math.ceil(expected)
-    assert plan.min_tokens_per_step >= plan.min_tokens_forward
+    """[Note: when streaming hides]: T >= F·b / (2·W) tokens per step hide the forward's
+    transfers, b the bytes a parameter crosses with: in the compute dtype through a
+    staging buffer (the disk tier), as the float32 master from a GPU's page-locked RAM
+    tier (cast on the device)."""
+    for offload, crossing in (("disk", profile.compute_bytes),
+                              ("ram", profile.compute_bytes if profile.shares_host_cores else 4)):
+        plan = make_plan(ModelConfig.from_name("gpt3-xl"), profile, 2048, 2048, offload)
+        expected = profile.matmul_flops * crossing / (2 * profile.h2d_bytes_per_s)
+        assert plan.min_tokens_forward == math.ceil(expected), offload
+        assert plan.min_tokens_per_step >= plan.min_tokens_forward
 
 
 @pytest.mark.parametrize("offload", ["ram", "disk"])

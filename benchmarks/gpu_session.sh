@@ -3,9 +3,10 @@
 # within a time budget. A session is lent the GPU machine for 15 minutes of device time
 # in all, its start (a minute or two) included, and one command runs at most 10 minutes;
 # so a session makes two calls, the second straight after the first (the machine stays
-# warm for 30 s):
-#     BUDGET_S=570 bash benchmarks/gpu_session.sh          # the device tool's timeout_s 600
-#     BUDGET_S=<left - 30> bash benchmarks/gpu_session.sh  # the stages the first left
+# warm for 30 s), then gives the machine back:
+#     BUDGET_S=560 bash benchmarks/gpu_session.sh          # the device tool's timeout_s 600
+#     BUDGET_S=<left - 60> bash benchmarks/gpu_session.sh  # left: status's budget_left_s;
+#                                                          # timeout_s left - 30
 # A stage starts only if its floor fits what the budget has left, and runs under the
 # smaller of its cap and that. Stages already done on this (warm) machine are not run
 # again; name stages to choose them: `bash benchmarks/gpu_session.sh kernels tests`.
@@ -132,7 +133,7 @@ for name in "$@"; do
         exit 2
     fi
 done
-budget="${BUDGET_S:-570}"
+budget="${BUDGET_S:-560}"
 if ! [[ "$budget" =~ ^[0-9]+$ ]]; then
     echo "gpu_session.sh: BUDGET_S must be a whole number of seconds, got '$budget'" >&2
     exit 2

@@ -1128,29 +1128,32 @@ def cmd_plan(args: argparse.Namespace) -> None:
         return make_plan(cfg, prof, tokens, seq_len, offload, micro_tokens=micro, state=state, ram_units=ram_units)
 
     plan = plan_for(args.state, offload, ram_units)
-    # A state that leaves units on disk is compared with the next smaller format, when
-    # that one keeps more of them in RAM: the choice the tiers force, with its price.
-    smaller = {"fp32": "compact", "compact": "compact8"}.get(args.state)
-    alternative = None
-    if smaller and offload in ("disk", "split") and not shortfall:
+    # A state that does not fit, or leaves units on disk, is compared with each smaller
+    # format that fits and keeps more of them in RAM: the choice the tiers force, with
+    # its price in step time.
+    in_ram = 0 if shortfall else units_in_ram(plan.n_units, offload, ram_units)
+    alternatives = []
+    for smaller in list(FORMATS)[list(FORMATS).index(args.state) + 1:]:
+        if offload == "ram" and not shortfall:
+            break
         other, short = offload_for_plan(cfg, host, disk, "auto", smaller)
         other_units = split_ram_units(cfg, host, smaller) if other == "split" else None
-        more_in_ram = units_in_ram(plan.n_units, other, other_units) > units_in_ram(plan.n_units, offload, ram_units)
-        if not short and more_in_ram:
+        if not short and units_in_ram(plan.n_units, other, other_units) > in_ram:
             with contextlib.suppress(UserError):  # it may not fit --max-memory: then there is nothing to weigh
-                alternative = plan_for(smaller, other, other_units)
+                alternatives.append(plan_for(smaller, other, other_units))
     if args.json:
         print(json.dumps({**asdict(plan), "fits": not shortfall, "shortfall": shortfall, "profile": asdict(profile),
-                          "smaller_state": asdict(alternative) if alternative else None}, indent=2))
+                          "smaller_state": asdict(alternatives[0]) if alternatives else None,
+                          "smaller_states": [asdict(a) for a in alternatives]}, indent=2))
         return
     print(format_plan(plan, profile))
     if shortfall:
         print(f"  does not fit: {shortfall.split(': ')[0]}")
-    if alternative:
+    for alternative in alternatives:
         where = "all in RAM" if alternative.offload == "ram" else f"{alternative.ram_units} units in RAM"
-        print(f"  --state {alternative.state} ({state_bytes(alternative.state)[0]:.2f} bytes/parameter) would keep "
-              f"{where}: predicted step {alternative.predicted_step_s:.3f} s, device memory "
-              f"{alternative.device_bytes / 2**30:.2f} GiB")
+        print(f"  --state {alternative.state} ({state_bytes(alternative.state)[0]:.2f} bytes/parameter) would "
+              f"{'fit, with' if shortfall else 'keep'} {where}: predicted step {alternative.predicted_step_s:.3f} s, "
+              f"device memory {alternative.device_bytes / 2**30:.2f} GiB")
 
 
 def bound_text(plan: Plan) -> str:

@@ -134,7 +134,7 @@ def test_plan_splits_the_store_by_the_host_memory_given(tmp_path: Path) -> None:
 def test_plan_weighs_a_split_state_against_the_smaller_format(tmp_path: Path) -> None:
     """The compact state of a 20B model leaves 6 units on disk of a 128 GiB host; the
     plan says what compact8 would do instead: all in RAM, and a faster step. A state
-    that fits RAM has nothing to weigh."""
+    that fits RAM has nothing to weigh; one that fits nowhere weighs every smaller one."""
     args = ("plan", "--model", "gpt-neox-20b", "--device", "h200", "--update-on", "device", "--tokens-per-step",
             "49152", "--micro-tokens", "2048", "--seq-len", "2048", "--max-memory", "37", "--host-memory", "128")
     compact = streamer(*args, "--state", "compact", "--json", cache=tmp_path)
@@ -145,6 +145,11 @@ def test_plan_weighs_a_split_state_against_the_smaller_format(tmp_path: Path) ->
     text = streamer(*args, "--state", "compact", cache=tmp_path).stdout
     assert "--state compact8 (5.05 bytes/parameter) would keep all in RAM: predicted step" in text
     assert json.loads(streamer(*args, "--state", "compact8", "--json", cache=tmp_path).stdout)["smaller_state"] is None
+    # float32 (306 GiB) fits no tier of this host: both smaller formats are weighed.
+    text = streamer(*args, cache=tmp_path).stdout
+    assert "does not fit: gpt-neox-20b needs 306.3 GiB for its state" in text
+    assert "--state compact (6.03 bytes/parameter) would fit, with 40 units in RAM" in text
+    assert "--state compact8 (5.05 bytes/parameter) would fit, with all in RAM" in text
 
 
 def test_the_machine_wide_host_memory_setting_plans_this_machine(tmp_path: Path) -> None:

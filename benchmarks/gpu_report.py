@@ -1,7 +1,7 @@
 """The GPU targets, read off the result files the GPU scripts write, as one dated report.
 
 `gpu_session.sh`'s stages each leave JSON (and the 20B run's metrics) in one folder
-(through the device tool, packed as `gpu_results.tar`: unpack it there first); this
+(from a remote runner, packed as `gpu_results.tar`: unpack it there first); this
 script reads whatever of them is there and writes a markdown report naming the
 device: every target with what was measured, the goal, and whether it was met. A
 target whose file is missing, or whose file was not measured on a GPU, says so

@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # Every measurement the GPU targets need, as stages run in the order they are worth and
-# within a time budget. A session is lent the GPU machine for 15 minutes of device time
-# in all, its start (a minute or two) included, and one command runs at most 10 minutes;
-# so a session makes two calls, the second straight after the first (the machine stays
-# warm for 30 s), then gives the machine back:
-#     BUDGET_S=560 bash benchmarks/gpu_session.sh          # the device tool's timeout_s 600
-#     BUDGET_S=<left - 60> bash benchmarks/gpu_session.sh  # left: status's budget_left_s;
-#                                                          # timeout_s left - 30
+# within a time budget, for a GPU whose time is short: BUDGET_S is the seconds this call
+# may use (default 560, for a command limited to 10 minutes). A second call takes up
+# where the first left off, on the same machine, given the seconds that remain:
+#     BUDGET_S=560 bash benchmarks/gpu_session.sh
+#     BUDGET_S=<seconds left - 60> bash benchmarks/gpu_session.sh
 # A stage starts only if its floor fits what the budget has left, and runs under the
-# smaller of its cap and that. Stages already done on this (warm) machine are not run
-# again; name stages to choose them: `bash benchmarks/gpu_session.sh kernels tests`.
+# smaller of its cap and that. Stages already done on this machine are not run again;
+# name stages to choose them: `bash benchmarks/gpu_session.sh kernels tests`.
 #
 #   stage         cap  floor  what (the target of issue #7 it serves)
 #   limits         60     20  bf16 matmul, pinned copies each way and both at once, HBM copy (all)
@@ -22,10 +20,10 @@
 #   gptj-sharded  420    200  gpt-j-6b streamed against FSDP2 with CPUOffloadPolicy (3, 5)
 # Caps and floors are estimates made without a GPU; stages.log records what each took.
 #
-# Results: benchmarks/results, or with $OUT set (the device tool) a folder in /tmp that
-# is packed after every stage into $OUT/gpu_results.tar (the tool returns at most 8
-# files), beside $OUT/stages.log; a call cut short still returns what finished. Unpack
-# it into benchmarks/results and run `python benchmarks/gpu_report.py`.
+# Results: benchmarks/results; or, with $OUT set (a remote runner that copies back a few
+# files from that folder), a folder in /tmp packed after every stage into one file,
+# $OUT/gpu_results.tar, beside $OUT/stages.log, so a call cut short still returns what
+# finished. Unpack it into benchmarks/results and run `python benchmarks/gpu_report.py`.
 #
 # The GPU machine has torch, CuPy, safetensors, psutil, tqdm, pytest and matplotlib;
 # nothing is installed (the repository goes on PYTHONPATH).

@@ -65,8 +65,8 @@ def streamer_train_cmd(**flags: object) -> list[str]:
 
 def run_child(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a benchmark's child process with its output captured; if it fails, print the
-    end of that output before raising, or a run on a machine that is gone afterwards leaves nothing
-    to diagnose."""
+    end of that output before raising, or a run on a machine that is gone afterwards
+    leaves nothing to diagnose."""
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         tail = (done.stdout + done.stderr)[-4000:]

@@ -204,9 +204,12 @@ def fsdp_worker(args: argparse.Namespace) -> None:
         # (N - 1) / N over the interconnect; with CPU offload, P x 4 in and out per pass.
         moved = 3 * params * 4 * (world - 1) / world if world > 1 else 3 * params * 4
         tokens_per_rank = cfg.batch_size * cfg.seq_len
-        predicted = None if cuda else planner.predict_fsdp_step_s(
-            model_cfg, tokens_per_rank, cfg.seq_len, world, rates["flops"], rates["gather"], rates["scatter"],
-            rates["update"])
+        if cuda:  # one GPU, CPU offload: the link and the host's AdamW instead of collectives
+            predicted = planner.predict_fsdp_offload_step_s(model_cfg, tokens_per_rank, cfg.seq_len, rates["flops"],
+                                                            rates["h2d"], rates["d2h"], rates["update"])
+        else:
+            predicted = planner.predict_fsdp_step_s(model_cfg, tokens_per_rank, cfg.seq_len, world, rates["flops"],
+                                                    rates["gather"], rates["scatter"], rates["update"])
         write_json(
             Path(args.json),
             {
@@ -250,6 +253,8 @@ def measure_rank_rates(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.d
             collective()
         rates[name] = 4 * 4 * piece.numel() * (world - 1) / (time.perf_counter() - started)
         dist.barrier()
+    if device.type == "cuda":  # CPU offload moves the parameters over the host link
+        rates["h2d"], rates["d2h"] = planner.measure_copy_bandwidth(device)
     return {**rates, "update": planner.measure_update_rate()}
 
 

@@ -118,8 +118,8 @@ def sharded_rows(folder: Path) -> tuple[list[Row], list[float]]:
         rows.append(Row(target, goal, f"{ratio:.2f}x ({data['stream']['tokens_per_s']:.0f} vs "
                         f"{data['sharded']['tokens_per_s']:.0f} tokens/s; losses agree: {data['losses_agree']})",
                         ratio >= 2.0, name))
-        if data["stream"].get("prediction_error") is not None:
-            errors.append(data["stream"]["prediction_error"])
+        errors += [data[side]["prediction_error"] for side in ("stream", "sharded")
+                   if data[side].get("prediction_error") is not None]
     return rows, errors
 
 

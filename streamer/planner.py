@@ -757,6 +757,18 @@ def predict_fsdp_step_s(cfg: ModelConfig, tokens_per_rank: int, seq_len: int, wo
             + 28 * cfg.n_params() / world / update_bytes_per_s)
 
 
+def predict_fsdp_offload_step_s(cfg: ModelConfig, tokens: int, seq_len: int, device_flops: float,
+                                h2d_bytes_per_s: float, d2h_bytes_per_s: float, update_bytes_per_s: float) -> float:
+    """FSDP2 on one GPU with `CPUOffloadPolicy`: float32 parameters live on the host and
+    cross to the device for the forward and again for the backward (8 x P bytes in),
+    gradients come back in float32 (4 x P out), the copies prefetched beside the compute
+    on their own streams; then AdamW runs on the host over every parameter, after the
+    backward and beside nothing."""
+    compute = cfg.flops_per_token(seq_len) * tokens / device_flops
+    p = cfg.n_params()
+    return max(compute, 8 * p / h2d_bytes_per_s, 4 * p / d2h_bytes_per_s) + 28 * p / update_bytes_per_s
+
+
 def predict_fsdp_peak_bytes(cfg: ModelConfig, micro_tokens: int, world: int, act_bytes: int) -> int:
     """One FSDP2 process: its 1/N shard of weights, moments and gradients; the root's
     parameters (embeddings, final norm, an untied head) gathered whole for the step;

@@ -407,3 +407,15 @@ def test_a_page_locked_tier_overlaps_the_device_updates_chunks_and_the_plan_hold
     from streamer.store import CHUNK_NUMEL
 
     assert on_device - on_host == 2 * CHUNK_NUMEL * (state_bytes(state)[0] + FORMATS[state].workspace_bytes)
+
+
+def test_fsdp2_with_cpu_offload_waits_on_the_link_or_compute_then_on_the_hosts_adamw() -> None:
+    """One GPU, CPU offload: float32 parameters in twice and gradients out once, beside
+    the compute; the host's AdamW after it, beside nothing."""
+    cfg = ModelConfig.from_name("gpt3-xl")
+    p, tokens = cfg.n_params(), 16384
+    compute = cfg.flops_per_token(2048) * tokens / 5e14
+    fast_link = planner.predict_fsdp_offload_step_s(cfg, tokens, 2048, 5e14, 1e15, 1e15, 2e10)
+    assert fast_link == pytest.approx(compute + 28 * p / 2e10)
+    slow_link = planner.predict_fsdp_offload_step_s(cfg, tokens, 2048, 5e14, 1e9, 1e15, 2e10)
+    assert slow_link == pytest.approx(8 * p / 1e9 + 28 * p / 2e10)

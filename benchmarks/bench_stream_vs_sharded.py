@@ -62,8 +62,8 @@ def shared_settings(args: argparse.Namespace, world: int) -> TrainConfig:
 FIXED_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
-def run_streaming(args: argparse.Namespace, scratch: Path, env: dict | None = None) -> dict:
-    out = scratch / ("stream-fixed" if env else "stream")
+def run_streaming(args: argparse.Namespace, scratch: Path, env: dict | None = None, update_on: str = "host") -> dict:
+    out = scratch / f"stream-{update_on}{'-fixed' if env else ''}"
     cfg = shared_settings(args, 1)
     cmd = streamer_train_cmd(
         model=args.model,
@@ -75,6 +75,7 @@ def run_streaming(args: argparse.Namespace, scratch: Path, env: dict | None = No
         lr=args.lr,
         device=args.device,
         offload="ram",
+        update_on=update_on,
         out=out,
     )
     run_child(cmd, env={**os.environ, **(env or {})})
@@ -95,6 +96,7 @@ def run_streaming(args: argparse.Namespace, scratch: Path, env: dict | None = No
         "peak_device_bytes_per_process": [max(r["peak_device_bytes"] for r in rows)],
         "bytes_moved_per_step": statistics.median(r["bytes_in"] + r["bytes_out"] for r in timed),
         "processes": 1,
+        "update_on": update_on,
     }
 
 
@@ -289,6 +291,10 @@ def main() -> None:
                         help="also run each side with the mmap threshold fixed (host memory as the tensors "
                              "need it); --no-fixed-threshold halves the runs where host memory is not the "
                              "question, as on a GPU")
+    parser.add_argument("--stream-updates", default="host",
+                        help="where the streamer runs AdamW, host and/or device, comma-separated: each is a run of "
+                             "its own, and the faster is compared (on a GPU the device's update wins where the "
+                             "host's would cost as much as FSDP2's own host AdamW)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -298,46 +304,52 @@ def main() -> None:
         parser.error("--global-batch must be a multiple of --world")
     if args.device == "cpu" and args.world < 2:  # on a GPU, one process offloads to the host instead
         parser.error("on CPU, FSDP2 in one process shards nothing: use --world 2 or more")
+    updates = args.stream_updates.split(",")
+    if not updates or not set(updates) <= {"host", "device"} or len(set(updates)) < len(updates):
+        parser.error(f"--stream-updates takes host and/or device, comma-separated, got '{args.stream_updates}'")
     scratch = Path(tempfile.mkdtemp(prefix="bench-sharded-"))
     info = machine()
     print(f"{args.model}, global batch {args.global_batch} x {args.seq_len}, {args.steps} steps: {machine_line(info)}")
-    stream, sharded = run_streaming(args, scratch), run_sharded(args, scratch)
-    fixed = ({"stream": run_streaming(args, scratch, FIXED_THRESHOLD),
+    streams = {u: run_streaming(args, scratch, update_on=u) for u in updates}
+    sharded = run_sharded(args, scratch)
+    stream = min(streams.values(), key=lambda r: r["step_s"])  # the streamer's faster configuration is compared
+    fixed = ({"stream": run_streaming(args, scratch, FIXED_THRESHOLD, stream["update_on"]),
               "sharded": run_sharded(args, scratch, FIXED_THRESHOLD)} if args.fixed_threshold else {})
     # Every run trains the same steps on the same data: all curves must agree. On CPU
     # both sides compute in float32 (to rounding); on a GPU the streamer computes with
     # bf16 weights and FSDP2 with float32 weights under bf16 autocast, which round in
     # other places (a few hundredths of a nat).
-    curves = [stream["losses"], sharded["losses"], *(run["losses"] for run in fixed.values())]
+    curves = [stream["losses"], *(r["losses"] for r in streams.values() if r is not stream), sharded["losses"],
+              *(run["losses"] for run in fixed.values())]
     max_gap = max(abs(a - b) for curve in curves[1:] for a, b in zip(curves[0], curve))
     tolerance = 1e-3 if args.device == "cpu" else 5e-2
     print(
-        f"{'run':<22}{'allocator':<11}{'tok/s':>7}{'step s':>8}{'pred s':>8}{'err':>6}"
+        f"{'run':<26}{'allocator':<11}{'tok/s':>7}{'step s':>8}{'pred s':>8}{'err':>6}"
         f"{'peak host GiB/proc':>20}{'pred':>7}{'err':>6}{'GB moved/step':>15}"
     )
-    for name, key, r in (("stream, 1 process", "stream", stream),
-                         (f"FSDP2, {sharded['processes']} processes", "sharded", sharded)):
-        for allocator, run in (("default", r), *((("fixed", fixed[key]),) if fixed else ())):
+    runs = [(f"stream, AdamW on {u}", "stream" if r is stream else None, r) for u, r in streams.items()]
+    for name, key, r in (*runs, (f"FSDP2, {sharded['processes']} processes", "sharded", sharded)):
+        for allocator, run in (("default", r), *((("fixed", fixed[key]),) if fixed and key else ())):
             run["tokens_per_s"] = run["tokens_per_step"] / run["step_s"]
             peak = max(run["peak_host_bytes_per_process"])
             predicted_s, predicted_peak = run.get("predicted_step_s"), run.get("predicted_peak_host_bytes")
             run["prediction_error"] = predicted_s / run["step_s"] - 1 if predicted_s else None
             run["peak_prediction_error"] = predicted_peak / peak - 1 if predicted_peak else None
             print(
-                f"{name if allocator == 'default' else '':<22}{allocator:<11}{run['tokens_per_s']:>7.0f}"
+                f"{name if allocator == 'default' else '':<26}{allocator:<11}{run['tokens_per_s']:>7.0f}"
                 f"{run['step_s']:>8.2f}{predicted_s or 0:>8.2f}{run['prediction_error'] or 0:>+6.0%}"
                 f"{peak / 2**30:>20.2f}{(predicted_peak or 0) / 2**30:>7.2f}{run['peak_prediction_error'] or 0:>+6.0%}"
                 f"{run['bytes_moved_per_step'] / 1e9:>15.2f}"
             )
         by_step = " ".join(f"{p / 2**30:.2f}" for p in r["peak_host_bytes_by_step"])
-        if fixed:
+        if fixed and key:
             r["fixed_threshold"] = fixed[key]
             # What the default allocator holds beyond the tensors, as a multiple.
             r["default_over_fixed_peak"] = max(r["peak_host_bytes_per_process"]) / max(
                 fixed[key]["peak_host_bytes_per_process"])
             peaks = fixed[key]["peak_host_bytes_by_step"]
             by_step += "; fixed threshold " + " ".join(f"{p / 2**30:.2f}" for p in peaks)
-        print(f"{'':<22}peak GiB by step: default {by_step}")
+        print(f"{'':<26}peak GiB by step: default {by_step}")
     print(
         f"loss curves (all {len(curves)} runs): max |difference| {max_gap:.2e} over {args.steps} steps "
         f"({'agree' if max_gap < tolerance else 'DIFFER'}, tolerance {tolerance:g})"
@@ -354,12 +366,15 @@ def main() -> None:
             "seq_len": args.seq_len,
             "steps": args.steps,
             "machine": info,
-            "stream": stream,
+            "stream": stream,  # the faster of `streams`
+            "streams": streams,
             "sharded": sharded,
             "loss_max_abs_difference": max_gap,
             "losses_agree": max_gap < tolerance,
             "loss_tolerance": tolerance,
             "stream_over_sharded_tokens_per_s": stream["tokens_per_s"] / sharded["tokens_per_s"],
+            "stream_over_sharded_by_update": {u: r["tokens_per_s"] / sharded["tokens_per_s"]
+                                              for u, r in streams.items()},
         },
     )
 

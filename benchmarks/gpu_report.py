@@ -115,11 +115,14 @@ def sharded_rows(folder: Path) -> tuple[list[Row], list[float]]:
             rows.append(Row(target, goal, why, None, name))
             continue
         ratio = data["stream_over_sharded_tokens_per_s"]
+        others = "".join(f"; AdamW on {u}: {r:.2f}x" for u, r in data.get("stream_over_sharded_by_update", {}).items()
+                         if u != data["stream"].get("update_on", "host"))
         rows.append(Row(target, goal, f"{ratio:.2f}x ({data['stream']['tokens_per_s']:.0f} vs "
-                        f"{data['sharded']['tokens_per_s']:.0f} tokens/s; losses agree: {data['losses_agree']})",
+                        f"{data['sharded']['tokens_per_s']:.0f} tokens/s, the streamer's AdamW on "
+                        f"{data['stream'].get('update_on', 'host')}{others}; losses agree: {data['losses_agree']})",
                         ratio >= 2.0, name))
-        errors += [data[side]["prediction_error"] for side in ("stream", "sharded")
-                   if data[side].get("prediction_error") is not None]
+        runs = [*data.get("streams", {"host": data["stream"]}).values(), data["sharded"]]
+        errors += [r["prediction_error"] for r in runs if r.get("prediction_error") is not None]
     return rows, errors
 
 

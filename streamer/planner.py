@@ -650,7 +650,7 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     Device: K + 1 ring slots sized for the largest unit outside a tied table, the tied
     table's own slot, two gradient buffers (and the tied table's), one unit's fresh
     gradients, activations, and with the update on the device two chunks' state and
-    update temporaries.
+    update temporaries (three with the lane of early updates).
     Host: pinned staging mirrors of the slots and gradient buffers (CUDA only, and not
     for a RAM tier, which is page-locked and copies in place), the
     store (the whole state for the RAM tier; for the disk tier the pipeline's ring of
@@ -669,8 +669,9 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     grads = 2 * ring * g + tied * g + max(ring, tied) * g
     activations = kept_activation_bytes(cfg, tokens_per_step, micro_tokens, b, kept)
     device = weights + grads + activations
-    if profile.update_on_device:  # two chunks' state and update temporaries, one per stream
-        device += 2 * min(CHUNK_NUMEL, max(counts)) * (state_bytes(state)[0] + FORMATS[state].workspace_bytes)
+    if profile.update_on_device:  # a chunk's state and update temporaries per stream (the lane's too)
+        streams = 3 if early else 2
+        device += streams * min(CHUNK_NUMEL, max(counts)) * (state_bytes(state)[0] + FORMATS[state].workspace_bytes)
     # A page-locked RAM tier copies to and from the device in place: nothing stages.
     staging = 0 if profile.shares_host_cores or offload == "ram" else weights + grads
     # The RAM part of the state; for a disk part, the pipeline's ring (the disk store's
@@ -709,7 +710,7 @@ def fit_memory(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, s
     peaks = {}
     for kept in allowed:  # memory alone decides; plan only the chosen count
         device, host = memory_bytes(cfg, profile, tokens_per_step, micro_tokens, offload, depth, kept, state,
-                                    ram_units)
+                                    ram_units, first.early_updates)
         peaks[kept] = device + host if profile.shares_host_cores else device
         if peaks[kept] <= limit_bytes:
             return make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,

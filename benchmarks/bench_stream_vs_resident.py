@@ -41,12 +41,13 @@ def run_point(
     steps: int,
     scratch: Path,
     recompute: str,
+    update_on: str = "host",
 ) -> dict:
     """Train `steps` steps in a process of its own (so its peak memory is its own); the
     first step is warm-up (allocation, first-touch), the rest are timed, and the fastest
     is reported (the median too)."""
     out = scratch / f"{mode}-{offload}-{batch}x{accum}"
-    flags = {"offload": offload, "recompute": recompute} if mode == "stream" else {}
+    flags = {"offload": offload, "recompute": recompute, "update_on": update_on} if mode == "stream" else {}
     cmd = streamer_train_cmd(
         model=model,
         mode=mode,
@@ -142,6 +143,9 @@ def main() -> None:
     parser.add_argument("--sequences", default="1,4", help="sequences per step to sweep, besides the recommended")
     parser.add_argument("--steps", type=int, default=8, help="steps per point (the first is warm-up)")
     parser.add_argument("--recompute", default="auto", choices=["auto", "yes", "no"])
+    parser.add_argument("--update-on", default="host", choices=["host", "device"],
+                        help="where the streamer runs AdamW (train's --update-on); on a GPU the device's update "
+                             "is the faster, so the recommended tokens per step are fewer and the step recomputes less")
     parser.add_argument("--modes", default="resident,ram,disk",
                         help="what runs at each point: resident, and streaming from the ram and disk tiers "
                              "(resident and ram are needed; disk is the slowest to run)")
@@ -159,7 +163,11 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=RESULTS.parent))
     # Compute is calibrated on one block of the model at the largest micro-batch swept.
     profile = planner.measure_profile(device, dtype, scratch, model=(cfg, 8, args.seq_len))
-    probe = planner.make_plan(cfg, profile, args.seq_len, args.seq_len, "ram")
+    if args.update_on == "device" and device.type == "cuda":  # float32 AdamW's rate on the device, measured
+        stream_profile = planner.with_device_update(profile, "fp32", profile.device_update_bytes_per_s, pipelined=True)
+    else:
+        stream_profile = profile
+    probe = planner.make_plan(cfg, stream_profile, args.seq_len, args.seq_len, "ram")
     recommended = probe.recommended_tokens_per_step
     # The recommended point first: it is the overlap target's, and a run cut short by a
     # time limit keeps the points already written (the JSON is rewritten after each).
@@ -193,7 +201,8 @@ def main() -> None:
         rates = [planner.measure_model_flops(cfg, device, dtype, batch, args.seq_len, repeat=6)]
         runs = [
             run_point(
-                args.model, args.device, args.seq_len, batch, accum, mode, offload, args.steps, scratch, args.recompute
+                args.model, args.device, args.seq_len, batch, accum, mode, offload, args.steps, scratch, args.recompute,
+                args.update_on,
             )
             for mode, offload in modes
         ]
@@ -201,7 +210,9 @@ def main() -> None:
         point_profile = planner.replace(profile, matmul_flops=max(rates))
         for result in runs:
             micro = batch * args.seq_len
-            predicted_s, predicted_peak = predict(cfg, point_profile, tokens, micro, args.seq_len, result)
+            chosen = point_profile if result["mode"] == "resident" else planner.replace(
+                stream_profile, matmul_flops=point_profile.matmul_flops)
+            predicted_s, predicted_peak = predict(cfg, chosen, tokens, micro, args.seq_len, result)
             result["predicted_step_s"] = predicted_s
             result["prediction_error"] = predicted_s / result["step_s"] - 1
             result["predicted_peak_bytes"] = predicted_peak
@@ -225,7 +236,7 @@ def main() -> None:
                 "runs": runs,
             }
         )
-        write_results(args, points, recommended, profile, info)
+        write_results(args, points, recommended, stream_profile, info)
     shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -244,12 +255,12 @@ def write_results(args: argparse.Namespace, points: list[dict], recommended: int
         + (f"; link while copying {ram_run['h2d_copy_gbps']:.1f} GB/s" if "h2d_copy_gbps" in ram_run else "")
     )
     stem = args.json.with_suffix("") if args.json else RESULTS / f"stream_vs_resident_{args.device}"
-    plot(points, recommended, stem.with_suffix(".png"), f"{args.model}, {machine_line(info)}")
-    write_json(
+    write_json(  # before the plot: a plotting failure must not lose the measurements
         stem.with_suffix(".json"),
         {
             "model": args.model,
             "device": args.device,
+            "update_on": args.update_on,
             "seq_len": args.seq_len,
             "machine": info,
             "profile": planner.asdict(profile),
@@ -261,6 +272,7 @@ def write_results(args: argparse.Namespace, points: list[dict], recommended: int
             "points": points,
         },
     )
+    plot(points, recommended, stem.with_suffix(".png"), f"{args.model}, {machine_line(info)}")
 
 
 if __name__ == "__main__":

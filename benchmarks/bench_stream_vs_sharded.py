@@ -355,7 +355,6 @@ def main() -> None:
         f"({'agree' if max_gap < tolerance else 'DIFFER'}, tolerance {tolerance:g})"
     )
     stem = args.json.with_suffix("") if args.json else RESULTS / f"stream_vs_sharded_{args.device}"
-    plot(stream, sharded, stem.with_suffix(".png"), f"{args.model}; {machine_line(info)}")
     write_json(
         stem.with_suffix(".json"),
         {
@@ -377,6 +376,8 @@ def main() -> None:
                                               for u, r in streams.items()},
         },
     )
+    # After the JSON: a plotting failure must not lose the measurements.
+    plot(stream, sharded, stem.with_suffix(".png"), f"{args.model}; {machine_line(info)}")
 
 
 if __name__ == "__main__":

@@ -186,6 +186,8 @@ def report(folder: Path) -> tuple[str, list[Row]]:
                           f"{plan['n_units'] - 2 - plan['kept_graphs']} blocks recomputed, predicted step "
                           f"{plan['predicted_step_s']:.1f} s and {plan['device_bytes'] / 2**30:.1f} GiB of device "
                           "memory.")
+        if info.get("page_locked") is False and info.get("plan", {}).get("offload") in ("ram", "split"):
+            lines[-1] += " **The RAM tier was not page-locked** (the driver refused): its copies were staged."
     tests = folder / "gpu_tests.log"
     if tests.exists() and (summary := [ln for ln in tests.read_text().splitlines() if " in " in ln and "passed" in ln]):
         lines += ["", f"GPU tests (`gpu_tests.log`): {summary[-1].strip('= ')}."]

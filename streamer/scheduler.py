@@ -429,6 +429,9 @@ class StreamEngine:
                      early_updates=plan.early_updates)
         engine.offload = offload
         engine.plan = plan
+        # Whether the RAM tier's page-locking took: refused, the run is correct but its
+        # copies stage at a lower rate, which its results must say.
+        engine.page_locked = isinstance(ram, RamStore) and bool(ram.locked)
         engine.startup = startup
         engine.store_cached = offload != "ram" and planner.store_cached(model_cfg, profile, offload, state, ram_units)
         engine.predicted_peak_bytes = planner.peak_bytes(plan, profile)

@@ -457,7 +457,8 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                                              "startup": engine.startup,
                                              # The streamer's plan as it started: tiers, state, recompute,
                                              # prefetch, predicted step and memory (before calibration).
-                                             **({"plan": asdict(engine.plan)} if hasattr(engine, "plan") else {})})
+                                             **({"plan": asdict(engine.plan), "page_locked": engine.page_locked}
+                                                if hasattr(engine, "plan") else {})})
     streak = run_state.get("skipped_in_a_row", 0)
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and lead), unit="step",
                dynamic_ncols=True, mininterval=1.0)

@@ -61,7 +61,7 @@ def test_each_target_is_met_or_not_by_its_goal(gpu_report, tmp_path: Path) -> No
     steps = [{"loss": 11.0 - i, "tokens": 49152, "step_s": 18.0, "peak_device_bytes": 38e9,
               "predicted_step_s": 19.0, "prediction": "calibrated"} for i in range(10)]
     (tmp_path / "train_neox20b_cuda.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
-    write(tmp_path, "train_neox20b_cuda_run.json", {"train": {"state": "compact8"},
+    write(tmp_path, "train_neox20b_cuda_run.json", {"train": {"state": "compact8"}, "page_locked": False,
                                                     "startup": {"plan_s": 9.0, "store_s": 41.2, "page_lock_s": 30.0,
                                                                 "initialise_s": 60.4, "total_s": 111.0},
                                                     "plan": {"offload": "ram", "n_units": 46, "ram_units": 46,
@@ -75,7 +75,7 @@ def test_each_target_is_met_or_not_by_its_goal(gpu_report, tmp_path: Path) -> No
     assert "neox20b: TIMED OUT after 400s (limit 400s)" in text
     assert "(state compact8): start-up took 111 s (plan 9 s, store 41 s, page lock 30 s, initialise 60 s)" in text
     assert ("Its plan: all 46 units in RAM, prefetch depth 2, 44 blocks recomputed, predicted step 13.4 s and "
-            "34.6 GiB of device memory.") in text
+            "34.6 GiB of device memory. **The RAM tier was not page-locked**") in text
     assert met(rows, "1. overlap") is True
     assert met(rows, "1. link") is False
     assert met(rows, "2. 20B: peak") is True and met(rows, "2. 20B: loss") is True

@@ -1103,10 +1103,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
         raise UserError(f"unknown device profile '{args.device}': use one of {', '.join(PROFILES)} or --measure")
     measured = profile  # before the update's placement, which depends on the state format
 
+    rates: dict[str, float | None] = {}  # each state's update rate on this GPU, measured once
+
     def on_device(state: str, offload: str) -> DeviceProfile:
         """The update's rate on this GPU in `state`, measured, or the profile's estimate."""
-        rate = measure_update_rate(state=state, device=device) if args.measure and device.type == "cuda" else None
-        return with_device_update(measured, state, rate, pipelined=offload == "ram")
+        if state not in rates:
+            rates[state] = measure_update_rate(state=state, device=device) if args.measure and device.type == "cuda" \
+                else None
+        return with_device_update(measured, state, rates[state], pipelined=offload == "ram")
 
     if args.update_on == "device":
         profile = on_device(args.state, "disk")  # for the recommendation only: the tiers are not chosen yet
@@ -1146,9 +1150,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     # its price in step time.
     in_ram = 0 if shortfall else units_in_ram(plan.n_units, offload, ram_units)
     alternatives = []
-    for smaller in list(FORMATS)[list(FORMATS).index(args.state) + 1:]:
-        if offload == "ram" and not shortfall:
-            break
+    weighed = [] if offload == "ram" and not shortfall else list(FORMATS)[list(FORMATS).index(args.state) + 1:]
+    for smaller in weighed:
         other, short = offload_for_plan(cfg, host, disk, "auto", smaller)
         other_units = split_ram_units(cfg, host, smaller) if other == "split" else None
         if not short and units_in_ram(plan.n_units, other, other_units) > in_ram:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
+import functools
 import math
 import os
 import threading
@@ -223,10 +224,6 @@ class OnFirstUse:
     def __len__(self) -> int:
         return len(self._makers)
 
-    def made(self) -> int:
-        """How many have been made so far."""
-        return sum(m is not None for m in self._made)
-
 
 class StreamEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, store: HostStore, device: torch.device,
@@ -279,14 +276,14 @@ class StreamEngine:
         # once) so the host-to-device copy can run asynchronously at full link speed.
         # A page-locked RAM tier copies straight from the store and never stages, so
         # they are allocated at first use: at 20B they would pin 7 GiB for nothing.
-        pinned = lambda n, dt=torch.float32: lambda: torch.empty(n, dtype=dt, pin_memory=True)  # noqa: E731
-        self.staging = OnFirstUse([pinned(n, dtype) for n in sizes]) if cuda else None
+        pinned = functools.partial(torch.empty, pin_memory=True)
+        self.staging = OnFirstUse([functools.partial(pinned, n, dtype=dtype) for n in sizes]) if cuda else None
         # Two gradient buffers: one fills while the other drains to the host. A tied
         # table accumulates in its own buffer (head and embedding both add to it).
         self.grad_buffers = [torch.zeros(ring_numel, device=device) for _ in range(2)]
-        self.grad_host = OnFirstUse([pinned(ring_numel), pinned(ring_numel)]) if cuda else None
+        self.grad_host = OnFirstUse([functools.partial(pinned, ring_numel)] * 2) if cuda else None
         self.tied_grad = torch.zeros(tied_numel, device=device) if self.tied else None
-        self.tied_grad_host = OnFirstUse([pinned(tied_numel)]) if (cuda and self.tied) else None
+        self.tied_grad_host = OnFirstUse([functools.partial(pinned, tied_numel)]) if (cuda and self.tied) else None
         # The squared norm of this rank's reduced gradient shards, summed by whichever
         # thread reduces them (the host worker on CPU, the grad stream on CUDA).
         self.shard_sq_norm = torch.zeros((), dtype=torch.float64, device=device)

@@ -151,10 +151,16 @@ def default_out(model: str) -> Path:
     return Path("runs") / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _existing(out: Path) -> Path:
+    """`out`, or its nearest folder that exists: what it would be created in, and where
+    its free space is read."""
+    return next(p for p in [out, *out.parents] if p.exists() or p == p.parent)
+
+
 def check_out_dir(path: Path, resume: bool) -> None:
     """Refuse, before anything is written, an output directory that cannot be one or that
     holds another run (unless resuming it)."""
-    existing = next(p for p in [path, *path.parents] if p.exists() or p == p.parent)
+    existing = _existing(path)
     if not existing.is_dir():
         raise UserError(f"output directory '{path}' cannot be created: '{existing}' is a file: choose another --out")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -194,11 +200,6 @@ def check_grad_sync(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.devi
     except Exception:  # ImportError, or a CuPy build that cannot load on this machine
         raise UserError("--grad-sync sparse on CUDA needs CuPy (the 'cuda' extra): "
                         "pip install 'streamer[cuda]', or use --grad-sync dense") from None
-
-
-def _existing(out: Path) -> Path:
-    """`out`, or its nearest folder that exists: where its free space is read."""
-    return next(p for p in [out, *out.parents] if p.exists() or p == p.parent)
 
 
 def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device: torch.device,

@@ -42,12 +42,14 @@ def run_point(
     scratch: Path,
     recompute: str,
     update_on: str = "host",
+    state: str = "fp32",
 ) -> dict:
     """Train `steps` steps in a process of its own (so its peak memory is its own); the
     first step is warm-up (allocation, first-touch), the rest are timed, and the fastest
     is reported (the median too)."""
     out = scratch / f"{mode}-{offload}-{batch}x{accum}"
-    flags = {"offload": offload, "recompute": recompute, "update_on": update_on} if mode == "stream" else {}
+    flags = ({"offload": offload, "recompute": recompute, "update_on": update_on, "state": state}
+             if mode == "stream" else {})
     cmd = streamer_train_cmd(
         model=model,
         mode=mode,
@@ -83,6 +85,11 @@ def run_point(
             result["h2d_copy_gbps"] = statistics.median(r["h2d_copy_gbps"] for r in rows)
         result["recompute"] = rows[0]["recompute"]
         result["kept_graphs"] = rows[0]["kept_graphs"]
+        # What the run planned: its prediction below plans the same (the planner picks
+        # held units and their prefetch depth from its own calibration).
+        result["held_units"] = rows[0].get("held_units", 0)
+        result["prefetch_depth"] = rows[0]["prefetch_depth"]
+        result["state"] = state
     return result
 
 
@@ -104,6 +111,9 @@ def predict(
         result["offload"],
         micro_tokens=micro_tokens,
         kept_graphs=result["kept_graphs"],
+        state=result["state"],
+        held_units=result["held_units"],
+        prefetch_depth=result["prefetch_depth"],
     )
     return plan.predicted_step_s, planner.peak_bytes(plan, profile)
 
@@ -146,6 +156,8 @@ def main() -> None:
     parser.add_argument("--update-on", default="host", choices=["host", "device"],
                         help="where the streamer runs AdamW (train's --update-on); on a GPU the device's update "
                              "is the faster, so the recommended tokens per step are fewer and the step recomputes less")
+    parser.add_argument("--state", default="fp32", choices=["fp32", "compact", "compact8"],
+                        help="the streamer's state format (train's --state); resident training keeps float32 AdamW")
     parser.add_argument("--modes", default="resident,ram,disk",
                         help="what runs at each point: resident, and streaming from the ram and disk tiers "
                              "(resident and ram are needed; disk is the slowest to run)")
@@ -163,11 +175,15 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=RESULTS.parent))
     # Compute is calibrated on one block of the model at the largest micro-batch swept.
     profile = planner.measure_profile(device, dtype, scratch, model=(cfg, 8, args.seq_len))
-    if args.update_on == "device" and device.type == "cuda":  # float32 AdamW's rate on the device, measured
-        stream_profile = planner.with_device_update(profile, "fp32", profile.device_update_bytes_per_s, pipelined=True)
+    if args.update_on == "device" and device.type == "cuda":  # the state's update on this GPU, measured
+        rate = planner.measure_update_rate(state=args.state, device=device)
+        stream_profile = planner.with_device_update(profile, args.state, rate, pipelined=True)
     else:
         stream_profile = profile
-    probe = planner.make_plan(cfg, stream_profile, args.seq_len, args.seq_len, "ram")
+    # Planned at the sweep's micro-batch (8 sequences at most): it sizes the head's logits,
+    # which the memory the recommendation keeps graphs in must leave room for.
+    probe = planner.make_plan(cfg, stream_profile, 8 * args.seq_len, args.seq_len, "ram",
+                              micro_tokens=8 * args.seq_len, state=args.state)
     recommended = probe.recommended_tokens_per_step
     # The recommended point first: it is the overlap target's, and a run cut short by a
     # time limit keeps the points already written (the JSON is rewritten after each).
@@ -202,7 +218,7 @@ def main() -> None:
         runs = [
             run_point(
                 args.model, args.device, args.seq_len, batch, accum, mode, offload, args.steps, scratch, args.recompute,
-                args.update_on,
+                args.update_on, args.state,
             )
             for mode, offload in modes
         ]
@@ -261,6 +277,8 @@ def write_results(args: argparse.Namespace, points: list[dict], recommended: int
             "model": args.model,
             "device": args.device,
             "update_on": args.update_on,
+            "state": args.state,
+            "held_units": ram_run.get("held_units", 0),
             "seq_len": args.seq_len,
             "machine": info,
             "profile": planner.asdict(profile),

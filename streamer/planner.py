@@ -110,13 +110,15 @@ def with_device_update(profile: DeviceProfile, state: str, device_rate: float | 
     a page-locked RAM tier's (`pipelined`) alternate between two streams, so one
     chunk's kernels overlap the next one's copy in and the previous one's copy out:
     a chunk then costs its kernels' time, or half of the three parts when the copies
-    are the longer."""
+    are the longer. That is the host worker's rate for a disk tier's units; a
+    page-locked unit's update is planned as what it is, copies in, kernels and copies
+    out, each direction of the link a queue of its own (`step_visits`)."""
     whole, updated, _, _ = state_bytes(state)
     rate = device_rate or profile.device_update_bytes_per_s / FORMATS[state].device_update_cost
     parts = (whole / profile.h2d_bytes_per_s, 28 / rate, updated / profile.d2h_bytes_per_s)
     per_param = max(parts[1], sum(parts) / 2) if pipelined else sum(parts)
     return replace(profile, host_update_bytes_per_s=28 / per_param, update_state=state,
-                   host_copy_bytes_per_s=host_rates(profile)[1], update_on_device=True)
+                   host_copy_bytes_per_s=host_rates(profile)[1], update_on_device=True, device_update_rate=rate)
 
 
 def state_bytes(state: str) -> tuple[float, float, int, float]:
@@ -155,8 +157,10 @@ class DeviceProfile:
     # kernel streams 28 bytes per parameter in one vectorised pass, well above a copy
     # (51 vs 20-35 GB/s on 2 CPU cores).
     host_copy_bytes_per_s: float = 2.0e10
-    # AdamW runs on the device (`--update-on device`, see `with_device_update`).
+    # AdamW runs on the device (`--update-on device`, see `with_device_update`), its
+    # kernels at this rate, in float32 AdamW's bytes (28 per parameter) per second.
     update_on_device: bool = False
+    device_update_rate: float = 0.0
     # A disk-tier store the page cache holds: bytes its I/O threads read or write per
     # second (the kernel's copies, one thread each way; see `measure_page_cache_rate`).
     cached_io_bytes_per_s: float = 8e9
@@ -209,9 +213,13 @@ class Plan:
     # The disk units' updates run on a lane of their own as soon as they are due
     # (streamer.scheduler's [Note: early updates of the disk part]).
     early_updates: bool = False
+    # The leading units whose state comes to the device during the backward, so that
+    # their updates run there once it ends (streamer.scheduler's
+    # [Note: updates held on the device]).
+    held_units: int = 0
     # Where the step's time goes (each a sum over the step's visits; they overlap):
     host_s: float = 0.0  # the host worker: updates and copies
-    link_s: float = 0.0  # host <-> device copies
+    link_s: float = 0.0  # host <-> device copies, both directions (each a queue of its own)
     storage_s: float = 0.0  # disk reads and writes (their threads run side by side)
 
 
@@ -277,6 +285,28 @@ def kept_activation_bytes(cfg: ModelConfig, tokens_per_step: int, micro_tokens: 
     return boundary + kept * per_block + working_bytes(cfg, micro_tokens, act_bytes)
 
 
+def held_peak_bytes(cfg: ModelConfig, tokens_per_step: int, micro_tokens: int, act_bytes: int, kept: int,
+                    state: str, held: int) -> int:
+    """Activations and held state together at their peak while the first `held` units'
+    state comes to the device (see streamer.scheduler's [Note: updates held on the
+    device]): when the backward reaches unit j, units j..held-1 hold their whole state
+    (the gradient coded as the store keeps it) and units 0..j still hold their graphs
+    or boundary activations. The next forward frees each unit's state before the
+    graphs it builds grow past this."""
+    if not held:
+        return 0
+    counts = unit_param_counts(cfg)
+    per_block = graph_activation_bytes(cfg, tokens_per_step, act_bytes) // max(cfg.n_layer, 1)
+    boundary = tokens_per_step * cfg.d_model * act_bytes
+    work = working_bytes(cfg, micro_tokens, act_bytes)
+    whole = state_bytes(state)[0]
+    peak = 0
+    for j in range(held):
+        alive = sum(per_block if u >= cfg.n_layer + 1 - kept else boundary for u in range(1, j + 1))
+        peak = max(peak, int(whole * sum(counts[j:held])) + alive + work)
+    return peak
+
+
 def choose_kept_graphs(cfg: ModelConfig, tokens_per_step: int, micro_tokens: int, act_bytes: int,
                        budget_bytes: float, asked: str = "auto") -> int:
     """How many blocks keep their graphs: all (`--recompute no`), none (`yes`), or, on
@@ -314,6 +344,17 @@ class Visit:
     disk_write_s: float = 0.0
     phase: str = "forward"  # forward | head | backward
     ready_s: float = 0.0  # not staged before this time: the lane's early update of the unit ends
+    # Link time queued once the visit's compute ends: a held unit's state on its way to
+    # the device (see streamer.scheduler's [Note: updates held on the device]).
+    fetch_s: float = 0.0
+    # An update on the device of a page-locked unit: its kernels' time, and its state's
+    # way back (device to host); `link_in_s` is then its state's way in, and the worker
+    # waits for all three (a held unit's update moves nothing in and nobody waits).
+    kernel_s: float = 0.0
+    d2h_s: float = 0.0
+    # The gradient's copy out of a page-locked unit (device to host); the compute that
+    # refills its buffer two visits later waits for it.
+    grad_out_s: float = 0.0
 
     @property
     def disk_s(self) -> float:
@@ -366,11 +407,14 @@ def can_update_early(cfg: ModelConfig, profile: DeviceProfile, offload: str, sta
 
 def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
                 depth: int, kept: int, state: str = "fp32", ram_units: int | None = None,
-                early: bool = False) -> list[Visit]:
+                early: bool = False, held: int = 0) -> list[Visit]:
     """The visits of one step (forward 0..U-2, head, backward U-2..0) with their costs,
     mirroring `StreamEngine.visits`; units still pinned in the window move nothing.
     With `early`, the disk units' updates run on the lane (`early_lane_s`) and their
-    staging waits for it, then reads the weights only."""
+    staging waits for it, then reads the weights only. The first `held` units keep
+    their gradients on the device and fetch their state after their backward; their
+    update then moves nothing in (see streamer.scheduler's
+    [Note: updates held on the device])."""
     counts = unit_param_counts(cfg)
     flops = _unit_flops_per_token(cfg, seq_len)
     head = len(counts) - 1
@@ -404,7 +448,15 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
         # The update reads p, g, m, v (16 bytes per parameter in float32) and writes p,
         # m, v (12); a staging pass without an update reads p only.
         read, written = (whole * p, updated * p) if updates else (master * p, 0)
-        if not pinned:
+        is_held = unit < held
+        kernel = d2h = 0.0
+        if updates and profile.update_on_device and locked and not profile.shares_host_cores:
+            # State in (none for a held unit: it came during the backward), the update's
+            # kernels (which write the slot), and the updated state back out.
+            kernel = 28 * p / (profile.device_update_rate or profile.device_update_bytes_per_s)
+            d2h = updated * p / profile.d2h_bytes_per_s
+            link_in = 0.0 if is_held else whole * p / profile.h2d_bytes_per_s
+        elif not pinned:
             # The weights' way in: a CPU device computes from the slot the worker copies
             # them into; a GPU copies them from a page-locked RAM tier directly, and from a
             # staging buffer the worker fills otherwise; an update on the device writes
@@ -428,9 +480,12 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
                     # compute: 94 GB per gpt3-2.7b step on 2 cores, ~12 s of a 135 s
                     # step that the disk time (overlapped) does not account for.
                     host_in += (read + written) / profile.cached_io_bytes_per_s
-        out = 0.0
-        if phase != "forward" and locked:
-            out = grad * p / profile.d2h_bytes_per_s  # straight into the page-locked store
+        out = fetch = grad_out = 0.0
+        if phase == "backward" and is_held:
+            # The gradient stays; the rest of the state comes in behind the compute.
+            fetch = (whole - grad) * p / profile.h2d_bytes_per_s
+        elif phase != "forward" and locked:
+            grad_out = grad * p / profile.d2h_bytes_per_s  # straight into the page-locked store
         elif phase != "forward":
             out = p * 4 / profile.d2h_bytes_per_s
             if not on_disk:
@@ -444,13 +499,14 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
         if v == 0:
             host_in += shared  # the lane's update work, charged to the worker from the start
         visits.append(Visit(compute, host_in, link_in, out, disk_read, disk_write, phase,
-                            ready_s=lane[unit] if on_lane else 0.0))
+                            ready_s=lane[unit] if on_lane else 0.0, fetch_s=fetch, kernel_s=kernel, d2h_s=d2h,
+                            grad_out_s=grad_out))
     return visits
 
 
 def fastest_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
                    depth: int, kept: int, state: str = "fp32", ram_units: int | None = None,
-                   early: bool | None = None) -> tuple[list[Visit], bool]:
+                   early: bool | None = None, held: int = 0) -> tuple[list[Visit], bool]:
     """The step's visits with or without early updates (`early`), or, when None,
     whichever the model predicts faster where they are possible."""
     options = [False, True] if early is None else [early]
@@ -458,59 +514,149 @@ def fastest_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: in
         options = [False]
     best = None
     for option in options:
-        visits = step_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, kept, state, ram_units, option)
+        visits = step_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, kept, state, ram_units, option,
+                             held)
         predicted = predicted_stream_s(visits, depth, profile)
         if best is None or predicted < best[0]:
             best = (predicted, visits, option)
     return best[1], best[2]
 
 
-def link_bytes(cfg: ModelConfig, profile: DeviceProfile, state: str, in_ram: int) -> tuple[int, int]:
+def held_options(cfg: ModelConfig, profile: DeviceProfile, offload: str, ram_units: int | None = None) -> list[int]:
+    """Counts of held units worth weighing (see streamer.scheduler's [Note: updates
+    held on the device]): only with the update on a GPU, only units of the page-locked
+    RAM tier, and never the head, whose gradient comes first and is needed last."""
+    counts = unit_param_counts(cfg)
+    if not profile.update_on_device or profile.shares_host_cores:
+        return [0]
+    top = min(units_in_ram(len(counts), offload, ram_units), len(counts) - 1)
+    return sorted(set(range(0, top + 1, max(1, top // 8))) | {top})
+
+
+# Prefetch depths weighed with held units: their updates take nothing from the link in
+# the forward, so the units after them can stage that far ahead (a slot each).
+DEEPER_PREFETCH = (4, 8, 12, 16)
+
+
+def fastest_schedule(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
+                     depth: int, kept: int, state: str = "fp32", ram_units: int | None = None,
+                     early: bool | None = None, held: int | None = None, micro_tokens: int | None = None,
+                     budget: float = math.inf, deepen: bool = True) -> tuple[list[Visit], bool, int, int]:
+    """(visits, early, held, depth): the step's visits with `held` units, or, when None,
+    the count (and, with `deepen`, the deeper prefetch it makes useful) predicted
+    fastest among `held_options`, by at least 1%, whose held state and extra slots fit
+    `budget` beside the activations."""
+    visits, lane = fastest_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, kept, state, ram_units,
+                                  early, held or 0)
+    best = (predicted_stream_s(visits, depth, profile), visits, lane, held or 0, depth)
+    if held is not None:
+        return best[1:]
+    counts, b = unit_param_counts(cfg), profile.compute_bytes
+    ring = max(counts[1:] if cfg.tie_embeddings else counts)
+    micro = micro_tokens or tokens_per_step
+    activations = kept_activation_bytes(cfg, tokens_per_step, micro, b, kept)
+    threshold = 0.99 * best[0]
+    for option in held_options(cfg, profile, offload, ram_units)[1:]:
+        peak = max(activations, held_peak_bytes(cfg, tokens_per_step, micro, b, kept, state, option))
+        for d in [depth] + [d for d in DEEPER_PREFETCH if deepen and d > depth]:
+            if peak + (d - depth) * ring * b > budget:
+                continue
+            visits, lane = fastest_visits(cfg, profile, tokens_per_step, seq_len, offload, d, kept, state,
+                                          ram_units, early, option)
+            predicted = predicted_stream_s(visits, d, profile)
+            backlog = held_backlog_bytes(visits, d, profile, state)
+            if predicted < threshold and predicted < best[0] and activations + backlog + (d - depth) * ring * b \
+                    <= budget:
+                best = (predicted, visits, lane, option, d)
+    return best[1:]
+
+
+def held_backlog_bytes(visits: list[Visit], depth: int, profile: DeviceProfile, state: str) -> int:
+    """Held state still on the device when the forward ends, because its way back
+    (device to host, a queue the forward's updates share) has not reached it: it adds
+    to the activations' peak."""
+    if not any(v.fetch_s for v in visits):
+        return 0
+    whole, updated, _, _ = state_bytes(state)
+    return int(simulate_step(visits, depth)[2] * profile.d2h_bytes_per_s * whole / updated)
+
+
+def link_bytes(cfg: ModelConfig, profile: DeviceProfile, state: str, in_ram: int, held: int = 0) -> tuple[int, int]:
     """Bytes over the device link per step, in and out: weights for the forward and again
     for the backward, in the compute dtype through a staging buffer or as the master
     weights are kept from a page-locked RAM tier; gradients out, in float32 through a
     staging buffer or in the store's dtype straight into a page-locked RAM tier. An
     update on the device takes the whole state in instead of the forward's weights, and
-    sends back all of it but the gradient."""
+    sends back all of it but the gradient; a held unit's gradient never leaves, so its
+    state comes in without it."""
     whole, updated, master, grad = state_bytes(state)
     b, h2d, d2h = profile.compute_bytes, 0.0, 0.0
     for unit, p in enumerate(unit_param_counts(cfg)):
         locked = not profile.shares_host_cores and unit < in_ram
         weights = master if locked else b
+        if unit < held:
+            h2d += p * (weights + whole - grad)
+            d2h += p * updated
+            continue
         h2d += p * (weights + (whole if profile.update_on_device else weights))
         d2h += p * ((grad if locked else 4) + (updated if profile.update_on_device else 0))
     return int(h2d), int(d2h)
 
 
-def simulate_step(visits: list[Visit], depth: int) -> tuple[float, float]:
-    """Step time and stall time of the engine's pipeline: a single host worker serves
-    staging jobs (issued `depth` visits ahead) and gradient jobs in FIFO order; the link
-    copy follows the host job; compute starts when its weights have arrived."""
+def simulate_step(visits: list[Visit], depth: int) -> tuple[float, float, float]:
+    """Step time, stall time, and the device-to-host work still queued when the head's
+    visit starts (seconds), of the engine's pipeline: a single host worker serves
+    staging jobs (issued `depth` visits ahead) in FIFO order; each direction of the
+    link is a queue; compute starts when its weights have arrived. A host-side update
+    precedes its unit's copy in; an update on the device follows its state in, its
+    kernels and its copy out overlapping chunk by chunk. The device is synchronised at
+    every step's end, so the step ends when every queue is empty."""
     n = len(visits)
     arrive = [0.0] * n
-    worker = link = disk = compute_end = stall = 0.0
+    grad_done = [0.0] * n
+    worker = link = d2h = disk = compute_end = stall = 0.0
+    backlog = 0.0
 
     def issue(w: int, at: float) -> None:
-        nonlocal worker, link, disk
+        nonlocal worker, link, disk, d2h
+        visit = visits[w]
         # Storage has its own queue; the worker's job is done when both its own work
         # and the unit's I/O are (the two are pipelined chunk by chunk).
-        at = max(at, visits[w].ready_s)
-        disk = max(disk, worker, at) + visits[w].disk_s
-        worker = max(max(worker, at) + visits[w].host_in_s, disk)
-        link = max(link, worker) + visits[w].link_in_s
+        at = max(at, visit.ready_s)
+        disk = max(disk, worker, at) + visit.disk_s
+        worker = max(max(worker, at) + visit.host_in_s, disk)
+        if visit.kernel_s or visit.d2h_s:  # an update on the device
+            begin = max(link, worker)
+            link = begin + visit.link_in_s
+            d2h = max(d2h, begin) + visit.d2h_s
+            done = max(link, d2h, begin + visit.kernel_s)
+            if visit.link_in_s:  # the worker waits for its state's round trip
+                worker = done
+                arrive[w] = done
+            else:  # held: the kernels write the slot; the state leaves behind them
+                arrive[w] = begin + visit.kernel_s
+            return
+        link = max(link, worker) + visit.link_in_s
         arrive[w] = link
 
     for w in range(min(depth, n)):
         issue(w, 0.0)
     for v, visit in enumerate(visits):
-        start = max(compute_end, arrive[v])
+        start = max(compute_end, arrive[v], grad_done[v - 2] if v >= 2 else 0.0)
         stall += start - compute_end
+        if visit.phase == "head":
+            backlog = max(0.0, d2h - start)
         if v + depth < n:
             issue(v + depth, start)
         compute_end = start + visit.compute_s
         if visit.out_s:
             worker = max(worker, compute_end) + visit.out_s
-    return max(compute_end, worker), stall
+        if visit.grad_out_s:  # the gradient buffer is reused two visits on
+            d2h = max(d2h, compute_end) + visit.grad_out_s
+            grad_done[v] = d2h
+        if visit.fetch_s:
+            link = max(link, compute_end) + visit.fetch_s
+    return max(compute_end, worker, link, d2h), stall, backlog
 
 
 def predicted_stream_s(visits: list[Visit], depth: int, profile: DeviceProfile) -> float:
@@ -520,7 +666,8 @@ def predicted_stream_s(visits: list[Visit], depth: int, profile: DeviceProfile) 
 
     The two phases are separate because the forward carries the previous step's
     updates (most of the I/O) and cannot borrow time from the backward: the clip
-    coefficient that the updates need is known only when the backward ends."""
+    coefficient that the updates need is known only when the backward ends. (Held
+    units, on a GPU only, move their state in during the backward instead.)"""
     if profile.shares_host_cores:
         forward = [v for v in visits if v.phase == "forward"]
         rest = [v for v in visits if v.phase != "forward"]
@@ -537,20 +684,48 @@ RECOMMENDED_OVERHEAD = 0.03
 
 def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, offload: str, depth: int,
                        kept: int, overhead: float = RECOMMENDED_OVERHEAD, state: str = "fp32",
-                       ram_units: int | None = None) -> int:
+                       ram_units: int | None = None, micro_tokens: int | None = None,
+                       budget: float = math.inf, deepen: bool = True, fit_kept: bool = False) -> int:
     """The fewest tokens per step (whole sequences) at which moving data costs at most
     `overhead` of the step: the predicted step is within that share of its compute plus
-    the optimizer time resident training also pays. Doublings, then a binary search."""
+    the optimizer time resident training also pays, each count with the held units
+    that suit it (`fastest_schedule`). Doublings, then a binary search.
+
+    With `fit_kept`, each count keeps as many graphs as `budget` holds, and what it
+    recomputes counts against it as moving data does: resident training, a micro-batch
+    at a time, recomputes nothing. Past the count where memory starts to force
+    recompute the step may never come that close; the recommendation is then the count,
+    of those tried, that comes closest."""
     update_s = 28 * cfg.n_params() / profile.device_update_bytes_per_s
+    act_bytes = profile.compute_bytes
+    closest: list[tuple[float, int]] = []  # (predicted over ideal, tokens)
 
     def too_slow(tokens: int) -> bool:
-        visits, _ = fastest_visits(cfg, profile, tokens, seq_len, offload, depth, kept, state, ram_units)
+        micro = min(micro_tokens or tokens, tokens)
+        kept_here = choose_kept_graphs(cfg, tokens, micro, act_bytes, budget) if fit_kept else kept
+        visits, _, _, d = fastest_schedule(cfg, profile, tokens, seq_len, offload, depth, kept_here, state,
+                                           ram_units, micro_tokens=micro, budget=budget, deepen=deepen)
         ideal = sum(v.compute_s for v in visits) + update_s
-        return predicted_stream_s(visits, depth, profile) > (1 + overhead) * ideal
+        if fit_kept:  # the compute of a step that recomputes nothing
+            ideal = (sum(v.compute_s for v in step_visits(cfg, profile, tokens, seq_len, offload, d, cfg.n_layer,
+                                                         state, ram_units)) + update_s)
+        ratio = predicted_stream_s(visits, d, profile) / ideal
+        closest.append((ratio, tokens))
+        return ratio > 1 + overhead
 
     sequences = 1
     while too_slow(sequences * seq_len) and sequences < 2**20:
         sequences *= 2
+        if fit_kept and choose_kept_graphs(cfg, sequences * seq_len, min(micro_tokens or sequences * seq_len,
+                                                                         sequences * seq_len),
+                                           act_bytes, budget) == 0:
+            break  # every block recomputes from here on: more tokens only add to it
+    if fit_kept and too_slow(sequences * seq_len):
+        best = min(closest)[1] // seq_len  # on the doublings; then between its neighbours
+        for share in (0.625, 0.75, 0.875, 1.25, 1.5, 1.75):
+            if round(best * share) not in (0, best):
+                too_slow(round(best * share) * seq_len)
+        return min(closest)[1]
     low = sequences // 2 + 1 if sequences > 1 else 1
     while low < sequences:
         mid = (low + sequences) // 2
@@ -564,12 +739,15 @@ def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, o
 def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int,
               offload: str, micro_tokens: int | None = None, prefetch_depth: int | None = None,
               memory_budget: float | None = None, recompute: str = "auto", kept_graphs: int | None = None,
-              state: str = "fp32", ram_units: int | None = None, early_updates: bool | None = None) -> Plan:
+              state: str = "fp32", ram_units: int | None = None, early_updates: bool | None = None,
+              held_units: int | None = None) -> Plan:
     """Bytes per tier, bytes per link, the hiding threshold and the predicted step time.
 
     `memory_budget` is what activations may use (default: 80% of the device's memory;
     a CPU device passes its host's). `early_updates` None: the faster of the two
-    schedules where early updates are possible (see `fastest_visits`)."""
+    schedules where early updates are possible (see `fastest_visits`). `held_units`
+    None: as many as `fastest_schedule` finds worth it within the budget, with the
+    deeper prefetch they allow unless `prefetch_depth` is given."""
     counts = unit_param_counts(cfg)
     in_ram = units_in_ram(len(counts), offload, ram_units)
     ram_params, disk_params = sum(counts[:in_ram]), sum(counts[in_ram:])
@@ -591,8 +769,9 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
     flops = _unit_flops_per_token(cfg, seq_len)
     unit_compute = flops[1] * tokens_per_step / F if cfg.n_layer else 0.0
     depth = prefetch_depth or choose_prefetch_depth(unit_compute, counts[1] * b / profile.h2d_bytes_per_s)
-    visits, early = fastest_visits(cfg, profile, tokens_per_step, seq_len, offload, depth, kept, state, in_ram,
-                                   early_updates)
+    visits, early, held, depth = fastest_schedule(cfg, profile, tokens_per_step, seq_len, offload, depth, kept,
+                                                  state, in_ram, early_updates, held_units, micro, budget,
+                                                  deepen=prefetch_depth is None)
     predicted = predicted_stream_s(visits, depth, profile)
 
     backward_ratio = 6 if do_recompute else 4  # backward FLOPs per parameter per token
@@ -611,10 +790,13 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
         min_disk = (F * (read / profile.disk_read_bytes_per_s + written / profile.disk_write_bytes_per_s)
                     * share / per_token)
 
-    recommended = recommended_tokens(cfg, profile, seq_len, offload, depth, kept, state=state, ram_units=in_ram)
+    recommended = recommended_tokens(cfg, profile, seq_len, offload, depth, kept, state=state, ram_units=in_ram,
+                                     micro_tokens=micro, budget=budget, deepen=prefetch_depth is None,
+                                     fit_kept=recompute == "auto" and kept_graphs is None and budget < math.inf)
     device_bytes, host_bytes = memory_bytes(cfg, profile, tokens_per_step, micro, offload, depth, kept, state,
-                                            in_ram, early)
-    h2d_bytes, d2h_bytes = link_bytes(cfg, profile, state, in_ram)
+                                            in_ram, early, held)
+    device_bytes += held_backlog_bytes(visits, depth, profile, state)
+    h2d_bytes, d2h_bytes = link_bytes(cfg, profile, state, in_ram, held)
     lane_s = max(v.ready_s for v in visits)  # when the lane's last update ends (0 without it)
     return Plan(
         model=cfg.name, device=profile.name, offload=offload, prefetch_depth=depth,
@@ -629,9 +811,10 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
         recommended_tokens_per_step=recommended, recompute=do_recompute, kept_graphs=kept,
         fits_device=not profile.device_memory_bytes or device_bytes <= profile.device_memory_bytes,
         compute_s=sum(v.compute_s for v in visits), predicted_step_s=predicted,
-        host_s=sum(v.host_in_s + v.out_s for v in visits), link_s=sum(v.link_in_s for v in visits),
+        host_s=sum(v.host_in_s + v.out_s for v in visits),
+        link_s=sum(v.link_in_s + v.fetch_s + v.d2h_s + v.grad_out_s for v in visits),
         storage_s=max(sum(v.disk_read_s for v in visits), sum(v.disk_write_s for v in visits)) + lane_s,
-        early_updates=early,
+        early_updates=early, held_units=held,
     )
 
 
@@ -642,15 +825,16 @@ RUNTIME_BYTES = 450 * 2**20
 
 def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, micro_tokens: int,
                  offload: str, depth: int, kept: int, state: str = "fp32",
-                 ram_units: int | None = None, early: bool = False) -> tuple[int, int]:
+                 ram_units: int | None = None, early: bool = False, held: int = 0) -> tuple[int, int]:
     """(device bytes, host bytes) at the step's peak, mirroring what `StreamEngine`
     and the stores allocate. On a CPU device the two are the same memory: the
     process's resident set is their sum.
 
     Device: K + 1 ring slots sized for the largest unit outside a tied table, the tied
     table's own slot, two gradient buffers (and the tied table's), one unit's fresh
-    gradients, activations, and with the update on the device two chunks' state and
-    update temporaries (three with the lane of early updates).
+    gradients, activations (or, where larger, the held units' state beside the
+    activations still alive: `held_peak_bytes`), and with the update on the device two
+    chunks' state and update temporaries (three with the lane of early updates).
     Host: pinned staging mirrors of the slots and gradient buffers (CUDA only, and not
     for a RAM tier, which is page-locked and copies in place), the
     store (the whole state for the RAM tier; for the disk tier the pipeline's ring of
@@ -667,7 +851,8 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     # Two gradient buffers (and the tied table's), plus the fresh gradients autograd
     # returns for one unit before they are added into its buffer.
     grads = 2 * ring * g + tied * g + max(ring, tied) * g
-    activations = kept_activation_bytes(cfg, tokens_per_step, micro_tokens, b, kept)
+    activations = max(kept_activation_bytes(cfg, tokens_per_step, micro_tokens, b, kept),
+                      held_peak_bytes(cfg, tokens_per_step, micro_tokens, b, kept, state, held))
     device = weights + grads + activations
     if profile.update_on_device:  # a chunk's state and update temporaries per stream (the lane's too)
         streams = 3 if early else 2
@@ -698,13 +883,15 @@ def peak_bytes(plan: Plan, profile: DeviceProfile) -> int:
 
 def fit_memory(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
                micro_tokens: int, limit_bytes: float, prefetch_depth: int | None = None,
-               recompute: str = "auto", state: str = "fp32", ram_units: int | None = None) -> Plan:
+               recompute: str = "auto", state: str = "fp32", ram_units: int | None = None,
+               held_units: int | None = None) -> Plan:
     """The fastest plan whose peak memory stays within `limit_bytes`: as many blocks
     keep their graphs as fit (all of them with `--recompute no`, none with `yes`);
-    refuse when even the leanest allowed plan does not fit."""
+    refuse when even the leanest allowed plan does not fit. Held units, if any are
+    worth it (`held_units` None), only where they fit too."""
     first = make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
                       prefetch_depth=prefetch_depth, memory_budget=float("inf"), recompute="yes", state=state,
-                      ram_units=ram_units)
+                      ram_units=ram_units, held_units=0)
     depth = first.prefetch_depth
     allowed = {"auto": range(cfg.n_layer, -1, -1), "yes": [0], "no": [cfg.n_layer]}[recompute]
     peaks = {}
@@ -713,9 +900,17 @@ def fit_memory(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, s
                                     ram_units, first.early_updates)
         peaks[kept] = device + host if profile.shares_host_cores else device
         if peaks[kept] <= limit_bytes:
-            return make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
-                             prefetch_depth=depth, memory_budget=float("inf"), kept_graphs=kept, state=state,
-                             ram_units=ram_units)
+            # What the activations may use under the limit: held units must fit in it too.
+            allowance = limit_bytes - peaks[kept] + kept_activation_bytes(cfg, tokens_per_step, micro_tokens,
+                                                                          profile.compute_bytes, kept)
+            plan = make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
+                             prefetch_depth=prefetch_depth, memory_budget=allowance, kept_graphs=kept,
+                             state=state, ram_units=ram_units, held_units=held_units)
+            if peak_bytes(plan, profile) > limit_bytes:  # its held units or deeper prefetch do not fit
+                plan = make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
+                                 prefetch_depth=depth, memory_budget=float("inf"), kept_graphs=kept, state=state,
+                                 ram_units=ram_units, held_units=0)
+            return plan
     need = min(peaks.values())
     raise UserError(f"{cfg.name} at {tokens_per_step:,} tokens per step needs about {need / 2**30:.1f} GiB "
                     f"{'' if recompute == 'auto' else f'with --recompute {recompute} '}but --max-memory is "
@@ -1214,5 +1409,7 @@ def format_plan(plan: Plan, profile: DeviceProfile) -> str:
         f"  what bounds it: {bound_text(plan)}",
         *(["  the disk units update early, on a lane of their own, as soon as the backward ends"]
           if plan.early_updates else []),
+        *([f"  the first {plan.held_units} units' state comes to the device during the backward: their updates "
+           "run there as it ends, and the link is free for the next units' updates"] if plan.held_units else []),
     ]
     return "\n".join(lines)

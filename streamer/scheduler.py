@@ -34,6 +34,21 @@ lane 1), and write their weights back; the unit's staging then waits for its upd
 and reads the weights again, a pass that reads a third of the bytes. The updates see
 the same gradient, clip factor, lr, step and rounding seed, so the run is the same.
 
+[Note: updates held on the device]
+With the update on a GPU every unit's state crosses the link twice a step, and all of
+it in the forward: the backward's link carries only weights, the forward's carries
+each unit's whole state while its compute is a third of the step's. The first
+`held_units` units (`Plan.held_units`, forward order) therefore keep their gradient on
+the device, coded as the store keeps it, and their weights and moments come to the
+device during the backward, each unit's once its backward is done. When the backward
+ends the clip coefficient is known and each held unit's update runs from that state
+as the unit is staged, with nothing to bring in: it writes the slot, and its new state
+leaves on the gradient stream, whose direction the forward leaves idle. The link is
+then free for the next units' updates from the forward's first visit, which is what
+deeper prefetch buys. The update sees the same gradient, clip factor, lr, step and
+rounding seed as any other, so the run is the same. The planner weighs the state's
+device memory against the activations that the backward frees as it goes.
+
 [Note: why the head runs forward and backward in one visit]
 The head is the last forward unit and the first backward unit; running its backward
 right after its forward, while it is resident, saves a second fetch and the
@@ -229,7 +244,7 @@ class StreamEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, store: HostStore, device: torch.device,
                  dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0,
                  recompute: bool = True, dp: DataParallel | None = None, kept_graphs: int | None = None,
-                 update_on: str = "host", early_updates: bool = False) -> None:
+                 update_on: str = "host", early_updates: bool = False, held_units: int = 0) -> None:
         self.cfg, self.optim, self.store = model_cfg, optim, store
         # Where AdamW runs: on the host beside the store, or on the compute device, which
         # decodes and re-codes a compact state far faster than host cores (the chunks
@@ -330,6 +345,21 @@ class StreamEngine:
                      if self.early_units else None)
         self.lane_stream = torch.cuda.Stream(device) if cuda and self.early_units else None
         self.early: dict[int, Future] = {}  # unit -> its update running on the lane
+        # See [Note: updates held on the device]. On a CPU device (tests) the same
+        # bookkeeping runs with host copies and the host's update.
+        self.held_units = held_units
+        if held_units:
+            assert self.dp.world == 1, "held updates take the whole gradient: one process only"
+            assert held_units < self.n_units, "the head is never held"
+            assert not any(store.on_disk(u) for u in range(held_units)), "held units live in RAM"
+            on_gpu = self.update_device.type == "cuda" and all(store.pinned(u) for u in range(held_units))
+            assert on_gpu or not cuda, "on a GPU, held units update there, from a page-locked RAM tier"
+        self.held: dict[int, dict[str, torch.Tensor]] = {}  # unit -> its whole state, waiting for the update
+        self.held_fetched: dict[int, torch.cuda.Event] = {}  # unit -> its state is on the device
+        self.fetching: list[Future] = []  # this step's fetch jobs, issued by the worker before the step ends
+        # Per unit, the copy of its updated state back into the store: whatever reads
+        # the store next (the backward's weights, the next fetch, a checkpoint) waits.
+        self.held_written: list[torch.cuda.Event | None] = [None] * self.n_units
         self._counter_lock = threading.Lock()  # the lane, the worker and the step add time and bytes
         # Update seconds since the run began, and up to the last step's end: a step's own
         # share is the difference (the lane's updates for the next step start before the
@@ -389,18 +419,19 @@ class StreamEngine:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         micro = train_cfg.batch_size * train_cfg.seq_len
+        dp = DataParallel(train_cfg.grad_sync)
+        held = None if dp.world == 1 else 0  # held updates take the whole gradient
         if train_cfg.max_memory_gib:
             plan = planner.fit_memory(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
                                       micro, train_cfg.max_memory_gib * 2**30, train_cfg.prefetch_depth,
-                                      train_cfg.recompute, state, ram_units)
+                                      train_cfg.recompute, state, ram_units, held)
         else:
             plan = planner.make_plan(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
                                      micro_tokens=micro, prefetch_depth=train_cfg.prefetch_depth,
                                      memory_budget=budget, recompute=train_cfg.recompute, state=state,
-                                     ram_units=ram_units)
+                                     ram_units=ram_units, held_units=held)
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
-        dp = DataParallel(train_cfg.grad_sync)
         owned = [(dp.shard(lay.numel).start, dp.shard(lay.numel).stop) for lay in layouts]
         folder = out / "store" / (f"rank{dp.rank}" if dp.world > 1 else "")
         fmt = FORMATS[state]
@@ -423,7 +454,10 @@ class StreamEngine:
         startup["initialise_s" if initialise else "allocate_s"] = time.perf_counter() - started
         engine = cls(model_cfg, optim, store, device, dtype, plan.prefetch_depth, plan.predicted_step_s,
                      dp=dp, kept_graphs=plan.kept_graphs, update_on=train_cfg.update_on,
-                     early_updates=plan.early_updates)
+                     early_updates=plan.early_updates,
+                     # A refused page-lock leaves nothing to copy from asynchronously: no held units.
+                     held_units=plan.held_units if device.type == "cpu" or all(
+                         store.pinned(u) for u in range(plan.held_units)) else 0)
         engine.offload = offload
         engine.plan = plan
         # Whether the RAM tier's page-locking took: refused, the run is correct but its
@@ -436,7 +470,7 @@ class StreamEngine:
             model_cfg, planner.replace(profile, **rates), train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
             micro_tokens=train_cfg.batch_size * train_cfg.seq_len, prefetch_depth=plan.prefetch_depth,
             memory_budget=budget, kept_graphs=plan.kept_graphs, state=state, ram_units=ram_units,
-            early_updates=plan.early_updates).predicted_step_s
+            early_updates=plan.early_updates, held_units=plan.held_units).predicted_step_s
         return engine
 
     # --- unit state and transfers ------------------------------------------------
@@ -456,7 +490,10 @@ class StreamEngine:
         self.slot_of[unit] = slot
         # Ask the kernel to start reading the unit's files now; the worker reads them later.
         self.store.advise(unit, BUFFERS if self.update_due[unit] else ("param",))
+        held = self.update_due[unit] and unit in self.held  # before the worker takes it
         self.staged[unit] = self.worker.submit(self._stage, unit, slot)
+        if held:
+            return  # its update writes the slot from state already on the device
         with self._counter_lock:  # the worker adds an on-device update's bytes
             self.counters["bytes_in"] += self.layouts[unit].numel * self._weight_bytes(unit)
 
@@ -528,6 +565,9 @@ class StreamEngine:
         early = self.early.pop(unit, None)
         if early is not None:
             early.result()  # the unit's update ran on the lane; read its new weights
+        if self.update_due[unit] and unit in self.held:
+            self._update_held(unit, slot)
+            return
         due = self.update_due[unit]
         read, write = (BUFFERS, UPDATED) if due else (("param",), ())
         if self.staging is None:  # a CPU device computes from the slot the worker fills
@@ -544,6 +584,10 @@ class StreamEngine:
         # A page-locked unit's chunks need no wait between them, so consecutive chunks go
         # to two streams and overlap; a disk tier's buffers are committed chunk by chunk.
         streams = (self.copy_stream, self.update_stream) if on_device and self.store.pinned(unit) else None
+        if self.held_written[unit] is not None:  # the store's copy of a held unit's last update
+            self.copy_stream.wait_event(self.held_written[unit])
+            if streams:
+                self.update_stream.wait_event(self.held_written[unit])
         if direct:
             # Writes into the slot wait for the kernels that still read its previous unit.
             self.copy_stream.wait_event(self.slot_free_events[slot])
@@ -590,14 +634,7 @@ class StreamEngine:
         updated weights also go straight into `weights` (the unit's slot) when given,
         so the forward that needs them does not fetch them again."""
         started = time.perf_counter()
-        update = self.pending
-        first = self.store.owned[unit][0] + start  # the chunk's offset within the whole unit
-        decay_numel = min(max(self.layouts[unit].decay_numel - first, 0), stop - start)
-        # The compact format's stochastic rounding draws from a seed fixed by the step and
-        # the chunk's place in the model, so a resumed run rounds exactly as an unbroken one.
-        fmt = self.store.format
-        settings = dict(step=update.adam_step, lr=update.lr, cfg=self.optim, decay_numel=decay_numel,
-                        grad_scale=update.grad_scale, seed=hash((update.adam_step, unit, first)))
+        fmt, settings = self.store.format, self._update_settings(unit, start, stop)
         if self.update_device.type == "cpu":
             if self.store_read_events is not None:
                 self.store_read_events[unit].synchronize()  # no copy out of these buffers is still reading
@@ -628,6 +665,113 @@ class StreamEngine:
                                                   for n in fmt.expand(UPDATED))
         with self._counter_lock:
             self.update_s_total += time.perf_counter() - started
+
+    def _update_settings(self, unit: int, start: int, stop: int) -> dict:
+        """What AdamW needs for elements [start, stop) of a unit's owned part."""
+        update = self.pending
+        first = self.store.owned[unit][0] + start  # the chunk's offset within the whole unit
+        decay_numel = min(max(self.layouts[unit].decay_numel - first, 0), stop - start)
+        # The compact format's stochastic rounding draws from a seed fixed by the step and
+        # the chunk's place in the model, so a resumed run rounds exactly as an unbroken one.
+        return dict(step=update.adam_step, lr=update.lr, cfg=self.optim, decay_numel=decay_numel,
+                    grad_scale=update.grad_scale, seed=hash((update.adam_step, unit, first)))
+
+    # --- held updates (see [Note: updates held on the device]) -------------------------
+
+    def _hold(self, unit: int, grad: torch.Tensor, buffer_index: int | None) -> None:
+        """A held unit's backward is done: code its gradient into a buffer of its own on
+        the device, and have the worker bring the rest of its state after it."""
+        fmt, numel = self.store.format, self.store.owned_numel(unit)
+        spec = {n: fmt.buffer(n) for n in fmt.expand(("grad",))}
+        if self.grad_host is None:  # a CPU device: no streams, and the gradient is read now
+            state = {n: torch.empty(b.numel(numel), dtype=b.dtype) for n, b in spec.items()}
+            fmt.store_grad(self._reduce(unit, grad)[:numel], state)
+            self.held[unit] = state
+            self.fetching.append(self.worker.submit(self._fetch_held, unit))
+            return
+        event = self.grad_events[2 if buffer_index is None else buffer_index]
+        self.grad_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.grad_stream):
+            state = {n: torch.empty(b.numel(numel), dtype=b.dtype, device=self.device) for n, b in spec.items()}
+            fmt.store_grad(self._reduce(unit, grad)[:numel], state)
+            event.record(self.grad_stream)
+        self.held[unit] = state
+        self.fetching.append(self.worker.submit(self._fetch_held, unit))
+        # The gradient buffer is refilled once the coding has read it.
+        if buffer_index is None:
+            event.synchronize()
+        else:
+            self.grad_futures[buffer_index] = self.grad_worker.submit(event.synchronize)
+
+    def _fetch_held(self, unit: int) -> None:
+        """Host worker: a held unit's weights and moments, whole, towards the device."""
+        state, numel = self.held[unit], self.store.owned_numel(unit)
+        names = self.store.format.expand(UPDATED)
+        source = self.store.open(unit, names, 0, numel)
+        nbytes = sum(t.numel() * t.element_size() for t in source.values())
+        if self.grad_host is None:
+            state.update({n: t.clone() for n, t in source.items()})
+        else:
+            torch.cuda.set_device(self.device)
+            if self.held_written[unit] is not None:  # its last update's state is back in the store
+                self.copy_stream.wait_event(self.held_written[unit])
+            with torch.cuda.stream(self.copy_stream), self._link_timed(self.copy_stream, nbytes):
+                state.update({n: t.to(self.device, non_blocking=True) for n, t in source.items()})
+            fetched = torch.cuda.Event()
+            fetched.record(self.copy_stream)
+            self.held_fetched[unit] = fetched
+        with self._counter_lock:
+            self.update_bytes_total[0] += nbytes
+
+    def _update_held(self, unit: int, slot: int | None) -> None:
+        """Host worker: a held unit's due update, from its state on the device, into
+        `slot` (None from `flush`: the store only); the new state goes back to the store."""
+        started = time.perf_counter()
+        state, fmt = self.held.pop(unit), self.store.format
+        numel, first = self.store.owned_numel(unit), self.store.owned[unit][0]
+        names = fmt.expand(UPDATED)
+
+        def chunk(start: int, stop: int) -> dict[str, torch.Tensor]:
+            return {n: t[fmt.buffer(n).offset(start) : fmt.buffer(n).offset(start) + fmt.buffer(n).numel(stop - start)]
+                    for n, t in state.items()}
+
+        if self.grad_host is None:
+            for start, stop in self.store.chunks(unit):
+                fmt.update_(chunk(start, stop), **self._update_settings(unit, start, stop))
+            target = self.store.open(unit, names, 0, numel)
+            for n in names:
+                target[n].copy_(state[n])
+            self.store.commit(unit, names, 0, numel)
+            if slot is not None:
+                self.slots[slot][first : first + numel].copy_(state["param"])  # casts to the compute dtype
+        else:
+            torch.cuda.set_device(self.device)
+            stream = self.update_stream
+            stream.wait_event(self.held_fetched.pop(unit))
+            if slot is not None:  # its kernels write the slot once the last unit's are done with it
+                stream.wait_event(self.slot_free_events[slot])
+            with torch.cuda.stream(stream):
+                for start, stop in self.store.chunks(unit):
+                    fmt.update_(chunk(start, stop), **self._update_settings(unit, start, stop))
+                if slot is not None:
+                    self.slots[slot][first : first + numel].copy_(state["param"])
+                    self.copy_done_events[slot].record(stream)
+            # Back to the store on the gradient stream: device to host, idle in a forward.
+            self.grad_stream.wait_stream(stream)
+            target = self.store.open(unit, names, 0, numel)
+            with torch.cuda.stream(self.grad_stream):
+                for n in names:
+                    target[n].copy_(state[n], non_blocking=True)
+                written = torch.cuda.Event()
+                written.record(self.grad_stream)
+            self.held_written[unit] = written
+            for t in state.values():  # freed once both streams are done with them, not before
+                t.record_stream(stream)
+                t.record_stream(self.grad_stream)
+        with self._counter_lock:
+            self.update_bytes_total[1] += sum(state[n].numel() * state[n].element_size() for n in names)
+            self.update_s_total += time.perf_counter() - started
+        self.update_due[unit] = False
 
     def _await_update(self, unit: int, stream: torch.cuda.Stream) -> None:
         """Wait for a page-locked unit's updates on the device to finish: the update's time
@@ -902,12 +1046,20 @@ class StreamEngine:
                 else:
                     grads_in = self._backward_unit(unit, saved[unit], graphs[unit], grads_in, buffer)
                     saved[unit], graphs[unit] = None, []
-                self.emit_grad(unit, buffer, None if buffer is self.tied_grad else k)
+                if unit < self.held_units:
+                    self._hold(unit, buffer, None if buffer is self.tied_grad else k)
+                else:
+                    self.emit_grad(unit, buffer, None if buffer is self.tied_grad else k)
             self.release(unit)
         if self.tied:
             self.release(0)
         for k in range(2):
             self._drain(k)
+        # Every held fetch is issued (their copies are timed with the step's) and raised
+        # its error, if any, here.
+        fetching, self.fetching = self.fetching, []
+        for future in fetching:
+            future.result()
         self.counters["backward_s"] = time.perf_counter() - head_started
         return self._finish_step(losses, lr)
 
@@ -940,6 +1092,8 @@ class StreamEngine:
             self.adam_step += 1
             self.pending = PendingUpdate(self.adam_step, lr, clip_coefficient(grad_norm, self.optim.grad_clip))
             self.update_due = [True] * self.n_units
+        else:  # no update is due: the held gradients go unused, as a stored one would
+            self._drop_held()
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else self.device_bytes()
         io_now = self.store.io_seconds()
         self.io_step = {f"store_{k}": io_now[k] - self.io_before.get(k, 0) for k in io_now}
@@ -966,7 +1120,7 @@ class StreamEngine:
                 "predicted_peak_bytes": getattr(self, "predicted_peak_bytes", 0),
                 "offload": getattr(self, "offload", "ram"),
                 "prefetch_depth": self.depth, "recompute": self.recompute, "kept_graphs": self.kept_graphs,
-                "early_updates": bool(self.early_units),
+                "early_updates": bool(self.early_units), "held_units": self.held_units,
                 **{k: self.counters[k] for k in ("forward_s", "backward_s", "update_s")}, **self.io_step,
                 # The link's rate while it copied (CUDA): bytes over the copies' own time.
                 **({"h2d_copy_gbps": self.counters["h2d_bytes"] / self.counters["h2d_busy_s"] / 1e9}
@@ -980,7 +1134,10 @@ class StreamEngine:
         read and write rates (busy time of its I/O threads, page-cache hits included).
         A profile's figures, or a short fsync'd probe, miss both contention and the
         page cache."""
-        owned = sum(self.store.owned_numel(u) for u in range(self.n_units))
+        # On a GPU held units update from the device's memory, so the worker's update time
+        # is the other units'.
+        first = self.held_units if self.device.type == "cuda" else 0
+        owned = sum(self.store.owned_numel(u) for u in range(first, self.n_units))
         self.fastest_update_s = min(self.fastest_update_s, self.counters["update_s"])
         rates = {"host_update_bytes_per_s": 28 * owned / self.fastest_update_s,
                  "update_state": self.store.format.name}
@@ -1007,7 +1164,24 @@ class StreamEngine:
         self._wait_early_updates()
         for unit in range(self.n_units):
             if self.update_due[unit]:
-                self.worker.submit(self._apply_update, unit).result()
+                apply = self._update_held if unit in self.held else self._apply_update
+                self.worker.submit(apply, unit, *([None] if unit in self.held else [])).result()
+        self._await_held_writes()
+
+    def _await_held_writes(self) -> None:
+        """Wait until every held unit's updated state is back in the store (the host reads it next)."""
+        for unit, written in enumerate(self.held_written):
+            if written is not None:
+                written.synchronize()
+                self.held_written[unit] = None
+
+    def _drop_held(self) -> None:
+        """Forget held state that no update will use (its fetch may still be in flight)."""
+        if self.held and self.grad_host is not None:
+            self.worker.submit(lambda: None).result()  # every fetch is issued
+            torch.cuda.synchronize(self.device)
+        self.held.clear()
+        self.held_fetched.clear()
 
     def unit_state_dict(self, unit: int) -> dict[str, torch.Tensor]:
         """Unit `unit`'s master weights keyed by `GPT.state_dict()` names, in the store's
@@ -1114,3 +1288,4 @@ class StreamEngine:
         self.adam_step = int(state["adam_step"])
         self.pending = None
         self.update_due = [False] * self.n_units
+        self._drop_held()

@@ -106,8 +106,9 @@ def test_resume_with_early_updates_is_the_same_run(references: dict[str, Path], 
 
     step_visits = planner.step_visits
 
-    def early(cfg, profile, tokens, seq_len, offload, depth, kept, state="fp32", ram_units=None, early_=None):
-        return step_visits(cfg, profile, tokens, seq_len, offload, depth, kept, state, ram_units, True), True
+    def early(cfg, profile, tokens, seq_len, offload, depth, kept, state="fp32", ram_units=None, early_=None,
+              held=0):
+        return step_visits(cfg, profile, tokens, seq_len, offload, depth, kept, state, ram_units, True, held), True
 
     out = tmp_path / "run"
     with pytest.MonkeyPatch.context() as patch:
@@ -120,6 +121,33 @@ def test_resume_with_early_updates_is_the_same_run(references: dict[str, Path], 
         train(config(token_file, out, "stream-disk", checkpoint_every=2, resume=True))
     assert all(json.loads(line)["early_updates"] for line in (out / "metrics.jsonl").read_text().splitlines())
     assert_same_run(out, references["stream-disk"])
+
+
+def hold_units(patch: pytest.MonkeyPatch, held: int) -> None:
+    """Plan with `held` held units (streamer.scheduler's [Note: updates held on the
+    device]), which a CPU device never picks."""
+    from streamer import planner
+
+    make_plan = planner.make_plan
+    patch.setattr(planner, "make_plan", lambda *args, **kw: make_plan(*args, **{**kw, "held_units": held}))
+
+
+def test_resume_with_held_updates_is_the_same_run(references: dict[str, Path], token_file: Path,
+                                                 tmp_path: Path) -> None:
+    """A checkpoint applies the held units' updates from their held state; a crash
+    drops what was held; the resumed run is bit for bit the uninterrupted run that
+    updated every unit from the store."""
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        hold_units(patch, 3)
+        crash_at(patch, 5)
+        with pytest.raises(Crash):
+            train(config(token_file, out, "stream-ram", checkpoint_every=2))
+        patch.undo()
+        hold_units(patch, 3)
+        train(config(token_file, out, "stream-ram", checkpoint_every=2, resume=True))
+    assert all(json.loads(line)["held_units"] == 3 for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert_same_run(out, references["stream-ram"])
 
 
 # Kill points for a real SIGKILL, each installed in the child before it trains.
@@ -306,14 +334,18 @@ def engine_state(engine: object) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("mode", ["resident", "stream-ram"])
+@pytest.mark.parametrize("mode", ["resident", "stream-ram", "stream-ram-held"])
 def test_a_skipped_step_changes_nothing(mode: str, token_file: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held units (see streamer.scheduler) drop what they held for the skipped update."""
     import streamer.resident
     import streamer.scheduler
     from streamer.data import BatchSampler, load_tokens
     from streamer.train import build_engine, micro_batches
 
+    if mode.endswith("-held"):
+        hold_units(monkeypatch, 3)
+        mode = mode.removesuffix("-held")
     cfg = config(token_file, tmp_path, mode)
     engine = build_engine(cfg, cfg.validate(), tmp_path, torch.device("cpu"), torch.float32)
     sampler = BatchSampler(load_tokens(token_file, 256), cfg.seq_len, cfg.seed)

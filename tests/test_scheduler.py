@@ -263,8 +263,9 @@ def _force_early_updates(monkeypatch, early: bool) -> None:
     """Plan every run with (or without) early updates, which a CPU device never picks."""
     step_visits = planner.step_visits
 
-    def forced(cfg, profile, tokens, seq_len, offload, depth, kept, state="fp32", ram_units=None, early_=None):
-        return step_visits(cfg, profile, tokens, seq_len, offload, depth, kept, state, ram_units, early), early
+    def forced(cfg, profile, tokens, seq_len, offload, depth, kept, state="fp32", ram_units=None, early_=None,
+               held=0):
+        return step_visits(cfg, profile, tokens, seq_len, offload, depth, kept, state, ram_units, early, held), early
 
     monkeypatch.setattr(planner, "fastest_visits", forced)
 
@@ -306,6 +307,52 @@ def test_early_updates_on_the_device_train_exactly_as_updates_at_staging(tmp_pat
     assert [r["loss"] for r in early] == [r["loss"] for r in staged]
     for name in w_staged:
         assert torch.equal(w_staged[name], w_early[name]), name
+
+
+def _force_held(monkeypatch, held: int) -> None:
+    """Plan every run with `held` held units, which a CPU device never picks."""
+    make_plan = planner.make_plan
+    monkeypatch.setattr(planner, "make_plan", lambda *args, **kw: make_plan(*args, **{**kw, "held_units": held}))
+
+
+@pytest.mark.parametrize(("model", "state"), [("tiny", "fp32"), ("tiny-gptj", "compact8"), ("tiny-neox", "compact")])
+def test_held_updates_train_exactly_as_updates_at_staging(tmp_path, monkeypatch, model, state):
+    """The first units keep their gradients and bring their state in during the
+    backward, and update from it when staged (streamer.scheduler's [Note: updates held
+    on the device]): the same losses and weights, bit for bit, as every update run from
+    the store, for a tied table (tiny) and an untied one; the held units' gradients
+    never leave, and their state comes in during the backward instead of the forward."""
+    settings = dict(steps=4, state=state, prefetch_depth=1)
+    plain, w_plain = _run(tmp_path / "plain", model, "stream", "ram", **settings)
+    _force_held(monkeypatch, 3)
+    held, w_held = _run(tmp_path / "held", model, "stream", "ram", **settings)
+    assert [r["loss"] for r in held] == [r["loss"] for r in plain]
+    assert w_held.keys() == w_plain.keys()
+    for name in w_plain:
+        assert torch.equal(w_held[name], w_plain[name]), name
+    assert all(r["held_units"] == 3 for r in held) and not any(r["held_units"] for r in plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state", ["fp32", "compact8"])
+def test_held_updates_on_the_device_train_exactly_as_updates_at_staging(tmp_path, monkeypatch, state):
+    """On CUDA the held state comes in on the copy stream during the backward, updates
+    on the update stream and goes back on the gradient stream; with many chunks per
+    unit and prefetch deep enough that a unit is re-staged from the store while its
+    write-back may still run, the run is bit for bit the one without held units."""
+    import streamer.store
+    from streamer.state import BLOCK
+
+    monkeypatch.setattr(streamer.store, "CHUNK_NUMEL", 4 * BLOCK)
+    settings = dict(device="cuda", steps=4, state=state, update_on="device", prefetch_depth=3)
+    _force_held(monkeypatch, 0)
+    plain, w_plain = _run(tmp_path / "plain", "tiny-gptj", "stream", "ram", **settings)
+    _force_held(monkeypatch, 4)
+    held, w_held = _run(tmp_path / "held", "tiny-gptj", "stream", "ram", **settings)
+    assert [r["loss"] for r in held] == [r["loss"] for r in plain]
+    for name in w_plain:
+        assert torch.equal(w_held[name], w_plain[name]), name
+    assert all(r["held_units"] == 4 for r in held)
 
 
 @pytest.mark.parametrize("state", ["compact", "compact8"])

@@ -65,9 +65,10 @@ def overlap_rows(folder: Path, limits: dict | None) -> list[Row]:
         return [Row("1. overlap: gpt3-xl, RAM tier", ">= 0.95 of resident tokens/s", why, None, source),
                 Row("1. link while streaming", ">= 85% of pinned h2d", why, None, source)]
     ratio = data["ratio_stream_over_resident"]
+    how = f"state {data.get('state', 'fp32')}, {data.get('held_units', 0)} units held on the device"
     rows = [Row("1. overlap: gpt3-xl, RAM tier", ">= 0.95 of resident tokens/s",
-                f"{ratio:.3f} at {data['recommended_tokens_per_step']:,} tokens/step (recommended)", ratio >= 0.95,
-                source)]
+                f"{ratio:.3f} at {data['recommended_tokens_per_step']:,} tokens/step (recommended; {how})",
+                ratio >= 0.95, source)]
     copy = data.get("h2d_copy_gbps_at_recommended")
     if copy is None or limits is None:
         rows.append(Row("1. link while streaming", ">= 85% of pinned h2d",
@@ -183,6 +184,7 @@ def report(folder: Path) -> tuple[str, list[Row]]:
             tiers = (f"{plan['ram_units']} of {plan['n_units']} units in RAM" if plan["offload"] == "split"
                      else f"all {plan['n_units']} units {'in RAM' if plan['offload'] == 'ram' else 'on disk'}")
             lines[-1] += (f" Its plan: {tiers}, prefetch depth {plan['prefetch_depth']}, "
+                          f"{plan.get('held_units', 0)} units held on the device, "
                           f"{plan['n_units'] - 2 - plan['kept_graphs']} blocks recomputed, predicted step "
                           f"{plan['predicted_step_s']:.1f} s and {plan['device_bytes'] / 2**30:.1f} GiB of device "
                           "memory.")

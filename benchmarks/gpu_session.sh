@@ -62,22 +62,23 @@ stage_kernels() {
 # gradient: about 5 bytes per parameter, 97 GiB), which the 128 GiB host holds in RAM: no
 # unit goes to disk, so the step does not wait on the machine's disk. (The compact state,
 # 6 bytes per parameter, 115 GiB, fits neither RAM nor the 64 GiB disk alone: the planner
-# splits it 40 units in RAM, 6 on disk, and on the h200 profile predicts 18.7 s per step
-# against compact8's 12.4 s; STATE=compact runs that plan.) AdamW and the coding run on
+# splits it 40 units in RAM, 6 on disk, and on the h200 profile predicts 16.8 s per step
+# against compact8's 12.0 s; STATE=compact runs that plan.) AdamW and the coding run on
 # the GPU (--update-on device): host cores code ~70x slower than float32 AdamW. The RAM
 # tier is page-locked, so state, weights and gradients cross the link by DMA, and
-# gradients leave the GPU already coded. 20 sequences of 2048 per step, one per
-# micro-batch: on the h200 profile the planner's step at 40,960 tokens is 12.4 s, ~423
-# TFLOP/s of model FLOPs (6 x parameters x tokens plus attention), with 31.1 GiB (33 GB)
-# of device memory (every block recomputed; the boundary activations are most of it):
-# 24 sequences would plan 449 TFLOP/s but 35.4 GiB (38 GB), too close to the 40 GB goal
-# for what the model leaves out. 10 steps on real text under a 40 GB limit (37 GiB), at
-# the published 20B run's peak learning rate (about 1e-4; the CLI's default, 3e-3, is
-# for the tiny models). No final export: the 20B's weights are 41 GB, and writing them
-# is not what is measured.
+# gradients leave the GPU already coded; the first 10 units' state comes in during the
+# backward (held units), so the forward's link carries only the other units' updates.
+# 20 sequences of 2048 per step, one per micro-batch: on the h200 profile the planner's
+# step at 40,960 tokens is 12.0 s, ~436 TFLOP/s of model FLOPs (6 x parameters x tokens
+# plus attention), with 31.5 GiB (34 GB) of device memory (every block recomputed; the
+# boundary activations are most of it). A 32 GiB limit keeps that margin to the 40 GB
+# goal for what the model leaves out: at 37 GiB the planner would take deeper prefetch
+# for 2% more speed and 36.5 GiB. 10 steps on real text, at the published 20B run's peak
+# learning rate (about 1e-4; the CLI's default, 3e-3, is for the tiny models). No final
+# export: the 20B's weights are 41 GB, and writing them is not what is measured.
 neox20b_run="${RUN_DIR:-/tmp/neox20b}"
 stage_neox20b() {
-    local flags=(--model gpt-neox-20b --seq-len 2048 --update-on device --max-memory 37)
+    local flags=(--model gpt-neox-20b --seq-len 2048 --update-on device --max-memory 32)
     # The plan for the float32 state, which fits no tier of this host: the planner weighs
     # each smaller format (the choice, explained) on the h200 profile with this machine's
     # memory (the run then measures its own rates, and run.json holds the plan it used).
@@ -99,13 +100,16 @@ collect_neox20b() {  # also after a timeout: the steps that finished are in the 
 
 # Resident and the RAM tier (the overlap target) at the planner's recommended tokens and
 # at 8 sequences; the disk tier would not fit the budget. The streamer's AdamW runs on the
-# GPU: on the host, float32 AdamW over 1.3B parameters (~2 s) hides only behind a forward
-# of ~400k tokens, where the step must recompute nearly every block (activations of all
-# its micro-batches do not fit), and the h200 profile predicts 0.76 of resident; on the
-# GPU it recommends ~94k tokens, keeps 14 of 24 graphs and predicts 0.87 (0.89 at best).
+# GPU with the compact8 state, the leading units held (their state comes in during the
+# backward), the configuration the planner predicts to reach the target: 0.96 of
+# resident at 28,672 tokens on the h100 profile (0.98 at 49,152 on the h200). Float32
+# state moves 16 bytes per parameter in and 12 back each step, which the forward's link
+# (12 of them, every unit's updated state) cannot hide before activations force
+# recompute: 0.82 on the h100 profile, 0.93 on the h200; float32 AdamW on the host
+# (~2 s for 1.3B parameters) would need ~400k tokens.
 stage_xl-overlap() {
     python3 benchmarks/bench_stream_vs_resident.py --model gpt3-xl --device cuda --seq-len 2048 \
-        --sequences 8 --modes resident,ram --steps 3 --update-on device \
+        --sequences 8 --modes resident,ram --steps 3 --update-on device --state compact8 \
         --json "$results/stream_vs_resident_cuda.json"
 }
 

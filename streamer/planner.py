@@ -834,7 +834,8 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     table's own slot, two gradient buffers (and the tied table's), one unit's fresh
     gradients, activations (or, where larger, the held units' state beside the
     activations still alive: `held_peak_bytes`), and with the update on the device two
-    chunks' state and update temporaries (three with the lane of early updates).
+    chunks' state and update temporaries (one more with the lane of early updates, one
+    more with held units).
     Host: pinned staging mirrors of the slots and gradient buffers (CUDA only, and not
     for a RAM tier, which is page-locked and copies in place), the
     store (the whole state for the RAM tier; for the disk tier the pipeline's ring of
@@ -854,8 +855,8 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     activations = max(kept_activation_bytes(cfg, tokens_per_step, micro_tokens, b, kept),
                       held_peak_bytes(cfg, tokens_per_step, micro_tokens, b, kept, state, held))
     device = weights + grads + activations
-    if profile.update_on_device:  # a chunk's state and update temporaries per stream (the lane's too)
-        streams = 3 if early else 2
+    if profile.update_on_device:  # a chunk's state and update temporaries per stream (the lane's, the held units')
+        streams = 2 + early + (held > 0)
         device += streams * min(CHUNK_NUMEL, max(counts)) * (state_bytes(state)[0] + FORMATS[state].workspace_bytes)
     # A page-locked RAM tier copies to and from the device in place: nothing stages.
     staging = 0 if profile.shares_host_cores or offload == "ram" else weights + grads

@@ -309,6 +309,9 @@ class StreamEngine:
         # last one's copy out (see `_stage`).
         self.update_stream = torch.cuda.Stream(device) if cuda else None
         self.grad_stream = torch.cuda.Stream(device) if cuda else None  # device -> host gradients
+        # Held units' updates (see [Note: updates held on the device]) on a stream of their
+        # own: the other units' updates, on the two above, do not queue behind them.
+        self.held_stream = torch.cuda.Stream(device) if cuda and held_units else None
         self.slot_free_events = [torch.cuda.Event() for _ in sizes] if cuda else None
         self.copy_done_events = [torch.cuda.Event() for _ in sizes] if cuda else None
         # Timing events for device-side stalls, two per visit, allocated once.
@@ -420,16 +423,18 @@ class StreamEngine:
             torch.cuda.reset_peak_memory_stats(device)
         micro = train_cfg.batch_size * train_cfg.seq_len
         dp = DataParallel(train_cfg.grad_sync)
-        held = None if dp.world == 1 else 0  # held updates take the whole gradient
-        if train_cfg.max_memory_gib:
-            plan = planner.fit_memory(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
-                                      micro, train_cfg.max_memory_gib * 2**30, train_cfg.prefetch_depth,
-                                      train_cfg.recompute, state, ram_units, held)
-        else:
-            plan = planner.make_plan(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
+
+        def plan_with(held: int | None) -> planner.Plan:
+            if train_cfg.max_memory_gib:
+                return planner.fit_memory(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len,
+                                          offload, micro, train_cfg.max_memory_gib * 2**30, train_cfg.prefetch_depth,
+                                          train_cfg.recompute, state, ram_units, held)
+            return planner.make_plan(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
                                      micro_tokens=micro, prefetch_depth=train_cfg.prefetch_depth,
                                      memory_budget=budget, recompute=train_cfg.recompute, state=state,
                                      ram_units=ram_units, held_units=held)
+
+        plan = plan_with(None if dp.world == 1 else 0)  # held updates take the whole gradient
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
         owned = [(dp.shard(lay.numel).start, dp.shard(lay.numel).stop) for lay in layouts]
@@ -445,6 +450,9 @@ class StreamEngine:
         ram = store.ram if isinstance(store, SplitStore) else store
         if isinstance(ram, RamStore):
             startup["page_lock_s"] = ram.page_lock_s
+        if plan.held_units and device.type == "cuda" and not all(store.pinned(u) for u in range(plan.held_units)):
+            # A refused page-lock leaves nothing to copy from asynchronously: no held units.
+            plan = plan_with(0)
         started = time.perf_counter()
         if initialise:
             initialise_store(store, layouts, model_cfg, train_cfg.seed)
@@ -454,10 +462,7 @@ class StreamEngine:
         startup["initialise_s" if initialise else "allocate_s"] = time.perf_counter() - started
         engine = cls(model_cfg, optim, store, device, dtype, plan.prefetch_depth, plan.predicted_step_s,
                      dp=dp, kept_graphs=plan.kept_graphs, update_on=train_cfg.update_on,
-                     early_updates=plan.early_updates,
-                     # A refused page-lock leaves nothing to copy from asynchronously: no held units.
-                     held_units=plan.held_units if device.type == "cpu" or all(
-                         store.pinned(u) for u in range(plan.held_units)) else 0)
+                     early_updates=plan.early_updates, held_units=plan.held_units)
         engine.offload = offload
         engine.plan = plan
         # Whether the RAM tier's page-locking took: refused, the run is correct but its
@@ -490,10 +495,12 @@ class StreamEngine:
         self.slot_of[unit] = slot
         # Ask the kernel to start reading the unit's files now; the worker reads them later.
         self.store.advise(unit, BUFFERS if self.update_due[unit] else ("param",))
-        held = self.update_due[unit] and unit in self.held  # before the worker takes it
+        # Decided before the worker takes the held state: on a GPU its update writes the
+        # slot from state already there, and nothing crosses.
+        held = self.update_due[unit] and unit in self.held and self.grad_host is not None
         self.staged[unit] = self.worker.submit(self._stage, unit, slot)
         if held:
-            return  # its update writes the slot from state already on the device
+            return
         with self._counter_lock:  # the worker adds an on-device update's bytes
             self.counters["bytes_in"] += self.layouts[unit].numel * self._weight_bytes(unit)
 
@@ -683,11 +690,15 @@ class StreamEngine:
         the device, and have the worker bring the rest of its state after it."""
         fmt, numel = self.store.format, self.store.owned_numel(unit)
         spec = {n: fmt.buffer(n) for n in fmt.expand(("grad",))}
-        if self.grad_host is None:  # a CPU device: no streams, and the gradient is read now
+        if self.grad_host is None:  # a CPU device: the gradient worker codes it, in order with the others
             state = {n: torch.empty(b.numel(numel), dtype=b.dtype) for n, b in spec.items()}
-            fmt.store_grad(self._reduce(unit, grad)[:numel], state)
             self.held[unit] = state
+            future = self.grad_worker.submit(lambda: fmt.store_grad(self._reduce(unit, grad)[:numel], state))
             self.fetching.append(self.worker.submit(self._fetch_held, unit))
+            if buffer_index is None:
+                future.result()
+            else:
+                self.grad_futures[buffer_index] = future
             return
         event = self.grad_events[2 if buffer_index is None else buffer_index]
         self.grad_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -720,8 +731,9 @@ class StreamEngine:
             fetched = torch.cuda.Event()
             fetched.record(self.copy_stream)
             self.held_fetched[unit] = fetched
-        with self._counter_lock:
-            self.update_bytes_total[0] += nbytes
+        if self.grad_host is not None:  # what crossed the link (a CPU device has none)
+            with self._counter_lock:
+                self.update_bytes_total[0] += nbytes
 
     def _update_held(self, unit: int, slot: int | None) -> None:
         """Host worker: a held unit's due update, from its state on the device, into
@@ -746,7 +758,7 @@ class StreamEngine:
                 self.slots[slot][first : first + numel].copy_(state["param"])  # casts to the compute dtype
         else:
             torch.cuda.set_device(self.device)
-            stream = self.update_stream
+            stream = self.held_stream
             stream.wait_event(self.held_fetched.pop(unit))
             if slot is not None:  # its kernels write the slot once the last unit's are done with it
                 stream.wait_event(self.slot_free_events[slot])
@@ -769,7 +781,8 @@ class StreamEngine:
                 t.record_stream(stream)
                 t.record_stream(self.grad_stream)
         with self._counter_lock:
-            self.update_bytes_total[1] += sum(state[n].numel() * state[n].element_size() for n in names)
+            if self.grad_host is not None:
+                self.update_bytes_total[1] += sum(state[n].numel() * state[n].element_size() for n in names)
             self.update_s_total += time.perf_counter() - started
         self.update_due[unit] = False
 
@@ -1262,6 +1275,7 @@ class StreamEngine:
 
         fmt = self.store.format
         names = fmt.expand(CHECKPOINT_BUFFERS)
+        self._await_held_writes()  # nothing may still copy into the buffers about to be filled
 
         def read(unit: int) -> None:
             source = TensorFile(folder / self._state_file(unit))

@@ -18,6 +18,7 @@ import torch
 import streamer.checkpoint as checkpoint
 from models import loss_fn
 from streamer.errors import UserError
+from streamer.planner import make_plan as MAKE_PLAN  # the original, whatever a test patches in
 from streamer.train import TrainConfig, load_final, train
 
 STEPS = 6
@@ -128,8 +129,7 @@ def hold_units(patch: pytest.MonkeyPatch, held: int) -> None:
     device]), which a CPU device never picks."""
     from streamer import planner
 
-    make_plan = planner.make_plan
-    patch.setattr(planner, "make_plan", lambda *args, **kw: make_plan(*args, **{**kw, "held_units": held}))
+    patch.setattr(planner, "make_plan", lambda *args, **kw: MAKE_PLAN(*args, **{**kw, "held_units": held}))
 
 
 def test_resume_with_held_updates_is_the_same_run(references: dict[str, Path], token_file: Path,

@@ -46,6 +46,7 @@ def test_each_target_is_met_or_not_by_its_goal(gpu_report, tmp_path: Path) -> No
         "bidirectional_bytes_per_s": 90e9, "device_copy_bytes_per_s": 4.3e12}})
     write(tmp_path, "stream_vs_resident_cuda.json", {
         "device": "cuda", "machine": GPU, "ratio_stream_over_resident": 0.97, "recommended_tokens_per_step": 65536,
+        "state": "compact8", "held_units": 21,
         "h2d_copy_gbps_at_recommended": 40.0,  # 80% of the pinned copy: short of 85%
         "points": [{"runs": [{"prediction_error": 0.05}, {"prediction_error": -0.12}]}]})
     write(tmp_path, "stream_vs_sharded_cuda.json", {
@@ -65,7 +66,7 @@ def test_each_target_is_met_or_not_by_its_goal(gpu_report, tmp_path: Path) -> No
                                                     "startup": {"plan_s": 9.0, "store_s": 41.2, "page_lock_s": 30.0,
                                                                 "initialise_s": 60.4, "total_s": 111.0},
                                                     "plan": {"offload": "ram", "n_units": 46, "ram_units": 46,
-                                                             "prefetch_depth": 2, "kept_graphs": 0,
+                                                             "prefetch_depth": 2, "kept_graphs": 0, "held_units": 10,
                                                              "predicted_step_s": 13.45, "device_bytes": 34.6 * 2**30}})
     (tmp_path / "gpu_tests.log").write_text("....F\n1 failed, 92 passed in 41.20s\n")
     (tmp_path / "stages.log").write_text("limits: ok in 14s\nneox20b: TIMED OUT after 400s (limit 400s)\n")
@@ -74,9 +75,11 @@ def test_each_target_is_met_or_not_by_its_goal(gpu_report, tmp_path: Path) -> No
     assert "GPU tests (`gpu_tests.log`): 1 failed, 92 passed in 41.20s." in text
     assert "neox20b: TIMED OUT after 400s (limit 400s)" in text
     assert "(state compact8): start-up took 111 s (plan 9 s, store 41 s, page lock 30 s, initialise 60 s)" in text
-    assert ("Its plan: all 46 units in RAM, prefetch depth 2, 44 blocks recomputed, predicted step 13.4 s and "
-            "34.6 GiB of device memory. **The RAM tier was not page-locked**") in text
+    assert ("Its plan: all 46 units in RAM, prefetch depth 2, 10 units held on the device, 44 blocks recomputed, "
+            "predicted step 13.4 s and 34.6 GiB of device memory. **The RAM tier was not page-locked**") in text
     assert met(rows, "1. overlap") is True
+    overlap = next(r for r in rows if r.target.startswith("1. overlap"))
+    assert "(recommended; state compact8, 21 units held on the device)" in overlap.measured
     assert met(rows, "1. link") is False
     assert met(rows, "2. 20B: peak") is True and met(rows, "2. 20B: loss") is True
     # 49,152 tokens in 18 s at 128.1 GFLOP per token: 350 TFLOP/s.

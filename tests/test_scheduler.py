@@ -309,23 +309,28 @@ def test_early_updates_on_the_device_train_exactly_as_updates_at_staging(tmp_pat
         assert torch.equal(w_staged[name], w_early[name]), name
 
 
+_MAKE_PLAN = planner.make_plan
+
+
 def _force_held(monkeypatch, held: int) -> None:
-    """Plan every run with `held` held units, which a CPU device never picks."""
-    make_plan = planner.make_plan
-    monkeypatch.setattr(planner, "make_plan", lambda *args, **kw: make_plan(*args, **{**kw, "held_units": held}))
+    """Plan every run with `held` held units, which a CPU device never picks (a second
+    call replaces the first)."""
+    monkeypatch.setattr(planner, "make_plan", lambda *args, **kw: _MAKE_PLAN(*args, **{**kw, "held_units": held}))
 
 
-@pytest.mark.parametrize(("model", "state"), [("tiny", "fp32"), ("tiny-gptj", "compact8"), ("tiny-neox", "compact")])
-def test_held_updates_train_exactly_as_updates_at_staging(tmp_path, monkeypatch, model, state):
+@pytest.mark.parametrize(("model", "state", "offload"), [("tiny", "fp32", "ram"), ("tiny-gptj", "compact8", "ram"),
+                                                         ("tiny-neox", "compact", "ram"), ("tiny", "fp32", "split")])
+def test_held_updates_train_exactly_as_updates_at_staging(tmp_path, monkeypatch, model, state, offload):
     """The first units keep their gradients and bring their state in during the
     backward, and update from it when staged (streamer.scheduler's [Note: updates held
     on the device]): the same losses and weights, bit for bit, as every update run from
-    the store, for a tied table (tiny) and an untied one; the held units' gradients
-    never leave, and their state comes in during the backward instead of the forward."""
+    the store, for a tied table (tiny) and an untied one, and beside a disk part (whose
+    gradients a thread of their own writes, in order with the held ones)."""
+    monkeypatch.setattr(planner, "split_ram_units", lambda cfg, available, state="fp32": 4)
     settings = dict(steps=4, state=state, prefetch_depth=1)
-    plain, w_plain = _run(tmp_path / "plain", model, "stream", "ram", **settings)
+    plain, w_plain = _run(tmp_path / "plain", model, "stream", offload, **settings)
     _force_held(monkeypatch, 3)
-    held, w_held = _run(tmp_path / "held", model, "stream", "ram", **settings)
+    held, w_held = _run(tmp_path / "held", model, "stream", offload, **settings)
     assert [r["loss"] for r in held] == [r["loss"] for r in plain]
     assert w_held.keys() == w_plain.keys()
     for name in w_plain:

@@ -43,13 +43,14 @@ def run_point(
     recompute: str,
     update_on: str = "host",
     state: str = "fp32",
+    held_units: int | None = None,
 ) -> dict:
     """Train `steps` steps in a process of its own (so its peak memory is its own); the
     first step is warm-up (allocation, first-touch), the rest are timed, and the fastest
     is reported (the median too)."""
     out = scratch / f"{mode}-{offload}-{batch}x{accum}"
-    flags = ({"offload": offload, "recompute": recompute, "update_on": update_on, "state": state}
-             if mode == "stream" else {})
+    flags = ({"offload": offload, "recompute": recompute, "update_on": update_on, "state": state,
+              **({} if held_units is None else {"held_units": held_units})} if mode == "stream" else {})
     cmd = streamer_train_cmd(
         model=model,
         mode=mode,
@@ -158,6 +159,8 @@ def main() -> None:
                              "is the faster, so the recommended tokens per step are fewer and the step recomputes less")
     parser.add_argument("--state", default="fp32", choices=["fp32", "compact", "compact8"],
                         help="the streamer's state format (train's --state); resident training keeps float32 AdamW")
+    parser.add_argument("--held-units", type=int, default=None,
+                        help="the streamer's held units (train's --held-units; default: the planner decides)")
     parser.add_argument("--modes", default="resident,ram,disk",
                         help="what runs at each point: resident, and streaming from the ram and disk tiers "
                              "(resident and ram are needed; disk is the slowest to run)")
@@ -218,7 +221,7 @@ def main() -> None:
         runs = [
             run_point(
                 args.model, args.device, args.seq_len, batch, accum, mode, offload, args.steps, scratch, args.recompute,
-                args.update_on, args.state,
+                args.update_on, args.state, args.held_units,
             )
             for mode, offload in modes
         ]

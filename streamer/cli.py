@@ -56,6 +56,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="stream mode: run AdamW on the host beside the store, or on the compute device (the "
                         "state's chunks cross the link both ways; faster for --state compact on a GPU)")
     p.add_argument("--prefetch-depth", type=int, default=None, help="stream mode: units fetched ahead")
+    p.add_argument("--held-units", type=int, default=None,
+                   help="stream mode with --update-on device: the first N units keep their gradients on the device "
+                        "and fetch their state during the backward, so their updates move nothing in the forward "
+                        "(default: the planner decides; 0: none)")
     p.add_argument("--recompute", default="auto", choices=["auto", "yes", "no"],
                    help="stream mode: recompute each unit's forward in backward (auto: only if graphs do not fit)")
     p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
@@ -132,7 +136,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         data=args.data, out=args.out, device=args.device, dtype=args.dtype, offload=args.offload,
-        prefetch_depth=args.prefetch_depth, recompute=args.recompute, max_memory_gib=args.max_memory,
+        prefetch_depth=args.prefetch_depth, held_units=args.held_units, recompute=args.recompute,
+        max_memory_gib=args.max_memory,
         host_memory_gib=args.host_memory,
         state=args.state, update_on=args.update_on,
         grad_sync=args.grad_sync,

@@ -1265,6 +1265,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="host state format: fp32 (16 bytes/parameter), compact (about 6) or compact8 (about 5)")
     p.add_argument("--update-on", default="host", choices=["host", "device"],
                    help="where AdamW runs, as train's flag: the device's update costs the host only copies")
+    p.add_argument("--held-units", type=int, default=None,
+                   help="with --update-on device, as train's flag: units whose state comes in during the backward "
+                        "(default: as many as the plan finds worth it)")
     p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
                    help="plan for this peak memory (the device's; a CPU's: the process's), as train does")
     p.add_argument("--host-memory", type=float, default=None, metavar="GIB",
@@ -1332,13 +1335,23 @@ def cmd_plan(args: argparse.Namespace) -> None:
                         f"--tokens-per-step ({tokens}), got {micro}")
     if args.max_memory is not None and args.max_memory <= 0:
         raise UserError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
+    if args.held_units is not None and not 0 <= args.held_units <= cfg.n_layer + 1:
+        raise UserError(f"--held-units must be 0..{cfg.n_layer + 1} for {cfg.name} (the head is never held), "
+                        f"got {args.held_units}")
+    if args.held_units and args.update_on != "device":
+        raise UserError("--held-units holds units for AdamW on the device: add --update-on device, or drop it")
 
     def plan_for(state: str, offload: str, ram_units: int | None) -> Plan:
         prof = on_device(state, offload) if args.update_on == "device" else measured
+        held = args.held_units
+        if held and held > units_in_ram(cfg.n_layer + 2, offload, ram_units):
+            raise UserError(f"--held-units {held} exceeds the {units_in_ram(cfg.n_layer + 2, offload, ram_units)} "
+                            "units in RAM (held units update from the RAM tier): lower it")
         if args.max_memory:
             return fit_memory(cfg, prof, tokens, seq_len, offload, micro, args.max_memory * 2**30,
-                              state=state, ram_units=ram_units)
-        return make_plan(cfg, prof, tokens, seq_len, offload, micro_tokens=micro, state=state, ram_units=ram_units)
+                              state=state, ram_units=ram_units, held_units=held)
+        return make_plan(cfg, prof, tokens, seq_len, offload, micro_tokens=micro, state=state, ram_units=ram_units,
+                         held_units=held)
 
     plan = plan_for(args.state, offload, ram_units)
     # A state that does not fit, or leaves units on disk, is compared with each smaller

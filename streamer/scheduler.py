@@ -75,6 +75,7 @@ from torch.func import functional_call
 from models import ModelConfig, loss_fn
 from models.gpt import build_unit, init_unit
 from streamer import planner
+from streamer.errors import UserError
 from streamer.optim import OptimConfig, clip_coefficient
 from streamer.parallel import DataParallel
 from streamer.state import FORMATS
@@ -434,7 +435,14 @@ class StreamEngine:
                                      memory_budget=budget, recompute=train_cfg.recompute, state=state,
                                      ram_units=ram_units, held_units=held)
 
-        plan = plan_with(None if dp.world == 1 else 0)  # held updates take the whole gradient
+        held, in_ram = train_cfg.held_units, planner.units_in_ram(model_cfg.n_layer + 2, offload, ram_units)
+        if held and dp.world > 1:
+            raise UserError(f"--held-units {held} needs one process (a held unit keeps its whole gradient): "
+                            "drop it under torchrun")
+        if held and held > in_ram:
+            raise UserError(f"--held-units {held} exceeds the {in_ram} units in RAM (held units update from the "
+                            "RAM tier): lower it")
+        plan = plan_with(held if dp.world == 1 else 0)  # held updates take the whole gradient
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
         owned = [(dp.shard(lay.numel).start, dp.shard(lay.numel).stop) for lay in layouts]

@@ -63,6 +63,10 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     offload: str = "auto"  # stream mode: ram | disk | split | auto (the planner decides)
     prefetch_depth: int | None = None  # stream mode: units fetched ahead; None: the planner decides
+    # Stream mode, AdamW on the GPU: leading units whose state comes to the device during
+    # the backward (streamer.scheduler's [Note: updates held on the device]); None: the
+    # planner decides.
+    held_units: int | None = None
     recompute: str = "auto"  # stream mode: yes | no | auto (recompute only when graphs do not fit)
     max_memory_gib: float | None = None  # stream mode: peak device memory (a CPU's: the process) to plan for
     host_memory_gib: float | None = None  # stream mode: host RAM to plan with; None: what the OS reports available
@@ -117,6 +121,14 @@ class TrainConfig:
         if self.seq_len > model_cfg.block_size:
             raise UserError(f"--seq-len {self.seq_len} exceeds {self.model}'s context of "
                             f"{model_cfg.block_size}: use --seq-len {model_cfg.block_size} or less")
+        if self.held_units is not None:
+            top = model_cfg.n_layer + 1  # every unit but the head
+            if not 0 <= self.held_units <= top:
+                raise UserError(f"--held-units must be 0..{top} for {self.model} (the head is never held), "
+                                f"got {self.held_units}")
+            if self.held_units and (self.mode != "stream" or self.update_on != "device"):
+                raise UserError("--held-units holds units for AdamW on the device: use it with --mode stream "
+                                "--update-on device, or drop it")
         return model_cfg
 
     def optim_config(self) -> OptimConfig:

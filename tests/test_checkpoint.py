@@ -18,7 +18,6 @@ import torch
 import streamer.checkpoint as checkpoint
 from models import loss_fn
 from streamer.errors import UserError
-from streamer.planner import make_plan as MAKE_PLAN  # the original, whatever a test patches in
 from streamer.train import TrainConfig, load_final, train
 
 STEPS = 6
@@ -124,28 +123,17 @@ def test_resume_with_early_updates_is_the_same_run(references: dict[str, Path], 
     assert_same_run(out, references["stream-disk"])
 
 
-def hold_units(patch: pytest.MonkeyPatch, held: int) -> None:
-    """Plan with `held` held units (streamer.scheduler's [Note: updates held on the
-    device]), which a CPU device never picks."""
-    from streamer import planner
-
-    patch.setattr(planner, "make_plan", lambda *args, **kw: MAKE_PLAN(*args, **{**kw, "held_units": held}))
-
-
 def test_resume_with_held_updates_is_the_same_run(references: dict[str, Path], token_file: Path,
                                                  tmp_path: Path) -> None:
     """A checkpoint applies the held units' updates from their held state; a crash
     drops what was held; the resumed run is bit for bit the uninterrupted run that
     updated every unit from the store."""
-    out = tmp_path / "run"
+    out, held = tmp_path / "run", dict(held_units=3, update_on="device")  # a CPU device's own cores update
     with pytest.MonkeyPatch.context() as patch:
-        hold_units(patch, 3)
         crash_at(patch, 5)
         with pytest.raises(Crash):
-            train(config(token_file, out, "stream-ram", checkpoint_every=2))
-        patch.undo()
-        hold_units(patch, 3)
-        train(config(token_file, out, "stream-ram", checkpoint_every=2, resume=True))
+            train(config(token_file, out, "stream-ram", checkpoint_every=2, **held))
+    train(config(token_file, out, "stream-ram", checkpoint_every=2, resume=True, **held))
     assert all(json.loads(line)["held_units"] == 3 for line in (out / "metrics.jsonl").read_text().splitlines())
     assert_same_run(out, references["stream-ram"])
 
@@ -343,10 +331,8 @@ def test_a_skipped_step_changes_nothing(mode: str, token_file: Path, tmp_path: P
     from streamer.data import BatchSampler, load_tokens
     from streamer.train import build_engine, micro_batches
 
-    if mode.endswith("-held"):
-        hold_units(monkeypatch, 3)
-        mode = mode.removesuffix("-held")
-    cfg = config(token_file, tmp_path, mode)
+    held = dict(held_units=3, update_on="device") if mode.endswith("-held") else {}
+    cfg = config(token_file, tmp_path, mode.removesuffix("-held"), **held)
     engine = build_engine(cfg, cfg.validate(), tmp_path, torch.device("cpu"), torch.float32)
     sampler = BatchSampler(load_tokens(token_file, 256), cfg.seq_len, cfg.seed)
     try:

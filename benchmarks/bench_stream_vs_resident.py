@@ -49,8 +49,10 @@ def run_point(
     first step is warm-up (allocation, first-touch), the rest are timed, and the fastest
     is reported (the median too)."""
     out = scratch / f"{mode}-{offload}-{batch}x{accum}"
-    flags = ({"offload": offload, "recompute": recompute, "update_on": update_on, "state": state,
-              **({} if held_units is None else {"held_units": held_units})} if mode == "stream" else {})
+    # Held units live in the RAM tier: a disk run plans without them.
+    held = {} if held_units is None or offload != "ram" else {"held_units": held_units}
+    flags = ({"offload": offload, "recompute": recompute, "update_on": update_on, "state": state, **held}
+             if mode == "stream" else {})
     cmd = streamer_train_cmd(
         model=model,
         mode=mode,
@@ -169,6 +171,8 @@ def main() -> None:
     asked = args.modes.split(",")
     if not {"resident", "ram"} <= set(asked) <= {"resident", "ram", "disk"}:
         parser.error("--modes takes resident and ram, and optionally disk, comma-separated")
+    if args.held_units and args.update_on != "device":
+        parser.error("--held-units holds units for AdamW on the device: add --update-on device")
     modes = [(mode, offload) for mode, offload in MODES if (offload if mode == "stream" else mode) in asked]
     # The memory the planner predicts: a GPU's own; on a CPU device, the process's.
     peak_key = "peak_device_bytes" if args.device == "cuda" else "peak_rss_bytes"
@@ -186,7 +190,7 @@ def main() -> None:
     # Planned at the sweep's micro-batch (8 sequences at most): it sizes the head's logits,
     # which the memory the recommendation keeps graphs in must leave room for.
     probe = planner.make_plan(cfg, stream_profile, 8 * args.seq_len, args.seq_len, "ram",
-                              micro_tokens=8 * args.seq_len, state=args.state)
+                              micro_tokens=8 * args.seq_len, state=args.state, held_units=args.held_units)
     recommended = probe.recommended_tokens_per_step
     # The recommended point first: it is the overlap target's, and a run cut short by a
     # time limit keeps the points already written (the JSON is rewritten after each).

@@ -13,12 +13,26 @@ covers the transfer when 2·P·T / F >= P·b / W, i.e. T >= F·b / (2·W) for th
 and T >= F·max(b/W_in, g/W_out) / 6 for the backward (weights in and gradients of g
 bytes out overlap on a full-duplex link). Below that the link, not the device, sets
 the step time; above it streaming costs only the recompute and the optimizer.
+
+[Note: the update's bytes on the link]
+With AdamW on the GPU a unit's whole state (S bytes per parameter: 16 in float32, about
+5 in compact8) comes in once a step and all of it but the gradient (U: 12, about 4)
+goes back. The clip coefficient is known only when the backward ends, so the update
+runs in the next forward, and both directions must then hide behind a third of the
+step's compute: T >= F·S / (2·W_in) and T >= F·U / (2·W_out). A held unit (streamer.
+scheduler's [Note: updates held on the device]) keeps its gradient on the device and
+takes the rest of its state in after its backward, so the forward's way in carries
+only the other units' states; every unit's U still leaves in the forward. Each
+direction is a queue of its own in `simulate_step`, and how many units to hold, with
+how deep a prefetch, is what `fastest_schedule` weighs against the device memory the
+held state takes beside the activations the backward has not yet freed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -121,6 +135,7 @@ def with_device_update(profile: DeviceProfile, state: str, device_rate: float | 
                    host_copy_bytes_per_s=host_rates(profile)[1], update_on_device=True, device_update_rate=rate)
 
 
+@functools.cache  # called per visit, per schedule weighed: a buffer's itemsize makes a tensor
 def state_bytes(state: str) -> tuple[float, float, int, float]:
     """Per parameter, for a state format (see streamer.state): the whole state, what an
     update writes back (all but the gradient), the master weight, the gradient."""
@@ -551,22 +566,28 @@ def fastest_schedule(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: 
     best = (predicted_stream_s(visits, depth, profile), visits, lane, held or 0, depth)
     if held is not None:
         return best[1:]
+    from streamer.store import CHUNK_NUMEL
+
     counts, b = unit_param_counts(cfg), profile.compute_bytes
+    whole, updated = state_bytes(state)[:2]
     ring = max(counts[1:] if cfg.tie_embeddings else counts)
     micro = micro_tokens or tokens_per_step
     activations = kept_activation_bytes(cfg, tokens_per_step, micro, b, kept)
     threshold = 0.99 * best[0]
     for option in held_options(cfg, profile, offload, ram_units)[1:]:
-        peak = max(activations, held_peak_bytes(cfg, tokens_per_step, micro, b, kept, state, option))
+        held_peak = held_peak_bytes(cfg, tokens_per_step, micro, b, kept, state, option)
         for d in [depth] + [d for d in DEEPER_PREFETCH if deepen and d > depth]:
-            if peak + (d - depth) * ring * b > budget:
+            # Besides what `memory_bytes` counts without held units: the extra slots, the
+            # held stream's chunk of update temporaries, and the held state's peak.
+            extra = (d - depth) * ring * b + min(CHUNK_NUMEL, max(counts)) * (whole + FORMATS[state].workspace_bytes)
+            if max(activations, held_peak) + extra > budget:
                 continue
             visits, lane = fastest_visits(cfg, profile, tokens_per_step, seq_len, offload, d, kept, state,
                                           ram_units, early, option)
-            predicted = predicted_stream_s(visits, d, profile)
-            backlog = held_backlog_bytes(visits, d, profile, state)
-            if predicted < threshold and predicted < best[0] and activations + backlog + (d - depth) * ring * b \
-                    <= budget:
+            predicted, _, backlog_s = simulate_step(visits, d)
+            backlog = backlog_s * profile.d2h_bytes_per_s * whole / updated
+            if predicted < threshold and predicted < best[0] and max(held_peak, activations + backlog) \
+                    + extra <= budget:
                 best = (predicted, visits, lane, option, d)
     return best[1:]
 
@@ -615,10 +636,10 @@ def simulate_step(visits: list[Visit], depth: int) -> tuple[float, float, float]
     arrive = [0.0] * n
     grad_done = [0.0] * n
     worker = link = d2h = disk = compute_end = stall = 0.0
-    backlog = 0.0
+    held = backlog = 0.0  # held: when the held units' stream is free
 
     def issue(w: int, at: float) -> None:
-        nonlocal worker, link, disk, d2h
+        nonlocal worker, link, disk, d2h, held
         visit = visits[w]
         # Storage has its own queue; the worker's job is done when both its own work
         # and the unit's I/O are (the two are pipelined chunk by chunk).
@@ -627,14 +648,14 @@ def simulate_step(visits: list[Visit], depth: int) -> tuple[float, float, float]
         worker = max(max(worker, at) + visit.host_in_s, disk)
         if visit.kernel_s or visit.d2h_s:  # an update on the device
             begin = max(link, worker)
+            if not visit.link_in_s:  # held: one after another on their own stream, the state back after each
+                held = max(held, begin) + visit.kernel_s
+                d2h = max(d2h, held) + visit.d2h_s
+                arrive[w] = held
+                return
             link = begin + visit.link_in_s
             d2h = max(d2h, begin) + visit.d2h_s
-            done = max(link, d2h, begin + visit.kernel_s)
-            if visit.link_in_s:  # the worker waits for its state's round trip
-                worker = done
-                arrive[w] = done
-            else:  # held: the kernels write the slot; the state leaves behind them
-                arrive[w] = begin + visit.kernel_s
+            worker = arrive[w] = max(link, d2h, begin + visit.kernel_s)  # the worker waits for the round trip
             return
         link = max(link, worker) + visit.link_in_s
         arrive[w] = link
@@ -685,11 +706,12 @@ RECOMMENDED_OVERHEAD = 0.03
 def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, offload: str, depth: int,
                        kept: int, overhead: float = RECOMMENDED_OVERHEAD, state: str = "fp32",
                        ram_units: int | None = None, micro_tokens: int | None = None,
-                       budget: float = math.inf, deepen: bool = True, fit_kept: bool = False) -> int:
+                       budget: float = math.inf, deepen: bool = True, fit_kept: bool = False,
+                       held: int | None = None) -> int:
     """The fewest tokens per step (whole sequences) at which moving data costs at most
     `overhead` of the step: the predicted step is within that share of its compute plus
-    the optimizer time resident training also pays, each count with the held units
-    that suit it (`fastest_schedule`). Doublings, then a binary search.
+    the optimizer time resident training also pays, each count with `held` units, or
+    those that suit it (`fastest_schedule`). Doublings, then a binary search.
 
     With `fit_kept`, each count keeps as many graphs as `budget` holds, and what it
     recomputes counts against it as moving data does: resident training, a micro-batch
@@ -704,7 +726,7 @@ def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, o
         micro = min(micro_tokens or tokens, tokens)
         kept_here = choose_kept_graphs(cfg, tokens, micro, act_bytes, budget) if fit_kept else kept
         visits, _, _, d = fastest_schedule(cfg, profile, tokens, seq_len, offload, depth, kept_here, state,
-                                           ram_units, micro_tokens=micro, budget=budget, deepen=deepen)
+                                           ram_units, held=held, micro_tokens=micro, budget=budget, deepen=deepen)
         ideal = sum(v.compute_s for v in visits) + update_s
         if fit_kept:  # the compute of a step that recomputes nothing
             ideal = (sum(v.compute_s for v in step_visits(cfg, profile, tokens, seq_len, offload, d, cfg.n_layer,
@@ -740,8 +762,9 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
               offload: str, micro_tokens: int | None = None, prefetch_depth: int | None = None,
               memory_budget: float | None = None, recompute: str = "auto", kept_graphs: int | None = None,
               state: str = "fp32", ram_units: int | None = None, early_updates: bool | None = None,
-              held_units: int | None = None) -> Plan:
-    """Bytes per tier, bytes per link, the hiding threshold and the predicted step time.
+              held_units: int | None = None, recommend: bool = True) -> Plan:
+    """Bytes per tier, bytes per link, the hiding threshold and the predicted step time
+    (and, with `recommend`, the recommended tokens per step: the slowest part to plan).
 
     `memory_budget` is what activations may use (default: 80% of the device's memory;
     a CPU device passes its host's). `early_updates` None: the faster of the two
@@ -792,10 +815,10 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
 
     recommended = recommended_tokens(cfg, profile, seq_len, offload, depth, kept, state=state, ram_units=in_ram,
                                      micro_tokens=micro, budget=budget, deepen=prefetch_depth is None,
-                                     fit_kept=recompute == "auto" and kept_graphs is None and budget < math.inf)
+                                     fit_kept=recompute == "auto" and kept_graphs is None and budget < math.inf,
+                                     held=held_units) if recommend else tokens_per_step
     device_bytes, host_bytes = memory_bytes(cfg, profile, tokens_per_step, micro, offload, depth, kept, state,
-                                            in_ram, early, held)
-    device_bytes += held_backlog_bytes(visits, depth, profile, state)
+                                            in_ram, early, held, held_backlog_bytes(visits, depth, profile, state))
     h2d_bytes, d2h_bytes = link_bytes(cfg, profile, state, in_ram, held)
     lane_s = max(v.ready_s for v in visits)  # when the lane's last update ends (0 without it)
     return Plan(
@@ -825,14 +848,16 @@ RUNTIME_BYTES = 450 * 2**20
 
 def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, micro_tokens: int,
                  offload: str, depth: int, kept: int, state: str = "fp32",
-                 ram_units: int | None = None, early: bool = False, held: int = 0) -> tuple[int, int]:
+                 ram_units: int | None = None, early: bool = False, held: int = 0,
+                 backlog: float = 0.0) -> tuple[int, int]:
     """(device bytes, host bytes) at the step's peak, mirroring what `StreamEngine`
     and the stores allocate. On a CPU device the two are the same memory: the
     process's resident set is their sum.
 
     Device: K + 1 ring slots sized for the largest unit outside a tied table, the tied
     table's own slot, two gradient buffers (and the tied table's), one unit's fresh
-    gradients, activations (or, where larger, the held units' state beside the
+    gradients, activations (with the held state whose way back the forward has
+    not yet reached, `backlog` bytes; or, where larger, the held units' state beside the
     activations still alive: `held_peak_bytes`), and with the update on the device two
     chunks' state and update temporaries (one more with the lane of early updates, one
     more with held units).
@@ -852,7 +877,7 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     # Two gradient buffers (and the tied table's), plus the fresh gradients autograd
     # returns for one unit before they are added into its buffer.
     grads = 2 * ring * g + tied * g + max(ring, tied) * g
-    activations = max(kept_activation_bytes(cfg, tokens_per_step, micro_tokens, b, kept),
+    activations = max(kept_activation_bytes(cfg, tokens_per_step, micro_tokens, b, kept) + backlog,
                       held_peak_bytes(cfg, tokens_per_step, micro_tokens, b, kept, state, held))
     device = weights + grads + activations
     if profile.update_on_device:  # a chunk's state and update temporaries per stream (the lane's, the held units')
@@ -892,7 +917,7 @@ def fit_memory(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, s
     worth it (`held_units` None), only where they fit too."""
     first = make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
                       prefetch_depth=prefetch_depth, memory_budget=float("inf"), recompute="yes", state=state,
-                      ram_units=ram_units, held_units=0)
+                      ram_units=ram_units, held_units=0, recommend=False)
     depth = first.prefetch_depth
     allowed = {"auto": range(cfg.n_layer, -1, -1), "yes": [0], "no": [cfg.n_layer]}[recompute]
     peaks = {}
@@ -907,11 +932,16 @@ def fit_memory(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, s
             plan = make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
                              prefetch_depth=prefetch_depth, memory_budget=allowance, kept_graphs=kept,
                              state=state, ram_units=ram_units, held_units=held_units)
-            if peak_bytes(plan, profile) > limit_bytes:  # its held units or deeper prefetch do not fit
-                plan = make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
-                                 prefetch_depth=depth, memory_budget=float("inf"), kept_graphs=kept, state=state,
-                                 ram_units=ram_units, held_units=0)
-            return plan
+            if peak_bytes(plan, profile) <= limit_bytes or not plan.held_units:
+                return plan
+            if held_units:  # asked for, and they do not fit
+                raise UserError(f"{cfg.name} at {tokens_per_step:,} tokens per step with --held-units {held_units} "
+                                f"needs about {peak_bytes(plan, profile) / 2**30:.1f} GiB but --max-memory is "
+                                f"{limit_bytes / 2**30:.1f} GiB: hold fewer units, or drop --held-units to let "
+                                "the plan choose")
+            return make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
+                             prefetch_depth=depth, memory_budget=float("inf"), kept_graphs=kept, state=state,
+                             ram_units=ram_units, held_units=0)
     need = min(peaks.values())
     raise UserError(f"{cfg.name} at {tokens_per_step:,} tokens per step needs about {need / 2**30:.1f} GiB "
                     f"{'' if recompute == 'auto' else f'with --recompute {recompute} '}but --max-memory is "

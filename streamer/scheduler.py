@@ -438,7 +438,7 @@ class StreamEngine:
         held, in_ram = train_cfg.held_units, planner.units_in_ram(model_cfg.n_layer + 2, offload, ram_units)
         if held and dp.world > 1:
             raise UserError(f"--held-units {held} needs one process (a held unit keeps its whole gradient): "
-                            "drop it under torchrun")
+                            "drop it, or train with --nproc 1")
         if held and held > in_ram:
             raise UserError(f"--held-units {held} exceeds the {in_ram} units in RAM (held units update from the "
                             "RAM tier): lower it")

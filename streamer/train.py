@@ -296,6 +296,9 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
     dtype = resolve_dtype(cfg.dtype, device)
     if world > 1 and cfg.mode != "stream":
         raise UserError("several processes train with --mode stream only: add --mode stream")
+    if world > 1 and cfg.held_units:
+        raise UserError(f"--held-units {cfg.held_units} needs one process (a held unit keeps its whole gradient): "
+                        "drop it, or train with --nproc 1")
     check_grad_sync(cfg, model_cfg, device, world)
     tokens = load_tokens(Path(cfg.data) if cfg.data else default_corpus(), model_cfg.vocab_size)
     BatchSampler(tokens, cfg.seq_len, cfg.seed)  # refuses data shorter than one sequence

@@ -106,6 +106,8 @@ CASES = {
                                                         "--update-on device"]),
     "held units past the head": Case(["--mode", "stream", "--update-on", "device", "--held-units", "9"],
                                      ["--held-units must be 0..5", "the head is never held"]),
+    "held units with several processes": Case(["--mode", "stream", "--update-on", "device", "--held-units", "2",
+                                               "--nproc", "2"], ["needs one process", "--nproc 1"]),
     "held units beyond the RAM tier": Case(["--mode", "stream", "--update-on", "device", "--offload", "disk",
                                             "--held-units", "2"], ["exceeds the 0 units in RAM", "lower it"]),
     "plan larger than host memory": Case(["--model", "gpt-neox-20b", "--mode", "stream", "--offload", "ram"],

@@ -435,34 +435,39 @@ def _xl_on_device(state: str = "compact8", name: str = "h100") -> planner.Device
 def test_held_units_are_weighed_only_for_updates_on_a_gpu() -> None:
     """streamer.scheduler's [Note: updates held on the device]: a CPU device updates
     on its own cores and a host update has no state on the device to hold, so neither
-    holds a unit; with AdamW on the GPU the planner holds units when that is faster by
-    more than 1%, never the head, and the plan still fits the device."""
+    holds a unit. With AdamW on the GPU the planner holds units when that is faster by
+    more than 1%, never the head: float32's 16 bytes a parameter in leave the forward's
+    link; compact8's update kernels, which held units run one after another like the
+    others, are what bounds its step, so it holds none."""
     cfg = ModelConfig.from_name("gpt3-xl")
     assert make_plan(cfg, PROFILES["cpu"], 4096, 2048, "ram").held_units == 0
-    assert make_plan(cfg, PROFILES["h100"], 28672, 2048, "ram", micro_tokens=14336).held_units == 0
-    held = make_plan(cfg, _xl_on_device(), 28672, 2048, "ram", micro_tokens=14336, state="compact8")
-    plain = make_plan(cfg, _xl_on_device(), 28672, 2048, "ram", micro_tokens=14336, state="compact8", held_units=0)
+    assert make_plan(cfg, PROFILES["h100"], 32768, 2048, "ram", micro_tokens=16384).held_units == 0
+    held = make_plan(cfg, _xl_on_device("fp32"), 32768, 2048, "ram", micro_tokens=16384)
+    plain = make_plan(cfg, _xl_on_device("fp32"), 32768, 2048, "ram", micro_tokens=16384, held_units=0)
     assert 0 < held.held_units < held.n_units
-    assert held.predicted_step_s < 0.9 * plain.predicted_step_s
-    assert held.fits_device and held.device_bytes <= 0.8 * PROFILES["h100"].device_memory_bytes + 4 * GIB
+    assert held.predicted_step_s < 0.95 * plain.predicted_step_s
+    assert held.fits_device
+    compact8 = make_plan(cfg, _xl_on_device(), 28672, 2048, "ram", micro_tokens=14336, state="compact8")
+    assert compact8.held_units == 0
 
 
 def test_held_state_must_fit_beside_the_activations() -> None:
-    """The held units' state arrives while the backward frees activations, so at many
-    tokens per step it fits in what they free; at few, the state is the larger, and
-    the budget, not speed, decides how many units are held."""
-    cfg, profile = ModelConfig.from_name("gpt3-xl"), _xl_on_device()
-    kept, tokens = 24, 2048
-    activations = planner.kept_activation_bytes(cfg, tokens, tokens, 2, kept)
+    """Held units need device memory beside the activations (their stream's update
+    temporaries, the deeper prefetch's slots, their state while the backward frees
+    graphs): a budget the activations fill leaves none, and what is chosen fits."""
+    cfg, profile = ModelConfig.from_name("gpt3-xl"), _xl_on_device("fp32")
+    kept, tokens, micro = 24, 32768, 16384
+    activations = planner.kept_activation_bytes(cfg, tokens, micro, 2, kept)
 
     def plan(budget: float) -> planner.Plan:
-        return make_plan(cfg, profile, tokens, 2048, "ram", kept_graphs=kept, memory_budget=budget, state="compact8")
+        return make_plan(cfg, profile, tokens, 2048, "ram", micro_tokens=micro, kept_graphs=kept,
+                         memory_budget=budget)
 
-    roomy, tight = plan(activations + 40 * GIB), plan(activations)
-    assert 0 < tight.held_units < roomy.held_units
-    for chosen, budget in ((roomy, activations + 40 * GIB), (tight, activations)):
-        assert planner.held_peak_bytes(cfg, tokens, tokens, 2, kept, "compact8", chosen.held_units) <= budget
-    assert planner.held_peak_bytes(cfg, tokens, tokens, 2, kept, "compact8", roomy.held_units) > activations
+    tight, roomy = plan(activations), plan(activations + 2 * GIB)
+    assert tight.held_units == 0 < roomy.held_units
+    base = make_plan(cfg, profile, tokens, 2048, "ram", micro_tokens=micro, kept_graphs=kept, held_units=0,
+                     memory_budget=activations)
+    assert roomy.device_bytes - base.device_bytes <= 2 * GIB
 
 
 def test_held_units_move_their_state_in_the_backward_and_all_state_out_in_the_forward() -> None:

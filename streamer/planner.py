@@ -602,25 +602,42 @@ def held_backlog_bytes(visits: list[Visit], depth: int, profile: DeviceProfile, 
     return int(simulate_step(visits, depth)[2] * profile.d2h_bytes_per_s * whole / updated)
 
 
-def link_bytes(cfg: ModelConfig, profile: DeviceProfile, state: str, in_ram: int, held: int = 0) -> tuple[int, int]:
-    """Bytes over the device link per step, in and out: weights for the forward and again
-    for the backward, in the compute dtype through a staging buffer or as the master
-    weights are kept from a page-locked RAM tier; gradients out, in float32 through a
-    staging buffer or in the store's dtype straight into a page-locked RAM tier. An
-    update on the device takes the whole state in instead of the forward's weights, and
-    sends back all of it but the gradient; a held unit's gradient never leaves, so its
-    state comes in without it."""
+def link_bytes(cfg: ModelConfig, profile: DeviceProfile, state: str, in_ram: int, held: int = 0,
+               depth: int = 0) -> tuple[int, int]:
+    """Bytes over the device link per step, in and out, visit by visit as `step_visits`
+    (a unit still in the prefetch window, or a tied table, is not fetched again): the
+    weights for the forward and again for the backward, in the compute dtype through a
+    staging buffer or as the master weights are kept from a page-locked RAM tier;
+    gradients out, in float32 through a staging buffer or in the store's dtype straight
+    into a page-locked RAM tier. An update on the device takes the whole state in instead
+    of the forward's weights, and sends back all of it but the gradient; a held unit's
+    gradient never leaves, so its state comes in without it."""
     whole, updated, master, grad = state_bytes(state)
+    counts = unit_param_counts(cfg)
+    head = len(counts) - 1
+    order = [("forward", u) for u in range(head)] + [("head", head)]
+    order += [("backward", u) for u in range(head - 1, -1, -1)]
     b, h2d, d2h = profile.compute_bytes, 0.0, 0.0
-    for unit, p in enumerate(unit_param_counts(cfg)):
+    last_seen: dict[int, int] = {}
+    for v, (phase, unit) in enumerate(order):
+        p = counts[unit]
+        pinned = unit in last_seen and v - last_seen[unit] <= depth or (cfg.tie_embeddings and unit == 0 and v > 0)
+        last_seen[unit] = v
         locked = not profile.shares_host_cores and unit < in_ram
         weights = master if locked else b
-        if unit < held:
-            h2d += p * (weights + whole - grad)
-            d2h += p * updated
-            continue
-        h2d += p * (weights + (whole if profile.update_on_device else weights))
-        d2h += p * ((grad if locked else 4) + (updated if profile.update_on_device else 0))
+        if phase != "backward":  # the unit's first visit of the step carries its update
+            if unit < held:
+                d2h += p * updated
+            elif profile.update_on_device:
+                h2d, d2h = h2d + p * whole, d2h + p * updated
+            else:
+                h2d += p * weights
+        elif not pinned:
+            h2d += p * weights
+        if phase == "backward" and unit < held:
+            h2d += p * (whole - grad)
+        elif phase != "forward":
+            d2h += p * (grad if locked else 4)
     return int(h2d), int(d2h)
 
 
@@ -819,7 +836,7 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
                                      held=held_units) if recommend else tokens_per_step
     device_bytes, host_bytes = memory_bytes(cfg, profile, tokens_per_step, micro, offload, depth, kept, state,
                                             in_ram, early, held, held_backlog_bytes(visits, depth, profile, state))
-    h2d_bytes, d2h_bytes = link_bytes(cfg, profile, state, in_ram, held)
+    h2d_bytes, d2h_bytes = link_bytes(cfg, profile, state, in_ram, held, depth)
     lane_s = max(v.ready_s for v in visits)  # when the lane's last update ends (0 without it)
     return Plan(
         model=cfg.name, device=profile.name, offload=offload, prefetch_depth=depth,

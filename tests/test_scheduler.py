@@ -451,3 +451,15 @@ def test_the_store_is_initialised_as_units_built_one_by_one(tmp_path, workers):
         assert not got["exp_avg"].any()
     assert isinstance(store.disk, DiskStore) and len(store.disk.fds) == len(layouts) - 3
     store.close()
+
+
+@pytest.mark.parametrize(("model", "offload", "depth"), [("tiny", "ram", 1), ("tiny", "disk", 3),
+                                                         ("tiny-gptj", "ram", 2)])
+def test_the_plan_counts_the_bytes_the_engine_moves(tmp_path, model, offload, depth):
+    """The plan's bytes per step over the link are what the engine counts moving: weights
+    in for the forward and for the backward unless still in the prefetch window (a tied
+    table never leaves), gradients out."""
+    rows, _ = _run(tmp_path, model, "stream", offload, steps=3, prefetch_depth=depth)
+    plan = json.loads((tmp_path / f"{model}-stream-{offload}" / "run.json").read_text())["plan"]
+    assert [r["bytes_in"] for r in rows] == [plan["h2d_bytes_per_step"]] * 3
+    assert [r["bytes_out"] for r in rows] == [plan["d2h_bytes_per_step"]] * 3

@@ -94,13 +94,16 @@ def neox_rows(folder: Path) -> tuple[list[Row], list[float]]:
     if not rows or not rows[0].get("peak_device_bytes"):
         return [Row(t, g, "no device memory in the metrics: not a GPU run", None, source) for t, g in goals], []
     peak = max(r["peak_device_bytes"] for r in rows)
+    # What the caching allocator held besides (freed blocks kept for reuse), said beside it.
+    reserved = max(r.get("peak_reserved_bytes", 0) for r in rows)
+    memory = f"{peak / GB:.1f} GB allocated" + (f" ({reserved / GB:.1f} GB reserved)" if reserved else "")
     first, last = rows[0]["loss"], rows[-1]["loss"]
     per_token = ModelConfig.from_name("gpt-neox-20b").flops_per_token(2048)
     timed = rows[1:] or rows  # the first step also pays first-touch and allocation
     rate = statistics.median(r["tokens"] / r["step_s"] for r in timed) * per_token
     errors = [r["predicted_step_s"] / r["step_s"] - 1 for r in timed if r.get("prediction") == "calibrated"]
     return [
-        Row(*goals[0], f"{peak / GB:.1f} GB", peak <= 40e9, source),
+        Row(*goals[0], memory, peak <= 40e9, source),
         Row(*goals[1], f"{first:.2f} -> {last:.2f} over {len(rows)} steps", len(rows) >= 10 and last < first, source),
         Row(*goals[2], f"{rate / 1e12:.0f} TFLOP/s (median step after the first; {per_token / 1e9:.1f} GFLOP/token)",
             rate >= 300e12, source),

@@ -52,9 +52,11 @@ class ResidentEngine:
         skipped = not math.isfinite(grad_norm) or not math.isfinite(total_loss)
         if not skipped:
             self.optimizer.step()
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        cuda = self.device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else 0
         return StepStats(loss=total_loss / len(micro_batches), grad_norm=grad_norm, skipped=skipped,
-                         peak_device_bytes=peak)
+                         peak_device_bytes=peak,
+                         peak_reserved_bytes=torch.cuda.max_memory_reserved(self.device) if cuda else 0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}

@@ -1125,7 +1125,9 @@ class StreamEngine:
             self._start_early_updates()
         return StepStats(loss=loss, grad_norm=grad_norm, skipped=skipped, bytes_in=self.counters["bytes_in"],
                          bytes_out=self.counters["bytes_out"], stall_s=self.counters["stall_s"],
-                         peak_device_bytes=peak)
+                         peak_device_bytes=peak,
+                         peak_reserved_bytes=torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda"
+                         else 0)
 
     def device_bytes(self) -> int:
         """Bytes of the engine's own device buffers (slots and gradient buffers)."""

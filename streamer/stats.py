@@ -15,3 +15,6 @@ class StepStats:
     stall_s: float = 0.0  # time compute waited for weights to arrive
     transfer_s: float = 0.0  # time the transfer worker spent moving bytes
     peak_device_bytes: int = 0
+    # On CUDA, what the caching allocator held at its peak: allocated plus freed blocks it
+    # kept (memory freed on one stream is reused by allocations on that stream only).
+    peak_reserved_bytes: int = 0

@@ -413,6 +413,8 @@ def metrics_row(step: int, stats: StepStats, lr: float, tokens: int, step_s: flo
                    link_gbps=(stats.bytes_in + stats.bytes_out) / step_s / 1e9,
                    stall_s=stats.stall_s)
     row["peak_device_bytes"] = stats.peak_device_bytes
+    if stats.peak_reserved_bytes:
+        row["peak_reserved_bytes"] = stats.peak_reserved_bytes
     row.update(extra)
     return row
 

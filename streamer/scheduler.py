@@ -43,9 +43,11 @@ the device, coded as the store keeps it, and their weights and moments come to t
 device during the backward, each unit's once its backward is done. When the backward
 ends the clip coefficient is known and each held unit's update runs from that state
 as the unit is staged, with nothing to bring in: it writes the slot, and its new state
-leaves on the gradient stream, whose direction the forward leaves idle. The link is
-then free for the next units' updates from the forward's first visit, which is what
-deeper prefetch buys. The update sees the same gradient, clip factor, lr, step and
+goes back on the gradient stream (device to host, beside the other units' updated
+states). The way in is then free for the next units' updates from the forward's first
+visit, which is what deeper prefetch buys; what it cannot shorten is the update's
+kernels, which still run in the forward (see the planner's [Note: the update's bytes on
+the link]). The update sees the same gradient, clip factor, lr, step and
 rounding seed as any other, so the run is the same. The planner weighs the state's
 device memory against the activations that the backward frees as it goes.
 
@@ -483,7 +485,7 @@ class StreamEngine:
             model_cfg, planner.replace(profile, **rates), train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
             micro_tokens=train_cfg.batch_size * train_cfg.seq_len, prefetch_depth=plan.prefetch_depth,
             memory_budget=budget, kept_graphs=plan.kept_graphs, state=state, ram_units=ram_units,
-            early_updates=plan.early_updates, held_units=plan.held_units).predicted_step_s
+            early_updates=plan.early_updates, held_units=plan.held_units, recommend=False).predicted_step_s
         return engine
 
     # --- unit state and transfers ------------------------------------------------

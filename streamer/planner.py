@@ -737,9 +737,16 @@ def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, o
     of those tried, that comes closest."""
     update_s = 28 * cfg.n_params() / profile.device_update_bytes_per_s
     act_bytes = profile.compute_bytes
-    closest: list[tuple[float, int]] = []  # (predicted over ideal, tokens)
+    closest: list[tuple[float, int]] = []  # (predicted over ideal, tokens), of the counts that fit
+
+    def fits(tokens: int) -> bool:
+        """Whether the count's leanest activations (every block recomputing) fit the budget."""
+        micro = min(micro_tokens or tokens, tokens)
+        return not fit_kept or kept_activation_bytes(cfg, tokens, micro, act_bytes, 0) <= budget
 
     def too_slow(tokens: int) -> bool:
+        if not fits(tokens):
+            return True
         micro = min(micro_tokens or tokens, tokens)
         kept_here = choose_kept_graphs(cfg, tokens, micro, act_bytes, budget) if fit_kept else kept
         visits, _, _, d = fastest_schedule(cfg, profile, tokens, seq_len, offload, depth, kept_here, state,
@@ -754,12 +761,16 @@ def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, o
 
     sequences = 1
     while too_slow(sequences * seq_len) and sequences < 2**20:
+        if not fits(sequences * 2 * seq_len):
+            break  # more tokens do not fit even recomputing every block
         sequences *= 2
         if fit_kept and choose_kept_graphs(cfg, sequences * seq_len, min(micro_tokens or sequences * seq_len,
                                                                          sequences * seq_len),
                                            act_bytes, budget) == 0:
             break  # every block recomputes from here on: more tokens only add to it
     if fit_kept and too_slow(sequences * seq_len):
+        if not closest:  # not even one sequence fits: the plan at it says what it needs
+            return seq_len
         best = min(closest)[1] // seq_len  # on the doublings; then between its neighbours
         for share in (0.625, 0.75, 0.875, 1.25, 1.5, 1.75):
             if round(best * share) not in (0, best):
@@ -948,7 +959,12 @@ def fit_memory(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, s
                                                                           profile.compute_bytes, kept)
             plan = make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
                              prefetch_depth=prefetch_depth, memory_budget=allowance, kept_graphs=kept,
-                             state=state, ram_units=ram_units, held_units=held_units)
+                             state=state, ram_units=ram_units, held_units=held_units, recommend=False)
+            # Recommended within the same limit, each count with the graphs it can keep.
+            plan = replace(plan, recommended_tokens_per_step=recommended_tokens(
+                cfg, profile, seq_len, offload, plan.prefetch_depth, kept, state=state, ram_units=ram_units,
+                micro_tokens=micro_tokens, budget=allowance, deepen=prefetch_depth is None,
+                fit_kept=recompute == "auto", held=held_units))
             if peak_bytes(plan, profile) <= limit_bytes or not plan.held_units:
                 return plan
             if held_units:  # asked for, and they do not fit
@@ -1306,7 +1322,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
     p.add_argument("--micro-tokens", type=int, default=None,
                    help="tokens per micro-batch (train's --batch-size x --seq-len); it sizes the "
-                        "head's logits and the working set. Default: the whole step in one")
+                        "head's logits and the working set. Default: the whole step in one, or one sequence "
+                        "with the recommended tokens per step")
     p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk", "split"])
     p.add_argument("--state", default="fp32", choices=list(FORMATS),
                    help="host state format: fp32 (16 bytes/parameter), compact (about 6) or compact8 (about 5)")
@@ -1372,11 +1389,19 @@ def cmd_plan(args: argparse.Namespace) -> None:
     ram_units = split_ram_units(cfg, host, args.state) if offload == "split" else None
     tokens = args.tokens_per_step
     if tokens is None:
-        tokens = make_plan(cfg, profile, seq_len, seq_len, offload, state=args.state,
-                           ram_units=ram_units).recommended_tokens_per_step
+        budget = None
+        if args.max_memory:  # recommend only what the limit can hold: what is left of it for activations
+            lean = make_plan(cfg, profile, seq_len, seq_len, offload, state=args.state, ram_units=ram_units,
+                             recompute="yes", held_units=0, recommend=False)
+            budget = (args.max_memory * 2**30 - peak_bytes(lean, profile)
+                      + kept_activation_bytes(cfg, seq_len, seq_len, profile.compute_bytes, 0))
+        tokens = make_plan(cfg, profile, seq_len, seq_len, offload, micro_tokens=args.micro_tokens or seq_len,
+                           memory_budget=budget, state=args.state, ram_units=ram_units).recommended_tokens_per_step
     if tokens <= 0:
         raise UserError(f"--tokens-per-step must be positive, got {tokens}")
-    micro = args.micro_tokens or tokens
+    # The recommendation plans one sequence per micro-batch unless told otherwise: a
+    # whole recommended step in one would hold its logits for every token at once.
+    micro = args.micro_tokens or (tokens if args.tokens_per_step else seq_len)
     if micro <= 0 or micro % seq_len or tokens % micro:
         raise UserError(f"--micro-tokens must be a positive multiple of --seq-len ({seq_len}) that divides "
                         f"--tokens-per-step ({tokens}), got {micro}")

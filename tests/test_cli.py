@@ -98,6 +98,19 @@ def test_plan_fits_a_memory_limit_by_recomputing(tmp_path: Path) -> None:
     assert_user_error(too_small, "--max-memory is 1.0 GiB", "lower --batch-size")
 
 
+def test_plan_recommends_what_a_memory_limit_holds(tmp_path: Path) -> None:
+    """Without --tokens-per-step, the plan is for the recommended tokens, which a
+    --max-memory limit bounds: each count is weighed with the graphs it can keep, and
+    none past where even recomputing every block does not fit."""
+    for extra in ([], ["--update-on", "device", "--state", "compact8"]):
+        run = streamer("plan", "--model", "gpt3-xl", "--device", "h100", "--max-memory", "20", *extra, "--json",
+                       cache=tmp_path)
+        assert run.returncode == 0, run.stderr
+        plan = json.loads(run.stdout)
+        assert plan["tokens_per_step"] == plan["recommended_tokens_per_step"]
+        assert plan["device_bytes"] <= 20 * 2**30
+
+
 def test_plan_sizes_the_working_set_by_the_micro_batch(tmp_path: Path) -> None:
     """A 20B step of 24 sequences run as micro-batches of one holds one sequence's
     logits, not 24: the memory freed keeps more graphs (less recompute) in a smaller

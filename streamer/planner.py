@@ -420,6 +420,23 @@ def can_update_early(cfg: ModelConfig, profile: DeviceProfile, offload: str, sta
             and not store_cached(cfg, profile, offload, state, ram_units))
 
 
+def visit_order(cfg: ModelConfig, depth: int) -> list[tuple[str, int, bool]]:
+    """(phase, unit, pinned) for each visit of a step, as `StreamEngine.visits` makes
+    them: forward 0..U-2, the head, backward U-2..0. `pinned`: the unit is still in the
+    prefetch window from its last visit (or is a tied table, resident all step), so the
+    visit moves no weights."""
+    head = cfg.n_layer + 1
+    order = [("forward", u) for u in range(head)] + [("head", head)]
+    order += [("backward", u) for u in range(head - 1, -1, -1)]
+    last_seen: dict[int, int] = {}
+    visits = []
+    for v, (phase, unit) in enumerate(order):
+        pinned = unit in last_seen and v - last_seen[unit] <= depth or (cfg.tie_embeddings and unit == 0 and v > 0)
+        last_seen[unit] = v
+        visits.append((phase, unit, pinned))
+    return visits
+
+
 def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
                 depth: int, kept: int, state: str = "fp32", ram_units: int | None = None,
                 early: bool = False, held: int = 0) -> list[Visit]:
@@ -432,7 +449,6 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     [Note: updates held on the device])."""
     counts = unit_param_counts(cfg)
     flops = _unit_flops_per_token(cfg, seq_len)
-    head = len(counts) - 1
     b, F = profile.compute_bytes, profile.matmul_flops
     update_rate, mem = host_rates(profile)  # the update scales by its format's cost below
     disk_r, disk_w = profile.disk_read_bytes_per_s, profile.disk_write_bytes_per_s
@@ -443,16 +459,11 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     in_ram = units_in_ram(len(counts), offload, ram_units)
     cached = store_cached(cfg, profile, offload, state, ram_units)
     lane, shared = early_lane_s(cfg, profile, state, in_ram) if early else ({}, 0.0)
-    order = [("forward", u) for u in range(head)] + [("head", head)]
-    order += [("backward", u) for u in range(head - 1, -1, -1)]
-    last_seen: dict[int, int] = {}
     visits = []
-    for v, (phase, unit) in enumerate(order):
+    for v, (phase, unit, pinned) in enumerate(visit_order(cfg, depth)):
         p, f = counts[unit], flops[unit] * tokens_per_step / F
         on_disk = unit >= in_ram
         locked = not profile.shares_host_cores and not on_disk  # a GPU's page-locked RAM tier
-        pinned = unit in last_seen and v - last_seen[unit] <= depth or (cfg.tie_embeddings and unit == 0 and v > 0)
-        last_seen[unit] = v
         recomputes = unit < len(counts) - 1 - kept and not (kept >= cfg.n_layer and unit == 0)
         compute = {"forward": f, "head": 3 * f, "backward": (3 if recomputes else 2) * f}[phase]
         host_in = link_in = disk_read = disk_write = 0.0
@@ -537,6 +548,23 @@ def fastest_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: in
     return best[1], best[2]
 
 
+def check_held_units(cfg: ModelConfig, held: int | None, update_on: str, in_ram: int | None = None) -> None:
+    """Refuse a `--held-units` count the engine cannot run: out of range (the head is
+    never held), without the update on the device, or past the units in RAM (`in_ram`,
+    once the tiers are known)."""
+    if held is None:
+        return
+    if not 0 <= held <= cfg.n_layer + 1:
+        raise UserError(f"--held-units must be 0..{cfg.n_layer + 1} for {cfg.name} (the head is never held), "
+                        f"got {held}")
+    if held and update_on != "device":
+        raise UserError("--held-units holds units for AdamW on the device: add --update-on device (with --mode "
+                        "stream), or drop it")
+    if held and in_ram is not None and held > in_ram:
+        raise UserError(f"--held-units {held} exceeds the {in_ram} units in RAM (held units update from the RAM "
+                        "tier): lower it")
+
+
 def held_options(cfg: ModelConfig, profile: DeviceProfile, offload: str, ram_units: int | None = None) -> list[int]:
     """Counts of held units worth weighing (see streamer.scheduler's [Note: updates
     held on the device]): only with the update on a GPU, only units of the page-locked
@@ -569,7 +597,7 @@ def fastest_schedule(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: 
     from streamer.store import CHUNK_NUMEL
 
     counts, b = unit_param_counts(cfg), profile.compute_bytes
-    whole, updated = state_bytes(state)[:2]
+    whole = state_bytes(state)[0]
     ring = max(counts[1:] if cfg.tie_embeddings else counts)
     micro = micro_tokens or tokens_per_step
     activations = kept_activation_bytes(cfg, tokens_per_step, micro, b, kept)
@@ -585,21 +613,19 @@ def fastest_schedule(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: 
             visits, lane = fastest_visits(cfg, profile, tokens_per_step, seq_len, offload, d, kept, state,
                                           ram_units, early, option)
             predicted, _, backlog_s = simulate_step(visits, d)
-            backlog = backlog_s * profile.d2h_bytes_per_s * whole / updated
+            backlog = held_backlog_bytes(backlog_s, profile, state)
             if predicted < threshold and predicted < best[0] and max(held_peak, activations + backlog) \
                     + extra <= budget:
                 best = (predicted, visits, lane, option, d)
     return best[1:]
 
 
-def held_backlog_bytes(visits: list[Visit], depth: int, profile: DeviceProfile, state: str) -> int:
+def held_backlog_bytes(backlog_s: float, profile: DeviceProfile, state: str) -> int:
     """Held state still on the device when the forward ends, because its way back
-    (device to host, a queue the forward's updates share) has not reached it: it adds
-    to the activations' peak."""
-    if not any(v.fetch_s for v in visits):
-        return 0
+    (device to host, a queue the forward's updates share) has `backlog_s` seconds of
+    copies still ahead of it (`simulate_step`): it adds to the activations' peak."""
     whole, updated, _, _ = state_bytes(state)
-    return int(simulate_step(visits, depth)[2] * profile.d2h_bytes_per_s * whole / updated)
+    return int(backlog_s * profile.d2h_bytes_per_s * whole / updated)
 
 
 def link_bytes(cfg: ModelConfig, profile: DeviceProfile, state: str, in_ram: int, held: int = 0,
@@ -614,15 +640,9 @@ def link_bytes(cfg: ModelConfig, profile: DeviceProfile, state: str, in_ram: int
     gradient never leaves, so its state comes in without it."""
     whole, updated, master, grad = state_bytes(state)
     counts = unit_param_counts(cfg)
-    head = len(counts) - 1
-    order = [("forward", u) for u in range(head)] + [("head", head)]
-    order += [("backward", u) for u in range(head - 1, -1, -1)]
     b, h2d, d2h = profile.compute_bytes, 0.0, 0.0
-    last_seen: dict[int, int] = {}
-    for v, (phase, unit) in enumerate(order):
+    for phase, unit, pinned in visit_order(cfg, depth):
         p = counts[unit]
-        pinned = unit in last_seen and v - last_seen[unit] <= depth or (cfg.tie_embeddings and unit == 0 and v > 0)
-        last_seen[unit] = v
         locked = not profile.shares_host_cores and unit < in_ram
         weights = master if locked else b
         if phase != "backward":  # the unit's first visit of the step carries its update
@@ -824,6 +844,7 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
                                                   state, in_ram, early_updates, held_units, micro, budget,
                                                   deepen=prefetch_depth is None)
     predicted = predicted_stream_s(visits, depth, profile)
+    backlog = held_backlog_bytes(simulate_step(visits, depth)[2], profile, state) if held else 0
 
     backward_ratio = 6 if do_recompute else 4  # backward FLOPs per parameter per token
     min_fwd = F * b / (2 * profile.h2d_bytes_per_s)
@@ -846,7 +867,7 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
                                      fit_kept=recompute == "auto" and kept_graphs is None and budget < math.inf,
                                      held=held_units) if recommend else tokens_per_step
     device_bytes, host_bytes = memory_bytes(cfg, profile, tokens_per_step, micro, offload, depth, kept, state,
-                                            in_ram, early, held, held_backlog_bytes(visits, depth, profile, state))
+                                            in_ram, early, held, backlog)
     h2d_bytes, d2h_bytes = link_bytes(cfg, profile, state, in_ram, held, depth)
     lane_s = max(v.ready_s for v in visits)  # when the lane's last update ends (0 without it)
     return Plan(
@@ -1407,18 +1428,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
                         f"--tokens-per-step ({tokens}), got {micro}")
     if args.max_memory is not None and args.max_memory <= 0:
         raise UserError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
-    if args.held_units is not None and not 0 <= args.held_units <= cfg.n_layer + 1:
-        raise UserError(f"--held-units must be 0..{cfg.n_layer + 1} for {cfg.name} (the head is never held), "
-                        f"got {args.held_units}")
-    if args.held_units and args.update_on != "device":
-        raise UserError("--held-units holds units for AdamW on the device: add --update-on device, or drop it")
+    check_held_units(cfg, args.held_units, args.update_on)
 
     def plan_for(state: str, offload: str, ram_units: int | None) -> Plan:
         prof = on_device(state, offload) if args.update_on == "device" else measured
         held = args.held_units
-        if held and held > units_in_ram(cfg.n_layer + 2, offload, ram_units):
-            raise UserError(f"--held-units {held} exceeds the {units_in_ram(cfg.n_layer + 2, offload, ram_units)} "
-                            "units in RAM (held units update from the RAM tier): lower it")
+        check_held_units(cfg, held, args.update_on, units_in_ram(cfg.n_layer + 2, offload, ram_units))
         if args.max_memory:
             return fit_memory(cfg, prof, tokens, seq_len, offload, micro, args.max_memory * 2**30,
                               state=state, ram_units=ram_units, held_units=held)

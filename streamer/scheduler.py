@@ -77,7 +77,6 @@ from torch.func import functional_call
 from models import ModelConfig, loss_fn
 from models.gpt import build_unit, init_unit
 from streamer import planner
-from streamer.errors import UserError
 from streamer.optim import OptimConfig, clip_coefficient
 from streamer.parallel import DataParallel
 from streamer.state import FORMATS
@@ -437,14 +436,11 @@ class StreamEngine:
                                      memory_budget=budget, recompute=train_cfg.recompute, state=state,
                                      ram_units=ram_units, held_units=held)
 
-        held, in_ram = train_cfg.held_units, planner.units_in_ram(model_cfg.n_layer + 2, offload, ram_units)
-        if held and dp.world > 1:
-            raise UserError(f"--held-units {held} needs one process (a held unit keeps its whole gradient): "
-                            "drop it, or train with --nproc 1")
-        if held and held > in_ram:
-            raise UserError(f"--held-units {held} exceeds the {in_ram} units in RAM (held units update from the "
-                            "RAM tier): lower it")
-        plan = plan_with(held if dp.world == 1 else 0)  # held updates take the whole gradient
+        held = train_cfg.held_units
+        planner.check_held_units(model_cfg, held, train_cfg.update_on,
+                                 planner.units_in_ram(model_cfg.n_layer + 2, offload, ram_units))
+        plan = plan_with(held if dp.world == 1 else 0)  # held updates take the whole gradient (the launcher
+        # refuses --held-units with several processes before any starts)
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
         owned = [(dp.shard(lay.numel).start, dp.shard(lay.numel).stop) for lay in layouts]
@@ -754,8 +750,7 @@ class StreamEngine:
         names = fmt.expand(UPDATED)
 
         def chunk(start: int, stop: int) -> dict[str, torch.Tensor]:
-            return {n: t[fmt.buffer(n).offset(start) : fmt.buffer(n).offset(start) + fmt.buffer(n).numel(stop - start)]
-                    for n, t in state.items()}
+            return {n: fmt.part(n, t, start, stop) for n, t in state.items()}
 
         if self.grad_host is None:
             for start, stop in self.store.chunks(unit):
@@ -778,7 +773,8 @@ class StreamEngine:
                 if slot is not None:
                     self.slots[slot][first : first + numel].copy_(state["param"])
                     self.copy_done_events[slot].record(stream)
-            # Back to the store on the gradient stream: device to host, idle in a forward.
+            # Back to the store on the gradient stream (device to host), beside the other
+            # units' updated states.
             self.grad_stream.wait_stream(stream)
             target = self.store.open(unit, names, 0, numel)
             with torch.cuda.stream(self.grad_stream):
@@ -1188,9 +1184,10 @@ class StreamEngine:
         """Apply every due update now (before export or a checkpoint)."""
         self._wait_early_updates()
         for unit in range(self.n_units):
-            if self.update_due[unit]:
-                apply = self._update_held if unit in self.held else self._apply_update
-                self.worker.submit(apply, unit, *([None] if unit in self.held else [])).result()
+            if self.update_due[unit] and unit in self.held:
+                self.worker.submit(self._update_held, unit, None).result()  # into the store only
+            elif self.update_due[unit]:
+                self.worker.submit(self._apply_update, unit).result()
         self._await_held_writes()
 
     def _await_held_writes(self) -> None:

@@ -105,6 +105,13 @@ class StateFormat:
     def buffer(self, name: str) -> Buffer:
         return next(b for b in self.buffers if b.name == name)
 
+    def part(self, name: str, tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The part of buffer `name` (held in `tensor` from element 0) that elements
+        [start, stop) occupy: the same range, or their blocks' scales."""
+        buffer = self.buffer(name)
+        first = buffer.offset(start)
+        return tensor[first : first + buffer.numel(stop - start)]
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(b.name for b in self.buffers)

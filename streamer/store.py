@@ -132,11 +132,7 @@ class HostStore(ABC):
         self.format = state
 
     def _slice(self, name: str, tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """The part of buffer `name` (held in `tensor` from element 0) that elements
-        [start, stop) occupy: the same range, or their blocks' scales."""
-        buffer = self.format.buffer(name)
-        first = buffer.offset(start)
-        return tensor[first : first + buffer.numel(stop - start)]
+        return self.format.part(name, tensor, start, stop)
 
     def owned_numel(self, index: int) -> int:
         start, stop = self.owned[index]

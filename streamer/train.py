@@ -121,14 +121,9 @@ class TrainConfig:
         if self.seq_len > model_cfg.block_size:
             raise UserError(f"--seq-len {self.seq_len} exceeds {self.model}'s context of "
                             f"{model_cfg.block_size}: use --seq-len {model_cfg.block_size} or less")
-        if self.held_units is not None:
-            top = model_cfg.n_layer + 1  # every unit but the head
-            if not 0 <= self.held_units <= top:
-                raise UserError(f"--held-units must be 0..{top} for {self.model} (the head is never held), "
-                                f"got {self.held_units}")
-            if self.held_units and (self.mode != "stream" or self.update_on != "device"):
-                raise UserError("--held-units holds units for AdamW on the device: use it with --mode stream "
-                                "--update-on device, or drop it")
+        from streamer.planner import check_held_units
+
+        check_held_units(model_cfg, self.held_units, self.update_on if self.mode == "stream" else "host")
         return model_cfg
 
     def optim_config(self) -> OptimConfig:

@@ -1,4 +1,4 @@
-"""The sparse-aggregation kernels against the PyTorch reference and against memory bandwidth.
+"""The CuPy kernels against the PyTorch reference and against memory bandwidth.
 
 For each primitive of `kernels` (nonzero_rows, coalesce, hash_partition,
 scatter_add_rows) at an embedding's realistic size (vocab 50,432 x hidden 6,144 by
@@ -7,8 +7,15 @@ default) and 1-5% of rows touched: the result is checked against `kernels.refere
 (the bytes it must read and write at least, per second) is compared with the device's
 memory copy bandwidth measured in the same run. The target on a GPU is >= 50% of it.
 
+Then the compact formats' fused AdamW step (kernels/adamw.py) on one store chunk (8 Mi
+elements), checked against the PyTorch ops from the same state with the same random
+bits (streamer.state's fused_differences), and timed three ways: the kernel alone (its
+bytes: every buffer read once, the updated ones written once, the random bits read),
+the whole fused update (with drawing the bits), and the PyTorch ops it replaces.
+
 On a machine without CUDA the same sizes run through the reference on the CPU (nothing
-to check against), so the script is exercised everywhere; the JSON says which.
+to check against), so the script is exercised everywhere; the JSON says which (the
+update's kernel needs CUDA: only the ops run there).
 
     python benchmarks/bench_kernels.py --json benchmarks/results/kernels_cuda.json
 """
@@ -109,6 +116,44 @@ def operations(impl, d: dict, c: dict, world: int, scan_bytes: int, n: int, uniq
     }
 
 
+def update_rows(device: torch.device, memory: float, repeat: int, numel: int) -> list[dict]:
+    """The compact formats' update on one chunk: the fused kernel checked against the ops,
+    then the kernel alone, the fused update and the ops, timed."""
+    from streamer.optim import OptimConfig
+    from streamer.state import FORMATS, fused_differences, random_bits, sample_state
+
+    cuda, rows = device.type == "cuda", []
+    for state in ("compact", "compact8"):
+        fmt = FORMATS[state]
+        buffers = sample_state(fmt, numel, device)
+        settings = {"step": 3, "lr": 1e-3, "cfg": OptimConfig(), "decay_numel": numel // 2, "grad_scale": 0.5}
+        problems = []
+        if cuda:
+            ops = {name: buffer.clone() for name, buffer in buffers.items()}
+            fused = {name: buffer.clone() for name, buffer in buffers.items()}
+            fmt.update_(ops, seed=1, fused=False, **settings)
+            fmt.update_(fused, seed=1, fused=True, **settings)
+            problems = fused_differences(fmt, ops, fused)
+        bits = random_bits((numel,), 32, torch.Generator(device=device).manual_seed(0))
+        whole, grad = fmt.bytes_per_param(), fmt.bytes_per_param(("grad",))
+        kernel_bytes = (2 * whole - grad + 4) * numel  # state in, updated state out, bits in
+        update = functools.partial(fmt.update_, buffers, seed=1, **settings)
+        runs = {"ops": (functools.partial(update, fused=False), kernel_bytes)}
+        if cuda:
+            runs = {"kernel": (functools.partial(fmt.fused_update_, buffers, bits, **settings), kernel_bytes),
+                    "fused update": (functools.partial(update, fused=True), kernel_bytes + 4 * numel), **runs}
+        for how, (run, nbytes) in runs.items():
+            seconds = timed(run, device, repeat)
+            rows.append({"kernel": f"compact_adamw {how}", "state": state, "numel": numel, "seconds": seconds,
+                         "bytes": nbytes, "bytes_per_s": nbytes / seconds, "share_of_copy": nbytes / seconds / memory,
+                         "params_per_s": numel / seconds, "differences": problems})
+            r = rows[-1]
+            print(f"{r['kernel']:<28}{state:<10}{numel:>10}{seconds * 1e3:>9.2f}{r['bytes_per_s'] / 1e9:>8.0f}"
+                  f"{r['share_of_copy']:>9.0%}{numel / seconds / 1e9:>10.2f}  "
+                  f"{'; '.join(problems) or ('matches the ops' if cuda else 'not checked (no CUDA)')}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=50_432)
@@ -117,6 +162,7 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=4, help="ranks whose rows are summed")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--update-numel", type=int, default=8 * 2**20, help="elements of the update's chunk")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -159,11 +205,21 @@ def main() -> None:
     worst = min(rows, key=lambda r: r["share_of_copy"])
     print(f"lowest share of copy bandwidth: {worst['kernel']} {worst['dtype']} at {worst['density']:.0%}: "
           f"{worst['share_of_copy']:.0%}")
+    print(f"\n{'update':<28}{'state':<10}{'elements':>10}{'ms':>9}{'GB/s':>8}{'of copy':>9}{'G param/s':>10}  check")
+    updates = update_rows(device, memory, args.repeat, args.update_numel)
+    by = {(r["kernel"], r["state"]): r for r in updates}
+    for state in ("compact", "compact8"):
+        if ("compact_adamw kernel", state) in by:
+            print(f"{state}: the fused update is {by['compact_adamw ops', state]['seconds'] / by['compact_adamw fused update', state]['seconds']:.1f}x "  # noqa: E501
+                  f"as fast as the ops")
+    kernels_only = [r for r in updates if r["kernel"] == "compact_adamw kernel"]
     path = args.json or RESULTS / ("kernels_cuda.json" if cuda else "kernels_cpu.json")
     write_json(path, {"machine": info, "device": device.type, "checked_against_reference": cuda,
                       "vocab": args.vocab, "hidden": args.hidden, "world": args.world,
                       "copy_bytes_per_s": memory, "rows": rows,
-                      "min_share_of_copy": worst["share_of_copy"]})
+                      "min_share_of_copy": min(r["share_of_copy"] for r in [*rows, *kernels_only]),
+                      "updates": updates,
+                      "update_matches_ops": all(not r["differences"] for r in updates) if cuda else None})
 
 
 if __name__ == "__main__":

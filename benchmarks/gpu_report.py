@@ -137,13 +137,22 @@ def kernel_rows(folder: Path) -> list[Row]:
              ("4. kernels: share of HBM bandwidth", ">= 50% at vocab 50432, hidden 6144, 1-5% rows")]
     if data is None:
         return [Row(t, g, why, None, source) for t, g in goals]
-    worst = min(data["rows"], key=lambda r: r["share_of_copy"])
+    # The compact AdamW kernel's rows (absent from results older than it): the kernel
+    # alone counts towards the share; its check is against the PyTorch ops.
+    updates = data.get("updates", [])
+    worst = min([*data["rows"], *(r for r in updates if r["kernel"] == "compact_adamw kernel")],
+                key=lambda r: r["share_of_copy"])
     largest = max(r["max_abs_diff"] for r in data["rows"])
+    update_problems = sorted({p for r in updates for p in r["differences"]})
+    update = "" if not updates else "; the AdamW kernel " + ("matches the ops" if not update_problems else
+                                                            "differs: " + "; ".join(update_problems))
+    where = (f"{worst['dtype']}, {worst['density']:.0%} rows" if "dtype" in worst
+             else f"{worst['state']}, {worst['numel']} elements")
     return [
-        Row(*goals[0], f"checked: {data['checked_against_reference']}; largest |difference| {largest:.2e}",
-            bool(data["checked_against_reference"]), source),
-        Row(*goals[1], f"lowest {worst['share_of_copy']:.0%} ({worst['kernel']}, {worst['dtype']}, "
-                       f"{worst['density']:.0%} rows)", worst["share_of_copy"] >= 0.5, source),
+        Row(*goals[0], f"checked: {data['checked_against_reference']}; largest |difference| {largest:.2e}{update}",
+            bool(data["checked_against_reference"]) and not update_problems, source),
+        Row(*goals[1], f"lowest {worst['share_of_copy']:.0%} ({worst['kernel']}, {where})",
+            worst["share_of_copy"] >= 0.5, source),
     ]
 
 

@@ -63,18 +63,19 @@ stage_kernels() {
 # unit goes to disk, so the step does not wait on the machine's disk. (The compact state,
 # 6 bytes per parameter, 115 GiB, fits neither RAM nor the 64 GiB disk alone: the planner
 # splits it 40 units in RAM, 6 on disk, and on the h200 profile predicts 16.8 s per step
-# against compact8's 12.4 s; STATE=compact runs that plan.) AdamW and the coding run on
+# against compact8's 10.8 s; STATE=compact runs that plan.) AdamW and the coding run on
 # the GPU (--update-on device): host cores code ~70x slower than float32 AdamW. The RAM
 # tier is page-locked, so state, weights and gradients cross the link by DMA, and
 # gradients leave the GPU already coded. 20 sequences of 2048 per step, one per
-# micro-batch: on the h200 profile the planner's step at 40,960 tokens is 12.4 s, ~423
-# TFLOP/s of model FLOPs (6 x parameters x tokens plus attention), with 31.1 GiB (33 GB)
-# of device memory (every block recomputed; the boundary activations are most of it):
-# 24 sequences would plan 449 TFLOP/s but 35.4 GiB (38 GB), too close to the 40 GB goal
-# for what the model leaves out. 10 steps on real text under a 40 GB limit (37 GiB), at
-# the published 20B run's peak learning rate (about 1e-4; the CLI's default, 3e-3, is
-# for the tiny models). No final export: the 20B's weights are 41 GB, and writing them
-# is not what is measured.
+# micro-batch: on the h200 profile the planner's step at 40,960 tokens is 10.8 s, ~485
+# TFLOP/s of model FLOPs (6 x parameters x tokens plus attention), with 30.5 GiB (33 GB)
+# of device memory (every block recomputed; the boundary activations are most of it),
+# with the fused update kernel (kernels/adamw.py; 12.4 s and 423 TFLOP/s should the run
+# fall back to the PyTorch ops): 24 sequences would plan the same rate in 34.8 GiB
+# (37 GB), too close to the 40 GB goal for what the model leaves out. 10 steps on real
+# text under a 40 GB limit (37 GiB), at the published 20B run's peak learning rate
+# (about 1e-4; the CLI's default, 3e-3, is for the tiny models). No final export: the
+# 20B's weights are 41 GB, and writing them is not what is measured.
 neox20b_run="${RUN_DIR:-/tmp/neox20b}"
 stage_neox20b() {
     local flags=(--model gpt-neox-20b --seq-len 2048 --update-on device --max-memory 37 $(held_flags))
@@ -99,10 +100,11 @@ collect_neox20b() {  # also after a timeout: the steps that finished are in the 
 
 # Resident and the RAM tier (the overlap target) at the planner's recommended tokens and
 # at 8 sequences; the disk tier would not fit the budget. The streamer's AdamW runs on the
-# GPU with the compact8 state: the planner predicts 0.97 of resident at 57,344 tokens on
-# the h200 profile, 0.86 on the h100 (where 11 of 24 blocks must recompute), bound by
-# compact8's update kernels, which run in the forward. Float32 state predicts 0.93 (h200)
-# and 0.82 (h100) with held units: every unit's updated state, 12 bytes per parameter,
+# GPU with the compact8 state: with its fused update kernel the planner predicts 1.01 of
+# resident at 24,576 tokens on both profiles (25 units held, no block recomputed); should
+# the kernel not match the PyTorch ops on this GPU, the ops' ~80 kernels a chunk bound
+# the step: 0.97 at 57,344 tokens on the h200, 0.86 on the h100. Float32 state
+# predicts 0.93 (h200) and 0.82 (h100) with held units: every unit's updated state, 12 bytes per parameter,
 # leaves during the forward. Float32 AdamW on the host (~2 s for 1.3B parameters) would
 # need ~400k tokens.
 stage_xl-overlap() {

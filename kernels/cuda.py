@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kernels import nvrtc
-from kernels.cuda_sources import KERNEL_NAMES, SOURCES
+from kernels.cuda_sources import KERNEL_NAMES, OPTIONS, SOURCES
 from kernels.hashing import seed_offset
 
 THREADS_PER_BLOCK = 256
@@ -39,7 +39,7 @@ def compile_all(arch: str = "sm_90") -> dict[str, bytes]:
     """
     compiled = {}
     for name, source in SOURCES.items():
-        ptx = nvrtc.compile_source(source, name, arch, output="ptx")
+        ptx = nvrtc.compile_source(source, name, arch, output="ptx", options=OPTIONS.get(name, ()))
         missing = [kernel for kernel in KERNEL_NAMES[name] if f".entry {kernel}(".encode() not in ptx]
         if missing:
             raise nvrtc.NvrtcCompileError(f"{name}: PTX lacks entry points {missing}")
@@ -62,7 +62,7 @@ def _module(module_name: str, device_index: int) -> Any:
     """A kernel module, compiled once per device (CuPy compiles for the device's arch)."""
     cupy = _cupy()
     with cupy.cuda.Device(device_index):
-        return cupy.RawModule(code=SOURCES[module_name])
+        return cupy.RawModule(code=SOURCES[module_name], options=OPTIONS.get(module_name, ()))
 
 
 @functools.cache

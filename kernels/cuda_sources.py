@@ -1,4 +1,5 @@
-"""CUDA C sources of the row-sparse kernels, one entry per compiled module.
+"""CUDA C sources of the row-sparse kernels and the compact AdamW step, one entry per
+compiled module.
 
 Plain strings rather than .cu files so they ship inside the Python package without
 package-data configuration. Every source is self-contained (no #include): NVRTC on a
@@ -145,15 +146,158 @@ SEGMENT_SUM_ROWS(bf16, BFloat16)
 SEGMENT_SUM_ROWS(f16, Float16)
 """
 
-SOURCES: dict[str, str] = {
-    name: VALUE_TYPES + body
-    for name, body in {
-        "row_nonzero_flags": ROW_NONZERO_FLAGS,
-        "hash_owner": HASH_OWNER,
-        "scatter_add_rows": SCATTER_ADD_ROWS,
-        "segment_sum_rows": SEGMENT_SUM_ROWS,
-    }.items()
+# The compact state formats' AdamW step (streamer.state), fused: one pass over a chunk
+# where the PyTorch ops take about eighty (see kernels/adamw.py for what it computes and
+# why each step is written as it is). Its parameters are data, so that the CuPy launcher
+# and the host emulation (kernels/emulate.py) pass them in the same order.
+COMPACT_ADAMW_PARAMS: tuple[tuple[str, str], ...] = (
+    ("unsigned short*", "param"),  # bfloat16 bits, updated with stochastic rounding
+    ("const unsigned short*", "grad16"),  # a bfloat16 gradient (compact) ...
+    ("const unsigned char*", "grad8"),  # ... or a coded one (compact8), as `grad_coded` says
+    ("const float*", "grad_scale"),
+    ("unsigned char*", "exp_avg"),
+    ("float*", "exp_avg_scale"),
+    ("unsigned char*", "exp_avg_sq"),  # the second moment's root, coded
+    ("float*", "exp_avg_sq_scale"),
+    ("const unsigned int*", "bits"),  # 32 random bits per element
+    ("const float*", "tables"),  # the values of the gradient's, first and second moment's codes
+    ("int64", "n"),
+    ("int64", "decay_numel"),
+    ("int", "grad_coded"),
+    ("double", "lr"),
+    ("double", "beta1"),
+    ("double", "beta2"),
+    ("double", "weight_decay"),
+    ("double", "eps"),
+    ("float", "grad_divisor"),
+    ("double", "bias_correction1"),
+    ("double", "bias_correction2_sqrt"),
+    ("float", "m_octaves"),
+    ("float", "m_levels_per_octave"),
+    ("float", "m_top"),
+    ("float", "r_octaves"),
+    ("float", "r_levels_per_octave"),
+    ("float", "r_top"),
+)
+
+# One warp per block of 256 elements (one scale): lane l holds elements l, l + 32, ...,
+# l + 224, so every load and store of the warp is one contiguous run, whatever the
+# buffers' alignment. The block's largest magnitudes come from five shuffles, not
+# shared memory, so warps never wait for each other. Every float operation is the one
+# the PyTorch ops do, in their order and precision (torch's fused AdamW mixes double
+# scalars into float32 values); only the libraries' log2f may differ in the last bit.
+COMPACT_ADAMW = r"""
+typedef long long int64;
+#define BLOCK 256
+
+__device__ __forceinline__ float bf16_load(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
+
+// The larger of two magnitudes, NaN if either is: torch's amax propagates NaN.
+__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
 }
+
+// x's code on its block's log scale (streamer.state.encode): rounded up with probability
+// (noise + 0.5) / 256 of the fraction; signed codes add 128 for a negative value; an
+// unsigned (root) code is never zero for a nonzero value.
+__device__ __forceinline__ unsigned char code_of(float x, float log2_max, float octaves, float levels_per_octave,
+                                                 float top, unsigned int noise, int is_signed) {
+  if (x == 0.0f) return 0;
+  float position = log2f(fabsf(x)) - log2_max;
+  position = position + octaves;
+  position = position * levels_per_octave;
+  position = position + ((float)noise + 0.5f) / 256.0f;
+  position = floorf(position) + 1.0f;
+  if (position != position) return 0;  // an infinite value or scale: no code stands for it
+  position = position < 0.0f ? 0.0f : (position > top ? top : position);
+  if (is_signed) {
+    if ((__float_as_uint(x) >> 31) && position > 0.0f) position += 128.0f;
+  } else if (position < 1.0f) {
+    position = 1.0f;
+  }
+  return (unsigned char)position;
+}
+
+extern "C" __global__ void compact_adamw(PARAMS) {
+  __shared__ float table[3 * 256];
+  for (int t = threadIdx.x; t < 3 * 256; t += blockDim.x) table[t] = tables[t];
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64 warps = ((int64)gridDim.x * blockDim.x) >> 5;
+  const int64 blocks = (n + BLOCK - 1) / BLOCK;
+  const float step_size = (float)(lr / bias_correction1);
+  for (int64 b = ((int64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; b < blocks; b += warps) {
+    float p[8], m[8], r[8];
+    float m_max = 0.0f, r_max = 0.0f;
+    const float g_scale = grad_coded ? grad_scale[b] : 1.0f;
+    const float m_scale = exp_avg_scale[b], r_scale = exp_avg_sq_scale[b];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64 i = b * BLOCK + j * 32 + lane;
+      p[j] = m[j] = r[j] = 0.0f;
+      if (i >= n) continue;
+      float param_j = bf16_load(param[i]);
+      float g = grad_coded ? table[grad8[i]] * g_scale : bf16_load(grad16[i]);
+      float m_j = table[256 + exp_avg[i]] * m_scale;
+      float root = table[512 + exp_avg_sq[i]] * r_scale;
+      float v_j = root * root;
+      // AdamW as torch's fused kernel: the clip factor divides in double, decoupled decay.
+      if (grad_divisor != 1.0f) g = (float)((double)g / (double)grad_divisor);
+      if (weight_decay != 0.0 && i < decay_numel) param_j = (float)(param_j - lr * weight_decay * param_j);
+      m_j = (float)(beta1 * m_j + (1.0 - beta1) * g);
+      v_j = (float)(beta2 * v_j + (1.0 - beta2) * g * g);
+      const float denom = (float)(sqrtf(v_j) / bias_correction2_sqrt + eps);
+      param_j = param_j - step_size * m_j / denom;
+      p[j] = param_j;
+      m[j] = m_j;
+      r[j] = sqrtf(v_j);
+      m_max = max_nan(m_max, fabsf(m_j));
+      r_max = max_nan(r_max, r[j]);
+    }
+    // Every lane has read this block's scales before the shuffles; lane 0 writes them after.
+    m_max = warp_max(m_max);
+    r_max = warp_max(r_max);
+    if (lane == 0) {
+      exp_avg_scale[b] = m_max;
+      exp_avg_sq_scale[b] = r_max;
+    }
+    const float m_log2 = log2f(m_max), r_log2 = log2f(r_max);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64 i = b * BLOCK + j * 32 + lane;
+      if (i >= n) continue;
+      const unsigned int noise = bits[i];
+      // Stochastic rounding to bfloat16: the high 16 random bits added below the kept bits.
+      param[i] = (unsigned short)((__float_as_uint(p[j]) + (noise >> 16)) >> 16);
+      exp_avg[i] = code_of(m[j], m_log2, m_octaves, m_levels_per_octave, m_top, noise & 255u, 1);
+      exp_avg_sq[i] = code_of(r[j], r_log2, r_octaves, r_levels_per_octave, r_top, (noise >> 8) & 255u, 0);
+    }
+  }
+}
+""".replace("PARAMS", ", ".join(f"{kind} __restrict__ {name}" if kind.endswith("*") else f"{kind} {name}"
+                               for kind, name in COMPACT_ADAMW_PARAMS))
+
+SOURCES: dict[str, str] = {
+    **{
+        name: VALUE_TYPES + body
+        for name, body in {
+            "row_nonzero_flags": ROW_NONZERO_FLAGS,
+            "hash_owner": HASH_OWNER,
+            "scatter_add_rows": SCATTER_ADD_ROWS,
+            "segment_sum_rows": SEGMENT_SUM_ROWS,
+        }.items()
+    },
+    # Self-contained (no inline PTX) so that kernels/emulate.py also compiles it for the host.
+    "compact_adamw": COMPACT_ADAMW,
+}
+
+# Compiler options beyond the architecture. The AdamW step is compiled without
+# contracting a multiply and an add into one rounding: the PyTorch ops it replaces
+# round after each operation, and a code's boundary is where the two would differ.
+OPTIONS: dict[str, tuple[str, ...]] = {"compact_adamw": ("--fmad=false",)}
 
 # The extern "C" entry points each module must export (checked after compilation).
 KERNEL_NAMES: dict[str, tuple[str, ...]] = {
@@ -161,4 +305,5 @@ KERNEL_NAMES: dict[str, tuple[str, ...]] = {
     "hash_owner": ("hash_owner",),
     "scatter_add_rows": ("scatter_add_rows_f32",),
     "segment_sum_rows": ("segment_sum_rows_f32", "segment_sum_rows_bf16", "segment_sum_rows_f16"),
+    "compact_adamw": ("compact_adamw",),
 }

@@ -115,12 +115,13 @@ def _read(program: ctypes.c_void_p, size_call: str, read_call: str) -> bytes:
     return buffer.raw
 
 
-def compile_source(source: str, name: str, arch: str = "sm_90", output: str = "ptx") -> bytes:
+def compile_source(source: str, name: str, arch: str = "sm_90", output: str = "ptx",
+                   options: tuple[str, ...] = ()) -> bytes:
     """Compile ``source`` for ``arch`` (like "sm_90") to PTX text or to a CUBIN (ELF) image.
 
     PTX targets the virtual architecture (compute_90) and is what ships; a CUBIN also
     runs NVRTC's built-in assembler, which catches errors in inline PTX that PTX
-    generation alone lets through.
+    generation alone lets through. `options` are further NVRTC flags.
     """
     if output not in ("ptx", "cubin"):
         raise ValueError(f"output must be 'ptx' or 'cubin', got {output!r}")
@@ -135,7 +136,8 @@ def compile_source(source: str, name: str, arch: str = "sm_90", output: str = "p
         "nvrtcCreateProgram",
     )
     try:
-        if library.nvrtcCompileProgram(program, 1, (ctypes.c_char_p * 1)(flag.encode())) != 0:
+        flags = [flag.encode(), *(option.encode() for option in options)]
+        if library.nvrtcCompileProgram(program, len(flags), (ctypes.c_char_p * len(flags))(*flags)) != 0:
             log = _read(program, "nvrtcGetProgramLogSize", "nvrtcGetProgramLog").rstrip(b"\0").decode(errors="replace")
             raise NvrtcCompileError(f"{name} failed to compile for {arch}:\n{log}")
         if output == "ptx":

@@ -117,8 +117,8 @@ def with_device_update(profile: DeviceProfile, state: str, device_rate: float | 
     update's kernels, all but the gradient back. `device_rate` is the update's rate on
     the device in float32 AdamW's bytes per second (28 per parameter), measured
     (`measure_update_rate`); without it, the profile's float32 rate scaled by the
-    format's counted cost (the compact formats' ~80 elementwise kernels move 15x the
-    bytes of float32's one fused kernel).
+    format's counted cost: the fused kernel's (about half of float32's bytes), or on a
+    device without it the PyTorch ops' (about 80 elementwise kernels, 15x the bytes).
 
     A disk tier's chunks run one after the other (each is committed before the next);
     a page-locked RAM tier's (`pipelined`) alternate between two streams, so one
@@ -128,11 +128,20 @@ def with_device_update(profile: DeviceProfile, state: str, device_rate: float | 
     page-locked unit's update is planned as what it is, copies in, kernels and copies
     out, each direction of the link a queue of its own (`step_visits`)."""
     whole, updated, _, _ = state_bytes(state)
-    rate = device_rate or profile.device_update_bytes_per_s / FORMATS[state].device_update_cost
+    fmt = FORMATS[state]
+    cost = fmt.fused_update_cost if profile.fused_update else fmt.device_update_cost
+    rate = device_rate or profile.device_update_bytes_per_s / cost
     parts = (whole / profile.h2d_bytes_per_s, 28 / rate, updated / profile.d2h_bytes_per_s)
     per_param = max(parts[1], sum(parts) / 2) if pipelined else sum(parts)
     return replace(profile, host_update_bytes_per_s=28 / per_param, update_state=state,
                    host_copy_bytes_per_s=host_rates(profile)[1], update_on_device=True, device_update_rate=rate)
+
+
+def device_workspace(profile: DeviceProfile, state: str) -> float:
+    """Bytes per chunk element that an update on the device allocates besides the chunk's
+    state: the fused kernel's random bits, or the PyTorch ops' float32 temporaries."""
+    fmt = FORMATS[state]
+    return 4 if profile.fused_update and fmt.name != "fp32" else fmt.workspace_bytes
 
 
 @functools.cache  # called per visit, per schedule weighed: a buffer's itemsize makes a tensor
@@ -176,6 +185,10 @@ class DeviceProfile:
     # kernels at this rate, in float32 AdamW's bytes (28 per parameter) per second.
     update_on_device: bool = False
     device_update_rate: float = 0.0
+    # A compact format's update on this device is the fused kernel (kernels/adamw.py),
+    # not the PyTorch ops: a CUDA device with CuPy, once the kernel has matched the ops
+    # there (streamer.state's [Note: the fused update, checked before use]).
+    fused_update: bool = False
     # A disk-tier store the page cache holds: bytes its I/O threads read or write per
     # second (the kernel's copies, one thread each way; see `measure_page_cache_rate`).
     cached_io_bytes_per_s: float = 8e9
@@ -183,9 +196,9 @@ class DeviceProfile:
 
 # Sustained (not datasheet) figures; `--measure` replaces them with this machine's.
 PROFILES: dict[str, DeviceProfile] = {
-    "h100": DeviceProfile("h100", 6.5e14, 5.0e10, 5.0e10, 80e9, 3.0e9, 2.0e9, 2.0e10),
-    "h200": DeviceProfile("h200", 6.5e14, 5.0e10, 5.0e10, 141e9, 3.0e9, 2.0e9, 2.0e10),
-    "a100": DeviceProfile("a100", 2.5e14, 2.4e10, 2.4e10, 80e9, 3.0e9, 2.0e9, 2.0e10),
+    "h100": DeviceProfile("h100", 6.5e14, 5.0e10, 5.0e10, 80e9, 3.0e9, 2.0e9, 2.0e10, fused_update=True),
+    "h200": DeviceProfile("h200", 6.5e14, 5.0e10, 5.0e10, 141e9, 3.0e9, 2.0e9, 2.0e10, fused_update=True),
+    "a100": DeviceProfile("a100", 2.5e14, 2.4e10, 2.4e10, 80e9, 3.0e9, 2.0e9, 2.0e10, fused_update=True),
     # A 2-core CPU "device": the link is a host memory copy, the update shares the cores.
     "cpu": DeviceProfile("cpu", 8e10, 5e9, 5e9, 0.0, 1.0e9, 0.8e9, 3e10, compute_bytes=4,
                          host_memory_bytes=24 * 2**30, device_update_bytes_per_s=3e10, shares_host_cores=True,
@@ -607,7 +620,7 @@ def fastest_schedule(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: 
         for d in [depth] + [d for d in DEEPER_PREFETCH if deepen and d > depth]:
             # Besides what `memory_bytes` counts without held units: the extra slots, the
             # held stream's chunk of update temporaries, and the held state's peak.
-            extra = (d - depth) * ring * b + min(CHUNK_NUMEL, max(counts)) * (whole + FORMATS[state].workspace_bytes)
+            extra = (d - depth) * ring * b + min(CHUNK_NUMEL, max(counts)) * (whole + device_workspace(profile, state))
             if max(activations, held_peak) + extra > budget:
                 continue
             visits, lane = fastest_visits(cfg, profile, tokens_per_step, seq_len, offload, d, kept, state,
@@ -931,7 +944,7 @@ def memory_bytes(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int,
     device = weights + grads + activations
     if profile.update_on_device:  # a chunk's state and update temporaries per stream (the lane's, the held units')
         streams = 2 + early + (held > 0)
-        device += streams * min(CHUNK_NUMEL, max(counts)) * (state_bytes(state)[0] + FORMATS[state].workspace_bytes)
+        device += streams * min(CHUNK_NUMEL, max(counts)) * (state_bytes(state)[0] + device_workspace(profile, state))
     # A page-locked RAM tier copies to and from the device in place: nothing stages.
     staging = 0 if profile.shares_host_cores or offload == "ram" else weights + grads
     # The RAM part of the state; for a disk part, the pipeline's ring (the disk store's
@@ -1220,10 +1233,11 @@ def measure_page_cache_rate(folder: Path, nbytes: int = 256 * 2**20) -> float:
         os.unlink(name)
 
 
-def measure_update_rate(numel: int = 8 * 2**20, state: str = "fp32", device: torch.device | None = None) -> float:
+def measure_update_rate(numel: int = 8 * 2**20, state: str = "fp32", device: torch.device | None = None,
+                        fused: bool | None = None) -> float:
     """AdamW over one chunk in a state format, on the host (or `device`, the state
     already there), in float32 AdamW's bytes per second (28 bytes per parameter
-    touched), so that rates of all formats compare."""
+    touched), so that rates of all formats compare. `fused` as `StateFormat.update_`'s."""
     from streamer.optim import OptimConfig
 
     device = device or torch.device("cpu")
@@ -1234,7 +1248,7 @@ def measure_update_rate(numel: int = 8 * 2**20, state: str = "fp32", device: tor
     cfg = OptimConfig()
 
     def update(step: int) -> None:
-        fmt.update_(buffers, step=step, lr=1e-3, cfg=cfg, decay_numel=numel, grad_scale=1.0, seed=step)
+        fmt.update_(buffers, step=step, lr=1e-3, cfg=cfg, decay_numel=numel, grad_scale=1.0, seed=step, fused=fused)
 
     update(1)
     fastest = math.inf
@@ -1418,6 +1432,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
                       + kept_activation_bytes(cfg, seq_len, seq_len, profile.compute_bytes, 0))
         tokens = make_plan(cfg, profile, seq_len, seq_len, offload, micro_tokens=args.micro_tokens or seq_len,
                            memory_budget=budget, state=args.state, ram_units=ram_units).recommended_tokens_per_step
+        if args.micro_tokens and args.micro_tokens > 0:  # whole micro-batches: the next count train can run
+            tokens = -(-tokens // args.micro_tokens) * args.micro_tokens
     if tokens <= 0:
         raise UserError(f"--tokens-per-step must be positive, got {tokens}")
     # The recommendation plans one sequence per micro-batch unless told otherwise: a

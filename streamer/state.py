@@ -46,6 +46,8 @@ weight, 8 for each moment): random numbers are a large share of the update's tim
 from __future__ import annotations
 
 import math
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -95,12 +97,23 @@ class StateFormat:
     # float32 AdamW works in place; the compact update decodes to float32 and codes back,
     # with about ten float32-sized temporaries alive at its peak.
     workspace_bytes: int = 0
-    # Device update time per parameter relative to float32 AdamW's, from the bytes of
-    # device memory its kernels read and write (counted op by op over `update_`, on
-    # 1 Mi elements: 32 per parameter for float32's one fused kernel, 464 for compact's
-    # 83 kernels, 479 for compact8's 78), for a profile's estimate; a CUDA run measures
-    # its own (`planner.measure_update_rate`).
+    # Device update time per parameter relative to float32 AdamW's as PyTorch ops, from
+    # the bytes of device memory its kernels read and write (counted op by op over
+    # `update_`, on 1 Mi elements: 32 per parameter for float32's one fused kernel, 464
+    # for compact's 83 kernels, 479 for compact8's 78), for a profile's estimate on a
+    # device without the fused kernel (`fused_update_cost`); a CUDA run measures its
+    # own (`planner.measure_update_rate`).
     device_update_cost: float = 1.0
+
+    @property
+    def fused_update_cost(self) -> float:
+        """`device_update_cost` for the fused kernel (kernels/adamw.py): every buffer read
+        once, all but the gradient written once, and 32 random bits per element written
+        by the generator and read by the kernel (17 bytes per parameter for compact8)."""
+        if self.name == "fp32":
+            return 1.0
+        whole = self.bytes_per_param()
+        return (2 * whole - self.bytes_per_param(("grad",)) + 8) / 32
 
     def buffer(self, name: str) -> Buffer:
         return next(b for b in self.buffers if b.name == name)
@@ -166,14 +179,26 @@ class StateFormat:
         return buffers["grad"].float()
 
     def update_(self, buffers: dict[str, torch.Tensor], *, step: int, lr: float, cfg: OptimConfig,
-                decay_numel: int, grad_scale: float, seed: int) -> None:
-        """One AdamW step, in place, on one chunk of a unit's buffers (all of them)."""
+                decay_numel: int, grad_scale: float, seed: int, fused: bool | None = None) -> None:
+        """One AdamW step, in place, on one chunk of a unit's buffers (all of them).
+
+        A compact format's step on a CUDA device is one kernel (kernels/adamw.py) once it
+        has matched the PyTorch ops there (see [Note: the fused update, checked before
+        use]); `fused` forces one or the other (on CPU tensors, the fused kernel runs in
+        the host emulation: a check, not a fast path)."""
         if self.name == "fp32":
             adamw_update_(buffers["param"], buffers["grad"], buffers["exp_avg"], buffers["exp_avg_sq"], step=step,
                           lr=lr, cfg=cfg, decay_numel=decay_numel, grad_scale=grad_scale)
             return
-        generator = torch.Generator(device=buffers["param"].device).manual_seed(seed)
+        device = buffers["param"].device
+        generator = torch.Generator(device=device).manual_seed(seed)
         bits = random_bits(buffers["param"].shape, 32, generator)
+        if fused is None:
+            fused = device.type == "cuda" and fused_update_agrees(self, device)
+        if fused:
+            self.fused_update_(buffers, bits, step=step, lr=lr, cfg=cfg, decay_numel=decay_numel,
+                               grad_scale=grad_scale)
+            return
         param = buffers["param"].float()
         exp_avg = decode("exp_avg", buffers["exp_avg"], buffers["exp_avg_scale"])
         exp_avg_sq = decode("exp_avg_sq", buffers["exp_avg_sq"], buffers["exp_avg_sq_scale"]).square_()
@@ -183,6 +208,19 @@ class StateFormat:
         encode("exp_avg", exp_avg, buffers["exp_avg"], buffers["exp_avg_scale"], bits.bitwise_and(255))
         encode("exp_avg_sq", exp_avg_sq.sqrt_(), buffers["exp_avg_sq"], buffers["exp_avg_sq_scale"],
                bits.bitwise_right_shift(8).bitwise_and_(255))
+
+    def fused_update_(self, buffers: dict[str, torch.Tensor], bits: torch.Tensor, *, step: int, lr: float,
+                      cfg: OptimConfig, decay_numel: int, grad_scale: float) -> None:
+        """A compact format's step as one kernel (kernels/adamw.py), rounding with `bits`
+        (32 per element, as `update_` draws them); on CPU tensors in the host emulation."""
+        from kernels.adamw import compact_adamw_
+
+        device = buffers["param"].device
+        compact_adamw_(buffers, bits, fused_tables(device), emulate=device.type == "cpu", step=step, lr=lr,
+                       beta1=cfg.beta1, beta2=cfg.beta2, weight_decay=cfg.weight_decay, eps=cfg.eps,
+                       decay_numel=decay_numel, grad_scale=grad_scale,
+                       codes={name: (OCTAVES[name], _levels_per_octave(name), LEVELS[name])
+                              for name in ("exp_avg", "exp_avg_sq")})
 
 
 def _compact(name: str, grad: tuple[Buffer, ...], update_cost: float, workspace_bytes: int,
@@ -288,3 +326,109 @@ def encode(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
     else:  # signed
         position.add_(torch.where(torch.signbit(x) & (position > 0), 128.0, 0.0))
     codes.copy_(position.masked_fill_(zero, 0))
+
+
+# --- the fused update, checked before use ---------------------------------------------
+
+"""[Note: the fused update, checked before use]
+The compact formats' update as PyTorch ops is about eighty kernels per chunk, which
+move some 480 bytes of device memory per parameter: on a GPU it is the update's whole
+cost, and with AdamW on the device it decides how many tokens a step needs to hide it.
+kernels/adamw.py does the same arithmetic in one pass over memory (17 bytes per
+parameter with the random bits).
+
+The two cannot be bit-identical everywhere: torch's fused AdamW and the kernel may
+round a float32 intermediate differently, and a libm's `log2f` may differ in its last
+bit. A last-bit difference changes a stored value only where it straddles a rounding
+boundary: a bfloat16 weight's (1 in 65,536 of its spacing) or a code's (about 1 in
+10^5 of a level). So the kernel matches the ops when, on the same state and the same
+random bits, every stored weight and code is equal or one step apart and at most one
+in a thousand differ at all, and the block scales agree to 1e-6. A device runs the
+kernel only after it has matched the ops there on a sample chunk (ragged last block,
+an all-zero block, clipping and weight decay on half of it) with both gradient
+formats; otherwise it keeps the ops and says so once. The host emulation
+(kernels/emulate.py) is held to the same comparison in the tests.
+"""
+
+_FUSED_TABLES: dict[torch.device, torch.Tensor] = {}
+_FUSED_AGREES: dict[tuple[str, torch.device], bool] = {}
+_FUSED_LOCK = threading.Lock()
+
+
+def fused_tables(device: torch.device) -> torch.Tensor:
+    """The values of the gradient's, the first moment's and the root's codes, 3 x 256."""
+    if device not in _FUSED_TABLES:
+        _FUSED_TABLES[device] = torch.cat([_table(name, device) for name in ("grad", "exp_avg", "exp_avg_sq")])
+    return _FUSED_TABLES[device]
+
+
+def sample_state(fmt: StateFormat, numel: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A chunk of training state as a run has it: magnitudes that vary by orders from
+    block to block, exact zeros, and one block that is all zero."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = -(-numel // BLOCK)
+    spread = torch.exp2(torch.randint(-12, 4, (blocks,), generator=generator).float()).repeat_interleave(BLOCK)[:numel]
+
+    def values(scale: float) -> torch.Tensor:
+        x = torch.randn(numel, generator=generator) * spread * scale
+        x[torch.rand(numel, generator=generator) < 0.02] = 0.0
+        x[BLOCK : 2 * BLOCK] = 0.0
+        return x
+
+    buffers = {b.name: torch.zeros(b.numel(numel), dtype=b.dtype) for b in fmt.buffers}
+    buffers["param"].copy_(torch.randn(numel, generator=generator) * 0.02)
+    fmt.store_grad(values(1e-2), buffers)
+    encode("exp_avg", values(1e-3), buffers["exp_avg"], buffers["exp_avg_scale"], None)
+    encode("exp_avg_sq", values(1e-3).abs(), buffers["exp_avg_sq"], buffers["exp_avg_sq_scale"], None)
+    return {name: buffer.to(device) for name, buffer in buffers.items()}
+
+
+def fused_differences(fmt: StateFormat, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str]:
+    """Where `got` (the fused update's state) is further from `expected` (the ops') than
+    the note above allows; empty when it matches."""
+    problems = []
+    for name in ("param", "exp_avg", "exp_avg_sq"):
+        a, b = expected[name].cpu(), got[name].cpu()
+        if name == "param":  # neighbouring bfloat16 values of one sign are neighbouring integers
+            a, b = a.view(torch.int16).int(), b.view(torch.int16).int()
+        else:
+            a, b = a.int(), b.int()
+            if name in SIGNED:  # a signed code's level: positive, or negative past 128
+                a, b = torch.where(a > 128, 128 - a, a), torch.where(b > 128, 128 - b, b)
+        step = (a - b).abs()
+        differ, largest = int((step > 0).sum()), int(step.max()) if step.numel() else 0
+        if largest > 1 or differ > max(2, a.numel() // 1000):
+            problems.append(f"{name}: {differ} of {a.numel()} differ, by up to {largest}")
+    for name in ("exp_avg_scale", "exp_avg_sq_scale"):
+        a, b = expected[name].cpu(), got[name].cpu()
+        if not torch.allclose(a, b, rtol=1e-6, atol=0.0):
+            problems.append(f"{name}: up to {float(((a - b).abs() / a.abs().clamp(min=1e-30)).max()):.2g} apart")
+    return problems
+
+
+def check_fused_update(fmt: StateFormat, device: torch.device, numel: int = 48 * BLOCK + 77) -> list[str]:
+    """Both updates on the same sample chunk on `device`: what differs (empty: none)."""
+    state = sample_state(fmt, numel, device)
+    expected = {name: buffer.clone() for name, buffer in state.items()}
+    settings = dict(step=3, lr=1e-3, cfg=OptimConfig(), decay_numel=numel // 2, grad_scale=0.5, seed=7)
+    fmt.update_(expected, fused=False, **settings)
+    fmt.update_(state, fused=True, **settings)
+    return fused_differences(fmt, expected, state)
+
+
+def fused_update_agrees(fmt: StateFormat, device: torch.device) -> bool:
+    """Whether `fmt`'s fused update matched the ops on `device` (checked once per device)."""
+    key = (fmt.name, device)
+    with _FUSED_LOCK:  # the worker and the held stream's thread may both update first
+        if key in _FUSED_AGREES:
+            return _FUSED_AGREES[key]
+        try:
+            problems = check_fused_update(fmt, device)
+        except Exception as error:  # no CuPy, a compile or launch error: the ops still work
+            problems = [f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"]
+        _FUSED_AGREES[key] = not problems
+        if problems:
+            print(f"warning: the fused {fmt.name} update does not match the PyTorch ops on {device} "
+                  f"({'; '.join(problems)}); updating with the ops (about 25x the device memory traffic)",
+                  file=sys.stderr)
+        return _FUSED_AGREES[key]

@@ -109,3 +109,28 @@ def test_the_comparison_names_each_update_mode_and_every_run_is_predicted(gpu_re
     assert xl.met is True and "AdamW on device; AdamW on host: 1.02x" in xl.measured
     planner = next(r for r in rows if r.target.startswith("5."))
     assert planner.met is False and "+30% over 3 runs" in planner.measured
+
+
+def test_the_adamw_kernel_counts_among_the_kernels(gpu_report, tmp_path: Path) -> None:
+    """The compact AdamW kernel (alone, not with its random bits drawn) is held to the
+    same share of HBM bandwidth, and a mismatch with the PyTorch ops fails the check."""
+    sparse = [{"kernel": "coalesce", "dtype": "bfloat16", "density": 0.01, "share_of_copy": 0.62,
+               "max_abs_diff": 0.0}]
+
+    def update(kernel: str, share: float, differences: list[str]) -> dict:
+        return {"kernel": kernel, "state": "compact8", "numel": 8388608, "share_of_copy": share,
+                "differences": differences}
+
+    def rows(updates: list[dict]) -> list:
+        write(tmp_path, "kernels_cuda.json", {"device": "cuda", "machine": GPU, "checked_against_reference": True,
+                                              "rows": sparse, "updates": updates})
+        return gpu_report.report(tmp_path)[1]
+
+    slow = rows([update("compact_adamw kernel", 0.41, []), update("compact_adamw ops", 0.01, [])])
+    assert met(slow, "4. kernels match") is True and met(slow, "4. kernels: share") is False
+    share = next(r for r in slow if r.target.startswith("4. kernels: share"))
+    assert share.measured == "lowest 41% (compact_adamw kernel, compact8, 8388608 elements)"
+    wrong = rows([update("compact_adamw kernel", 0.7, ["exp_avg: 90 of 8388608 differ, by up to 2"])])
+    assert met(wrong, "4. kernels match") is False and met(wrong, "4. kernels: share") is True
+    check = next(r for r in wrong if r.target.startswith("4. kernels match"))
+    assert "the AdamW kernel differs: exp_avg: 90" in check.measured

@@ -1,5 +1,6 @@
 """kernels/: the row-sparse primitives against naive dense computations, the owner hash,
-NVRTC compilation of every CUDA kernel on a CPU machine, and the CuPy paths on a GPU.
+NVRTC compilation of every CUDA kernel on a CPU machine, the compact AdamW kernel run
+through the host emulation against the PyTorch ops, and the CuPy paths on a GPU.
 
 Values are small integers so that every sum is exact in float32, bfloat16 and float16,
 and results can be compared with torch.equal rather than a tolerance.
@@ -19,6 +20,7 @@ from kernels import reference
 from kernels.cuda_sources import KERNEL_NAMES, SOURCES
 from kernels.hashing import mix64_python, owner_ranks
 from kernels.sparse_sync import pack_rows, unpack_rows
+from streamer.optim import OptimConfig
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DENSITIES = (0.0, 0.01, 0.5, 1.0)
@@ -295,8 +297,10 @@ def test_every_kernel_compiles_to_ptx(nvrtc_library: None, arch: str) -> None:
 def test_every_kernel_assembles_to_cubin(nvrtc_library: None, name: str) -> None:
     # A CUBIN runs the PTX assembler too, which checks the inline PTX of the half conversions.
     from kernels import nvrtc
+    from kernels.cuda_sources import OPTIONS
 
-    assert nvrtc.compile_source(SOURCES[name], name, "sm_90", output="cubin")[:4] == b"\x7fELF"
+    assert nvrtc.compile_source(SOURCES[name], name, "sm_90", output="cubin", options=OPTIONS.get(name, ()))[:4] \
+        == b"\x7fELF"
 
 
 def test_compile_errors_carry_the_log(nvrtc_library: None) -> None:
@@ -366,3 +370,80 @@ def test_gpu_out_of_range_index_raises() -> None:
         kernels.scatter_add_rows(
             torch.zeros(4, 2, device="cuda"), torch.tensor([4], device="cuda"), torch.ones(1, 2, device="cuda")
         )
+
+
+# --- the compact AdamW kernel against the PyTorch ops ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def host_compiler() -> None:
+    import shutil
+
+    if not (shutil.which("g++") or shutil.which("clang++")):
+        pytest.skip("no C++ compiler to build the host emulation of the CUDA kernel")
+
+
+def _fused_against_ops(state: str, numel: int, device: str, **settings: object) -> list[str]:
+    """One step of each update from the same state and random bits: what differs."""
+    from streamer.state import FORMATS, fused_differences, sample_state
+
+    fmt = FORMATS[state]
+    fused = sample_state(fmt, numel, torch.device(device), seed=numel)
+    ops = {name: buffer.clone() for name, buffer in fused.items()}
+    settings = {"step": 3, "lr": 1e-3, "cfg": OptimConfig(), "decay_numel": numel // 2, "grad_scale": 0.5,
+                "seed": 11, **settings}
+    fmt.update_(ops, fused=False, **settings)
+    fmt.update_(fused, fused=True, **settings)
+    assert not torch.equal(ops["param"], sample_state(fmt, numel, torch.device(device), seed=numel)["param"])
+    return fused_differences(fmt, ops, fused)
+
+
+@pytest.mark.parametrize("state", ("compact", "compact8"))
+@pytest.mark.parametrize("numel", (1, 255, 257, 40 * 256 + 77))
+def test_compact_adamw_kernel_matches_the_ops_in_host_emulation(host_compiler: None, state: str,
+                                                                 numel: int) -> None:
+    """The CUDA source itself, run on the host (kernels/emulate.py): a ragged or lone
+    block, a grid of several blocks of two warps striding over forty, against the
+    PyTorch ops with the same random bits (streamer.state's [Note: the fused update,
+    checked before use])."""
+    assert _fused_against_ops(state, numel, "cpu") == []
+
+
+@pytest.mark.parametrize("settings", (
+    {"grad_scale": 1.0, "decay_numel": 0},
+    {"step": 1, "cfg": OptimConfig(weight_decay=0.0)},
+    {"step": 500, "lr": 3e-2, "decay_numel": 10**9},
+))
+def test_compact_adamw_kernel_matches_the_ops_with_every_setting(host_compiler: None, settings: dict) -> None:
+    """No clipping, no or all decay, the first step's bias correction and a late one."""
+    assert _fused_against_ops("compact8", 9 * 256 + 3, "cpu", **settings) == []
+
+
+def test_a_broken_kernel_is_told_apart(host_compiler: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The comparison is not blind: a kernel that rounds the first moment to the nearest
+    code instead of stochastically, or reduces the block's largest value over half a
+    warp, fails it."""
+    import kernels.cuda_sources as sources
+
+    original = sources.SOURCES["compact_adamw"]
+    for wrong, broken in (("noise & 255u, 1)", "128u, 1)"), ("offset > 0", "offset > 1")):
+        assert wrong in original
+        monkeypatch.setitem(sources.SOURCES, "compact_adamw", original.replace(wrong, broken))
+        assert any("exp_avg:" in problem for problem in _fused_against_ops("compact8", 40 * 256, "cpu"))
+
+
+def test_the_emulation_runs_whole_warps() -> None:
+    from kernels import emulate
+
+    with pytest.raises(ValueError, match="whole warps"):
+        emulate.launch("", "k", (), grid=1, block=48, args={})
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("state", ("compact", "compact8"))
+@pytest.mark.parametrize("numel", (1, 257, 8 * 2**20 + 77))
+def test_gpu_compact_adamw_kernel_matches_the_ops(state: str, numel: int) -> None:
+    """On the GPU, at a store chunk's size and ragged: the check a run makes before it
+    uses the kernel, here as a test so that a mismatch fails loudly."""
+    assert _fused_against_ops(state, numel, "cuda") == []

@@ -128,3 +128,61 @@ def test_compact_update_follows_float32_adamw_on_a_quadratic() -> None:
     assert (exact["param"] - target).abs().max() < 0.02
     assert (compact["param"].float() - target).abs().max() < 0.05
     assert (compact["param"].float() - exact["param"]).abs().mean() < 0.01
+
+
+def test_a_fused_update_that_does_not_match_is_not_used(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """A device whose fused kernel differs from the ops, or cannot run it at all (no
+    CuPy, a compile error), updates with the ops and says why, once per device."""
+    from streamer import state
+
+    calls = []
+
+    def differs(fmt: object, device: torch.device) -> list[str]:
+        calls.append(device)
+        if device.index == 1:
+            raise ImportError("CUDA tensors need CuPy: pip install cupy-cuda12x")
+        return ["exp_avg: 40 of 10317 differ, by up to 3"]
+
+    monkeypatch.setattr(state, "check_fused_update", differs)
+    monkeypatch.setattr(state, "_FUSED_AGREES", {})
+    for device in (torch.device("cuda", 0), torch.device("cuda", 0), torch.device("cuda", 1)):
+        assert not state.fused_update_agrees(FORMATS["compact8"], device)
+    assert calls == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert "does not match the PyTorch ops on cuda:0 (exp_avg: 40 of 10317 differ, by up to 3)" in err[0]
+    assert "ImportError: CUDA tensors need CuPy" in err[1] and "updating with the ops" in err[1]
+
+
+def test_fused_differences_allows_last_bit_steps_only() -> None:
+    """A weight or code one step apart here and there is a last-bit difference; two
+    steps apart anywhere, or one step apart in more than one in a thousand, is not."""
+    from streamer.state import fused_differences, sample_state
+
+    fmt = FORMATS["compact8"]
+    expected = sample_state(fmt, 20 * BLOCK, torch.device("cpu"))
+
+    def off(name: str, index: slice, by: int = 1) -> list[str]:
+        got = {key: value.clone() for key, value in expected.items()}
+        view = got[name].view(torch.int16) if name == "param" else got[name]
+        view[index] += by
+        return fused_differences(fmt, expected, got)
+
+    assert fused_differences(fmt, expected, expected) == []
+    assert off("param", slice(0, 3)) == []
+    assert off("param", slice(0, 100)) and off("param", slice(7, 8), by=2)
+    assert off("exp_avg_sq", slice(0, 1000)) and off("exp_avg", slice(5, 6), by=3)
+    got = {key: value.clone() for key, value in expected.items()}
+    got["exp_avg_scale"][4] *= 1.001
+    assert fused_differences(fmt, expected, got) == ["exp_avg_scale: up to 0.001 apart"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_updates_use_the_fused_kernel() -> None:
+    """On a GPU with CuPy the compact formats' update is the fused kernel by default."""
+    from streamer.state import fused_update_agrees
+
+    for name in ("compact", "compact8"):
+        assert fused_update_agrees(FORMATS[name], torch.device("cuda", torch.cuda.current_device()))

@@ -1,0 +1,80 @@
+"""The compact state formats' AdamW step as one CUDA kernel.
+
+streamer.state keeps a bfloat16 master weight and 8-bit moments on a log scale per
+block of 256 elements (and, for compact8, an 8-bit gradient). Its PyTorch update is
+about eighty elementwise kernels over a chunk: it decodes each buffer to float32, runs
+AdamW, rounds and codes back, and moves some 480 bytes of device memory per parameter
+(against 32 for float32 AdamW). This kernel reads each buffer once and writes the
+updated ones once: 9 bytes per parameter in, 4 out, beside the 8 of the random bits
+that the reference's own generator writes and the kernel reads, so that both round
+with the same bits (see [Note: the fused update, checked before use] in
+streamer/state.py).
+
+`compact_adamw_` runs it on CUDA tensors (CuPy, on PyTorch's current stream) or, with
+`emulate=True`, on CPU tensors through kernels/emulate.py: the same source, compiled
+for the host, so that CI checks it against the reference without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from kernels.cuda_sources import COMPACT_ADAMW_PARAMS, SOURCES
+
+BLOCK = 256  # elements per scale, as streamer.state.BLOCK
+WARP = 32
+NUMPY = {"int64": np.int64, "int": np.int32, "double": np.float64, "float": np.float32}
+
+
+def arguments(buffers: dict[str, torch.Tensor], bits: torch.Tensor, tables: torch.Tensor, *, step: int, lr: float,
+              beta1: float, beta2: float, weight_decay: float, eps: float, decay_numel: int, grad_scale: float,
+              codes: dict[str, tuple[float, float, int]]) -> dict[str, object]:
+    """The kernel's arguments by name, for one chunk's `buffers` (streamer.state's names),
+    its 32 `bits` per element (int32), the 3 x 256 code `tables` (gradient, first moment,
+    second moment's root), and each moment's (octaves, levels per octave, top code)."""
+    param = buffers["param"]
+    coded = "grad_scale" in buffers
+    grad = buffers["grad"]
+    (m_octaves, m_levels, m_top), (r_octaves, r_levels, r_top) = codes["exp_avg"], codes["exp_avg_sq"]
+    return {
+        "param": param, "grad16": param if coded else grad, "grad8": grad if coded else buffers["exp_avg"],
+        "grad_scale": buffers["grad_scale"] if coded else buffers["exp_avg_scale"],
+        "exp_avg": buffers["exp_avg"], "exp_avg_scale": buffers["exp_avg_scale"],
+        "exp_avg_sq": buffers["exp_avg_sq"], "exp_avg_sq_scale": buffers["exp_avg_sq_scale"],
+        "bits": bits, "tables": tables, "n": param.numel(),
+        "decay_numel": min(decay_numel, param.numel()) if weight_decay else 0, "grad_coded": int(coded),
+        "lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay, "eps": eps,
+        # torch's fused AdamW divides the gradient by its float32 `grad_scale` tensor.
+        "grad_divisor": float(np.float32(1.0 / grad_scale)),
+        "bias_correction1": 1 - beta1**step, "bias_correction2_sqrt": math.sqrt(1 - beta2**step),
+        "m_octaves": float(m_octaves), "m_levels_per_octave": float(np.float32(m_levels)), "m_top": float(m_top),
+        "r_octaves": float(r_octaves), "r_levels_per_octave": float(np.float32(r_levels)), "r_top": float(r_top),
+    }
+
+
+def compact_adamw_(buffers: dict[str, torch.Tensor], bits: torch.Tensor, tables: torch.Tensor, *,
+                   emulate: bool = False, threads: int = 256, **settings: object) -> None:
+    """One AdamW step in place on a chunk's buffers (see `arguments` for `settings`).
+    The chunk starts on a block boundary; its last block may be ragged."""
+    args = arguments(buffers, bits, tables, **settings)  # type: ignore[arg-type]
+    blocks = -(-int(args["n"]) // BLOCK)  # type: ignore[call-overload]
+    if blocks == 0:
+        return
+    if emulate:
+        from kernels import emulate as host
+
+        # Two warps per block is enough to check that warps do not mix.
+        grid = min(-(-blocks * WARP // 64), 4)
+        host.launch(SOURCES["compact_adamw"], "compact_adamw", COMPACT_ADAMW_PARAMS, grid, 64, args)
+        return
+    from kernels import cuda
+
+    device = buffers["param"].device
+    with cuda._on_torch_stream(device) as cupy:
+        values = tuple(cuda._view(cupy, args[name]) if kind.endswith("*") else NUMPY[kind](args[name])
+                       for kind, name in COMPACT_ADAMW_PARAMS)
+        grid = min(cuda.MAX_BLOCKS, -(-blocks * WARP // threads))
+        cuda._kernel("compact_adamw", "compact_adamw", device.index)((grid,), (threads,), values)

@@ -205,19 +205,25 @@ def main() -> None:
     worst = min(rows, key=lambda r: r["share_of_copy"])
     print(f"lowest share of copy bandwidth: {worst['kernel']} {worst['dtype']} at {worst['density']:.0%}: "
           f"{worst['share_of_copy']:.0%}")
+    path = args.json or RESULTS / ("kernels_cuda.json" if cuda else "kernels_cpu.json")
+    result = {"machine": info, "device": device.type, "checked_against_reference": cuda, "vocab": args.vocab,
+              "hidden": args.hidden, "world": args.world, "copy_bytes_per_s": memory, "rows": rows,
+              "min_share_of_copy": worst["share_of_copy"]}
+    write_json(path, result)  # the sparse kernels' results stand whatever the update's kernel does
     print(f"\n{'update':<28}{'state':<10}{'elements':>10}{'ms':>9}{'GB/s':>8}{'of copy':>9}{'G param/s':>10}  check")
-    updates = update_rows(device, memory, args.repeat, args.update_numel)
+    try:
+        updates = update_rows(device, memory, args.repeat, args.update_numel)
+    except Exception as error:  # a launch or compile failure: said, and kept in the JSON
+        print(f"the update's kernel failed: {type(error).__name__}: {error}")
+        write_json(path, {**result, "update_error": f"{type(error).__name__}: {error}", "update_matches_ops": False})
+        raise
     by = {(r["kernel"], r["state"]): r for r in updates}
     for state in ("compact", "compact8"):
         if ("compact_adamw kernel", state) in by:
             print(f"{state}: the fused update is {by['compact_adamw ops', state]['seconds'] / by['compact_adamw fused update', state]['seconds']:.1f}x "  # noqa: E501
                   f"as fast as the ops")
     kernels_only = [r for r in updates if r["kernel"] == "compact_adamw kernel"]
-    path = args.json or RESULTS / ("kernels_cuda.json" if cuda else "kernels_cpu.json")
-    write_json(path, {"machine": info, "device": device.type, "checked_against_reference": cuda,
-                      "vocab": args.vocab, "hidden": args.hidden, "world": args.world,
-                      "copy_bytes_per_s": memory, "rows": rows,
-                      "min_share_of_copy": min(r["share_of_copy"] for r in [*rows, *kernels_only]),
+    write_json(path, {**result, "min_share_of_copy": min(r["share_of_copy"] for r in [*rows, *kernels_only]),
                       "updates": updates,
                       "update_matches_ops": all(not r["differences"] for r in updates) if cuda else None})
 

@@ -143,9 +143,12 @@ def kernel_rows(folder: Path) -> list[Row]:
     worst = min([*data["rows"], *(r for r in updates if r["kernel"] == "compact_adamw kernel")],
                 key=lambda r: r["share_of_copy"])
     largest = max(r["max_abs_diff"] for r in data["rows"])
-    update_problems = sorted({p for r in updates for p in r["differences"]})
-    update = "" if not updates else "; the AdamW kernel " + ("matches the ops" if not update_problems else
-                                                            "differs: " + "; ".join(update_problems))
+    update_problems = sorted({p for r in updates for p in r["differences"]}) + \
+        ([f"it failed to run ({data['update_error']})"] if "update_error" in data else [])
+    update = ""
+    if updates or update_problems:
+        update = "; the AdamW kernel " + ("differs: " + "; ".join(update_problems) if update_problems
+                                          else "matches the ops")
     where = (f"{worst['dtype']}, {worst['density']:.0%} rows" if "dtype" in worst
              else f"{worst['state']}, {worst['numel']} elements")
     return [

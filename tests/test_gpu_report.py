@@ -134,3 +134,10 @@ def test_the_adamw_kernel_counts_among_the_kernels(gpu_report, tmp_path: Path) -
     assert met(wrong, "4. kernels match") is False and met(wrong, "4. kernels: share") is True
     check = next(r for r in wrong if r.target.startswith("4. kernels match"))
     assert "the AdamW kernel differs: exp_avg: 90" in check.measured
+    # A kernel that failed to run at all (the benchmark keeps the sparse kernels' rows).
+    write(tmp_path, "kernels_cuda.json", {"device": "cuda", "machine": GPU, "checked_against_reference": True,
+                                          "rows": sparse, "update_error": "CUDADriverError: illegal address"})
+    crashed = gpu_report.report(tmp_path)[1]
+    assert met(crashed, "4. kernels match") is False and met(crashed, "4. kernels: share") is True
+    check = next(r for r in crashed if r.target.startswith("4. kernels match"))
+    assert "the AdamW kernel differs: it failed to run (CUDADriverError: illegal address)" in check.measured

@@ -153,6 +153,10 @@ def test_a_fused_update_that_does_not_match_is_not_used(monkeypatch: pytest.Monk
     assert len(err) == 2
     assert "does not match the PyTorch ops on cuda:0 (exp_avg: 40 of 10317 differ, by up to 3)" in err[0]
     assert "ImportError: CUDA tensors need CuPy" in err[1] and "updating with the ops" in err[1]
+    # Told to keep the ops (STREAMER_FUSED_UPDATE=0), a device is neither checked nor fused.
+    monkeypatch.setenv(state.FUSED_ENV, "0")
+    assert not state.fused_update_agrees(FORMATS["compact8"], torch.device("cuda", 2))
+    assert len(calls) == 2 and capsys.readouterr().err == ""
 
 
 def test_fused_differences_allows_last_bit_steps_only() -> None:

@@ -7,11 +7,13 @@ default) and 1-5% of rows touched: the result is checked against `kernels.refere
 (the bytes it must read and write at least, per second) is compared with the device's
 memory copy bandwidth measured in the same run. The target on a GPU is >= 50% of it.
 
-Then the compact formats' fused AdamW step (kernels/adamw.py) on one store chunk (8 Mi
-elements), checked against the PyTorch ops from the same state with the same random
-bits (streamer.state's fused_differences), and timed three ways: the kernel alone (its
-bytes: every buffer read once, the updated ones written once, the random bits read),
-the whole fused update (with drawing the bits), and the PyTorch ops it replaces.
+Then the compact formats' kernels (kernels/compact.py) on one store chunk (8 Mi
+elements), each checked against the PyTorch ops (streamer.state's fused_differences).
+The AdamW step, from the same state with the same random bits, is timed three ways:
+the kernel alone (its bytes: every buffer read once, the updated ones written once, the
+random bits read), the whole fused update (with drawing the bits), and the PyTorch ops
+it replaces; compact8's gradient coding (float32 in, codes and scales out) as the
+kernel and as the ops.
 
 On a machine without CUDA the same sizes run through the reference on the CPU (nothing
 to check against), so the script is exercised everywhere; the JSON says which (the
@@ -120,7 +122,7 @@ def update_rows(device: torch.device, memory: float, repeat: int, numel: int) ->
     """The compact formats' update on one chunk: the fused kernel checked against the ops,
     then the kernel alone, the fused update and the ops, timed."""
     from streamer.optim import OptimConfig
-    from streamer.state import FORMATS, fused_differences, random_bits, sample_state
+    from streamer.state import FORMATS, fused_differences, random_bits, sample_state, sample_values
 
     cuda, rows = device.type == "cuda", []
     for state in ("compact", "compact8"):
@@ -135,16 +137,29 @@ def update_rows(device: torch.device, memory: float, repeat: int, numel: int) ->
             fmt.update_(fused, seed=1, fused=True, **settings)
             problems = fused_differences(fmt, ops, fused)
         bits = random_bits((numel,), 32, torch.Generator(device=device).manual_seed(0))
-        whole, grad = fmt.bytes_per_param(), fmt.bytes_per_param(("grad",))
-        kernel_bytes = (2 * whole - grad + 4) * numel  # state in, updated state out, bits in
+        whole, grad_bytes = fmt.bytes_per_param(), fmt.bytes_per_param(("grad",))
+        kernel_bytes = (2 * whole - grad_bytes + 4) * numel  # state in, updated state out, bits in
         update = functools.partial(fmt.update_, buffers, seed=1, **settings)
         runs = {"ops": (functools.partial(update, fused=False), kernel_bytes)}
         if cuda:
             runs = {"kernel": (functools.partial(fmt.fused_update_, buffers, bits, **settings), kernel_bytes),
                     "fused update": (functools.partial(update, fused=True), kernel_bytes + 4 * numel), **runs}
+        if state == "compact8":  # the gradient's coding, as the backward runs it: float32 in, codes out
+            grad = sample_values(numel, 1e-2, torch.Generator().manual_seed(1)).to(device)
+            coded = {name: torch.empty_like(buffers[name]) for name in ("grad", "grad_scale")}
+            code = functools.partial(fmt.store_grad, grad, coded)
+            code_bytes = (4 + grad_bytes) * numel
+            if cuda:
+                expected = {name: torch.empty_like(buffers[name]) for name in ("grad", "grad_scale")}
+                fmt.store_grad(grad, expected, fused=False)
+                code(fused=True)
+                problems = problems + fused_differences(fmt, expected, coded)
+                runs["code_gradient kernel"] = (functools.partial(code, fused=True), code_bytes)
+            runs["code_gradient ops"] = (functools.partial(code, fused=False), code_bytes)
         for how, (run, nbytes) in runs.items():
             seconds = timed(run, device, repeat)
-            rows.append({"kernel": f"compact_adamw {how}", "state": state, "numel": numel, "seconds": seconds,
+            kernel = how if how.startswith("code_gradient") else f"compact_adamw {how}"
+            rows.append({"kernel": kernel, "state": state, "numel": numel, "seconds": seconds,
                          "bytes": nbytes, "bytes_per_s": nbytes / seconds, "share_of_copy": nbytes / seconds / memory,
                          "params_per_s": numel / seconds, "differences": problems})
             r = rows[-1]
@@ -220,9 +235,12 @@ def main() -> None:
     by = {(r["kernel"], r["state"]): r for r in updates}
     for state in ("compact", "compact8"):
         if ("compact_adamw kernel", state) in by:
-            print(f"{state}: the fused update is {by['compact_adamw ops', state]['seconds'] / by['compact_adamw fused update', state]['seconds']:.1f}x "  # noqa: E501
-                  f"as fast as the ops")
-    kernels_only = [r for r in updates if r["kernel"] == "compact_adamw kernel"]
+            speedup = by["compact_adamw ops", state]["seconds"] / by["compact_adamw fused update", state]["seconds"]
+            print(f"{state}: the fused update is {speedup:.1f}x as fast as the ops")
+    if ("code_gradient kernel", "compact8") in by:
+        speedup = by["code_gradient ops", "compact8"]["seconds"] / by["code_gradient kernel", "compact8"]["seconds"]
+        print(f"compact8: the gradient's coding kernel is {speedup:.1f}x as fast as the ops")
+    kernels_only = [r for r in updates if r["kernel"].endswith("kernel")]
     write_json(path, {**result, "min_share_of_copy": min(r["share_of_copy"] for r in [*rows, *kernels_only]),
                       "updates": updates,
                       "update_matches_ops": all(not r["differences"] for r in updates) if cuda else None})

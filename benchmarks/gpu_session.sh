@@ -70,7 +70,7 @@ stage_kernels() {
 # micro-batch: on the h200 profile the planner's step at 40,960 tokens is 10.8 s, ~485
 # TFLOP/s of model FLOPs (6 x parameters x tokens plus attention), with 30.5 GiB (33 GB)
 # of device memory (every block recomputed; the boundary activations are most of it),
-# with the fused update kernel (kernels/adamw.py; 12.4 s and 423 TFLOP/s should the run
+# with the fused update kernel (kernels/compact.py; 12.4 s and 423 TFLOP/s should the run
 # fall back to the PyTorch ops): 24 sequences would plan the same rate in 34.8 GiB
 # (37 GB), too close to the 40 GB goal for what the model leaves out. 10 steps on real
 # text under a 40 GB limit (37 GiB), at the published 20B run's peak learning rate
@@ -133,7 +133,7 @@ stage_tests() {
     python3 -m pytest -q -m gpu -p no:cacheprovider "${parallel[@]}" tests/ 2>&1 | tee "$results/gpu_tests.log"
 }
 # Held units (streamer.scheduler's [Note: updates held on the device]) and the fused
-# compact AdamW kernel (kernels/adamw.py) are the newest CUDA paths: unless every GPU
+# compact AdamW kernel (kernels/compact.py) are the newest CUDA paths: unless every GPU
 # test passed (a failure, an error, or the stage cut short), the timed stages run
 # without held units rather than spend their minutes on a run that may not finish, and
 # if a test of the fused kernel failed, with the PyTorch ops for the update

@@ -10,9 +10,10 @@ Each primitive dispatches on the tensor's device: CuPy raw kernels for CUDA tens
 (kernels/reference.py). Both give the same results; float32, bfloat16 and float16
 values are supported and half-precision sums are accumulated in float32.
 
-Beside them, kernels/adamw.py is the compact state formats' AdamW step as one CUDA
-kernel (streamer.state calls it), and kernels/emulate.py runs a kernel's CUDA source on
-the host, so that a machine without a GPU checks it against the PyTorch reference.
+Beside them, kernels/compact.py holds the compact state formats' AdamW step and
+gradient coding as one CUDA kernel each (streamer.state calls them), and
+kernels/emulate.py runs a kernel's CUDA source on the host, so that a machine without a
+GPU checks it against the PyTorch reference.
 """
 
 from __future__ import annotations

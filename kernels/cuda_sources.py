@@ -146,10 +146,11 @@ SEGMENT_SUM_ROWS(bf16, BFloat16)
 SEGMENT_SUM_ROWS(f16, Float16)
 """
 
-# The compact state formats' AdamW step (streamer.state), fused: one pass over a chunk
-# where the PyTorch ops take about eighty (see kernels/adamw.py for what it computes and
-# why each step is written as it is). Its parameters are data, so that the CuPy launcher
-# and the host emulation (kernels/emulate.py) pass them in the same order.
+# The compact state formats' kernels (streamer.state), each one pass over a chunk where
+# the PyTorch ops take dozens (see kernels/compact.py for what they compute and why each
+# step is written as it is): the AdamW step, and the coding of a gradient in 8 bits.
+# Their parameters are data, so that the CuPy launcher and the host emulation
+# (kernels/emulate.py) pass them in the same order.
 COMPACT_ADAMW_PARAMS: tuple[tuple[str, str], ...] = (
     ("unsigned short*", "param"),  # bfloat16 bits, updated with stochastic rounding
     ("const unsigned short*", "grad16"),  # a bfloat16 gradient (compact) ...
@@ -179,6 +180,15 @@ COMPACT_ADAMW_PARAMS: tuple[tuple[str, str], ...] = (
     ("float", "r_levels_per_octave"),
     ("float", "r_top"),
 )
+CODE_GRADIENT_PARAMS: tuple[tuple[str, str], ...] = (
+    ("const float*", "grad"),
+    ("unsigned char*", "codes"),
+    ("float*", "scales"),
+    ("int64", "n"),
+    ("float", "octaves"),
+    ("float", "levels_per_octave"),
+    ("float", "top"),
+)
 
 # One warp per block of 256 elements (one scale): lane l holds elements l, l + 32, ...,
 # l + 224, so every load and store of the warp is one contiguous run, whatever the
@@ -186,7 +196,7 @@ COMPACT_ADAMW_PARAMS: tuple[tuple[str, str], ...] = (
 # shared memory, so warps never wait for each other. Every float operation is the one
 # the PyTorch ops do, in their order and precision (torch's fused AdamW mixes double
 # scalars into float32 values); only the libraries' log2f may differ in the last bit.
-COMPACT_ADAMW = r"""
+COMPACT = r"""
 typedef long long int64;
 #define BLOCK 256
 
@@ -200,16 +210,19 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// x's code on its block's log scale (streamer.state.encode): rounded up with probability
-// (noise + 0.5) / 256 of the fraction; signed codes add 128 for a negative value; an
+// x's code on its block's log scale (streamer.state.encode): the position rounded down
+// after adding `offset` (0.5 for the nearest code; (noise + 0.5) / 256 to round up with
+// probability equal to the fraction); signed codes add 128 for a negative value; an
 // unsigned (root) code is never zero for a nonzero value.
+__device__ __forceinline__ float stochastic_offset(unsigned int noise) { return ((float)noise + 0.5f) / 256.0f; }
+
 __device__ __forceinline__ unsigned char code_of(float x, float log2_max, float octaves, float levels_per_octave,
-                                                 float top, unsigned int noise, int is_signed) {
+                                                 float top, float offset, int is_signed) {
   if (x == 0.0f) return 0;
   float position = log2f(fabsf(x)) - log2_max;
   position = position + octaves;
   position = position * levels_per_octave;
-  position = position + ((float)noise + 0.5f) / 256.0f;
+  position = position + offset;
   position = floorf(position) + 1.0f;
   if (position != position) return 0;  // an infinite value or scale: no code stands for it
   position = position < 0.0f ? 0.0f : (position > top ? top : position);
@@ -272,13 +285,48 @@ extern "C" __global__ void compact_adamw(PARAMS) {
       const unsigned int noise = bits[i];
       // Stochastic rounding to bfloat16: the high 16 random bits added below the kept bits.
       param[i] = (unsigned short)((__float_as_uint(p[j]) + (noise >> 16)) >> 16);
-      exp_avg[i] = code_of(m[j], m_log2, m_octaves, m_levels_per_octave, m_top, noise & 255u, 1);
-      exp_avg_sq[i] = code_of(r[j], r_log2, r_octaves, r_levels_per_octave, r_top, (noise >> 8) & 255u, 0);
+      exp_avg[i] = code_of(m[j], m_log2, m_octaves, m_levels_per_octave, m_top, stochastic_offset(noise & 255u), 1);
+      exp_avg_sq[i] = code_of(r[j], r_log2, r_octaves, r_levels_per_octave, r_top,
+                              stochastic_offset((noise >> 8) & 255u), 0);
     }
   }
 }
-""".replace("PARAMS", ", ".join(f"{kind} __restrict__ {name}" if kind.endswith("*") else f"{kind} {name}"
-                               for kind, name in COMPACT_ADAMW_PARAMS))
+
+// A float32 gradient coded as compact8 keeps it (streamer.state.StateFormat.store_grad):
+// signed codes on its block's log scale, rounded to the nearest, and the block's largest
+// magnitude as its scale.
+extern "C" __global__ void code_gradient(GRADIENT_PARAMS) {
+  const int lane = threadIdx.x & 31;
+  const int64 warps = ((int64)gridDim.x * blockDim.x) >> 5;
+  const int64 blocks = (n + BLOCK - 1) / BLOCK;
+  for (int64 b = ((int64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; b < blocks; b += warps) {
+    float g[8];
+    float largest = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64 i = b * BLOCK + j * 32 + lane;
+      g[j] = i < n ? grad[i] : 0.0f;
+      largest = max_nan(largest, fabsf(g[j]));
+    }
+    largest = warp_max(largest);
+    if (lane == 0) scales[b] = largest;
+    const float log2_max = log2f(largest);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64 i = b * BLOCK + j * 32 + lane;
+      if (i < n) codes[i] = code_of(g[j], log2_max, octaves, levels_per_octave, top, 0.5f, 1);
+    }
+  }
+}
+"""
+
+
+def _signature(params: tuple[tuple[str, str], ...]) -> str:
+    return ", ".join(f"{kind} __restrict__ {name}" if kind.endswith("*") else f"{kind} {name}" for kind, name in params)
+
+
+COMPACT = COMPACT.replace("GRADIENT_PARAMS", _signature(CODE_GRADIENT_PARAMS)).replace(
+    "PARAMS", _signature(COMPACT_ADAMW_PARAMS))
 
 SOURCES: dict[str, str] = {
     **{
@@ -291,13 +339,13 @@ SOURCES: dict[str, str] = {
         }.items()
     },
     # Self-contained (no inline PTX) so that kernels/emulate.py also compiles it for the host.
-    "compact_adamw": COMPACT_ADAMW,
+    "compact": COMPACT,
 }
 
 # Compiler options beyond the architecture. The AdamW step is compiled without
 # contracting a multiply and an add into one rounding: the PyTorch ops it replaces
 # round after each operation, and a code's boundary is where the two would differ.
-OPTIONS: dict[str, tuple[str, ...]] = {"compact_adamw": ("--fmad=false",)}
+OPTIONS: dict[str, tuple[str, ...]] = {"compact": ("--fmad=false",)}
 
 # The extern "C" entry points each module must export (checked after compilation).
 KERNEL_NAMES: dict[str, tuple[str, ...]] = {
@@ -305,5 +353,5 @@ KERNEL_NAMES: dict[str, tuple[str, ...]] = {
     "hash_owner": ("hash_owner",),
     "scatter_add_rows": ("scatter_add_rows_f32",),
     "segment_sum_rows": ("segment_sum_rows_f32", "segment_sum_rows_bf16", "segment_sum_rows_f16"),
-    "compact_adamw": ("compact_adamw",),
+    "compact": ("compact_adamw", "code_gradient"),
 }

@@ -185,7 +185,7 @@ class DeviceProfile:
     # kernels at this rate, in float32 AdamW's bytes (28 per parameter) per second.
     update_on_device: bool = False
     device_update_rate: float = 0.0
-    # A compact format's update on this device is the fused kernel (kernels/adamw.py),
+    # A compact format's update on this device is the fused kernel (kernels/compact.py),
     # not the PyTorch ops: a CUDA device with CuPy, once the kernel has matched the ops
     # there (streamer.state's [Note: the fused update, checked before use]).
     fused_update: bool = False

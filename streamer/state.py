@@ -108,7 +108,7 @@ class StateFormat:
 
     @property
     def fused_update_cost(self) -> float:
-        """`device_update_cost` for the fused kernel (kernels/adamw.py): every buffer read
+        """`device_update_cost` for the fused kernel (kernels/compact.py): every buffer read
         once, all but the gradient written once, and 32 random bits per element written
         by the generator and read by the kernel (17 bytes per parameter for compact8)."""
         if self.name == "fp32":
@@ -139,22 +139,37 @@ class StateFormat:
         chosen = self.expand(names) if names is not None else self.names
         return sum(b.itemsize / (BLOCK if b.per_block else 1) for b in self.buffers if b.name in chosen)
 
-    def store_grad(self, grad: torch.Tensor, out: dict[str, torch.Tensor], non_blocking: bool = False) -> None:
+    def store_grad(self, grad: torch.Tensor, out: dict[str, torch.Tensor], non_blocking: bool = False,
+                   fused: bool | None = None) -> None:
         """Write a gradient (float, on any device) into the store's gradient buffers `out`
         (the "grad" buffer, and its scales for a coded one): cast, or coded a chunk at a
-        time (the coding's float32 temporaries stay small on the device)."""
+        time (the coding's temporaries stay small on the device), straight into `out`
+        when it is on the gradient's device. On a CUDA device the coding is one kernel
+        (kernels/compact.py) once it has matched the ops there; `fused` as `update_`'s."""
         target = out["grad"]
         if not self.codes_grad:  # cast on the gradient's device: fewer bytes cross
             target.copy_(grad.to(target.dtype) if grad.device != target.device else grad, non_blocking=non_blocking)
             return
+        if fused is None:
+            fused = grad.device.type == "cuda" and fused_update_agrees(self, grad.device)
+        direct = target.device == grad.device
         chunk = 32 * 1024 * BLOCK  # 8 Mi elements, as the store's chunks
         for start in range(0, grad.numel(), chunk):
             piece = grad[start : start + chunk].float()
-            codes = torch.empty(piece.shape, dtype=torch.uint8, device=piece.device)
-            scales = torch.empty(-(-piece.numel() // BLOCK), device=piece.device)
-            encode("grad", piece, codes, scales, None)
-            target[start : start + piece.numel()].copy_(codes, non_blocking=non_blocking)
-            out["grad_scale"][start // BLOCK : start // BLOCK + scales.numel()].copy_(scales, non_blocking=non_blocking)
+            stop, blocks = start + piece.numel(), slice(start // BLOCK, start // BLOCK + -(-piece.numel() // BLOCK))
+            codes = target[start:stop] if direct else torch.empty(piece.shape, dtype=torch.uint8, device=piece.device)
+            scales = out["grad_scale"][blocks] if direct else torch.empty(blocks.stop - blocks.start,
+                                                                          device=piece.device)
+            if fused:
+                from kernels.compact import code_gradient_
+
+                code_gradient_(piece.contiguous(), codes, scales, (OCTAVES["grad"], _levels_per_octave("grad"),
+                               LEVELS["grad"]), emulate=piece.device.type == "cpu")
+            else:
+                encode("grad", piece, codes, scales, None)
+            if not direct:
+                target[start:stop].copy_(codes, non_blocking=non_blocking)
+                out["grad_scale"][blocks].copy_(scales, non_blocking=non_blocking)
 
     @property
     def codes_grad(self) -> bool:
@@ -183,7 +198,7 @@ class StateFormat:
                 decay_numel: int, grad_scale: float, seed: int, fused: bool | None = None) -> None:
         """One AdamW step, in place, on one chunk of a unit's buffers (all of them).
 
-        A compact format's step on a CUDA device is one kernel (kernels/adamw.py) once it
+        A compact format's step on a CUDA device is one kernel (kernels/compact.py) once it
         has matched the PyTorch ops there (see [Note: the fused update, checked before
         use]); `fused` forces one or the other (on CPU tensors, the fused kernel runs in
         the host emulation: a check, not a fast path)."""
@@ -212,9 +227,9 @@ class StateFormat:
 
     def fused_update_(self, buffers: dict[str, torch.Tensor], bits: torch.Tensor, *, step: int, lr: float,
                       cfg: OptimConfig, decay_numel: int, grad_scale: float) -> None:
-        """A compact format's step as one kernel (kernels/adamw.py), rounding with `bits`
+        """A compact format's step as one kernel (kernels/compact.py), rounding with `bits`
         (32 per element, as `update_` draws them); on CPU tensors in the host emulation."""
-        from kernels.adamw import compact_adamw_
+        from kernels.compact import compact_adamw_
 
         device = buffers["param"].device
         compact_adamw_(buffers, bits, fused_tables(device), emulate=device.type == "cpu", step=step, lr=lr,
@@ -335,7 +350,7 @@ def encode(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
 The compact formats' update as PyTorch ops is about eighty kernels per chunk, which
 move some 480 bytes of device memory per parameter: on a GPU it is the update's whole
 cost, and with AdamW on the device it decides how many tokens a step needs to hide it.
-kernels/adamw.py does the same arithmetic in one pass over memory (17 bytes per
+kernels/compact.py does the same arithmetic in one pass over memory (17 bytes per
 parameter with the random bits).
 
 The two cannot be bit-identical everywhere: torch's fused AdamW and the kernel may
@@ -364,32 +379,36 @@ def fused_tables(device: torch.device) -> torch.Tensor:
     return _FUSED_TABLES[device]
 
 
-def sample_state(fmt: StateFormat, numel: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A chunk of training state as a run has it: magnitudes that vary by orders from
-    block to block, exact zeros, and one block that is all zero."""
-    generator = torch.Generator().manual_seed(seed)
+def sample_values(numel: int, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """float32 values as a run's gradients and moments are: magnitudes that vary by orders
+    from block to block, exact zeros, and one block that is all zero."""
     blocks = -(-numel // BLOCK)
-    spread = torch.exp2(torch.randint(-12, 4, (blocks,), generator=generator).float()).repeat_interleave(BLOCK)[:numel]
+    spread = torch.exp2(torch.randint(-12, 4, (blocks,), generator=generator).float()).repeat_interleave(BLOCK)
+    x = torch.randn(numel, generator=generator) * spread[:numel] * scale
+    x[torch.rand(numel, generator=generator) < 0.02] = 0.0
+    x[BLOCK : 2 * BLOCK] = 0.0
+    return x
 
-    def values(scale: float) -> torch.Tensor:
-        x = torch.randn(numel, generator=generator) * spread * scale
-        x[torch.rand(numel, generator=generator) < 0.02] = 0.0
-        x[BLOCK : 2 * BLOCK] = 0.0
-        return x
 
+def sample_state(fmt: StateFormat, numel: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A chunk of training state as a run has it (`sample_values`), on `device`."""
+    generator = torch.Generator().manual_seed(seed)
     buffers = {b.name: torch.zeros(b.numel(numel), dtype=b.dtype) for b in fmt.buffers}
     buffers["param"].copy_(torch.randn(numel, generator=generator) * 0.02)
-    fmt.store_grad(values(1e-2), buffers)
-    encode("exp_avg", values(1e-3), buffers["exp_avg"], buffers["exp_avg_scale"], None)
-    encode("exp_avg_sq", values(1e-3).abs(), buffers["exp_avg_sq"], buffers["exp_avg_sq_scale"], None)
+    fmt.store_grad(sample_values(numel, 1e-2, generator), buffers)
+    encode("exp_avg", sample_values(numel, 1e-3, generator), buffers["exp_avg"], buffers["exp_avg_scale"], None)
+    encode("exp_avg_sq", sample_values(numel, 1e-3, generator).abs(), buffers["exp_avg_sq"],
+           buffers["exp_avg_sq_scale"], None)
     return {name: buffer.to(device) for name, buffer in buffers.items()}
 
 
 def fused_differences(fmt: StateFormat, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str]:
-    """Where `got` (the fused update's state) is further from `expected` (the ops') than
-    the note above allows; empty when it matches."""
+    """Where `got` (the fused kernels' state, or the part of it in `expected`) is further
+    from `expected` (the ops') than the note above allows; empty when it matches."""
     problems = []
-    for name in ("param", "exp_avg", "exp_avg_sq"):
+    for name in (n for n in ("param", "grad", "exp_avg", "exp_avg_sq") if n in expected):
+        if name == "grad" and not fmt.codes_grad:  # an input, cast: nothing fused wrote it
+            continue
         a, b = expected[name].cpu(), got[name].cpu()
         if name == "param":  # neighbouring bfloat16 values of one sign are neighbouring integers
             a, b = a.view(torch.int16).int(), b.view(torch.int16).int()
@@ -401,7 +420,7 @@ def fused_differences(fmt: StateFormat, expected: dict[str, torch.Tensor], got: 
         differ, largest = int((step > 0).sum()), int(step.max()) if step.numel() else 0
         if largest > 1 or differ > max(2, a.numel() // 1000):
             problems.append(f"{name}: {differ} of {a.numel()} differ, by up to {largest}")
-    for name in ("exp_avg_scale", "exp_avg_sq_scale"):
+    for name in (n for n in ("grad_scale", "exp_avg_scale", "exp_avg_sq_scale") if n in expected):
         a, b = expected[name].cpu(), got[name].cpu()
         if not torch.allclose(a, b, rtol=1e-6, atol=0.0):
             problems.append(f"{name}: up to {float(((a - b).abs() / a.abs().clamp(min=1e-30)).max()):.2g} apart")
@@ -409,13 +428,21 @@ def fused_differences(fmt: StateFormat, expected: dict[str, torch.Tensor], got: 
 
 
 def check_fused_update(fmt: StateFormat, device: torch.device, numel: int = 48 * BLOCK + 77) -> list[str]:
-    """Both updates on the same sample chunk on `device`: what differs (empty: none)."""
+    """Both updates on the same sample chunk on `device`, and both codings of a gradient
+    where the format codes it: what differs (empty: none)."""
     state = sample_state(fmt, numel, device)
     expected = {name: buffer.clone() for name, buffer in state.items()}
     settings = dict(step=3, lr=1e-3, cfg=OptimConfig(), decay_numel=numel // 2, grad_scale=0.5, seed=7)
     fmt.update_(expected, fused=False, **settings)
     fmt.update_(state, fused=True, **settings)
-    return fused_differences(fmt, expected, state)
+    problems = fused_differences(fmt, expected, state)
+    if fmt.codes_grad:
+        grad = sample_values(numel, 1e-2, torch.Generator().manual_seed(1)).to(device)
+        coded = [{n: torch.empty_like(state[n]) for n in ("grad", "grad_scale")} for _ in range(2)]
+        fmt.store_grad(grad, coded[0], fused=False)
+        fmt.store_grad(grad, coded[1], fused=True)
+        problems += fused_differences(fmt, coded[0], coded[1])
+    return problems
 
 
 def fused_update_agrees(fmt: StateFormat, device: torch.device) -> bool:

@@ -425,11 +425,34 @@ def test_a_broken_kernel_is_told_apart(host_compiler: None, monkeypatch: pytest.
     warp, fails it."""
     import kernels.cuda_sources as sources
 
-    original = sources.SOURCES["compact_adamw"]
-    for wrong, broken in (("noise & 255u, 1)", "128u, 1)"), ("offset > 0", "offset > 1")):
+    original = sources.SOURCES["compact"]
+    for wrong, broken in (("stochastic_offset(noise & 255u), 1)", "0.5f, 1)"), ("offset > 0", "offset > 1")):
         assert wrong in original
-        monkeypatch.setitem(sources.SOURCES, "compact_adamw", original.replace(wrong, broken))
+        monkeypatch.setitem(sources.SOURCES, "compact", original.replace(wrong, broken))
         assert any("exp_avg:" in problem for problem in _fused_against_ops("compact8", 40 * 256, "cpu"))
+    # A gradient coded with the first moment's rounding instead of the nearest code.
+    monkeypatch.setitem(sources.SOURCES, "compact", original.replace("top, 0.5f, 1)", "top, 0.25f, 1)"))
+    assert any("grad:" in problem for problem in _coded_against_ops(40 * 256, "cpu"))
+
+
+def _coded_against_ops(numel: int, device: str) -> list[str]:
+    """A float32 gradient coded as compact8 keeps it, by the kernel and by the ops."""
+    from streamer.state import FORMATS, fused_differences, sample_values
+
+    fmt = FORMATS["compact8"]
+    grad = sample_values(numel, 1e-2, torch.Generator().manual_seed(numel)).to(device)
+    coded = [{"grad": torch.empty(numel, dtype=torch.uint8, device=device),
+              "grad_scale": torch.empty(-(-numel // 256), device=device)} for _ in range(2)]
+    fmt.store_grad(grad, coded[0], fused=False)
+    fmt.store_grad(grad, coded[1], fused=True)
+    assert int(coded[0]["grad"].count_nonzero()) > numel // 2  # something was coded
+    return fused_differences(fmt, coded[0], coded[1])
+
+
+@pytest.mark.parametrize("numel", (1, 255, 257, 40 * 256 + 77))
+def test_gradient_coding_kernel_matches_the_ops_in_host_emulation(host_compiler: None, numel: int) -> None:
+    """compact8's gradient coded by the kernel, run on the host: the ops' codes and scales."""
+    assert _coded_against_ops(numel, "cpu") == []
 
 
 def test_the_emulation_runs_whole_warps() -> None:
@@ -447,3 +470,11 @@ def test_gpu_compact_adamw_kernel_matches_the_ops(state: str, numel: int) -> Non
     """On the GPU, at a store chunk's size and ragged: the check a run makes before it
     uses the kernel, here as a test so that a mismatch fails loudly."""
     assert _fused_against_ops(state, numel, "cuda") == []
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("numel", (257, 3 * 8 * 2**20 + 77))
+def test_gpu_gradient_coding_kernel_matches_the_ops(numel: int) -> None:
+    """Across the store's chunks of 8 Mi elements and ragged, on the GPU."""
+    assert _coded_against_ops(numel, "cuda") == []

@@ -1,18 +1,19 @@
-"""The compact state formats' AdamW step as one CUDA kernel.
+"""The compact state formats' kernels: the AdamW step, and the coding of a gradient.
 
 streamer.state keeps a bfloat16 master weight and 8-bit moments on a log scale per
 block of 256 elements (and, for compact8, an 8-bit gradient). Its PyTorch update is
 about eighty elementwise kernels over a chunk: it decodes each buffer to float32, runs
 AdamW, rounds and codes back, and moves some 480 bytes of device memory per parameter
-(against 32 for float32 AdamW). This kernel reads each buffer once and writes the
+(against 32 for float32 AdamW). `compact_adamw_` reads each buffer once and writes the
 updated ones once: 9 bytes per parameter in, 4 out, beside the 8 of the random bits
 that the reference's own generator writes and the kernel reads, so that both round
 with the same bits (see [Note: the fused update, checked before use] in
-streamer/state.py).
+streamer/state.py). `code_gradient_` codes a float32 gradient as compact8 keeps it,
+in 5 bytes per element where the ops move about 110.
 
-`compact_adamw_` runs it on CUDA tensors (CuPy, on PyTorch's current stream) or, with
-`emulate=True`, on CPU tensors through kernels/emulate.py: the same source, compiled
-for the host, so that CI checks it against the reference without a GPU.
+Both run on CUDA tensors (CuPy, on PyTorch's current stream) or, with `emulate=True`,
+on CPU tensors through kernels/emulate.py: the same source, compiled for the host, so
+that CI checks them against the reference without a GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from kernels.cuda_sources import COMPACT_ADAMW_PARAMS, SOURCES
+from kernels.cuda_sources import CODE_GRADIENT_PARAMS, COMPACT_ADAMW_PARAMS, SOURCES
 
 BLOCK = 256  # elements per scale, as streamer.state.BLOCK
 WARP = 32
@@ -55,11 +56,9 @@ def arguments(buffers: dict[str, torch.Tensor], bits: torch.Tensor, tables: torc
     }
 
 
-def compact_adamw_(buffers: dict[str, torch.Tensor], bits: torch.Tensor, tables: torch.Tensor, *,
-                   emulate: bool = False, threads: int = 256, **settings: object) -> None:
-    """One AdamW step in place on a chunk's buffers (see `arguments` for `settings`).
-    The chunk starts on a block boundary; its last block may be ragged."""
-    args = arguments(buffers, bits, tables, **settings)  # type: ignore[arg-type]
+def _run(kernel: str, params: tuple[tuple[str, str], ...], args: dict[str, object], device: torch.device,
+         emulate: bool, threads: int = 256) -> None:
+    """Launch `kernel` with one warp per block of `BLOCK` elements (`args["n"]` of them)."""
     blocks = -(-int(args["n"]) // BLOCK)  # type: ignore[call-overload]
     if blocks == 0:
         return
@@ -68,13 +67,30 @@ def compact_adamw_(buffers: dict[str, torch.Tensor], bits: torch.Tensor, tables:
 
         # Two warps per block is enough to check that warps do not mix.
         grid = min(-(-blocks * WARP // 64), 4)
-        host.launch(SOURCES["compact_adamw"], "compact_adamw", COMPACT_ADAMW_PARAMS, grid, 64, args)
+        host.launch(SOURCES["compact"], kernel, params, grid, 64, args)
         return
     from kernels import cuda
 
-    device = buffers["param"].device
     with cuda._on_torch_stream(device) as cupy:
         values = tuple(cuda._view(cupy, args[name]) if kind.endswith("*") else NUMPY[kind](args[name])
-                       for kind, name in COMPACT_ADAMW_PARAMS)
+                       for kind, name in params)
         grid = min(cuda.MAX_BLOCKS, -(-blocks * WARP // threads))
-        cuda._kernel("compact_adamw", "compact_adamw", device.index)((grid,), (threads,), values)
+        cuda._kernel("compact", kernel, device.index)((grid,), (threads,), values)
+
+
+def compact_adamw_(buffers: dict[str, torch.Tensor], bits: torch.Tensor, tables: torch.Tensor, *,
+                   emulate: bool = False, **settings: object) -> None:
+    """One AdamW step in place on a chunk's buffers (see `arguments` for `settings`).
+    The chunk starts on a block boundary; its last block may be ragged."""
+    args = arguments(buffers, bits, tables, **settings)  # type: ignore[arg-type]
+    _run("compact_adamw", COMPACT_ADAMW_PARAMS, args, buffers["param"].device, emulate)
+
+
+def code_gradient_(grad: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                   code: tuple[float, float, int], emulate: bool = False) -> None:
+    """Code a float32 `grad` into `codes` (uint8) and `scales` (one per block), on the
+    signed log scale `code` = (octaves, levels per octave, top code), to the nearest."""
+    octaves, levels, top = code
+    args = {"grad": grad, "codes": codes, "scales": scales, "n": grad.numel(), "octaves": float(octaves),
+            "levels_per_octave": float(np.float32(levels)), "top": float(top)}
+    _run("code_gradient", CODE_GRADIENT_PARAMS, args, grad.device, emulate)

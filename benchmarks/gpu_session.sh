@@ -133,10 +133,10 @@ stage_tests() {
     python3 -m pytest -q -m gpu -p no:cacheprovider "${parallel[@]}" tests/ 2>&1 | tee "$results/gpu_tests.log"
 }
 # Held units (streamer.scheduler's [Note: updates held on the device]) and the fused
-# compact AdamW kernel (kernels/compact.py) are the newest CUDA paths: unless every GPU
+# compact kernels (kernels/compact.py) are the newest CUDA paths: unless every GPU
 # test passed (a failure, an error, or the stage cut short), the timed stages run
 # without held units rather than spend their minutes on a run that may not finish, and
-# if a test of the fused kernel failed, with the PyTorch ops for the update
+# if a test of the fused kernels failed, with the PyTorch ops for the update and coding
 # (STREAMER_FUSED_UPDATE=0; a run also checks the kernel itself before it uses it, but
 # a kernel that faults would take the run down with it). $1: the stage's exit status.
 collect_tests() {
@@ -145,7 +145,7 @@ collect_tests() {
         echo "tests: not all passed; the stages after run with --held-units 0" | tee -a "$results/stages.log"
     fi
     if [[ "${1:-1}" != 0 ]] && ! grep -qE "passed" "$results/gpu_tests.log" 2>/dev/null \
-        || grep -qE "^(FAILED|ERROR).*(adamw|fused)" "$results/gpu_tests.log" 2>/dev/null; then
+        || grep -qE "^(FAILED|ERROR).*(adamw|fused|coding)" "$results/gpu_tests.log" 2>/dev/null; then
         touch "$done_dir/no_fused"
         echo "tests: the fused update kernel is not proven here; the stages after update with the PyTorch ops" \
             | tee -a "$results/stages.log"

@@ -47,12 +47,14 @@ def arguments(buffers: dict[str, torch.Tensor], bits: torch.Tensor, tables: torc
         "exp_avg_sq": buffers["exp_avg_sq"], "exp_avg_sq_scale": buffers["exp_avg_sq_scale"],
         "bits": bits, "tables": tables, "n": param.numel(),
         "decay_numel": min(decay_numel, param.numel()) if weight_decay else 0, "grad_coded": int(coded),
-        "lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay, "eps": eps,
-        # torch's fused AdamW divides the gradient by its float32 `grad_scale` tensor.
-        "grad_divisor": float(np.float32(1.0 / grad_scale)),
-        "bias_correction1": 1 - beta1**step, "bias_correction2_sqrt": math.sqrt(1 - beta2**step),
-        "m_octaves": float(m_octaves), "m_levels_per_octave": float(np.float32(m_levels)), "m_top": float(m_top),
-        "r_octaves": float(r_octaves), "r_levels_per_octave": float(np.float32(r_levels)), "r_top": float(r_top),
+        # Scalars as torch's fused AdamW forms them (in double), then rounded to float32.
+        "decay_factor": lr * weight_decay, "beta1": beta1, "one_minus_beta1": 1 - beta1, "beta2": beta2,
+        "one_minus_beta2": 1 - beta2, "eps": eps,
+        # torch divides the gradient by its float32 `grad_scale` tensor.
+        "grad_divisor": 1.0 / grad_scale,
+        "step_size": lr / (1 - beta1**step), "bias_correction2_sqrt": math.sqrt(1 - beta2**step),
+        "m_octaves": m_octaves, "m_levels_per_octave": m_levels, "m_top": m_top,
+        "r_octaves": r_octaves, "r_levels_per_octave": r_levels, "r_top": r_top,
     }
 
 
@@ -91,6 +93,6 @@ def code_gradient_(grad: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
     """Code a float32 `grad` into `codes` (uint8) and `scales` (one per block), on the
     signed log scale `code` = (octaves, levels per octave, top code), to the nearest."""
     octaves, levels, top = code
-    args = {"grad": grad, "codes": codes, "scales": scales, "n": grad.numel(), "octaves": float(octaves),
-            "levels_per_octave": float(np.float32(levels)), "top": float(top)}
+    args = {"grad": grad, "codes": codes, "scales": scales, "n": grad.numel(), "octaves": octaves,
+            "levels_per_octave": levels, "top": top}
     _run("code_gradient", CODE_GRADIENT_PARAMS, args, grad.device, emulate)

@@ -165,14 +165,15 @@ COMPACT_ADAMW_PARAMS: tuple[tuple[str, str], ...] = (
     ("int64", "n"),
     ("int64", "decay_numel"),
     ("int", "grad_coded"),
-    ("double", "lr"),
-    ("double", "beta1"),
-    ("double", "beta2"),
-    ("double", "weight_decay"),
-    ("double", "eps"),
+    ("float", "decay_factor"),  # lr x weight decay
+    ("float", "beta1"),
+    ("float", "one_minus_beta1"),
+    ("float", "beta2"),
+    ("float", "one_minus_beta2"),
+    ("float", "eps"),
     ("float", "grad_divisor"),
-    ("double", "bias_correction1"),
-    ("double", "bias_correction2_sqrt"),
+    ("float", "step_size"),  # lr / bias correction 1
+    ("float", "bias_correction2_sqrt"),
     ("float", "m_octaves"),
     ("float", "m_levels_per_octave"),
     ("float", "m_top"),
@@ -193,9 +194,11 @@ CODE_GRADIENT_PARAMS: tuple[tuple[str, str], ...] = (
 # One warp per block of 256 elements (one scale): lane l holds elements l, l + 32, ...,
 # l + 224, so every load and store of the warp is one contiguous run, whatever the
 # buffers' alignment. The block's largest magnitudes come from five shuffles, not
-# shared memory, so warps never wait for each other. Every float operation is the one
-# the PyTorch ops do, in their order and precision (torch's fused AdamW mixes double
-# scalars into float32 values); only the libraries' log2f may differ in the last bit.
+# shared memory, so warps never wait for each other. The decoding, rounding and coding
+# are the PyTorch ops' float operations in their order; AdamW is torch's formula in
+# float32 throughout (torch's kernel mixes in double scalars: its double divisions
+# would cost this kernel more than its memory traffic, for a last bit that only moves
+# a stored value where it straddles a rounding boundary).
 COMPACT = r"""
 typedef long long int64;
 #define BLOCK 256
@@ -241,7 +244,6 @@ extern "C" __global__ void compact_adamw(PARAMS) {
   const int lane = threadIdx.x & 31;
   const int64 warps = ((int64)gridDim.x * blockDim.x) >> 5;
   const int64 blocks = (n + BLOCK - 1) / BLOCK;
-  const float step_size = (float)(lr / bias_correction1);
   for (int64 b = ((int64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; b < blocks; b += warps) {
     float p[8], m[8], r[8];
     float m_max = 0.0f, r_max = 0.0f;
@@ -257,12 +259,12 @@ extern "C" __global__ void compact_adamw(PARAMS) {
       float m_j = table[256 + exp_avg[i]] * m_scale;
       float root = table[512 + exp_avg_sq[i]] * r_scale;
       float v_j = root * root;
-      // AdamW as torch's fused kernel: the clip factor divides in double, decoupled decay.
-      if (grad_divisor != 1.0f) g = (float)((double)g / (double)grad_divisor);
-      if (weight_decay != 0.0 && i < decay_numel) param_j = (float)(param_j - lr * weight_decay * param_j);
-      m_j = (float)(beta1 * m_j + (1.0 - beta1) * g);
-      v_j = (float)(beta2 * v_j + (1.0 - beta2) * g * g);
-      const float denom = (float)(sqrtf(v_j) / bias_correction2_sqrt + eps);
+      // AdamW as torch's fused kernel: the clip factor divides, the decay is decoupled.
+      if (grad_divisor != 1.0f) g = g / grad_divisor;
+      if (i < decay_numel) param_j = param_j - decay_factor * param_j;
+      m_j = beta1 * m_j + one_minus_beta1 * g;
+      v_j = beta2 * v_j + one_minus_beta2 * g * g;
+      const float denom = sqrtf(v_j) / bias_correction2_sqrt + eps;
       param_j = param_j - step_size * m_j / denom;
       p[j] = param_j;
       m[j] = m_j;

@@ -135,6 +135,6 @@ def launch(source: str, kernel: str, params: tuple[tuple[str, str], ...], grid: 
         if kind.endswith("*"):
             assert isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.is_contiguous(), name
             values.append(ctypes.c_void_p(value.data_ptr()))
-        else:
+        else:  # a float parameter takes a Python float rounded to float32, as CuPy's launch does
             values.append(CTYPES[kind](value))
     function(*values)

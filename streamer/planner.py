@@ -1528,5 +1528,18 @@ def format_plan(plan: Plan, profile: DeviceProfile) -> str:
           if plan.early_updates else []),
         *([f"  the first {plan.held_units} units' state comes to the device during the backward: their updates "
            "run there as it ends, and the link is free for the next units' updates"] if plan.held_units else []),
+        *([f"  AdamW on the device: {update_kernels_text(plan.state, profile)}, "
+           f"{28 * plan.n_params / profile.device_update_rate:.3f} s of kernels per step"]
+          if profile.update_on_device and profile.device_update_rate else []),
     ]
     return "\n".join(lines)
+
+
+def update_kernels_text(state: str, profile: DeviceProfile) -> str:
+    """What runs a state's update on the device, and the device memory it moves."""
+    fmt = FORMATS[state]
+    if fmt.name == "fp32":
+        return "PyTorch's fused AdamW (32 bytes/parameter)"
+    if profile.fused_update:
+        return f"the fused {state} kernel (kernels/compact.py, {32 * fmt.fused_update_cost:.0f} bytes/parameter)"
+    return f"the {state} format's PyTorch ops (~80 kernels, {32 * fmt.device_update_cost:.0f} bytes/parameter)"

@@ -515,3 +515,23 @@ def test_the_recommendation_counts_recompute_against_the_step() -> None:
     recommended = make_plan(cfg, profile, 16384, 2048, "ram", micro_tokens=16384).recommended_tokens_per_step
     assert ratio(recommended) < 0.95  # the 12 bytes per parameter back in the forward: see the README
     assert all(ratio(recommended) >= ratio(t) - 0.005 for t in (32768, 65536, 81920, 131072, 262144))
+
+
+def test_the_plan_says_what_runs_the_update_on_the_device() -> None:
+    """Which kernels update a state on the device, the bytes they move per parameter and
+    their time per step: what the planner assumed, said where the user reads the plan."""
+    cfg = ModelConfig.from_name("gpt3-xl")
+
+    def text(state: str, fused: bool) -> str:
+        profile = _xl_on_device(state, fused=fused)
+        plan = make_plan(cfg, profile, 32768, 2048, "ram", micro_tokens=16384, state=state)
+        return planner.format_plan(plan, profile).splitlines()[-1]
+
+    fused, ops = text("compact8", True), text("compact8", False)
+    assert fused.startswith("  AdamW on the device: the fused compact8 kernel (kernels/compact.py, 17 bytes/parameter)")
+    assert ops.startswith("  AdamW on the device: the compact8 format's PyTorch ops (~80 kernels, 479 bytes/parameter)")
+    seconds = [float(line.split(", ")[-1].split()[0]) for line in (fused, ops)]
+    assert seconds[1] == pytest.approx(seconds[0] * 479 / 17.08, rel=0.02)
+    assert "PyTorch's fused AdamW (32 bytes/parameter)" in text("fp32", True)
+    host = make_plan(cfg, PROFILES["h100"], 32768, 2048, "ram", micro_tokens=16384)
+    assert "AdamW on the device" not in planner.format_plan(host, PROFILES["h100"])

@@ -151,7 +151,7 @@ class StateFormat:
             target.copy_(grad.to(target.dtype) if grad.device != target.device else grad, non_blocking=non_blocking)
             return
         if fused is None:
-            fused = grad.device.type == "cuda" and fused_update_agrees(self, grad.device)
+            fused = use_fused(self, grad.device)
         direct = target.device == grad.device
         chunk = 32 * 1024 * BLOCK  # 8 Mi elements, as the store's chunks
         for start in range(0, grad.numel(), chunk):
@@ -210,7 +210,7 @@ class StateFormat:
         generator = torch.Generator(device=device).manual_seed(seed)
         bits = random_bits(buffers["param"].shape, 32, generator)
         if fused is None:
-            fused = device.type == "cuda" and fused_update_agrees(self, device)
+            fused = use_fused(self, device)
         if fused:
             self.fused_update_(buffers, bits, step=step, lr=lr, cfg=cfg, decay_numel=decay_numel,
                                grad_scale=grad_scale)
@@ -445,11 +445,21 @@ def check_fused_update(fmt: StateFormat, device: torch.device, numel: int = 48 *
     return problems
 
 
-def fused_update_agrees(fmt: StateFormat, device: torch.device) -> bool:
-    """Whether `fmt`'s fused update matched the ops on `device` (checked once per device).
-    STREAMER_FUSED_UPDATE=0 in the environment keeps the ops without checking."""
-    if os.environ.get(FUSED_ENV, "1") == "0":
+def use_fused(fmt: StateFormat, device: torch.device) -> bool:
+    """Whether `fmt`'s update and gradient coding on `device` run as the fused kernels:
+    on a CUDA device once they have matched the ops there. STREAMER_FUSED_UPDATE in the
+    environment: 0 keeps the ops everywhere; `host` also runs the kernels on a CPU
+    device, in the host emulation (slow: to check a whole run against the ops)."""
+    mode = os.environ.get(FUSED_ENV, "1")
+    if mode == "0" or fmt.name == "fp32":
         return False
+    if device.type == "cuda":
+        return fused_update_agrees(fmt, device)
+    return mode == "host" and device.type == "cpu"
+
+
+def fused_update_agrees(fmt: StateFormat, device: torch.device) -> bool:
+    """Whether `fmt`'s fused kernels matched the ops on `device` (checked once per device)."""
     key = (fmt.name, device)
     with _FUSED_LOCK:  # the worker and the held stream's thread may both update first
         if key in _FUSED_AGREES:

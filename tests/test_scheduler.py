@@ -329,6 +329,24 @@ def test_held_updates_train_exactly_as_updates_at_staging(tmp_path, monkeypatch,
     assert all(r["held_units"] == 3 for r in held) and not any(r["held_units"] for r in plain)
 
 
+def test_a_run_with_the_fused_kernels_trains_as_one_with_the_ops(tmp_path, monkeypatch):
+    """The whole engine with compact8's update and gradient coding as the fused kernels
+    (their CUDA source, run on the host: STREAMER_FUSED_UPDATE=host), held units and all:
+    the chunk offsets, the decay boundary inside a unit and the coded gradients it
+    hands the kernels are the engine's own. Same random bits, so the same losses to the
+    last few bits and almost every stored weight equal."""
+    from streamer.state import FUSED_ENV
+
+    settings = dict(steps=3, state="compact8", prefetch_depth=1, update_on="device", held_units=2)
+    ops, w_ops = _run(tmp_path / "ops", "tiny-gptj", "stream", "ram", **settings)
+    monkeypatch.setenv(FUSED_ENV, "host")
+    fused, w_fused = _run(tmp_path / "fused", "tiny-gptj", "stream", "ram", **settings)
+    for a, b in zip(fused, ops, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    differ = sum(int((w_fused[n] != w_ops[n]).sum()) for n in w_ops)
+    assert differ <= sum(w.numel() for w in w_ops.values()) // 1000
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("state", ["fp32", "compact8"])
 def test_held_updates_on_the_device_train_exactly_as_updates_at_staging(tmp_path, monkeypatch, state):

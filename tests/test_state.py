@@ -155,8 +155,14 @@ def test_a_fused_update_that_does_not_match_is_not_used(monkeypatch: pytest.Monk
     assert "ImportError: CUDA tensors need CuPy" in err[1] and "updating with the ops" in err[1]
     # Told to keep the ops (STREAMER_FUSED_UPDATE=0), a device is neither checked nor fused.
     monkeypatch.setenv(state.FUSED_ENV, "0")
-    assert not state.fused_update_agrees(FORMATS["compact8"], torch.device("cuda", 2))
+    assert not state.use_fused(FORMATS["compact8"], torch.device("cuda", 2))
     assert len(calls) == 2 and capsys.readouterr().err == ""
+    # A CPU device runs the ops unless told to run the kernels' host emulation.
+    monkeypatch.delenv(state.FUSED_ENV)
+    assert not state.use_fused(FORMATS["compact8"], torch.device("cpu"))
+    monkeypatch.setenv(state.FUSED_ENV, "host")
+    assert state.use_fused(FORMATS["compact8"], torch.device("cpu"))
+    assert not state.use_fused(FORMATS["fp32"], torch.device("cpu"))
 
 
 def test_fused_differences_allows_last_bit_steps_only() -> None:

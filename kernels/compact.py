@@ -58,6 +58,14 @@ def arguments(buffers: dict[str, torch.Tensor], bits: torch.Tensor, tables: torc
     }
 
 
+def _address(tensor: object, device: torch.device) -> np.uint64:
+    """A pointer argument as the tensor's address, not a DLPack view: a view's handshake
+    records and waits for an event on the stream per tensor (a dozen a chunk), and the
+    kernel runs on the stream the tensors are used on anyway."""
+    assert isinstance(tensor, torch.Tensor) and tensor.device == device and tensor.is_contiguous()
+    return np.uint64(tensor.data_ptr())
+
+
 def _run(kernel: str, params: tuple[tuple[str, str], ...], args: dict[str, object], device: torch.device,
          emulate: bool, threads: int = 256) -> None:
     """Launch `kernel` with one warp per block of `BLOCK` elements (`args["n"]` of them)."""
@@ -73,9 +81,9 @@ def _run(kernel: str, params: tuple[tuple[str, str], ...], args: dict[str, objec
         return
     from kernels import cuda
 
-    with cuda._on_torch_stream(device) as cupy:
-        values = tuple(cuda._view(cupy, args[name]) if kind.endswith("*") else NUMPY[kind](args[name])
-                       for kind, name in params)
+    values = tuple(_address(args[name], device) if kind.endswith("*") else NUMPY[kind](args[name])
+                   for kind, name in params)
+    with cuda._on_torch_stream(device):
         grid = min(cuda.MAX_BLOCKS, -(-blocks * WARP // threads))
         cuda._kernel("compact", kernel, device.index)((grid,), (threads,), values)
 

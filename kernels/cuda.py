@@ -77,12 +77,13 @@ def _on_torch_stream(device: torch.device) -> Iterator[ModuleType]:
     """CuPy with ``device`` current and PyTorch's current stream as its stream."""
     cupy = _cupy()
     torch_stream = torch.cuda.current_stream(device)
-    if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
-        stream = cupy.cuda.Stream.from_external(torch_stream)
-    else:
-        stream = cupy.cuda.ExternalStream(torch_stream.cuda_stream, device.index)
-    with cupy.cuda.Device(device.index), stream:
-        yield cupy
+    with cupy.cuda.Device(device.index):  # the stream's wrapper takes the current device's id
+        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
+            stream = cupy.cuda.Stream.from_external(torch_stream)
+        else:
+            stream = cupy.cuda.ExternalStream(torch_stream.cuda_stream, device.index)
+        with stream:
+            yield cupy
 
 
 def _launch(module_name: str, kernel_name: str, device: torch.device, work: int, args: tuple) -> None:

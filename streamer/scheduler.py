@@ -361,6 +361,7 @@ class StreamEngine:
             assert on_gpu or not cuda, "on a GPU, held units update there, from a page-locked RAM tier"
         self.held: dict[int, dict[str, torch.Tensor]] = {}  # unit -> its whole state, waiting for the update
         self.held_fetched: dict[int, torch.cuda.Event] = {}  # unit -> its state is on the device
+        self.held_coded: dict[int, torch.cuda.Event] = {}  # unit -> its gradient is coded (before the fetch)
         self.fetching: list[Future] = []  # this step's fetch jobs, issued by the worker before the step ends
         # Per unit, the copy of its updated state back into the store: whatever reads
         # the store next (the backward's weights, the next fetch, a checkpoint) waits.
@@ -712,7 +713,12 @@ class StreamEngine:
             state = {n: torch.empty(b.numel(numel), dtype=b.dtype, device=self.device) for n, b in spec.items()}
             fmt.store_grad(self._reduce(unit, grad)[:numel], state)
             event.record(self.grad_stream)
+            # Its own event (the buffer's is recorded again for later units): the fetch
+            # waits for it, so the update, which waits for the fetch, reads a whole gradient.
+            coded = torch.cuda.Event()
+            coded.record(self.grad_stream)
         self.held[unit] = state
+        self.held_coded[unit] = coded
         self.fetching.append(self.worker.submit(self._fetch_held, unit))
         # The gradient buffer is refilled once the coding has read it.
         if buffer_index is None:
@@ -730,6 +736,7 @@ class StreamEngine:
             state.update({n: t.clone() for n, t in source.items()})
         else:
             torch.cuda.set_device(self.device)
+            self.copy_stream.wait_event(self.held_coded.pop(unit))
             if self.held_written[unit] is not None:  # its last update's state is back in the store
                 self.copy_stream.wait_event(self.held_written[unit])
             with torch.cuda.stream(self.copy_stream), self._link_timed(self.copy_stream, nbytes):
@@ -1204,6 +1211,7 @@ class StreamEngine:
             torch.cuda.synchronize(self.device)
         self.held.clear()
         self.held_fetched.clear()
+        self.held_coded.clear()
 
     def unit_state_dict(self, unit: int) -> dict[str, torch.Tensor]:
         """Unit `unit`'s master weights keyed by `GPT.state_dict()` names, in the store's

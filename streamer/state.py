@@ -41,6 +41,25 @@ blow-up. A first moment below the range (2^-16 of its block's largest) is zero.
 
 One draw of 32 random bits per element serves all three roundings (16 bits for the
 weight, 8 for each moment): random numbers are a large share of the update's time.
+
+[Note: the fused update, checked before use]
+The compact formats' update as PyTorch ops is about eighty kernels per chunk, which
+move some 480 bytes of device memory per parameter: on a GPU it is the update's whole
+cost, and with AdamW on the device it decides how many tokens a step needs to hide it.
+kernels/compact.py does the same arithmetic in one pass over memory (17 bytes per
+parameter with the random bits).
+
+The two cannot be bit-identical everywhere: torch's fused AdamW and the kernel may
+round a float32 intermediate differently, and a libm's `log2f` may differ in its last
+bit. A last-bit difference changes a stored value only where it straddles a rounding
+boundary: a bfloat16 weight's (1 in 65,536 of its spacing) or a code's (about 1 in
+10^5 of a level). So the kernel matches the ops when, on the same state and the same
+random bits, every stored weight and code is equal or one step apart and at most one
+in a thousand differ at all, and the block scales agree to 1e-6. A device runs the
+kernel only after it has matched the ops there on a sample chunk of its format
+(ragged last block, an all-zero block, clipping and weight decay on half of it, and
+for compact8 the gradient's coding too); otherwise it keeps the ops and says so once.
+The host emulation (kernels/emulate.py) is held to the same comparison in the tests.
 """
 
 from __future__ import annotations
@@ -344,27 +363,7 @@ def encode(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
     codes.copy_(position.masked_fill_(zero, 0))
 
 
-# --- the fused update, checked before use ---------------------------------------------
-
-"""[Note: the fused update, checked before use]
-The compact formats' update as PyTorch ops is about eighty kernels per chunk, which
-move some 480 bytes of device memory per parameter: on a GPU it is the update's whole
-cost, and with AdamW on the device it decides how many tokens a step needs to hide it.
-kernels/compact.py does the same arithmetic in one pass over memory (17 bytes per
-parameter with the random bits).
-
-The two cannot be bit-identical everywhere: torch's fused AdamW and the kernel may
-round a float32 intermediate differently, and a libm's `log2f` may differ in its last
-bit. A last-bit difference changes a stored value only where it straddles a rounding
-boundary: a bfloat16 weight's (1 in 65,536 of its spacing) or a code's (about 1 in
-10^5 of a level). So the kernel matches the ops when, on the same state and the same
-random bits, every stored weight and code is equal or one step apart and at most one
-in a thousand differ at all, and the block scales agree to 1e-6. A device runs the
-kernel only after it has matched the ops there on a sample chunk (ragged last block,
-an all-zero block, clipping and weight decay on half of it) with both gradient
-formats; otherwise it keeps the ops and says so once. The host emulation
-(kernels/emulate.py) is held to the same comparison in the tests.
-"""
+# --- the fused kernels, checked before use (see the note at the top) ----------------
 
 _FUSED_TABLES: dict[torch.device, torch.Tensor] = {}
 _FUSED_AGREES: dict[tuple[str, torch.device], bool] = {}

@@ -1,11 +1,13 @@
-"""CUDA C sources of the row-sparse kernels and the compact AdamW step, one entry per
-compiled module.
+"""CUDA C sources of the row-sparse kernels and the compact state's kernels, one entry
+per compiled module.
 
 Plain strings rather than .cu files so they ship inside the Python package without
 package-data configuration. Every source is self-contained (no #include): NVRTC on a
 machine without a CUDA toolkit has no include path for cuda_fp16.h / cuda_bf16.h, so
 half-precision values travel as raw 16-bit patterns and are converted by the few
-instructions below. Each kernel is a grid-stride loop, so any grid size is correct.
+instructions below (inline PTX on the device; the host emulation of kernels/emulate.py
+compiles the same text with the C++ half type instead). Each kernel is a grid-stride
+loop, so any grid size is correct.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ struct BFloat16 {
 
 struct Float16 {
   typedef unsigned short storage;
+#if defined(__CUDA_ARCH__)
   static __device__ __forceinline__ float load(unsigned short v) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
@@ -49,6 +52,19 @@ struct Float16 {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
   }
+#else  // the host emulation (kernels/emulate.py): the compiler's half type, rounded to nearest even
+  static __device__ __forceinline__ float load(unsigned short v) {
+    _Float16 h;
+    memcpy(&h, &v, 2);
+    return (float)h;
+  }
+  static __device__ __forceinline__ unsigned short store(float f) {
+    _Float16 h = (_Float16)f;
+    unsigned short v;
+    memcpy(&v, &h, 2);
+    return v;
+  }
+#endif
 };
 
 #define GRID_STRIDE_LOOP(i, n)                                              \

@@ -2,14 +2,18 @@
 
 A machine without a GPU can compile the kernels (kernels/nvrtc.py) but not run them.
 For a kernel whose source needs nothing but what the prelude below defines (thread
-and block indices, `__syncthreads`, `__shfl_xor_sync`, the bit casts), this compiles
-the very same text as C++ and launches it block by block, each block's threads as OS
-threads meeting at real barriers. Its indexing, its ragged ends, its warp reductions
-and its arithmetic are then checked against the PyTorch reference on the CPU, where
-CI runs; on a GPU the same checks run against the compiled kernel.
+and block indices, `__syncthreads` and `__syncthreads_or`, `__shfl_xor_sync`,
+`atomicAdd` on floats, the bit casts), this compiles the very same text as C++ and
+launches it block by block, each block's threads as OS threads meeting at real
+barriers. Its indexing, its ragged ends, its reductions and its arithmetic are then
+checked against the PyTorch reference on the CPU, where CI runs; on a GPU the same
+checks run against the compiled kernel. (Inline PTX has a host twin under
+`#if defined(__CUDA_ARCH__)`, as the half-precision conversions in
+kernels/cuda_sources.py do.)
 
-What it cannot show: speed, memory coalescing, and the GPU's own math library (the
-host's `log2f` may differ from CUDA's in the last bit, which the checks allow for).
+What it cannot show: speed, memory coalescing, the order of atomic additions, and the
+GPU's own math library (the host's `log2f` may differ from CUDA's in the last bit,
+which the checks allow for).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 # Just enough of CUDA's execution model, with C++20 barriers. Blocks run one at a time,
 # so a function-local static array is each block's shared memory.
 PRELUDE = r"""
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstring>
@@ -36,6 +41,7 @@ PRELUDE = r"""
 #include <thread>
 #include <vector>
 #include <math.h>
+#include <string.h>
 
 #define __global__
 #define __device__
@@ -49,7 +55,21 @@ static std::barrier<>* block_barrier;
 static std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 static std::vector<float> warp_slots;
 
+static std::vector<int> vote_slots;
+
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+
+// Every thread of the block leaves its vote, all meet, each reads them all, all meet again.
+inline int __syncthreads_or(int predicate) {
+  vote_slots[threadIdx.x] = predicate != 0;
+  block_barrier->arrive_and_wait();
+  int any = 0;
+  for (unsigned int t = 0; t < blockDim.x; ++t) any |= vote_slots[t];
+  block_barrier->arrive_and_wait();
+  return any;
+}
+
+inline float atomicAdd(float* address, float value) { return std::atomic_ref<float>(*address).fetch_add(value); }
 
 // Every lane of the warp leaves its value, all meet, each reads its partner's, all meet
 // again before the slots are reused.
@@ -69,6 +89,7 @@ static void run_grid(unsigned int grid, unsigned int block, const std::function<
   blockDim.x = block;
   gridDim.x = grid;
   warp_slots.assign(block, 0.0f);
+  vote_slots.assign(block, 0);
   for (unsigned int b = 0; b < grid; ++b) {
     std::barrier<> barrier(block);
     block_barrier = &barrier;
@@ -82,7 +103,8 @@ static void run_grid(unsigned int grid, unsigned int block, const std::function<
 }
 """
 
-CTYPES = {"int64": ctypes.c_longlong, "int": ctypes.c_int, "double": ctypes.c_double, "float": ctypes.c_float}
+CTYPES = {"int64": ctypes.c_longlong, "uint64": ctypes.c_ulonglong, "int": ctypes.c_int, "double": ctypes.c_double,
+          "float": ctypes.c_float}
 
 
 class HostCompilerError(RuntimeError):

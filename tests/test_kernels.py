@@ -372,6 +372,94 @@ def test_gpu_out_of_range_index_raises() -> None:
         )
 
 
+# --- the row-sparse kernels' CUDA source, run on the host ----------------------------------
+# kernels/emulate.py compiles each kernel's own text for the host; these check the raw
+# kernels (their indexing, block votes, atomics and half conversions) against the
+# reference, without the CuPy sorting and compaction around them (the GPU tests below
+# check the whole primitives).
+
+ROWS = ("const {bits}* rows", "int64 num_rows", "int64 hidden", "unsigned char* flags")
+SEGMENTS = ("const {t}* values", "const int64* order", "const int64* segment_starts", "int64 num_segments",
+            "int64 hidden", "const int64* out_rows", "int accumulate", "{t}* out")
+
+
+def _params(spec: tuple[str, ...], **types: str) -> tuple[tuple[str, str], ...]:
+    return tuple(tuple(part.format(**types).rsplit(" ", 1)) for part in spec)  # type: ignore[misc]
+
+
+def _emulate(module: str, kernel: str, params: tuple[tuple[str, str], ...], args: dict, grid: int = 3,
+             block: int = 64) -> None:
+    from kernels import emulate
+
+    emulate.launch(SOURCES[module], kernel, params, grid, block, args)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.int32 if tensor.dtype == torch.float32 else torch.int16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_flags_kernel_votes_as_the_reference_in_host_emulation(host_compiler: None, dtype: torch.dtype) -> None:
+    """One block per row, its threads voting with __syncthreads_or: -0.0 is zero, NaN is not."""
+    grad = sparse_grad(300, 33, 0.2, dtype, seed=4)
+    empty = (grad == 0).all(1).nonzero().flatten()  # rows no value touched
+    signed_zero, nan = int(empty[0]), int(empty[1])
+    grad[signed_zero, 5], grad[nan, 32] = -0.0, float("nan")
+    flags = torch.zeros(300, dtype=torch.uint8)
+    suffix, bits = ("b32", "unsigned int") if dtype == torch.float32 else ("b16", "unsigned short")
+    _emulate("row_nonzero_flags", f"row_nonzero_flags_{suffix}", _params(ROWS, bits=bits),
+             {"rows": _bits(grad), "num_rows": 300, "hidden": 33, "flags": flags})
+    expected = torch.zeros(300, dtype=torch.uint8)
+    expected[reference.nonzero_rows(grad)[0]] = 1
+    assert torch.equal(flags, expected) and flags[nan] == 1 and flags[signed_zero] == 0
+    assert 0.1 * 300 < int(flags.sum()) < 0.3 * 300
+
+
+def test_hash_owner_kernel_matches_the_host_hash_in_host_emulation(host_compiler: None) -> None:
+    from kernels.hashing import seed_offset
+
+    indices = torch.randint(0, 2**62, (5000,), generator=torch.Generator().manual_seed(1))
+    owners = torch.empty_like(indices)
+    params = (("const int64*", "indices"), ("int64", "n"), ("uint64", "seed_offset"), ("uint64", "world_size"),
+              ("int64*", "owners"))
+    _emulate("hash_owner", "hash_owner", params,
+             {"indices": indices, "n": 5000, "seed_offset": seed_offset(99), "world_size": 7, "owners": owners})
+    assert torch.equal(owners, owner_ranks(indices, 7, seed=99))
+
+
+def test_scatter_add_kernel_adds_duplicates_atomically_in_host_emulation(host_compiler: None) -> None:
+    indices, values = random_rows(400, num_rows=50, hidden=33, dtype=torch.float32)
+    dense = torch.zeros(50, 33)
+    params = (("float*", "dense"), ("const int64*", "indices"), ("const float*", "values"), ("int64", "n"),
+              ("int64", "hidden"))
+    _emulate("scatter_add_rows", "scatter_add_rows_f32", params,
+             {"dense": dense, "indices": indices, "values": values, "n": 400, "hidden": 33})
+    assert torch.equal(dense.double(), naive_dense_sum(indices, values, 50))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accumulate", (0, 1))
+def test_segment_sum_kernel_matches_the_reference_in_host_emulation(host_compiler: None, dtype: torch.dtype,
+                                                                    accumulate: int) -> None:
+    """Stably sorted rows summed per index in float32, written or added into `out`."""
+    indices, values = random_rows(500, num_rows=80, hidden=17, dtype=dtype)
+    order = torch.argsort(indices, stable=True)
+    unique, counts = torch.unique(indices, sorted=True, return_counts=True)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    start = sparse_grad(80, 17, 0.5, dtype, seed=3)
+    out = start.clone()
+    t = {torch.float32: "float", torch.bfloat16: "unsigned short", torch.float16: "unsigned short"}[dtype]
+    suffix = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+    _emulate("segment_sum_rows", f"segment_sum_rows_{suffix}", _params(SEGMENTS, t=t),
+             {"values": values.view(torch.int16) if dtype != torch.float32 else values, "order": order,
+              "segment_starts": starts, "num_segments": unique.numel(), "hidden": 17, "out_rows": unique,
+              "accumulate": accumulate, "out": out.view(torch.int16) if dtype != torch.float32 else out})
+    sums = reference.coalesce_float32(indices, values)[1]
+    expected = start.clone()
+    expected[unique] = ((start[unique].float() if accumulate else 0) + sums).to(dtype)
+    assert torch.equal(out, expected)
+
+
 # --- the compact AdamW kernel against the PyTorch ops ----------------------------------------
 
 

@@ -72,6 +72,7 @@ from dataclasses import dataclass
 
 import torch
 
+from streamer.errors import UserError
 from streamer.optim import OptimConfig, adamw_update_
 
 BLOCK = 256  # elements per moment scale: small enough to follow local magnitudes
@@ -444,12 +445,21 @@ def check_fused_update(fmt: StateFormat, device: torch.device, numel: int = 48 *
     return problems
 
 
-def use_fused(fmt: StateFormat, device: torch.device) -> bool:
-    """Whether `fmt`'s update and gradient coding on `device` run as the fused kernels:
-    on a CUDA device once they have matched the ops there. STREAMER_FUSED_UPDATE in the
-    environment: 0 keeps the ops everywhere; `host` also runs the kernels on a CPU
-    device, in the host emulation (slow: to check a whole run against the ops)."""
+def fused_mode() -> str:
+    """STREAMER_FUSED_UPDATE, checked: 1 (the default) fuses on a CUDA device once the
+    kernels have matched the ops there; 0 keeps the ops everywhere; `host` also runs the
+    kernels on a CPU device, in the host emulation (slow: to check a whole run)."""
     mode = os.environ.get(FUSED_ENV, "1")
+    if mode not in ("0", "1", "host"):
+        raise UserError(f"{FUSED_ENV} must be 0 (the PyTorch ops), 1 (the fused kernels where they match the ops) "
+                        f"or host (their host emulation on a CPU device), got '{mode}'")
+    return mode
+
+
+def use_fused(fmt: StateFormat, device: torch.device) -> bool:
+    """Whether `fmt`'s update and gradient coding on `device` run as the fused kernels
+    (see `fused_mode`)."""
+    mode = fused_mode()
     if mode == "0" or fmt.name == "fp32":
         return False
     if device.type == "cuda":

@@ -40,6 +40,7 @@ from streamer.errors import UserError
 from streamer.io import atomic_write_json, write_safetensors
 from streamer.optim import OptimConfig, lr_at
 from streamer.parallel import DataParallel
+from streamer.state import fused_mode
 from streamer.stats import StepStats
 
 
@@ -295,6 +296,7 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
         raise UserError(f"--held-units {cfg.held_units} needs one process (a held unit keeps its whole gradient): "
                         "drop it, or train with --nproc 1")
     check_grad_sync(cfg, model_cfg, device, world)
+    fused_mode()  # the environment's choice of update kernels, read again by every update
     tokens = load_tokens(Path(cfg.data) if cfg.data else default_corpus(), model_cfg.vocab_size)
     BatchSampler(tokens, cfg.seq_len, cfg.seed)  # refuses data shorter than one sequence
     out = Path(cfg.out) if cfg.out else default_out(cfg.model)

@@ -180,6 +180,13 @@ def test_the_machine_wide_host_memory_setting_plans_this_machine(tmp_path: Path)
     assert_user_error(bad, "STREAMER_HOST_MEMORY_GIB", "'lots'")
 
 
+def test_a_bad_choice_of_update_kernels_is_one_line_before_anything_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    bad = streamer("train", "--steps", "1", "--out", str(out), cache=tmp_path, env={"STREAMER_FUSED_UPDATE": "false"})
+    assert_user_error(bad, "STREAMER_FUSED_UPDATE must be 0", "or host", "'false'")
+    assert not out.exists()
+
+
 def test_plan_unknown_device_profile(tmp_path: Path) -> None:
     assert_user_error(streamer("plan", "--device", "tpu9", cache=tmp_path), "'tpu9'", "h100")
 

@@ -17,7 +17,8 @@ kernel and as the ops.
 
 On a machine without CUDA the same sizes run through the reference on the CPU (nothing
 to check against), so the script is exercised everywhere; the JSON says which (the
-update's kernel needs CUDA: only the ops run there).
+update's kernels need CUDA: only the ops are timed there, and `--emulate` checks the
+kernels through their host emulation, kernels/emulate.py).
 
     python benchmarks/bench_kernels.py --json benchmarks/results/kernels_cuda.json
 """
@@ -118,24 +119,26 @@ def operations(impl, d: dict, c: dict, world: int, scan_bytes: int, n: int, uniq
     }
 
 
-def update_rows(device: torch.device, memory: float, repeat: int, numel: int) -> list[dict]:
-    """The compact formats' update on one chunk: the fused kernel checked against the ops,
-    then the kernel alone, the fused update and the ops, timed."""
+def update_rows(device: torch.device, memory: float, repeat: int, numel: int, emulate: bool = False) -> list[dict]:
+    """The compact formats' update on one chunk: the fused kernel checked against the ops
+    (on a CPU, with `emulate`, its host emulation), then the kernel alone, the fused
+    update and the ops, timed (on a CPU the ops only)."""
     from streamer.optim import OptimConfig
-    from streamer.state import FORMATS, fused_differences, random_bits, sample_state, sample_values
+    from streamer.state import FORMATS, fused_differences, fused_gaps, random_bits, sample_state, sample_values
 
     cuda, rows = device.type == "cuda", []
+    checked = cuda or emulate
     for state in ("compact", "compact8"):
         fmt = FORMATS[state]
         buffers = sample_state(fmt, numel, device)
         settings = {"step": 3, "lr": 1e-3, "cfg": OptimConfig(), "decay_numel": numel // 2, "grad_scale": 0.5}
-        problems = []
-        if cuda:
+        problems, gaps = [], {}
+        if checked:
             ops = {name: buffer.clone() for name, buffer in buffers.items()}
             fused = {name: buffer.clone() for name, buffer in buffers.items()}
             fmt.update_(ops, seed=1, fused=False, **settings)
             fmt.update_(fused, seed=1, fused=True, **settings)
-            problems = fused_differences(fmt, ops, fused)
+            problems, gaps = fused_differences(fmt, ops, fused), fused_gaps(fmt, ops, fused)
         bits = random_bits((numel,), 32, torch.Generator(device=device).manual_seed(0))
         whole, grad_bytes = fmt.bytes_per_param(), fmt.bytes_per_param(("grad",))
         kernel_bytes = (2 * whole - grad_bytes + 4) * numel  # state in, updated state out, bits in
@@ -149,11 +152,13 @@ def update_rows(device: torch.device, memory: float, repeat: int, numel: int) ->
             coded = {name: torch.empty_like(buffers[name]) for name in ("grad", "grad_scale")}
             code = functools.partial(fmt.store_grad, grad, coded)
             code_bytes = (4 + grad_bytes) * numel
-            if cuda:
+            if checked:
                 expected = {name: torch.empty_like(buffers[name]) for name in ("grad", "grad_scale")}
                 fmt.store_grad(grad, expected, fused=False)
                 code(fused=True)
                 problems = problems + fused_differences(fmt, expected, coded)
+                gaps = {**gaps, **{f"coded {name}": gap for name, gap in fused_gaps(fmt, expected, coded).items()}}
+            if cuda:
                 runs["code_gradient kernel"] = (functools.partial(code, fused=True), code_bytes)
             runs["code_gradient ops"] = (functools.partial(code, fused=False), code_bytes)
         for how, (run, nbytes) in runs.items():
@@ -161,11 +166,15 @@ def update_rows(device: torch.device, memory: float, repeat: int, numel: int) ->
             kernel = how if how.startswith("code_gradient") else f"compact_adamw {how}"
             rows.append({"kernel": kernel, "state": state, "numel": numel, "seconds": seconds,
                          "bytes": nbytes, "bytes_per_s": nbytes / seconds, "share_of_copy": nbytes / seconds / memory,
-                         "params_per_s": numel / seconds, "differences": problems})
+                         "params_per_s": numel / seconds, "differences": problems, "gaps": gaps,
+                         "checked": "cuda" if cuda else ("host emulation" if emulate else None)})
             r = rows[-1]
             print(f"{r['kernel']:<28}{state:<10}{numel:>10}{seconds * 1e3:>9.2f}{r['bytes_per_s'] / 1e9:>8.0f}"
                   f"{r['share_of_copy']:>9.0%}{numel / seconds / 1e9:>10.2f}  "
-                  f"{'; '.join(problems) or ('matches the ops' if cuda else 'not checked (no CUDA)')}")
+                  f"{'; '.join(problems) or ('matches the ops' if checked else 'not checked (no CUDA)')}")
+        if gaps:  # how close, not only whether within the allowance
+            print("    " + ", ".join(f"{name} {differ}/{n} differ (largest {largest:.2g})"
+                                     for name, (differ, largest, n) in gaps.items()))
     return rows
 
 
@@ -178,6 +187,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--update-numel", type=int, default=8 * 2**20, help="elements of the update's chunk")
+    parser.add_argument("--emulate", action="store_true",
+                        help="without CUDA, check the compact kernels through their host emulation (slow)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -227,7 +238,7 @@ def main() -> None:
     write_json(path, result)  # the sparse kernels' results stand whatever the update's kernel does
     print(f"\n{'update':<28}{'state':<10}{'elements':>10}{'ms':>9}{'GB/s':>8}{'of copy':>9}{'G param/s':>10}  check")
     try:
-        updates = update_rows(device, memory, args.repeat, args.update_numel)
+        updates = update_rows(device, memory, args.repeat, args.update_numel, args.emulate and not cuda)
     except Exception as error:  # a launch or compile failure: said, and kept in the JSON
         print(f"the update's kernel failed: {type(error).__name__}: {error}")
         write_json(path, {**result, "update_error": f"{type(error).__name__}: {error}", "update_matches_ops": False})
@@ -243,7 +254,8 @@ def main() -> None:
     kernels_only = [r for r in updates if r["kernel"].endswith("kernel")]
     write_json(path, {**result, "min_share_of_copy": min(r["share_of_copy"] for r in [*rows, *kernels_only]),
                       "updates": updates,
-                      "update_matches_ops": all(not r["differences"] for r in updates) if cuda else None})
+                      "update_matches_ops": all(not r["differences"] for r in updates)
+                      if cuda or args.emulate else None})
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ bit. A last-bit difference changes a stored value only where it straddles a roun
 boundary: a bfloat16 weight's (1 in 65,536 of its spacing) or a code's (about 1 in
 10^5 of a level). So the kernel matches the ops when, on the same state and the same
 random bits, every stored weight and code is equal or one step apart and at most one
-in a thousand differ at all, and the block scales agree to 1e-6. A device runs the
+in a thousand differ at all, and the block scales agree to 1e-6. (Where an update
+cancels most of a weight, the float32 terms' last bit is many steps of the small
+result: a weight may then differ by up to 2^-16 of the chunk's largest.) A device runs the
 kernel only after it has matched the ops there on a sample chunk of its format
 (ragged last block, an all-zero block, clipping and weight decay on half of it, and
 for compact8 the gradient's coding too); otherwise it keeps the ops and says so once.
@@ -402,28 +404,46 @@ def sample_state(fmt: StateFormat, numel: int, device: torch.device, seed: int =
     return {name: buffer.to(device) for name, buffer in buffers.items()}
 
 
-def fused_differences(fmt: StateFormat, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str]:
-    """Where `got` (the fused kernels' state, or the part of it in `expected`) is further
-    from `expected` (the ops') than the note above allows; empty when it matches."""
-    problems = []
+def fused_gaps(fmt: StateFormat, expected: dict[str, torch.Tensor],
+               got: dict[str, torch.Tensor]) -> dict[str, tuple[int, float, int]]:
+    """How far `got` (the fused kernels' state, or the part of it in `expected`) is from
+    `expected` (the ops'), per buffer: (values that differ, the largest difference, values):
+    in codes for codes, relative for block scales, and for weights in bfloat16 steps
+    (2^-7 of the value) or, where larger, 2^-16 of the chunk's largest weight: where an
+    update cancels most of a weight, a last-bit difference in the float32 terms is many
+    steps of the small result, and no more than that floor."""
+    gaps: dict[str, tuple[int, float, int]] = {}
     for name in (n for n in ("param", "grad", "exp_avg", "exp_avg_sq") if n in expected):
         if name == "grad" and not fmt.codes_grad:  # an input, cast: nothing fused wrote it
             continue
         a, b = expected[name].cpu(), got[name].cpu()
-        if name == "param":  # neighbouring bfloat16 values of one sign are neighbouring integers
-            a, b = a.view(torch.int16).int(), b.view(torch.int16).int()
+        if name == "param":
+            a, b = a.float(), b.float()
+            floor = 2**-16 * float(a.abs().max()) if a.numel() else 0.0
+            step = (a - b).abs() / torch.maximum(a.abs(), b.abs()).mul(2**-7).clamp(min=max(floor, 1e-38))
         else:
             a, b = a.int(), b.int()
             if name in SIGNED:  # a signed code's level: positive, or negative past 128
                 a, b = torch.where(a > 128, 128 - a, a), torch.where(b > 128, 128 - b, b)
-        step = (a - b).abs()
-        differ, largest = int((step > 0).sum()), int(step.max()) if step.numel() else 0
-        if largest > 1 or differ > max(2, a.numel() // 1000):
-            problems.append(f"{name}: {differ} of {a.numel()} differ, by up to {largest}")
+            step = (a - b).abs().float()
+        gaps[name] = (int((a != b).sum()), float(step.max()) if step.numel() else 0.0, a.numel())
     for name in (n for n in ("grad_scale", "exp_avg_scale", "exp_avg_sq_scale") if n in expected):
         a, b = expected[name].cpu(), got[name].cpu()
-        if not torch.allclose(a, b, rtol=1e-6, atol=0.0):
-            problems.append(f"{name}: up to {float(((a - b).abs() / a.abs().clamp(min=1e-30)).max()):.2g} apart")
+        relative = (a - b).abs() / a.abs().clamp(min=1e-30)
+        gaps[name] = (int((a != b).sum()), float(relative.max()) if a.numel() else 0.0, a.numel())
+    return gaps
+
+
+def fused_differences(fmt: StateFormat, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str]:
+    """Where `got` is further from `expected` (see `fused_gaps`) than the note above
+    allows; empty when it matches."""
+    problems = []
+    for name, (differ, largest, numel) in fused_gaps(fmt, expected, got).items():
+        if name.endswith("_scale"):
+            if largest > 1e-6:
+                problems.append(f"{name}: up to {largest:.2g} apart")
+        elif largest > 1 or differ > max(2, numel // 1000):
+            problems.append(f"{name}: {differ} of {numel} differ, by up to {largest:.3g} steps")
     return problems
 
 

@@ -6,8 +6,12 @@
 #     BUDGET_S=560 bash benchmarks/gpu_session.sh
 #     BUDGET_S=<seconds left - 60> bash benchmarks/gpu_session.sh
 # A stage starts only if its floor fits what the budget has left, and runs under the
-# smaller of its cap and that. Stages already done on this machine are not run again;
-# name stages to choose them: `bash benchmarks/gpu_session.sh kernels tests`.
+# smaller of its cap and that. Stages already done on this machine are not run again,
+# nor are those whose results are committed in benchmarks/results (complete: the 20B
+# run's ten steps, a test log without failures; the device limits always run, since
+# the shares are of this machine's): each session gets a fresh machine, and its minutes
+# go to what has not been measured. Name stages to choose them, measured or not:
+# `bash benchmarks/gpu_session.sh kernels tests`.
 #
 #   stage         cap  floor  what (the target of issue #7 it serves)
 #   limits         60     20  bf16 matmul, pinned copies each way and both at once, HBM copy (all)
@@ -39,12 +43,27 @@ export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 export STREAMER_HOST_MEMORY_GIB="${STREAMER_HOST_MEMORY_GIB:-128}"
 if [[ -n "${OUT:-}" ]]; then results="${GPU_RESULTS:-/tmp/gpu_results}"; else results=benchmarks/results; fi
 done_dir="${GPU_STAGES_DONE:-/tmp/gpu_stages_done}"  # what this machine has done, while it stays warm
+committed="${GPU_COMMITTED_RESULTS:-benchmarks/results}"  # what earlier sessions measured and committed
 
 STAGES=(limits kernels tests neox20b xl-overlap xl-sharded gptj-sharded)
 declare -A CAP=([limits]=60 [neox20b]=400 [xl-overlap]=170 [kernels]=75 [xl-sharded]=150 [tests]=150
                 [gptj-sharded]=420)
 declare -A FLOOR=([limits]=20 [neox20b]=240 [xl-overlap]=110 [kernels]=30 [xl-sharded]=110 [tests]=60
                   [gptj-sharded]=200)
+
+# Each stage's result file, by which a default call knows it is measured already.
+declare -A RESULT=([kernels]=kernels_cuda.json [tests]=gpu_tests.log [neox20b]=train_neox20b_cuda.jsonl
+                   [xl-overlap]=stream_vs_resident_cuda.json [xl-sharded]=stream_vs_sharded_cuda.json
+                   [gptj-sharded]=stream_vs_sharded_gptj_cuda.json)
+measured() {  # $1: a stage; true when its result is committed and complete
+    local file="$committed/${RESULT[$1]:-none}"
+    [[ -n "${RESULT[$1]:-}" && -s "$file" ]] || return 1
+    case "$1" in
+        neox20b) (( $(wc -l < "$file") >= 10 )) ;;  # all ten steps
+        tests) grep -qE "[0-9]+ passed" "$file" && ! grep -qE "[0-9]+ (failed|errors?)" "$file" ;;
+        *) true ;;
+    esac
+}
 
 # --- the stages (each runs in a process group of its own, under `timeout`) -------------
 
@@ -198,6 +217,11 @@ echo "$(date -u +%FT%TZ) budget ${budget}s: ${chosen[*]}" | tee -a "$log"
 for name in "${chosen[@]}"; do
     if [[ -e "$done_dir/$name" && $# -eq 0 ]]; then
         echo "$name: done earlier on this machine" | tee -a "$log"
+        continue
+    fi
+    if [[ $# -eq 0 ]] && measured "$name"; then
+        echo "$name: measured already ($committed/${RESULT[$name]}); name the stage to measure it again" \
+            | tee -a "$log"
         continue
     fi
     left=$((deadline - SECONDS))

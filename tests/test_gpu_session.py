@@ -16,7 +16,7 @@ def session(tmp_path: Path, *stages: str, budget: str = "100") -> subprocess.Com
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     env = {**os.environ, "OUT": str(out), "BUDGET_S": budget, "GPU_RESULTS": str(tmp_path / "results"),
-           "GPU_STAGES_DONE": str(tmp_path / "done")}
+           "GPU_STAGES_DONE": str(tmp_path / "done"), "GPU_COMMITTED_RESULTS": str(tmp_path / "committed")}
     return subprocess.run(["bash", str(SCRIPT), *stages], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -50,3 +50,28 @@ def test_an_unknown_stage_or_budget_is_refused_in_one_line(tmp_path: Path) -> No
     run = session(tmp_path, budget="ten")
     assert run.returncode == 2 and "BUDGET_S must be a whole number of seconds, got 'ten'" in run.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_stages_whose_results_are_committed_are_left_to_the_rest(tmp_path: Path) -> None:
+    """A fresh machine spends its minutes on what no session has measured: a stage with a
+    complete committed result is passed over by a default call (a 20B run cut short, or
+    a test log with a failure, is not complete), and runs when named."""
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    for name in ("kernels_cuda.json", "stream_vs_resident_cuda.json", "stream_vs_sharded_cuda.json",
+                 "stream_vs_sharded_gptj_cuda.json"):
+        (committed / name).write_text("{}")
+    (committed / "gpu_tests.log").write_text("....\n104 passed, 3 skipped in 80.1s\n")
+    (committed / "train_neox20b_cuda.jsonl").write_text("{}\n" * 4)  # four of the ten steps
+
+    def call(*stages: str) -> str:  # stages.log, this call's lines last
+        assert session(tmp_path, *stages, budget="0").returncode == 0
+        return (tmp_path / "out" / "stages.log").read_text()
+
+    log = call()
+    for stage in ("kernels", "tests", "xl-overlap", "xl-sharded", "gptj-sharded"):
+        assert f"{stage}: measured already ({committed}/" in log
+    assert "neox20b: skipped, 0s left" in log and "limits: skipped, 0s left" in log
+    (committed / "gpu_tests.log").write_text("..F.\n1 failed, 103 passed in 80.1s\n")
+    assert "tests: skipped, 0s left" in call()
+    assert call("kernels").splitlines()[-2] == "kernels: skipped, 0s left of the budget and it needs 30s"

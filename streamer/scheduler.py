@@ -79,7 +79,7 @@ from models.gpt import build_unit, init_unit
 from streamer import planner
 from streamer.optim import OptimConfig, clip_coefficient
 from streamer.parallel import DataParallel
-from streamer.state import FORMATS
+from streamer.state import FORMATS, use_fused
 from streamer.stats import StepStats
 from streamer.store import BUFFERS, CHECKPOINT_BUFFERS, DiskStore, HostStore, RamStore, SplitStore, UnitLayout
 
@@ -399,6 +399,9 @@ class StreamEngine:
         offload = planner.choose_offload(model_cfg, available, shutil.disk_usage(out).free, train_cfg.offload, state)
         ram_units = planner.split_ram_units(model_cfg, available, state) if offload == "split" else None
         profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]
+        # Whether this GPU runs the compact formats' fused kernels (their check runs here,
+        # once, not in the first backward): their temporaries are a tenth of the ops'.
+        profile = planner.replace(profile, fused_update=device.type == "cuda" and use_fused(FORMATS[state], device))
         if device.type == "cuda":
             budget = 0.8 * torch.cuda.get_device_properties(device).total_memory
         else:

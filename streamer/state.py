@@ -489,6 +489,8 @@ def use_fused(fmt: StateFormat, device: torch.device) -> bool:
 
 def fused_update_agrees(fmt: StateFormat, device: torch.device) -> bool:
     """Whether `fmt`'s fused kernels matched the ops on `device` (checked once per device)."""
+    if device.index is None:  # "cuda" is the current device; tensors name it by its index
+        device = torch.device(device.type, torch.cuda.current_device())
     key = (fmt.name, device)
     with _FUSED_LOCK:  # the worker and the held stream's thread may both update first
         if key in _FUSED_AGREES:

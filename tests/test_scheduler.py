@@ -333,10 +333,13 @@ def test_a_run_with_the_fused_kernels_trains_as_one_with_the_ops(tmp_path, monke
     """The whole engine with compact8's update and gradient coding as the fused kernels
     (their CUDA source, run on the host: STREAMER_FUSED_UPDATE=host), held units and all:
     the chunk offsets, the decay boundary inside a unit and the coded gradients it
-    hands the kernels are the engine's own. Same random bits, so the same losses to the
-    last few bits and almost every stored weight equal."""
-    from streamer.state import FUSED_ENV
+    hands the kernels are the engine's own (chunks of 64 blocks here, so a unit spans
+    several and the decay boundary falls inside one). Same random bits, so the same
+    losses to the last few bits and almost every stored weight equal."""
+    import streamer.store
+    from streamer.state import BLOCK, FUSED_ENV
 
+    monkeypatch.setattr(streamer.store, "CHUNK_NUMEL", 64 * BLOCK)
     settings = dict(steps=3, state="compact8", prefetch_depth=1, update_on="device", held_units=2)
     ops, w_ops = _run(tmp_path / "ops", "tiny-gptj", "stream", "ram", **settings)
     monkeypatch.setenv(FUSED_ENV, "host")

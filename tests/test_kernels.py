@@ -507,6 +507,25 @@ def test_compact_adamw_kernel_matches_the_ops_with_every_setting(host_compiler: 
     assert _fused_against_ops("compact8", 9 * 256 + 3, "cpu", **settings) == []
 
 
+@pytest.mark.parametrize("state", ("compact", "compact8"))
+def test_compact_adamw_kernel_decays_exactly_the_leading_elements(host_compiler: None, state: str) -> None:
+    """Weight decay applies to the chunk's first `decay_numel` elements and no other, wherever
+    the boundary falls in a block: with no gradient and no moments the step is the decay
+    alone, a tenth of each decayed weight, and leaves the rest exactly as they were."""
+    from streamer.state import FORMATS, sample_state
+
+    fmt, numel, boundary = FORMATS[state], 5 * 256 + 9, 2 * 256 + 37
+    buffers = sample_state(fmt, numel, torch.device("cpu"))
+    for name in ("grad", "exp_avg", "exp_avg_sq"):
+        buffers[name].zero_()
+    before = buffers["param"].float()
+    fmt.update_(buffers, step=3, lr=0.1, cfg=OptimConfig(weight_decay=1.0), decay_numel=boundary, grad_scale=1.0,
+                seed=5, fused=True)
+    after = buffers["param"].float()
+    assert torch.equal(after[boundary:], before[boundary:])
+    torch.testing.assert_close(after[:boundary], 0.9 * before[:boundary], rtol=2**-7, atol=0)
+
+
 def test_a_broken_kernel_is_told_apart(host_compiler: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The comparison is not blind: a kernel that rounds the first moment to the nearest
     code instead of stochastically, or reduces the block's largest value over half a

@@ -112,9 +112,9 @@ class HostCompilerError(RuntimeError):
 
 
 def _launcher(kernel: str, params: tuple[tuple[str, str], ...]) -> str:
-    signature = ", ".join(f"{kind} {name}" for kind, name in params)
+    signature = "".join(f", {kind} {name}" for kind, name in params)
     names = ", ".join(name for _, name in params)
-    return (f'extern "C" void launch_{kernel}(unsigned int grid, unsigned int block, {signature}) {{\n'
+    return (f'\nextern "C" void launch_{kernel}(unsigned int grid, unsigned int block{signature}) {{\n'
             f"  run_grid(grid, block, [=] {{ {kernel}({names}); }});\n}}\n")
 
 
@@ -135,8 +135,12 @@ def _library(source: str, kernel: str, params: tuple[tuple[str, str], ...]) -> c
         # No fast-math and no contraction: the GPU build is compiled with --fmad=false too.
         command = [compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
                    str(cpp), "-o", str(partial)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        cpp.unlink()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True)
+        except OSError as error:  # the compiler named by $CXX is not there
+            raise HostCompilerError(f"{compiler} cannot run: {error}") from error
+        finally:
+            cpp.unlink()
         if done.returncode != 0:
             raise HostCompilerError(f"{kernel} does not compile for the host:\n{done.stderr[-4000:]}")
         partial.replace(library)  # whole or not at all: parallel test workers share the folder

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small byte-level token file, and skipping `gpu` tests without CUDA."""
+"""Shared fixtures: a small byte-level token file, skipping `gpu` tests without CUDA, and
+skipping tests of the CUDA kernels' host emulation without a C++20 compiler."""
 
 from __future__ import annotations
 
@@ -31,3 +32,16 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "small.npy"
     prepare(path, [stdlib / name for name in SMALL_CORPUS])
     return path
+
+
+@pytest.fixture(scope="session")
+def host_compiler() -> None:
+    """A C++20 compiler for the host emulation of CUDA kernels (kernels/emulate.py; its
+    barriers need C++20): the tests that need one are skipped, with the reason, without."""
+    from kernels import emulate
+
+    try:
+        emulate.launch('extern "C" __global__ void probe() { __syncthreads(); }', "probe", (), grid=1, block=32,
+                       args={})
+    except emulate.HostCompilerError as error:
+        pytest.skip(f"no host emulation of CUDA kernels here: {' '.join(str(error).splitlines()[:2])}")

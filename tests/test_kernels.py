@@ -463,14 +463,6 @@ def test_segment_sum_kernel_matches_the_reference_in_host_emulation(host_compile
 # --- the compact AdamW kernel against the PyTorch ops ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def host_compiler() -> None:
-    import shutil
-
-    if not (shutil.which("g++") or shutil.which("clang++")):
-        pytest.skip("no C++ compiler to build the host emulation of the CUDA kernel")
-
-
 def _fused_against_ops(state: str, numel: int, device: str, **settings: object) -> list[str]:
     """One step of each update from the same state and random bits: what differs."""
     from streamer.state import FORMATS, fused_differences, sample_state

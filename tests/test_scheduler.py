@@ -329,7 +329,7 @@ def test_held_updates_train_exactly_as_updates_at_staging(tmp_path, monkeypatch,
     assert all(r["held_units"] == 3 for r in held) and not any(r["held_units"] for r in plain)
 
 
-def test_a_run_with_the_fused_kernels_trains_as_one_with_the_ops(tmp_path, monkeypatch):
+def test_a_run_with_the_fused_kernels_trains_as_one_with_the_ops(tmp_path, monkeypatch, host_compiler):
     """The whole engine with compact8's update and gradient coding as the fused kernels
     (their CUDA source, run on the host: STREAMER_FUSED_UPDATE=host), held units and all:
     the chunk offsets, the decay boundary inside a unit and the coded gradients it

@@ -185,8 +185,7 @@ class StateFormat:
             if fused:
                 from kernels.compact import code_gradient_
 
-                code_gradient_(piece.contiguous(), codes, scales, (OCTAVES["grad"], _levels_per_octave("grad"),
-                               LEVELS["grad"]), emulate=piece.device.type == "cpu")
+                code_gradient_(piece.contiguous(), codes, scales, _code("grad"), emulate=piece.device.type == "cpu")
             else:
                 encode("grad", piece, codes, scales, None)
             if not direct:
@@ -257,8 +256,7 @@ class StateFormat:
         compact_adamw_(buffers, bits, fused_tables(device), emulate=device.type == "cpu", step=step, lr=lr,
                        beta1=cfg.beta1, beta2=cfg.beta2, weight_decay=cfg.weight_decay, eps=cfg.eps,
                        decay_numel=decay_numel, grad_scale=grad_scale,
-                       codes={name: (OCTAVES[name], _levels_per_octave(name), LEVELS[name])
-                              for name in ("exp_avg", "exp_avg_sq")})
+                       codes={name: _code(name) for name in ("exp_avg", "exp_avg_sq")})
 
 
 def _compact(name: str, grad: tuple[Buffer, ...], update_cost: float, workspace_bytes: int,
@@ -303,6 +301,11 @@ def round_bf16_stochastic(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     often (the pattern is sign-magnitude)."""
     bits = x.contiguous().view(torch.int32) + noise.bitwise_and(65535)
     return bits.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
+
+
+def _code(name: str) -> tuple[int, float, int]:
+    """A code's scale as the fused kernels take it: (octaves, levels per octave, top code)."""
+    return OCTAVES[name], _levels_per_octave(name), LEVELS[name]
 
 
 def _levels_per_octave(name: str) -> float:
@@ -492,6 +495,8 @@ def fused_update_agrees(fmt: StateFormat, device: torch.device) -> bool:
     if device.index is None:  # "cuda" is the current device; tensors name it by its index
         device = torch.device(device.type, torch.cuda.current_device())
     key = (fmt.name, device)
+    if key in _FUSED_AGREES:  # every chunk asks: no lock once the answer is known
+        return _FUSED_AGREES[key]
     with _FUSED_LOCK:  # the worker and the held stream's thread may both update first
         if key in _FUSED_AGREES:
             return _FUSED_AGREES[key]

@@ -6,11 +6,13 @@ gradient coded in 8 bits too).
 
 Trains the same model from the same initial weights on the same real-text batches with
 each format, streamed from the RAM tier, and reports the loss curves and their largest
-gaps from float32's, the state's bytes, the peak resident memory, the host update rate each format
+gaps from float32's, the loss on held-out text (the data's tail, never trained on: the
+same windows for every format and every evaluation, so the comparison is not one step's
+batch noise), the state's bytes, the peak resident memory, the host update rate each format
 reached in the run, tokens/s and the planner's predicted step time. This is what the
 compact formats trade: memory for update compute, at a measured cost in loss.
 
-    python benchmarks/bench_state_formats.py --model gpt3-125m --steps 24 \\
+    python benchmarks/bench_state_formats.py --model gpt3-125m --steps 24 --eval-every 6 \\
         --json benchmarks/results/state_formats_cpu.json
 """
 
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace, state: str, scratch: Path) -> dict:
     out = scratch / state
     cmd = streamer_train_cmd(model=args.model, mode="stream", offload="ram", state=state, steps=args.steps,
                              batch_size=args.batch_size, seq_len=args.seq_len, warmup=2, lr=args.lr,
-                             device="cpu", out=out)
+                             device="cpu", out=out, eval_every=args.eval_every, eval_tokens=args.eval_tokens)
     run_child(cmd)
     rows = read_metrics(out)
     timed = rows[2:]  # the first step has no update; the second calibrates the prediction
@@ -46,6 +48,9 @@ def run(args: argparse.Namespace, state: str, scratch: Path) -> dict:
         "bytes_per_param": FORMATS[state].bytes_per_param(),
         "state_gib": FORMATS[state].bytes_per_param() * owned / 2**30,
         "losses": [r["loss"] for r in rows],
+        "eval_steps": [r["step"] for r in rows if "eval_loss" in r],
+        "eval_losses": [r["eval_loss"] for r in rows if "eval_loss" in r],
+        "eval_tokens": next(r["eval_tokens"] for r in rows if "eval_loss" in r),
         "step_s": min(r["step_s"] for r in timed),  # the fastest: contention only adds time
         "predicted_step_s": statistics.median(r["predicted_step_s"] for r in timed),
         "tokens_per_s": rows[0]["tokens"] / min(r["step_s"] for r in timed),
@@ -59,8 +64,11 @@ def run(args: argparse.Namespace, state: str, scratch: Path) -> dict:
 def plot(runs: list[dict], path: Path, title: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for r, style in zip(runs, ("o-", "s--", "^:")):
-        ax.plot(r["losses"], style, markersize=3, label=f"{r['state']} ({r['bytes_per_param']:.2f} bytes/parameter)")
+    for r, style, color in zip(runs, ("o-", "s--", "^:"), ("C0", "C1", "C2")):
+        ax.plot(r["losses"], style, color=color, markersize=3,
+                label=f"{r['state']} ({r['bytes_per_param']:.2f} bytes/parameter)")
+        ax.plot(r["eval_steps"], r["eval_losses"], "D", color=color, markersize=6, fillstyle="none",
+                label=f"{r['state']}, held-out")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title, fontsize=8)
@@ -76,6 +84,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--eval-every", type=int, default=6, help="steps between held-out evaluations")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per evaluation")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     info = machine()
@@ -91,22 +101,27 @@ def main() -> None:
         relative = [(b - a) / a for a, b in zip(exact["losses"][-late:], r["losses"][-late:])]
         r.update(loss_gap_max=max(gaps), loss_gap_final=gaps[-1],
                  loss_gap_final_relative=gaps[-1] / exact["losses"][-1],
-                 loss_gap_late_steps=late, loss_gap_late_relative=sum(relative) / late)
+                 loss_gap_late_steps=late, loss_gap_late_relative=sum(relative) / late,
+                 eval_gap_final_relative=(r["eval_losses"][-1] - exact["eval_losses"][-1]) / exact["eval_losses"][-1],
+                 eval_gap_max=max(abs(a - b) for a, b in zip(exact["eval_losses"], r["eval_losses"])))
     print(f"{'state':<9}{'B/param':>8}{'state GiB':>10}{'peak GiB':>9}{'pred GiB':>9}{'step s':>8}{'pred s':>8}"
-          f"{'tok/s':>7}{'update s':>9}{'M params/s':>11}{'final loss':>11}")
+          f"{'tok/s':>7}{'update s':>9}{'M params/s':>11}{'final loss':>11}{'held-out':>9}")
     for r in runs:
         print(f"{r['state']:<9}{r['bytes_per_param']:>8.2f}{r['state_gib']:>10.2f}{r['peak_rss_bytes'] / 2**30:>9.2f}"
               f"{r['predicted_peak_bytes'] / 2**30:>9.2f}{r['step_s']:>8.2f}{r['predicted_step_s']:>8.2f}"
               f"{r['tokens_per_s']:>7.0f}{r['update_s']:>9.2f}{r['update_params_per_s'] / 1e6:>11.1f}"
-              f"{r['losses'][-1]:>11.4f}")
+              f"{r['losses'][-1]:>11.4f}{r['eval_losses'][-1]:>9.4f}")
     for r in runs[1:]:
         print(f"{r['state']} against fp32, loss gap: largest {r['loss_gap_max']:.4f}, final {r['loss_gap_final']:.4f} "
               f"({r['loss_gap_final_relative']:.2%} of float32's final loss); over the last {r['loss_gap_late_steps']} "
-              f"steps {r['loss_gap_late_relative']:+.2%} on average")
+              f"steps {r['loss_gap_late_relative']:+.2%} on average; held-out loss: largest gap "
+              f"{r['eval_gap_max']:.4f} over {len(r['eval_losses'])} evaluations of {r['eval_tokens']} tokens, "
+              f"final {r['eval_gap_final_relative']:+.2%}")
     stem = args.json.with_suffix("") if args.json else RESULTS / "state_formats_cpu"
     plot(runs, stem.with_suffix(".png"), f"{args.model}, stream (RAM tier); {machine_line(info)}")
     write_json(stem.with_suffix(".json"), {
         "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+        "eval_every": args.eval_every, "eval_tokens": args.eval_tokens,
         "machine": info, "runs": runs,
     })
 

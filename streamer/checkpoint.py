@@ -434,8 +434,14 @@ def check_compatible(manifest: dict, folder: Path, model_cfg: dict, mode: str, w
     if mode == "stream" and saved_state != train.get("state", "fp32"):
         raise UserError(f"checkpoint '{folder}' holds --state {saved_state} optimizer state: resume with "
                         f"--state {saved_state}, or choose a new --out")
-    return [f"{key} {saved_train.get(key)!r} -> {train.get(key)!r}" for key in _REPORTED_SETTINGS
-            if key in saved_train and saved_train.get(key) != train.get(key)]
+    changed = [f"{key} {saved_train.get(key)!r} -> {train.get(key)!r}" for key in _REPORTED_SETTINGS
+               if key in saved_train and saved_train.get(key) != train.get(key)]
+    # Training reads all of the data but a held-out tail when it evaluates: turning
+    # evaluation on or off, or moving the cut, changes what it samples from.
+    before, after = (t.get("holdout") if t.get("eval_every") else 0 for t in (saved_train, train))
+    if before != after:
+        changed.append(f"held-out fraction {before!r} -> {after!r}")
+    return changed
 
 
 def newest_manifest(out: Path) -> tuple[Path, dict] | None:

@@ -80,6 +80,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", type=int, default=2, metavar="K", help="complete checkpoints to keep")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest valid checkpoint")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="every N steps and after the last, the loss on held-out text: the data's last "
+                        "--holdout, which training then never reads (0: no evaluation, training reads all)")
+    p.add_argument("--eval-tokens", type=int, default=None, metavar="N",
+                   help="tokens per evaluation (default: one step's), the same windows every time")
+    p.add_argument("--holdout", type=float, default=0.01, metavar="F",
+                   help="with --eval-every: the fraction of the data held out, from its end")
     p.add_argument("--max-skipped-steps", type=int, default=0, metavar="N",
                    help="stop after N steps in a row with a non-finite loss or gradient norm (0: never)")
 
@@ -144,6 +151,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         progress=not args.no_progress, save_final=not args.no_save_final,
         checkpoint_every=args.checkpoint_every, keep=args.keep,
         resume=args.resume, max_skipped_steps=args.max_skipped_steps,
+        eval_every=args.eval_every, eval_tokens=args.eval_tokens, holdout=args.holdout,
     )
 
 
@@ -167,7 +175,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         final = "not exported (--no-save-final)" if args.no_save_final else f"in {out / 'final'}"
-        print(f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps; "
+        evals = [row for row in rows if "eval_loss" in row]
+        held_out = (f", held-out loss {evals[0]['eval_loss']:.3f} -> {evals[-1]['eval_loss']:.3f}"
+                    if len(evals) > 1 else f", held-out loss {evals[0]['eval_loss']:.3f}" if evals else "")
+        print(f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps{held_out}; "
               f"metrics in {out / 'metrics.jsonl'}, final weights {final}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from streamer.parallel import end_process

@@ -3,6 +3,10 @@
 A token file is a `.npy` array (uint16 when the vocabulary fits, else uint32) with a
 JSON sidecar recording the tokenizer and vocabulary size, so a run can check that the
 data matches its model before it reads a single batch.
+
+A run that evaluates holds out the file's tail (`holdout_split`): training windows are
+drawn from the rest only, and the held-out loss is measured on the same evenly spaced
+windows of the tail every time (`eval_windows`), so its curve compares like with like.
 """
 
 from __future__ import annotations
@@ -148,6 +152,32 @@ def load_tokens(path: Path, vocab_size: int) -> np.ndarray:
             raise UserError(f"data file '{path}' holds token id {top} >= the model's vocabulary of "
                             f"{vocab_size}: prepare the data with the model's tokenizer")
     return tokens
+
+
+def holdout_split(tokens: np.ndarray, fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training part, held-out tail): the last `fraction` of the tokens, views of the file.
+
+    The tail, not random windows, so that no training window can overlap a held-out one;
+    with files prepared in order, the tail is whole files the run never trains on."""
+    if not 0 < fraction < 1:
+        raise UserError(f"--holdout must be a fraction between 0 and 1, got {fraction}")
+    cut = tokens.size - round(tokens.size * fraction)
+    for part, size in (("held-out", tokens.size - cut), ("training", cut)):
+        if size < seq_len + 1:
+            raise UserError(f"the {part} part of the data ({size} of {tokens.size} tokens, --holdout {fraction}) "
+                            f"is shorter than one sequence of {seq_len + 1}: use more text, "
+                            f"{'a larger' if part == 'held-out' else 'a smaller'} --holdout or a shorter --seq-len")
+    return tokens[:cut], tokens[cut:]
+
+
+def eval_windows(heldout: np.ndarray, seq_len: int, n_sequences: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n_sequences` windows of `seq_len + 1` tokens spread evenly over the held-out
+    tokens, as (inputs, targets); fewer when the tail holds fewer disjoint windows, so
+    that none repeats a token another reads. Always the same windows for the same tail."""
+    n = max(1, min(n_sequences, heldout.size // (seq_len + 1)))
+    starts = np.linspace(0, heldout.size - seq_len - 1, n).round().astype(np.int64)
+    windows = np.stack([np.asarray(heldout[s : s + seq_len + 1], dtype=np.int64) for s in starts])
+    return windows[:, :-1], windows[:, 1:]
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,16 @@ class ResidentEngine:
                          peak_device_bytes=peak,
                          peak_reserved_bytes=torch.cuda.max_memory_reserved(self.device) if cuda else 0)
 
+    @torch.no_grad()
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+        """The summed token loss over `batches` and the number of tokens, weights unchanged."""
+        sums = []
+        for x, y in batches:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast_for(self.device, self.dtype):
+                sums.append(loss_fn(self.model(x), y).double() * y.numel())
+        return float(torch.stack(sums).sum()) if sums else 0.0, sum(y.numel() for _, y in batches)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
 

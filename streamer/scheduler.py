@@ -1092,6 +1092,43 @@ class StreamEngine:
         self.counters["backward_s"] = time.perf_counter() - head_started
         return self._finish_step(losses, lr)
 
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+        """The summed token loss over `batches` and the number of tokens: one forward
+        visit per unit, streamed and prefetched as a step's are, with no graphs and no
+        gradients. A pending update is applied as the unit is staged, as the next step's
+        forward would have (so the loss is that of the weights after the last step), and
+        counts as this evaluation's work, not the next step's."""
+        xs = [x.to(self.device, non_blocking=True) for x, _ in batches]
+        ys = [y.to(self.device, non_blocking=True) for _, y in batches]
+        order, head, sums = list(range(self.n_units)), self.n_units - 1, []
+        if self.tied:
+            self.acquire(0)  # the head reads the embedding table
+        for v in range(min(self.depth, len(order))):
+            self.acquire(order[v])
+        with torch.no_grad():
+            for v, unit in enumerate(order):
+                if v + self.depth < len(order):
+                    self.acquire(order[v + self.depth])
+                self.wait(unit)
+                params = self.params(unit)
+                if unit == head:
+                    tied = self._tied_weight()
+                    sums = [loss_fn(functional_call(self.modules[head], params, (x, tied)), y).double() * y.numel()
+                            for x, y in zip(xs, ys)]
+                else:
+                    xs = [functional_call(self.modules[unit], params, (x,)) for x in xs]
+                self.release(unit)
+        if self.tied:
+            self.release(0)
+        total = float(torch.stack(sums).sum()) if sums else 0.0  # synchronises the device
+        if self.ready_events is not None:
+            torch.cuda.synchronize(self.device)
+            self.waits.clear()
+        with self._counter_lock:  # what the evaluation moved and updated is not the next step's
+            self.link_timings = []
+            self._update_s_seen, self._update_bytes_seen = self.update_s_total, list(self.update_bytes_total)
+        return total, sum(y.numel() for y in ys)
+
     def _device_stall_s(self) -> float:
         """Seconds the compute stream sat waiting for weight copies this step: from
         'compute ready' to 'copy finished, compute resumes' for each awaited visit."""

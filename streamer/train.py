@@ -3,7 +3,9 @@
     for step in steps:
         micro_batches = sampler.global_batch(step)   # a pure function of (seed, step)
         stats = engine.step(micro_batches, lr_at(step))
-        log(step, stats)
+        if evaluation is due:
+            held_out_loss = engine.evaluate(eval_batches)   # the same windows every time
+        log(step, stats, held_out_loss)
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from streamer.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from streamer.data import BatchSampler, default_corpus, load_tokens
+from streamer.data import BatchSampler, default_corpus, eval_windows, holdout_split, load_tokens
 from streamer.errors import UserError
 from streamer.io import atomic_write_json, write_safetensors
 from streamer.optim import OptimConfig, lr_at
@@ -80,6 +82,12 @@ class TrainConfig:
     keep: int = 2  # complete checkpoints kept; older ones go only once a newer one is complete
     resume: bool = False  # continue from the newest valid checkpoint in --out
     max_skipped_steps: int = 0  # stop after this many non-finite steps in a row; 0: never stop
+    # Held-out evaluation: every N steps and after the last, the loss on the data's tail
+    # (the last `holdout` of its tokens, which training then never reads); 0: none, and
+    # training reads all of the data.
+    eval_every: int = 0
+    eval_tokens: int | None = None  # tokens per evaluation; None: one step's
+    holdout: float = 0.01
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> ModelConfig:
@@ -89,10 +97,14 @@ class TrainConfig:
                 raise UserError(f"{flag} must be a positive integer, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
-        for name in ("checkpoint_every", "max_skipped_steps"):
+        for name in ("checkpoint_every", "max_skipped_steps", "eval_every"):
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} must be 0 (off) or a positive integer, got {getattr(self, name)}")
+        if self.eval_tokens is not None and self.eval_tokens <= 0:
+            raise UserError(f"--eval-tokens must be a positive integer, got {self.eval_tokens}")
+        if not 0 < self.holdout < 1:
+            raise UserError(f"--holdout must be a fraction between 0 and 1, got {self.holdout}")
         if self.keep <= 0:
             raise UserError(f"--keep must be a positive integer, got {self.keep}")
         if self.resume and not self.out:
@@ -134,6 +146,27 @@ class TrainConfig:
 
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.seq_len
+
+    def training_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """What training samples from: all of the data, or all but the held-out tail."""
+        return holdout_split(tokens, self.holdout, self.seq_len)[0] if self.eval_every else tokens
+
+    def eval_passes(self, tokens: np.ndarray, rank: int = 0, world: int = 1
+                    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """This rank's share of the held-out windows, in micro-batches of --batch-size,
+        grouped into passes of at most --grad-accum micro-batches, so that a pass holds no
+        more activations than a step's forward. Sequences go to ranks in turn (their
+        count rounded up to a multiple of the ranks), and every rank makes as many passes,
+        some perhaps empty: a streamed pass gathers weights, a collective all must join."""
+        wanted = -(-(self.eval_tokens or self.tokens_per_step() * world) // self.seq_len)
+        x, y = eval_windows(holdout_split(tokens, self.holdout, self.seq_len)[1], self.seq_len,
+                            -(-wanted // world) * world)
+        per_pass, most = self.batch_size * self.grad_accum, -(-len(x) // world)  # the most windows a rank has
+        passes = -(-most // per_pass)
+        x, y = torch.from_numpy(x[rank::world]), torch.from_numpy(y[rank::world])
+        return [[(x[i : i + self.batch_size], y[i : i + self.batch_size])
+                 for i in range(p * per_pass, min(len(x), (p + 1) * per_pass), self.batch_size)]
+                for p in range(passes)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -298,7 +331,7 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
     check_grad_sync(cfg, model_cfg, device, world)
     fused_mode()  # the environment's choice of update kernels, read again by every update
     tokens = load_tokens(Path(cfg.data) if cfg.data else default_corpus(), model_cfg.vocab_size)
-    BatchSampler(tokens, cfg.seq_len, cfg.seed)  # refuses data shorter than one sequence
+    BatchSampler(cfg.training_tokens(tokens), cfg.seq_len, cfg.seed)  # refuses data shorter than one sequence
     out = Path(cfg.out) if cfg.out else default_out(cfg.model)
     check_out_dir(out, cfg.resume)
     store_bytes = check_plan_fits(cfg, model_cfg, out, device, dtype) if cfg.mode == "stream" else 0
@@ -454,13 +487,27 @@ def _start_engine(cfg: TrainConfig, checked: Preflight, dp: DataParallel) -> tup
     return engine, start, run_state
 
 
+def evaluate(engine: Any, passes: list[list[tuple[torch.Tensor, torch.Tensor]]], dp: DataParallel) -> dict:
+    """The held-out loss over every rank's share of the evaluation windows, as metrics."""
+    started = time.perf_counter()
+    local_sum = local_count = 0
+    for batches in passes:
+        loss_sum, count = engine.evaluate(batches)
+        local_sum, local_count = local_sum + loss_sum, local_count + count
+    summed = dp.sum(torch.tensor([local_sum, float(local_count)], dtype=torch.float64,
+                                 device=engine.device if dp.world > 1 else "cpu"))
+    total, count = summed.tolist()
+    return {"eval_loss": total / count, "eval_tokens": int(count), "eval_s": time.perf_counter() - started}
+
+
 def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParallel, start: int,
                run_state: dict) -> None:
     """Steps `start`..steps-1: log each, count skipped ones, checkpoint when due."""
     from streamer import planner
 
     lead, out, optim = dp.rank == 0, checked.out, cfg.optim_config()
-    sampler = BatchSampler(checked.tokens, cfg.seq_len, cfg.seed)
+    sampler = BatchSampler(cfg.training_tokens(checked.tokens), cfg.seq_len, cfg.seed)
+    evaluation = cfg.eval_passes(checked.tokens, dp.rank, dp.world) if cfg.eval_every else []
     peak_flops = planner.peak_flops(checked.device, checked.dtype)
     flops_per_token = checked.model_cfg.flops_per_token(cfg.seq_len)
     meta = {"mode": cfg.mode, "model": checked.model_cfg.to_dict(), "train": asdict(cfg)}
@@ -474,7 +521,7 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                                              # prefetch, predicted step and memory (before calibration).
                                              **({"plan": asdict(engine.plan), "page_locked": engine.page_locked}
                                                 if hasattr(engine, "plan") else {})})
-    streak = run_state.get("skipped_in_a_row", 0)
+    streak, held_out = run_state.get("skipped_in_a_row", 0), None
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and lead), unit="step",
                dynamic_ncols=True, mininterval=1.0)
     with bar, open(out / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as metrics:
@@ -486,11 +533,16 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
             step_s = time.perf_counter() - started
             row = metrics_row(step, stats, lr, cfg.tokens_per_step() * dp.world, step_s, flops_per_token,
                               peak_flops * dp.world, getattr(engine, "step_extra", dict)())
+            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                row.update(evaluate(engine, evaluation, dp))
             if lead:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
             streak = _skip_streak(stats, step, streak, cfg, lead)
             postfix = {"loss": f"{stats.loss:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+            held_out = row.get("eval_loss", held_out)
+            if held_out is not None:
+                postfix["held-out"] = f"{held_out:.3f}"
             if "stall_s" in row:
                 postfix["stall"] = f"{row['stall_s'] / step_s:.0%}"
             bar.set_postfix(postfix)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import streamer.checkpoint as checkpoint
-from models import loss_fn
+from models import ModelConfig, loss_fn
 from streamer.errors import UserError
 from streamer.train import TrainConfig, load_final, train
 
@@ -396,3 +396,35 @@ def test_resuming_in_another_state_format_is_refused(token_file: Path, tmp_path:
     train(config(token_file, out, "stream-disk-compact", steps=2, checkpoint_every=2))
     with pytest.raises(UserError, match="resume with --state compact"):
         train(config(token_file, out, "stream-disk", steps=4, checkpoint_every=2, resume=True))
+
+
+def test_a_resumed_run_evaluates_as_an_unbroken_one(token_file: Path, tmp_path: Path) -> None:
+    """The held-out losses too: the evaluation after the checkpointed step ran before the
+    crash, and the resumed run evaluates the same windows with the same weights."""
+    reference = tmp_path / "reference"
+    train(config(token_file, reference, eval_every=2))
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        crash_at(patch, 5)
+        with pytest.raises(Crash):
+            train(config(token_file, out, checkpoint_every=2, eval_every=2))
+    train(config(token_file, out, checkpoint_every=2, eval_every=2, resume=True))
+    assert_same_run(out, reference)
+    rows = [[json.loads(line).get("eval_loss") for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (out, reference)]
+    assert rows[0] == rows[1] and rows[0][1::2] == [r for r in rows[0] if r is not None]
+
+
+@pytest.mark.parametrize(("before", "after", "reported"), [
+    ({"eval_every": 0, "holdout": 0.01}, {"eval_every": 5, "holdout": 0.01}, "held-out fraction 0 -> 0.01"),
+    ({"eval_every": 5, "holdout": 0.01}, {"eval_every": 5, "holdout": 0.05}, "held-out fraction 0.01 -> 0.05"),
+    ({}, {"eval_every": 5, "holdout": 0.01}, "held-out fraction 0 -> 0.01"),  # a checkpoint from before evaluation
+    ({"eval_every": 5, "holdout": 0.01}, {"eval_every": 50, "holdout": 0.01}, None),  # training reads the same
+    ({"eval_every": 0, "holdout": 0.01}, {"eval_every": 0, "holdout": 0.05}, None),
+])
+def test_resuming_with_other_training_data_is_reported(before: dict, after: dict, reported: str | None) -> None:
+    model = ModelConfig.from_name("tiny").to_dict()
+    manifest = {"model": model, "mode": "stream", "world": 1, "train": {"model": "tiny", **before}}
+    changed = checkpoint.check_compatible(manifest, Path("step-00000002"), model, "stream", 1,
+                                          {"model": "tiny", **after})
+    assert changed == ([reported] if reported else [])

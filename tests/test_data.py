@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamer.data import BatchSampler, load_tokens, meta_path, prepare
+from streamer.data import BatchSampler, eval_windows, holdout_split, load_tokens, meta_path, prepare
 from streamer.errors import UserError
 
 TEXTS = {
@@ -177,3 +177,36 @@ def test_prepare_with_an_unreadable_tokenizer(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("text")
     with pytest.raises(UserError, match="cannot read tokenizer"):
         prepare(tmp_path / "tokens.npy", [tmp_path / "a.txt"], tmp_path / "tokenizer.json")
+
+
+def test_the_held_out_part_is_the_tail_and_training_gets_the_rest() -> None:
+    tokens = np.arange(10_000, dtype=np.uint16)
+    train, held = holdout_split(tokens, 0.05, 64)
+    assert held.size == 500 and train.size == 9_500
+    np.testing.assert_array_equal(np.concatenate([train, held]), tokens)
+    assert np.shares_memory(train, tokens) and np.shares_memory(held, tokens)  # views: a memory map stays one
+    # Every window the sampler can draw from the training part ends before the tail.
+    sampler = BatchSampler(train, 64, seed=0)
+    for step in range(50):
+        _, y = sampler.global_batch(step, 8)
+        assert y.max() < 9_500
+
+
+@pytest.mark.parametrize(("fraction", "part"), [(0.001, "held-out"), (0.999, "training")])
+def test_a_part_shorter_than_one_sequence_is_refused(fraction: float, part: str) -> None:
+    with pytest.raises(UserError, match=f"the {part} part of the data .* shorter than one sequence of 65"):
+        holdout_split(np.arange(10_000, dtype=np.uint16), fraction, 64)
+
+
+def test_evaluation_windows_are_fixed_disjoint_and_spread_over_the_tail() -> None:
+    held = np.arange(1_000, 2_000, dtype=np.uint16)
+    x, y = eval_windows(held, 32, 10)
+    assert x.shape == y.shape == (10, 32)
+    np.testing.assert_array_equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
+    starts = x[:, 0].astype(np.int64) - 1_000
+    assert starts[0] == 0 and starts[-1] + 33 == 1_000  # the first and the last windows of the tail
+    assert (np.diff(starts) >= 33).all()  # no token read twice
+    x2, _ = eval_windows(held, 32, 10)
+    np.testing.assert_array_equal(x, x2)
+    # More windows than the tail holds disjoint: as many as it does.
+    assert eval_windows(held, 32, 1_000)[0].shape == (1_000 // 33, 32)

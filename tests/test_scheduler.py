@@ -370,6 +370,51 @@ def test_held_updates_on_the_device_train_exactly_as_updates_at_staging(tmp_path
     assert all(r["held_units"] == 4 for r in held)
 
 
+EVALUATED = {  # engine, then the stream settings
+    "resident": dict(mode="resident"),
+    "ram": dict(mode="stream", offload="ram", prefetch_depth=2),
+    "disk compact, early updates": dict(mode="stream", offload="disk", state="compact"),
+    "split, AdamW on the device": dict(mode="stream", offload="split", update_on="device", prefetch_depth=3),
+    "compact8 held units": dict(mode="stream", offload="ram", state="compact8", update_on="device", held_units=2),
+}
+
+
+@pytest.mark.parametrize("name", list(EVALUATED))
+def test_evaluating_changes_nothing_in_training(tmp_path, monkeypatch, name):
+    """An evaluation visits every unit, so it applies the last step's pending updates
+    (held ones, early ones from the disk lane, on the device) where the next forward
+    would have: a run evaluated after every step trains bit for bit as one evaluated
+    only after its last, and its held-out losses in float32 are the resident engine's."""
+    monkeypatch.setattr(planner, "split_ram_units", lambda cfg, available, state="fp32": 3)
+    _force_early_updates(monkeypatch, True)
+    settings = dict(steps=4, eval_tokens=256, **EVALUATED[name])
+    every, w_every = _run(tmp_path / "every", "tiny-gptj", settings.pop("mode"), eval_every=1, **settings)
+    last, w_last = _run(tmp_path / "last", "tiny-gptj", EVALUATED[name]["mode"], eval_every=4, **settings)
+    assert [r["loss"] for r in every] == [r["loss"] for r in last]
+    for name_ in w_last:
+        assert torch.equal(w_every[name_], w_last[name_]), name_
+    assert [r["step"] for r in every if "eval_loss" in r] == [0, 1, 2, 3]
+    assert every[-1]["eval_loss"] == last[-1]["eval_loss"]
+    assert every[-1]["eval_loss"] < every[0]["eval_loss"]
+    if EVALUATED[name].get("state", "fp32") == "fp32":
+        resident, _ = _run(tmp_path / "resident", "tiny-gptj", "resident", steps=4, eval_tokens=256, eval_every=1)
+        for a, b in zip(every, resident, strict=True):
+            assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_evaluating_on_cuda_changes_nothing_in_training(tmp_path):
+    """On CUDA the evaluation's copies and the held and streamed updates it applies run
+    on the engine's streams, the compute stream waiting on events: still the same run."""
+    settings = dict(device="cuda", steps=4, eval_tokens=512, state="compact8", update_on="device", held_units=2)
+    every, w_every = _run(tmp_path / "every", "tiny-gptj", "stream", "ram", eval_every=1, **settings)
+    last, w_last = _run(tmp_path / "last", "tiny-gptj", "stream", "ram", eval_every=4, **settings)
+    assert [r["loss"] for r in every] == [r["loss"] for r in last]
+    for name in w_last:
+        assert torch.equal(w_every[name], w_last[name]), name
+    assert every[-1]["eval_loss"] == pytest.approx(last[-1]["eval_loss"], abs=1e-6)
+
+
 @pytest.mark.parametrize("state", ["compact", "compact8"])
 def test_compact_state_trains_close_to_fp32(tmp_path, state):
     """bf16 weights with stochastic rounding and 8-bit moments (and, in compact8, an

@@ -119,6 +119,53 @@ def test_final_weights_and_config(base_run: Run, token_file: Path) -> None:
     assert loss < math.log(256) - 1.0
 
 
+def test_the_held_out_loss_is_measured_every_n_steps_and_falls(token_file: Path, tmp_path: Path) -> None:
+    out, rows, _ = run(token_file, tmp_path / "eval", eval_every=5)
+    evals = [row for row in rows if "eval_loss" in row]
+    assert [row["step"] for row in evals] == [4, 9, 14, 19, 24, 29]  # every 5 steps, the last among them
+    assert all(row["eval_tokens"] == 8 * 64 and row["eval_s"] > 0 for row in evals)  # one step's tokens
+    # Text the model never trained on: it still learns the language, not the windows.
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
+    assert evals[-1]["eval_loss"] < math.log(256) - 1.0
+    # The held-out loss is the final weights' loss on the tail's windows.
+    cfg = TrainConfig(model="tiny", batch_size=8, seq_len=64, eval_every=5)
+    model = GPT(ModelConfig.from_name("tiny"))
+    model.load_state_dict(load_final(out / "final"))
+    with torch.no_grad():
+        passes = cfg.eval_passes(load_tokens(token_file, 256))
+        expected = [loss_fn(model(x), y).item() for batches in passes for x, y in batches]
+    assert evals[-1]["eval_loss"] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+
+
+def test_the_last_step_is_always_evaluated(token_file: Path, tmp_path: Path) -> None:
+    _, rows, _ = run(token_file, tmp_path / "eval", steps=5, eval_every=4, eval_tokens=1000)
+    evals = [row for row in rows if "eval_loss" in row]
+    assert [row["step"] for row in evals] == [3, 4]
+    assert evals[0]["eval_tokens"] == 16 * 64  # 1000 tokens asked: whole sequences, rounded up
+
+
+@pytest.mark.parametrize(("world", "windows"), [(1, 16), (2, 16), (3, 18), (4, 16)])
+def test_evaluation_is_shared_among_ranks_in_passes_no_larger_than_a_step(token_file: Path, world: int,
+                                                                         windows: int) -> None:
+    """Every window once, on one rank; each pass at most a step's micro-batches; every
+    rank as many passes (a streamed pass is a collective), here with a tail that holds
+    fewer windows than asked for, so some ranks have fewer."""
+    cfg = TrainConfig(model="tiny", batch_size=2, grad_accum=3, seq_len=64, eval_every=1, eval_tokens=1000)
+    tokens = load_tokens(token_file, 256)
+    shares = [cfg.eval_passes(tokens, rank, world) for rank in range(world)]
+    assert len({len(passes) for passes in shares}) == 1
+    assert all(sum(len(x) for x, _ in batches) <= 6 for passes in shares for batches in passes)
+    assert all(len(x) <= 2 for passes in shares for batches in passes for x, _ in batches)
+    seen = sorted(tuple(row.tolist()) for passes in shares for batches in passes for x, _ in batches for row in x)
+    assert len(seen) == windows == len(set(seen))
+    # A short tail: 3 disjoint windows for 16 asked; the ranks that get none still pass.
+    cfg = TrainConfig(model="tiny", batch_size=2, seq_len=64, eval_every=1, eval_tokens=1000,
+                      holdout=200 / tokens.size)
+    shares = [cfg.eval_passes(tokens, rank, 4) for rank in range(4)]
+    assert [sum(len(x) for batches in passes for x, _ in batches) for passes in shares] == [1, 1, 1, 0]
+    assert [len(passes) for passes in shares] == [1, 1, 1, 1]
+
+
 def test_same_seed_same_run(short_run: Run, token_file: Path, tmp_path: Path) -> None:
     _, rows, weights = short_run
     _, again_rows, again_weights = run(token_file, tmp_path / "again", steps=SHORT_STEPS)

@@ -41,7 +41,9 @@ def run(args: argparse.Namespace, state: str, scratch: Path) -> dict:
                              device="cpu", out=out, eval_every=args.eval_every, eval_tokens=args.eval_tokens)
     run_child(cmd)
     rows = read_metrics(out)
-    timed = rows[2:]  # the first step has no update; the second calibrates the prediction
+    # The first step has no update; the second calibrates the prediction. A step right
+    # after an evaluation has no update either (the evaluation applied it): not timed.
+    timed = [r for r, before in zip(rows[2:], rows[1:]) if "eval_loss" not in before]
     owned = ModelConfig.from_name(args.model).n_params()
     return {
         "state": state,
@@ -53,6 +55,11 @@ def run(args: argparse.Namespace, state: str, scratch: Path) -> dict:
         "eval_tokens": next(r["eval_tokens"] for r in rows if "eval_loss" in r),
         "step_s": min(r["step_s"] for r in timed),  # the fastest: contention only adds time
         "predicted_step_s": statistics.median(r["predicted_step_s"] for r in timed),
+        # Step by step, prediction against measurement: this machine's rate drifts
+        # within a run, so the fastest step and the median prediction are no pair.
+        "prediction_error": statistics.median(r["predicted_step_s"] / r["step_s"] - 1 for r in timed),
+        "step_times": [r["step_s"] for r in rows],
+        "predicted_step_times": [r.get("predicted_step_s") for r in rows],
         "tokens_per_s": rows[0]["tokens"] / min(r["step_s"] for r in timed),
         "update_s": statistics.median(r["update_s"] for r in timed),
         "update_params_per_s": owned / statistics.median(r["update_s"] for r in timed),
@@ -105,10 +112,11 @@ def main() -> None:
                  eval_gap_final_relative=(r["eval_losses"][-1] - exact["eval_losses"][-1]) / exact["eval_losses"][-1],
                  eval_gap_max=max(abs(a - b) for a, b in zip(exact["eval_losses"], r["eval_losses"])))
     print(f"{'state':<9}{'B/param':>8}{'state GiB':>10}{'peak GiB':>9}{'pred GiB':>9}{'step s':>8}{'pred s':>8}"
-          f"{'tok/s':>7}{'update s':>9}{'M params/s':>11}{'final loss':>11}{'held-out':>9}")
+          f"{'pred err':>9}{'tok/s':>7}{'update s':>9}{'M params/s':>11}{'final loss':>11}{'held-out':>9}")
     for r in runs:
         print(f"{r['state']:<9}{r['bytes_per_param']:>8.2f}{r['state_gib']:>10.2f}{r['peak_rss_bytes'] / 2**30:>9.2f}"
               f"{r['predicted_peak_bytes'] / 2**30:>9.2f}{r['step_s']:>8.2f}{r['predicted_step_s']:>8.2f}"
+              f"{r['prediction_error']:>+9.0%}"
               f"{r['tokens_per_s']:>7.0f}{r['update_s']:>9.2f}{r['update_params_per_s'] / 1e6:>11.1f}"
               f"{r['losses'][-1]:>11.4f}{r['eval_losses'][-1]:>9.4f}")
     for r in runs[1:]:

@@ -163,7 +163,8 @@ REGISTRY: dict[str, dict[str, Any]] = {
     "gpt3-2.7b": dict(_GPT3, n_layer=32, d_model=2560, n_head=32),
     "gpt-j-6b": dict(_GPTJ, n_layer=28, d_model=4096, n_head=16),
     "gpt3-13b": dict(_GPT3, n_layer=40, d_model=5120, n_head=40),
-    "gpt-neox-20b": dict(_NEOX, n_layer=44, d_model=6144, n_head=64),
+    # 20B's published activation is the tanh approximation ("gelu_fast"); Pythia's the exact one.
+    "gpt-neox-20b": dict(_NEOX, n_layer=44, d_model=6144, n_head=64, activation="gelu_tanh"),
     "pythia-160m": dict(_NEOX, n_layer=12, d_model=768, n_head=12, vocab_size=50304),
     "pythia-410m": dict(_NEOX, n_layer=24, d_model=1024, n_head=16, vocab_size=50304),
     "pythia-1.4b": dict(_NEOX, n_layer=24, d_model=2048, n_head=16, vocab_size=50304),

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -37,8 +38,9 @@ SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 # Hugging Face activation names -> ours. `gelu_new` is the tanh approximation written
-# out by hand and `gelu_pytorch_tanh` the same formula in one kernel: both are ours.
-_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+# out by hand, `gelu_fast` the same with its constant folded (GPT-NeoX-20B's) and
+# `gelu_pytorch_tanh` the same formula in one kernel: all three are ours.
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 _HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 
 Tensors = list[torch.Tensor]
@@ -476,7 +478,7 @@ def _first(names: list[str]) -> str:
     return f"'{names[0]}'{more}"
 
 
-def _validate(model: GPT, adapter: Adapter, checkpoint: _Checkpoint) -> dict[str, TensorMap]:
+def _validate(model: GPT, adapter: Adapter | _ExportNames, checkpoint: _Checkpoint) -> dict[str, TensorMap]:
     """Every expected tensor present with its shape, nothing unexplained left over."""
     cfg = model.cfg
     maps = {name: adapter.tensor_map(name, cfg) for name in model.state_dict()}
@@ -497,6 +499,117 @@ def _validate(model: GPT, adapter: Adapter, checkpoint: _Checkpoint) -> dict[str
                     f"tensor '{hf_name}' has shape {list(found)}, config implies {list(want.shape)}"
                 )
     return maps
+
+
+class _ExportNames:
+    """This project's own exports (`DIR/final/`): tensors keyed by our names already."""
+
+    def canonical_name(self, name: str) -> str:
+        return name
+
+    def is_ignored(self, name: str, cfg: ModelConfig) -> bool:
+        return False
+
+    def tensor_map(self, name: str, cfg: ModelConfig) -> TensorMap:
+        return _plain(name)
+
+
+# Fields that name or describe a model, or say how to initialise one: a checkpoint of
+# the same architecture may differ in them. (A padded vocabulary pads rows: see
+# `Pretrained.into`.)
+_NOT_ARCHITECTURE = ("name", "family", "init_std", "padding_multiple")
+
+
+def architecture_differences(theirs: ModelConfig, ours: ModelConfig) -> list[str]:
+    """'field theirs, not ours' for each architecture field in which two configs differ."""
+    a, b = theirs.to_dict(), ours.to_dict()
+    return [f"{k} {a[k]!r}, not {b[k]!r}" for k in a if k not in _NOT_ARCHITECTURE and a[k] != b[k]]
+
+
+def _read_config(directory: Path) -> tuple[ModelConfig, Adapter | _ExportNames]:
+    """A checkpoint folder's model config and how its tensors are named: a Hugging Face
+    config.json (with `model_type`) or one of ours."""
+    config_path = directory / "config.json"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no folder {directory}")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {directory}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{config_path} is not readable JSON ({type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds no config object")
+    if "model_type" in config:
+        adapter = _adapter_for_config(config)
+        return adapter.config_to_internal(config, directory.resolve().name), adapter
+    try:
+        return ModelConfig.from_dict(config), _ExportNames()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{config_path} is neither a Hugging Face config nor one of ours ({exc})") from None
+
+
+def checkpoint_config(directory: str | os.PathLike[str]) -> ModelConfig:
+    """The model a checkpoint folder holds (Hugging Face or this project's export), from
+    its config.json alone (FileNotFoundError or ValueError, saying what is wrong)."""
+    return _read_config(Path(directory))[0]
+
+
+class Pretrained:
+    """A checkpoint's weights under our parameter names, read one tensor at a time.
+
+    For training from pretrained weights: a streamed run copies them into its store a
+    unit at a time, never holding the model (a 20B checkpoint is 41 GB). Reads Hugging
+    Face GPT-2, GPT-J and GPT-NeoX checkpoints and this project's own exports, after
+    checking the architecture matches `cfg` and every tensor is present with its shape
+    (ValueError, FileNotFoundError or UnsafeFileError, naming what does not fit).
+    A context manager: the files stay open until it exits. Reads are serialised, so
+    threads may share it.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], cfg: ModelConfig) -> None:
+        self.directory, self.cfg = Path(directory), cfg
+        theirs, adapter = _read_config(self.directory)
+        differ = architecture_differences(theirs, cfg)
+        if differ:
+            raise ValueError(f"it holds another architecture than {cfg.name}'s: {'; '.join(differ[:4])}"
+                             f"{f' (and {len(differ) - 4} more)' if len(differ) > 4 else ''}")
+        self._stack = contextlib.ExitStack()
+        try:
+            self._checkpoint = _Checkpoint(_weight_files(self.directory), adapter.canonical_name, self._stack)
+            with torch.device("meta"):
+                self._maps = _validate(GPT(cfg), adapter, self._checkpoint)
+        except BaseException:
+            self._stack.close()
+            raise
+        self._lock = threading.Lock()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Our parameter `name` (e.g. `units.3.attn.qkv.weight`), as the checkpoint
+        stores it: its dtype, and the true vocabulary's rows only."""
+        tensor_map = self._maps[name]
+        with self._lock:
+            parts = [self._checkpoint.tensor(n) for n in tensor_map.hf_names]
+        return tensor_map.to_internal(parts)
+
+    def into(self, name: str, target: torch.Tensor) -> None:
+        """Copy parameter `name` into `target` (its shape, in any dtype). A padded
+        vocabulary's extra rows, which the checkpoint lacks, become zeros: they are
+        never a token (inputs come from the true vocabulary) nor a prediction (the head
+        drops them)."""
+        tensor = self.tensor(name)
+        rows = tensor.shape[0]
+        target[:rows].copy_(tensor)
+        target[rows:].zero_()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Pretrained:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def load_hf(directory: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> GPT:

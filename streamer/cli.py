@@ -87,6 +87,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="tokens per evaluation (default: one step's), the same windows every time")
     p.add_argument("--holdout", type=float, default=0.01, metavar="F",
                    help="with --eval-every: the fraction of the data held out, from its end")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from pretrained weights: a Hugging Face checkpoint (GPT-2, GPT-J, GPT-NeoX; "
+                        "safetensors) or a run's final/, of --model's architecture")
     p.add_argument("--max-skipped-steps", type=int, default=0, metavar="N",
                    help="stop after N steps in a row with a non-finite loss or gradient norm (0: never)")
 
@@ -96,6 +99,23 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="*", type=Path, help="text files or folders (default: the stdlib sources)")
     p.add_argument("--out", required=True, type=Path, help="token file to write (.npy)")
     p.add_argument("--tokenizer", type=Path, default=None, help="a Hugging Face tokenizer.json (default: bytes)")
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="continue a prompt with a trained model (a run's final/ or a checkpoint)")
+    p.add_argument("weights", metavar="DIR",
+                   help="a run folder or its final/, or a Hugging Face checkpoint (GPT-2, GPT-J, GPT-NeoX)")
+    p.add_argument("--prompt", default="def ", help="text to continue (default: 'def ')")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to add to the prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: always the likeliest token")
+    p.add_argument("--top-k", type=int, default=200, help="draw among the k likeliest tokens (0: all)")
+    p.add_argument("--samples", type=int, default=1, help="continuations to print, one after another")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="the tokenizer.json the data was prepared with (default: the checkpoint's own, "
+                        "else bytes)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on CUDA)")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -108,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_train(sub)
     _add_prepare(sub)
+    _add_sample(sub)
     _add_models(sub)
     try:
         from streamer.planner import add_plan_parser
@@ -151,7 +172,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         progress=not args.no_progress, save_final=not args.no_save_final,
         checkpoint_every=args.checkpoint_every, keep=args.keep,
         resume=args.resume, max_skipped_steps=args.max_skipped_steps,
-        eval_every=args.eval_every, eval_tokens=args.eval_tokens, holdout=args.holdout,
+        eval_every=args.eval_every, eval_tokens=args.eval_tokens, holdout=args.holdout, init_from=args.init_from,
     )
 
 
@@ -227,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "models": cmd_models}
     if args.command == "plan":
         from streamer.planner import cmd_plan as handler
+    elif args.command == "sample":
+        from streamer.sample import cmd_sample as handler
     else:
         handler = handlers[args.command]
     try:

@@ -54,6 +54,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8", errors="replace"))
 
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
 
 class HFTokenizer:
     """A Hugging Face `tokenizer.json`, loaded offline through the `tokenizers` library."""
@@ -72,6 +75,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
 
 
 def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | None = None) -> dict:

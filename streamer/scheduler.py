@@ -76,6 +76,7 @@ from torch.func import functional_call
 
 from models import ModelConfig, loss_fn
 from models.gpt import build_unit, init_unit
+from models.hf import Pretrained
 from streamer import planner
 from streamer.optim import OptimConfig, clip_coefficient
 from streamer.parallel import DataParallel
@@ -179,8 +180,9 @@ class InlineWorker:
 
 
 def initialise_store(store: HostStore, layouts: list[UnitLayout], cfg: ModelConfig, seed: int,
-                     workers: int | None = None) -> None:
-    """Initialise every unit's weights into the store, a few units at a time.
+                     workers: int | None = None, pretrained: Pretrained | None = None) -> None:
+    """Initialise every unit's weights into the store, a few units at a time: drawn at
+    random, or read from `pretrained` (a checkpoint, one tensor at a time).
 
     torch draws normal numbers from a seeded CPU generator on one core (about 275 M/s
     here): a 20B model's 20.6 billion draws alone took over a minute. Each unit has a
@@ -196,7 +198,11 @@ def initialise_store(store: HostStore, layouts: list[UnitLayout], cfg: ModelConf
 
     def draw(index: int) -> torch.Tensor:
         weights = buffers[index % len(buffers)][: layouts[index].numel]
-        init_unit(layouts[index].bind(units[index], weights), cfg, seed, index)
+        if pretrained is None:
+            init_unit(layouts[index].bind(units[index], weights), cfg, seed, index)
+        else:
+            for name, view in layouts[index].views(weights).items():
+                pretrained.into(f"units.{index}.{name}", view)
         return weights
 
     with torch.device("meta"):  # shapes only: the weights live in the buffers
@@ -389,9 +395,11 @@ class StreamEngine:
 
     @classmethod
     def create(cls, train_cfg, model_cfg: ModelConfig, optim: OptimConfig, out: Path,  # noqa: ANN001
-               device: torch.device, dtype: torch.dtype, initialise: bool = True) -> StreamEngine:
-        """Plan the run, refuse it if it does not fit, and initialise the host store
-        (or, with `initialise=False`, only allocate it: a checkpoint will fill it)."""
+               device: torch.device, dtype: torch.dtype, initialise: bool = True,
+               pretrained: Pretrained | None = None) -> StreamEngine:
+        """Plan the run, refuse it if it does not fit, and initialise the host store, at
+        random or from `pretrained` (or, with `initialise=False`, only allocate it: a
+        checkpoint will fill it)."""
         import shutil
 
         planning = time.perf_counter()
@@ -465,7 +473,7 @@ class StreamEngine:
             plan = plan_with(0)
         started = time.perf_counter()
         if initialise:
-            initialise_store(store, layouts, model_cfg, train_cfg.seed)
+            initialise_store(store, layouts, model_cfg, train_cfg.seed, pretrained=pretrained)
         else:
             for i in range(len(layouts)):
                 store.allocate(i)

@@ -82,6 +82,9 @@ class TrainConfig:
     keep: int = 2  # complete checkpoints kept; older ones go only once a newer one is complete
     resume: bool = False  # continue from the newest valid checkpoint in --out
     max_skipped_steps: int = 0  # stop after this many non-finite steps in a row; 0: never stop
+    # Pretrained weights to start from instead of a random initialisation: a Hugging Face
+    # checkpoint (GPT-2, GPT-J, GPT-NeoX) or a run's final/ export, of --model's architecture.
+    init_from: str | None = None
     # Held-out evaluation: every N steps and after the last, the loss on the data's tail
     # (the last `holdout` of its tokens, which training then never reads); 0: none, and
     # training reads all of the data.
@@ -292,6 +295,18 @@ def check_final_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, store_
                         "is free: free space, choose another --out, or add --no-save-final")
 
 
+def open_pretrained(path: str, model_cfg: ModelConfig):  # -> models.hf.Pretrained
+    """The weights of --init-from, checked against the model: its architecture, every
+    tensor's presence and shape, the files' headers (nothing is read yet)."""
+    from models.hf import Pretrained
+
+    try:
+        return Pretrained(path, model_cfg)
+    except (OSError, ValueError) as exc:  # a bad or crafted file's UnsafeFileError too
+        raise UserError(f"--init-from '{path}': {exc}: pass pretrained weights of {model_cfg.name}'s architecture "
+                        "(a Hugging Face checkpoint or a run's final/), or the --model it was made for") from None
+
+
 def check_resumable(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, world: int) -> list[str]:
     """Refuse to resume a checkpoint of another model, mode or world size (from its
     manifest only: files are verified once the processes start); returns warnings."""
@@ -338,6 +353,8 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
     if cfg.save_final:  # a resumed run's store is already on the disk: its free space excludes it
         check_final_fits(cfg, model_cfg, out, 0 if cfg.resume else store_bytes)
     warnings = check_resumable(cfg, model_cfg, out, world) if cfg.resume else []
+    if cfg.init_from and not (cfg.resume and newest_manifest(out)):  # a checkpoint's weights win
+        open_pretrained(cfg.init_from, model_cfg).close()
     return Preflight(model_cfg, device, dtype, tokens, out, warnings)
 
 
@@ -348,19 +365,27 @@ def warn(message: str) -> None:
 
 def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device: torch.device,
                  dtype: torch.dtype, initialise: bool = True):  # -> ResidentEngine | StreamEngine
-    """The run's engine; `initialise=False` skips the stream store's initialisation when
-    a checkpoint is about to overwrite it (for resident models it costs little)."""
+    """The run's engine, its weights drawn at random or read from --init-from;
+    `initialise=False` skips both when a checkpoint is about to overwrite them."""
     optim = cfg.optim_config()
-    if cfg.mode == "resident":
-        from streamer.resident import ResidentEngine
+    pretrained = open_pretrained(cfg.init_from, model_cfg) if cfg.init_from and initialise else None
+    with pretrained or contextlib.nullcontext():
+        if cfg.mode == "resident":
+            from streamer.resident import ResidentEngine
 
-        torch.manual_seed(cfg.seed)
-        model = GPT(model_cfg)
-        model.init_weights(cfg.seed)
-        return ResidentEngine(model, optim, device, dtype)
-    from streamer.scheduler import StreamEngine
+            torch.manual_seed(cfg.seed)
+            model = GPT(model_cfg)
+            if pretrained is None:
+                model.init_weights(cfg.seed)
+            else:
+                with torch.no_grad():
+                    for name, param in model.named_parameters():
+                        pretrained.into(name, param)
+            return ResidentEngine(model, optim, device, dtype)
+        from streamer.scheduler import StreamEngine
 
-    return StreamEngine.create(cfg, model_cfg, optim, out, device, dtype, initialise=initialise)
+        return StreamEngine.create(cfg, model_cfg, optim, out, device, dtype, initialise=initialise,
+                                   pretrained=pretrained)
 
 
 def save_final(shards: list, model_cfg: ModelConfig, out: Path) -> Path:

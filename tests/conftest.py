@@ -1,9 +1,11 @@
-"""Shared fixtures: a small byte-level token file, skipping `gpu` tests without CUDA, and
-skipping tests of the CUDA kernels' host emulation without a C++20 compiler."""
+"""Shared fixtures: a small byte-level token file, random Hugging Face checkpoints,
+skipping `gpu` tests without CUDA, and skipping tests of the CUDA kernels' host
+emulation without a C++20 compiler."""
 
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,29 @@ def host_compiler() -> None:
                        args={})
     except emulate.HostCompilerError as error:
         pytest.skip(f"no host emulation of CUDA kernels here: {' '.join(str(error).splitlines()[:2])}")
+
+
+@pytest.fixture
+def hugging_face_checkpoint() -> Callable[..., torch.nn.Module]:
+    """Makes a random transformers model of a registry entry's architecture, saves it
+    as safetensors into a folder and returns it: `make(model, folder, std=0.1)`.
+    Every parameter is drawn (biases and norms too), so a tensor put in the wrong
+    place shows; a larger `std` keeps predictions far from ties."""
+    transformers = pytest.importorskip("transformers")
+    import models.hf as hf
+    from models import ModelConfig
+
+    def make(model: str, folder: Path, std: float = 0.1) -> torch.nn.Module:
+        cfg = ModelConfig.from_name(model)
+        adapter = hf._adapter_for_model(cfg)
+        reference = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(adapter.model_type, vocab_size=cfg.vocab_size, bos_token_id=0,
+                                              eos_token_id=0, pad_token_id=0, **adapter.config_to_hf(cfg)))
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+        reference.save_pretrained(folder)
+        return reference.eval()
+
+    return make

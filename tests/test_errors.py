@@ -72,6 +72,18 @@ def _craft_header(tmp: Path, run: Path) -> None:
     (folder / checkpoint.MANIFEST).write_text(json.dumps(body))
 
 
+def _config_only(model: str, *extra: str) -> Callable[[Path, Path], None]:
+    """A folder with `model`'s config.json (our format) and the named extra files."""
+    def setup(tmp: Path, run: Path) -> None:
+        from models import ModelConfig
+
+        (tmp / "weights").mkdir()
+        (tmp / "weights" / "config.json").write_text(json.dumps(ModelConfig.from_name(model).to_dict()))
+        for name in extra:
+            (tmp / "weights" / name).write_bytes(b"\x80\x04not really a pickle")
+    return setup
+
+
 STREAM = ["--mode", "stream", "--offload", "ram"]
 RESUME = [*STREAM, "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--out", "{run}", "--resume"]
 CASES = {
@@ -133,6 +145,14 @@ CASES = {
     "held-out part shorter than a sequence": Case(["--eval-every", "5", "--holdout", "0.00001"],
                                                   ["held-out part of the data", "shorter than one sequence",
                                                    "a larger --holdout"]),
+    "--init-from a folder that is not there": Case(["--init-from", "{tmp}/absent"],
+                                                   ["--init-from '", "absent': no folder", "pretrained weights"]),
+    "--init-from another architecture": Case(["--init-from", "{tmp}/weights"],
+                                             ["another architecture than tiny's", "positional 'rotary', not 'learned'",
+                                              "--model it was made for"], _config_only("tiny-neox")),
+    "--init-from pickled weights": Case(["--init-from", "{tmp}/weights"],
+                                        ["only pickled weights (pytorch_model.bin)", "convert the checkpoint"],
+                                        _config_only("tiny", "pytorch_model.bin")),
     "CUDA asked for without CUDA": Case(["--device", "cuda"], ["no CUDA device", "--device cpu"]),
     "CUDA asked for without CUDA, several processes": Case(["--mode", "stream", "--device", "cuda", "--nproc", "2"],
                                                            ["no CUDA device", "--device cpu"]),

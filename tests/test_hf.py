@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import models
+import models.hf
 from models import GPT, ModelConfig
 
 # Set before transformers is first imported: every model here is built locally, never fetched.
@@ -207,3 +208,77 @@ def test_legacy_names_and_buffers_are_accepted(tmp_path: Path) -> None:
     torch.testing.assert_close(
         our_logits(models.load_hf(tmp_path), idx), hf_logits(reference, idx), atol=1e-5, rtol=1e-4
     )
+
+
+# --- Pretrained: a checkpoint's weights a tensor at a time, for training from them ---------
+
+
+@pytest.mark.parametrize("case", ["gpt2", "gptj", "neox-parallel", "neox-no-attn-bias-tied"])
+def test_pretrained_reads_each_tensor_as_load_hf_does(case: str, tmp_path: Path) -> None:
+    saved(CASES[case](), tmp_path)
+    whole = models.load_hf(tmp_path)
+    with models.hf.Pretrained(tmp_path, whole.cfg) as weights:
+        for name, param in whole.state_dict().items():
+            assert torch.equal(weights.tensor(name).float(), param), name
+
+
+def test_pretrained_pads_a_padded_vocabulary_with_zero_rows(tmp_path: Path) -> None:
+    saved(neox(), tmp_path)
+    cfg = ModelConfig(**{**models.load_hf(tmp_path).cfg.to_dict(), "padding_multiple": 64})
+    target = torch.full((cfg.padded_vocab_size, 64), 7.0)
+    with models.hf.Pretrained(tmp_path, cfg) as weights:
+        weights.into("units.0.wte.weight", target)
+        assert torch.equal(target[:VOCAB], weights.tensor("units.0.wte.weight"))
+    assert cfg.padded_vocab_size > VOCAB and not target[VOCAB:].any()
+
+
+def test_pretrained_reads_this_projects_own_export(tmp_path: Path) -> None:
+    from streamer.io import atomic_write_json, write_safetensors
+
+    model = GPT(ModelConfig.from_name("tiny-neox"))
+    randomise(model)
+    write_safetensors(tmp_path / "model.safetensors", {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    atomic_write_json(tmp_path / "config.json", model.cfg.to_dict())
+    with models.hf.Pretrained(tmp_path, model.cfg) as weights:
+        for name, param in model.state_dict().items():
+            assert torch.equal(weights.tensor(name), param.to(torch.bfloat16)), name
+
+
+def test_pretrained_refuses_another_architecture_naming_the_fields(tmp_path: Path) -> None:
+    saved(neox(), tmp_path)
+    cfg = ModelConfig.from_name("tiny-neox")  # 4 layers of 96, 256 tokens of context
+    with pytest.raises(ValueError, match=r"architecture than tiny-neox's: n_layer 2, not 4; d_model 64, not 96"):
+        models.hf.Pretrained(tmp_path, cfg)
+    with pytest.raises(ValueError, match=r"rotary_style 'half', not 'interleaved'"):
+        models.hf.Pretrained(tmp_path, ModelConfig(**{**models.load_hf(tmp_path).cfg.to_dict(),
+                                                      "rotary_style": "interleaved"}))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        models.hf.Pretrained(tmp_path / "..", cfg)
+
+
+# The fields of each model's published config.json that decide its architecture.
+_PYTHIA = dict(model_type="gpt_neox", hidden_act="gelu", layer_norm_eps=1e-05, max_position_embeddings=2048,
+               rotary_emb_base=10000, rotary_pct=0.25, tie_word_embeddings=False, use_parallel_residual=True,
+               vocab_size=50304)
+PUBLISHED_CONFIGS = {
+    "gpt-j-6b": dict(model_type="gptj", activation_function="gelu_new", n_embd=4096, n_head=16, n_layer=28,
+                     n_positions=2048, rotary_dim=64, vocab_size=50400, layer_norm_epsilon=1e-05,
+                     tie_word_embeddings=False),
+    # 20B's activation is "gelu_fast", the tanh approximation (Pythia's is the exact "gelu").
+    "gpt-neox-20b": dict(_PYTHIA, hidden_act="gelu_fast", hidden_size=6144, intermediate_size=24576,
+                         num_attention_heads=64, num_hidden_layers=44, vocab_size=50432),
+    "pythia-160m": dict(_PYTHIA, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12),
+    "pythia-410m": dict(_PYTHIA, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                        num_hidden_layers=24),
+    "pythia-1.4b": dict(_PYTHIA, hidden_size=2048, intermediate_size=8192, num_attention_heads=16,
+                        num_hidden_layers=24),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_CONFIGS))
+def test_the_published_checkpoints_are_the_registry_entries(name: str) -> None:
+    """`--model NAME --init-from` the published weights passes the architecture check:
+    each registry entry is its published model, activation included."""
+    hf = PUBLISHED_CONFIGS[name]
+    theirs = models.hf.ADAPTERS[hf["model_type"]].config_to_internal(hf, name)
+    assert models.hf.architecture_differences(theirs, ModelConfig.from_name(name)) == []

@@ -195,7 +195,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = train(train_config(args))
     if int(os.environ.get("RANK", "0")) == 0:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        final = "not exported (--no-save-final)" if args.no_save_final else f"in {out / 'final'}"
+        final = ("not exported (--no-save-final)" if args.no_save_final
+                 else f"in {out / 'final'} (`streamer sample {out}` continues a prompt with them)")
         evals = [row for row in rows if "eval_loss" in row]
         held_out = (f", held-out loss {evals[0]['eval_loss']:.3f} -> {evals[-1]['eval_loss']:.3f}"
                     if len(evals) > 1 else f", held-out loss {evals[0]['eval_loss']:.3f}" if evals else "")

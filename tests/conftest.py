@@ -73,3 +73,29 @@ def hugging_face_checkpoint() -> Callable[..., torch.nn.Module]:
         return reference.eval()
 
     return make
+
+
+@pytest.fixture
+def first_step_loss() -> Callable[..., float]:
+    """The first step's loss of a run on the default corpus, as `streamer train` reports
+    it (the mean over the step's micro-batches), for a model given as a function from
+    tokens to logits: `loss(logits_of, seq_len, batch_size, grad_accum, eval_every)`,
+    where batch_size is per micro-batch and the step reads batch_size x grad_accum
+    sequences (over all ranks: a data-parallel run with N ranks of batch b reports what
+    one process with batch N x b does, to rounding); a run that evaluates samples its
+    batches from all but the held-out tail."""
+    from models import loss_fn
+    from streamer.data import BatchSampler, default_corpus, load_tokens
+    from streamer.train import TrainConfig
+
+    def loss(logits_of: Callable[[torch.Tensor], torch.Tensor], seq_len: int = 32, batch_size: int = 2,
+             grad_accum: int = 2, eval_every: int = 0) -> float:
+        run = TrainConfig(seq_len=seq_len, eval_every=eval_every)
+        sampler = BatchSampler(run.training_tokens(load_tokens(default_corpus(), 256)), seq_len, 0)
+        x, y = (torch.from_numpy(a) for a in sampler.global_batch(0, batch_size * grad_accum))
+        with torch.no_grad():
+            losses = [loss_fn(logits_of(x[i : i + batch_size]), y[i : i + batch_size]).item()
+                      for i in range(0, len(x), batch_size)]
+        return sum(losses) / len(losses)
+
+    return loss

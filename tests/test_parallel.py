@@ -13,11 +13,11 @@ from streamer.parallel import DataParallel
 from streamer.train import load_final
 
 
-def _train(out, model, nproc, batch, grad_sync="sparse", offload="ram"):
+def _train(out, model, nproc, batch, grad_sync="sparse", offload="ram", init_from=None):
     cmd = [sys.executable, "-m", "streamer", "train", "--model", model, "--mode", "stream", "--steps", "4",
            "--batch-size", str(batch), "--grad-accum", "2", "--seq-len", "32", "--warmup", "2", "--grad-clip", "0.5",
            "--offload", offload, "--grad-sync", grad_sync, "--out", str(out), "--no-progress", "--nproc", str(nproc),
-           "--eval-every", "2"]
+           "--eval-every", "2", *(["--init-from", str(init_from)] if init_from else [])]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     # torchrun's summary ends stderr; a rank's own error (an abort's message) comes before it.
     assert done.returncode == 0, done.stderr[:4000] + "\n...\n" + done.stderr[-1500:]
@@ -25,17 +25,25 @@ def _train(out, model, nproc, batch, grad_sync="sparse", offload="ram"):
     return [(r["loss"], r.get("eval_loss")) for r in rows], load_final(out / "final")
 
 
-@pytest.mark.parametrize(("model", "nproc", "grad_sync", "offload"), [
-    ("tiny-neox", 2, "sparse", "ram"),  # untied embedding: the hash-partitioned sparse path
-    ("tiny-neox", 4, "dense", "disk"),
-    ("tiny", 4, "sparse", "ram"),  # tied table: its gradient is dense, reduce-scattered
+@pytest.mark.parametrize(("model", "nproc", "grad_sync", "offload", "pretrained"), [
+    ("tiny-neox", 2, "sparse", "ram", False),  # untied embedding: the hash-partitioned sparse path
+    ("tiny-neox", 4, "dense", "disk", False),
+    ("tiny", 4, "sparse", "ram", False),  # tied table: its gradient is dense, reduce-scattered
+    ("tiny-gptj", 2, "sparse", "ram", True),  # every rank starts from a Hugging Face checkpoint
 ])
-def test_n_ranks_equal_one_rank_with_n_times_the_batch(tmp_path, model, nproc, grad_sync, offload):
+def test_n_ranks_equal_one_rank_with_n_times_the_batch(tmp_path, model, nproc, grad_sync, offload, pretrained,
+                                                       hugging_face_checkpoint, first_step_loss):
     """Float32 sums over ranks run in another order than within one process, so the
     agreement is to rounding (1e-5), not bit for bit. So do the held-out losses, each
     rank evaluating its share of the same windows."""
-    one, one_w = _train(tmp_path / "one", model, 1, 2 * nproc, offload=offload)
-    many, many_w = _train(tmp_path / "many", model, nproc, 2, grad_sync, offload)
+    init_from = tmp_path / "hf" if pretrained else None
+    if pretrained:
+        reference = hugging_face_checkpoint(model, init_from)
+    one, one_w = _train(tmp_path / "one", model, 1, 2 * nproc, offload=offload, init_from=init_from)
+    many, many_w = _train(tmp_path / "many", model, nproc, 2, grad_sync, offload, init_from)
+    if pretrained:  # the first step's loss, before any update, is the checkpoint's own
+        expected = first_step_loss(lambda x: reference(x).logits, 32, 2 * nproc, 2, eval_every=2)
+        assert one[0][0] == pytest.approx(expected, abs=1e-4)
     assert [loss for loss, _ in many] == pytest.approx([loss for loss, _ in one], abs=1e-5)
     assert [e for _, e in one][1::2] == pytest.approx([e for _, e in many][1::2], abs=1e-5)
     assert [e for _, e in many][::2] == [None, None]

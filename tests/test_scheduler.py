@@ -531,26 +531,13 @@ def test_the_plan_counts_the_bytes_the_engine_moves(tmp_path, model, offload, de
     assert [r["bytes_out"] for r in rows] == [plan["d2h_bytes_per_step"]] * 3
 
 
-def _first_step_loss(logits_of, seq_len=32, batch_size=2, grad_accum=2):
-    """The first step's loss as the runs in this file compute it: the mean over its micro-batches."""
-    from models import loss_fn
-    from streamer.data import BatchSampler, default_corpus, load_tokens
-
-    x, y = BatchSampler(load_tokens(default_corpus(), 256), seq_len, 0).global_batch(0, batch_size * grad_accum)
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    with torch.no_grad():
-        losses = [loss_fn(logits_of(x[i : i + batch_size]), y[i : i + batch_size]).item()
-                  for i in range(0, len(x), batch_size)]
-    return sum(losses) / len(losses)
-
-
 @pytest.mark.parametrize("model", ["tiny", "tiny-gptj", "tiny-neox"])
-def test_a_run_starts_from_a_hugging_face_checkpoint(tmp_path, model, hugging_face_checkpoint):
+def test_a_run_starts_from_a_hugging_face_checkpoint(tmp_path, model, hugging_face_checkpoint, first_step_loss):
     """--init-from: the first step's loss, before any update, is the transformers
     model's own on that batch, in each engine and tier (the stream store is filled a
     unit at a time); a compact state starts from the weights rounded to bfloat16."""
     reference = hugging_face_checkpoint(model, tmp_path / "hf")
-    expected = _first_step_loss(lambda x: reference(x).logits)
+    expected = first_step_loss(lambda x: reference(x).logits)
     runs = {"resident": ("resident", "auto", "fp32"), "ram": ("stream", "ram", "fp32"),
             "disk": ("stream", "disk", "fp32"), "compact8": ("stream", "split", "compact8")}
     for name, (mode, offload, state) in runs.items():
@@ -559,7 +546,7 @@ def test_a_run_starts_from_a_hugging_face_checkpoint(tmp_path, model, hugging_fa
         assert rows[1]["loss"] < rows[0]["loss"], name  # and it trains from there
 
 
-def test_a_run_starts_from_another_runs_final_weights(tmp_path):
+def test_a_run_starts_from_another_runs_final_weights(tmp_path, first_step_loss):
     """--init-from a `final/` export (bfloat16 master weights of a compact state): the
     new run, in another engine and tier, starts exactly from them."""
     from models import GPT, ModelConfig
@@ -568,7 +555,7 @@ def test_a_run_starts_from_another_runs_final_weights(tmp_path):
     final = tmp_path / "first" / "tiny-neox-stream-ram" / "final"
     model = GPT(ModelConfig.from_name("tiny-neox"))
     model.load_state_dict({k: v.float() for k, v in load_final(final).items()})
-    expected = _first_step_loss(model)
+    expected = first_step_loss(model)
     for mode, offload in (("resident", "auto"), ("stream", "disk")):
         rows, _ = _run(tmp_path / mode, "tiny-neox", mode, offload, steps=1, init_from=str(final))
         assert rows[0]["loss"] == pytest.approx(expected, abs=1e-5)

@@ -38,7 +38,7 @@ class SampleConfig:
         if self.temperature < 0:
             raise UserError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"--top-k must be at least 1, got {self.top_k}")
+            raise UserError(f"--top-k must be at least 1 (or 0: every token), got {self.top_k}")
 
 
 @torch.no_grad()

@@ -101,3 +101,28 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, trained_run: Path) -> 
         assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, (name, stderr)
         for fragment in fragments:
             assert fragment in lines[0], (name, fragment, lines[0])
+
+
+@pytest.mark.gpu
+def test_sampling_on_the_gpu_continues_as_on_the_cpu(tmp_path: Path) -> None:
+    """Greedy float32 continuations are the CPU's; bfloat16 sampling is seeded the same
+    way. (An export of our own: the GPU machine has no transformers.)"""
+    from streamer.io import atomic_write_json, write_safetensors
+
+    model = GPT(ModelConfig.from_name("tiny-neox"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # far from ties, so that both devices' argmax agree
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    write_safetensors(tmp_path / "model.safetensors", model.state_dict())
+    atomic_write_json(tmp_path / "config.json", model.cfg.to_dict())
+    cfg, cuda = model_config(tmp_path), torch.device("cuda")
+    prompt = list(b"def main():\n    ")
+    on_cpu = generate(load_model(tmp_path, cfg, torch.device("cpu"), torch.float32), prompt, GREEDY)
+    assert on_cpu == generate(model, prompt, GREEDY)
+    assert generate(load_model(tmp_path, cfg, cuda, torch.float32), prompt, GREEDY) == on_cpu
+    half = load_model(tmp_path, cfg, cuda, torch.bfloat16)
+    drawn = SampleConfig(new_tokens=40, temperature=1.0)
+    first = generate(half, prompt, drawn, torch.Generator().manual_seed(5))
+    assert len(first) == 40 and all(0 <= t < cfg.vocab_size for t in first)
+    assert first == generate(half, prompt, drawn, torch.Generator().manual_seed(5))

@@ -88,9 +88,9 @@ def load_model(folder: Path, cfg: ModelConfig, device: torch.device, dtype: torc
     from models.hf import Pretrained
 
     check_fits(cfg, device, dtype)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model = model.to_empty(device=device).to(dtype)  # no buffers: every tensor is a parameter
+    with torch.device("meta"):  # shapes and dtype only: the weights are allocated once, in dtype
+        model = GPT(cfg).to(dtype)
+    model = model.to_empty(device=device)  # no buffers: every tensor is a parameter
     try:
         with Pretrained(folder, cfg) as weights, torch.no_grad():
             for name, param in model.named_parameters():

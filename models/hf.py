@@ -613,34 +613,21 @@ class Pretrained:
 
 
 def load_hf(directory: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> GPT:
-    """Load a Hugging Face GPT-2, GPT-J or GPT-NeoX safetensors checkpoint as a `GPT`.
+    """Load a Hugging Face GPT-2, GPT-J or GPT-NeoX safetensors checkpoint (or one of
+    this project's exports) as a `GPT`.
 
     `directory` holds `config.json` and either `model.safetensors`, shards with
     `model.safetensors.index.json`, or shards alone. Parameters come back in `dtype`
     on the CPU; the vocabulary is not padded, so shapes match the checkpoint exactly.
     Raises ValueError naming the tensor or setting that does not fit.
     """
-    directory = Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}")
-    hf_config = json.loads(config_path.read_text())
-    adapter = _adapter_for_config(hf_config)
-    cfg = adapter.config_to_internal(hf_config, directory.resolve().name)
-    files = _weight_files(directory)
+    cfg = checkpoint_config(directory)
     # Built without storage: the checkpoint's tensors become the parameters (assign=True),
     # so no memory or time goes into a random initialisation that would be overwritten.
     with torch.device("meta"):
         model = GPT(cfg)
-    with contextlib.ExitStack() as stack:
-        checkpoint = _Checkpoint(files, adapter.canonical_name, stack)
-        maps = _validate(model, adapter, checkpoint)
-        state = {
-            name: tensor_map.to_internal([checkpoint.tensor(n) for n in tensor_map.hf_names])
-            .to(dtype)
-            .contiguous()
-            for name, tensor_map in maps.items()
-        }
+    with Pretrained(directory, cfg) as weights:
+        state = {name: weights.tensor(name).to(dtype).contiguous() for name in model.state_dict()}
     model.load_state_dict(state, assign=True)
     return model
 

@@ -30,7 +30,6 @@ class SampleConfig:
     new_tokens: int = 200
     temperature: float = 0.8  # 0: always the likeliest token (greedy, deterministic)
     top_k: int | None = 200  # sample among the k likeliest tokens only; None: all of them
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.new_tokens < 1:
@@ -85,19 +84,13 @@ def model_config(folder: Path) -> ModelConfig:
 def load_model(folder: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> GPT:
     """The model `cfg` with the folder's weights, whole on `device` in `dtype`, after
     checking it fits there."""
-    from models.hf import Pretrained
+    from models.hf import load_hf
 
     check_fits(cfg, device, dtype)
-    with torch.device("meta"):  # shapes and dtype only: the weights are allocated once, in dtype
-        model = GPT(cfg).to(dtype)
-    model = model.to_empty(device=device)  # no buffers: every tensor is a parameter
     try:
-        with Pretrained(folder, cfg) as weights, torch.no_grad():
-            for name, param in model.named_parameters():
-                weights.into(name, param)
+        return load_hf(folder, dtype).to(device).eval()
     except (OSError, ValueError) as exc:  # a bad or crafted file's UnsafeFileError too
         raise UserError(f"cannot sample from '{folder}': {exc}") from None
-    return model.eval()
 
 
 def check_fits(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
@@ -110,7 +103,7 @@ def check_fits(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> No
     if need > 0.9 * free:  # the activations of one forward pass need the rest
         raise UserError(f"{cfg.name}'s {cfg.n_params() / 1e9:.1f}B parameters need {need / 2**30:.1f} GiB in "
                         f"{str(dtype).removeprefix('torch.')} and {where} {free / 2**30:.1f} GiB free: sample "
-                        "on a larger device, or with --dtype bfloat16")
+                        f"on a larger device{', or with --dtype bfloat16' if dtype == torch.float32 else ''}")
 
 
 def tokenizer_for(cfg: ModelConfig, folder: Path, path: Path | None) -> ByteTokenizer | HFTokenizer:
@@ -131,8 +124,7 @@ def tokenizer_for(cfg: ModelConfig, folder: Path, path: Path | None) -> ByteToke
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    cfg = SampleConfig(new_tokens=args.tokens, temperature=args.temperature,
-                       top_k=args.top_k or None, seed=args.seed)
+    cfg = SampleConfig(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k or None)
     if args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
     device = resolve_device(args.device)
@@ -143,7 +135,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if not prompt:
         raise UserError("--prompt encodes to no token: give some text to continue")
     model = load_model(folder, model_cfg, device, resolve_dtype(args.dtype, device))
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(args.seed)
     for i in range(args.samples):
         if i:
             print("\n" + "-" * 40)

@@ -208,6 +208,13 @@ def report(folder: Path) -> tuple[str, list[Row]]:
     tests = folder / "gpu_tests.log"
     if tests.exists() and (summary := [ln for ln in tests.read_text().splitlines() if " in " in ln and "passed" in ln]):
         lines += ["", f"GPU tests (`gpu_tests.log`): {summary[-1].strip('= ')}."]
+    sampled, _ = _gpu_json(folder, "sample_cuda.json")
+    if sampled is not None:  # no target of its own: what streamed sampling makes of the link
+        parts = [f"{r['samples']} sample(s) {r['tokens_per_s']:.1f} tokens/s streamed, {r['link_gb_s']:.1f} GB/s of "
+                 f"weights ({r['share_of_bound']:.2f} of the bound)" for r in sampled["rows"]
+                 if r["mode"] == "stream" and "share_of_bound" in r]
+        lines += ["", f"Sampling {sampled['model']} (`sample_cuda.json`, pinned link "
+                  f"{sampled['link_bytes_per_s'] / GB:.1f} GB/s): {'; '.join(parts) or 'no streamed row'}."]
     stages = folder / "stages.log"
     if stages.exists():  # what each stage took: the next session's budget is planned from it
         lines += ["", "Stages (`stages.log`):", "", "```", *stages.read_text().splitlines(), "```"]

@@ -23,6 +23,8 @@
 #   xl-sharded    150    110  gpt3-xl streamed (AdamW on host, on GPU) against FSDP2 with
 #                             CPUOffloadPolicy (3, 5)
 #   gptj-sharded  420    200  gpt-j-6b streamed against FSDP2 with CPUOffloadPolicy (3, 5)
+#   sample        120     60  gpt3-xl sampled streamed, held whole, and without the cache
+#                             (`streamer sample`; no target: the link's share it reaches)
 # A floor is what the stage is expected to take (a stage started with less would likely be
 # cut short, its time lost); caps and floors are estimates made without a GPU, and
 # stages.log records what each took.
@@ -45,16 +47,16 @@ if [[ -n "${OUT:-}" ]]; then results="${GPU_RESULTS:-/tmp/gpu_results}"; else re
 done_dir="${GPU_STAGES_DONE:-/tmp/gpu_stages_done}"  # what this machine has done, while it stays warm
 committed="${GPU_COMMITTED_RESULTS:-benchmarks/results}"  # what earlier sessions measured and committed
 
-STAGES=(limits kernels tests neox20b xl-overlap xl-sharded gptj-sharded)
+STAGES=(limits kernels tests neox20b xl-overlap xl-sharded gptj-sharded sample)
 declare -A CAP=([limits]=60 [neox20b]=400 [xl-overlap]=170 [kernels]=75 [xl-sharded]=150 [tests]=150
-                [gptj-sharded]=420)
+                [gptj-sharded]=420 [sample]=120)
 declare -A FLOOR=([limits]=20 [neox20b]=240 [xl-overlap]=110 [kernels]=30 [xl-sharded]=110 [tests]=60
-                  [gptj-sharded]=200)
+                  [gptj-sharded]=200 [sample]=60)
 
 # Each stage's result file, by which a default call knows it is measured already.
 declare -A RESULT=([kernels]=kernels_cuda.json [tests]=gpu_tests.log [neox20b]=train_neox20b_cuda.jsonl
                    [xl-overlap]=stream_vs_resident_cuda.json [xl-sharded]=stream_vs_sharded_cuda.json
-                   [gptj-sharded]=stream_vs_sharded_gptj_cuda.json)
+                   [gptj-sharded]=stream_vs_sharded_gptj_cuda.json [sample]=sample_cuda.json)
 measured() {  # $1: a stage; true when its result is committed and complete
     local file="$committed/${RESULT[$1]:-none}"
     [[ -n "${RESULT[$1]:-}" && -s "$file" ]] || return 1
@@ -180,6 +182,13 @@ stage_gptj-sharded() {
     python3 benchmarks/bench_stream_vs_sharded.py --model gpt-j-6b --device cuda --world 1 \
         --global-batch 8 --seq-len 2048 --steps 3 --no-fixed-threshold --stream-updates device \
         --json "$results/stream_vs_sharded_gptj_cuda.json" 2>&1 | tee "$results/stream_vs_sharded_gptj_cuda.log"
+}
+
+# gpt3-xl in bfloat16 (2.6 GB) on 8 samples: a streamed token is one pass, the weights'
+# bytes over the link, predicted ~0.1 s against a resident pass of a few milliseconds.
+stage_sample() {
+    python3 benchmarks/bench_sample.py --model gpt3-xl --device cuda --prompt-tokens 256 --tokens 16 --samples 1,8 \
+        --json "$results/sample_cuda.json"
 }
 
 # --- the runner ------------------------------------------------------------------------

@@ -5,6 +5,9 @@ final norm with the output head. Units are what the streamer moves between host 
 device, so each is an ordinary module with no reference to the others; the only
 cross-unit link, a tied output head, is passed in explicitly as `tied_weight`.
 The same object also runs as a plain `nn.Module`: `model(idx) -> logits`.
+
+Generation passes each block a `KVCache`: the keys and values of the positions already
+seen, so that a new token attends to them without the prompt being run again.
 """
 
 from __future__ import annotations
@@ -57,11 +60,34 @@ class Embedding(nn.Module):
         self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positional == "learned" else None
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """`start`: the position of idx's first token (a cache's length when generating)."""
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+            x = x + self.wpe(torch.arange(start, start + idx.shape[1], device=idx.device))
         return x
+
+
+class KVCache:
+    """One block's keys and values for the positions generated so far, [B, H, T, head_dim]
+    each, in room for `capacity` positions allocated once."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        shape = (batch, cfg.n_head, capacity, cfg.head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' k and v; returns every position's."""
+        stop = self.length + k.shape[2]
+        if stop > self.keys.shape[2]:
+            raise ValueError(f"the cache holds {self.keys.shape[2]} positions, not {stop}")
+        self.keys[:, :, self.length : stop] = k
+        self.values[:, :, self.length : stop] = v
+        self.length = stop
+        return self.keys[:, :, :stop], self.values[:, :, :stop]
 
 
 class Attention(nn.Module):
@@ -72,15 +98,28 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.attn_bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.attn_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         cfg = self.cfg
         batch, seq_len, _ = x.shape
+        start = cache.length if cache is not None else 0
         q, k, v = self.qkv(x).view(batch, seq_len, 3, cfg.n_head, cfg.head_dim).permute(2, 0, 3, 1, 4)
         if cfg.rotary_dim:
-            cos, sin = _rotary_tables(seq_len, cfg.rotary_dim, cfg.rotary_base, cfg.rotary_style, x.device)
+            # A generating model's positions run up to its context: one table, sliced
+            # (each row is computed alone, so a slice equals a shorter table).
+            length = cfg.block_size if cache is not None else seq_len
+            cos, sin = _rotary_tables(length, cfg.rotary_dim, cfg.rotary_base, cfg.rotary_style, x.device)
+            cos, sin = cos[start : start + seq_len], sin[start : start + seq_len]
             q = apply_rotary(q, cos, sin, cfg.rotary_style)
             k = apply_rotary(k, cos, sin, cfg.rotary_style)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif seq_len == 1:  # one new position sees every key: no mask, so the fused kernels apply
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # new positions after cached ones: position start + i sees keys 0..start + i
+            mask = torch.ones(seq_len, start + seq_len, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, cfg.d_model))
 
 
@@ -89,7 +128,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
         self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
-        # GPT-2/3 and GPT-J use the tanh approximation; GPT-NeoX the exact erf form.
+        # GPT-2/3, GPT-J and GPT-NeoX 20B use the tanh approximation; Pythia the exact erf form.
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,12 +147,12 @@ class Block(nn.Module):
         self.ln_2 = None if shared else nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if not self.parallel:
-            x = x + self.attn(self.ln_1(x))
+            x = x + self.attn(self.ln_1(x), cache)
             return x + self.mlp(self.ln_2(x))
         h = self.ln_1(x)
-        return x + self.attn(h) + self.mlp(h if self.ln_2 is None else self.ln_2(x))
+        return x + self.attn(h, cache) + self.mlp(h if self.ln_2 is None else self.ln_2(x))
 
 
 class Head(nn.Module):
@@ -146,12 +185,15 @@ class GPT(nn.Module):
     def embedding(self) -> Embedding:
         return self.units[0]
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if idx.shape[1] > self.cfg.block_size:
-            raise ValueError(f"sequence of {idx.shape[1]} exceeds the context of {self.cfg.block_size}")
-        x = idx
-        for unit in self.units[:-1]:
-            x = unit(x)
+    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Logits for every position of idx; with `caches` (one per block), idx follows
+        the positions they hold, and its keys and values are added to them."""
+        start = caches[0].length if caches else 0
+        if start + idx.shape[1] > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + idx.shape[1]} exceeds the context of {self.cfg.block_size}")
+        x = self.units[0](idx, start)
+        for i, block in enumerate(self.units[1:-1]):
+            x = block(x, caches[i] if caches else None)
         return self.units[-1](x, self.tied_weight())
 
     def tied_weight(self) -> torch.Tensor | None:

@@ -109,13 +109,17 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=200, help="tokens to add to the prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="0: always the likeliest token")
     p.add_argument("--top-k", type=int, default=200, help="draw among the k likeliest tokens (0: all)")
-    p.add_argument("--samples", type=int, default=1, help="continuations to print, one after another")
+    p.add_argument("--samples", type=int, default=1, help="continuations to print (drawn together, in one batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="the tokenizer.json the data was prepared with (default: the checkpoint's own, "
                         "else bytes)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on CUDA)")
+    p.add_argument("--mode", choices=("auto", "resident", "stream"), default="auto",
+                   help="resident: the model whole on the device; stream: its weights in host memory, each "
+                        "unit brought to the device for its turn (for a model larger than the device); "
+                        "auto: resident when it fits")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:

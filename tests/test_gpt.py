@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import GPT, ModelConfig
-from models.gpt import build_unit, init_unit
+from models.gpt import KVCache, build_unit, init_unit
 
 TINY = ["tiny", "tiny-gptj", "tiny-neox"]
 
@@ -101,3 +101,30 @@ def test_sequence_longer_than_context_is_refused() -> None:
     model(random_tokens(1, 16, 256))
     with pytest.raises(ValueError, match="exceeds the context of 16"):
         model(random_tokens(1, 17, 256))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_a_cached_pass_equals_the_whole_sequence(name: str) -> None:
+    """The sequence fed in pieces (a prompt, one token, several) with a cache per block
+    gives the logits the whole sequence does: learned positions and both rotary styles
+    continue from the cache's length, and a piece sees exactly the positions before it."""
+    model = tiny_model(name)
+    idx = random_tokens(2, 40, 256)
+    caches = [KVCache(model.cfg, 2, 40, torch.device("cpu"), torch.float32) for _ in range(model.cfg.n_layer)]
+    with torch.no_grad():
+        whole = model(idx)
+        pieces = torch.cat([model(idx[:, a:b], caches) for a, b in [(0, 17), (17, 18), (18, 25), (25, 40)]], dim=1)
+    assert caches[0].length == 40
+    torch.testing.assert_close(pieces, whole, rtol=0, atol=2e-6)
+
+
+def test_a_cache_refuses_positions_past_its_room_and_the_context() -> None:
+    model = tiny_model("tiny-neox", block_size=16)
+    caches = [KVCache(model.cfg, 1, 8, torch.device("cpu"), torch.float32) for _ in range(model.cfg.n_layer)]
+    model(random_tokens(1, 6, 256), caches)
+    with pytest.raises(ValueError, match="holds 8 positions, not 9"):
+        model(random_tokens(1, 3, 256), caches)
+    caches = [KVCache(model.cfg, 1, 32, torch.device("cpu"), torch.float32) for _ in range(model.cfg.n_layer)]
+    model(random_tokens(1, 16, 256), caches)
+    with pytest.raises(ValueError, match="sequence of 17 exceeds the context of 16"):
+        model(random_tokens(1, 1, 256), caches)

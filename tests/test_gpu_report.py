@@ -141,3 +141,16 @@ def test_the_adamw_kernel_counts_among_the_kernels(gpu_report, tmp_path: Path) -
     assert met(crashed, "4. kernels match") is False and met(crashed, "4. kernels: share") is True
     check = next(r for r in crashed if r.target.startswith("4. kernels match"))
     assert "the AdamW kernel differs: it failed to run (CUDADriverError: illegal address)" in check.measured
+
+
+def test_streamed_sampling_is_reported_beside_the_targets(gpu_report, tmp_path: Path) -> None:
+    rows = [{"mode": "resident", "samples": 1, "s_per_token": 0.01, "tokens_per_s": 100.0},
+            {"mode": "stream", "samples": 1, "s_per_token": 0.11, "tokens_per_s": 9.1, "link_gb_s": 23.6,
+             "share_of_bound": 0.91}]
+    payload = {"model": "gpt3-xl", "link_bytes_per_s": 25.9e9, "rows": rows}
+    write(tmp_path, "sample_cuda.json", {**payload, "device": "cpu", "machine": {"cpu": "x"}})
+    assert "Sampling" not in gpu_report.report(tmp_path)[0]
+    write(tmp_path, "sample_cuda.json", {**payload, "device": "cuda", "machine": GPU})
+    text, _ = gpu_report.report(tmp_path)
+    assert ("Sampling gpt3-xl (`sample_cuda.json`, pinned link 25.9 GB/s): 1 sample(s) 9.1 tokens/s streamed, "
+            "23.6 GB/s of weights (0.91 of the bound).") in text

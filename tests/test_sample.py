@@ -1,5 +1,7 @@
 """`streamer sample`: continuations of a prompt from a run's final weights or a Hugging
-Face checkpoint, checked against the transformers model's own greedy generation."""
+Face checkpoint, checked against the transformers model's own greedy generation and
+against running the whole context again for every token; a streamed model against the
+same model held whole."""
 
 from __future__ import annotations
 
@@ -14,7 +16,17 @@ import torch
 
 from models import GPT, ModelConfig
 from streamer.cli import main
-from streamer.sample import SampleConfig, generate, load_model, model_config
+from streamer.errors import UserError
+from streamer.sample import (
+    ResidentWeights,
+    SampleConfig,
+    StreamedWeights,
+    choose_mode,
+    generate,
+    load_model,
+    model_config,
+    stream_model,
+)
 from streamer.train import TrainConfig, train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built locally, never fetched
@@ -29,24 +41,49 @@ def trained_run(tmp_path_factory) -> Path:
     return out
 
 
+CPU = torch.device("cpu")
+
+
 @pytest.mark.parametrize("model", ["tiny", "tiny-gptj", "tiny-neox"])
 def test_greedy_continuation_is_the_hugging_face_models_own(tmp_path: Path, model: str,
                                                            hugging_face_checkpoint) -> None:
+    """Held whole or streamed a unit at a time (the tiny model's head is tied to its
+    embedding, which then stays on the device)."""
     reference = hugging_face_checkpoint(model, tmp_path, std=0.3)  # far from ties
-    ours = load_model(tmp_path, model_config(tmp_path), torch.device("cpu"), torch.float32)
+    cfg = model_config(tmp_path)
     prompt = list(b"def main():\n    ")
     expected = reference.generate(torch.tensor([prompt]), max_new_tokens=GREEDY.new_tokens, do_sample=False,
                                   min_new_tokens=GREEDY.new_tokens)[0, len(prompt):].tolist()
-    assert generate(ours, prompt, GREEDY) == expected
+    assert generate(load_model(tmp_path, cfg, CPU, torch.float32), prompt, GREEDY) == [expected]
+    assert generate(stream_model(tmp_path, cfg, CPU, torch.float32), prompt, GREEDY) == [expected]
 
 
-def test_a_prompt_longer_than_the_context_is_continued_from_its_last_context(tmp_path: Path) -> None:
+def _uncached_greedy(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:
+    """The definition: every token from the whole (cropped) context run again."""
+    tokens = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            following = model(tokens[:, -model.cfg.block_size:])[0, -1].argmax()
+            tokens = torch.cat([tokens, following.view(1, 1)], dim=1)
+    return tokens[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("length", [5, 250, 356])
+def test_cached_generation_continues_as_running_the_whole_context_again(length: int) -> None:
+    """Inside the context (5), crossing its end mid-way (250 + 12 > 256: the cache is
+    dropped and the last context's worth run again), and from a prompt longer than the
+    context (cropped to its last 256 tokens)."""
     model = GPT(ModelConfig.from_name("tiny-neox"))  # 256 tokens of context
     model.init_weights(0)
-    prompt = list(range(256)) + list(range(100))
-    continued = generate(model, prompt, GREEDY)
-    assert len(continued) == GREEDY.new_tokens
-    assert continued == generate(model, prompt[-256:], GREEDY)
+    with torch.no_grad():  # far from ties
+        for p in model.parameters():
+            p.mul_(8)
+    prompt = [(7 * i) % 256 for i in range(length)]
+    expected = _uncached_greedy(model, prompt, GREEDY.new_tokens)
+    assert len(set(expected)) > 2, "a degenerate continuation would not tell the positions apart"
+    assert generate(model, prompt, GREEDY) == [expected]
+    if length > 256:
+        assert generate(model, prompt, GREEDY) == generate(model, prompt[-256:], GREEDY)
 
 
 def test_sampling_is_seeded_and_top_1_is_greedy() -> None:
@@ -62,9 +99,79 @@ def test_sampling_is_seeded_and_top_1_is_greedy() -> None:
         model, prompt, SampleConfig(new_tokens=30, temperature=0))
 
 
+def test_samples_drawn_together_are_each_a_continuation_of_the_prompt() -> None:
+    """A batch of samples: greedy ones are all the single greedy continuation; drawn
+    ones differ from one another, and each, fed back, is a continuation the model
+    gives a probability (no row reads another's cache)."""
+    model = GPT(ModelConfig.from_name("tiny-gptj"))
+    model.init_weights(0)
+    prompt = list(b"for i in ")
+    assert generate(model, prompt, GREEDY, samples=3) == generate(model, prompt, GREEDY) * 3
+    drawn = generate(model, prompt, SampleConfig(new_tokens=20, temperature=1.0, top_k=5),
+                     torch.Generator().manual_seed(0), samples=4)
+    assert len(drawn) == 4 and len({tuple(d) for d in drawn}) == 4
+    for continuation in drawn:
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + continuation]))[0, len(prompt) - 1 : -1]
+        top_5 = logits.topk(5).indices
+        assert all(t in top_5[i] for i, t in enumerate(continuation)), "each token is among its top 5"
+
+
+class _StateDict:
+    """A `Pretrained` stand-in: a model's own tensors, by our names."""
+
+    def __init__(self, model: GPT) -> None:
+        self.state = model.state_dict()
+
+    def into(self, name: str, target: torch.Tensor) -> None:
+        target.copy_(self.state[name])
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-neox"])
+def test_a_streamed_model_samples_as_the_model_held_whole(model: str) -> None:
+    """Bit for bit, greedy and drawn, with a tied head (its table kept apart) and
+    without; the device holds two units' buffers, sized for the largest unit."""
+    gpt = GPT(ModelConfig.from_name(model, n_layer=6))
+    gpt.init_weights(3)
+    streamed = StreamedWeights(_StateDict(gpt), gpt.cfg, CPU, torch.float32)
+    prompt = list(b"while True:")
+    drawn = SampleConfig(new_tokens=16, temperature=0.9, top_k=50)
+    assert generate(streamed, prompt, GREEDY, samples=2) == generate(gpt, prompt, GREEDY, samples=2)
+    assert generate(streamed, prompt, drawn, torch.Generator().manual_seed(4), samples=3) == generate(
+        gpt, prompt, drawn, torch.Generator().manual_seed(4), samples=3)
+    units = [sum(p.numel() for p in unit.parameters()) for unit in gpt.units]
+    ring = units[1:] if gpt.cfg.tie_embeddings else units
+    assert streamed.device_bytes() == 4 * (2 * max(ring) + (units[0] if gpt.cfg.tie_embeddings else 0))
+    assert streamed.device_bytes() < 0.6 * 4 * sum(units)
+
+
+GIB = 2**30
+
+
+def test_auto_mode_holds_what_fits_and_streams_what_does_not() -> None:
+    """gpt-neox-20b in bfloat16 (41 GB) on an 80 GB GPU is held; on a 40 GB one it is
+    streamed; with too little host RAM for its weights, or a GPU too small for even two
+    units and the caches, or a CPU too small, the refusal says what to change."""
+    cfg = ModelConfig.from_name("gpt-neox-20b")
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert choose_mode("auto", cfg, "cuda", bf16, 1, 300, free=80 * GIB, host=120 * GIB) == "resident"
+    assert choose_mode("auto", cfg, "cuda", bf16, 1, 300, free=40 * GIB, host=120 * GIB) == "stream"
+    assert choose_mode("stream", cfg, "cuda", bf16, 1, 300, free=80 * GIB, host=120 * GIB) == "stream"
+    refusals = {
+        "host RAM": (("auto", "cuda", bf16, 1, 300, 40 * GIB, 30 * GIB), "more memory"),
+        "device": (("auto", "cuda", bf16, 64, 2048, 40 * GIB, 120 * GIB), "fewer --samples"),
+        "resident asked": (("resident", "cuda", bf16, 1, 300, 40 * GIB, 120 * GIB), "--mode stream"),
+        "cpu": (("auto", "cpu", f32, 1, 300, 20 * GIB, 20 * GIB), "--dtype bfloat16"),
+    }
+    for (mode, device, dtype, samples, positions, free, host), hint in refusals.values():
+        with pytest.raises(UserError, match=hint):
+            choose_mode(mode, cfg, device, dtype, samples, positions, free=free, host=host)
+
+
 def test_the_cli_samples_a_runs_final_weights(trained_run: Path, capsys) -> None:
-    """From the run folder or its final/, the same text for the same seed: the prompt
-    and then as many bytes as asked for (the tiny models' tokens are bytes)."""
+    """From the run folder or its final/, held or streamed, the same text for the same
+    seed: the prompt and then as many bytes as asked for (the tiny models' tokens are
+    bytes)."""
     from streamer.data import ByteTokenizer
     from streamer.train import load_final
 
@@ -74,9 +181,12 @@ def test_the_cli_samples_a_runs_final_weights(trained_run: Path, capsys) -> None
     assert main(["sample", str(trained_run / "final"), *args]) == 0
     assert capsys.readouterr().out == from_run
 
+    assert main(["sample", str(trained_run), *args, "--mode", "stream"]) == 0
+    assert capsys.readouterr().out == from_run
+
     model = GPT(ModelConfig.from_name("tiny"))
     model.load_state_dict(load_final(trained_run / "final"))
-    expected = generate(model, list(b"class "), SampleConfig(new_tokens=25), torch.Generator().manual_seed(3))
+    [expected] = generate(model, list(b"class "), SampleConfig(new_tokens=25), torch.Generator().manual_seed(3))
     assert from_run == "class " + ByteTokenizer().decode(expected) + "\n"
 
 
@@ -105,11 +215,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, trained_run: Path) -> 
 
 @pytest.mark.gpu
 def test_sampling_on_the_gpu_continues_as_on_the_cpu(tmp_path: Path) -> None:
-    """Greedy float32 continuations are the CPU's; bfloat16 sampling is seeded the same
-    way. (An export of our own: the GPU machine has no transformers.)"""
+    """Greedy float32 continuations are the CPU's, held whole or streamed; a streamed
+    model's continuations are the held model's in bfloat16 too, greedy and drawn, while
+    the device holds two of its units. (An export of our own: the GPU machine has no
+    transformers.)"""
     from streamer.io import atomic_write_json, write_safetensors
 
-    model = GPT(ModelConfig.from_name("tiny-neox"))
+    model = GPT(ModelConfig.from_name("tiny-neox", n_layer=8))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # far from ties, so that both devices' argmax agree
         for p in model.parameters():
@@ -118,11 +230,21 @@ def test_sampling_on_the_gpu_continues_as_on_the_cpu(tmp_path: Path) -> None:
     atomic_write_json(tmp_path / "config.json", model.cfg.to_dict())
     cfg, cuda = model_config(tmp_path), torch.device("cuda")
     prompt = list(b"def main():\n    ")
-    on_cpu = generate(load_model(tmp_path, cfg, torch.device("cpu"), torch.float32), prompt, GREEDY)
+    on_cpu = generate(load_model(tmp_path, cfg, CPU, torch.float32), prompt, GREEDY)
     assert on_cpu == generate(model, prompt, GREEDY)
     assert generate(load_model(tmp_path, cfg, cuda, torch.float32), prompt, GREEDY) == on_cpu
-    half = load_model(tmp_path, cfg, cuda, torch.bfloat16)
+    assert generate(stream_model(tmp_path, cfg, cuda, torch.float32), prompt, GREEDY) == on_cpu
+
     drawn = SampleConfig(new_tokens=40, temperature=1.0)
-    first = generate(half, prompt, drawn, torch.Generator().manual_seed(5))
-    assert len(first) == 40 and all(0 <= t < cfg.vocab_size for t in first)
-    assert first == generate(half, prompt, drawn, torch.Generator().manual_seed(5))
+    half = ResidentWeights(load_model(tmp_path, cfg, cuda, torch.bfloat16))
+    first = generate(half, prompt, drawn, torch.Generator().manual_seed(5), samples=3)
+    assert all(len(f) == 40 and all(0 <= t < cfg.vocab_size for t in f) for f in first)
+    assert first == generate(half, prompt, drawn, torch.Generator().manual_seed(5), samples=3)
+    streamed = stream_model(tmp_path, cfg, cuda, torch.bfloat16)
+    assert generate(streamed, prompt, drawn, torch.Generator().manual_seed(5), samples=3) == first
+    assert generate(streamed, prompt, GREEDY) == generate(load_model(tmp_path, cfg, cuda, torch.bfloat16), prompt,
+                                                          GREEDY)
+    assert streamed.locked, "the host copy is page-locked, so the copies overlap the compute"
+    streamed.close()
+    weights = 2 * sum(p.numel() for p in model.parameters())
+    assert streamed.device_bytes() < weights / 3

@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, machine_line, write_json  # noqa: E402
 
 from models import GPT, ModelConfig  # noqa: E402
-from streamer.io import atomic_write_json, write_safetensors  # noqa: E402
+from streamer.inference import load_model, stream_model  # noqa: E402
 from streamer.planner import measure_copy_bandwidth  # noqa: E402
-from streamer.sample import SampleConfig, generate, load_model, stream_model  # noqa: E402
+from streamer.sample import SampleConfig, generate  # noqa: E402
+from streamer.train import save_final  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -107,12 +108,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-sample-") as folder:
         model = GPT(cfg)
         model.init_weights(0)
-        write_safetensors(Path(folder) / "model.safetensors", {k: v.to(dtype) for k, v in model.state_dict().items()})
-        atomic_write_json(Path(folder) / "config.json", cfg.to_dict())
+        state = {k: v.to(dtype) for k, v in model.state_dict().items()}
         del model
+        final = save_final([lambda: state], cfg, Path(folder))
+        state.clear()  # the file holds them now
         weight_bytes = cfg.n_params() * torch.finfo(dtype).bits // 8
-        held = load_model(Path(folder), cfg, device, dtype) if {"uncached", "resident"} & set(modes) else None
-        streamed = stream_model(Path(folder), cfg, device, dtype) if "stream" in modes else None
+        held = load_model(final, cfg, device, dtype) if {"uncached", "resident"} & set(modes) else None
+        streamed = stream_model(final, cfg, device, dtype) if "stream" in modes else None
         for samples in [int(s) for s in args.samples.split(",")]:
             runs = {
                 "uncached": lambda n, s=samples: uncached(held, prompt, n, s),

@@ -122,6 +122,27 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                         "auto: resident when it fits")
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="a trained model's loss on text (a run's held-out loss, or a checkpoint's on "
+                                    "your data)")
+    p.add_argument("weights", metavar="DIR",
+                   help="a run folder or its final/ (its settings are the defaults), or a Hugging Face checkpoint")
+    p.add_argument("--data", type=Path, default=None,
+                   help="token file from 'streamer prepare' (default: the run's, else the stdlib as bytes)")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="read the last F of the data (default: the run's, else 0.01); 1: all of it")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens to read, in evenly spaced windows (default: the run's evaluation, else 16 sequences)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the run's, else the model's context")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per micro-batch (default: the run's, else 4)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on CUDA)")
+    p.add_argument("--mode", choices=("auto", "resident", "stream"), default="auto",
+                   help="as sample's: stream a model larger than the device")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the named model configs")
     p.add_argument("--json", action="store_true")
@@ -133,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_prepare(sub)
     _add_sample(sub)
+    _add_eval(sub)
     _add_models(sub)
     try:
         from streamer.planner import add_plan_parser
@@ -200,7 +222,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         final = ("not exported (--no-save-final)" if args.no_save_final
-                 else f"in {out / 'final'} (`streamer sample {out}` continues a prompt with them)")
+                 else f"in {out / 'final'} (`streamer sample {out}` continues a prompt with them, "
+                      f"`streamer eval {out}` measures their loss)")
         evals = [row for row in rows if "eval_loss" in row]
         held_out = (f", held-out loss {evals[0]['eval_loss']:.3f} -> {evals[-1]['eval_loss']:.3f}"
                     if len(evals) > 1 else f", held-out loss {evals[0]['eval_loss']:.3f}" if evals else "")
@@ -255,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         from streamer.planner import cmd_plan as handler
     elif args.command == "sample":
         from streamer.sample import cmd_sample as handler
+    elif args.command == "eval":
+        from streamer.evaluate import cmd_eval as handler
     else:
         handler = handlers[args.command]
     try:

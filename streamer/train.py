@@ -154,6 +154,12 @@ class TrainConfig:
         """What training samples from: all of the data, or all but the held-out tail."""
         return holdout_split(tokens, self.holdout, self.seq_len)[0] if self.eval_every else tokens
 
+    def eval_sequences(self, world: int = 1) -> int:
+        """The held-out windows an evaluation reads: --eval-tokens (default: one step's, of
+        every rank) in whole sequences, rounded up to a multiple of the ranks."""
+        wanted = -(-(self.eval_tokens or self.tokens_per_step() * world) // self.seq_len)
+        return -(-wanted // world) * world
+
     def eval_passes(self, tokens: np.ndarray, rank: int = 0, world: int = 1
                     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """This rank's share of the held-out windows, in micro-batches of --batch-size,
@@ -161,9 +167,8 @@ class TrainConfig:
         more activations than a step's forward. Sequences go to ranks in turn (their
         count rounded up to a multiple of the ranks), and every rank makes as many passes,
         some perhaps empty: a streamed pass gathers weights, a collective all must join."""
-        wanted = -(-(self.eval_tokens or self.tokens_per_step() * world) // self.seq_len)
         x, y = eval_windows(holdout_split(tokens, self.holdout, self.seq_len)[1], self.seq_len,
-                            -(-wanted // world) * world)
+                            self.eval_sequences(world))
         per_pass, most = self.batch_size * self.grad_accum, -(-len(x) // world)  # the most windows a rank has
         passes = -(-most // per_pass)
         x, y = torch.from_numpy(x[rank::world]), torch.from_numpy(y[rank::world])

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from streamer.cli import main
 from streamer.parallel import DataParallel
 from streamer.train import load_final
 
@@ -32,10 +33,11 @@ def _train(out, model, nproc, batch, grad_sync="sparse", offload="ram", init_fro
     ("tiny-gptj", 2, "sparse", "ram", True),  # every rank starts from a Hugging Face checkpoint
 ])
 def test_n_ranks_equal_one_rank_with_n_times_the_batch(tmp_path, model, nproc, grad_sync, offload, pretrained,
-                                                       hugging_face_checkpoint, first_step_loss):
+                                                       hugging_face_checkpoint, first_step_loss, capsys):
     """Float32 sums over ranks run in another order than within one process, so the
     agreement is to rounding (1e-5), not bit for bit. So do the held-out losses, each
-    rank evaluating its share of the same windows."""
+    rank evaluating its share of the same windows; `streamer eval` of the ranks' run
+    reads those windows, all of them, in one process."""
     init_from = tmp_path / "hf" if pretrained else None
     if pretrained:
         reference = hugging_face_checkpoint(model, init_from)
@@ -50,6 +52,9 @@ def test_n_ranks_equal_one_rank_with_n_times_the_batch(tmp_path, model, nproc, g
     assert many_w.keys() == one_w.keys()
     for name in one_w:
         torch.testing.assert_close(many_w[name], one_w[name], atol=1e-5, rtol=0)
+    assert main(["eval", str(tmp_path / "many"), "--device", "cpu", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["tokens"] == 2 * 2 * nproc * 32 and evaluated["loss"] == pytest.approx(many[-1][1], abs=1e-5)
 
 
 def test_shards_cover_each_unit_exactly_once():

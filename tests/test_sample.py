@@ -16,18 +16,9 @@ import torch
 
 from models import GPT, ModelConfig
 from streamer.cli import main
-from streamer.errors import UserError
-from streamer.sample import (
-    ResidentWeights,
-    SampleConfig,
-    StreamedWeights,
-    choose_mode,
-    generate,
-    load_model,
-    model_config,
-    stream_model,
-)
-from streamer.train import TrainConfig, train
+from streamer.inference import ResidentWeights, load_model, model_config, stream_model
+from streamer.sample import SampleConfig, generate
+from streamer.train import TrainConfig, save_final, train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built locally, never fetched
 
@@ -117,55 +108,19 @@ def test_samples_drawn_together_are_each_a_continuation_of_the_prompt() -> None:
         assert all(t in top_5[i] for i, t in enumerate(continuation)), "each token is among its top 5"
 
 
-class _StateDict:
-    """A `Pretrained` stand-in: a model's own tensors, by our names."""
-
-    def __init__(self, model: GPT) -> None:
-        self.state = model.state_dict()
-
-    def into(self, name: str, target: torch.Tensor) -> None:
-        target.copy_(self.state[name])
-
-
 @pytest.mark.parametrize("model", ["tiny", "tiny-neox"])
-def test_a_streamed_model_samples_as_the_model_held_whole(model: str) -> None:
-    """Bit for bit, greedy and drawn, with a tied head (its table kept apart) and
-    without; the device holds two units' buffers, sized for the largest unit."""
+def test_a_streamed_model_samples_as_the_model_held_whole(tmp_path: Path, model: str) -> None:
+    """Bit for bit, greedy and drawn, from its export, with a tied head (its table kept
+    on the device) and without."""
     gpt = GPT(ModelConfig.from_name(model, n_layer=6))
     gpt.init_weights(3)
-    streamed = StreamedWeights(_StateDict(gpt), gpt.cfg, CPU, torch.float32)
+    final = save_final([gpt.state_dict], gpt.cfg, tmp_path)
+    streamed = stream_model(final, model_config(final), CPU, torch.float32)
     prompt = list(b"while True:")
     drawn = SampleConfig(new_tokens=16, temperature=0.9, top_k=50)
     assert generate(streamed, prompt, GREEDY, samples=2) == generate(gpt, prompt, GREEDY, samples=2)
     assert generate(streamed, prompt, drawn, torch.Generator().manual_seed(4), samples=3) == generate(
         gpt, prompt, drawn, torch.Generator().manual_seed(4), samples=3)
-    units = [sum(p.numel() for p in unit.parameters()) for unit in gpt.units]
-    ring = units[1:] if gpt.cfg.tie_embeddings else units
-    assert streamed.device_bytes() == 4 * (2 * max(ring) + (units[0] if gpt.cfg.tie_embeddings else 0))
-    assert streamed.device_bytes() < 0.6 * 4 * sum(units)
-
-
-GIB = 2**30
-
-
-def test_auto_mode_holds_what_fits_and_streams_what_does_not() -> None:
-    """gpt-neox-20b in bfloat16 (41 GB) on an 80 GB GPU is held; on a 40 GB one it is
-    streamed; with too little host RAM for its weights, or a GPU too small for even two
-    units and the caches, or a CPU too small, the refusal says what to change."""
-    cfg = ModelConfig.from_name("gpt-neox-20b")
-    bf16, f32 = torch.bfloat16, torch.float32
-    assert choose_mode("auto", cfg, "cuda", bf16, 1, 300, free=80 * GIB, host=120 * GIB) == "resident"
-    assert choose_mode("auto", cfg, "cuda", bf16, 1, 300, free=40 * GIB, host=120 * GIB) == "stream"
-    assert choose_mode("stream", cfg, "cuda", bf16, 1, 300, free=80 * GIB, host=120 * GIB) == "stream"
-    refusals = {
-        "host RAM": (("auto", "cuda", bf16, 1, 300, 40 * GIB, 30 * GIB), "more memory"),
-        "device": (("auto", "cuda", bf16, 64, 2048, 40 * GIB, 120 * GIB), "fewer --samples"),
-        "resident asked": (("resident", "cuda", bf16, 1, 300, 40 * GIB, 120 * GIB), "--mode stream"),
-        "cpu": (("auto", "cpu", f32, 1, 300, 20 * GIB, 20 * GIB), "--dtype bfloat16"),
-    }
-    for (mode, device, dtype, samples, positions, free, host), hint in refusals.values():
-        with pytest.raises(UserError, match=hint):
-            choose_mode(mode, cfg, device, dtype, samples, positions, free=free, host=host)
 
 
 def test_the_cli_samples_a_runs_final_weights(trained_run: Path, capsys) -> None:
@@ -219,15 +174,12 @@ def test_sampling_on_the_gpu_continues_as_on_the_cpu(tmp_path: Path) -> None:
     model's continuations are the held model's in bfloat16 too, greedy and drawn, while
     the device holds two of its units. (An export of our own: the GPU machine has no
     transformers.)"""
-    from streamer.io import atomic_write_json, write_safetensors
-
     model = GPT(ModelConfig.from_name("tiny-neox", n_layer=8))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # far from ties, so that both devices' argmax agree
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    write_safetensors(tmp_path / "model.safetensors", model.state_dict())
-    atomic_write_json(tmp_path / "config.json", model.cfg.to_dict())
+    tmp_path = save_final([model.state_dict], model.cfg, tmp_path)
     cfg, cuda = model_config(tmp_path), torch.device("cuda")
     prompt = list(b"def main():\n    ")
     on_cpu = generate(load_model(tmp_path, cfg, CPU, torch.float32), prompt, GREEDY)

@@ -1,0 +1,177 @@
+"""`streamer eval`: a trained model's loss on text, held whole on the device or streamed.
+
+The windows are those a run's held-out evaluation reads (`streamer.data.holdout_split`
+and `eval_windows`): evenly spaced over the last `--holdout` of a token file, or over
+all of it with `--holdout 1`. Given a run folder (or its `final/`), every default is
+the run's own (its data, sequence length, held-out fraction, evaluation tokens and
+batch size), so the loss is the held-out loss its last evaluation printed, now from
+the exported weights; given a Hugging Face checkpoint, it measures that model on your
+text (`--data`, prepared with the model's tokenizer).
+
+A streamed model's every weight crosses the link once per pass, so a pass takes all
+the windows through each unit while it is on the device ([Note: streamed inference]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from models import ModelConfig, loss_fn
+from streamer.data import default_corpus, eval_windows, holdout_split, load_tokens
+from streamer.errors import UserError
+from streamer.inference import (
+    Weights,
+    activation_bytes,
+    choose_mode,
+    free_memory,
+    load_weights,
+    model_config,
+    weights_folder,
+)
+from streamer.train import TrainConfig, resolve_device, resolve_dtype
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Which windows of which text: `tokens` of it, in sequences of `seq_len`, from the
+    last `holdout` of the file (1: all of it), in micro-batches of `batch_size`."""
+
+    data: Path | None  # None: the default corpus (the standard library as bytes)
+    seq_len: int
+    holdout: float
+    tokens: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.holdout <= 1:
+            raise UserError(f"--holdout must be a fraction above 0 and at most 1 (all of the data), got "
+                            f"{self.holdout}")
+        for flag, value in (("--seq-len", self.seq_len), ("--tokens", self.tokens),
+                            ("--batch-size", self.batch_size)):
+            if value < 1:
+                raise UserError(f"{flag} must be a positive integer, got {value}")
+
+    def windows(self, tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets): the same windows a run's evaluation with these settings reads."""
+        if self.holdout < 1:
+            tokens = holdout_split(tokens, self.holdout, self.seq_len)[1]
+        elif tokens.size < self.seq_len + 1:
+            raise UserError(f"the data holds {tokens.size} tokens, fewer than one sequence of {self.seq_len + 1}: "
+                            "use more text or a shorter --seq-len")
+        x, y = eval_windows(tokens, self.seq_len, -(-self.tokens // self.seq_len))
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def run_settings(path: Path) -> tuple[TrainConfig, int] | None:
+    """The training settings and world size of the run `path` is (or whose `final/` it
+    is), from its run.json; None for a checkpoint that is no run's."""
+    for candidate in (path / "run.json", path.parent / "run.json" if path.name == "final" else None):
+        if candidate is not None and candidate.is_file():
+            try:
+                payload = json.loads(candidate.read_text())
+                return TrainConfig(**payload["train"]), int(payload.get("world", 1))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"'{candidate}' is not a run's settings ({type(exc).__name__}): pass --data, "
+                                "--seq-len and --tokens, or the weights folder itself") from None
+    return None
+
+
+def eval_config(args: argparse.Namespace, cfg: ModelConfig, settings: tuple[TrainConfig, int] | None) -> EvalConfig:
+    """The flags given, and for the rest the run's settings, else the defaults."""
+    run, world = settings or (None, 1)
+
+    def given(flag: str, otherwise: int) -> int:  # a flag given, even a wrong one, wins
+        value = getattr(args, flag)
+        return otherwise if value is None else value
+
+    seq_len = given("seq_len", run.seq_len if run else cfg.block_size)
+    if seq_len < 1:
+        raise UserError(f"--seq-len must be a positive integer, got {seq_len}")
+    if seq_len > cfg.block_size:
+        raise UserError(f"--seq-len {seq_len} exceeds {cfg.name}'s context of {cfg.block_size}: use "
+                        f"--seq-len {cfg.block_size} or less")
+    if run is not None:  # the run's own evaluation: its windows, however many ranks read them
+        run = dataclasses.replace(run, seq_len=seq_len)
+    data = args.data or (Path(run.data) if run and run.data else None)
+    return EvalConfig(
+        data=data, seq_len=seq_len,
+        holdout=args.holdout if args.holdout is not None else (run.holdout if run else 0.01),
+        tokens=given("tokens", run.eval_sequences(world) * seq_len if run else 16 * seq_len),
+        batch_size=given("batch_size", run.batch_size if run else 4))
+
+
+@torch.no_grad()
+def evaluate(weights: Weights, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, int]:
+    """The summed token loss over the windows (x, y) and their token count: one pass
+    over the model, every micro-batch through each unit in turn."""
+    device, head = weights.device, weights.cfg.n_layer + 1
+    hs = [x[i : i + batch_size].to(device) for i in range(0, len(x), batch_size)]
+    ys = [y[i : i + batch_size].to(device) for i in range(0, len(y), batch_size)]
+    sums = []
+    for index, unit in weights.units():
+        if index < head:
+            hs = [unit(h) for h in hs]
+        else:
+            sums = [loss_fn(unit(h), t).double() * t.numel() for h, t in zip(hs, ys)]
+    return float(torch.stack(sums).sum()), int(y.numel())
+
+
+def working_bytes(cfg: ModelConfig, dtype: torch.dtype, ecfg: EvalConfig, sequences: int) -> int:
+    """Device memory besides the weights: every window's activations between two units
+    (in and out), one micro-batch's inside a unit, and its float32 logits (twice: the
+    loss's log-softmax)."""
+    size = torch.finfo(dtype).bits // 8
+    boundary = 2 * sequences * ecfg.seq_len * cfg.d_model * size
+    batch = min(ecfg.batch_size, sequences)
+    logits = 2 * batch * ecfg.seq_len * cfg.padded_vocab_size * 4
+    return boundary + activation_bytes(cfg, dtype, batch, ecfg.seq_len) + logits
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    path = Path(args.weights)
+    folder = weights_folder(path)
+    model_cfg = model_config(folder)
+    ecfg = eval_config(args, model_cfg, run_settings(path))
+    tokens = load_tokens(ecfg.data, model_cfg.vocab_size) if ecfg.data else _default_tokens(model_cfg)
+    x, y = ecfg.windows(tokens)
+    mode = choose_mode(args.mode, model_cfg, device.type, dtype, working_bytes(model_cfg, dtype, ecfg, len(x)),
+                       free_memory(device), psutil.virtual_memory().available,
+                       lower="fewer --tokens or a smaller --batch-size")
+    weights = load_weights(mode, folder, model_cfg, device, dtype)
+    started = time.perf_counter()
+    total, count = evaluate(weights, x, y, ecfg.batch_size)
+    seconds = time.perf_counter() - started
+    weights.close()
+    loss = total / count
+    where = "all of" if ecfg.holdout == 1 else f"the last {ecfg.holdout * 100:g}% of"
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count, "sequences": len(x),
+              "seq_len": ecfg.seq_len, "holdout": ecfg.holdout, "data": str(ecfg.data or "the standard library"),
+              "model": model_cfg.name, "mode": mode, "device": device.type,
+              "dtype": str(dtype).removeprefix("torch."), "seconds": seconds}
+    if args.json:
+        print(json.dumps(result))
+        return
+    windows = f"{len(x)} window{'s' if len(x) > 1 else ''} of {ecfg.seq_len}"
+    print(f"{model_cfg.name} ({mode} on {device.type}): loss {loss:.4f}, perplexity {result['perplexity']:.2f}, over "
+          f"{count:,} tokens ({windows} from {where} {result['data']}) in {seconds:.1f} s")
+
+
+def _default_tokens(cfg: ModelConfig) -> np.ndarray:
+    from streamer.data import BYTE_VOCAB
+
+    if cfg.vocab_size != BYTE_VOCAB:
+        raise UserError(f"{cfg.name} has a vocabulary of {cfg.vocab_size} tokens and the default text is bytes: "
+                        "pass --data, a token file prepared with the model's tokenizer ('streamer prepare')")
+    return load_tokens(default_corpus(), cfg.vocab_size)

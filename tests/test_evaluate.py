@@ -1,0 +1,101 @@
+"""`streamer eval`: a run's exported weights give the held-out loss the run's last
+evaluation printed, held whole or streamed; a Hugging Face checkpoint's loss on a
+token file is the transformers model's own; bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from streamer.cli import main
+from streamer.data import eval_windows
+from streamer.train import TrainConfig, train
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _eval(capsys, *args: str) -> dict:  # noqa: ANN001
+    assert main(["eval", *args, "--device", "cpu", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _last_eval(run: Path) -> dict:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in reversed(rows) if "eval_loss" in r)
+
+
+@pytest.mark.parametrize("engine", [dict(mode="resident"), dict(mode="stream", offload="disk", state="compact8")])
+def test_a_runs_final_weights_give_its_last_held_out_loss(tmp_path: Path, token_file: Path, engine: dict,
+                                                          capsys) -> None:
+    """From the run folder, with no flag: the run's data, windows and tokens. The
+    streamed run keeps bfloat16 weights (compact8), and its export is what it
+    evaluated. Held whole and streamed, the same loss."""
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny-neox", steps=6, batch_size=2, grad_accum=2, seq_len=32, data=str(token_file),
+                      eval_every=3, holdout=0.05, out=str(run), progress=False, **engine))
+    logged = _last_eval(run)
+    held = _eval(capsys, str(run))
+    assert held["tokens"] == logged["eval_tokens"] == 4 * 32
+    assert held["loss"] == pytest.approx(logged["eval_loss"], abs=1e-5)
+    streamed = _eval(capsys, str(run / "final"), "--mode", "stream")
+    assert streamed["mode"] == "stream" and streamed["loss"] == held["loss"]
+    more = _eval(capsys, str(run), "--tokens", "320", "--batch-size", "3")  # flags over the run's settings
+    assert more["tokens"] == 320 and more["sequences"] == 10 and more["loss"] != held["loss"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-gptj", "tiny-neox"])
+def test_a_checkpoints_loss_is_the_hugging_face_models_own(tmp_path: Path, token_file: Path, model: str,
+                                                           hugging_face_checkpoint, capsys) -> None:
+    """--holdout 1 reads evenly spaced windows over all of the file."""
+    from streamer.data import load_tokens
+
+    reference = hugging_face_checkpoint(model, tmp_path)
+    got = _eval(capsys, str(tmp_path), "--data", str(token_file), "--holdout", "1", "--seq-len", "48",
+                "--tokens", "240", "--batch-size", "2")
+    x, y = eval_windows(load_tokens(token_file, 256), 48, 5)
+    with torch.no_grad():
+        logits = reference(torch.from_numpy(x)).logits
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(y).reshape(-1)).item()
+    assert got["tokens"] == 240 and got["holdout"] == 1
+    assert got["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_result_reads_as_one_line(tmp_path: Path, token_file: Path, capsys) -> None:
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny", steps=2, batch_size=2, seq_len=32, data=str(token_file), out=str(run),
+                      progress=False))
+    assert main(["eval", str(run), "--device", "cpu"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith("tiny (resident on cpu): loss ") and "64 tokens (2 windows of 32 from the last 1% of" in line
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, token_file: Path) -> None:
+    from models import ModelConfig
+
+    (tmp_path / "neox").mkdir()
+    (tmp_path / "neox" / "config.json").write_text(json.dumps(ModelConfig.from_name("pythia-160m").to_dict()))
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny", steps=1, batch_size=1, seq_len=16, data=str(token_file), out=str(run),
+                      progress=False))
+    cases = {
+        "no weights there": ([str(tmp_path / "absent")], "absent': no folder"),
+        "a fraction of nothing": ([str(run), "--holdout", "0"], "--holdout must be a fraction above 0"),
+        "more than all": ([str(run), "--holdout", "1.5"], "at most 1 (all of the data)"),
+        "past the context": ([str(run), "--seq-len", "300"], "exceeds tiny's context of 256"),
+        "no tokens": ([str(run), "--tokens", "0"], "--tokens must be a positive integer"),
+        "byte text for a large vocabulary": ([str(tmp_path / "neox")], "pass --data"),
+        "no such data": ([str(run), "--data", str(tmp_path / "none.npy")], "none.npy' not found"),
+    }
+    for name, (args, fragment) in cases.items():
+        done = subprocess.run([sys.executable, "-m", "streamer", "eval", *args, "--device", "cpu"],
+                              capture_output=True, text=True, timeout=300)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, (name, done.stderr)
+        assert fragment in lines[0], (name, lines[0])

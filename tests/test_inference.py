@@ -1,0 +1,81 @@
+"""Models put to use (streamer/inference.py): a model streamed a unit at a time computes
+what the model held whole does, from two device buffers; the mode is chosen by what
+fits, and what fits nowhere is refused saying what to change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import GPT, ModelConfig
+from streamer.errors import UserError
+from streamer.inference import ResidentWeights, StreamedWeights, choose_mode
+
+CPU = torch.device("cpu")
+GIB = 2**30
+
+
+class _StateDict:
+    """A `Pretrained` stand-in: a model's own tensors, by our names."""
+
+    def __init__(self, model: GPT) -> None:
+        self.state = model.state_dict()
+
+    def into(self, name: str, target: torch.Tensor) -> None:
+        target.copy_(self.state[name])
+
+
+def _forward(weights, idx: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    x = idx
+    for _, unit in weights.units():
+        x = unit(x)
+    return x
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-gptj", "tiny-neox"])
+def test_a_streamed_pass_computes_what_the_model_held_whole_does(model: str) -> None:
+    """Bit for bit, pass after pass (the buffers are refilled in turn), with a tied
+    head reading the table kept on the device (tiny) and without; the units come in
+    forward order, one of each."""
+    gpt = GPT(ModelConfig.from_name(model, n_layer=5)).eval()
+    gpt.init_weights(1)
+    held, streamed = ResidentWeights(gpt), StreamedWeights(_StateDict(gpt), gpt.cfg, CPU, torch.float32)
+    assert [i for i, _ in streamed.units()] == list(range(gpt.cfg.n_layer + 2))
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = gpt(idx)
+        for _ in range(3):
+            assert torch.equal(_forward(streamed, idx), expected)
+        assert torch.equal(_forward(held, idx), expected)
+    streamed.close()
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-neox"])
+def test_the_device_holds_two_units_of_a_streamed_model(model: str) -> None:
+    """Two buffers, each the largest unit's size, and a tied table kept apart."""
+    gpt = GPT(ModelConfig.from_name(model, n_layer=8))
+    streamed = StreamedWeights(_StateDict(gpt), gpt.cfg, CPU, torch.float32)
+    units = [sum(p.numel() for p in unit.parameters()) for unit in gpt.units]
+    ring = units[1:] if gpt.cfg.tie_embeddings else units
+    assert streamed.device_bytes() == 4 * (2 * max(ring) + (units[0] if gpt.cfg.tie_embeddings else 0))
+    assert streamed.device_bytes() < 0.5 * 4 * sum(units)
+
+
+def test_auto_mode_holds_what_fits_and_streams_what_does_not() -> None:
+    """gpt-neox-20b in bfloat16 (41 GB) on an 80 GB GPU is held; on a 40 GB one it is
+    streamed; with too little host RAM for its weights, or a GPU too small for even two
+    units and the working memory, or a CPU too small, the refusal says what to change."""
+    cfg = ModelConfig.from_name("gpt-neox-20b")
+    bf16, f32, work = torch.bfloat16, torch.float32, 2 * GIB
+    assert choose_mode("auto", cfg, "cuda", bf16, work, 80 * GIB, 120 * GIB, lower="x") == "resident"
+    assert choose_mode("auto", cfg, "cuda", bf16, work, 40 * GIB, 120 * GIB, lower="x") == "stream"
+    assert choose_mode("stream", cfg, "cuda", bf16, work, 80 * GIB, 120 * GIB, lower="x") == "stream"
+    refusals = [
+        (("auto", "cuda", bf16, work, 40 * GIB, 30 * GIB), "more memory"),  # the host
+        (("auto", "cuda", bf16, 40 * GIB, 40 * GIB, 120 * GIB), "ask for fewer --samples"),  # the device
+        (("resident", "cuda", bf16, work, 40 * GIB, 120 * GIB), "--mode stream"),
+        (("auto", "cpu", f32, work, 20 * GIB, 20 * GIB), "--dtype bfloat16"),
+    ]
+    for (mode, device, dtype, working, free, host), hint in refusals:
+        with pytest.raises(UserError, match=hint):
+            choose_mode(mode, cfg, device, dtype, working, free, host, lower="fewer --samples")

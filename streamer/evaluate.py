@@ -8,8 +8,9 @@ batch size), so the loss is the held-out loss its last evaluation printed, now f
 the exported weights; given a Hugging Face checkpoint, it measures that model on your
 text (`--data`, prepared with the model's tokenizer).
 
-A streamed model's every weight crosses the link once per pass, so a pass takes all
-the windows through each unit while it is on the device ([Note: streamed inference]).
+A streamed model's every weight crosses the link once per pass, so a pass takes as
+many windows through each unit, while it is on the device, as the device's memory
+holds: all of them when it can ([Note: streamed inference]).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from models import ModelConfig, loss_fn
 from streamer.data import default_corpus, eval_windows, holdout_split, load_tokens
 from streamer.errors import UserError
 from streamer.inference import (
+    Footprint,
     Weights,
     activation_bytes,
     choose_mode,
@@ -111,30 +113,51 @@ def eval_config(args: argparse.Namespace, cfg: ModelConfig, settings: tuple[Trai
 
 
 @torch.no_grad()
-def evaluate(weights: Weights, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, int]:
-    """The summed token loss over the windows (x, y) and their token count: one pass
-    over the model, every micro-batch through each unit in turn."""
+def evaluate(weights: Weights, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+             per_pass: int | None = None) -> tuple[float, int]:
+    """The summed token loss over the windows (x, y) and their token count, in passes
+    over the model of `per_pass` windows (default: all), each micro-batch of a pass
+    through each unit in turn. A streamed model's weights cross the link once a pass;
+    a pass keeps its windows' activations between units."""
     device, head = weights.device, weights.cfg.n_layer + 1
-    hs = [x[i : i + batch_size].to(device) for i in range(0, len(x), batch_size)]
-    ys = [y[i : i + batch_size].to(device) for i in range(0, len(y), batch_size)]
+    per_pass = per_pass or len(x)
     sums = []
-    for index, unit in weights.units():
-        if index < head:
-            hs = [unit(h) for h in hs]
-        else:
-            sums = [loss_fn(unit(h), t).double() * t.numel() for h, t in zip(hs, ys)]
+    for first in range(0, len(x), per_pass):
+        batches = range(first, min(len(x), first + per_pass), batch_size)
+        hs = [x[i : min(i + batch_size, first + per_pass)].to(device) for i in batches]
+        ys = [y[i : min(i + batch_size, first + per_pass)].to(device) for i in batches]
+        for index, unit in weights.units():
+            if index < head:
+                hs = [unit(h) for h in hs]
+            else:
+                sums += [loss_fn(unit(h), t).double() * t.numel() for h, t in zip(hs, ys)]
     return float(torch.stack(sums).sum()), int(y.numel())
 
 
-def working_bytes(cfg: ModelConfig, dtype: torch.dtype, ecfg: EvalConfig, sequences: int) -> int:
-    """Device memory besides the weights: every window's activations between two units
-    (in and out), one micro-batch's inside a unit, and its float32 logits (twice: the
-    loss's log-softmax)."""
-    size = torch.finfo(dtype).bits // 8
-    boundary = 2 * sequences * ecfg.seq_len * cfg.d_model * size
-    batch = min(ecfg.batch_size, sequences)
+def boundary_bytes(cfg: ModelConfig, dtype: torch.dtype, seq_len: int) -> int:
+    """A window's activations between two units, in and out: what a pass holds per window."""
+    return 2 * seq_len * cfg.d_model * (torch.finfo(dtype).bits // 8)
+
+
+def working_bytes(cfg: ModelConfig, dtype: torch.dtype, ecfg: EvalConfig) -> int:
+    """Device memory besides the weights for a pass of one micro-batch: its activations
+    between units and inside one, and its float32 logits (twice: the loss's
+    log-softmax)."""
+    batch = ecfg.batch_size
     logits = 2 * batch * ecfg.seq_len * cfg.padded_vocab_size * 4
-    return boundary + activation_bytes(cfg, dtype, batch, ecfg.seq_len) + logits
+    return batch * boundary_bytes(cfg, dtype, ecfg.seq_len) + activation_bytes(cfg, dtype, batch, ecfg.seq_len) + logits
+
+
+def windows_per_pass(mode: str, cfg: ModelConfig, dtype: torch.dtype, ecfg: EvalConfig, windows: int,
+                     free: int) -> int:
+    """Held whole, a pass is one micro-batch: nothing is gained by more. Streamed, a pass
+    takes as many windows as the device's free memory holds beside two units and one
+    micro-batch's work (all of them, when it can), since each pass moves every weight."""
+    if mode == "resident":
+        return ecfg.batch_size
+    spare = 0.9 * free - Footprint.of(cfg, dtype).streamed - working_bytes(cfg, dtype, ecfg)
+    fits = int(spare // boundary_bytes(cfg, dtype, ecfg.seq_len)) // ecfg.batch_size * ecfg.batch_size
+    return max(ecfg.batch_size, min(windows, fits))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -146,12 +169,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     ecfg = eval_config(args, model_cfg, run_settings(path))
     tokens = load_tokens(ecfg.data, model_cfg.vocab_size) if ecfg.data else _default_tokens(model_cfg)
     x, y = ecfg.windows(tokens)
-    mode = choose_mode(args.mode, model_cfg, device.type, dtype, working_bytes(model_cfg, dtype, ecfg, len(x)),
-                       free_memory(device), psutil.virtual_memory().available,
-                       lower="fewer --tokens or a smaller --batch-size")
+    free = free_memory(device)
+    mode = choose_mode(args.mode, model_cfg, device.type, dtype, working_bytes(model_cfg, dtype, ecfg), free,
+                       psutil.virtual_memory().available, lower="a smaller --batch-size or --seq-len")
+    per_pass = windows_per_pass(mode, model_cfg, dtype, ecfg, len(x), free)
     weights = load_weights(mode, folder, model_cfg, device, dtype)
     started = time.perf_counter()
-    total, count = evaluate(weights, x, y, ecfg.batch_size)
+    total, count = evaluate(weights, x, y, ecfg.batch_size, per_pass)
     seconds = time.perf_counter() - started
     weights.close()
     loss = total / count
@@ -159,7 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count, "sequences": len(x),
               "seq_len": ecfg.seq_len, "holdout": ecfg.holdout, "data": str(ecfg.data or "the standard library"),
               "model": model_cfg.name, "mode": mode, "device": device.type,
-              "dtype": str(dtype).removeprefix("torch."), "seconds": seconds}
+              "dtype": str(dtype).removeprefix("torch."), "passes": -(-len(x) // per_pass), "seconds": seconds}
     if args.json:
         print(json.dumps(result))
         return

@@ -99,3 +99,38 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, token_file: Path) -> N
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, (name, done.stderr)
         assert fragment in lines[0], (name, lines[0])
+
+
+def test_passes_of_any_size_sum_to_the_same_loss() -> None:
+    """However the windows are grouped into passes and micro-batches (ragged ones
+    included), every window counts once."""
+    from models import GPT, ModelConfig
+    from streamer.evaluate import evaluate
+    from streamer.inference import ResidentWeights
+
+    model = GPT(ModelConfig.from_name("tiny-gptj")).eval()
+    model.init_weights(0)
+    x = torch.randint(0, 256, (7, 16), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 256, (7, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1), reduction="sum").item()
+    for batch, per_pass in [(7, None), (1, 1), (2, 2), (2, 4), (3, 6), (4, None)]:
+        total, count = evaluate(ResidentWeights(model), x, y, batch, per_pass)
+        assert count == 7 * 16 and total == pytest.approx(expected, rel=1e-6), (batch, per_pass)
+
+
+def test_a_streamed_pass_takes_what_the_device_holds() -> None:
+    """gpt-neox-20b on 40 GB: all 64 windows of 2048 in one pass; on 12 GB, passes of
+    whole micro-batches that fit; held whole, a micro-batch a pass."""
+    from models import ModelConfig
+    from streamer.evaluate import EvalConfig, boundary_bytes, windows_per_pass, working_bytes
+    from streamer.inference import Footprint
+
+    cfg, bf16, gib = ModelConfig.from_name("gpt-neox-20b"), torch.bfloat16, 2**30
+    ecfg = EvalConfig(data=None, seq_len=2048, holdout=0.01, tokens=64 * 2048, batch_size=4)
+    assert windows_per_pass("stream", cfg, bf16, ecfg, 64, 40 * gib) == 64
+    small = windows_per_pass("stream", cfg, bf16, ecfg, 64, 12 * gib)
+    assert 4 <= small < 64 and small % 4 == 0
+    used = Footprint.of(cfg, bf16).streamed + working_bytes(cfg, bf16, ecfg) + small * boundary_bytes(cfg, bf16, 2048)
+    assert used <= 0.9 * 12 * gib
+    assert windows_per_pass("resident", cfg, bf16, ecfg, 64, 80 * gib) == 4

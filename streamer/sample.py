@@ -41,6 +41,7 @@ class SampleConfig:
     new_tokens: int = 200
     temperature: float = 0.8  # 0: always the likeliest token (greedy, deterministic)
     top_k: int | None = 200  # sample among the k likeliest tokens only; None: all of them
+    top_p: float = 1.0  # and among the fewest likeliest whose probability reaches p (1: all)
 
     def __post_init__(self) -> None:
         if self.new_tokens < 1:
@@ -49,6 +50,8 @@ class SampleConfig:
             raise UserError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"--top-k must be at least 1 (or 0: every token), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be above 0 and at most 1 (every token), got {self.top_p}")
 
 
 def _next_logits(weights: Weights, idx: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
@@ -73,6 +76,11 @@ def _choose(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator 
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1:  # nucleus sampling: a token stays if the likelier ones hold less than p
+        ordered, order = logits.sort(-1, descending=True)
+        probs = ordered.softmax(-1)
+        ordered = ordered.masked_fill(probs.cumsum(-1) - probs >= cfg.top_p, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, ordered)
     # Drawn on the CPU from a seeded generator: the same seed gives the same text on any
     # device.
     return torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator).view(-1).to(logits.device)
@@ -130,7 +138,8 @@ def tokenizer_for(cfg: ModelConfig, folder: Path, path: Path | None) -> ByteToke
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    cfg = SampleConfig(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k or None)
+    cfg = SampleConfig(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k or None,
+                       top_p=args.top_p)
     if args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
     device = resolve_device(args.device)

@@ -90,6 +90,33 @@ def test_sampling_is_seeded_and_top_1_is_greedy() -> None:
         model, prompt, SampleConfig(new_tokens=30, temperature=0))
 
 
+def test_nucleus_sampling_draws_only_from_the_nucleus() -> None:
+    """--top-p: every drawn token is among the fewest likeliest whose probabilities
+    (at the temperature) reach p; a p below the likeliest token's probability is greedy."""
+    model = GPT(ModelConfig.from_name("tiny-neox"))
+    model.init_weights(0)
+    with torch.no_grad():  # a peaked distribution, so that the nucleus is a few tokens
+        for p in model.parameters():
+            p.mul_(6)
+    prompt, p = list(b"return "), 0.6
+    drawn = generate(model, prompt, SampleConfig(new_tokens=24, temperature=1.0, top_k=None, top_p=p),
+                     torch.Generator().manual_seed(0), samples=3)
+    sizes = []
+    for continuation in drawn:
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + continuation]))[0, len(prompt) - 1 : -1]
+        for row, token in zip(logits.softmax(-1), continuation):
+            ordered = row.sort(descending=True)
+            nucleus = int((ordered.values.cumsum(0) < p).sum()) + 1
+            sizes.append(nucleus)
+            assert token in ordered.indices[:nucleus].tolist()
+    assert max(sizes) > 1, "a nucleus of one token everywhere would not test the cut"
+    assert len({tuple(d) for d in drawn}) > 1
+    tiny_nucleus = SampleConfig(new_tokens=24, temperature=1.0, top_p=1e-6)
+    assert generate(model, prompt, tiny_nucleus, torch.Generator().manual_seed(0)) == generate(
+        model, prompt, SampleConfig(new_tokens=24, temperature=0))
+
+
 def test_samples_drawn_together_are_each_a_continuation_of_the_prompt() -> None:
     """A batch of samples: greedy ones are all the single greedy continuation; drawn
     ones differ from one another, and each, fed back, is a continuation the model
@@ -158,6 +185,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, trained_run: Path) -> 
         "a folder that is not there": ([str(tmp_path / "absent")], ["absent': no folder", "a run's final/"]),
         "no tokenizer for a large vocabulary": ([str(tmp_path / "neox")], ["50304 tokens", "pass --tokenizer"]),
         "negative temperature": ([str(trained_run), "--temperature", "-1"], ["--temperature must be 0"]),
+        "a nucleus of nothing": ([str(trained_run), "--top-p", "0"], ["--top-p must be above 0"]),
         "nothing to continue": ([str(trained_run), "--prompt", ""], ["encodes to no token"]),
     }
     for name, (args, fragments) in cases.items():

@@ -167,6 +167,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     folder = weights_folder(path)
     model_cfg = model_config(folder)
     ecfg = eval_config(args, model_cfg, run_settings(path))
+    if args.data is None and ecfg.data is not None and not ecfg.data.is_file():
+        raise UserError(f"the run's data '{ecfg.data}' is not there (a path relative to where it was trained?): "
+                        "pass --data")
     tokens = load_tokens(ecfg.data, model_cfg.vocab_size) if ecfg.data else _default_tokens(model_cfg)
     x, y = ecfg.windows(tokens)
     free = free_memory(device)

@@ -59,8 +59,8 @@ class StreamedWeights:
     activations), whatever the model's size. Each pass moves every weight over the link
     once, whatever it computes: a sampled token is one pass for all samples together
     (a 20B model's 41 GB at 50 GB/s is ~0.8 s a token, and until the compute catches up
-    with the link more samples cost almost nothing more); an evaluation passes all its
-    sequences through each unit while it is there.
+    with the link more samples cost almost nothing more); an evaluation takes as many
+    of its windows through each unit, while it is there, as the device holds.
     """
 
     def __init__(self, weights, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,  # noqa: ANN001

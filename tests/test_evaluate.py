@@ -84,6 +84,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, token_file: Path) -> N
     run = tmp_path / "run"
     train(TrainConfig(model="tiny", steps=1, batch_size=1, seq_len=16, data=str(token_file), out=str(run),
                       progress=False))
+    moved = tmp_path / "moved"  # a run whose data path no longer leads to its data
+    moved.mkdir()
+    settings = json.loads((run / "run.json").read_text())
+    settings["train"]["data"] = str(tmp_path / "elsewhere" / "small.npy")
+    (moved / "run.json").write_text(json.dumps(settings))
+    (moved / "final").symlink_to(run / "final")
     cases = {
         "no weights there": ([str(tmp_path / "absent")], "absent': no folder"),
         "a fraction of nothing": ([str(run), "--holdout", "0"], "--holdout must be a fraction above 0"),
@@ -92,6 +98,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, token_file: Path) -> N
         "no tokens": ([str(run), "--tokens", "0"], "--tokens must be a positive integer"),
         "byte text for a large vocabulary": ([str(tmp_path / "neox")], "pass --data"),
         "no such data": ([str(run), "--data", str(tmp_path / "none.npy")], "none.npy' not found"),
+        "the run's data gone": ([str(moved)], "small.npy' is not there"),
     }
     for name, (args, fragment) in cases.items():
         done = subprocess.run([sys.executable, "-m", "streamer", "eval", *args, "--device", "cpu"],

@@ -111,6 +111,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=200, help="draw among the k likeliest tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="and among the fewest likeliest tokens whose probabilities reach p (1: all)")
+    p.add_argument("--stop-token", type=int, default=None,
+                   help="a token id that ends a continuation (default: the checkpoint's end of text, if it "
+                        "names one; -1: none)")
     p.add_argument("--samples", type=int, default=1, help="continuations to print (drawn together, in one batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", type=Path, default=None,

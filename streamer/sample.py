@@ -9,6 +9,7 @@ not the whole context's again.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class SampleConfig:
     temperature: float = 0.8  # 0: always the likeliest token (greedy, deterministic)
     top_k: int | None = 200  # sample among the k likeliest tokens only; None: all of them
     top_p: float = 1.0  # and among the fewest likeliest whose probability reaches p (1: all)
+    stop: int | None = None  # a token that ends a continuation (end of text); None: none does
 
     def __post_init__(self) -> None:
         if self.new_tokens < 1:
@@ -94,7 +96,8 @@ def cache_bytes(cfg: ModelConfig, dtype: torch.dtype, samples: int, positions: i
 @torch.no_grad()
 def generate(weights: Weights | GPT, prompt: list[int], cfg: SampleConfig, generator: torch.Generator | None = None,
              samples: int = 1) -> list[list[int]]:
-    """`samples` continuations of `prompt`, each `cfg.new_tokens` long, drawn together.
+    """`samples` continuations of `prompt`, each `cfg.new_tokens` long, drawn together;
+    one that draws `cfg.stop` ends before it (and all of them end once each has).
 
     Every token is drawn from the model's prediction given at most its context's worth
     of the tokens before it. Within the context the caches grow a position a token;
@@ -109,6 +112,7 @@ def generate(weights: Weights | GPT, prompt: list[int], cfg: SampleConfig, gener
     caches = [KVCache(model_cfg, samples, capacity, device, weights.dtype) for _ in range(model_cfg.n_layer)]
     tokens = torch.tensor([prompt] * samples, dtype=torch.long, device=device)
     fresh = tokens[:, -context:]  # what the next pass reads: the prompt, then each new token
+    stopped = torch.zeros(samples, 1, dtype=torch.bool, device=device)
     for _ in range(cfg.new_tokens):
         if caches[0].length + fresh.shape[1] > capacity:
             for cache in caches:
@@ -117,7 +121,22 @@ def generate(weights: Weights | GPT, prompt: list[int], cfg: SampleConfig, gener
         following = _choose(_next_logits(weights, fresh, caches), cfg, generator).view(samples, 1)
         tokens = torch.cat([tokens, following], dim=1)
         fresh = following
-    return tokens[:, len(prompt):].tolist()
+        if cfg.stop is not None:
+            stopped |= following == cfg.stop
+            if bool(stopped.all()):
+                break
+    rows = tokens[:, len(prompt):].tolist()
+    return [row[: row.index(cfg.stop)] if cfg.stop in row else row for row in rows]
+
+
+def end_of_text(folder: Path) -> int | None:
+    """The checkpoint's end-of-text token (a Hugging Face config's `eos_token_id`), if it
+    names one: this project's own exports, trained on text without one, do not."""
+    try:
+        eos = json.loads((folder / "config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return eos if isinstance(eos, int) else None
 
 
 def tokenizer_for(cfg: ModelConfig, folder: Path, path: Path | None) -> ByteTokenizer | HFTokenizer:
@@ -138,14 +157,17 @@ def tokenizer_for(cfg: ModelConfig, folder: Path, path: Path | None) -> ByteToke
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    cfg = SampleConfig(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k or None,
-                       top_p=args.top_p)
     if args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     folder = weights_folder(Path(args.weights))
     model_cfg = model_config(folder)
+    stop = end_of_text(folder) if args.stop_token is None else args.stop_token
+    if stop is not None and not -1 <= stop < model_cfg.vocab_size:
+        raise UserError(f"--stop-token must be a token id below {model_cfg.vocab_size} (or -1: none), got {stop}")
+    cfg = SampleConfig(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k or None,
+                       top_p=args.top_p, stop=None if stop == -1 else stop)
     tokenizer = tokenizer_for(model_cfg, folder, args.tokenizer)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
@@ -164,5 +186,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if i:
             print("\n" + "-" * 40)
         print(args.prompt + tokenizer.decode(continuation), flush=True)
-    print(f"{model_cfg.name} {mode} on {device.type}: {args.samples} x {cfg.new_tokens} tokens in {seconds:.1f} s "
-          f"({args.samples * cfg.new_tokens / seconds:.1f} tokens/s)", file=sys.stderr)
+    drawn = sum(len(c) for c in continuations)
+    print(f"{model_cfg.name} {mode} on {device.type}: {drawn} tokens in {len(continuations)} sample(s) in "
+          f"{seconds:.1f} s ({drawn / seconds:.1f} tokens/s)", file=sys.stderr)

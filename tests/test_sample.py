@@ -117,6 +117,33 @@ def test_nucleus_sampling_draws_only_from_the_nucleus() -> None:
         model, prompt, SampleConfig(new_tokens=24, temperature=0))
 
 
+def test_a_continuation_ends_before_its_stop_token(tmp_path: Path, hugging_face_checkpoint) -> None:
+    """Each sample ends at its own first stop token (drawn together, the others go on,
+    and their tokens are those they would be without the stop); the stop token is a
+    Hugging Face checkpoint's end of text, and this project's exports name none."""
+    from streamer.sample import end_of_text
+
+    model = GPT(ModelConfig.from_name("tiny-gptj"))
+    model.init_weights(0)
+    prompt = list(b"x = ")
+    [free] = generate(model, prompt, GREEDY)
+    at = next(i for i in range(3, len(free)) if free[i] not in free[:i])
+    stopped = SampleConfig(new_tokens=GREEDY.new_tokens, temperature=0, stop=free[at])
+    assert generate(model, prompt, stopped) == [free[:at]]
+
+    drawn = SampleConfig(new_tokens=30, temperature=1.0, top_k=None)
+    rows = generate(model, prompt, drawn, torch.Generator().manual_seed(2), samples=4)
+    stop = next(t for t in rows[0][2:] if t not in rows[0][:2])
+    expected = [row[: row.index(stop)] if stop in row else row for row in rows]
+    assert len({len(row) for row in expected}) > 1, "the samples end at different tokens"
+    assert generate(model, prompt, SampleConfig(new_tokens=30, temperature=1.0, top_k=None, stop=stop),
+                    torch.Generator().manual_seed(2), samples=4) == expected
+
+    hugging_face_checkpoint("tiny-neox", tmp_path / "hf")
+    assert end_of_text(tmp_path / "hf") == 0
+    assert end_of_text(save_final([model.state_dict], model.cfg, tmp_path)) is None
+
+
 def test_samples_drawn_together_are_each_a_continuation_of_the_prompt() -> None:
     """A batch of samples: greedy ones are all the single greedy continuation; drawn
     ones differ from one another, and each, fed back, is a continuation the model
@@ -186,6 +213,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, trained_run: Path) -> 
         "no tokenizer for a large vocabulary": ([str(tmp_path / "neox")], ["50304 tokens", "pass --tokenizer"]),
         "negative temperature": ([str(trained_run), "--temperature", "-1"], ["--temperature must be 0"]),
         "a nucleus of nothing": ([str(trained_run), "--top-p", "0"], ["--top-p must be above 0"]),
+        "a stop past the vocabulary": ([str(trained_run), "--stop-token", "256"], ["token id below 256"]),
         "nothing to continue": ([str(trained_run), "--prompt", ""], ["encodes to no token"]),
     }
     for name, (args, fragments) in cases.items():

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -641,12 +642,6 @@ def _standalone(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _hf_state(model: GPT, adapter: Adapter) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, param in model.state_dict().items():
-        tensor_map = adapter.tensor_map(name, model.cfg)
-        yield from zip(tensor_map.hf_names, tensor_map.to_hf(param), strict=True)
-
-
 @contextlib.contextmanager
 def _atomic_path(target: Path) -> Iterator[Path]:
     """A temporary path beside `target` that replaces it only once fully written and synced.
@@ -665,28 +660,68 @@ def _atomic_path(target: Path) -> Iterator[Path]:
 
 
 def save_hf(model: GPT, directory: str | os.PathLike[str]) -> None:
-    """Write `model` as a Hugging Face checkpoint: `config.json` and `model.safetensors`.
+    """Write `model` as a Hugging Face checkpoint: `config.json` and `model.safetensors`
+    (see `write_hf`). The result loads with `AutoModelForCausalLM.from_pretrained`."""
+    write_hf(model.cfg, model.state_dict().items(), directory, next(model.parameters()).dtype)
 
-    The family (GPT-2, GPT-J or GPT-NeoX) follows from the model's architecture fields;
-    a config no family can express raises ValueError before anything is written. Each
-    file is written to a temporary name, synced and renamed, so a crash leaves either
-    the old file or the new one, never half of one. Padding rows of the vocabulary
-    are dropped. The result loads with `AutoModelForCausalLM.from_pretrained`.
+
+def write_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], directory: str | os.PathLike[str],
+             dtype: torch.dtype, shard_bytes: float = math.inf) -> list[Path]:
+    """Write a Hugging Face checkpoint of `cfg` from our named parameters, in `dtype`;
+    returns the files written.
+
+    `tensors` may be read lazily (`Pretrained.tensor`, a name at a time): a shard is
+    written once it would pass `shard_bytes`, so a model larger than memory is written
+    a shard's worth at a time, and more than one shard gets the index Hugging Face reads
+    (`model.safetensors.index.json`). The family (GPT-2, GPT-J or GPT-NeoX) follows from
+    the architecture fields; a config no family can express raises ValueError before
+    anything is written. Each file is written to a temporary name, synced and renamed,
+    so a crash leaves whole files only, and config.json comes last: a folder without it
+    is no checkpoint. Padding rows of the vocabulary are dropped.
     """
     directory = Path(directory)
-    cfg = model.cfg
     adapter = _adapter_for_model(cfg)
     hf_config = {
         "architectures": [adapter.architecture],
         "model_type": adapter.model_type,
         "vocab_size": cfg.vocab_size,
         **adapter.config_to_hf(cfg),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
     }
-    tensors = {name: _standalone(tensor) for name, tensor in _hf_state(model, adapter)}
     directory.mkdir(parents=True, exist_ok=True)
-    with _atomic_path(directory / SAFE_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    shard: dict[str, torch.Tensor] = {}
+    written: list[tuple[Path, list[str]]] = []  # each shard's file and the names it holds
+    size = total = 0
+
+    def write(path: Path) -> None:
+        with _atomic_path(path) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+        written.append((path, list(shard)))
+        shard.clear()
+
+    for name, param in tensors:
+        tensor_map = adapter.tensor_map(name, cfg)
+        for hf_name, tensor in zip(tensor_map.hf_names, tensor_map.to_hf(param), strict=True):
+            tensor = _standalone(tensor.to(dtype))
+            nbytes = tensor.numel() * tensor.element_size()
+            if shard and size + nbytes > shard_bytes:  # named by its place; the count comes at the end
+                write(directory / f"model-{len(written) + 1:05d}.safetensors")
+                size = 0
+            shard[hf_name] = tensor
+            size, total = size + nbytes, total + nbytes
+    if not written:  # one file, under the name a single checkpoint has
+        write(directory / SAFE_WEIGHTS)
+    else:
+        write(directory / f"model-{len(written) + 1:05d}.safetensors")
+        weight_map = {}
+        for k, (path, names) in enumerate(written):
+            final = path.with_name(f"model-{k + 1:05d}-of-{len(written):05d}.safetensors")
+            os.replace(path, final)
+            written[k] = (final, names)
+            weight_map.update(dict.fromkeys(names, final.name))
+        with _atomic_path(directory / SAFE_INDEX) as tmp:
+            tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2,
+                                      sort_keys=True) + "\n")
     with _atomic_path(directory / "config.json") as tmp:
         tmp.write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     # The renames are directory entries: sync the directory so they survive a crash too.
@@ -695,3 +730,4 @@ def save_hf(model: GPT, directory: str | os.PathLike[str]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return [path for path, _ in written]

@@ -148,6 +148,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a run's final weights as a Hugging Face checkpoint (for transformers)")
+    p.add_argument("weights", metavar="DIR", help="a run folder or its final/")
+    p.add_argument("--out", required=True, type=Path, help="a new (or empty) folder for the checkpoint")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (as the run stored them)")
+    p.add_argument("--shard-size", type=float, default=5.0,
+                   help="GB per safetensors file; more than one file gets an index (default 5)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="a tokenizer.json to put beside the weights (default: the one the run's data was "
+                        "prepared with, if any)")
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the named model configs")
     p.add_argument("--json", action="store_true")
@@ -160,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_sample(sub)
     _add_eval(sub)
+    _add_export(sub)
     _add_models(sub)
     try:
         from streamer.planner import add_plan_parser
@@ -285,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         from streamer.sample import cmd_sample as handler
     elif args.command == "eval":
         from streamer.evaluate import cmd_eval as handler
+    elif args.command == "export":
+        from streamer.export import cmd_export as handler
     else:
         handler = handlers[args.command]
     try:

@@ -1,0 +1,74 @@
+"""`streamer export`: a run's final weights as a Hugging Face checkpoint.
+
+A run's `final/` holds this project's own names, which `streamer sample`, `eval` and
+`--init-from` read; `transformers` reads its own. The export renames (and for GPT-NeoX
+interleaves) every tensor into the family's layout (`models.hf.write_hf`), a tensor at
+a time into shards of `--shard-size`, so a 20B model is written without being held,
+and copies the run's tokenizer.json beside it when the run's data names one: the
+folder then loads with `AutoModelForCausalLM.from_pretrained` and decodes with its own
+tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from models import GPT
+from streamer.errors import UserError
+from streamer.inference import model_config, weights_folder
+from streamer.train import resolve_dtype
+
+
+def run_tokenizer(path: Path) -> Path | None:
+    """The tokenizer.json the run's data was prepared with, if its run.json and its data's
+    sidecar lead to one that is still there."""
+    for run_json in (path / "run.json", path.parent / "run.json"):
+        if not run_json.is_file():
+            continue
+        try:
+            data = json.loads(run_json.read_text())["train"]["data"]
+            name = json.loads(Path(str(data) + ".json").read_text())["tokenizer"] if data else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return Path(name) if name and name != "bytes" and Path(name).is_file() else None
+    return None
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from models.hf import Pretrained, write_hf
+
+    path, out = Path(args.weights), Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out '{out}' exists and is not an empty folder: choose a new folder (nothing there is "
+                        "replaced)")
+    if args.shard_size <= 0:
+        raise UserError(f"--shard-size must be a positive number of GB, got {args.shard_size}")
+    dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype != "auto" else None
+    folder = weights_folder(path)
+    cfg = model_config(folder)
+    tokenizer = args.tokenizer or (folder / "tokenizer.json" if (folder / "tokenizer.json").is_file()
+                                   else run_tokenizer(path))
+    with torch.device("meta"):
+        names = list(GPT(cfg).state_dict())
+    try:
+        with Pretrained(folder, cfg) as weights:
+            stored = dtype or weights.tensor(names[0]).dtype  # auto: as the run stored them
+            files = write_hf(cfg, ((name, weights.tensor(name)) for name in names), out, stored,
+                             shard_bytes=args.shard_size * 1e9)
+    except (OSError, ValueError) as exc:  # an architecture no family expresses; a bad or crafted file
+        raise UserError(f"cannot export '{folder}': {exc}") from None
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / ".tokenizer.json.tmp")
+        with open(out / ".tokenizer.json.tmp", "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(out / ".tokenizer.json.tmp", out / "tokenizer.json")
+    size = sum(f.stat().st_size for f in files)
+    print(f"wrote {cfg.name} as a Hugging Face {json.loads((out / 'config.json').read_text())['model_type']} "
+          f"checkpoint in {out}: {len(files)} file(s), {size / 1e9:.2f} GB in {str(stored).removeprefix('torch.')}"
+          f"{', with its tokenizer.json' if tokenizer is not None else ''}")

@@ -1,0 +1,111 @@
+"""`streamer export`: a run's final weights load in `transformers` and predict what the
+run's own model does, in one file or in shards with an index, with the run's
+tokenizer beside them; nothing already there is replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import GPT, ModelConfig
+from streamer.cli import main
+from streamer.train import TrainConfig, load_final, train
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _run(out: Path, model: str, **settings: object) -> Path:
+    train(TrainConfig(model=model, steps=2, batch_size=2, seq_len=32, out=str(out), progress=False, **settings))
+    return out
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-gptj", "tiny-neox"])
+def test_the_export_predicts_what_the_run_does(tmp_path: Path, model: str, capsys) -> None:
+    """One file, and shards of a few tensors each under their index: transformers'
+    logits are the run's model's."""
+    transformers = pytest.importorskip("transformers")
+    run = _run(tmp_path / "run", model)
+    ours = GPT(ModelConfig.from_name(model)).eval()
+    ours.load_state_dict(load_final(run / "final"))
+    idx = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours(idx)
+    for out, extra in ((tmp_path / "one", []), (tmp_path / "shards", ["--shard-size", "0.0001"])):
+        assert main(["export", str(run), "--out", str(out), *extra]) == 0
+        assert f"wrote {model} as a Hugging Face" in capsys.readouterr().out
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(idx).logits, expected, atol=2e-5, rtol=0)
+    index = json.loads((tmp_path / "shards" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0].endswith(f"-of-{len(files):05d}.safetensors")
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == sorted(
+        [*files, "config.json", "model.safetensors.index.json"]), "no provisional shard is left behind"
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_compact_runs_export_keeps_its_bfloat16_weights(tmp_path: Path, capsys) -> None:
+    """--dtype auto writes the weights as the run stored them (bf16 for compact8), and
+    this project reads the export back as it reads any Hugging Face checkpoint."""
+    from models.hf import load_hf
+
+    run = _run(tmp_path / "run", "tiny-neox", mode="stream", offload="ram", state="compact8")
+    assert main(["export", str(run / "final"), "--out", str(tmp_path / "hf")]) == 0
+    assert "in bfloat16" in capsys.readouterr().out
+    stored = load_final(run / "final")
+    back = load_hf(tmp_path / "hf", torch.bfloat16).state_dict()
+    assert back.keys() == stored.keys()
+    for name, tensor in stored.items():
+        assert torch.equal(back[name], tensor[: back[name].shape[0]].to(torch.bfloat16)), name
+
+
+def test_the_runs_tokenizer_goes_with_it(tmp_path: Path, capsys) -> None:
+    """A run on data prepared with a tokenizer.json: the export carries that file, so
+    `streamer sample` on the export decodes text with it."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import BPE
+    from tokenizers.pre_tokenizers import Whitespace
+    from tokenizers.trainers import BpeTrainer
+
+    from streamer.data import prepare
+
+    text = "the quick brown fox jumps over the lazy dog\n" * 200
+    (tmp_path / "corpus.txt").write_text(text)
+    tokenizer = tokenizers.Tokenizer(BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.train_from_iterator([text], BpeTrainer(vocab_size=200, special_tokens=["[UNK]"]))
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    prepare(tmp_path / "tokens.npy", [tmp_path / "corpus.txt"], tmp_path / "tokenizer.json")
+    run = _run(tmp_path / "run", "tiny", data=str(tmp_path / "tokens.npy"))
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert "with its tokenizer.json" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+    assert main(["sample", str(tmp_path / "hf"), "--prompt", "the quick", "--tokens", "5", "--device", "cpu",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("the quick")
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    run = _run(tmp_path / "run", "tiny")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    cases = {
+        "a folder with files": ([str(run), "--out", str(tmp_path / "taken")], "is not an empty folder"),
+        "no shard": ([str(run), "--out", str(tmp_path / "new"), "--shard-size", "0"], "--shard-size must be"),
+        "no weights": ([str(tmp_path / "absent"), "--out", str(tmp_path / "new")], "absent': no folder"),
+        "a dtype it lacks": ([str(run), "--out", str(tmp_path / "new"), "--dtype", "int8"], "--dtype must be"),
+    }
+    for name, (args, fragment) in cases.items():
+        done = subprocess.run([sys.executable, "-m", "streamer", "export", *args], capture_output=True, text=True,
+                              timeout=300)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, (name, done.stderr)
+        assert fragment in lines[0], (name, lines[0])
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())

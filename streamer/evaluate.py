@@ -24,22 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
 from models import ModelConfig, loss_fn
 from streamer.data import default_corpus, eval_windows, holdout_split, load_tokens
 from streamer.errors import UserError
-from streamer.inference import (
-    Footprint,
-    Weights,
-    activation_bytes,
-    choose_mode,
-    free_memory,
-    load_weights,
-    model_config,
-    weights_folder,
-)
+from streamer.inference import Weights, activation_bytes, free_memory, model_config, place, weights_folder
 from streamer.train import TrainConfig, resolve_device, resolve_dtype
 
 
@@ -148,14 +138,15 @@ def working_bytes(cfg: ModelConfig, dtype: torch.dtype, ecfg: EvalConfig) -> int
     return batch * boundary_bytes(cfg, dtype, ecfg.seq_len) + activation_bytes(cfg, dtype, batch, ecfg.seq_len) + logits
 
 
-def windows_per_pass(mode: str, cfg: ModelConfig, dtype: torch.dtype, ecfg: EvalConfig, windows: int,
-                     free: int) -> int:
+def windows_per_pass(weights: Weights, ecfg: EvalConfig, windows: int, free: int) -> int:
     """Held whole, a pass is one micro-batch: nothing is gained by more. Streamed, a pass
-    takes as many windows as the device's free memory holds beside two units and one
-    micro-batch's work (all of them, when it can), since each pass moves every weight."""
-    if mode == "resident":
+    takes as many windows as the device's `free` memory (with the weights placed) holds
+    beside one micro-batch's work (all of them, when it can), since each pass moves
+    every weight."""
+    if weights.mode == "resident":
         return ecfg.batch_size
-    spare = 0.9 * free - Footprint.of(cfg, dtype).streamed - working_bytes(cfg, dtype, ecfg)
+    cfg, dtype = weights.cfg, weights.dtype
+    spare = 0.9 * free - working_bytes(cfg, dtype, ecfg)
     fits = int(spare // boundary_bytes(cfg, dtype, ecfg.seq_len)) // ecfg.batch_size * ecfg.batch_size
     return max(ecfg.batch_size, min(windows, fits))
 
@@ -172,11 +163,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
                         "pass --data")
     tokens = load_tokens(ecfg.data, model_cfg.vocab_size) if ecfg.data else _default_tokens(model_cfg)
     x, y = ecfg.windows(tokens)
-    free = free_memory(device)
-    mode = choose_mode(args.mode, model_cfg, device.type, dtype, working_bytes(model_cfg, dtype, ecfg), free,
-                       psutil.virtual_memory().available, lower="a smaller --batch-size or --seq-len")
-    per_pass = windows_per_pass(mode, model_cfg, dtype, ecfg, len(x), free)
-    weights = load_weights(mode, folder, model_cfg, device, dtype)
+    weights = place(args.mode, folder, model_cfg, device, dtype, working_bytes(model_cfg, dtype, ecfg),
+                    lower="a smaller --batch-size or --seq-len")
+    per_pass = windows_per_pass(weights, ecfg, len(x), free_memory(device))
     started = time.perf_counter()
     total, count = evaluate(weights, x, y, ecfg.batch_size, per_pass)
     seconds = time.perf_counter() - started
@@ -185,14 +174,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     where = "all of" if ecfg.holdout == 1 else f"the last {ecfg.holdout * 100:g}% of"
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count, "sequences": len(x),
               "seq_len": ecfg.seq_len, "holdout": ecfg.holdout, "data": str(ecfg.data or "the standard library"),
-              "model": model_cfg.name, "mode": mode, "device": device.type,
+              "model": model_cfg.name, "mode": weights.mode, "device": device.type,
               "dtype": str(dtype).removeprefix("torch."), "passes": -(-len(x) // per_pass), "seconds": seconds}
     if args.json:
         print(json.dumps(result))
         return
     windows = f"{len(x)} window{'s' if len(x) > 1 else ''} of {ecfg.seq_len}"
-    print(f"{model_cfg.name} ({mode} on {device.type}): loss {loss:.4f}, perplexity {result['perplexity']:.2f}, over "
-          f"{count:,} tokens ({windows} from {where} {result['data']}) in {seconds:.1f} s")
+    print(f"{model_cfg.name} ({weights.mode} on {device.type}): loss {loss:.4f}, perplexity "
+          f"{result['perplexity']:.2f}, over {count:,} tokens ({windows} from {where} {result['data']}) in "
+          f"{seconds:.1f} s")
 
 
 def _default_tokens(cfg: ModelConfig) -> np.ndarray:

@@ -31,6 +31,8 @@ Unit = Callable[..., torch.Tensor]  # a unit with its weights bound: embedding(i
 class ResidentWeights:
     """A model held whole on its device."""
 
+    mode = "resident"
+
     def __init__(self, model: GPT) -> None:
         self.model, self.cfg = model, model.cfg
         first = next(model.parameters())
@@ -62,6 +64,8 @@ class StreamedWeights:
     with the link more samples cost almost nothing more); an evaluation takes as many
     of its windows through each unit, while it is there, as the device holds.
     """
+
+    mode = "stream"
 
     def __init__(self, weights, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
                  depth: int = 2) -> None:
@@ -233,8 +237,12 @@ def choose_mode(mode: str, cfg: ModelConfig, device: str, dtype: torch.dtype, wo
     return "stream"
 
 
-def load_weights(mode: str, folder: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Weights:
-    """The folder's model, held on `device` or streamed to it, as `mode` says."""
+def place(requested: str, folder: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, working: int,
+          lower: str) -> Weights:
+    """The folder's model for a command that needs `working` bytes of the device beside
+    it: held whole or streamed, as `choose_mode` decides for --mode `requested`."""
+    mode = choose_mode(requested, cfg, device.type, dtype, working, free_memory(device),
+                       psutil.virtual_memory().available, lower)
     if mode == "resident":
         return ResidentWeights(load_model(folder, cfg, device, dtype))
     return stream_model(folder, cfg, device, dtype)

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 
 from models import GPT, ModelConfig
@@ -26,10 +25,8 @@ from streamer.inference import (
     ResidentWeights,
     Weights,
     activation_bytes,
-    choose_mode,
-    free_memory,
-    load_weights,
     model_config,
+    place,
     weights_folder,
 )
 from streamer.train import resolve_device, resolve_dtype
@@ -175,9 +172,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     positions = min(model_cfg.block_size, len(prompt) + cfg.new_tokens)
     working = cache_bytes(model_cfg, dtype, args.samples, positions) + activation_bytes(
         model_cfg, dtype, args.samples, positions)
-    mode = choose_mode(args.mode, model_cfg, device.type, dtype, working, free_memory(device),
-                       psutil.virtual_memory().available, lower="fewer --samples or --tokens")
-    weights = load_weights(mode, folder, model_cfg, device, dtype)
+    weights = place(args.mode, folder, model_cfg, device, dtype, working, lower="fewer --samples or --tokens")
     started = time.perf_counter()
     continuations = generate(weights, prompt, cfg, torch.Generator().manual_seed(args.seed), args.samples)
     seconds = time.perf_counter() - started
@@ -187,5 +182,5 @@ def cmd_sample(args: argparse.Namespace) -> None:
             print("\n" + "-" * 40)
         print(args.prompt + tokenizer.decode(continuation), flush=True)
     drawn = sum(len(c) for c in continuations)
-    print(f"{model_cfg.name} {mode} on {device.type}: {drawn} tokens in {len(continuations)} sample(s) in "
+    print(f"{model_cfg.name} {weights.mode} on {device.type}: {drawn} tokens in {len(continuations)} sample(s) in "
           f"{seconds:.1f} s ({drawn / seconds:.1f} tokens/s)", file=sys.stderr)

@@ -157,7 +157,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     path = Path(args.weights)
     folder = weights_folder(path)
     model_cfg = model_config(folder)
-    ecfg = eval_config(args, model_cfg, run_settings(path))
+    settings = run_settings(path)
+    ecfg = eval_config(args, model_cfg, settings)
     if args.data is None and ecfg.data is not None and not ecfg.data.is_file():
         raise UserError(f"the run's data '{ecfg.data}' is not there (a path relative to where it was trained?): "
                         "pass --data")
@@ -175,14 +176,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count, "sequences": len(x),
               "seq_len": ecfg.seq_len, "holdout": ecfg.holdout, "data": str(ecfg.data or "the standard library"),
               "model": model_cfg.name, "mode": weights.mode, "device": device.type,
-              "dtype": str(dtype).removeprefix("torch."), "passes": -(-len(x) // per_pass), "seconds": seconds}
+              "dtype": str(dtype).removeprefix("torch."), "passes": -(-len(x) // per_pass), "seconds": seconds,
+              "held_out": held_out(settings[0] if settings else None, ecfg)}
     if args.json:
         print(json.dumps(result))
         return
     windows = f"{len(x)} window{'s' if len(x) > 1 else ''} of {ecfg.seq_len}"
+    caveat = "" if result["held_out"] is not False else "; the run trained on these tokens (it held out " + (
+        f"only the last {settings[0].holdout * 100:g}%)" if settings[0].eval_every else "none: see --eval-every)")
     print(f"{model_cfg.name} ({weights.mode} on {device.type}): loss {loss:.4f}, perplexity "
           f"{result['perplexity']:.2f}, over {count:,} tokens ({windows} from {where} {result['data']}) in "
-          f"{seconds:.1f} s")
+          f"{seconds:.1f} s{caveat}")
+
+
+def held_out(run: TrainConfig | None, ecfg: EvalConfig) -> bool | None:
+    """Whether the windows lie in text the run never trained on: its own data's tail no
+    longer than the part it held out (None: not a run's weights, or other data)."""
+    if run is None or ecfg.data != (Path(run.data) if run.data else None):
+        return None
+    return bool(run.eval_every) and ecfg.holdout <= run.holdout
 
 
 def _default_tokens(cfg: ModelConfig) -> np.ndarray:

@@ -42,12 +42,13 @@ def test_a_runs_final_weights_give_its_last_held_out_loss(tmp_path: Path, token_
                       eval_every=3, holdout=0.05, out=str(run), progress=False, **engine))
     logged = _last_eval(run)
     held = _eval(capsys, str(run))
-    assert held["tokens"] == logged["eval_tokens"] == 4 * 32
+    assert held["tokens"] == logged["eval_tokens"] == 4 * 32 and held["held_out"] is True
     assert held["loss"] == pytest.approx(logged["eval_loss"], abs=1e-5)
     streamed = _eval(capsys, str(run / "final"), "--mode", "stream")
     assert streamed["mode"] == "stream" and streamed["loss"] == held["loss"]
     more = _eval(capsys, str(run), "--tokens", "320", "--batch-size", "3")  # flags over the run's settings
     assert more["tokens"] == 320 and more["sequences"] == 10 and more["loss"] != held["loss"]
+    assert _eval(capsys, str(run), "--holdout", "0.1")["held_out"] is False  # reaches text it trained on
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-gptj", "tiny-neox"])
@@ -63,7 +64,7 @@ def test_a_checkpoints_loss_is_the_hugging_face_models_own(tmp_path: Path, token
     with torch.no_grad():
         logits = reference(torch.from_numpy(x)).logits
     expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(y).reshape(-1)).item()
-    assert got["tokens"] == 240 and got["holdout"] == 1
+    assert got["tokens"] == 240 and got["holdout"] == 1 and got["held_out"] is None  # no run's weights
     assert got["loss"] == pytest.approx(expected, abs=1e-5)
 
 
@@ -74,6 +75,8 @@ def test_the_result_reads_as_one_line(tmp_path: Path, token_file: Path, capsys) 
     assert main(["eval", str(run), "--device", "cpu"]) == 0
     [line] = capsys.readouterr().out.splitlines()
     assert line.startswith("tiny (resident on cpu): loss ") and "64 tokens (2 windows of 32 from the last 1% of" in line
+    assert line.endswith("; the run trained on these tokens (it held out none: see --eval-every)")
+    assert _eval(capsys, str(run), "--holdout", "1")["held_out"] is False
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, token_file: Path) -> None:

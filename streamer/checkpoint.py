@@ -513,3 +513,81 @@ def truncate_metrics(path: Path, step: int) -> None:
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < step:
             kept.append(line + "\n")
     atomic_write_bytes(path, "".join(kept).encode())
+
+
+# --- reading a checkpoint's weights ----------------------------------------------------
+
+
+class CheckpointWeights:
+    """A complete checkpoint's weights under our parameter names, read a unit at a time:
+    so that `streamer sample`, `eval` and `export` take a run's weights as they were
+    after any checkpointed step, not only its last. A streamed run's units are
+    gathered from every rank's shard of their `param` buffer (float32, or the compact
+    formats' bfloat16) and cut by the unit's layout; a resident run's are its state
+    dict. Each file's size and checksum are checked against the manifest before it is
+    read, as `--resume` checks them (the optimizer's files, never read, are not). The
+    same interface as `models.hf.Pretrained` (`tensor`, `into`, a context manager)."""
+
+    def __init__(self, folder: Path) -> None:
+        from models import ModelConfig
+        from models.gpt import build_unit
+        from streamer.store import UnitLayout
+
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        self.files = manifest["files"]
+        try:
+            self.cfg = ModelConfig.from_dict(manifest["model"])
+            self.mode, self.world = manifest["mode"], int(manifest["world"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"checkpoint manifest '{self.folder / MANIFEST}' lacks the model, mode or "
+                                         f"world size ({exc})") from None
+        self.train = manifest.get("train")
+        with torch.device("meta"):
+            self.layouts = [UnitLayout.of(i, build_unit(self.cfg, i)) for i in range(self.cfg.n_layer + 2)]
+        self._unit: tuple[int, torch.Tensor] | None = None  # the unit read last: names come a unit at a time
+
+    def _open(self, name: str) -> TensorFile:
+        if name not in self.files:
+            raise CorruptCheckpointError(f"checkpoint '{self.folder}' lists no file '{name}'")
+        verify_file(self.folder, name, self.files[name])
+        return TensorFile(self.folder / name)
+
+    def _flat(self, unit: int) -> torch.Tensor:
+        """Unit `unit`'s weights, its ranks' shards in order."""
+        if self._unit is None or self._unit[0] != unit:
+            parts = []
+            for rank in range(self.world):
+                source = self._open(f"unit-{unit:05d}-rank{rank}.safetensors")
+                first, _, stop = source.header.metadata.get("owned", "").partition(":")
+                if "param" not in source.header.tensors or not first.isdigit() or int(first) != sum(
+                        p.numel() for p in parts):
+                    raise CorruptCheckpointError(f"checkpoint file '{source.path}' does not hold rank {rank}'s "
+                                                 f"shard of unit {unit}")
+                parts.append(source.read("param", 0, int(stop) - int(first)))
+            self._unit = unit, torch.cat(parts)[: self.layouts[unit].numel]
+        return self._unit[1]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Our parameter `name` (e.g. `units.3.attn.qkv.weight`), as the checkpoint holds it."""
+        if self.mode == "resident":
+            if self._unit is None:
+                self._unit = -1, self._open("model.safetensors")
+            source = self._unit[1]
+            return source.read(name).view(source.shape(name))
+        _, index, rest = name.split(".", 2)
+        layout = self.layouts[int(index)]
+        slot = next(s for s in layout.tensors if s.name == rest)
+        return self._flat(int(index))[slot.offset : slot.offset + slot.numel].view(slot.shape)
+
+    def into(self, name: str, target: torch.Tensor) -> None:
+        target.copy_(self.tensor(name))
+
+    def close(self) -> None:
+        self._unit = None
+
+    def __enter__(self) -> CheckpointWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

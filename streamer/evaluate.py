@@ -65,9 +65,11 @@ class EvalConfig:
 
 
 def run_settings(path: Path) -> tuple[TrainConfig, int] | None:
-    """The training settings and world size of the run `path` is (or whose `final/` it
-    is), from its run.json; None for a checkpoint that is no run's."""
-    for candidate in (path / "run.json", path.parent / "run.json" if path.name == "final" else None):
+    """The training settings and world size of the run `path` is, whose `final/` it is,
+    or whose checkpoint it is (from the run's run.json, or the checkpoint's manifest);
+    None for weights that are no run's."""
+    candidates = [path / "run.json", path.parent / "run.json" if path.name == "final" else None, path / "manifest.json"]
+    for candidate in candidates:
         if candidate is not None and candidate.is_file():
             try:
                 payload = json.loads(candidate.read_text())

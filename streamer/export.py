@@ -1,4 +1,4 @@
-"""`streamer export`: a run's final weights as a Hugging Face checkpoint.
+"""`streamer export`: a run's final weights (or a checkpoint's) as a Hugging Face checkpoint.
 
 A run's `final/` holds this project's own names, which `streamer sample`, `eval` and
 `--init-from` read; `transformers` reads its own. The export renames (and for GPT-NeoX
@@ -21,14 +21,14 @@ import torch
 
 from models import GPT
 from streamer.errors import UserError
-from streamer.inference import model_config, weights_folder
+from streamer.inference import model_config, open_weights, weights_folder
 from streamer.train import resolve_dtype
 
 
 def run_tokenizer(path: Path) -> Path | None:
     """The tokenizer.json the run's data was prepared with, if its run.json and its data's
     sidecar lead to one that is still there."""
-    for run_json in (path / "run.json", path.parent / "run.json"):
+    for run_json in (path / "run.json", path.parent / "run.json", path.parent.parent / "run.json"):
         if not run_json.is_file():
             continue
         try:
@@ -41,7 +41,7 @@ def run_tokenizer(path: Path) -> Path | None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from models.hf import Pretrained, write_hf
+    from models.hf import write_hf
 
     path, out = Path(args.weights), Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -57,7 +57,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     with torch.device("meta"):
         names = list(GPT(cfg).state_dict())
     try:
-        with Pretrained(folder, cfg) as weights:
+        with open_weights(folder, cfg) as weights:
             stored = dtype or weights.tensor(names[0]).dtype  # auto: as the run stored them
             files = write_hf(cfg, ((name, weights.tensor(name)) for name in names), out, stored,
                              shard_bytes=args.shard_size * 1e9)

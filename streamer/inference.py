@@ -139,21 +139,38 @@ Weights = ResidentWeights | StreamedWeights
 
 
 def weights_folder(path: Path) -> Path:
-    """The checkpoint folder: `path` itself, or a run folder's `final/`."""
+    """The weights' folder: `path` itself (an export, a Hugging Face checkpoint, or one
+    of a run's checkpoints, DIR/checkpoints/step-N), or a run folder's `final/`."""
     if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
         return path / "final"
     return path
 
 
+def is_checkpoint(folder: Path) -> bool:
+    """A run's checkpoint (its manifest), rather than exported weights."""
+    from streamer.checkpoint import MANIFEST
+
+    return (folder / MANIFEST).is_file()
+
+
+def open_weights(folder: Path, cfg: ModelConfig):  # noqa: ANN201 - Pretrained or CheckpointWeights
+    """A reader of the folder's weights by our parameter names, a tensor at a time."""
+    from models.hf import Pretrained
+    from streamer.checkpoint import CheckpointWeights
+
+    return CheckpointWeights(folder) if is_checkpoint(folder) else Pretrained(folder, cfg)
+
+
 def model_config(folder: Path) -> ModelConfig:
-    """The model a checkpoint folder holds, from its config.json."""
+    """The model a weights folder holds: from a checkpoint's manifest or a config.json."""
     from models.hf import checkpoint_config
+    from streamer.checkpoint import CheckpointWeights
 
     try:
-        return checkpoint_config(folder)
+        return CheckpointWeights(folder).cfg if is_checkpoint(folder) else checkpoint_config(folder)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read '{folder}': {exc}: pass a run's final/ or a Hugging Face "
-                        "checkpoint folder (config.json plus safetensors)") from None
+        raise UserError(f"cannot read '{folder}': {exc}: pass a run's final/, one of its checkpoints or a "
+                        "Hugging Face checkpoint folder (config.json plus safetensors)") from None
 
 
 def load_model(folder: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> GPT:
@@ -161,18 +178,23 @@ def load_model(folder: Path, cfg: ModelConfig, device: torch.device, dtype: torc
     from models.hf import load_hf
 
     try:
-        return load_hf(folder, dtype).to(device).eval()
+        if not is_checkpoint(folder):
+            return load_hf(folder, dtype).to(device).eval()
+        with torch.device("meta"):  # no storage: the checkpoint's tensors become the parameters
+            model = GPT(cfg)
+        with open_weights(folder, cfg) as weights:
+            model.load_state_dict({name: weights.tensor(name).to(dtype) for name in model.state_dict()},
+                                  assign=True)
+        return model.to(device).eval()
     except (OSError, ValueError) as exc:  # a bad or crafted file's UnsafeFileError too
         raise UserError(f"cannot read '{folder}': {exc}") from None
 
 
 def stream_model(folder: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> StreamedWeights:
     """The folder's weights in host memory, to be streamed to `device` in `dtype`."""
-    from models.hf import Pretrained
-
     try:
-        with Pretrained(folder, cfg) as pretrained:
-            return StreamedWeights(pretrained, cfg, device, dtype)
+        with open_weights(folder, cfg) as weights:
+            return StreamedWeights(weights, cfg, device, dtype)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read '{folder}': {exc}") from None
 

@@ -146,3 +146,45 @@ def test_a_streamed_pass_takes_what_the_device_holds() -> None:
     assert 4 <= small < 64 and small % 4 == 0
     assert working_bytes(cfg, bf16, ecfg) + small * boundary_bytes(cfg, bf16, 2048) <= 0.9 * 10 * gib
     assert windows_per_pass(SimpleNamespace(mode="resident", cfg=cfg, dtype=bf16), ecfg, 64, 80 * gib) == 4
+
+
+@pytest.mark.parametrize("engine", [dict(mode="resident"), dict(mode="stream", offload="ram", state="compact")])
+def test_a_checkpoint_gives_the_held_out_loss_logged_at_its_step(tmp_path: Path, token_file: Path, engine: dict,
+                                                                 capsys) -> None:
+    """DIR/checkpoints/step-N holds the weights after step N: evaluated with the run's
+    settings (from its manifest) they give the loss the run logged there, the last
+    checkpoint the final weights' loss; sample and export read it too."""
+    from streamer.data import ByteTokenizer
+
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny-gptj", steps=4, batch_size=2, seq_len=32, data=str(token_file), eval_every=2,
+                      checkpoint_every=2, keep=2, out=str(run), progress=False, **engine))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    at_2 = _eval(capsys, str(run / "checkpoints" / "step-00000002"))
+    assert at_2["held_out"] is True and at_2["loss"] == pytest.approx(logged[min(logged)], abs=1e-5)
+    at_4 = _eval(capsys, str(run / "checkpoints" / "step-00000004"), "--mode", "stream")
+    assert at_4["loss"] == pytest.approx(_eval(capsys, str(run))["loss"], abs=1e-6) and at_4["loss"] != at_2["loss"]
+
+    assert main(["sample", str(run / "checkpoints" / "step-00000004"), "--tokens", "10", "--temperature", "0",
+                 "--device", "cpu"]) == 0
+    from_checkpoint = capsys.readouterr().out
+    assert main(["sample", str(run), "--tokens", "10", "--temperature", "0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == from_checkpoint
+    assert from_checkpoint.startswith("def ") and len(ByteTokenizer().encode(from_checkpoint)) >= 14
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path: Path, token_file: Path) -> None:
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny", mode="stream", offload="ram", steps=2, batch_size=1, seq_len=16,
+                      data=str(token_file), checkpoint_every=2, out=str(run), progress=False))
+    folder = run / "checkpoints" / "step-00000002"
+    damaged = folder / "unit-00001-rank0.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-5] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    done = subprocess.run([sys.executable, "-m", "streamer", "eval", str(folder), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "unit-00001-rank0.safetensors' is corrupt" in lines[0]

@@ -52,17 +52,19 @@ def test_the_export_predicts_what_the_run_does(tmp_path: Path, model: str, capsy
 
 def test_a_compact_runs_export_keeps_its_bfloat16_weights(tmp_path: Path, capsys) -> None:
     """--dtype auto writes the weights as the run stored them (bf16 for compact8), and
-    this project reads the export back as it reads any Hugging Face checkpoint."""
+    this project reads the export back as it reads any Hugging Face checkpoint; the
+    checkpoint of the last step exports the same weights as final/."""
     from models.hf import load_hf
 
-    run = _run(tmp_path / "run", "tiny-neox", mode="stream", offload="ram", state="compact8")
-    assert main(["export", str(run / "final"), "--out", str(tmp_path / "hf")]) == 0
-    assert "in bfloat16" in capsys.readouterr().out
+    run = _run(tmp_path / "run", "tiny-neox", mode="stream", offload="ram", state="compact8", checkpoint_every=2)
     stored = load_final(run / "final")
-    back = load_hf(tmp_path / "hf", torch.bfloat16).state_dict()
-    assert back.keys() == stored.keys()
-    for name, tensor in stored.items():
-        assert torch.equal(back[name], tensor[: back[name].shape[0]].to(torch.bfloat16)), name
+    for source, out in ((run / "final", tmp_path / "hf"), (run / "checkpoints" / "step-00000002", tmp_path / "ck")):
+        assert main(["export", str(source), "--out", str(out)]) == 0
+        assert "in bfloat16" in capsys.readouterr().out
+        back = load_hf(out, torch.bfloat16).state_dict()
+        assert back.keys() == stored.keys()
+        for name, tensor in stored.items():
+            assert torch.equal(back[name], tensor[: back[name].shape[0]].to(torch.bfloat16)), (source, name)
 
 
 def test_the_runs_tokenizer_goes_with_it(tmp_path: Path, capsys) -> None:

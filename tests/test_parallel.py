@@ -18,7 +18,7 @@ def _train(out, model, nproc, batch, grad_sync="sparse", offload="ram", init_fro
     cmd = [sys.executable, "-m", "streamer", "train", "--model", model, "--mode", "stream", "--steps", "4",
            "--batch-size", str(batch), "--grad-accum", "2", "--seq-len", "32", "--warmup", "2", "--grad-clip", "0.5",
            "--offload", offload, "--grad-sync", grad_sync, "--out", str(out), "--no-progress", "--nproc", str(nproc),
-           "--eval-every", "2", *(["--init-from", str(init_from)] if init_from else [])]
+           "--eval-every", "2", "--checkpoint-every", "2", *(["--init-from", str(init_from)] if init_from else [])]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     # torchrun's summary ends stderr; a rank's own error (an abort's message) comes before it.
     assert done.returncode == 0, done.stderr[:4000] + "\n...\n" + done.stderr[-1500:]
@@ -37,7 +37,8 @@ def test_n_ranks_equal_one_rank_with_n_times_the_batch(tmp_path, model, nproc, g
     """Float32 sums over ranks run in another order than within one process, so the
     agreement is to rounding (1e-5), not bit for bit. So do the held-out losses, each
     rank evaluating its share of the same windows; `streamer eval` of the ranks' run
-    reads those windows, all of them, in one process."""
+    reads those windows, all of them, in one process, from its final weights or from a
+    checkpoint's shards."""
     init_from = tmp_path / "hf" if pretrained else None
     if pretrained:
         reference = hugging_face_checkpoint(model, init_from)
@@ -55,6 +56,9 @@ def test_n_ranks_equal_one_rank_with_n_times_the_batch(tmp_path, model, nproc, g
     assert main(["eval", str(tmp_path / "many"), "--device", "cpu", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["tokens"] == 2 * 2 * nproc * 32 and evaluated["loss"] == pytest.approx(many[-1][1], abs=1e-5)
+    # A checkpoint's weights are gathered from every rank's shards of each unit.
+    assert main(["eval", str(tmp_path / "many" / "checkpoints" / "step-00000002"), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(many[1][1], abs=1e-5)
 
 
 def test_shards_cover_each_unit_exactly_once():

@@ -521,6 +521,15 @@ class _ExportNames:
 _NOT_ARCHITECTURE = ("name", "family", "init_std", "padding_multiple")
 
 
+def check_architecture(theirs: ModelConfig, ours: ModelConfig) -> None:
+    """ValueError naming the fields (the first four) in which weights made for `theirs`
+    would not fit `ours`."""
+    differ = architecture_differences(theirs, ours)
+    if differ:
+        raise ValueError(f"it holds another architecture than {ours.name}'s: {'; '.join(differ[:4])}"
+                         f"{f' (and {len(differ) - 4} more)' if len(differ) > 4 else ''}")
+
+
 def architecture_differences(theirs: ModelConfig, ours: ModelConfig) -> list[str]:
     """'field theirs, not ours' for each architecture field in which two configs differ."""
     a, b = theirs.to_dict(), ours.to_dict()
@@ -571,10 +580,7 @@ class Pretrained:
     def __init__(self, directory: str | os.PathLike[str], cfg: ModelConfig) -> None:
         self.directory, self.cfg = Path(directory), cfg
         theirs, adapter = _read_config(self.directory)
-        differ = architecture_differences(theirs, cfg)
-        if differ:
-            raise ValueError(f"it holds another architecture than {cfg.name}'s: {'; '.join(differ[:4])}"
-                             f"{f' (and {len(differ) - 4} more)' if len(differ) > 4 else ''}")
+        check_architecture(theirs, cfg)
         self._stack = contextlib.ExitStack()
         try:
             self._checkpoint = _Checkpoint(_weight_files(self.directory), adapter.canonical_name, self._stack)

@@ -581,7 +581,12 @@ class CheckpointWeights:
         return self._flat(int(index))[slot.offset : slot.offset + slot.numel].view(slot.shape)
 
     def into(self, name: str, target: torch.Tensor) -> None:
-        target.copy_(self.tensor(name))
+        """Copy parameter `name` into `target`, as `Pretrained.into` does: a vocabulary
+        padded to another multiple gets its extra rows zeroed (never a token)."""
+        tensor = self.tensor(name)
+        rows = min(tensor.shape[0], target.shape[0])
+        target[:rows].copy_(tensor[:rows])
+        target[rows:].zero_()
 
     def close(self) -> None:
         self._unit = None

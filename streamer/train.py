@@ -300,16 +300,24 @@ def check_final_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, store_
                         "is free: free space, choose another --out, or add --no-save-final")
 
 
-def open_pretrained(path: str, model_cfg: ModelConfig):  # -> models.hf.Pretrained
-    """The weights of --init-from, checked against the model: its architecture, every
-    tensor's presence and shape, the files' headers (nothing is read yet)."""
-    from models.hf import Pretrained
+def open_pretrained(path: str, model_cfg: ModelConfig):  # -> models.hf.Pretrained or CheckpointWeights
+    """The weights of --init-from, checked against the model: its architecture, and for
+    exported weights every tensor's presence and shape and the files' headers (nothing
+    is read yet); a run's checkpoint (DIR/checkpoints/step-N) has its files checked as
+    they are read."""
+    from models.hf import Pretrained, check_architecture
+    from streamer.checkpoint import MANIFEST, CheckpointWeights
 
     try:
+        if (Path(path) / MANIFEST).is_file():
+            weights = CheckpointWeights(Path(path))
+            check_architecture(weights.cfg, model_cfg)
+            return weights
         return Pretrained(path, model_cfg)
     except (OSError, ValueError) as exc:  # a bad or crafted file's UnsafeFileError too
         raise UserError(f"--init-from '{path}': {exc}: pass pretrained weights of {model_cfg.name}'s architecture "
-                        "(a Hugging Face checkpoint or a run's final/), or the --model it was made for") from None
+                        "(a Hugging Face checkpoint, a run's final/ or one of its checkpoints), or the --model it "
+                        "was made for") from None
 
 
 def check_resumable(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, world: int) -> list[str]:

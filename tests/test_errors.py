@@ -150,6 +150,9 @@ CASES = {
     "--init-from another architecture": Case(["--init-from", "{tmp}/weights"],
                                              ["another architecture than tiny's", "positional 'rotary', not 'learned'",
                                               "--model it was made for"], _config_only("tiny-neox")),
+    "--init-from a checkpoint of another model": Case(
+        ["--model", "tiny-neox", "--init-from", "{run}/checkpoints/step-00000002"],
+        ["another architecture than tiny-neox's", "one of its checkpoints"]),
     "--init-from pickled weights": Case(["--init-from", "{tmp}/weights"],
                                         ["only pickled weights (pytorch_model.bin)", "convert the checkpoint"],
                                         _config_only("tiny", "pytorch_model.bin")),

@@ -547,15 +547,18 @@ def test_a_run_starts_from_a_hugging_face_checkpoint(tmp_path, model, hugging_fa
 
 
 def test_a_run_starts_from_another_runs_final_weights(tmp_path, first_step_loss):
-    """--init-from a `final/` export (bfloat16 master weights of a compact state): the
-    new run, in another engine and tier, starts exactly from them."""
+    """--init-from a `final/` export (bfloat16 master weights of a compact state), or
+    the run's checkpoint of its last step (the same weights, from the store's shards):
+    the new run, in another engine and tier, starts exactly from them."""
     from models import GPT, ModelConfig
 
-    _run(tmp_path / "first", "tiny-neox", "stream", "ram", steps=3, state="compact")
-    final = tmp_path / "first" / "tiny-neox-stream-ram" / "final"
+    _run(tmp_path / "first", "tiny-neox", "stream", "ram", steps=3, state="compact", checkpoint_every=3)
+    first = tmp_path / "first" / "tiny-neox-stream-ram"
     model = GPT(ModelConfig.from_name("tiny-neox"))
-    model.load_state_dict({k: v.float() for k, v in load_final(final).items()})
+    model.load_state_dict({k: v.float() for k, v in load_final(first / "final").items()})
     expected = first_step_loss(model)
-    for mode, offload in (("resident", "auto"), ("stream", "disk")):
-        rows, _ = _run(tmp_path / mode, "tiny-neox", mode, offload, steps=1, init_from=str(final))
-        assert rows[0]["loss"] == pytest.approx(expected, abs=1e-5)
+    for mode, offload, source in (("resident", "auto", "final"), ("stream", "disk", "final"),
+                                  ("stream", "ram", "checkpoints/step-00000003")):
+        rows, _ = _run(tmp_path / mode / offload, "tiny-neox", mode, offload, steps=1,
+                       init_from=str(first / source))
+        assert rows[0]["loss"] == pytest.approx(expected, abs=1e-5), source

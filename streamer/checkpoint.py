@@ -239,17 +239,26 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def verify_rank(folder: Path, manifest: dict, rank: int) -> None:
-    """Verify every file rank `rank` will read: sizes, checksums, headers, paths."""
+def verify_rank(folder: Path, manifest: dict, rank: int, world: int | None = None) -> None:
+    """Verify every file rank `rank` of `world` will read: sizes, checksums, headers,
+    paths. Resuming on another world size, a rank reads parts of any saved rank's
+    shards, so it verifies them all."""
+    saved = saved_rank(manifest, rank)
     for name, expected in manifest["files"].items():
         if not isinstance(expected, dict):
             raise CorruptCheckpointError(f"checkpoint manifest in '{folder}' has a bad entry for {name!r}")
-        if expected.get("rank", 0) == rank:
+        if expected.get("rank", 0) == saved or (world is not None and world != manifest.get("world")):
             verify_file(folder, name, expected)
             if name.endswith(".safetensors"):
                 check_safetensors(inside(folder, name))
-    if f"rank-{rank}.json" not in manifest["files"]:
-        raise CorruptCheckpointError(f"checkpoint in '{folder}' has no state for rank {rank}")
+    if f"rank-{saved}.json" not in manifest["files"]:
+        raise CorruptCheckpointError(f"checkpoint in '{folder}' has no state for rank {saved}")
+
+
+def saved_rank(manifest: dict, rank: int) -> int:
+    """The saved rank whose own state (RNG, engine counters) rank `rank` resumes with:
+    itself, or on a larger world one of the saved ranks in turn."""
+    return rank % max(1, int(manifest.get("world", 1)))
 
 
 # --- listing and deleting --------------------------------------------------------------
@@ -427,15 +436,23 @@ def check_compatible(manifest: dict, folder: Path, model_cfg: dict, mode: str, w
     if manifest.get("mode") != mode:
         raise UserError(f"checkpoint '{folder}' was written by --mode {manifest.get('mode')}: "
                         f"resume with --mode {manifest.get('mode')}, or choose a new --out")
-    if manifest.get("world") != world:
-        raise UserError(f"checkpoint '{folder}' was written by {manifest.get('world')} process(es) but this run "
-                        f"has {world}: resume with --nproc {manifest.get('world')}, or choose a new --out")
     saved_state = saved_train.get("state", "fp32")  # checkpoints from before --state hold fp32 state
     if mode == "stream" and saved_state != train.get("state", "fp32"):
         raise UserError(f"checkpoint '{folder}' holds --state {saved_state} optimizer state: resume with "
                         f"--state {saved_state}, or choose a new --out")
+    saved_world = manifest.get("world")
+    if saved_world != world and saved_state != "fp32":
+        # The compact formats code each rank's shard in blocks that start at the shard:
+        # other shards would mean decoding and coding the moments again, not resuming.
+        raise UserError(f"checkpoint '{folder}' was written by {saved_world} process(es) with --state "
+                        f"{saved_state}, whose state is coded per process: resume with --nproc {saved_world}, or "
+                        f"start a new run from its weights with --init-from {folder} and a new --out")
     changed = [f"{key} {saved_train.get(key)!r} -> {train.get(key)!r}" for key in _REPORTED_SETTINGS
                if key in saved_train and saved_train.get(key) != train.get(key)]
+    if saved_world != world:  # float32 state is resharded exactly (see [Note: resuming on another world size])
+        changed.append(f"processes {saved_world} -> {world} (global batch "
+                       f"{saved_train.get('batch_size', 0) * saved_train.get('grad_accum', 0) * saved_world} -> "
+                       f"{train['batch_size'] * train['grad_accum'] * world} sequences)")
     # Training reads all of the data but a held-out tail when it evaluates: turning
     # evaluation on or off, or moving the cut, changes what it samples from.
     before, after = (t.get("holdout") if t.get("eval_every") else 0 for t in (saved_train, train))
@@ -467,7 +484,7 @@ def choose_checkpoint(out: Path, dp: Any, device: torch.device, warn: Callable[[
         problem = None
         try:
             manifest = read_manifest(folder)
-            verify_rank(folder, manifest, dp.rank)
+            verify_rank(folder, manifest, dp.rank, dp.world)
         except (CorruptCheckpointError, UnsafeFileError) as exc:
             problem = str(exc)
         if _all_ok(dp, problem is None, device):
@@ -485,8 +502,8 @@ def choose_checkpoint(out: Path, dp: Any, device: torch.device, warn: Callable[[
 def restore(point: Resumable, engine: Any, rank: int) -> dict:
     """Load a verified checkpoint into a freshly built engine and the RNGs; returns the
     manifest's run counters."""
-    rank_state = json.loads((point.folder / f"rank-{rank}.json").read_text())
-    engine.load_state(point.folder, rank_state["engine"])
+    rank_state = json.loads((point.folder / f"rank-{saved_rank(point.manifest, rank)}.json").read_text())
+    engine.load_state(point.folder, rank_state["engine"], saved_world=int(point.manifest.get("world", 1)))
     set_rng_state(rank_state["rng"], engine.device)
     return point.manifest.get("run", {})
 

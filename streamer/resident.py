@@ -94,8 +94,9 @@ class ResidentEngine:
                  "optimizer.safetensors": write_tensors(folder / "optimizer.safetensors", optim)}
         return files, {}
 
-    def load_state(self, folder: Path, state: dict) -> None:
-        """Restore a verified checkpoint written by `save_state` for the same model."""
+    def load_state(self, folder: Path, state: dict, saved_world: int = 1) -> None:
+        """Restore a verified checkpoint written by `save_state` for the same model (by
+        one process: resident training has no other)."""
         from streamer.checkpoint import CorruptCheckpointError, TensorFile
 
         model = TensorFile(folder / "model.safetensors")

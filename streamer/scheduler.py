@@ -1333,33 +1333,67 @@ class StreamEngine:
         files = {self._state_file(u): self.worker.submit(write, u).result() for u in range(self.n_units)}
         return files, {"adam_step": self.adam_step}
 
-    def load_state(self, folder: Path, state: dict) -> None:
-        """Fill the store from a verified checkpoint written by `save_state` with the
-        same model and world size; no update is due afterwards."""
+    def load_state(self, folder: Path, state: dict, saved_world: int | None = None) -> None:
+        """Fill the store from a verified checkpoint written by `save_state` for the same
+        model, by this many processes or (float32 state) by `saved_world` others; no
+        update is due afterwards.
+
+        [Note: resuming on another world size]
+        Each rank's file holds its shard [first, stop) of each unit's buffers, and in
+        float32 every buffer is one value per element: a shard of another partition is
+        the same elements, read from whichever saved shards overlap it. The state is
+        then exactly the saved one, and the steps after it are those the new world
+        computes (the same global batch gives the same run, to float32 summation order).
+        The compact formats code a shard in blocks that start at the shard, so they
+        resume on the world size that wrote them (`check_compatible` says so first)."""
         from streamer.checkpoint import CorruptCheckpointError, TensorFile
 
         fmt = self.store.format
         names = fmt.expand(CHECKPOINT_BUFFERS)
         self._await_held_writes()  # nothing may still copy into the buffers about to be filled
+        saved_world = saved_world or self.dp.world
+
+        def shards(unit: int) -> list[tuple[TensorFile, int, int]]:
+            """The saved shards of `unit` that this rank reads, with their [first, stop)."""
+            if saved_world == self.dp.world:
+                ranks = [self.dp.rank]
+            else:
+                assert fmt.name == "fp32", "only float32 state is read across world sizes"
+                ranks = list(range(saved_world))
+            found = []
+            for rank in ranks:
+                source = TensorFile(folder / f"unit-{unit:05d}-rank{rank}.safetensors")
+                saved = source.header.metadata.get("state", "fp32")
+                if saved != fmt.name:
+                    raise CorruptCheckpointError(f"checkpoint file '{source.path}' holds --state {saved} state but "
+                                                 f"this run asks for --state {fmt.name}: resume with --state {saved}")
+                first, _, stop = source.header.metadata.get("owned", "").partition(":")
+                if not (first.isdigit() and stop.isdigit()) or any(
+                        source.header.tensors.get(n) is None
+                        or source.shape(n) != (fmt.buffer(n).numel(int(stop) - int(first)),) for n in names):
+                    raise CorruptCheckpointError(f"checkpoint file '{source.path}' does not hold a shard of unit "
+                                                 f"{unit} of this model")
+                found.append((source, int(first), int(stop)))
+            return found
 
         def read(unit: int) -> None:
-            source = TensorFile(folder / self._state_file(unit))
+            sources = shards(unit)
             first, stop = self.store.owned[unit]
-            saved = source.header.metadata.get("state", "fp32")
-            if saved != fmt.name:
-                raise CorruptCheckpointError(f"checkpoint file '{source.path}' holds --state {saved} state but this "
-                                             f"run asks for --state {fmt.name}: resume with --state {saved}")
-            numel = self.store.owned_numel(unit)
-            if (source.header.metadata.get("owned") != f"{first}:{stop}"
-                    or any(source.header.tensors.get(n) is None or source.shape(n) != (fmt.buffer(n).numel(numel),)
-                           for n in names)):
-                raise CorruptCheckpointError(f"checkpoint file '{source.path}' does not hold unit {unit}'s "
+            if saved_world == self.dp.world and sources[0][1:] != (first, stop):
+                raise CorruptCheckpointError(f"checkpoint file '{sources[0][0].path}' does not hold unit {unit}'s "
                                              f"shard [{first}, {stop}) of this model")
             for name in names:
                 for start, end in self.store.chunks(unit):
                     target = self.store.open(unit, (name,), start, end)[name]
-                    offset = fmt.buffer(name).offset(start)
-                    target.copy_(source.read(name, offset, offset + target.numel()))
+                    if saved_world == self.dp.world:
+                        offset = fmt.buffer(name).offset(start)
+                        target.copy_(sources[0][0].read(name, offset, offset + target.numel()))
+                    else:  # float32: buffer offsets are element offsets
+                        lo, hi = first + start, first + end
+                        for source, a, b in sources:
+                            if max(lo, a) < min(hi, b):
+                                target[max(lo, a) - lo : min(hi, b) - lo].copy_(
+                                    source.read(name, max(lo, a) - a, min(hi, b) - a))
                     self.store.commit(unit, (name,), start, end)
 
         for unit in range(self.n_units):

@@ -428,3 +428,19 @@ def test_resuming_with_other_training_data_is_reported(before: dict, after: dict
     changed = checkpoint.check_compatible(manifest, Path("step-00000002"), model, "stream", 1,
                                           {"model": "tiny", **after})
     assert changed == ([reported] if reported else [])
+
+
+def test_another_world_size_resumes_float32_state_and_refuses_coded_state() -> None:
+    """Float32 state is resharded exactly (tests/test_parallel.py resumes 2 ranks on 1
+    and on 4), and the change is reported with the global batch; the compact formats'
+    state, coded per shard, is refused with the two ways on."""
+    model = ModelConfig.from_name("tiny").to_dict()
+    train = {"model": "tiny", "batch_size": 2, "grad_accum": 2}
+    manifest = {"model": model, "mode": "stream", "world": 2, "train": {**train, "state": "fp32"}}
+    changed = checkpoint.check_compatible(manifest, Path("step-00000002"), model, "stream", 4,
+                                          {**train, "batch_size": 1, "state": "fp32"})
+    assert changed == ["batch_size 2 -> 1", "processes 2 -> 4 (global batch 8 -> 8 sequences)"]
+    manifest["train"]["state"] = "compact8"
+    with pytest.raises(UserError, match=r"written by 2 process\(es\) with --state compact8.*--nproc 2.*--init-from"):
+        checkpoint.check_compatible(manifest, Path("step-00000002"), model, "stream", 1,
+                                    {**train, "state": "compact8"})

@@ -101,8 +101,6 @@ CASES = {
                                             _write_npy("big.npy", np.full(1000, 300, np.uint16))),
     "checkpoint of another model": Case([*RESUME, "--model", "tiny-neox"],
                                         ["of model 'tiny'", "--model tiny"]),
-    "checkpoint of another world size": Case([*RESUME, "--nproc", "2"],
-                                             ["written by 1 process(es)", "has 2", "--nproc 1"]),
     "corrupt checkpoint file": Case(RESUME,
                                     ["unit-00002-rank0.safetensors' is corrupt", "start over"], _flip_a_bit),
     "truncated checkpoint file": Case(RESUME,

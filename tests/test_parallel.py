@@ -14,14 +14,17 @@ from streamer.parallel import DataParallel
 from streamer.train import load_final
 
 
-def _train(out, model, nproc, batch, grad_sync="sparse", offload="ram", init_from=None):
+def _train(out, model, nproc, batch, grad_sync="sparse", offload="ram", init_from=None, extra=()):
     cmd = [sys.executable, "-m", "streamer", "train", "--model", model, "--mode", "stream", "--steps", "4",
            "--batch-size", str(batch), "--grad-accum", "2", "--seq-len", "32", "--warmup", "2", "--grad-clip", "0.5",
            "--offload", offload, "--grad-sync", grad_sync, "--out", str(out), "--no-progress", "--nproc", str(nproc),
-           "--eval-every", "2", "--checkpoint-every", "2", *(["--init-from", str(init_from)] if init_from else [])]
+           "--eval-every", "2", "--checkpoint-every", "2", *(["--init-from", str(init_from)] if init_from else []),
+           *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     # torchrun's summary ends stderr; a rank's own error (an abort's message) comes before it.
     assert done.returncode == 0, done.stderr[:4000] + "\n...\n" + done.stderr[-1500:]
+    if "--resume" in extra:
+        assert "processes" in done.stderr, "a resume on another world size is reported"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(r["loss"], r.get("eval_loss")) for r in rows], load_final(out / "final")
 
@@ -59,6 +62,25 @@ def test_n_ranks_equal_one_rank_with_n_times_the_batch(tmp_path, model, nproc, g
     # A checkpoint's weights are gathered from every rank's shards of each unit.
     assert main(["eval", str(tmp_path / "many" / "checkpoints" / "step-00000002"), "--device", "cpu", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(many[1][1], abs=1e-5)
+
+
+def test_a_float32_run_resumes_on_another_number_of_processes(tmp_path):
+    """A 2-rank run's checkpoint after step 2, resumed by 1 process and by 4 with the
+    same global batch: the state is resharded exactly, so the last steps' losses, the
+    held-out loss and the final weights are the 2-rank run's (to float32 summation
+    order)."""
+    import shutil
+
+    two, two_w = _train(tmp_path / "two", "tiny-neox", 2, 2)
+    for nproc, batch in ((1, 4), (4, 1)):
+        out = tmp_path / f"from-two-on-{nproc}"
+        shutil.copytree(tmp_path / "two", out, ignore=shutil.ignore_patterns("step-00000004", "final"))
+        resumed, resumed_w = _train(out, "tiny-neox", nproc, batch, extra=("--resume",))
+        assert resumed[:2] == two[:2], "the first steps are the checkpointed run's own rows"
+        assert [loss for loss, _ in resumed[2:]] == pytest.approx([loss for loss, _ in two[2:]], abs=1e-5), nproc
+        assert resumed[3][1] == pytest.approx(two[3][1], abs=1e-5)
+        for name in two_w:
+            torch.testing.assert_close(resumed_w[name], two_w[name], atol=1e-5, rtol=0)
 
 
 def test_shards_cover_each_unit_exactly_once():

@@ -1,11 +1,15 @@
 """Shared fixtures: a small byte-level token file, random Hugging Face checkpoints,
-skipping `gpu` tests without CUDA, and skipping tests of the CUDA kernels' host
-emulation without a C++20 compiler."""
+skipping `gpu` tests without CUDA, skipping tests of the CUDA kernels' host
+emulation without a C++20 compiler, and checking that bad command lines fail in one
+line."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import sysconfig
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -99,3 +103,26 @@ def first_step_loss() -> Callable[..., float]:
         return sum(losses) / len(losses)
 
     return loss
+
+
+@pytest.fixture
+def fails_in_one_line() -> Callable[[str, dict[str, tuple[list[str], list[str]]]], None]:
+    """`check(command, cases)`: each case, {name: (arguments, fragments)}, run as
+    `streamer COMMAND ARGUMENTS` must exit 2 with one line on stderr, no traceback,
+    holding every fragment. The processes run four at a time: each pays for importing
+    torch, not for much else."""
+    def check(command: str, cases: dict[str, tuple[list[str], list[str]]]) -> None:
+        def run(args: list[str]) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "streamer", command, *args], capture_output=True,
+                                  text=True, timeout=300)
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            done = dict(zip(cases, pool.map(run, [args for args, _ in cases.values()])))
+        for name, (_, fragments) in cases.items():
+            lines = done[name].stderr.strip().splitlines()
+            assert done[name].returncode == 2 and len(lines) == 1 and "Traceback" not in done[name].stderr, (
+                name, done[name].stderr)
+            for fragment in fragments:
+                assert fragment in lines[0], (name, fragment, lines[0])
+
+    return check

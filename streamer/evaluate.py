@@ -29,7 +29,7 @@ import torch
 from models import ModelConfig, loss_fn
 from streamer.data import default_corpus, eval_windows, holdout_split, load_tokens
 from streamer.errors import UserError
-from streamer.inference import Weights, activation_bytes, free_memory, model_config, place, weights_folder
+from streamer.inference import Weights, activation_bytes, free_memory, model_config, place, run_record, weights_folder
 from streamer.train import TrainConfig, resolve_device, resolve_dtype
 
 
@@ -65,19 +65,16 @@ class EvalConfig:
 
 
 def run_settings(path: Path) -> tuple[TrainConfig, int] | None:
-    """The training settings and world size of the run `path` is, whose `final/` it is,
-    or whose checkpoint it is (from the run's run.json, or the checkpoint's manifest);
-    None for weights that are no run's."""
-    candidates = [path / "run.json", path.parent / "run.json" if path.name == "final" else None, path / "manifest.json"]
-    for candidate in candidates:
-        if candidate is not None and candidate.is_file():
-            try:
-                payload = json.loads(candidate.read_text())
-                return TrainConfig(**payload["train"]), int(payload.get("world", 1))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise UserError(f"'{candidate}' is not a run's settings ({type(exc).__name__}): pass --data, "
-                                "--seq-len and --tokens, or the weights folder itself") from None
-    return None
+    """The training settings and number of processes of the run `path` is, whose
+    `final/` it is, or whose checkpoint it is; None for weights that are no run's."""
+    record = run_record(path)
+    if record is None:
+        return None
+    try:
+        return TrainConfig(**record["train"]), int(record.get("world", 1))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"'{path}' records settings this version does not know ({exc}): pass --data, --seq-len "
+                        "and --tokens") from None
 
 
 def eval_config(args: argparse.Namespace, cfg: ModelConfig, settings: tuple[TrainConfig, int] | None) -> EvalConfig:

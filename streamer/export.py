@@ -21,23 +21,8 @@ import torch
 
 from models import GPT
 from streamer.errors import UserError
-from streamer.inference import model_config, open_weights, weights_folder
+from streamer.inference import data_tokenizer, model_config, open_weights, weights_folder
 from streamer.train import resolve_dtype
-
-
-def run_tokenizer(path: Path) -> Path | None:
-    """The tokenizer.json the run's data was prepared with, if its run.json and its data's
-    sidecar lead to one that is still there."""
-    for run_json in (path / "run.json", path.parent / "run.json", path.parent.parent / "run.json"):
-        if not run_json.is_file():
-            continue
-        try:
-            data = json.loads(run_json.read_text())["train"]["data"]
-            name = json.loads(Path(str(data) + ".json").read_text())["tokenizer"] if data else None
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return Path(name) if name and name != "bytes" and Path(name).is_file() else None
-    return None
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -53,7 +38,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     folder = weights_folder(path)
     cfg = model_config(folder)
     tokenizer = args.tokenizer or (folder / "tokenizer.json" if (folder / "tokenizer.json").is_file()
-                                   else run_tokenizer(path))
+                                   else data_tokenizer(path))
     with torch.device("meta"):
         names = list(GPT(cfg).state_dict())
     try:

@@ -12,6 +12,7 @@ commands' loops read the same either way.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,40 @@ def weights_folder(path: Path) -> Path:
     if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
         return path / "final"
     return path
+
+
+def run_record(path: Path) -> dict | None:
+    """What the run that `path` is (or whose `final/` or checkpoint it is) recorded of
+    itself: its run.json, or the checkpoint's manifest, each with the run's settings
+    under "train" and its number of processes under "world"; None for weights that are
+    no run's."""
+    from streamer.checkpoint import MANIFEST
+
+    for candidate in (path / "run.json", path.parent / "run.json" if path.name == "final" else None, path / MANIFEST):
+        if candidate is not None and candidate.is_file():
+            try:
+                record = json.loads(candidate.read_text())
+                if isinstance(record.get("train"), dict):
+                    return record
+            except (OSError, ValueError, AttributeError):
+                pass
+            raise UserError(f"'{candidate}' does not hold a run's settings: pass the weights folder itself, "
+                            "or the settings as flags")
+    return None
+
+
+def data_tokenizer(path: Path) -> Path | None:
+    """The tokenizer.json the run's data was prepared with (its token file's sidecar
+    names it), if `path` is a run's and the file is still there."""
+    record = run_record(path)
+    data = record["train"].get("data") if record else None
+    if not data:
+        return None
+    try:
+        name = json.loads(Path(str(data) + ".json").read_text()).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(name) if isinstance(name, str) and name != "bytes" and Path(name).is_file() else None
 
 
 def is_checkpoint(folder: Path) -> bool:

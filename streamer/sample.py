@@ -25,6 +25,7 @@ from streamer.inference import (
     ResidentWeights,
     Weights,
     activation_bytes,
+    data_tokenizer,
     model_config,
     place,
     weights_folder,
@@ -136,11 +137,16 @@ def end_of_text(folder: Path) -> int | None:
     return eos if isinstance(eos, int) else None
 
 
-def tokenizer_for(cfg: ModelConfig, folder: Path, path: Path | None) -> ByteTokenizer | HFTokenizer:
-    """--tokenizer; else the checkpoint's own tokenizer.json; else bytes, for a model of
-    the byte vocabulary (what `streamer train` trains on by default)."""
+def tokenizer_for(cfg: ModelConfig, folder: Path, path: Path | None, given: Path | None = None,
+                  ) -> ByteTokenizer | HFTokenizer:
+    """--tokenizer (`path`); else the checkpoint's own tokenizer.json; else the one the
+    run's data was prepared with, when `given` (the folder named) is a run's or one of
+    its checkpoints; else bytes, for a model of the byte vocabulary (what `streamer
+    train` trains on by default)."""
     if path is None and (folder / "tokenizer.json").is_file():
         path = folder / "tokenizer.json"
+    if path is None and given is not None:
+        path = data_tokenizer(given)
     if path is not None:
         tokenizer = HFTokenizer(path)
         if tokenizer.vocab_size > cfg.vocab_size:
@@ -165,7 +171,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserError(f"--stop-token must be a token id below {model_cfg.vocab_size} (or -1: none), got {stop}")
     cfg = SampleConfig(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k or None,
                        top_p=args.top_p, stop=None if stop == -1 else stop)
-    tokenizer = tokenizer_for(model_cfg, folder, args.tokenizer)
+    tokenizer = tokenizer_for(model_cfg, folder, args.tokenizer, Path(args.weights))
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise UserError("--prompt encodes to no token: give some text to continue")

@@ -67,7 +67,7 @@ def test_a_compact_runs_export_keeps_its_bfloat16_weights(tmp_path: Path, capsys
 
 def test_the_runs_tokenizer_goes_with_it(tmp_path: Path, capsys) -> None:
     """A run on data prepared with a tokenizer.json: the export carries that file, so
-    `streamer sample` on the export decodes text with it."""
+    `streamer sample` on the export decodes text with it, as it does on the run."""
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers.models import BPE
     from tokenizers.pre_tokenizers import Whitespace
@@ -86,9 +86,12 @@ def test_the_runs_tokenizer_goes_with_it(tmp_path: Path, capsys) -> None:
     assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
     assert "with its tokenizer.json" in capsys.readouterr().out
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
-    assert main(["sample", str(tmp_path / "hf"), "--prompt", "the quick", "--tokens", "5", "--device", "cpu",
-                 "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.startswith("the quick")
+    greedy = ["--prompt", "the quick", "--tokens", "5", "--device", "cpu", "--temperature", "0"]
+    assert main(["sample", str(tmp_path / "hf"), *greedy]) == 0
+    from_export = capsys.readouterr().out
+    assert from_export.startswith("the quick") and "�" not in from_export
+    assert main(["sample", str(run), *greedy]) == 0  # the run itself: its data's tokenizer, found through run.json
+    assert capsys.readouterr().out == from_export
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, fails_in_one_line) -> None:

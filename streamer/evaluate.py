@@ -124,16 +124,18 @@ def evaluate(weights: Weights, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def boundary_bytes(cfg: ModelConfig, dtype: torch.dtype, seq_len: int) -> int:
-    """A window's activations between two units, in and out: what a pass holds per window."""
-    return 2 * seq_len * cfg.d_model * (torch.finfo(dtype).bits // 8)
+    """What a pass holds per window: its activations between two units, in and out, and
+    its input and target token ids (int64)."""
+    return 2 * seq_len * cfg.d_model * (torch.finfo(dtype).bits // 8) + 2 * seq_len * 8
 
 
 def working_bytes(cfg: ModelConfig, dtype: torch.dtype, ecfg: EvalConfig) -> int:
     """Device memory besides the weights for a pass of one micro-batch: its activations
-    between units and inside one, and its float32 logits (twice: the loss's
-    log-softmax)."""
+    between units and inside one, and its logits: in the compute dtype, in float32 for
+    the loss (the same tensor when that is float32) and the loss's log-softmax."""
     batch = ecfg.batch_size
-    logits = 2 * batch * ecfg.seq_len * cfg.padded_vocab_size * 4
+    per_logit = 8 if dtype == torch.float32 else 8 + torch.finfo(dtype).bits // 8
+    logits = batch * ecfg.seq_len * cfg.padded_vocab_size * per_logit
     return batch * boundary_bytes(cfg, dtype, ecfg.seq_len) + activation_bytes(cfg, dtype, batch, ecfg.seq_len) + logits
 
 
@@ -167,9 +169,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
                     lower="a smaller --batch-size or --seq-len")
     per_pass = windows_per_pass(weights, ecfg, len(x), free_memory(device))
     started = time.perf_counter()
-    total, count = evaluate(weights, x, y, ecfg.batch_size, per_pass)
+    try:
+        total, count = evaluate(weights, x, y, ecfg.batch_size, per_pass)
+    finally:
+        weights.close()
     seconds = time.perf_counter() - started
-    weights.close()
     loss = total / count
     where = "all of" if ecfg.holdout == 1 else f"the last {ecfg.holdout * 100:g}% of"
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count, "sequences": len(x),

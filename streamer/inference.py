@@ -88,8 +88,11 @@ class StreamedWeights:
         largest = max(self.layouts[u].numel for u in self.order)
         self.slots = [torch.empty(largest, dtype=dtype, device=device) for _ in range(depth)]
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        if cuda:  # the slots' memory may have been another tensor's, still read by queued kernels
+            self.copy_stream.wait_stream(torch.cuda.current_stream(device))
         self.copied = [torch.cuda.Event() for _ in self.slots] if cuda else None
         self.freed = [torch.cuda.Event() for _ in self.slots] if cuda else None
+        self.primed = False  # the next pass's first units are on their way (issued as a pass ends)
 
     def device_bytes(self) -> int:
         """What the weights take on the device: the buffers, and a tied table."""
@@ -116,22 +119,37 @@ class StreamedWeights:
     def units(self) -> Iterator[tuple[int, Unit]]:
         """One pass over the model, as `ResidentWeights.units`: each unit is on the device
         when it is handed out, and its buffer is refilled once the caller's kernels that
-        read it are queued (when the caller asks for the next)."""
-        for k, unit in enumerate(self.order[: self.depth]):
-            self._copy_in(unit, k)
+        read it are queued (when the caller asks for the next, or leaves the pass). As a
+        pass ends, the next pass's first units start on their way, so their copies run
+        while the caller works on the pass's result (a token's choice)."""
+        if not self.primed:
+            self._prime()
+        self.primed = False
         if self.tied is not None:
             yield 0, self._bind(0, self.tied)
         for k, unit in enumerate(self.order):
             slot = k % self.depth
             if self.copied is not None:
                 torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
-            yield unit, self._bind(unit, self.slots[slot])
-            if self.freed is not None:
-                self.freed[slot].record(torch.cuda.current_stream(self.device))
+            try:
+                yield unit, self._bind(unit, self.slots[slot])
+            finally:  # also when the caller leaves mid-pass: no copy may overwrite what it queued
+                if self.freed is not None:
+                    self.freed[slot].record(torch.cuda.current_stream(self.device))
             if k + self.depth < len(self.order):
                 self._copy_in(self.order[k + self.depth], slot)
+        self._prime()
+        self.primed = True
+
+    def _prime(self) -> None:
+        """Copies of a pass's first units into their slots (each waits for its slot)."""
+        for k, unit in enumerate(self.order[: self.depth]):
+            self._copy_in(unit, k)
 
     def close(self) -> None:
+        """Give back the page-locked host memory, once no copy still reads it."""
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
         page_unlock(self.locked)
         self.locked = []
 

@@ -180,9 +180,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
         model_cfg, dtype, args.samples, positions)
     weights = place(args.mode, folder, model_cfg, device, dtype, working, lower="fewer --samples or --tokens")
     started = time.perf_counter()
-    continuations = generate(weights, prompt, cfg, torch.Generator().manual_seed(args.seed), args.samples)
+    try:
+        continuations = generate(weights, prompt, cfg, torch.Generator().manual_seed(args.seed), args.samples)
+    finally:
+        weights.close()
     seconds = time.perf_counter() - started
-    weights.close()
     for i, continuation in enumerate(continuations):
         if i:
             print("\n" + "-" * 40)

@@ -50,6 +50,24 @@ def test_a_streamed_pass_computes_what_the_model_held_whole_does(model: str) -> 
     streamed.close()
 
 
+def test_a_pass_left_midway_does_not_disturb_the_next() -> None:
+    """A caller that leaves a pass early (an error in a unit, a break): the next pass
+    still hands out each unit with its own weights, whichever copies were in flight."""
+    gpt = GPT(ModelConfig.from_name("tiny-neox", n_layer=5)).eval()
+    gpt.init_weights(2)
+    streamed = StreamedWeights(_StateDict(gpt), gpt.cfg, CPU, torch.float32)
+    idx = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = gpt(idx)
+        for leave_after in (0, 2, 5):
+            x = idx
+            for k, (_, unit) in enumerate(streamed.units()):
+                x = unit(x)
+                if k == leave_after:
+                    break
+            assert torch.equal(_forward(streamed, idx), expected), leave_after
+
+
 @pytest.mark.parametrize("model", ["tiny", "tiny-neox"])
 def test_the_device_holds_two_units_of_a_streamed_model(model: str) -> None:
     """Two buffers, each the largest unit's size, and a tied table kept apart."""

@@ -235,6 +235,9 @@ def test_sampling_on_the_gpu_continues_as_on_the_cpu(tmp_path: Path) -> None:
     assert all(len(f) == 40 and all(0 <= t < cfg.vocab_size for t in f) for f in first)
     assert first == generate(half, prompt, drawn, torch.Generator().manual_seed(5), samples=3)
     streamed = stream_model(tmp_path, cfg, cuda, torch.bfloat16)
+    for k, _ in enumerate(streamed.units()):  # a pass left midway, its copies in flight
+        if k == 3:
+            break
     assert generate(streamed, prompt, drawn, torch.Generator().manual_seed(5), samples=3) == first
     assert generate(streamed, prompt, GREEDY) == generate(load_model(tmp_path, cfg, cuda, torch.bfloat16), prompt,
                                                           GREEDY)

@@ -99,6 +99,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="*", type=Path, help="text files or folders (default: the stdlib sources)")
     p.add_argument("--out", required=True, type=Path, help="token file to write (.npy)")
     p.add_argument("--tokenizer", type=Path, default=None, help="a Hugging Face tokenizer.json (default: bytes)")
+    p.add_argument("--train-tokenizer", type=int, default=None, metavar="VOCAB",
+                   help="learn a byte-level BPE of VOCAB tokens from the inputs first, written beside --out as "
+                        "STEM.tokenizer.json, and tokenize with it")
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -256,9 +259,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from streamer.data import prepare
 
-    meta = prepare(args.out, args.inputs or None, args.tokenizer)
+    meta = prepare(args.out, args.inputs or None, args.tokenizer, args.train_tokenizer)
+    learned = f", with the tokenizer it learned: {meta['tokenizer']}" if args.train_tokenizer else ""
     print(f"wrote {meta['n_tokens']:,} tokens ({meta['dtype']}, vocab {meta['vocab_size']}) "
-          f"from {meta['n_files']} files to {args.out}")
+          f"from {meta['n_files']} files to {args.out}{learned}")
 
 
 def cmd_models(args: argparse.Namespace) -> None:

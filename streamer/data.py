@@ -80,10 +80,44 @@ class HFTokenizer:
         return self._tok.decode(ids)
 
 
-def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | None = None) -> dict:
-    """Tokenize text files (default: the standard library) into `out` (.npy) plus `out`.json."""
-    tokenizer = HFTokenizer(tokenizer_path) if tokenizer_path else ByteTokenizer()
+END_OF_TEXT = "<|endoftext|>"
+
+
+def train_tokenizer(files: list[Path], vocab_size: int, out: Path) -> Path:
+    """Learn a byte-level BPE of `vocab_size` tokens from the files (GPT-2's scheme: the
+    256 bytes come first, so no text is ever unknown, and an end-of-text token), and
+    write it to `out` as a Hugging Face tokenizer.json."""
+    if vocab_size < BYTE_VOCAB + 1:
+        raise UserError(f"--train-tokenizer needs at least {BYTE_VOCAB + 1} tokens (the {BYTE_VOCAB} bytes and an "
+                        f"end-of-text token), got {vocab_size}")
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError:
+        raise UserError("--train-tokenizer needs the 'tokenizers' package: pip install tokenizers") from None
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator((path.read_text(encoding="utf-8", errors="replace") for path in files), trainer)
+    atomic_write_bytes(out, tokenizer.to_str().encode())
+    return out
+
+
+def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | None = None,
+            train_vocab: int | None = None) -> dict:
+    """Tokenize text files (default: the standard library) into `out` (.npy) plus `out`.json.
+    With `train_vocab`, a byte-level BPE of that many tokens is first learned from the
+    same files and written beside `out` (`STEM.tokenizer.json`), and the files are
+    tokenized with it; the sidecar names it, as it names any tokenizer.json, so a run
+    on the data finds it (sample, export)."""
     files = list(iter_text_files(inputs)) if inputs else stdlib_files()
+    if train_vocab is not None:
+        if tokenizer_path is not None:
+            raise UserError("--tokenizer and --train-tokenizer both given: use one tokenizer, or learn one")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tokenizer_path = train_tokenizer(files, train_vocab, Path(out).with_suffix(".tokenizer.json")).resolve()
+    tokenizer = HFTokenizer(tokenizer_path) if tokenizer_path else ByteTokenizer()
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     chunks = []
     for path in files:

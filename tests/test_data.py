@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,30 @@ def test_evaluation_windows_are_fixed_disjoint_and_spread_over_the_tail() -> Non
     np.testing.assert_array_equal(x, x2)
     # More windows than the tail holds disjoint: as many as it does.
     assert eval_windows(held, 32, 1_000)[0].shape == (1_000 // 33, 32)
+
+
+def test_prepare_learns_a_byte_level_tokenizer(tmp_path: Path, fails_in_one_line) -> None:
+    """--train-tokenizer: a BPE of the asked size learned from the inputs, written beside
+    the token file and named by its sidecar; any text, even unseen scripts, decodes
+    back exactly, and the tokens are far fewer than the bytes."""
+    pytest.importorskip("tokenizers")
+    from streamer.data import HFTokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    inputs = [stdlib / name for name in ("textwrap.py", "argparse.py", "json/decoder.py")]
+    out = tmp_path / "data" / "tokens.npy"
+    meta = prepare(out, inputs, train_vocab=600)
+    learned = tmp_path / "data" / "tokens.tokenizer.json"
+    assert meta["tokenizer"] == str(learned.resolve()) and meta["vocab_size"] == 600
+    tokenizer = HFTokenizer(learned)
+    text = inputs[0].read_text()
+    assert np.load(out)[: len(tokenizer.encode(text))].tolist() == tokenizer.encode(text)
+    assert len(tokenizer.encode(text)) < len(text.encode()) / 2
+    for sample in (text, "naïve café ✓ 中文 \x00\t"):
+        assert tokenizer.decode(tokenizer.encode(sample)) == sample
+    fails_in_one_line("prepare", {
+        "fewer tokens than bytes": ([str(inputs[0]), "--out", str(tmp_path / "t.npy"), "--train-tokenizer", "100"],
+                                    ["at least 257"]),
+        "two tokenizers": ([str(inputs[0]), "--out", str(tmp_path / "t.npy"), "--train-tokenizer", "300",
+                            "--tokenizer", str(learned)], ["both given"]),
+    })

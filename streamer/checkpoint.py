@@ -441,18 +441,13 @@ def check_compatible(manifest: dict, folder: Path, model_cfg: dict, mode: str, w
         raise UserError(f"checkpoint '{folder}' holds --state {saved_state} optimizer state: resume with "
                         f"--state {saved_state}, or choose a new --out")
     saved_world = manifest.get("world")
-    if saved_world != world and saved_state != "fp32":
-        # The compact formats code each rank's shard in blocks that start at the shard:
-        # other shards would mean decoding and coding the moments again, not resuming.
-        raise UserError(f"checkpoint '{folder}' was written by {saved_world} process(es) with --state "
-                        f"{saved_state}, whose state is coded per process: resume with --nproc {saved_world}, or "
-                        f"start a new run from its weights with --init-from {folder} and a new --out")
     changed = [f"{key} {saved_train.get(key)!r} -> {train.get(key)!r}" for key in _REPORTED_SETTINGS
                if key in saved_train and saved_train.get(key) != train.get(key)]
-    if saved_world != world:  # float32 state is resharded exactly (see [Note: resuming on another world size])
+    if saved_world != world:  # the state is resharded: see [Note: resuming on another world size]
+        recoded = ", the 8-bit moments coded again" if mode == "stream" and saved_state != "fp32" else ""
         changed.append(f"processes {saved_world} -> {world} (global batch "
                        f"{saved_train.get('batch_size', 0) * saved_train.get('grad_accum', 0) * saved_world} -> "
-                       f"{train['batch_size'] * train['grad_accum'] * world} sequences)")
+                       f"{train['batch_size'] * train['grad_accum'] * world} sequences{recoded})")
     # Training reads all of the data but a held-out tail when it evaluates: turning
     # evaluation on or off, or moving the cut, changes what it samples from.
     before, after = (t.get("holdout") if t.get("eval_every") else 0 for t in (saved_train, train))

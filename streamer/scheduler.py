@@ -80,7 +80,7 @@ from models.hf import Pretrained
 from streamer import planner
 from streamer.optim import OptimConfig, clip_coefficient
 from streamer.parallel import DataParallel
-from streamer.state import FORMATS, use_fused
+from streamer.state import BLOCK, FORMATS, use_fused
 from streamer.stats import StepStats
 from streamer.store import BUFFERS, CHECKPOINT_BUFFERS, DiskStore, HostStore, RamStore, SplitStore, UnitLayout
 
@@ -1339,14 +1339,16 @@ class StreamEngine:
         update is due afterwards.
 
         [Note: resuming on another world size]
-        Each rank's file holds its shard [first, stop) of each unit's buffers, and in
-        float32 every buffer is one value per element: a shard of another partition is
-        the same elements, read from whichever saved shards overlap it. The state is
-        then exactly the saved one, and the steps after it are those the new world
-        computes (the same global batch gives the same run, to float32 summation order).
-        The compact formats code a shard in blocks that start at the shard, so they
-        resume on the world size that wrote them (`check_compatible` says so first)."""
+        Each rank's file holds its shard [first, stop) of each unit's buffers. A shard of
+        another partition is the same elements, read from whichever saved shards overlap
+        it: in float32 (and the compact formats' bf16 weights) one value per element,
+        so that state is exactly the saved one, and the steps after it are those the new
+        world computes (the same global batch gives the same run, to float32 summation
+        order). The compact formats' moments are coded in blocks that start at their
+        shard, so they are decoded from the saved blocks and coded again in the new
+        shard's (to the nearest code: one more rounding of the kind every update makes)."""
         from streamer.checkpoint import CorruptCheckpointError, TensorFile
+        from streamer.state import decode_part, encode
 
         fmt = self.store.format
         names = fmt.expand(CHECKPOINT_BUFFERS)
@@ -1355,11 +1357,7 @@ class StreamEngine:
 
         def shards(unit: int) -> list[tuple[TensorFile, int, int]]:
             """The saved shards of `unit` that this rank reads, with their [first, stop)."""
-            if saved_world == self.dp.world:
-                ranks = [self.dp.rank]
-            else:
-                assert fmt.name == "fp32", "only float32 state is read across world sizes"
-                ranks = list(range(saved_world))
+            ranks = [self.dp.rank] if saved_world == self.dp.world else list(range(saved_world))
             found = []
             for rank in ranks:
                 source = TensorFile(folder / f"unit-{unit:05d}-rank{rank}.safetensors")
@@ -1376,25 +1374,45 @@ class StreamEngine:
                 found.append((source, int(first), int(stop)))
             return found
 
+        def gather(sources: list[tuple[TensorFile, int, int]], name: str, lo: int, hi: int) -> torch.Tensor:
+            """Elements [lo, hi) of buffer `name` from the saved shards that hold them:
+            its values, or a coded moment's, decoded, in float32."""
+            coded = f"{name}_scale" in fmt.names
+            out = torch.empty(hi - lo, dtype=torch.float32 if coded else fmt.buffer(name).dtype)
+            for source, a, b in sources:
+                i, j = max(lo, a) - a, min(hi, b) - a  # the overlap, in the saved shard
+                if i < j:
+                    values = source.read(name, i, j)
+                    if coded:
+                        scales = source.read(f"{name}_scale", i // BLOCK, (j - 1) // BLOCK + 1)
+                        values = decode_part(name, values, scales, i)
+                    out[a + i - lo : a + j - lo] = values
+            return out
+
         def read(unit: int) -> None:
             sources = shards(unit)
             first, stop = self.store.owned[unit]
-            if saved_world == self.dp.world and sources[0][1:] != (first, stop):
-                raise CorruptCheckpointError(f"checkpoint file '{sources[0][0].path}' does not hold unit {unit}'s "
-                                             f"shard [{first}, {stop}) of this model")
-            for name in names:
-                for start, end in self.store.chunks(unit):
-                    target = self.store.open(unit, (name,), start, end)[name]
-                    if saved_world == self.dp.world:
+            if saved_world == self.dp.world:
+                if sources[0][1:] != (first, stop):
+                    raise CorruptCheckpointError(f"checkpoint file '{sources[0][0].path}' does not hold unit "
+                                                 f"{unit}'s shard [{first}, {stop}) of this model")
+                for name in names:
+                    for start, end in self.store.chunks(unit):
+                        target = self.store.open(unit, (name,), start, end)[name]
                         offset = fmt.buffer(name).offset(start)
                         target.copy_(sources[0][0].read(name, offset, offset + target.numel()))
-                    else:  # float32: buffer offsets are element offsets
-                        lo, hi = first + start, first + end
-                        for source, a, b in sources:
-                            if max(lo, a) < min(hi, b):
-                                target[max(lo, a) - lo : min(hi, b) - lo].copy_(
-                                    source.read(name, max(lo, a) - a, min(hi, b) - a))
-                    self.store.commit(unit, (name,), start, end)
+                        self.store.commit(unit, (name,), start, end)
+                return
+            for name in CHECKPOINT_BUFFERS:  # another partition: see the note above
+                held = fmt.expand((name,))
+                for start, end in self.store.chunks(unit):
+                    parts = self.store.open(unit, held, start, end)
+                    values = gather(sources, name, first + start, first + end)
+                    if len(held) == 2:
+                        encode(name, values, parts[name], parts[held[1]], noise=None)
+                    else:
+                        parts[name].copy_(values)
+                    self.store.commit(unit, held, start, end)
 
         for unit in range(self.n_units):
             self.worker.submit(read, unit).result()

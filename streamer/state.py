@@ -328,6 +328,13 @@ def decode(name: str, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return _blockwise_("mul_", _table(name, codes.device).index_select(0, codes.int()), scales)
 
 
+def decode_part(name: str, codes: torch.Tensor, scales: torch.Tensor, first: int) -> torch.Tensor:
+    """float32 values of elements [first, first + len(codes)) of a coded moment whose
+    blocks start at element 0: `scales` are those of blocks first // BLOCK onwards."""
+    index = torch.arange(first, first + codes.numel(), device=codes.device) // BLOCK - first // BLOCK
+    return _table(name, codes.device).index_select(0, codes.int()) * scales.index_select(0, index)
+
+
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 

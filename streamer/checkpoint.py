@@ -241,18 +241,46 @@ def read_manifest(folder: Path) -> dict:
 
 def verify_rank(folder: Path, manifest: dict, rank: int, world: int | None = None) -> None:
     """Verify every file rank `rank` of `world` will read: sizes, checksums, headers,
-    paths. Resuming on another world size, a rank reads parts of any saved rank's
-    shards, so it verifies them all."""
+    paths. Resuming on another world size, a rank reads the saved shards that overlap
+    its own (`files_read`)."""
     saved = saved_rank(manifest, rank)
+    resharded = world is not None and world != manifest.get("world")
+    reads = files_read(manifest, rank, world) if resharded else set()
     for name, expected in manifest["files"].items():
         if not isinstance(expected, dict):
             raise CorruptCheckpointError(f"checkpoint manifest in '{folder}' has a bad entry for {name!r}")
-        if expected.get("rank", 0) == saved or (world is not None and world != manifest.get("world")):
+        if (expected.get("rank", 0) == saved and not resharded) or name in reads or name == f"rank-{saved}.json":
             verify_file(folder, name, expected)
             if name.endswith(".safetensors"):
                 check_safetensors(inside(folder, name))
     if f"rank-{saved}.json" not in manifest["files"]:
         raise CorruptCheckpointError(f"checkpoint in '{folder}' has no state for rank {saved}")
+
+
+def files_read(manifest: dict, rank: int, world: int) -> set[str]:
+    """The unit files rank `rank` of `world` reads from a checkpoint of another world
+    size: for each unit, the saved ranks' shards that overlap its new one (shards as
+    `DataParallel.shard` cuts them)."""
+    from models import ModelConfig
+    from models.gpt import build_unit
+
+    try:
+        cfg, saved_world = ModelConfig.from_dict(manifest["model"]), int(manifest["world"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"checkpoint manifest lacks its model or world size ({exc})") from None
+    with torch.device("meta"):
+        numels = [sum(p.numel() for p in build_unit(cfg, unit).parameters()) for unit in range(cfg.n_layer + 2)]
+    return {f"unit-{unit:05d}-rank{r}.safetensors" for unit, numel in enumerate(numels)
+            for r in overlapping_shards(numel, rank, world, saved_world)}
+
+
+def overlapping_shards(numel: int, rank: int, world: int, saved_world: int) -> list[int]:
+    """The ranks of `saved_world` whose shards of a unit of `numel` elements overlap
+    rank `rank`'s of `world`."""
+    from streamer.parallel import shard_of
+
+    mine, theirs = shard_of(numel, rank, world), [shard_of(numel, r, saved_world) for r in range(saved_world)]
+    return [r for r, shard in enumerate(theirs) if max(mine.start, shard.start) < min(mine.stop, shard.stop)]
 
 
 def saved_rank(manifest: dict, rank: int) -> int:

@@ -80,16 +80,14 @@ class HFTokenizer:
         return self._tok.decode(ids)
 
 
-END_OF_TEXT = "<|endoftext|>"
-
-
 def train_tokenizer(files: list[Path], vocab_size: int, out: Path) -> Path:
-    """Learn a byte-level BPE of `vocab_size` tokens from the files (GPT-2's scheme: the
-    256 bytes come first, so no text is ever unknown, and an end-of-text token), and
-    write it to `out` as a Hugging Face tokenizer.json."""
-    if vocab_size < BYTE_VOCAB + 1:
-        raise UserError(f"--train-tokenizer needs at least {BYTE_VOCAB + 1} tokens (the {BYTE_VOCAB} bytes and an "
-                        f"end-of-text token), got {vocab_size}")
+    """Learn a byte-level BPE of `vocab_size` tokens from the files (GPT-2's scheme: all
+    256 bytes are tokens, so no text is ever unknown, and the merges make the rest),
+    and write it to `out` as a Hugging Face tokenizer.json. No special token: `prepare`
+    joins files without a separator, and any text, that of a special token included,
+    decodes back as it was."""
+    if vocab_size < BYTE_VOCAB:
+        raise UserError(f"--train-tokenizer needs at least {BYTE_VOCAB} tokens (one per byte), got {vocab_size}")
     try:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     except ImportError:
@@ -97,7 +95,7 @@ def train_tokenizer(files: list[Path], vocab_size: int, out: Path) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator((path.read_text(encoding="utf-8", errors="replace") for path in files), trainer)
     atomic_write_bytes(out, tokenizer.to_str().encode())

@@ -36,6 +36,15 @@ class Shard:
     size: int  # padded shard length: world x size >= the unit's numel
 
 
+def shard_of(numel: int, rank: int, world: int) -> Shard:
+    """Rank `rank`'s part of a unit of `numel` elements shared by `world` processes:
+    equal contiguous pieces in rank order, the last ones clipped (a pure function, so a
+    checkpoint's shards of another world size can be found again)."""
+    size = -(-numel // world)
+    start = min(numel, rank * size)
+    return Shard(start, min(numel, start + size), size)
+
+
 class DataParallel:
     def __init__(self, grad_sync: str = "sparse") -> None:
         self.active = dist.is_available() and dist.is_initialized()
@@ -44,9 +53,7 @@ class DataParallel:
         self.grad_sync = grad_sync
 
     def shard(self, numel: int) -> Shard:
-        size = -(-numel // self.world)
-        start = min(numel, self.rank * size)
-        return Shard(start, min(numel, start + size), size)
+        return shard_of(numel, self.rank, self.world)
 
     def padded(self, numel: int) -> int:
         """Buffer length that holds a unit and its shard padding."""

@@ -82,7 +82,16 @@ from streamer.optim import OptimConfig, clip_coefficient
 from streamer.parallel import DataParallel
 from streamer.state import BLOCK, FORMATS, use_fused
 from streamer.stats import StepStats
-from streamer.store import BUFFERS, CHECKPOINT_BUFFERS, DiskStore, HostStore, RamStore, SplitStore, UnitLayout
+from streamer.store import (
+    BUFFERS,
+    CHECKPOINT_BUFFERS,
+    DiskStore,
+    HostStore,
+    RamStore,
+    SplitStore,
+    UnitLayout,
+    store_folder,
+)
 
 UPDATED = ("param", "exp_avg", "exp_avg_sq")  # what an update writes back (it consumes the gradient)
 
@@ -456,7 +465,7 @@ class StreamEngine:
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
         owned = [(dp.shard(lay.numel).start, dp.shard(lay.numel).stop) for lay in layouts]
-        folder = out / "store" / (f"rank{dp.rank}" if dp.world > 1 else "")
+        folder = store_folder(out, dp.rank, dp.world)
         fmt = FORMATS[state]
         pin = device.type == "cuda"  # see streamer.store's [Note: page-locking the RAM tier]
         # Start-up is reported (run.json): for a 20B state it is minutes, not seconds.
@@ -1347,7 +1356,7 @@ class StreamEngine:
         order). The compact formats' moments are coded in blocks that start at their
         shard, so they are decoded from the saved blocks and coded again in the new
         shard's (to the nearest code: one more rounding of the kind every update makes)."""
-        from streamer.checkpoint import CorruptCheckpointError, TensorFile
+        from streamer.checkpoint import CorruptCheckpointError, TensorFile, overlapping_shards
         from streamer.state import decode_part, encode
 
         fmt = self.store.format
@@ -1357,7 +1366,8 @@ class StreamEngine:
 
         def shards(unit: int) -> list[tuple[TensorFile, int, int]]:
             """The saved shards of `unit` that this rank reads, with their [first, stop)."""
-            ranks = [self.dp.rank] if saved_world == self.dp.world else list(range(saved_world))
+            ranks = [self.dp.rank] if saved_world == self.dp.world else overlapping_shards(
+                self.layouts[unit].numel, self.dp.rank, self.dp.world, saved_world)
             found = []
             for rank in ranks:
                 source = TensorFile(folder / f"unit-{unit:05d}-rank{rank}.safetensors")

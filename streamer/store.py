@@ -331,6 +331,31 @@ class _Lane:
     writer: ThreadPoolExecutor
 
 
+def store_folder(out: Path, rank: int, world: int) -> Path:
+    """Where rank `rank` of `world` keeps its disk tier under --out."""
+    return out / "store" / (f"rank{rank}" if world > 1 else "")
+
+
+def stale_store(out: Path, saved_world: int, world: int) -> list[Path]:
+    """What a run of `saved_world` processes left under --out/store that a resume by
+    `world` processes will not reuse: the top level's unit files (one process) or the
+    rank folders (several) no rank of the new world has. A store is never read on
+    resume (it is rebuilt from the checkpoint), so these are dead bytes."""
+    root = out / "store"
+    if saved_world == world or not root.is_dir():
+        return []
+    if saved_world == 1:
+        return sorted(root.glob("unit_*.safetensors"))
+    kept = {store_folder(out, rank, world) for rank in range(world)} if world > 1 else set()
+    return sorted(p for p in root.glob("rank*") if p.is_dir() and p not in kept)
+
+
+def allocated_bytes(paths: list[Path]) -> int:
+    """Disk blocks the files (or folders of files) take: a store's files are sparse."""
+    files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+    return sum(f.stat().st_blocks * 512 for f in files)
+
+
 class DiskStore(HostStore):
     """One safetensors file per unit holding the format's flat buffers."""
 

@@ -44,6 +44,7 @@ from streamer.optim import OptimConfig, lr_at
 from streamer.parallel import DataParallel
 from streamer.state import fused_mode
 from streamer.stats import StepStats
+from streamer.store import allocated_bytes, stale_store
 
 
 @dataclass
@@ -252,15 +253,16 @@ def check_grad_sync(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.devi
 
 
 def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device: torch.device,
-                    dtype: torch.dtype) -> float:
-    """A streamed model's state must fit host RAM or the disk under --out, and its
-    step the --max-memory limit when one is given. Returns the bytes the store will
-    write under --out (its disk part)."""
+                    dtype: torch.dtype, reclaimed: int = 0) -> float:
+    """A streamed model's state must fit host RAM or the disk under --out (with
+    `reclaimed` bytes more free: a stale store about to go), and its step the
+    --max-memory limit when one is given. Returns the bytes the store will write under
+    --out (its disk part)."""
     from streamer import planner
 
     available = planner.host_available(cfg.host_memory_gib)
-    offload = planner.choose_offload(model_cfg, available, shutil.disk_usage(_existing(out)).free, cfg.offload,
-                                     cfg.state)
+    free = shutil.disk_usage(_existing(out)).free + reclaimed
+    offload = planner.choose_offload(model_cfg, available, free, cfg.offload, cfg.state)
     ram_units = planner.split_ram_units(model_cfg, available, cfg.state) if offload == "split" else None
     counts = planner.unit_param_counts(model_cfg)
     on_disk = planner.state_bytes(cfg.state)[0] * sum(counts[planner.units_in_ram(len(counts), offload, ram_units):])
@@ -362,10 +364,22 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
     BatchSampler(cfg.training_tokens(tokens), cfg.seq_len, cfg.seed)  # refuses data shorter than one sequence
     out = Path(cfg.out) if cfg.out else default_out(cfg.model)
     check_out_dir(out, cfg.resume)
-    store_bytes = check_plan_fits(cfg, model_cfg, out, device, dtype) if cfg.mode == "stream" else 0
-    if cfg.save_final:  # a resumed run's store is already on the disk: its free space excludes it
-        check_final_fits(cfg, model_cfg, out, 0 if cfg.resume else store_bytes)
+    # A resume by another number of processes rebuilds the store in another layout: the
+    # old one's files are dead (see streamer.store.stale_store), and go once the run is
+    # known to start.
+    found = newest_manifest(out) if cfg.resume and cfg.mode == "stream" else None
+    stale = stale_store(out, int(found[1].get("world", 1)), world) if found else []
+    reclaimed = allocated_bytes(stale)
+    store_bytes = check_plan_fits(cfg, model_cfg, out, device, dtype, reclaimed) if cfg.mode == "stream" else 0
+    if cfg.save_final:  # a resumed run's store is already on the disk (its free space excludes it), unless
+        # it is rebuilt in another layout, beside the old one's bytes about to be freed
+        check_final_fits(cfg, model_cfg, out, store_bytes - reclaimed if stale else 0 if cfg.resume else store_bytes)
     warnings = check_resumable(cfg, model_cfg, out, world) if cfg.resume else []
+    for path in stale:  # every rank may try: the first to reach a path removes it
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     if cfg.init_from and not (cfg.resume and newest_manifest(out)):  # a checkpoint's weights win
         open_pretrained(cfg.init_from, model_cfg).close()
     return Preflight(model_cfg, device, dtype, tokens, out, warnings)

@@ -64,23 +64,28 @@ def test_n_ranks_equal_one_rank_with_n_times_the_batch(tmp_path, model, nproc, g
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(many[1][1], abs=1e-5)
 
 
-@pytest.mark.parametrize(("state", "tolerance", "worlds"), [("fp32", 1e-5, ((1, 4), (4, 1))),
-                                                             ("compact8", 1e-2, ((1, 4),))])
-def test_a_run_resumes_on_another_number_of_processes(tmp_path, state, tolerance, worlds):
+@pytest.mark.parametrize(("state", "tolerance", "worlds", "offload"), [("fp32", 1e-5, ((1, 4), (4, 1)), "disk"),
+                                                                        ("compact8", 1e-2, ((1, 4),), "ram")])
+def test_a_run_resumes_on_another_number_of_processes(tmp_path, state, tolerance, worlds, offload):
     """A 2-rank run's checkpoint after step 2, resumed by 1 process and by 4 (compact8:
     by 1) with the same global batch. Float32 state is resharded exactly, so the last steps' losses, the
     held-out loss and the final weights are the 2-rank run's (to float32 summation
     order). Compact8's bf16 weights are resharded exactly too (the first resumed step's
     loss is the run's to 1e-5); its moments, coded again in the new shards' blocks, and
-    the stochastic rounding, drawn per shard, keep the rest within rounding's reach."""
+    the stochastic rounding, drawn per shard, keep the rest within rounding's reach.
+    A disk tier is rebuilt in the new layout and the old layout's files removed."""
     import shutil
 
     flags = ("--state", state)
-    two, two_w = _train(tmp_path / "two", "tiny-neox", 2, 2, extra=flags)
+    two, two_w = _train(tmp_path / "two", "tiny-neox", 2, 2, offload=offload, extra=flags)
     for nproc, batch in worlds:
         out = tmp_path / f"from-two-on-{nproc}"
         shutil.copytree(tmp_path / "two", out, ignore=shutil.ignore_patterns("step-00000004", "final"))
-        resumed, resumed_w = _train(out, "tiny-neox", nproc, batch, extra=(*flags, "--resume"))
+        resumed, resumed_w = _train(out, "tiny-neox", nproc, batch, offload=offload, extra=(*flags, "--resume"))
+        if offload == "disk":  # the 2-process store's layout is gone, the new one's files are there
+            store = sorted(p.name for p in (out / "store").iterdir())
+            assert store == ([f"rank{r}" for r in range(nproc)] if nproc > 1 else
+                             [f"unit_{u:05d}.safetensors" for u in range(len(store))]), store
         assert resumed[:2] == two[:2], "the first steps are the checkpointed run's own rows"
         assert resumed[2][0] == pytest.approx(two[2][0], abs=1e-5), "the weights are the saved ones"
         assert [loss for loss, _ in resumed[2:]] == pytest.approx([loss for loss, _ in two[2:]], abs=tolerance)

@@ -261,12 +261,10 @@ class Footprint:
 
     @classmethod
     def of(cls, cfg: ModelConfig, dtype: torch.dtype) -> Footprint:
+        from streamer.planner import streamed_inference_params, unit_param_counts
+
         size = torch.finfo(dtype).bits // 8
-        with torch.device("meta"):
-            numels = [sum(p.numel() for p in build_unit(cfg, i).parameters()) for i in range(cfg.n_layer + 2)]
-        ring = numels[1:] if cfg.tie_embeddings else numels
-        streamed = 2 * max(ring) + (numels[0] if cfg.tie_embeddings else 0)
-        return cls(sum(numels) * size, streamed * size)
+        return cls(sum(unit_param_counts(cfg)) * size, streamed_inference_params(cfg) * size)
 
 
 def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, sequences: int, positions: int) -> int:

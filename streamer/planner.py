@@ -260,6 +260,36 @@ def unit_param_counts(cfg: ModelConfig) -> list[int]:
     return [embed, *([block] * cfg.n_layer), head]
 
 
+def streamed_inference_params(cfg: ModelConfig) -> int:
+    """Parameters a model streamed for inference keeps on the device: two units' buffers
+    (the one computing, the next arriving) and a tied embedding table, which the head
+    reads (streamer.inference's [Note: streamed inference])."""
+    counts = unit_param_counts(cfg)
+    ring = counts[1:] if cfg.tie_embeddings else counts
+    return 2 * max(ring) + (counts[0] if cfg.tie_embeddings else 0)
+
+
+@dataclass(frozen=True)
+class SamplingEstimate:
+    """A sampled token's floor on a profile, one pass over the model: held whole, every
+    weight read once from device memory; streamed, every weight over the link once."""
+
+    weight_bytes: float  # in the compute dtype
+    held_fits: bool  # the weights alone in 90% of the device's memory (caches and activations need the rest)
+    streamed_device_bytes: float
+    held_s_per_token: float
+    streamed_s_per_token: float
+
+
+def sampling_estimate(cfg: ModelConfig, profile: DeviceProfile) -> SamplingEstimate:
+    weights = sum(unit_param_counts(cfg)) * profile.compute_bytes
+    # Device memory bandwidth: the profile's HBM-bound update rate, the closest figure it has.
+    held = weights / profile.device_update_bytes_per_s
+    return SamplingEstimate(weights, weights <= 0.9 * profile.device_memory_bytes,
+                            streamed_inference_params(cfg) * profile.compute_bytes, held,
+                            max(held, weights / profile.h2d_bytes_per_s))
+
+
 def _unit_flops_per_token(cfg: ModelConfig, seq_len: int) -> list[float]:
     """Forward FLOPs per token for each unit (the embedding lookup is free; a tied head
     is a matmul over the embedding table)."""
@@ -1469,10 +1499,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
         if not short and units_in_ram(plan.n_units, other, other_units) > in_ram:
             with contextlib.suppress(UserError):  # it may not fit --max-memory: then there is nothing to weigh
                 alternatives.append(plan_for(smaller, other, other_units))
+    sampling = sampling_estimate(cfg, profile) if profile.device_memory_bytes else None  # a GPU's
     if args.json:
         print(json.dumps({**asdict(plan), "fits": not shortfall, "shortfall": shortfall, "profile": asdict(profile),
                           "smaller_state": asdict(alternatives[0]) if alternatives else None,
-                          "smaller_states": [asdict(a) for a in alternatives]}, indent=2))
+                          "smaller_states": [asdict(a) for a in alternatives],
+                          "sampling": asdict(sampling) if sampling else None}, indent=2))
         return
     print(format_plan(plan, profile))
     if shortfall:
@@ -1482,6 +1514,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(f"  --state {alternative.state} ({state_bytes(alternative.state)[0]:.2f} bytes/parameter) would "
               f"{'fit, with' if shortfall else 'keep'} {where}: predicted step {alternative.predicted_step_s:.3f} s, "
               f"device memory {alternative.device_bytes / 2**30:.2f} GiB")
+    if sampling:
+        held = (f"held whole ({sampling.weight_bytes / 2**30:.1f} GiB) at least {sampling.held_s_per_token:.3f} s"
+                if sampling.held_fits else f"too large to hold whole ({sampling.weight_bytes / 2**30:.1f} GiB)")
+        print(f"  streamer sample, a token: {held}; streamed ({sampling.streamed_device_bytes / 2**30:.1f} GiB on "
+              f"the device) at least {sampling.streamed_s_per_token:.3f} s, for all samples together")
 
 
 def bound_text(plan: Plan) -> str:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ import torch
 from models import GPT
 from streamer.errors import UserError
 from streamer.inference import data_tokenizer, model_config, open_weights, weights_folder
+from streamer.io import atomic_write_bytes
 from streamer.train import resolve_dtype
 
 
@@ -49,10 +48,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as exc:  # an architecture no family expresses; a bad or crafted file
         raise UserError(f"cannot export '{folder}': {exc}") from None
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, out / ".tokenizer.json.tmp")
-        with open(out / ".tokenizer.json.tmp", "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(out / ".tokenizer.json.tmp", out / "tokenizer.json")
+        atomic_write_bytes(out / "tokenizer.json", Path(tokenizer).read_bytes())
     size = sum(f.stat().st_size for f in files)
     print(f"wrote {cfg.name} as a Hugging Face {json.loads((out / 'config.json').read_text())['model_type']} "
           f"checkpoint in {out}: {len(files)} file(s), {size / 1e9:.2f} GB in {str(stored).removeprefix('torch.')}"

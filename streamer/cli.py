@@ -102,6 +102,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-tokenizer", type=int, default=None, metavar="VOCAB",
                    help="learn a byte-level BPE of VOCAB tokens from the inputs first, written beside --out as "
                         "STEM.tokenizer.json, and tokenize with it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -259,7 +260,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from streamer.data import prepare
 
-    meta = prepare(args.out, args.inputs or None, args.tokenizer, args.train_tokenizer)
+    meta = prepare(args.out, args.inputs or None, args.tokenizer, args.train_tokenizer, progress=not args.no_progress)
     learned = f", with the tokenizer it learned: {meta['tokenizer']}" if args.train_tokenizer else ""
     print(f"wrote {meta['n_tokens']:,} tokens ({meta['dtype']}, vocab {meta['vocab_size']}) "
           f"from {meta['n_files']} files to {args.out}{learned}")

@@ -238,3 +238,101 @@ def test_prepare_learns_a_byte_level_tokenizer(tmp_path: Path, fails_in_one_line
         "two tokenizers": ([str(inputs[0]), "--out", str(tmp_path / "t.npy"), "--train-tokenizer", "300",
                             "--tokenizer", str(learned)], ["both given"]),
     })
+
+
+def stdlib_text(n_bytes: int) -> bytes:
+    """Real text: standard-library sources, in order, up to about `n_bytes`."""
+    text = bytearray()
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        text += path.read_bytes()
+        if len(text) >= n_bytes:
+            break
+    return bytes(text)
+
+
+def test_a_large_file_is_tokenized_in_pieces_into_the_whole_files_tokens(tmp_path: Path, monkeypatch) -> None:
+    """A file larger than a piece is read, decoded and tokenized a piece at a time, yet
+    its tokens are those of the whole file, as bytes and as byte-level BPE."""
+    pytest.importorskip("tokenizers")
+    from streamer import data
+    from streamer.data import HFTokenizer, text_pieces, train_tokenizer
+
+    big = tmp_path / "big.py"
+    big.write_bytes(stdlib_text(400_000))
+    monkeypatch.setattr(data, "PIECE_BYTES", 4096)
+    monkeypatch.setattr(data, "LONGEST_PIECE", 10**6)  # no cut where tokens could change
+    pieces = list(text_pieces(big))
+    assert len(pieces) > 10
+    assert "".join(pieces) == big.read_text(encoding="utf-8", errors="replace")
+
+    prepare(tmp_path / "bytes.npy", [big])
+    assert np.load(tmp_path / "bytes.npy").astype(np.uint8).tobytes() == big.read_bytes()
+    tokenizer = HFTokenizer(train_tokenizer([big], 1000, tmp_path / "tokenizer.json"))
+    prepare(tmp_path / "bpe.npy", [big], tmp_path / "tokenizer.json")
+    whole = tokenizer._tok.encode(big.read_text(encoding="utf-8"), add_special_tokens=False).ids
+    assert np.load(tmp_path / "bpe.npy", mmap_mode="r").tolist() == whole
+
+
+def test_a_long_line_without_a_cut_is_cut_anyway_and_keeps_its_text(tmp_path: Path, monkeypatch) -> None:
+    """Minified text, one line with no token-exact cut, is still read in bounded pieces
+    (never inside a character), and bytes, undecodable ones included, come out as the
+    whole file's."""
+    from streamer import data
+    from streamer.data import text_pieces
+
+    line = ("caf\u00e9 \u2713 x=1;" * 3000).encode() + b"\xff\xfe broken" + "\U0001f600".encode() * 2000
+    path = tmp_path / "min.js"
+    path.write_bytes(line)
+    monkeypatch.setattr(data, "PIECE_BYTES", 1024)
+    monkeypatch.setattr(data, "LONGEST_PIECE", 4)
+    pieces = list(text_pieces(path))
+    assert len(pieces) > 10 and max(len(p.encode()) for p in pieces) <= (4 + 1) * 1024
+    assert "".join(pieces) == line.decode("utf-8", errors="replace")
+    prepare(tmp_path / "tokens.npy", [path])
+    assert np.load(tmp_path / "tokens.npy").astype(np.uint8).tobytes() == line.decode(
+        "utf-8", errors="replace").encode()
+
+
+def test_a_full_disk_leaves_the_old_token_file_and_no_partial_one(tmp_path: Path, monkeypatch) -> None:
+    """The token file grows under a temporary name: a disk that fills midway is one
+    clear error, the file from before is intact, and nothing half-written stays."""
+    import errno
+
+    from streamer.data import TokenFileWriter
+
+    text = tmp_path / "text.txt"
+    text.write_bytes(stdlib_text(100_000))
+    out = tmp_path / "tokens.npy"
+    prepare(out, [text])
+    before = out.read_bytes()
+    appended = []
+
+    def append(self, tokens: np.ndarray) -> None:
+        appended.append(tokens.size)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TokenFileWriter, "append", append)
+    with pytest.raises(UserError, match="the disk filled while writing .*tokens.npy.* free space"):
+        prepare(out, [text, text])
+    assert appended and out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt", "tokens.npy", "tokens.npy.json"]
+
+
+def test_line_ends_are_read_as_python_reads_text(tmp_path: Path, monkeypatch) -> None:
+    """CRLF and CR line ends become LF, as `Path.read_text` makes them, in a file read
+    whole and in one read in pieces, cut at ordinary places or, with no such place, anyway."""
+    from streamer import data
+
+    monkeypatch.setattr(data, "PIECE_BYTES", 1024)
+    monkeypatch.setattr(data, "LONGEST_PIECE", 2)
+    cases = {"small.txt": b"a\r\nb\rc\n", "crlf.txt": b"x = 1\r\ny = 2\r\n" * 500,
+             "cut-anyway.txt": (b"z" * 1500 + b"\r\n" + b"w" * 700 + b"\r") * 20}
+    for name, raw in cases.items():
+        path = tmp_path / name
+        path.write_bytes(raw)
+        prepare(tmp_path / "tokens.npy", [path])
+        tokens = np.load(tmp_path / "tokens.npy").astype(np.uint8).tobytes()
+        assert tokens == path.read_text().encode() and b"\r" not in tokens, name
+    # A CRLF between two lines of text is an ordinary cut: a piece every block read.
+    pieces = list(data.text_pieces(tmp_path / "crlf.txt"))
+    assert len(pieces) >= len(cases["crlf.txt"]) // 1024 and all(p.endswith(("1\n", "2\n")) for p in pieces)

@@ -672,9 +672,10 @@ def save_hf(model: GPT, directory: str | os.PathLike[str]) -> None:
 
 
 def write_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], directory: str | os.PathLike[str],
-             dtype: torch.dtype, shard_bytes: float = math.inf) -> list[Path]:
+             dtype: torch.dtype, shard_bytes: float = math.inf, eos_token_id: int | None = None) -> list[Path]:
     """Write a Hugging Face checkpoint of `cfg` from our named parameters, in `dtype`;
-    returns the files written.
+    returns the files written. `eos_token_id`, the token that ends a text, goes into
+    config.json, where generation reads it.
 
     `tensors` may be read lazily (`Pretrained.tensor`, a name at a time): a shard is
     written once it would pass `shard_bytes`, so a model larger than memory is written
@@ -693,6 +694,7 @@ def write_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dire
         "vocab_size": cfg.vocab_size,
         **adapter.config_to_hf(cfg),
         "dtype": str(dtype).removeprefix("torch."),
+        **({"eos_token_id": eos_token_id} if eos_token_id is not None else {}),
     }
     directory.mkdir(parents=True, exist_ok=True)
     shard: dict[str, torch.Tensor] = {}

@@ -102,6 +102,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-tokenizer", type=int, default=None, metavar="VOCAB",
                    help="learn a byte-level BPE of VOCAB tokens from the inputs first, written beside --out as "
                         "STEM.tokenizer.json, and tokenize with it")
+    p.add_argument("--separator", default=None, metavar="TOKEN",
+                   help="a token of the tokenizer to put after each file, each a document (GPT-2's: "
+                        "'<|endoftext|>'), so that a model learns where texts end; 'sample' stops there and "
+                        "'export' names it the end-of-text token (default: files joined as they are)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -260,10 +264,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from streamer.data import prepare
 
-    meta = prepare(args.out, args.inputs or None, args.tokenizer, args.train_tokenizer, progress=not args.no_progress)
+    meta = prepare(args.out, args.inputs or None, args.tokenizer, args.train_tokenizer,
+                   progress=not args.no_progress, separator=args.separator)
     learned = f", with the tokenizer it learned: {meta['tokenizer']}" if args.train_tokenizer else ""
+    separated = f", each file followed by token {meta['separator']}" if meta["separator"] is not None else ""
     print(f"wrote {meta['n_tokens']:,} tokens ({meta['dtype']}, vocab {meta['vocab_size']}) "
-          f"from {meta['n_files']} files to {args.out}{learned}")
+          f"from {meta['n_files']} files to {args.out}{separated}{learned}")
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -85,23 +85,39 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
 
+    def token_id(self, text: str) -> int | None:
+        """The id of the token that is exactly `text`, if the vocabulary has one."""
+        return self._tok.token_to_id(text)
+
     def encode_pieces(self, pieces: list[str]) -> list[np.ndarray]:
-        """Pieces of text (`text_pieces`) tokenized in parallel, without special tokens."""
+        """Pieces of text (`text_pieces`) tokenized in parallel, without special tokens:
+        none is added, and a special token's text in the pieces (a document about GPT-2
+        that writes `<|endoftext|>`) is read as the text it is, so that only `prepare`
+        puts the separator's id in the data."""
         # encode_batch_fast (tokenizers >= 0.20) skips the offsets: 1.6 times as fast
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        encodings = encode(pieces, add_special_tokens=False)
+        as_text = getattr(self._tok, "encode_special_tokens", None)  # tokenizers >= 0.19
+        if as_text is not None:
+            self._tok.encode_special_tokens = True
+        try:
+            encodings = encode(pieces, add_special_tokens=False)
+        finally:
+            if as_text is not None:
+                self._tok.encode_special_tokens = as_text
         return [np.asarray(encoding.ids, dtype=np.uint32) for encoding in encodings]
 
 
-def train_tokenizer(files: list[Path], vocab_size: int, out: Path) -> Path:
+def train_tokenizer(files: list[Path], vocab_size: int, out: Path, separator: str | None = None) -> Path:
     """Learn a byte-level BPE of `vocab_size` tokens from the files (GPT-2's scheme: all
     256 bytes are tokens, so no text is ever unknown, and the merges make the rest),
-    and write it to `out` as a Hugging Face tokenizer.json. No special token: `prepare`
-    joins files without a separator, and any text, that of a special token included,
-    decodes back as it was. The text is read in pieces (`text_pieces`), so a corpus
-    larger than memory can teach one."""
-    if vocab_size < BYTE_VOCAB:
-        raise UserError(f"--train-tokenizer needs at least {BYTE_VOCAB} tokens (one per byte), got {vocab_size}")
+    and write it to `out` as a Hugging Face tokenizer.json. Its only special token is
+    `separator`, if given (`prepare` puts it between documents); any other text, that
+    of a special token included, decodes back as it was. The text is read in pieces
+    (`text_pieces`), so a corpus larger than memory can teach one."""
+    least = BYTE_VOCAB + (separator is not None)
+    if vocab_size < least:
+        raise UserError(f"--train-tokenizer needs at least {least} tokens (one per byte"
+                        f"{', and the separator' if separator is not None else ''}), got {vocab_size}")
     try:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     except ImportError:
@@ -110,7 +126,8 @@ def train_tokenizer(files: list[Path], vocab_size: int, out: Path) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[separator] if separator is not None else [])
     tokenizer.train_from_iterator((piece for path in files for piece in text_pieces(path)), trainer)
     atomic_write_bytes(out, tokenizer.to_str().encode())
     return out
@@ -228,7 +245,7 @@ class TokenFileWriter:
 
 
 def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | None = None,
-            train_vocab: int | None = None, progress: bool = False) -> dict:
+            train_vocab: int | None = None, progress: bool = False, separator: str | None = None) -> dict:
     """Tokenize text files (default: the standard library) into `out` (.npy) plus `out`.json.
     With `train_vocab`, a byte-level BPE of that many tokens is first learned from the
     same files and written beside `out` (`STEM.tokenizer.json`), and the files are
@@ -237,15 +254,29 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
 
     The text streams through: files are read in pieces ([Note: token-exact pieces]),
     tokenized a batch of pieces at a time and appended to the token file, so memory
-    stays bounded whatever the corpus's size. No special token is added, at a file's
-    start or end: files are joined as they are."""
+    stays bounded whatever the corpus's size. Each file is a document: `separator`, a
+    token of the tokenizer (GPT-2's `<|endoftext|>`), follows each one, and the sidecar
+    records its id, so that a model learns where a text ends and `sample` stops there.
+    Without it nothing is added: files are joined as they are."""
     files = list(iter_text_files(inputs)) if inputs else stdlib_files()
+    if separator is not None and tokenizer_path is None and train_vocab is None:
+        raise UserError("--separator needs a tokenizer with a token for it (bytes have none to spare): pass "
+                        "--tokenizer, or --train-tokenizer to learn one with it")
     if train_vocab is not None:
         if tokenizer_path is not None:
             raise UserError("--tokenizer and --train-tokenizer both given: use one tokenizer, or learn one")
+        if separator is not None:  # before learning a tokenizer, so that an empty one fails fast
+            _separator_text(separator)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tokenizer_path = train_tokenizer(files, train_vocab, Path(out).with_suffix(".tokenizer.json")).resolve()
+        tokenizer_path = train_tokenizer(files, train_vocab, Path(out).with_suffix(".tokenizer.json"),
+                                         separator).resolve()
     tokenizer = HFTokenizer(tokenizer_path) if tokenizer_path else ByteTokenizer()
+    separator_id = None
+    if separator is not None:
+        separator_id = tokenizer.token_id(_separator_text(separator))
+        if separator_id is None:
+            raise UserError(f"--separator '{separator}' is not a token of {tokenizer.name}: name one of its tokens "
+                            "(GPT-2's and GPT-NeoX's end texts with '<|endoftext|>')")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,9 +286,12 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
         with atomic_path(out) as tmp:
             writer = TokenFileWriter(tmp, dtype)
             try:
-                for batch, n_bytes in _batches(files):
-                    for tokens in tokenizer.encode_pieces(batch):
+                ends = np.array([separator_id if separator_id is not None else 0], dtype=dtype)
+                for batch, n_bytes, last in _batches(files):
+                    for tokens, ends_a_file in zip(tokenizer.encode_pieces(batch), last):
                         writer.append(tokens)
+                        if ends_a_file and separator_id is not None:
+                            writer.append(ends)
                     bar.update(n_bytes)
             finally:
                 writer.close()
@@ -271,24 +305,44 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
     finally:
         bar.close()
     meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "dtype": str(dtype),
-            "n_tokens": writer.n_tokens, "n_files": len(files)}
+            "n_tokens": writer.n_tokens, "n_files": len(files), "separator": separator_id}
     atomic_write_json(meta_path(out), meta)
     return meta
 
 
-def _batches(files: list[Path]) -> Iterator[tuple[list[str], int]]:
+def _batches(files: list[Path]) -> Iterator[tuple[list[str], int, list[bool]]]:
     """The files' pieces, in order, gathered into batches of about `BATCH_BYTES`, each
-    with the bytes read for it."""
-    batch, size = [], 0
+    with the bytes read for it and, for each piece, whether it ends its file (a file
+    without text has no piece)."""
+    batch, size, last = [], 0, []
     for path in files:
-        for n_bytes, piece in _sized_pieces(path):
+        for n_bytes, piece, ends_file in _marked_pieces(path):
             batch.append(piece)
+            last.append(ends_file)
             size += n_bytes
             if size >= BATCH_BYTES:
-                yield batch, size
-                batch, size = [], 0
+                yield batch, size, last
+                batch, size, last = [], 0, []
     if batch:
-        yield batch, size
+        yield batch, size, last
+
+
+def _marked_pieces(path: Path) -> Iterator[tuple[int, str, bool]]:
+    """`_sized_pieces`, each marked True if it is the file's last: a piece is held back
+    until the next one shows it is not."""
+    held = None
+    for sized in _sized_pieces(path, PIECE_BYTES):
+        if held is not None:
+            yield (*held, False)
+        held = sized
+    if held is not None:
+        yield (*held, True)
+
+
+def _separator_text(separator: str) -> str:
+    if not separator:
+        raise UserError("--separator is empty: name a token, such as '<|endoftext|>'")
+    return separator
 
 
 def meta_path(tokens_path: Path) -> Path:

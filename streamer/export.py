@@ -6,7 +6,8 @@ interleaves) every tensor into the family's layout (`models.hf.write_hf`), a ten
 a time into shards of `--shard-size`, so a 20B model is written without being held,
 and copies the run's tokenizer.json beside it when the run's data names one: the
 folder then loads with `AutoModelForCausalLM.from_pretrained` and decodes with its own
-tokenizer.
+tokenizer. The token the run's data put after each document (`prepare --separator`)
+becomes the config's `eos_token_id`, where generation stops.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from models import GPT
 from streamer.errors import UserError
-from streamer.inference import data_tokenizer, model_config, open_weights, weights_folder
+from streamer.inference import data_tokenizer, end_of_text, model_config, open_weights, weights_folder
 from streamer.io import atomic_write_bytes
 from streamer.train import resolve_dtype
 
@@ -44,7 +45,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         with open_weights(folder, cfg) as weights:
             stored = dtype or weights.tensor(names[0]).dtype  # auto: as the run stored them
             files = write_hf(cfg, ((name, weights.tensor(name)) for name in names), out, stored,
-                             shard_bytes=args.shard_size * 1e9)
+                             shard_bytes=args.shard_size * 1e9, eos_token_id=end_of_text(folder, path))
     except (OSError, ValueError) as exc:  # an architecture no family expresses; a bad or crafted file
         raise UserError(f"cannot export '{folder}': {exc}") from None
     if tokenizer is not None:

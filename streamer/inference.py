@@ -185,18 +185,45 @@ def run_record(path: Path) -> dict | None:
     return None
 
 
-def data_tokenizer(path: Path) -> Path | None:
-    """The tokenizer.json the run's data was prepared with (its token file's sidecar
-    names it), if `path` is a run's and the file is still there."""
+def data_sidecar(path: Path) -> dict:
+    """What the sidecar of the run's token file records (`streamer.data.prepare`), if
+    `path` is a run's and the file is still there; else nothing."""
     record = run_record(path)
     data = record["train"].get("data") if record else None
     if not data:
-        return None
+        return {}
     try:
-        name = json.loads(Path(str(data) + ".json").read_text()).get("tokenizer")
-    except (OSError, ValueError, AttributeError):
-        return None
+        meta = json.loads(Path(str(data) + ".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def data_tokenizer(path: Path) -> Path | None:
+    """The tokenizer.json the run's data was prepared with (its token file's sidecar
+    names it), if `path` is a run's and the file is still there."""
+    name = data_sidecar(path).get("tokenizer")
     return Path(name) if isinstance(name, str) and name != "bytes" and Path(name).is_file() else None
+
+
+def data_separator(path: Path) -> int | None:
+    """The token that ends each document of the run's data (`prepare --separator`), if any."""
+    separator = data_sidecar(path).get("separator")
+    return separator if isinstance(separator, int) and not isinstance(separator, bool) else None
+
+
+def end_of_text(folder: Path, given: Path | None = None) -> int | None:
+    """The checkpoint's end-of-text token: a Hugging Face config's `eos_token_id` (an
+    export of a run names its data's separator so), else, when `given` (the folder
+    named) is a run's or one of its checkpoints, the token its data put after each
+    document (`prepare --separator`); None where there is none (text prepared without)."""
+    try:
+        eos = json.loads((folder / "config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        eos = None
+    if isinstance(eos, int) and not isinstance(eos, bool):
+        return eos
+    return data_separator(given) if given is not None else None
 
 
 def is_checkpoint(folder: Path) -> bool:

@@ -9,7 +9,6 @@ not the whole context's again.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from streamer.inference import (
     Weights,
     activation_bytes,
     data_tokenizer,
+    end_of_text,
     model_config,
     place,
     weights_folder,
@@ -127,16 +127,6 @@ def generate(weights: Weights | GPT, prompt: list[int], cfg: SampleConfig, gener
     return [row[: row.index(cfg.stop)] if cfg.stop in row else row for row in rows]
 
 
-def end_of_text(folder: Path) -> int | None:
-    """The checkpoint's end-of-text token (a Hugging Face config's `eos_token_id`), if it
-    names one: this project's own exports, trained on text without one, do not."""
-    try:
-        eos = json.loads((folder / "config.json").read_text()).get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return eos if isinstance(eos, int) else None
-
-
 def tokenizer_for(cfg: ModelConfig, folder: Path, path: Path | None, given: Path | None = None,
                   ) -> ByteTokenizer | HFTokenizer:
     """--tokenizer (`path`); else the checkpoint's own tokenizer.json; else the one the
@@ -166,7 +156,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     dtype = resolve_dtype(args.dtype, device)
     folder = weights_folder(Path(args.weights))
     model_cfg = model_config(folder)
-    stop = end_of_text(folder) if args.stop_token is None else args.stop_token
+    stop = end_of_text(folder, Path(args.weights)) if args.stop_token is None else args.stop_token
     if stop is not None and not -1 <= stop < model_cfg.vocab_size:
         raise UserError(f"--stop-token must be a token id below {model_cfg.vocab_size} (or -1: none), got {stop}")
     cfg = SampleConfig(new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k or None,

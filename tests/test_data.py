@@ -49,6 +49,7 @@ def test_prepare_writes_byte_tokens_and_sidecar(tmp_path: Path) -> None:
         "dtype": "uint16",
         "n_tokens": len(expected),
         "n_files": 3,
+        "separator": None,
     }
 
 
@@ -336,3 +337,41 @@ def test_line_ends_are_read_as_python_reads_text(tmp_path: Path, monkeypatch) ->
     # A CRLF between two lines of text is an ordinary cut: a piece every block read.
     pieces = list(data.text_pieces(tmp_path / "crlf.txt"))
     assert len(pieces) >= len(cases["crlf.txt"]) // 1024 and all(p.endswith(("1\n", "2\n")) for p in pieces)
+
+
+def test_each_document_ends_with_the_separator(tmp_path: Path, monkeypatch, fails_in_one_line) -> None:
+    """--separator: the token follows each file with text (not an empty one), also where
+    a file is read in several pieces and batches, and only there: a text that writes the
+    token out is read as text. The sidecar records its id; the learned tokenizer holds
+    it as one token."""
+    pytest.importorskip("tokenizers")
+    from streamer import data
+    from streamer.data import HFTokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    inputs = [stdlib / "textwrap.py", tmp_path / "empty.txt", stdlib / "argparse.py", tmp_path / "about.txt"]
+    inputs[1].write_text("")
+    inputs[3].write_text("GPT-2 ends its documents with <|endoftext|>, a token of its own.\n")
+    monkeypatch.setattr(data, "PIECE_BYTES", 8192)
+    monkeypatch.setattr(data, "BATCH_BYTES", 20_000)
+    out = tmp_path / "tokens.npy"
+    meta = prepare(out, inputs, train_vocab=400, separator="<|endoftext|>")
+    tokenizer = HFTokenizer(tmp_path / "tokens.tokenizer.json")
+    separator = tokenizer.token_id("<|endoftext|>")
+    assert meta["separator"] == separator is not None
+    expected = []
+    for path in (inputs[0], inputs[2], inputs[3]):
+        expected += tokenizer.encode_pieces([path.read_text()])[0].tolist() + [separator]
+    tokens = np.load(out).tolist()
+    assert tokens == expected and tokens.count(separator) == 3  # the text's own "<|endoftext|>" is text
+    assert json.loads(meta_path(out).read_text())["separator"] == separator
+    learned = str(tmp_path / "tokens.tokenizer.json")
+    fails_in_one_line("prepare", {
+        "bytes have no token to spare": ([str(inputs[0]), "--out", str(tmp_path / "t.npy"), "--separator", "x"],
+                                         ["--separator needs a tokenizer", "--train-tokenizer"]),
+        "not a token": ([str(inputs[0]), "--out", str(tmp_path / "t.npy"), "--tokenizer", learned,
+                         "--separator", "<|im_end|>"], ["'<|im_end|>' is not a token of"]),
+        "empty": ([str(inputs[0]), "--out", str(tmp_path / "t.npy"), "--train-tokenizer", "300",
+                   "--separator", ""], ["--separator is empty"]),
+    })
+    assert not (tmp_path / "t.npy").exists()

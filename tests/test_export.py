@@ -13,6 +13,7 @@ import torch
 
 from models import GPT, ModelConfig
 from streamer.cli import main
+from streamer.inference import end_of_text
 from streamer.train import TrainConfig, load_final, train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,9 +66,11 @@ def test_a_compact_runs_export_keeps_its_bfloat16_weights(tmp_path: Path, capsys
             assert torch.equal(back[name], tensor[: back[name].shape[0]].to(torch.bfloat16)), (source, name)
 
 
-def test_the_runs_tokenizer_goes_with_it(tmp_path: Path, capsys) -> None:
-    """A run on data prepared with a tokenizer.json: the export carries that file, so
-    `streamer sample` on the export decodes text with it, as it does on the run."""
+def test_the_runs_tokenizer_and_end_of_text_go_with_it(tmp_path: Path, capsys) -> None:
+    """A run on data prepared with a tokenizer.json and a separator after each document:
+    the export carries that file, so `streamer sample` on the export decodes text with
+    it, as it does on the run, and names the separator its end-of-text token: the token
+    at which `streamer sample` stops, on the export as on the run."""
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers.models import BPE
     from tokenizers.pre_tokenizers import Whitespace
@@ -79,13 +82,17 @@ def test_the_runs_tokenizer_goes_with_it(tmp_path: Path, capsys) -> None:
     (tmp_path / "corpus.txt").write_text(text)
     tokenizer = tokenizers.Tokenizer(BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = Whitespace()
-    tokenizer.train_from_iterator([text], BpeTrainer(vocab_size=200, special_tokens=["[UNK]"]))
+    tokenizer.train_from_iterator([text], BpeTrainer(vocab_size=200, special_tokens=["[UNK]", "<|endoftext|>"]))
     tokenizer.save(str(tmp_path / "tokenizer.json"))
-    prepare(tmp_path / "tokens.npy", [tmp_path / "corpus.txt"], tmp_path / "tokenizer.json")
+    prepare(tmp_path / "tokens.npy", [tmp_path / "corpus.txt"], tmp_path / "tokenizer.json", separator="<|endoftext|>")
     run = _run(tmp_path / "run", "tiny", data=str(tmp_path / "tokens.npy"))
     assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
     assert "with its tokenizer.json" in capsys.readouterr().out
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+    separator = tokenizer.token_to_id("<|endoftext|>")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == separator
+    assert end_of_text(tmp_path / "hf") == end_of_text(run / "final", run) == end_of_text(run / "final", run / "final")
+    assert end_of_text(run / "final") is None  # this project's own config.json names none: the run's data does
     greedy = ["--prompt", "the quick", "--tokens", "5", "--device", "cpu", "--temperature", "0"]
     assert main(["sample", str(tmp_path / "hf"), *greedy]) == 0
     from_export = capsys.readouterr().out

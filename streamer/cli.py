@@ -41,7 +41,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm limit; 0 disables")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=None, help="token file from 'streamer prepare' (default: stdlib corpus)")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                   help="token file(s) from 'streamer prepare' (default: stdlib corpus); several are drawn from "
+                        "in the shares --data-weights gives")
+    p.add_argument("--data-weights", nargs="+", type=float, default=None, metavar="W",
+                   help="several --data files: each file's share of the training windows, in their order (any "
+                        "positive numbers; default: the files' sizes)")
     p.add_argument("--out", default=None, help="output directory (default: runs/MODEL-TIMESTAMP)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on CUDA)")
@@ -140,10 +145,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                                     "your data)")
     p.add_argument("weights", metavar="DIR",
                    help="a run folder or its final/ (its settings are the defaults), or a Hugging Face checkpoint")
-    p.add_argument("--data", type=Path, default=None,
-                   help="token file from 'streamer prepare' (default: the run's, else the stdlib as bytes)")
+    p.add_argument("--data", type=Path, nargs="+", default=None, metavar="FILE",
+                   help="token file(s) from 'streamer prepare' (default: the run's, else the stdlib as bytes)")
+    p.add_argument("--data-weights", nargs="+", type=float, default=None, metavar="W",
+                   help="several --data files: each one's share of the windows (default: the run's, else the "
+                        "files' sizes)")
     p.add_argument("--holdout", type=float, default=None,
-                   help="read the last F of the data (default: the run's, else 0.01); 1: all of it")
+                   help="read the last F of the data (of each file; default: the run's, else 0.01); 1: all of it")
     p.add_argument("--tokens", type=int, default=None,
                    help="tokens to read, in evenly spaced windows (default: the run's evaluation, else 16 sequences)")
     p.add_argument("--seq-len", type=int, default=None, help="default: the run's, else the model's context")
@@ -215,7 +223,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         model=args.model, mode=args.mode, steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-        data=args.data, out=args.out, device=args.device, dtype=args.dtype, offload=args.offload,
+        data=args.data[0] if args.data and len(args.data) == 1 else args.data, data_weights=args.data_weights,
+        out=args.out, device=args.device, dtype=args.dtype, offload=args.offload,
         prefetch_depth=args.prefetch_depth, held_units=args.held_units, recompute=args.recompute,
         max_memory_gib=args.max_memory,
         host_memory_gib=args.host_memory,

@@ -7,6 +7,8 @@ data matches its model before it reads a single batch.
 A run that evaluates holds out the file's tail (`holdout_split`): training windows are
 drawn from the rest only, and the held-out loss is measured on the same evenly spaced
 windows of the tail every time (`eval_windows`), so its curve compares like with like.
+A run may train on several token files in fixed shares (`Mixture`, [Note: data
+mixtures]); each keeps its own tail.
 """
 
 from __future__ import annotations
@@ -395,26 +397,85 @@ def load_tokens(path: Path, vocab_size: int) -> np.ndarray:
     return tokens
 
 
-def holdout_split(tokens: np.ndarray, fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training part, held-out tail): the last `fraction` of the tokens, views of the file.
+@dataclass(frozen=True)
+class Mixture:
+    """Several token files trained on in fixed shares ([Note: data mixtures]).
+
+    [Note: data mixtures]
+    `--data A B --data-weights 3 1` draws each training window from A with probability
+    3/4 and from B with 1/4, from anywhere in the file drawn, so the shares hold
+    whatever the files' sizes (a small file of high quality is read more often than its
+    size alone would have it; without weights the shares are the sizes, as if the files
+    were one). Each file keeps its own held-out tail, and an evaluation reads windows
+    from every tail in the same shares, so its loss weighs the files as training does.
+    The draw is a pure function of (seed, step), as with one file."""
+
+    parts: tuple[np.ndarray, ...]
+    weights: tuple[float, ...]  # the shares, summing to 1
+    names: tuple[str, ...]  # for messages: the files
+
+
+Tokens = np.ndarray | Mixture  # one token file, or several in shares
+
+
+def load_data(paths: list[Path], weights: list[float] | None, vocab_size: int) -> Tokens:
+    """One token file (`load_tokens`), or a `Mixture` of several: in the shares
+    `weights` (any positive numbers, normalised), else in proportion to their sizes.
+    Their sidecars must name the same tokenizer: a mixture's ids mean one thing."""
+    if len(paths) == 1 and not weights:
+        return load_tokens(paths[0], vocab_size)
+    if weights is not None and len(weights) != len(paths):
+        raise UserError(f"--data-weights gives {len(weights)} weights for {len(paths)} data files: give one per "
+                        "file, in the same order")
+    if weights is not None and not all(0 < w < float("inf") for w in weights):
+        raise UserError(f"--data-weights must be positive numbers, got {' '.join(f'{w:g}' for w in weights)}")
+    parts = [load_tokens(path, vocab_size) for path in paths]
+    tokenizers = {}
+    for path in paths:
+        try:
+            tokenizers[path] = json.loads(meta_path(path).read_text()).get("tokenizer")
+        except (OSError, ValueError, AttributeError):
+            tokenizers[path] = None  # no sidecar: its ids were checked against the vocabulary only
+    named = {path: name for path, name in tokenizers.items() if name is not None}
+    if len(set(named.values())) > 1:
+        listed = ", ".join(f"'{path}' ({name})" for path, name in named.items())
+        raise UserError(f"the data files were prepared with different tokenizers: {listed}; prepare them all "
+                        "with one (--tokenizer)")
+    shares = weights if weights is not None else [part.size for part in parts]
+    return Mixture(tuple(parts), tuple(w / sum(shares) for w in shares), tuple(str(path) for path in paths))
+
+
+def holdout_split(tokens: Tokens, fraction: float, seq_len: int, name: str = "the data") -> tuple[Tokens, Tokens]:
+    """(training part, held-out tail): the last `fraction` of the tokens, views of the file
+    (of each file of a mixture).
 
     The tail, not random windows, so that no training window can overlap a held-out one;
     with files prepared in order, the tail is whole files the run never trains on."""
+    if isinstance(tokens, Mixture):
+        splits = [holdout_split(part, fraction, seq_len, f"'{path}'") for part, path in zip(tokens.parts, tokens.names)]
+        return (Mixture(tuple(s[0] for s in splits), tokens.weights, tokens.names),
+                Mixture(tuple(s[1] for s in splits), tokens.weights, tokens.names))
     if not 0 < fraction < 1:
         raise UserError(f"--holdout must be a fraction between 0 and 1, got {fraction}")
     cut = tokens.size - round(tokens.size * fraction)
     for part, size in (("held-out", tokens.size - cut), ("training", cut)):
         if size < seq_len + 1:
-            raise UserError(f"the {part} part of the data ({size} of {tokens.size} tokens, --holdout {fraction}) "
+            raise UserError(f"the {part} part of {name} ({size} of {tokens.size} tokens, --holdout {fraction}) "
                             f"is shorter than one sequence of {seq_len + 1}: use more text, "
                             f"{'a larger' if part == 'held-out' else 'a smaller'} --holdout or a shorter --seq-len")
     return tokens[:cut], tokens[cut:]
 
 
-def eval_windows(heldout: np.ndarray, seq_len: int, n_sequences: int) -> tuple[np.ndarray, np.ndarray]:
+def eval_windows(heldout: Tokens, seq_len: int, n_sequences: int) -> tuple[np.ndarray, np.ndarray]:
     """`n_sequences` windows of `seq_len + 1` tokens spread evenly over the held-out
     tokens, as (inputs, targets); fewer when the tail holds fewer disjoint windows, so
-    that none repeats a token another reads. Always the same windows for the same tail."""
+    that none repeats a token another reads. Always the same windows for the same tail.
+    A mixture's: from each file's tail, as many as its share of `n_sequences` (at least
+    one)."""
+    if isinstance(heldout, Mixture):
+        windows = [eval_windows(part, seq_len, max(1, round(n_sequences * share)))
+                   for part, share in zip(heldout.parts, heldout.weights)]
+        return np.concatenate([x for x, _ in windows]), np.concatenate([y for _, y in windows])
     n = max(1, min(n_sequences, heldout.size // (seq_len + 1)))
     starts = np.linspace(0, heldout.size - seq_len - 1, n).round().astype(np.int64)
     windows = np.stack([np.asarray(heldout[s : s + seq_len + 1], dtype=np.int64) for s in starts])
@@ -430,17 +491,27 @@ class BatchSampler:
     exactly the windows an uninterrupted single-process run would.
     """
 
-    tokens: np.ndarray
+    tokens: Tokens
     seq_len: int
     seed: int
 
     def __post_init__(self) -> None:
-        if self.tokens.size < self.seq_len + 1:
-            raise UserError(f"the data holds {self.tokens.size} tokens, fewer than one sequence of "
-                            f"{self.seq_len + 1}: use more text or a shorter --seq-len")
+        parts = zip(self.tokens.parts, self.tokens.names) if isinstance(self.tokens, Mixture) else [
+            (self.tokens, None)]
+        for part, name in parts:
+            if part.size < self.seq_len + 1:
+                raise UserError(f"{f'data file {name!r}' if name else 'the data'} holds {part.size} tokens, fewer "
+                                f"than one sequence of {self.seq_len + 1}: use more text or a shorter --seq-len")
 
     def global_batch(self, step: int, n_sequences: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
-        starts = rng.integers(0, self.tokens.size - self.seq_len, size=n_sequences)
-        windows = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
+        if not isinstance(self.tokens, Mixture):
+            starts = rng.integers(0, self.tokens.size - self.seq_len, size=n_sequences)
+            sources = [self.tokens] * n_sequences
+        else:  # [Note: data mixtures]: a file by its share, then a place in it
+            files = rng.choice(len(self.tokens.parts), size=n_sequences, p=self.tokens.weights)
+            sources = [self.tokens.parts[f] for f in files]
+            starts = (rng.random(n_sequences) * [s.size - self.seq_len for s in sources]).astype(np.int64)
+        windows = np.stack([np.asarray(source[s : s + self.seq_len + 1], dtype=np.int64)
+                            for source, s in zip(sources, starts)])
         return windows[:, :-1], windows[:, 1:]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from models import ModelConfig, loss_fn
-from streamer.data import default_corpus, eval_windows, holdout_split, load_tokens
+from streamer.data import BatchSampler, Tokens, default_corpus, eval_windows, holdout_split, load_data, load_tokens
 from streamer.errors import UserError
 from streamer.inference import Weights, activation_bytes, free_memory, model_config, place, run_record, weights_folder
 from streamer.train import TrainConfig, resolve_device, resolve_dtype
@@ -38,7 +38,8 @@ class EvalConfig:
     """Which windows of which text: `tokens` of it, in sequences of `seq_len`, from the
     last `holdout` of the file (1: all of it), in micro-batches of `batch_size`."""
 
-    data: Path | None  # None: the default corpus (the standard library as bytes)
+    data: tuple[Path, ...]  # none: the default corpus (the standard library as bytes)
+    weights: tuple[float, ...] | None  # several files: their shares (None: their sizes)
     seq_len: int
     holdout: float
     tokens: int
@@ -53,13 +54,12 @@ class EvalConfig:
             if value < 1:
                 raise UserError(f"{flag} must be a positive integer, got {value}")
 
-    def windows(self, tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def windows(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets): the same windows a run's evaluation with these settings reads."""
         if self.holdout < 1:
             tokens = holdout_split(tokens, self.holdout, self.seq_len)[1]
-        elif tokens.size < self.seq_len + 1:
-            raise UserError(f"the data holds {tokens.size} tokens, fewer than one sequence of {self.seq_len + 1}: "
-                            "use more text or a shorter --seq-len")
+        else:
+            BatchSampler(tokens, self.seq_len, seed=0)  # refuses a file shorter than one sequence
         x, y = eval_windows(tokens, self.seq_len, -(-self.tokens // self.seq_len))
         return torch.from_numpy(x), torch.from_numpy(y)
 
@@ -93,9 +93,15 @@ def eval_config(args: argparse.Namespace, cfg: ModelConfig, settings: tuple[Trai
                         f"--seq-len {cfg.block_size} or less")
     if run is not None:  # the run's own evaluation: its windows, however many ranks read them
         run = dataclasses.replace(run, seq_len=seq_len)
-    data = args.data or (Path(run.data) if run and run.data else None)
+    if args.data:
+        data, weights = tuple(args.data), args.data_weights
+    else:
+        data, weights = tuple(run.data_files()) if run else (), args.data_weights or (run.data_weights if run else None)
+    if weights is not None and len(data) < 2:
+        raise UserError("--data-weights shares the windows among several --data files: give two or more, or drop "
+                        "--data-weights")
     return EvalConfig(
-        data=data, seq_len=seq_len,
+        data=data, weights=tuple(weights) if weights else None, seq_len=seq_len,
         holdout=args.holdout if args.holdout is not None else (run.holdout if run else 0.01),
         tokens=given("tokens", run.eval_sequences(world) * seq_len if run else 16 * seq_len),
         batch_size=given("batch_size", run.batch_size if run else 4))
@@ -160,10 +166,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model_cfg = model_config(folder)
     settings = run_settings(path)
     ecfg = eval_config(args, model_cfg, settings)
-    if args.data is None and ecfg.data is not None and not ecfg.data.is_file():
-        raise UserError(f"the run's data '{ecfg.data}' is not there (a path relative to where it was trained?): "
-                        "pass --data")
-    tokens = load_tokens(ecfg.data, model_cfg.vocab_size) if ecfg.data else _default_tokens(model_cfg)
+    for file in ecfg.data if args.data is None else ():
+        if not file.is_file():
+            raise UserError(f"the run's data '{file}' is not there (a path relative to where it was trained?): "
+                            "pass --data")
+    tokens = (load_data(list(ecfg.data), list(ecfg.weights) if ecfg.weights else None, model_cfg.vocab_size)
+              if ecfg.data else _default_tokens(model_cfg))
     x, y = ecfg.windows(tokens)
     weights = place(args.mode, folder, model_cfg, device, dtype, working_bytes(model_cfg, dtype, ecfg),
                     lower="a smaller --batch-size or --seq-len")
@@ -177,7 +185,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     loss = total / count
     where = "all of" if ecfg.holdout == 1 else f"the last {ecfg.holdout * 100:g}% of"
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count, "sequences": len(x),
-              "seq_len": ecfg.seq_len, "holdout": ecfg.holdout, "data": str(ecfg.data or "the standard library"),
+              "seq_len": ecfg.seq_len, "holdout": ecfg.holdout,
+              "data": " + ".join(map(str, ecfg.data)) or "the standard library",
               "model": model_cfg.name, "mode": weights.mode, "device": device.type,
               "dtype": str(dtype).removeprefix("torch."), "passes": -(-len(x) // per_pass), "seconds": seconds,
               "held_out": held_out(settings[0] if settings else None, ecfg)}
@@ -195,7 +204,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def held_out(run: TrainConfig | None, ecfg: EvalConfig) -> bool | None:
     """Whether the windows lie in text the run never trained on: its own data's tail no
     longer than the part it held out (None: not a run's weights, or other data)."""
-    if run is None or ecfg.data != (Path(run.data) if run.data else None):
+    if run is None or ecfg.data != tuple(run.data_files()) or (len(ecfg.data) > 1 and ecfg.weights != (
+            tuple(run.data_weights) if run.data_weights else None)):
         return None
     return bool(run.eval_every) and ecfg.holdout <= run.holdout
 

@@ -190,6 +190,8 @@ def data_sidecar(path: Path) -> dict:
     `path` is a run's and the file is still there; else nothing."""
     record = run_record(path)
     data = record["train"].get("data") if record else None
+    if isinstance(data, list):  # a mixture: its files share one tokenizer
+        data = data[0] if data else None
     if not data:
         return {}
     try:

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -37,7 +36,7 @@ from streamer.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from streamer.data import BatchSampler, default_corpus, eval_windows, holdout_split, load_tokens
+from streamer.data import BatchSampler, Tokens, default_corpus, eval_windows, holdout_split, load_data
 from streamer.errors import UserError
 from streamer.io import atomic_write_json, write_safetensors
 from streamer.optim import OptimConfig, lr_at
@@ -61,7 +60,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
-    data: str | None = None  # a token file from 'streamer prepare'; default: the stdlib corpus
+    # Token files from 'streamer prepare': one (a str), or several (a list) drawn from in
+    # the shares `data_weights` (default: their sizes; streamer.data's [Note: data
+    # mixtures]); None: the stdlib corpus.
+    data: str | list[str] | None = None
+    data_weights: list[float] | None = None
     out: str | None = None
     device: str = "auto"  # auto: cuda when present, else cpu
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
@@ -109,6 +112,9 @@ class TrainConfig:
             raise UserError(f"--eval-tokens must be a positive integer, got {self.eval_tokens}")
         if not 0 < self.holdout < 1:
             raise UserError(f"--holdout must be a fraction between 0 and 1, got {self.holdout}")
+        if self.data_weights is not None and len(self.data_files()) < 2:
+            raise UserError("--data-weights shares the steps among several --data files: give two or more, or "
+                            "drop --data-weights")
         if self.keep <= 0:
             raise UserError(f"--keep must be a positive integer, got {self.keep}")
         if self.resume and not self.out:
@@ -143,6 +149,10 @@ class TrainConfig:
         check_held_units(model_cfg, self.held_units, self.update_on if self.mode == "stream" else "host")
         return model_cfg
 
+    def data_files(self) -> list[Path]:
+        """The token files, none for the default corpus."""
+        return [] if not self.data else [Path(self.data)] if isinstance(self.data, str) else list(map(Path, self.data))
+
     def optim_config(self) -> OptimConfig:
         return OptimConfig(lr=self.lr, min_lr=self.lr / 10 if self.min_lr is None else self.min_lr,
                            warmup_steps=min(self.warmup, self.steps), total_steps=self.steps,
@@ -151,7 +161,7 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.seq_len
 
-    def training_tokens(self, tokens: np.ndarray) -> np.ndarray:
+    def training_tokens(self, tokens: Tokens) -> Tokens:
         """What training samples from: all of the data, or all but the held-out tail."""
         return holdout_split(tokens, self.holdout, self.seq_len)[0] if self.eval_every else tokens
 
@@ -161,7 +171,7 @@ class TrainConfig:
         wanted = -(-(self.eval_tokens or self.tokens_per_step() * world) // self.seq_len)
         return -(-wanted // world) * world
 
-    def eval_passes(self, tokens: np.ndarray, rank: int = 0, world: int = 1
+    def eval_passes(self, tokens: Tokens, rank: int = 0, world: int = 1
                     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """This rank's share of the held-out windows, in micro-batches of --batch-size,
         grouped into passes of at most --grad-accum micro-batches, so that a pass holds no
@@ -341,7 +351,7 @@ class Preflight:
     model_cfg: ModelConfig
     device: torch.device
     dtype: torch.dtype
-    tokens: np.ndarray
+    tokens: Tokens  # one token file, or a mixture of several
     out: Path
     warnings: list[str]
 
@@ -360,7 +370,7 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
                         "drop it, or train with --nproc 1")
     check_grad_sync(cfg, model_cfg, device, world)
     fused_mode()  # the environment's choice of update kernels, read again by every update
-    tokens = load_tokens(Path(cfg.data) if cfg.data else default_corpus(), model_cfg.vocab_size)
+    tokens = load_data(cfg.data_files() or [default_corpus()], cfg.data_weights, model_cfg.vocab_size)
     BatchSampler(cfg.training_tokens(tokens), cfg.seq_len, cfg.seed)  # refuses data shorter than one sequence
     out = Path(cfg.out) if cfg.out else default_out(cfg.model)
     check_out_dir(out, cfg.resume)

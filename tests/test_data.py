@@ -375,3 +375,64 @@ def test_each_document_ends_with_the_separator(tmp_path: Path, monkeypatch, fail
                    "--separator", ""], ["--separator is empty"]),
     })
     assert not (tmp_path / "t.npy").exists()
+
+
+def _two_files(tmp_path: Path, sizes: tuple[int, int] = (20_000, 5_000)) -> list[Path]:
+    """Two token files whose ids tell them apart: the first's below 100, the second's above."""
+    paths = [tmp_path / "low.npy", tmp_path / "high.npy"]
+    for path, size, base in zip(paths, sizes, (0, 100)):
+        save_npy(path, (base + np.arange(size) % 100).astype(np.uint16))
+    return paths
+
+
+def test_a_mixture_draws_each_file_by_its_share(tmp_path: Path) -> None:
+    """[Note: data mixtures]: each window is one file's, drawn by the files' shares
+    (given, or by default their sizes), from anywhere in it; the draw is a function of
+    (seed, step); one file is sampled as it always was."""
+    from streamer.data import Mixture, load_data
+
+    paths = _two_files(tmp_path)
+    mixture = load_data(paths, [1, 3], 256)
+    assert isinstance(mixture, Mixture) and mixture.weights == (0.25, 0.75)
+    assert load_data(paths, None, 256).weights == (0.8, 0.2)
+    assert isinstance(load_data(paths[:1], None, 256), np.ndarray)
+    sampler = BatchSampler(mixture, 16, seed=0)
+    x = np.concatenate([sampler.global_batch(step, 64)[0] for step in range(40)])
+    from_high = x[:, 0] >= 100
+    assert ((x < 100).all(1) | (x >= 100).all(1)).all()  # no window crosses from one file to the other
+    assert 0.72 < from_high.mean() < 0.78  # 2,560 draws of a 3/4 share: within 3.5 standard deviations
+    starts = x[~from_high, 0]
+    assert len(np.unique(starts)) == 100  # anywhere in the file (all 100 residues)
+    again = BatchSampler(mixture, 16, seed=0)
+    np.testing.assert_array_equal(sampler.global_batch(7, 8)[0], again.global_batch(7, 8)[0])
+
+
+def test_a_mixture_holds_out_each_files_tail_and_evaluates_by_the_shares(tmp_path: Path) -> None:
+    """Each file keeps its own tail; an evaluation reads every tail, as many windows
+    from each as its share."""
+    from streamer.data import Mixture, load_data
+
+    mixture = load_data(_two_files(tmp_path), [1, 3], 256)
+    train_part, held = holdout_split(mixture, 0.1, 16)
+    assert isinstance(held, Mixture) and [p.size for p in held.parts] == [2_000, 500]
+    assert [p.size for p in train_part.parts] == [18_000, 4_500]
+    assert np.shares_memory(held.parts[1], mixture.parts[1])  # views of each file's tail
+    x, y = eval_windows(held, 16, 8)
+    assert len(x) == 8 and (x[:, 0] < 100).sum() == 2 and (x[:, 0] >= 100).sum() == 6
+    np.testing.assert_array_equal(y[:, :-1], x[:, 1:])
+    with pytest.raises(UserError, match="the held-out part of '.*high.npy' .* shorter than one sequence"):
+        holdout_split(load_data(_two_files(tmp_path, (20_000, 100)), None, 256), 0.1, 16)
+
+
+def test_a_mixture_of_unlike_files_is_refused(tmp_path: Path) -> None:
+    from streamer.data import load_data
+
+    paths = _two_files(tmp_path)
+    with pytest.raises(UserError, match="2 weights for 3 data files"):
+        load_data([*paths, paths[0]], [1, 2], 256)
+    with pytest.raises(UserError, match="--data-weights must be positive numbers, got 1 0"):
+        load_data(paths, [1, 0], 256)
+    for path, tokenizer in zip(paths, ("bytes", "/data/gpt2/tokenizer.json")):
+        meta_path(path).write_text(json.dumps({"tokenizer": tokenizer, "vocab_size": 256}))
+    with pytest.raises(UserError, match="prepared with different tokenizers: .*low.npy' \\(bytes\\)"):
+        load_data(paths, None, 256)

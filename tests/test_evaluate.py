@@ -133,7 +133,7 @@ def test_a_streamed_pass_takes_what_the_device_holds() -> None:
 
     cfg, bf16, gib = ModelConfig.from_name("gpt-neox-20b"), torch.bfloat16, 2**30
     streamed = SimpleNamespace(mode="stream", cfg=cfg, dtype=bf16)
-    ecfg = EvalConfig(data=None, seq_len=2048, holdout=0.01, tokens=64 * 2048, batch_size=4)
+    ecfg = EvalConfig(data=(), weights=None, seq_len=2048, holdout=0.01, tokens=64 * 2048, batch_size=4)
     assert windows_per_pass(streamed, ecfg, 64, 38 * gib) == 64
     small = windows_per_pass(streamed, ecfg, 64, 12 * gib)
     assert 4 <= small < 64 and small % 4 == 0
@@ -178,3 +178,39 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path: Path, token_file:
     damaged.write_bytes(bytes(data))
     fails_in_one_line("eval", {"a flipped bit": ([str(folder), "--device", "cpu"],
                                                  ["unit-00001-rank0.safetensors' is corrupt"])})
+
+
+def test_a_mixture_runs_held_out_loss_is_read_back(tmp_path: Path, token_file: Path, capsys,
+                                                  fails_in_one_line) -> None:
+    """A run on two files in shares 1:3 holds out each one's tail and evaluates both by
+    those shares; `streamer eval` on the run reads the same windows (the run's files and
+    shares) and gives its last held-out loss. Other shares are other windows."""
+    import sysconfig
+
+    from streamer.data import prepare
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    other = tmp_path / "other.npy"
+    prepare(other, [stdlib / "textwrap.py", stdlib / "argparse.py"])
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny", steps=4, batch_size=2, seq_len=32, data=[str(token_file), str(other)],
+                      data_weights=[1.0, 3.0], eval_every=2, eval_tokens=8 * 32, holdout=0.05, out=str(run),
+                      progress=False))
+    logged = _last_eval(run)
+    held = _eval(capsys, str(run))
+    assert held["tokens"] == logged["eval_tokens"] == 8 * 32 and held["held_out"] is True
+    assert held["loss"] == pytest.approx(logged["eval_loss"], abs=1e-5) and held["data"] == f"{token_file} + {other}"
+    reweighed = _eval(capsys, str(run), "--data-weights", "3", "1")
+    assert reweighed["held_out"] is None and reweighed["loss"] != held["loss"]
+    data = ["--data", str(token_file), str(other)]
+    fails_in_one_line("train", {
+        "weights for one file": (["--data", str(token_file), "--data-weights", "1", "--out", str(tmp_path / "a")],
+                                 ["--data-weights", "two or more"]),
+        "too few weights": ([*data, "--data-weights", "1", "--out", str(tmp_path / "b")],
+                            ["1 weights for 2 data files"]),
+        "a weight of zero": ([*data, "--data-weights", "1", "0", "--out", str(tmp_path / "c")],
+                             ["must be positive numbers"]),
+    })
+    fails_in_one_line("eval", {"too many weights": ([str(run), "--data-weights", "1", "2", "3"],
+                                                    ["3 weights for 2 data files"])})
+    assert not any((tmp_path / name).exists() for name in "abc")

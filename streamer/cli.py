@@ -111,6 +111,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="a token of the tokenizer to put after each file, each a document (GPT-2's: "
                         "'<|endoftext|>'), so that a model learns where texts end; 'sample' stops there and "
                         "'export' names it the end-of-text token (default: files joined as they are)")
+    p.add_argument("--text-field", default="text", metavar="NAME",
+                   help="JSON Lines inputs (.jsonl, .ndjson, compressed or not): the field of each line's object "
+                        "that holds its document's text (default: text)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -274,11 +277,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from streamer.data import prepare
 
     meta = prepare(args.out, args.inputs or None, args.tokenizer, args.train_tokenizer,
-                   progress=not args.no_progress, separator=args.separator)
+                   progress=not args.no_progress, separator=args.separator, field=args.text_field)
     learned = f", with the tokenizer it learned: {meta['tokenizer']}" if args.train_tokenizer else ""
-    separated = f", each file followed by token {meta['separator']}" if meta["separator"] is not None else ""
+    separated = f", each document followed by token {meta['separator']}" if meta["separator"] is not None else ""
     print(f"wrote {meta['n_tokens']:,} tokens ({meta['dtype']}, vocab {meta['vocab_size']}) "
-          f"from {meta['n_files']} files to {args.out}{separated}{learned}")
+          f"from {meta['n_documents']:,} documents in {meta['n_files']} file{'s' * (meta['n_files'] != 1)} to "
+          f"{args.out}{separated}{learned}")
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -13,14 +13,18 @@ mixtures]); each keeps its own tail.
 
 from __future__ import annotations
 
+import bz2
 import errno
+import gzip
 import io
 import json
+import lzma
 import os
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -109,7 +113,8 @@ class HFTokenizer:
         return [np.asarray(encoding.ids, dtype=np.uint32) for encoding in encodings]
 
 
-def train_tokenizer(files: list[Path], vocab_size: int, out: Path, separator: str | None = None) -> Path:
+def train_tokenizer(files: list[Path], vocab_size: int, out: Path, separator: str | None = None,
+                    field: str = "text") -> Path:
     """Learn a byte-level BPE of `vocab_size` tokens from the files (GPT-2's scheme: all
     256 bytes are tokens, so no text is ever unknown, and the merges make the rest),
     and write it to `out` as a Hugging Face tokenizer.json. Its only special token is
@@ -130,7 +135,7 @@ def train_tokenizer(files: list[Path], vocab_size: int, out: Path, separator: st
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[separator] if separator is not None else [])
-    tokenizer.train_from_iterator((piece for path in files for piece in text_pieces(path)), trainer)
+    tokenizer.train_from_iterator((piece for path in files for piece in text_pieces(path, field=field)), trainer)
     atomic_write_bytes(out, tokenizer.to_str().encode())
     return out
 
@@ -141,11 +146,13 @@ BATCH_BYTES = 4 << 20  # text tokenized together: 16 pieces keep 16 cores busy, 
 # Face tokenizer's encodings (~300 bytes a token) take ~350 MB
 
 
-def text_pieces(path: Path, piece_bytes: int | None = None) -> Iterator[str]:
+def text_pieces(path: Path, piece_bytes: int | None = None, field: str = "text") -> Iterator[str]:
     """A file's text as `Path.read_text` reads it (UTF-8, undecodable bytes replaced,
     CRLF and CR line ends made LF): whole, up to `piece_bytes` (default `PIECE_BYTES`);
     a larger one in pieces of about that size, so that a file of any size is tokenized
-    in bounded memory.
+    in bounded memory. A file named `.gz`, `.bz2`, `.xz` or `.zst` is read decompressed;
+    a JSON Lines file (`.jsonl`, `.ndjson`, compressed or not: The Pile's layout) holds
+    a document a line, its text in `field`, each cut as a file is.
 
     [Note: token-exact pieces]
     A piece ends just after a newline between two printable, non-blank ASCII characters
@@ -160,29 +167,108 @@ def text_pieces(path: Path, piece_bytes: int | None = None) -> Iterator[str]:
     one (minified text, one long line) is cut after its last newline, else before its
     last character: only there may tokens differ from the whole file's. Tokenizers that
     mark a text's start (SentencePiece's prefix space) mark each piece's."""
-    for _, text in _sized_pieces(path, piece_bytes):
+    for _, text, _ in _marked_pieces(path, piece_bytes, field):
         yield text
 
 
-def _sized_pieces(path: Path, piece_bytes: int | None = None) -> Iterator[tuple[int, str]]:
-    """`text_pieces`, each with the bytes of the file it was decoded from."""
+JSON_LINES = (".jsonl", ".ndjson")  # a document a line: {"text": "...", ...}
+
+
+def _marked_pieces(path: Path, piece_bytes: int | None = None, field: str = "text",
+                   ) -> Iterator[tuple[int, str, bool]]:
+    """`text_pieces`, each with the bytes of the file (as on disk) read for it, and
+    whether it ends a document: the file's last piece, or a JSON Lines document's."""
     piece_bytes = piece_bytes or PIECE_BYTES
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size <= piece_bytes:
-            if whole := f.read():
-                yield len(whole), _decode(whole)
-            return
-        pending = bytearray()
-        while block := f.read(piece_bytes):
-            # What is pending was searched already, all but a last newline that had no byte after it.
-            searched = max(len(pending) - 1, 1)
-            pending += block
+    suffixes = [suffix.lower() for suffix in path.suffixes[-2:]]
+    with open(path, "rb") as raw:
+        stream = _decompressed(path, raw, suffixes[-1] if suffixes else "")
+        done = 0
+
+        def read() -> int:  # what the file gave since the last piece, for the progress bar
+            nonlocal done
+            done, before = raw.tell(), done
+            return done - before
+
+        try:
+            if any(suffix in JSON_LINES for suffix in suffixes):
+                for number, line in enumerate(stream, 1):
+                    text = _document(path, number, line, field) if line.strip() else ""
+                    if len(text) <= piece_bytes:  # the common case: one piece, no round trip through bytes
+                        if text:
+                            yield read(), text, True
+                        continue
+                    encoded = text.encode()
+                    blocks = (encoded[i : i + piece_bytes] for i in range(0, len(encoded), piece_bytes))
+                    for piece, last in _with_last(_cut_pieces(blocks, piece_bytes)):
+                        yield read(), piece, last
+            else:
+                blocks = iter(lambda: stream.read(piece_bytes), b"")
+                for piece, last in _with_last(_cut_pieces(blocks, piece_bytes)):
+                    yield read(), piece, last
+        except (OSError, EOFError, lzma.LZMAError) as exc:  # a damaged or truncated archive
+            raise UserError(f"cannot read '{path}' ({exc}): check the file, or leave it out") from None
+
+
+def _decompressed(path: Path, raw: BinaryIO, suffix: str) -> BinaryIO:
+    """The file's bytes, decompressed by its last suffix."""
+    if suffix == ".gz":
+        return gzip.GzipFile(fileobj=raw)
+    if suffix == ".bz2":
+        return bz2.BZ2File(raw)
+    if suffix == ".xz":
+        return lzma.LZMAFile(raw)
+    if suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise UserError(f"'{path}' is zstd-compressed: pip install zstandard, or decompress it first "
+                            f"(zstd -d '{path}')") from None
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))  # buffered: read by lines
+    return raw
+
+
+def _document(path: Path, number: int, line: bytes, field: str) -> str:
+    """A JSON Lines document's text, line ends made LF as in a file."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        raise UserError(f"'{path}' line {number} is not JSON: a .jsonl file holds one JSON object a line (rename "
+                        "a plain text file)") from None
+    text = record.get(field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise UserError(f"'{path}' line {number} has no '{field}' string: name the field that holds the text "
+                        "with --text-field")
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def _cut_pieces(blocks: Iterator[bytes], piece_bytes: int) -> Iterator[str]:
+    """Text from blocks of bytes, in pieces ([Note: token-exact pieces]). What the last
+    block ends goes out whole, so a file no larger than a block is one piece."""
+    pending = bytearray()
+    block = next(blocks, b"")
+    while block:
+        following = next(blocks, b"")
+        searched = max(len(pending) - 1, 1)  # what was pending had no cut, but maybe a last newline
+        pending += block
+        if following:
             cut = _cut(pending, searched, fallback=len(pending) >= LONGEST_PIECE * piece_bytes)
             if cut:
-                yield cut, _decode(pending[:cut])
+                yield _decode(pending[:cut])
                 del pending[:cut]
+        block = following
     if pending:
-        yield len(pending), _decode(pending)
+        yield _decode(pending)
+
+
+def _with_last(items: Iterator[str]) -> Iterator[tuple[str, bool]]:
+    """Each item, and whether it is the last: one is held back until the next shows it is not."""
+    held = None
+    for item in items:
+        if held is not None:
+            yield held, False
+        held = item
+    if held is not None:
+        yield held, True
 
 
 def _decode(raw: bytes | bytearray) -> str:
@@ -247,7 +333,8 @@ class TokenFileWriter:
 
 
 def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | None = None,
-            train_vocab: int | None = None, progress: bool = False, separator: str | None = None) -> dict:
+            train_vocab: int | None = None, progress: bool = False, separator: str | None = None,
+            field: str = "text") -> dict:
     """Tokenize text files (default: the standard library) into `out` (.npy) plus `out`.json.
     With `train_vocab`, a byte-level BPE of that many tokens is first learned from the
     same files and written beside `out` (`STEM.tokenizer.json`), and the files are
@@ -256,10 +343,12 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
 
     The text streams through: files are read in pieces ([Note: token-exact pieces]),
     tokenized a batch of pieces at a time and appended to the token file, so memory
-    stays bounded whatever the corpus's size. Each file is a document: `separator`, a
-    token of the tokenizer (GPT-2's `<|endoftext|>`), follows each one, and the sidecar
+    stays bounded whatever the corpus's size. Compressed files are read as they are
+    (`.gz`, `.bz2`, `.xz`, `.zst`). Each file is a document, but for JSON Lines
+    (`.jsonl`), whose every line is one, its text in `field`: `separator`, a token of
+    the tokenizer (GPT-2's `<|endoftext|>`), follows each document, and the sidecar
     records its id, so that a model learns where a text ends and `sample` stops there.
-    Without it nothing is added: files are joined as they are."""
+    Without it nothing is added: documents are joined as they are."""
     files = list(iter_text_files(inputs)) if inputs else stdlib_files()
     if separator is not None and tokenizer_path is None and train_vocab is None:
         raise UserError("--separator needs a tokenizer with a token for it (bytes have none to spare): pass "
@@ -271,7 +360,7 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
             _separator_text(separator)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         tokenizer_path = train_tokenizer(files, train_vocab, Path(out).with_suffix(".tokenizer.json"),
-                                         separator).resolve()
+                                         separator, field).resolve()
     tokenizer = HFTokenizer(tokenizer_path) if tokenizer_path else ByteTokenizer()
     separator_id = None
     if separator is not None:
@@ -286,14 +375,15 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
                desc="tokenizing", disable=not progress)
     try:
         with atomic_path(out) as tmp:
-            writer = TokenFileWriter(tmp, dtype)
+            writer, documents = TokenFileWriter(tmp, dtype), 0
             try:
                 ends = np.array([separator_id if separator_id is not None else 0], dtype=dtype)
-                for batch, n_bytes, last in _batches(files):
-                    for tokens, ends_a_file in zip(tokenizer.encode_pieces(batch), last):
+                for batch, n_bytes, last in _batches(files, field):
+                    for tokens, ends_a_document in zip(tokenizer.encode_pieces(batch), last):
                         writer.append(tokens)
-                        if ends_a_file and separator_id is not None:
+                        if ends_a_document and separator_id is not None:
                             writer.append(ends)
+                    documents += sum(last)
                     bar.update(n_bytes)
             finally:
                 writer.close()
@@ -307,38 +397,26 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
     finally:
         bar.close()
     meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "dtype": str(dtype),
-            "n_tokens": writer.n_tokens, "n_files": len(files), "separator": separator_id}
+            "n_tokens": writer.n_tokens, "n_files": len(files), "n_documents": documents, "separator": separator_id}
     atomic_write_json(meta_path(out), meta)
     return meta
 
 
-def _batches(files: list[Path]) -> Iterator[tuple[list[str], int, list[bool]]]:
+def _batches(files: list[Path], field: str = "text") -> Iterator[tuple[list[str], int, list[bool]]]:
     """The files' pieces, in order, gathered into batches of about `BATCH_BYTES`, each
-    with the bytes read for it and, for each piece, whether it ends its file (a file
-    without text has no piece)."""
-    batch, size, last = [], 0, []
+    with the bytes read for it and, for each piece, whether it ends a document (a file,
+    or a JSON Lines document; one without text has no piece)."""
+    batch, last, text, read = [], [], 0, 0
     for path in files:
-        for n_bytes, piece, ends_file in _marked_pieces(path):
+        for n_bytes, piece, ends_document in _marked_pieces(path, PIECE_BYTES, field):
             batch.append(piece)
-            last.append(ends_file)
-            size += n_bytes
-            if size >= BATCH_BYTES:
-                yield batch, size, last
-                batch, size, last = [], 0, []
+            last.append(ends_document)
+            text, read = text + len(piece), read + n_bytes
+            if text >= BATCH_BYTES:  # by the text, not the bytes read: a compressed file's are fewer
+                yield batch, read, last
+                batch, last, text, read = [], [], 0, 0
     if batch:
-        yield batch, size, last
-
-
-def _marked_pieces(path: Path) -> Iterator[tuple[int, str, bool]]:
-    """`_sized_pieces`, each marked True if it is the file's last: a piece is held back
-    until the next one shows it is not."""
-    held = None
-    for sized in _sized_pieces(path, PIECE_BYTES):
-        if held is not None:
-            yield (*held, False)
-        held = sized
-    if held is not None:
-        yield (*held, True)
+        yield batch, read, last
 
 
 def _separator_text(separator: str) -> str:

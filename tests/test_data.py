@@ -49,6 +49,7 @@ def test_prepare_writes_byte_tokens_and_sidecar(tmp_path: Path) -> None:
         "dtype": "uint16",
         "n_tokens": len(expected),
         "n_files": 3,
+        "n_documents": 2,  # the empty file is none
         "separator": None,
     }
 
@@ -436,3 +437,66 @@ def test_a_mixture_of_unlike_files_is_refused(tmp_path: Path) -> None:
         meta_path(path).write_text(json.dumps({"tokenizer": tokenizer, "vocab_size": 256}))
     with pytest.raises(UserError, match="prepared with different tokenizers: .*low.npy' \\(bytes\\)"):
         load_data(paths, None, 256)
+
+
+DOCUMENTS = ["def f():\n    return 1\n", "caf\u00e9 \u2713\r\nline two", "", "x = [1, 2]\n" * 300]
+
+
+def _compress(path: Path, suffix: str) -> Path:
+    """`path` compressed as `suffix` says, beside it."""
+    import bz2
+    import gzip
+    import lzma
+
+    raw = path.read_bytes()
+    if suffix == ".zst":
+        packed = pytest.importorskip("zstandard").ZstdCompressor().compress(raw)
+    else:
+        packed = {"": lambda b: b, ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix](raw)
+    out = path.with_name(path.name + suffix)
+    out.write_bytes(packed)
+    return out
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".bz2", ".xz", ".zst"])
+def test_json_lines_and_compressed_files_are_read_as_their_documents(tmp_path: Path, monkeypatch,
+                                                                     suffix: str) -> None:
+    """A .jsonl line is a document, its text in a field (one longer than a piece is cut
+    as a file is); blank lines and empty texts are none; compressed files, JSON Lines
+    or text, are read decompressed; each document is followed by the separator."""
+    from streamer import data
+
+    monkeypatch.setattr(data, "PIECE_BYTES", 1024)
+    lines = [json.dumps({"text": text, "meta": {"source": i}}) for i, text in enumerate(DOCUMENTS)]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")
+    (tmp_path / "story.txt").write_text("Once upon a time.\r\nThe end.\n")
+    inputs = [_compress(tmp_path / "corpus.jsonl", suffix), _compress(tmp_path / "story.txt", suffix)]
+    meta = prepare(tmp_path / "tokens.npy", inputs)
+    texts = [t.replace("\r\n", "\n") for t in DOCUMENTS if t] + ["Once upon a time.\nThe end.\n"]
+    assert np.load(tmp_path / "tokens.npy").astype(np.uint8).tobytes() == "".join(texts).encode()
+    assert meta["n_documents"] == 4 and meta["n_files"] == 2
+
+    pytest.importorskip("tokenizers")
+    meta = prepare(tmp_path / "bpe.npy", inputs, train_vocab=300, separator="<|endoftext|>")
+    tokens = np.load(tmp_path / "bpe.npy").tolist()
+    assert tokens.count(meta["separator"]) == 4 and tokens[-1] == meta["separator"]
+
+
+def test_unreadable_json_lines_and_archives_are_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    """Nothing is written, and the message names the file, the line and the fix."""
+    import gzip
+    import sys
+
+    cases = {
+        "bad.jsonl": (b'{"text": "a"}\n{"text": oops}\n', "'.*bad.jsonl' line 2 is not JSON"),
+        "field.jsonl": (b'{"body": "abc"}\n', "line 1 has no 'text' string: .* --text-field"),
+        "cut.txt.gz": (gzip.compress(b"some text\n" * 1000)[:40], "cannot read '.*cut.txt.gz'"),
+        "a.jsonl.zst": (b"(\xb5/\xfd", "zstd-compressed: pip install zstandard, or decompress it first"),
+    }
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as where it is not installed
+    for name, (raw, message) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(UserError, match=message):
+            prepare(tmp_path / "tokens.npy", [tmp_path / name])
+    assert not (tmp_path / "tokens.npy").exists()
+    assert prepare(tmp_path / "tokens.npy", [tmp_path / "field.jsonl"], field="body")["n_tokens"] == 3

@@ -551,13 +551,20 @@ def eval_windows(heldout: Tokens, seq_len: int, n_sequences: int) -> tuple[np.nd
     A mixture's: from each file's tail, as many as its share of `n_sequences` (at least
     one)."""
     if isinstance(heldout, Mixture):
-        windows = [eval_windows(part, seq_len, max(1, round(n_sequences * share)))
-                   for part, share in zip(heldout.parts, heldout.weights)]
+        windows = [eval_windows(part, seq_len, count)
+                   for part, count in zip(heldout.parts, eval_window_counts(heldout, seq_len, n_sequences))]
         return np.concatenate([x for x, _ in windows]), np.concatenate([y for _, y in windows])
     n = max(1, min(n_sequences, heldout.size // (seq_len + 1)))
     starts = np.linspace(0, heldout.size - seq_len - 1, n).round().astype(np.int64)
     windows = np.stack([np.asarray(heldout[s : s + seq_len + 1], dtype=np.int64) for s in starts])
     return windows[:, :-1], windows[:, 1:]
+
+
+def eval_window_counts(heldout: Mixture, seq_len: int, n_sequences: int) -> list[int]:
+    """How many of a mixture's `n_sequences` evaluation windows each file's tail gives, in
+    order: its share (at least one), or all it holds disjoint when that is fewer."""
+    return [min(max(1, round(n_sequences * share)), max(1, part.size // (seq_len + 1)))
+            for part, share in zip(heldout.parts, heldout.weights)]
 
 
 @dataclass(frozen=True)

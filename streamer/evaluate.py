@@ -27,7 +27,17 @@ import numpy as np
 import torch
 
 from models import ModelConfig, loss_fn
-from streamer.data import BatchSampler, Tokens, default_corpus, eval_windows, holdout_split, load_data, load_tokens
+from streamer.data import (
+    BatchSampler,
+    Mixture,
+    Tokens,
+    default_corpus,
+    eval_window_counts,
+    eval_windows,
+    holdout_split,
+    load_data,
+    load_tokens,
+)
 from streamer.errors import UserError
 from streamer.inference import Weights, activation_bytes, free_memory, model_config, place, run_record, weights_folder
 from streamer.train import TrainConfig, resolve_device, resolve_dtype
@@ -54,14 +64,18 @@ class EvalConfig:
             if value < 1:
                 raise UserError(f"{flag} must be a positive integer, got {value}")
 
-    def windows(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets): the same windows a run's evaluation with these settings reads."""
+    def windows(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
+        """(inputs, targets, files): the same windows a run's evaluation with these
+        settings reads, and for a mixture each file's name and count of them, in order."""
         if self.holdout < 1:
             tokens = holdout_split(tokens, self.holdout, self.seq_len)[1]
         else:
             BatchSampler(tokens, self.seq_len, seed=0)  # refuses a file shorter than one sequence
-        x, y = eval_windows(tokens, self.seq_len, -(-self.tokens // self.seq_len))
-        return torch.from_numpy(x), torch.from_numpy(y)
+        n_sequences = -(-self.tokens // self.seq_len)
+        x, y = eval_windows(tokens, self.seq_len, n_sequences)
+        files = list(zip(tokens.names, eval_window_counts(tokens, self.seq_len, n_sequences))) if isinstance(
+            tokens, Mixture) else []
+        return torch.from_numpy(x), torch.from_numpy(y), files
 
 
 def run_settings(path: Path) -> tuple[TrainConfig, int] | None:
@@ -172,33 +186,43 @@ def cmd_eval(args: argparse.Namespace) -> None:
                             "pass --data")
     tokens = (load_data(list(ecfg.data), list(ecfg.weights) if ecfg.weights else None, model_cfg.vocab_size)
               if ecfg.data else _default_tokens(model_cfg))
-    x, y = ecfg.windows(tokens)
+    x, y, files = ecfg.windows(tokens)
     weights = place(args.mode, folder, model_cfg, device, dtype, working_bytes(model_cfg, dtype, ecfg),
                     lower="a smaller --batch-size or --seq-len")
     per_pass = windows_per_pass(weights, ecfg, len(x), free_memory(device))
     started = time.perf_counter()
+    spans, first = [], 0  # a mixture's files each in passes of their own, so that each one's loss is known
     try:
-        total, count = evaluate(weights, x, y, ecfg.batch_size, per_pass)
+        for name, n_windows in files or [(None, len(x))]:
+            spans.append((name, *evaluate(weights, x[first : first + n_windows], y[first : first + n_windows],
+                                          ecfg.batch_size, per_pass)))
+            first += n_windows
     finally:
         weights.close()
     seconds = time.perf_counter() - started
+    total, count = sum(span[1] for span in spans), sum(span[2] for span in spans)
     loss = total / count
     where = "all of" if ecfg.holdout == 1 else f"the last {ecfg.holdout * 100:g}% of"
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count, "sequences": len(x),
               "seq_len": ecfg.seq_len, "holdout": ecfg.holdout,
               "data": " + ".join(map(str, ecfg.data)) or "the standard library",
               "model": model_cfg.name, "mode": weights.mode, "device": device.type,
-              "dtype": str(dtype).removeprefix("torch."), "passes": -(-len(x) // per_pass), "seconds": seconds,
+              "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
+              "passes": sum(-(-n // per_pass) for _, n in files or [(None, len(x))]),
               "held_out": held_out(settings[0] if settings else None, ecfg)}
+    if files:
+        result["by_file"] = {name: span_total / span_count for name, span_total, span_count in spans}
     if args.json:
         print(json.dumps(result))
         return
     windows = f"{len(x)} window{'s' if len(x) > 1 else ''} of {ecfg.seq_len}"
     caveat = "" if result["held_out"] is not False else "; the run trained on these tokens (it held out " + (
         f"only the last {settings[0].holdout * 100:g}%)" if settings[0].eval_every else "none: see --eval-every)")
+    by_file = "; by file: " + ", ".join(f"{name} {value:.4f}" for name, value in result["by_file"].items()
+                                        ) if files else ""
     print(f"{model_cfg.name} ({weights.mode} on {device.type}): loss {loss:.4f}, perplexity "
           f"{result['perplexity']:.2f}, over {count:,} tokens ({windows} from {where} {result['data']}) in "
-          f"{seconds:.1f} s{caveat}")
+          f"{seconds:.1f} s{by_file}{caveat}")
 
 
 def held_out(run: TrainConfig | None, ecfg: EvalConfig) -> bool | None:

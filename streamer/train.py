@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -36,7 +37,16 @@ from streamer.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from streamer.data import BatchSampler, Tokens, default_corpus, eval_windows, holdout_split, load_data
+from streamer.data import (
+    BatchSampler,
+    Mixture,
+    Tokens,
+    default_corpus,
+    eval_window_counts,
+    eval_windows,
+    holdout_split,
+    load_data,
+)
 from streamer.errors import UserError
 from streamer.io import atomic_write_json, write_safetensors
 from streamer.optim import OptimConfig, lr_at
@@ -178,8 +188,25 @@ class TrainConfig:
         more activations than a step's forward. Sequences go to ranks in turn (their
         count rounded up to a multiple of the ranks), and every rank makes as many passes,
         some perhaps empty: a streamed pass gathers weights, a collective all must join."""
-        x, y = eval_windows(holdout_split(tokens, self.holdout, self.seq_len)[1], self.seq_len,
-                            self.eval_sequences(world))
+        return [batches for _, passes in self.eval_groups(tokens, rank, world) for batches in passes]
+
+    def eval_groups(self, tokens: Tokens, rank: int = 0, world: int = 1
+                    ) -> list[tuple[str | None, list[list[tuple[torch.Tensor, torch.Tensor]]]]]:
+        """`eval_passes`, a group of passes per file: one, unnamed, for one file; for a
+        mixture, each file's windows (as many as its share) in passes of their own, so
+        that each file's held-out loss is known as well as the mixture's."""
+        held = holdout_split(tokens, self.holdout, self.seq_len)[1]
+        if not isinstance(held, Mixture):
+            return [(None, self._passes(*eval_windows(held, self.seq_len, self.eval_sequences(world)), rank, world))]
+        x, y = eval_windows(held, self.seq_len, self.eval_sequences(world))
+        groups, first = [], 0
+        for name, count in zip(held.names, eval_window_counts(held, self.seq_len, self.eval_sequences(world))):
+            groups.append((name, self._passes(x[first : first + count], y[first : first + count], rank, world)))
+            first += count
+        return groups
+
+    def _passes(self, x: np.ndarray, y: np.ndarray, rank: int, world: int
+                ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         per_pass, most = self.batch_size * self.grad_accum, -(-len(x) // world)  # the most windows a rank has
         passes = -(-most // per_pass)
         x, y = torch.from_numpy(x[rank::world]), torch.from_numpy(y[rank::world])
@@ -549,17 +576,25 @@ def _start_engine(cfg: TrainConfig, checked: Preflight, dp: DataParallel) -> tup
     return engine, start, run_state
 
 
-def evaluate(engine: Any, passes: list[list[tuple[torch.Tensor, torch.Tensor]]], dp: DataParallel) -> dict:
-    """The held-out loss over every rank's share of the evaluation windows, as metrics."""
+def evaluate(engine: Any, groups: list[tuple[str | None, list[list[tuple[torch.Tensor, torch.Tensor]]]]],
+             dp: DataParallel) -> dict:
+    """The held-out loss over every rank's share of the evaluation windows, as metrics;
+    for a mixture, each file's too (`eval_loss_by_file`)."""
     started = time.perf_counter()
-    local_sum = local_count = 0
-    for batches in passes:
-        loss_sum, count = engine.evaluate(batches)
-        local_sum, local_count = local_sum + loss_sum, local_count + count
-    summed = dp.sum(torch.tensor([local_sum, float(local_count)], dtype=torch.float64,
-                                 device=engine.device if dp.world > 1 else "cpu"))
-    total, count = summed.tolist()
-    return {"eval_loss": total / count, "eval_tokens": int(count), "eval_s": time.perf_counter() - started}
+    local = []  # per group: the summed token loss and the token count
+    for _, passes in groups:
+        group_sum = group_count = 0
+        for batches in passes:
+            loss_sum, count = engine.evaluate(batches)
+            group_sum, group_count = group_sum + loss_sum, group_count + count
+        local += [group_sum, float(group_count)]
+    summed = dp.sum(torch.tensor(local, dtype=torch.float64, device=engine.device if dp.world > 1 else "cpu"))
+    sums, counts = summed[0::2].tolist(), summed[1::2].tolist()
+    metrics = {"eval_loss": sum(sums) / sum(counts), "eval_tokens": int(sum(counts)),
+               "eval_s": time.perf_counter() - started}
+    if len(groups) > 1:
+        metrics["eval_loss_by_file"] = {name: total / count for (name, _), total, count in zip(groups, sums, counts)}
+    return metrics
 
 
 def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParallel, start: int,
@@ -569,7 +604,7 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
 
     lead, out, optim = dp.rank == 0, checked.out, cfg.optim_config()
     sampler = BatchSampler(cfg.training_tokens(checked.tokens), cfg.seq_len, cfg.seed)
-    evaluation = cfg.eval_passes(checked.tokens, dp.rank, dp.world) if cfg.eval_every else []
+    evaluation = cfg.eval_groups(checked.tokens, dp.rank, dp.world) if cfg.eval_every else []
     peak_flops = planner.peak_flops(checked.device, checked.dtype)
     flops_per_token = checked.model_cfg.flops_per_token(cfg.seq_len)
     meta = {"mode": cfg.mode, "model": checked.model_cfg.to_dict(), "train": asdict(cfg)}

@@ -183,8 +183,9 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path: Path, token_file:
 def test_a_mixture_runs_held_out_loss_is_read_back(tmp_path: Path, token_file: Path, capsys,
                                                   fails_in_one_line) -> None:
     """A run on two files in shares 1:3 holds out each one's tail and evaluates both by
-    those shares; `streamer eval` on the run reads the same windows (the run's files and
-    shares) and gives its last held-out loss. Other shares are other windows."""
+    those shares, logging each file's loss too; `streamer eval` on the run reads the same
+    windows (the run's files and shares) and gives its last held-out losses. Other
+    shares are other windows."""
     import sysconfig
 
     from streamer.data import prepare
@@ -200,6 +201,10 @@ def test_a_mixture_runs_held_out_loss_is_read_back(tmp_path: Path, token_file: P
     held = _eval(capsys, str(run))
     assert held["tokens"] == logged["eval_tokens"] == 8 * 32 and held["held_out"] is True
     assert held["loss"] == pytest.approx(logged["eval_loss"], abs=1e-5) and held["data"] == f"{token_file} + {other}"
+    # Each file's loss, logged and read back: 2 windows of the first file's tail, 6 of the other's.
+    assert held["by_file"] == pytest.approx(logged["eval_loss_by_file"], abs=1e-5)
+    assert list(held["by_file"]) == [str(token_file), str(other)]
+    assert held["loss"] == pytest.approx((2 * held["by_file"][str(token_file)] + 6 * held["by_file"][str(other)]) / 8)
     reweighed = _eval(capsys, str(run), "--data-weights", "3", "1")
     assert reweighed["held_out"] is None and reweighed["loss"] != held["loss"]
     data = ["--data", str(token_file), str(other)]

@@ -560,6 +560,16 @@ def eval_windows(heldout: Tokens, seq_len: int, n_sequences: int) -> tuple[np.nd
     return windows[:, :-1], windows[:, 1:]
 
 
+def eval_windows_by_file(heldout: Tokens, seq_len: int, n_sequences: int
+                         ) -> tuple[np.ndarray, np.ndarray, list[tuple[str | None, int]]]:
+    """`eval_windows`, and the files they come from, in order, each with how many of
+    them it gives: one unnamed for one file, each of a mixture's by name."""
+    x, y = eval_windows(heldout, seq_len, n_sequences)
+    if not isinstance(heldout, Mixture):
+        return x, y, [(None, len(x))]
+    return x, y, list(zip(heldout.names, eval_window_counts(heldout, seq_len, n_sequences)))
+
+
 def eval_window_counts(heldout: Mixture, seq_len: int, n_sequences: int) -> list[int]:
     """How many of a mixture's `n_sequences` evaluation windows each file's tail gives, in
     order: its share (at least one), or all it holds disjoint when that is fewer."""

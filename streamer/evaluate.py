@@ -29,11 +29,9 @@ import torch
 from models import ModelConfig, loss_fn
 from streamer.data import (
     BatchSampler,
-    Mixture,
     Tokens,
     default_corpus,
-    eval_window_counts,
-    eval_windows,
+    eval_windows_by_file,
     holdout_split,
     load_data,
     load_tokens,
@@ -64,17 +62,14 @@ class EvalConfig:
             if value < 1:
                 raise UserError(f"{flag} must be a positive integer, got {value}")
 
-    def windows(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
+    def windows(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str | None, int]]]:
         """(inputs, targets, files): the same windows a run's evaluation with these
-        settings reads, and for a mixture each file's name and count of them, in order."""
+        settings reads, and the files they come from (`eval_windows_by_file`)."""
         if self.holdout < 1:
             tokens = holdout_split(tokens, self.holdout, self.seq_len)[1]
         else:
             BatchSampler(tokens, self.seq_len, seed=0)  # refuses a file shorter than one sequence
-        n_sequences = -(-self.tokens // self.seq_len)
-        x, y = eval_windows(tokens, self.seq_len, n_sequences)
-        files = list(zip(tokens.names, eval_window_counts(tokens, self.seq_len, n_sequences))) if isinstance(
-            tokens, Mixture) else []
+        x, y, files = eval_windows_by_file(tokens, self.seq_len, -(-self.tokens // self.seq_len))
         return torch.from_numpy(x), torch.from_numpy(y), files
 
 
@@ -193,7 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     spans, first = [], 0  # a mixture's files each in passes of their own, so that each one's loss is known
     try:
-        for name, n_windows in files or [(None, len(x))]:
+        for name, n_windows in files:
             spans.append((name, *evaluate(weights, x[first : first + n_windows], y[first : first + n_windows],
                                           ecfg.batch_size, per_pass)))
             first += n_windows
@@ -208,9 +203,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
               "data": " + ".join(map(str, ecfg.data)) or "the standard library",
               "model": model_cfg.name, "mode": weights.mode, "device": device.type,
               "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
-              "passes": sum(-(-n // per_pass) for _, n in files or [(None, len(x))]),
+              "passes": sum(-(-n // per_pass) for _, n in files),
               "held_out": held_out(settings[0] if settings else None, ecfg)}
-    if files:
+    mixture = len(ecfg.data) > 1
+    if mixture:
         result["by_file"] = {name: span_total / span_count for name, span_total, span_count in spans}
     if args.json:
         print(json.dumps(result))
@@ -219,7 +215,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     caveat = "" if result["held_out"] is not False else "; the run trained on these tokens (it held out " + (
         f"only the last {settings[0].holdout * 100:g}%)" if settings[0].eval_every else "none: see --eval-every)")
     by_file = "; by file: " + ", ".join(f"{name} {value:.4f}" for name, value in result["by_file"].items()
-                                        ) if files else ""
+                                        ) if mixture else ""
     print(f"{model_cfg.name} ({weights.mode} on {device.type}): loss {loss:.4f}, perplexity "
           f"{result['perplexity']:.2f}, over {count:,} tokens ({windows} from {where} {result['data']}) in "
           f"{seconds:.1f} s{by_file}{caveat}")

@@ -37,16 +37,7 @@ from streamer.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from streamer.data import (
-    BatchSampler,
-    Mixture,
-    Tokens,
-    default_corpus,
-    eval_window_counts,
-    eval_windows,
-    holdout_split,
-    load_data,
-)
+from streamer.data import BatchSampler, Tokens, default_corpus, eval_windows_by_file, holdout_split, load_data
 from streamer.errors import UserError
 from streamer.io import atomic_write_json, write_safetensors
 from streamer.optim import OptimConfig, lr_at
@@ -196,11 +187,9 @@ class TrainConfig:
         mixture, each file's windows (as many as its share) in passes of their own, so
         that each file's held-out loss is known as well as the mixture's."""
         held = holdout_split(tokens, self.holdout, self.seq_len)[1]
-        if not isinstance(held, Mixture):
-            return [(None, self._passes(*eval_windows(held, self.seq_len, self.eval_sequences(world)), rank, world))]
-        x, y = eval_windows(held, self.seq_len, self.eval_sequences(world))
+        x, y, files = eval_windows_by_file(held, self.seq_len, self.eval_sequences(world))
         groups, first = [], 0
-        for name, count in zip(held.names, eval_window_counts(held, self.seq_len, self.eval_sequences(world))):
+        for name, count in files:
             groups.append((name, self._passes(x[first : first + count], y[first : first + count], rank, world)))
             first += count
         return groups

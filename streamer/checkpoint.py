@@ -586,11 +586,14 @@ class CheckpointWeights:
         with torch.device("meta"):
             self.layouts = [UnitLayout.of(i, build_unit(self.cfg, i)) for i in range(self.cfg.n_layer + 2)]
         self._unit: tuple[int, torch.Tensor] | None = None  # the unit read last: names come a unit at a time
+        self._verified: set[str] = set()  # a model streamed from disk reads each file once a pass: check it once
 
     def _open(self, name: str) -> TensorFile:
         if name not in self.files:
             raise CorruptCheckpointError(f"checkpoint '{self.folder}' lists no file '{name}'")
-        verify_file(self.folder, name, self.files[name])
+        if name not in self._verified:
+            verify_file(self.folder, name, self.files[name])
+            self._verified.add(name)
         return TensorFile(self.folder / name)
 
     def _flat(self, unit: int) -> torch.Tensor:

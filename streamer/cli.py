@@ -137,10 +137,11 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                         "else bytes)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on CUDA)")
-    p.add_argument("--mode", choices=("auto", "resident", "stream"), default="auto",
+    p.add_argument("--mode", choices=("auto", "resident", "stream", "disk"), default="auto",
                    help="resident: the model whole on the device; stream: its weights in host memory, each "
-                        "unit brought to the device for its turn (for a model larger than the device); "
-                        "auto: resident when it fits")
+                        "unit brought to the device for its turn (for a model larger than the device); disk: "
+                        "each unit read from the checkpoint's files for every pass (for a model larger than "
+                        "host memory too); auto: the first of these that fits")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -162,8 +163,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="sequences per micro-batch (default: the run's, else 4)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on CUDA)")
-    p.add_argument("--mode", choices=("auto", "resident", "stream"), default="auto",
-                   help="as sample's: stream a model larger than the device")
+    p.add_argument("--mode", choices=("auto", "resident", "stream", "disk"), default="auto",
+                   help="as sample's: stream a model larger than the device, from host memory or from disk")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 

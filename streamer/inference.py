@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,25 +68,30 @@ class StreamedWeights:
     of its windows through each unit, while it is there, as the device holds.
     """
 
-    mode = "stream"
-
     def __init__(self, weights, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
-                 depth: int = 2) -> None:
-        """`weights`: a `models.hf.Pretrained` (or anything with its `into(name, target)`)."""
+                 depth: int = 2, from_disk: bool = False) -> None:
+        """`weights`: a `models.hf.Pretrained` (or anything with its `into(name, target)`
+        and `close()`). `from_disk`: leave the weights in its files and read each unit
+        from them for every pass ([Note: streamed from disk]); this object then owns
+        `weights` and closes it."""
         self.cfg, self.device, self.dtype, self.depth = cfg, device, dtype, depth
+        self.mode = "disk" if from_disk else "stream"
         with torch.device("meta"):  # shapes only: the weights live in the flat buffers
             self.modules = [build_unit(cfg, i) for i in range(cfg.n_layer + 2)]
         self.layouts = [UnitLayout.of(i, unit) for i, unit in enumerate(self.modules)]
-        self.host = []
-        for layout in self.layouts:
-            flat = page_aligned_zeros(layout.numel, dtype)
-            for name, view in layout.views(flat).items():
-                weights.into(f"units.{layout.index}.{name}", view)
-            self.host.append(flat)
         cuda = device.type == "cuda"
+        first = 1 if cfg.tie_embeddings else 0  # a tied table stays on the device
+        self.order = list(range(first, len(self.layouts)))
+        self.host, self.disk = [], None
+        if from_disk:
+            self.disk = UnitsFromDisk(weights, self.layouts, self.order, dtype, cuda, ahead=depth + 1)
+        else:
+            for layout in self.layouts:
+                self.host.append(self._read(weights, layout.index))
         self.locked = page_lock(self.host) if cuda else []
-        self.tied = self.host[0].to(device) if cfg.tie_embeddings else None
-        self.order = list(range(1 if self.tied is not None else 0, len(self.layouts)))
+        self.tied = None
+        if cfg.tie_embeddings:
+            self.tied = (self.host[0] if self.host else self._read(weights, 0)).to(device)
         largest = max(self.layouts[u].numel for u in self.order)
         self.slots = [torch.empty(largest, dtype=dtype, device=device) for _ in range(depth)]
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
@@ -94,6 +101,12 @@ class StreamedWeights:
         self.freed = [torch.cuda.Event() for _ in self.slots] if cuda else None
         self.primed = False  # the next pass's first units are on their way (issued as a pass ends)
 
+    def _read(self, weights, unit: int) -> torch.Tensor:  # noqa: ANN001
+        flat = page_aligned_zeros(self.layouts[unit].numel, self.dtype)
+        for name, view in self.layouts[unit].views(flat).items():
+            weights.into(f"units.{unit}.{name}", view)
+        return flat
+
     def device_bytes(self) -> int:
         """What the weights take on the device: the buffers, and a tied table."""
         numel = sum(s.numel() for s in self.slots) + (self.tied.numel() if self.tied is not None else 0)
@@ -101,13 +114,16 @@ class StreamedWeights:
 
     def _copy_in(self, unit: int, slot: int) -> None:
         into = self.slots[slot][: self.layouts[unit].numel]
+        source, buffer = (self.host[unit], None) if self.disk is None else self.disk.take(unit)
         if self.copy_stream is None:
-            into.copy_(self.host[unit])
-            return
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(self.freed[slot])  # the kernels reading the slot's last unit
-            into.copy_(self.host[unit], non_blocking=True)
-            self.copied[slot].record(self.copy_stream)
+            into.copy_(source)
+        else:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.freed[slot])  # the kernels reading the slot's last unit
+                into.copy_(source, non_blocking=True)
+                self.copied[slot].record(self.copy_stream)
+        if buffer is not None:
+            self.disk.emptying(buffer, self.copy_stream)
 
     def _bind(self, unit: int, flat: torch.Tensor) -> Unit:
         params, module = self.layouts[unit].views(flat), self.modules[unit]
@@ -147,11 +163,92 @@ class StreamedWeights:
             self._copy_in(unit, k)
 
     def close(self) -> None:
-        """Give back the page-locked host memory, once no copy still reads it."""
+        """Give back the page-locked host memory, once no copy still reads it, and the
+        files a model streamed from disk is read from."""
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
         page_unlock(self.locked)
         self.locked = []
+        if self.disk is not None:
+            self.disk.close()
+
+
+class UnitsFromDisk:
+    """A model's units read from its checkpoint's files for every pass, into a few
+    host buffers, ahead of their copies to the device.
+
+    [Note: streamed from disk]
+    A model larger than host memory is sampled or evaluated as training streams one
+    from its disk tier: its weights stay in the checkpoint's files (a run's `final/` or
+    checkpoint, or a Hugging Face folder; the page cache keeps what fits), and a reader
+    thread reads each unit, a tensor at a time, into one of `ahead` buffers (page-locked
+    on CUDA) while earlier units are copied and computed. Units are read in forward
+    order, pass after pass, `ahead` of their copies: a buffer is read into again only
+    after the copy out of it was issued, and the reader first waits for that copy
+    (`emptied`). A pass left midway leaves reads for units it will not take: they are
+    waited for and dropped, and reading starts again from the unit asked for. Each
+    pass reads every weight from the files once: a token costs at least the weights'
+    bytes at the disk's rate, and all samples drawn together share it.
+    """
+
+    def __init__(self, weights, layouts: list, order: list[int], dtype: torch.dtype, cuda: bool,  # noqa: ANN001
+                 ahead: int) -> None:
+        self.weights, self.layouts, self.order = weights, layouts, order
+        largest = max(layouts[u].numel for u in order)
+        self.buffers = [page_aligned_zeros(largest, dtype) for _ in range(ahead)]
+        self.locked = page_lock(self.buffers) if cuda else []
+        # Recorded once the copy out of each buffer is issued; the reader waits on it.
+        self.emptied = [torch.cuda.Event() for _ in self.buffers] if cuda else None
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="units-from-disk")  # one: the files' reads in order
+        self.pending: deque[tuple[int, int, Future]] = deque()  # (unit, buffer, read), in the order taken
+        self.next_buffer = self.next_unit = 0  # round the buffers, and along `order`
+        while len(self.pending) < len(self.buffers):
+            self._issue()
+
+    def _read(self, unit: int, buffer: int) -> None:
+        if self.emptied is not None:
+            self.emptied[buffer].synchronize()  # the copy that read the buffer's last unit
+        flat = self.buffers[buffer][: self.layouts[unit].numel]
+        for name, view in self.layouts[unit].views(flat).items():
+            self.weights.into(f"units.{unit}.{name}", view)
+
+    def _issue(self) -> None:
+        unit, buffer = self.order[self.next_unit], self.next_buffer
+        self.next_unit, self.next_buffer = (self.next_unit + 1) % len(self.order), (buffer + 1) % len(self.buffers)
+        self.pending.append((unit, buffer, self.reader.submit(self._read, unit, buffer)))
+
+    def take(self, unit: int) -> tuple[torch.Tensor, int]:
+        """`unit`'s weights, read (waited for), and their buffer's index for `emptying`."""
+        if not self.pending or self.pending[0][0] != unit:  # a pass left midway: start again from `unit`
+            self._drain()
+            self.next_unit = self.order.index(unit)
+            self._issue()  # only this one: the buffers' copies must be issued before more reads
+        _, buffer, read = self.pending.popleft()
+        try:
+            read.result()  # a read's error is raised here, in the pass
+        except (OSError, ValueError) as exc:  # a file damaged or gone since it was opened
+            raise UserError(f"cannot read unit {unit}'s weights from disk: {exc}") from None
+        return self.buffers[buffer][: self.layouts[unit].numel], buffer
+
+    def emptying(self, buffer: int, stream: torch.cuda.Stream | None) -> None:
+        """The copy out of `buffer` is issued (on `stream`; done, on a CPU): its next
+        read may start, and the reads ahead are topped up."""
+        if self.emptied is not None:
+            self.emptied[buffer].record(stream)
+        while len(self.pending) < len(self.buffers):
+            self._issue()
+
+    def _drain(self) -> None:
+        for _, _, read in self.pending:
+            read.exception()  # waited for; what a dropped read met does not matter
+        self.pending.clear()
+
+    def close(self) -> None:
+        self._drain()
+        self.reader.shutdown()
+        page_unlock(self.locked)
+        self.locked = []
+        self.weights.close()
 
 
 Weights = ResidentWeights | StreamedWeights
@@ -272,9 +369,18 @@ def load_model(folder: Path, cfg: ModelConfig, device: torch.device, dtype: torc
         raise UserError(f"cannot read '{folder}': {exc}") from None
 
 
-def stream_model(folder: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> StreamedWeights:
-    """The folder's weights in host memory, to be streamed to `device` in `dtype`."""
+def stream_model(folder: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 from_disk: bool = False) -> StreamedWeights:
+    """The folder's weights in host memory (or, `from_disk`, left in its files), to be
+    streamed to `device` in `dtype`."""
     try:
+        if from_disk:
+            weights = open_weights(folder, cfg)
+            try:
+                return StreamedWeights(weights, cfg, device, dtype, from_disk=True)
+            except BaseException:
+                weights.close()
+                raise
         with open_weights(folder, cfg) as weights:
             return StreamedWeights(weights, cfg, device, dtype)
     except (OSError, ValueError) as exc:
@@ -313,10 +419,11 @@ def free_memory(device: torch.device) -> int:
 def choose_mode(mode: str, cfg: ModelConfig, device: str, dtype: torch.dtype, working: int, free: int, host: int,
                 lower: str) -> str:
     """--mode auto: the model whole on the device when it fits there beside `working`
-    bytes (caches, activations), else streamed from host memory (a GPU's: on a CPU both
-    are the same memory). Refuses what fits neither, saying what to change (`lower`:
-    the flags that shrink `working`). `device`: its type; `free`, `host`: the bytes free
-    on it and available in host RAM."""
+    bytes (caches, activations), else streamed from host memory when it fits there
+    (a GPU's; on a CPU, host memory is the device's, so never), else streamed from its
+    files on disk ([Note: streamed from disk]). Refuses what fits nowhere, saying what
+    to change (`lower`: the flags that shrink `working`). `device`: its type; `free`,
+    `host`: the bytes free on it and available in host RAM."""
     need = Footprint.of(cfg, dtype)
     gib, kind = 2**30, str(dtype).removeprefix("torch.")
     where = "the GPU has" if device == "cuda" else "this machine has"
@@ -325,18 +432,19 @@ def choose_mode(mode: str, cfg: ModelConfig, device: str, dtype: torch.dtype, wo
     held, streamed = need.weights + working, need.streamed + working
     if mode in ("auto", "resident") and held <= 0.9 * free:
         return "resident"
-    if mode == "resident" or (mode == "auto" and device != "cuda"):
+    if mode == "resident":
         raise UserError(f"{cfg.name}'s {cfg.n_params() / 1e9:.1f}B parameters need {held / gib:.1f} GiB in {kind} "
                         f"with the working memory, and {where} {free / gib:.1f} GiB free: use a larger device"
-                        f"{smaller}{', or stream it with --mode stream' if mode == 'resident' else ''}")
+                        f"{smaller}, or stream it with --mode stream (or --mode disk)")
     if streamed > 0.9 * free:
         raise UserError(f"streaming {cfg.name} needs {streamed / gib:.1f} GiB on the device for two units and the "
                         f"working memory, and {where} {free / gib:.1f} GiB free: ask for {lower}{smaller}")
-    if device == "cuda" and need.weights > 0.9 * host:
-        raise UserError(f"streaming {cfg.name} holds its weights in host memory, {need.weights / gib:.1f} GiB in "
-                        f"{kind}, and this machine has {host / gib:.1f} GiB available: use a machine with "
-                        f"more memory{smaller}")
-    return "stream"
+    fits_host = need.weights <= 0.9 * host
+    if mode == "stream" and not fits_host:
+        raise UserError(f"streaming {cfg.name} from host memory holds its weights there, {need.weights / gib:.1f} "
+                        f"GiB in {kind}, and this machine has {host / gib:.1f} GiB available: stream it from its "
+                        "files with --mode disk")
+    return "stream" if mode == "stream" or (mode == "auto" and device == "cuda" and fits_host) else "disk"
 
 
 def place(requested: str, folder: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, working: int,
@@ -347,4 +455,4 @@ def place(requested: str, folder: Path, cfg: ModelConfig, device: torch.device, 
                        psutil.virtual_memory().available, lower)
     if mode == "resident":
         return ResidentWeights(load_model(folder, cfg, device, dtype))
-    return stream_model(folder, cfg, device, dtype)
+    return stream_model(folder, cfg, device, dtype, from_disk=mode == "disk")

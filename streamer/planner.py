@@ -272,22 +272,26 @@ def streamed_inference_params(cfg: ModelConfig) -> int:
 @dataclass(frozen=True)
 class SamplingEstimate:
     """A sampled token's floor on a profile, one pass over the model: held whole, every
-    weight read once from device memory; streamed, every weight over the link once."""
+    weight read once from device memory; streamed, every weight over the link once;
+    streamed from disk (`--mode disk`, for a model larger than host memory), every
+    weight read from the disk once, too."""
 
     weight_bytes: float  # in the compute dtype
     held_fits: bool  # the weights alone in 90% of the device's memory (caches and activations need the rest)
     streamed_device_bytes: float
     held_s_per_token: float
     streamed_s_per_token: float
+    disk_s_per_token: float  # at the profile's disk read rate, with the checkpoint stored in the compute dtype
 
 
 def sampling_estimate(cfg: ModelConfig, profile: DeviceProfile) -> SamplingEstimate:
     weights = sum(unit_param_counts(cfg)) * profile.compute_bytes
     # Device memory bandwidth: the profile's HBM-bound update rate, the closest figure it has.
     held = weights / profile.device_update_bytes_per_s
+    streamed = max(held, weights / profile.h2d_bytes_per_s)
     return SamplingEstimate(weights, weights <= 0.9 * profile.device_memory_bytes,
-                            streamed_inference_params(cfg) * profile.compute_bytes, held,
-                            max(held, weights / profile.h2d_bytes_per_s))
+                            streamed_inference_params(cfg) * profile.compute_bytes, held, streamed,
+                            max(streamed, weights / profile.disk_read_bytes_per_s))
 
 
 def _unit_flops_per_token(cfg: ModelConfig, seq_len: int) -> list[float]:
@@ -1518,7 +1522,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         held = (f"held whole ({sampling.weight_bytes / 2**30:.1f} GiB) at least {sampling.held_s_per_token:.3f} s"
                 if sampling.held_fits else f"too large to hold whole ({sampling.weight_bytes / 2**30:.1f} GiB)")
         print(f"  streamer sample, a token: {held}; streamed ({sampling.streamed_device_bytes / 2**30:.1f} GiB on "
-              f"the device) at least {sampling.streamed_s_per_token:.3f} s, for all samples together")
+              f"the device) at least {sampling.streamed_s_per_token:.3f} s from host memory, "
+              f"{sampling.disk_s_per_token:.2f} s from disk, for all samples together")
 
 
 def bound_text(plan: Plan) -> str:

@@ -44,6 +44,8 @@ def test_a_runs_final_weights_give_its_last_held_out_loss(tmp_path: Path, token_
     assert held["loss"] == pytest.approx(logged["eval_loss"], abs=1e-5)
     streamed = _eval(capsys, str(run / "final"), "--mode", "stream")
     assert streamed["mode"] == "stream" and streamed["loss"] == held["loss"]
+    from_disk = _eval(capsys, str(run / "final"), "--mode", "disk")
+    assert from_disk["mode"] == "disk" and from_disk["loss"] == held["loss"]
     more = _eval(capsys, str(run), "--tokens", "320", "--batch-size", "3")  # flags over the run's settings
     assert more["tokens"] == 320 and more["sequences"] == 10 and more["loss"] != held["loss"]
     assert _eval(capsys, str(run), "--holdout", "0.1")["held_out"] is False  # reaches text it trained on
@@ -158,6 +160,9 @@ def test_a_checkpoint_gives_the_held_out_loss_logged_at_its_step(tmp_path: Path,
     assert at_2["held_out"] is True and at_2["loss"] == pytest.approx(logged[min(logged)], abs=1e-5)
     at_4 = _eval(capsys, str(run / "checkpoints" / "step-00000004"), "--mode", "stream")
     assert at_4["loss"] == pytest.approx(_eval(capsys, str(run))["loss"], abs=1e-6) and at_4["loss"] != at_2["loss"]
+    # Streamed from the checkpoint's files, a unit read for every pass: the same loss.
+    from_disk = _eval(capsys, str(run / "checkpoints" / "step-00000004"), "--mode", "disk")
+    assert from_disk["mode"] == "disk" and from_disk["loss"] == at_4["loss"]
 
     assert main(["sample", str(run / "checkpoints" / "step-00000004"), "--tokens", "10", "--temperature", "0",
                  "--device", "cpu"]) == 0

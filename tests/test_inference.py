@@ -24,6 +24,9 @@ class _StateDict:
     def into(self, name: str, target: torch.Tensor) -> None:
         target.copy_(self.state[name])
 
+    def close(self) -> None:
+        """Nothing to close: the tensors are the model's."""
+
 
 def _forward(weights, idx: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     x = idx
@@ -32,14 +35,18 @@ def _forward(weights, idx: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     return x
 
 
+@pytest.mark.parametrize("from_disk", [False, True], ids=["from-ram", "from-disk"])
 @pytest.mark.parametrize("model", ["tiny", "tiny-gptj", "tiny-neox"])
-def test_a_streamed_pass_computes_what_the_model_held_whole_does(model: str) -> None:
+def test_a_streamed_pass_computes_what_the_model_held_whole_does(model: str, from_disk: bool) -> None:
     """Bit for bit, pass after pass (the buffers are refilled in turn), with a tied
     head reading the table kept on the device (tiny) and without; the units come in
-    forward order, one of each."""
+    forward order, one of each. From disk, the reads run ahead of the copies, pass
+    after pass."""
     gpt = GPT(ModelConfig.from_name(model, n_layer=5)).eval()
     gpt.init_weights(1)
-    held, streamed = ResidentWeights(gpt), StreamedWeights(_StateDict(gpt), gpt.cfg, CPU, torch.float32)
+    held = ResidentWeights(gpt)
+    streamed = StreamedWeights(_StateDict(gpt), gpt.cfg, CPU, torch.float32, from_disk=from_disk)
+    assert streamed.mode == ("disk" if from_disk else "stream")
     assert [i for i, _ in streamed.units()] == list(range(gpt.cfg.n_layer + 2))
     idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -50,12 +57,14 @@ def test_a_streamed_pass_computes_what_the_model_held_whole_does(model: str) -> 
     streamed.close()
 
 
-def test_a_pass_left_midway_does_not_disturb_the_next() -> None:
+@pytest.mark.parametrize("from_disk", [False, True], ids=["from-ram", "from-disk"])
+def test_a_pass_left_midway_does_not_disturb_the_next(from_disk: bool) -> None:
     """A caller that leaves a pass early (an error in a unit, a break): the next pass
-    still hands out each unit with its own weights, whichever copies were in flight."""
+    still hands out each unit with its own weights, whichever copies (and reads from
+    disk) were in flight."""
     gpt = GPT(ModelConfig.from_name("tiny-neox", n_layer=5)).eval()
     gpt.init_weights(2)
-    streamed = StreamedWeights(_StateDict(gpt), gpt.cfg, CPU, torch.float32)
+    streamed = StreamedWeights(_StateDict(gpt), gpt.cfg, CPU, torch.float32, from_disk=from_disk)
     idx = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = gpt(idx)
@@ -66,6 +75,7 @@ def test_a_pass_left_midway_does_not_disturb_the_next() -> None:
                 if k == leave_after:
                     break
             assert torch.equal(_forward(streamed, idx), expected), leave_after
+    streamed.close()
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-neox"])
@@ -81,18 +91,23 @@ def test_the_device_holds_two_units_of_a_streamed_model(model: str) -> None:
 
 def test_auto_mode_holds_what_fits_and_streams_what_does_not() -> None:
     """gpt-neox-20b in bfloat16 (41 GB) on an 80 GB GPU is held; on a 40 GB one it is
-    streamed; with too little host RAM for its weights, or a GPU too small for even two
-    units and the working memory, or a CPU too small, the refusal says what to change."""
+    streamed from host memory, or from disk where host memory is short, as on a CPU
+    too small to hold it; a GPU too small for even two units and the working memory is
+    refused, and so is each mode asked for that does not fit, saying what to change."""
     cfg = ModelConfig.from_name("gpt-neox-20b")
     bf16, f32, work = torch.bfloat16, torch.float32, 2 * GIB
     assert choose_mode("auto", cfg, "cuda", bf16, work, 80 * GIB, 120 * GIB, lower="x") == "resident"
     assert choose_mode("auto", cfg, "cuda", bf16, work, 40 * GIB, 120 * GIB, lower="x") == "stream"
     assert choose_mode("stream", cfg, "cuda", bf16, work, 80 * GIB, 120 * GIB, lower="x") == "stream"
+    assert choose_mode("auto", cfg, "cuda", bf16, work, 40 * GIB, 30 * GIB, lower="x") == "disk"
+    assert choose_mode("auto", cfg, "cpu", f32, work, 20 * GIB, 20 * GIB, lower="x") == "disk"
+    assert choose_mode("disk", cfg, "cuda", bf16, work, 80 * GIB, 120 * GIB, lower="x") == "disk"
     refusals = [
-        (("auto", "cuda", bf16, work, 40 * GIB, 30 * GIB), "more memory"),  # the host
+        (("stream", "cuda", bf16, work, 40 * GIB, 30 * GIB), "30.0 GiB available: .* --mode disk"),  # the host
+        (("stream", "cpu", f32, work, 20 * GIB, 20 * GIB), "20.0 GiB available: .* --mode disk"),
         (("auto", "cuda", bf16, 40 * GIB, 40 * GIB, 120 * GIB), "ask for fewer --samples"),  # the device
+        (("disk", "cpu", f32, 19 * GIB, 20 * GIB, 20 * GIB), "ask for fewer --samples or with --dtype bfloat16"),
         (("resident", "cuda", bf16, work, 40 * GIB, 120 * GIB), "--mode stream"),
-        (("auto", "cpu", f32, work, 20 * GIB, 20 * GIB), "--dtype bfloat16"),
     ]
     for (mode, device, dtype, working, free, host), hint in refusals:
         with pytest.raises(UserError, match=hint):

@@ -540,8 +540,8 @@ def test_the_plan_says_what_runs_the_update_on_the_device() -> None:
 def test_a_sampled_tokens_floor_held_and_streamed() -> None:
     """gpt-neox-20b in bf16 on the h100 profile: 41 GB held whole fits its 80 GB, a
     token reading every weight from device memory once; streamed, two of its 0.45B
-    units on the device and every weight over the 50 GB/s link once a token (~0.82 s);
-    on a 24 GB device it cannot be held whole."""
+    units on the device and every weight over the 50 GB/s link once a token (~0.82 s),
+    or from the disk at its rate; on a 24 GB device it cannot be held whole."""
     from streamer.planner import PROFILES, replace, sampling_estimate
 
     cfg = ModelConfig.from_name("gpt-neox-20b")
@@ -551,4 +551,5 @@ def test_a_sampled_tokens_floor_held_and_streamed() -> None:
     assert estimate.streamed_device_bytes == pytest.approx(2 * 2 * 453_064_704, rel=1e-6)
     assert estimate.streamed_s_per_token == pytest.approx(estimate.weight_bytes / 50e9)
     assert estimate.held_s_per_token < estimate.streamed_s_per_token / 10
+    assert estimate.disk_s_per_token == pytest.approx(estimate.weight_bytes / h100.disk_read_bytes_per_s)
     assert not sampling_estimate(cfg, replace(h100, device_memory_bytes=24e9)).held_fits

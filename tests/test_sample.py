@@ -36,15 +36,18 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("model", ["tiny", "tiny-gptj", "tiny-neox"])
 def test_greedy_continuation_is_the_hugging_face_models_own(tmp_path: Path, model: str,
                                                            hugging_face_checkpoint) -> None:
-    """Held whole or streamed a unit at a time (the tiny model's head is tied to its
-    embedding, which then stays on the device)."""
+    """Held whole or streamed a unit at a time, from host memory or from disk (the tiny
+    model's head is tied to its embedding, which then stays on the device)."""
     reference = hugging_face_checkpoint(model, tmp_path, std=0.3)  # far from ties
     cfg = model_config(tmp_path)
     prompt = list(b"def main():\n    ")
     expected = reference.generate(torch.tensor([prompt]), max_new_tokens=GREEDY.new_tokens, do_sample=False,
                                   min_new_tokens=GREEDY.new_tokens)[0, len(prompt):].tolist()
     assert generate(load_model(tmp_path, cfg, CPU, torch.float32), prompt, GREEDY) == [expected]
-    assert generate(stream_model(tmp_path, cfg, CPU, torch.float32), prompt, GREEDY) == [expected]
+    for from_disk in (False, True):  # the weights in host memory, or read from the files for every token
+        streamed = stream_model(tmp_path, cfg, CPU, torch.float32, from_disk=from_disk)
+        assert generate(streamed, prompt, GREEDY) == [expected], from_disk
+        streamed.close()
 
 
 def _uncached_greedy(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:
@@ -213,9 +216,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, trained_run: Path, fai
 @pytest.mark.gpu
 def test_sampling_on_the_gpu_continues_as_on_the_cpu(tmp_path: Path) -> None:
     """Greedy float32 continuations are the CPU's, held whole or streamed; a streamed
-    model's continuations are the held model's in bfloat16 too, greedy and drawn, while
-    the device holds two of its units. (An export of our own: the GPU machine has no
-    transformers.)"""
+    model's continuations, from host memory or from disk, are the held model's in
+    bfloat16 too, greedy and drawn, while the device holds two of its units. (An export
+    of our own: the GPU machine has no transformers.)"""
     model = GPT(ModelConfig.from_name("tiny-neox", n_layer=8))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # far from ties, so that both devices' argmax agree
@@ -234,14 +237,15 @@ def test_sampling_on_the_gpu_continues_as_on_the_cpu(tmp_path: Path) -> None:
     first = generate(half, prompt, drawn, torch.Generator().manual_seed(5), samples=3)
     assert all(len(f) == 40 and all(0 <= t < cfg.vocab_size for t in f) for f in first)
     assert first == generate(half, prompt, drawn, torch.Generator().manual_seed(5), samples=3)
-    streamed = stream_model(tmp_path, cfg, cuda, torch.bfloat16)
-    for k, _ in enumerate(streamed.units()):  # a pass left midway, its copies in flight
-        if k == 3:
-            break
-    assert generate(streamed, prompt, drawn, torch.Generator().manual_seed(5), samples=3) == first
-    assert generate(streamed, prompt, GREEDY) == generate(load_model(tmp_path, cfg, cuda, torch.bfloat16), prompt,
-                                                          GREEDY)
-    assert streamed.locked, "the host copy is page-locked, so the copies overlap the compute"
-    streamed.close()
+    for from_disk in (False, True):  # from host memory, and read from the files for every pass
+        streamed = stream_model(tmp_path, cfg, cuda, torch.bfloat16, from_disk=from_disk)
+        for k, _ in enumerate(streamed.units()):  # a pass left midway, its copies (and reads) in flight
+            if k == 3:
+                break
+        assert generate(streamed, prompt, drawn, torch.Generator().manual_seed(5), samples=3) == first, from_disk
+        assert generate(streamed, prompt, GREEDY) == generate(load_model(tmp_path, cfg, cuda, torch.bfloat16),
+                                                              prompt, GREEDY), from_disk
+        assert (streamed.disk.locked if from_disk else streamed.locked), "page-locked: the copies overlap the compute"
+        streamed.close()
     weights = 2 * sum(p.numel() for p in model.parameters())
     assert streamed.device_bytes() < weights / 3

@@ -111,6 +111,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="a token of the tokenizer to put after each file, each a document (GPT-2's: "
                         "'<|endoftext|>'), so that a model learns where texts end; 'sample' stops there and "
                         "'export' names it the end-of-text token (default: files joined as they are)")
+    p.add_argument("--where", action="append", default=None, metavar="FIELD=VALUE",
+                   help="JSON Lines inputs: only the documents whose FIELD (dotted for a nested one, as "
+                        "meta.pile_set_name) holds VALUE; repeat it for more conditions, all to be met")
     p.add_argument("--text-field", default="text", metavar="NAME",
                    help="JSON Lines inputs (.jsonl, .ndjson, compressed or not): the field of each line's object "
                         "that holds its document's text (default: text)")
@@ -275,14 +278,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from streamer.data import prepare
+    from streamer.data import JsonLines, prepare
 
     meta = prepare(args.out, args.inputs or None, args.tokenizer, args.train_tokenizer,
-                   progress=not args.no_progress, separator=args.separator, field=args.text_field)
+                   progress=not args.no_progress, separator=args.separator,
+                   lines=JsonLines.parse(args.text_field, args.where))
     learned = f", with the tokenizer it learned: {meta['tokenizer']}" if args.train_tokenizer else ""
     separated = f", each document followed by token {meta['separator']}" if meta["separator"] is not None else ""
     print(f"wrote {meta['n_tokens']:,} tokens ({meta['dtype']}, vocab {meta['vocab_size']}) "
-          f"from {meta['n_documents']:,} documents in {meta['n_files']} file{'s' * (meta['n_files'] != 1)} to "
+          f"from {meta['n_documents']:,} document{'s' * (meta['n_documents'] != 1)} in {meta['n_files']} "
+          f"file{'s' * (meta['n_files'] != 1)} to "
           f"{args.out}{separated}{learned}")
 
 

@@ -114,7 +114,7 @@ class HFTokenizer:
 
 
 def train_tokenizer(files: list[Path], vocab_size: int, out: Path, separator: str | None = None,
-                    field: str = "text") -> Path:
+                    lines: JsonLines | None = None) -> Path:
     """Learn a byte-level BPE of `vocab_size` tokens from the files (GPT-2's scheme: all
     256 bytes are tokens, so no text is ever unknown, and the merges make the rest),
     and write it to `out` as a Hugging Face tokenizer.json. Its only special token is
@@ -135,7 +135,7 @@ def train_tokenizer(files: list[Path], vocab_size: int, out: Path, separator: st
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[separator] if separator is not None else [])
-    tokenizer.train_from_iterator((piece for path in files for piece in text_pieces(path, field=field)), trainer)
+    tokenizer.train_from_iterator((piece for path in files for piece in text_pieces(path, lines=lines)), trainer)
     atomic_write_bytes(out, tokenizer.to_str().encode())
     return out
 
@@ -146,13 +146,14 @@ BATCH_BYTES = 4 << 20  # text tokenized together: 16 pieces keep 16 cores busy, 
 # Face tokenizer's encodings (~300 bytes a token) take ~350 MB
 
 
-def text_pieces(path: Path, piece_bytes: int | None = None, field: str = "text") -> Iterator[str]:
+def text_pieces(path: Path, piece_bytes: int | None = None, lines: JsonLines | None = None) -> Iterator[str]:
     """A file's text as `Path.read_text` reads it (UTF-8, undecodable bytes replaced,
     CRLF and CR line ends made LF): whole, up to `piece_bytes` (default `PIECE_BYTES`);
     a larger one in pieces of about that size, so that a file of any size is tokenized
     in bounded memory. A file named `.gz`, `.bz2`, `.xz` or `.zst` is read decompressed;
     a JSON Lines file (`.jsonl`, `.ndjson`, compressed or not: The Pile's layout) holds
-    a document a line, its text in `field`, each cut as a file is.
+    a document a line, read as `lines` says (default: its "text", every line), each cut
+    as a file is.
 
     [Note: token-exact pieces]
     A piece ends just after a newline between two printable, non-blank ASCII characters
@@ -167,14 +168,43 @@ def text_pieces(path: Path, piece_bytes: int | None = None, field: str = "text")
     one (minified text, one long line) is cut after its last newline, else before its
     last character: only there may tokens differ from the whole file's. Tokenizers that
     mark a text's start (SentencePiece's prefix space) mark each piece's."""
-    for _, text, _ in _marked_pieces(path, piece_bytes, field):
+    for _, text, _ in _marked_pieces(path, piece_bytes, lines):
         yield text
 
 
 JSON_LINES = (".jsonl", ".ndjson")  # a document a line: {"text": "...", ...}
 
 
-def _marked_pieces(path: Path, piece_bytes: int | None = None, field: str = "text",
+@dataclass(frozen=True)
+class JsonLines:
+    """How to read a JSON Lines file's documents: the text from `field`, and only the
+    lines whose fields (dotted: `meta.pile_set_name`) hold the values `where` gives."""
+
+    field: str = "text"
+    where: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, field: str, where: list[str] | None) -> JsonLines:
+        """From --text-field and --where FIELD=VALUE flags."""
+        pairs = []
+        for condition in where or []:
+            name, equals, value = condition.partition("=")
+            if not equals or not name:
+                raise UserError(f"--where takes FIELD=VALUE (as meta.pile_set_name=Github), got '{condition}'")
+            pairs.append((name, value))
+        return cls(field, tuple(pairs))
+
+    def selects(self, record: dict) -> bool:
+        for name, value in self.where:
+            found = record
+            for key in name.split("."):
+                found = found.get(key) if isinstance(found, dict) else None
+            if found is None or (found if isinstance(found, str) else json.dumps(found)) != value:
+                return False
+        return True
+
+
+def _marked_pieces(path: Path, piece_bytes: int | None = None, lines: JsonLines | None = None,
                    ) -> Iterator[tuple[int, str, bool]]:
     """`text_pieces`, each with the bytes of the file (as on disk) read for it, and
     whether it ends a document: the file's last piece, or a JSON Lines document's."""
@@ -190,9 +220,9 @@ def _marked_pieces(path: Path, piece_bytes: int | None = None, field: str = "tex
             return done - before
 
         try:
-            if any(suffix in JSON_LINES for suffix in suffixes):
+            if _is_json_lines(path):
                 for number, line in enumerate(stream, 1):
-                    text = _document(path, number, line, field) if line.strip() else ""
+                    text = _document(path, number, line, lines or JsonLines()) if line.strip() else ""
                     if len(text) <= piece_bytes:  # the common case: one piece, no round trip through bytes
                         if text:
                             yield read(), text, True
@@ -207,6 +237,10 @@ def _marked_pieces(path: Path, piece_bytes: int | None = None, field: str = "tex
                     yield read(), piece, last
         except (OSError, EOFError, lzma.LZMAError) as exc:  # a damaged or truncated archive
             raise UserError(f"cannot read '{path}' ({exc}): check the file, or leave it out") from None
+
+
+def _is_json_lines(path: Path) -> bool:
+    return any(suffix.lower() in JSON_LINES for suffix in path.suffixes[-2:])
 
 
 def _decompressed(path: Path, raw: BinaryIO, suffix: str) -> BinaryIO:
@@ -227,17 +261,22 @@ def _decompressed(path: Path, raw: BinaryIO, suffix: str) -> BinaryIO:
     return raw
 
 
-def _document(path: Path, number: int, line: bytes, field: str) -> str:
-    """A JSON Lines document's text, line ends made LF as in a file."""
+def _document(path: Path, number: int, line: bytes, lines: JsonLines) -> str:
+    """A JSON Lines document's text, line ends made LF as in a file; "" for a line that
+    `lines.where` leaves out."""
     try:
         record = json.loads(line)
     except ValueError:
         raise UserError(f"'{path}' line {number} is not JSON: a .jsonl file holds one JSON object a line (rename "
                         "a plain text file)") from None
-    text = record.get(field) if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        raise UserError(f"'{path}' line {number} is not a JSON object: a .jsonl file holds one a line")
+    if not lines.selects(record):
+        return ""
+    text = record.get(lines.field)
     if not isinstance(text, str):
-        raise UserError(f"'{path}' line {number} has no '{field}' string: name the field that holds the text "
-                        "with --text-field")
+        raise UserError(f"'{path}' line {number} has no '{lines.field}' string: name the field that holds the "
+                        "text with --text-field")
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
@@ -334,7 +373,7 @@ class TokenFileWriter:
 
 def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | None = None,
             train_vocab: int | None = None, progress: bool = False, separator: str | None = None,
-            field: str = "text") -> dict:
+            lines: JsonLines | None = None) -> dict:
     """Tokenize text files (default: the standard library) into `out` (.npy) plus `out`.json.
     With `train_vocab`, a byte-level BPE of that many tokens is first learned from the
     same files and written beside `out` (`STEM.tokenizer.json`), and the files are
@@ -345,11 +384,14 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
     tokenized a batch of pieces at a time and appended to the token file, so memory
     stays bounded whatever the corpus's size. Compressed files are read as they are
     (`.gz`, `.bz2`, `.xz`, `.zst`). Each file is a document, but for JSON Lines
-    (`.jsonl`), whose every line is one, its text in `field`: `separator`, a token of
+    (`.jsonl`), whose every line is one (read as `lines` says): `separator`, a token of
     the tokenizer (GPT-2's `<|endoftext|>`), follows each document, and the sidecar
     records its id, so that a model learns where a text ends and `sample` stops there.
     Without it nothing is added: documents are joined as they are."""
     files = list(iter_text_files(inputs)) if inputs else stdlib_files()
+    if lines is not None and lines.where and not any(_is_json_lines(path) for path in files):
+        raise UserError("--where chooses among JSON Lines documents, and no input is JSON Lines (.jsonl, .ndjson): "
+                        "drop --where, or pass JSON Lines files")
     if separator is not None and tokenizer_path is None and train_vocab is None:
         raise UserError("--separator needs a tokenizer with a token for it (bytes have none to spare): pass "
                         "--tokenizer, or --train-tokenizer to learn one with it")
@@ -360,7 +402,7 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
             _separator_text(separator)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         tokenizer_path = train_tokenizer(files, train_vocab, Path(out).with_suffix(".tokenizer.json"),
-                                         separator, field).resolve()
+                                         separator, lines).resolve()
     tokenizer = HFTokenizer(tokenizer_path) if tokenizer_path else ByteTokenizer()
     separator_id = None
     if separator is not None:
@@ -378,7 +420,7 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
             writer, documents = TokenFileWriter(tmp, dtype), 0
             try:
                 ends = np.array([separator_id if separator_id is not None else 0], dtype=dtype)
-                for batch, n_bytes, last in _batches(files, field):
+                for batch, n_bytes, last in _batches(files, lines):
                     for tokens, ends_a_document in zip(tokenizer.encode_pieces(batch), last):
                         writer.append(tokens)
                         if ends_a_document and separator_id is not None:
@@ -387,6 +429,9 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
                     bar.update(n_bytes)
             finally:
                 writer.close()
+            if writer.n_tokens < 2 and lines is not None and lines.where:
+                raise UserError(f"no document of the inputs meets --where {' '.join(meta_where(lines))} (or those "
+                                "that do are empty): check the fields' names and values")
             if writer.n_tokens < 2:
                 raise UserError("the inputs hold no text: pass non-empty text files")
     except OSError as exc:
@@ -398,17 +443,24 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
         bar.close()
     meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "dtype": str(dtype),
             "n_tokens": writer.n_tokens, "n_files": len(files), "n_documents": documents, "separator": separator_id}
+    if lines is not None and lines.where:
+        meta["where"] = meta_where(lines)
     atomic_write_json(meta_path(out), meta)
     return meta
 
 
-def _batches(files: list[Path], field: str = "text") -> Iterator[tuple[list[str], int, list[bool]]]:
+def meta_where(lines: JsonLines) -> list[str]:
+    """The --where conditions as given."""
+    return [f"{name}={value}" for name, value in lines.where]
+
+
+def _batches(files: list[Path], lines: JsonLines | None = None) -> Iterator[tuple[list[str], int, list[bool]]]:
     """The files' pieces, in order, gathered into batches of about `BATCH_BYTES`, each
     with the bytes read for it and, for each piece, whether it ends a document (a file,
     or a JSON Lines document; one without text has no piece)."""
     batch, last, text, read = [], [], 0, 0
     for path in files:
-        for n_bytes, piece, ends_document in _marked_pieces(path, PIECE_BYTES, field):
+        for n_bytes, piece, ends_document in _marked_pieces(path, PIECE_BYTES, lines):
             batch.append(piece)
             last.append(ends_document)
             text, read = text + len(piece), read + n_bytes

@@ -499,4 +499,32 @@ def test_unreadable_json_lines_and_archives_are_one_clear_error(tmp_path: Path, 
         with pytest.raises(UserError, match=message):
             prepare(tmp_path / "tokens.npy", [tmp_path / name])
     assert not (tmp_path / "tokens.npy").exists()
-    assert prepare(tmp_path / "tokens.npy", [tmp_path / "field.jsonl"], field="body")["n_tokens"] == 3
+    from streamer.data import JsonLines
+
+    assert prepare(tmp_path / "tokens.npy", [tmp_path / "field.jsonl"], lines=JsonLines("body"))["n_tokens"] == 3
+    with pytest.raises(UserError, match="--where takes FIELD=VALUE .*, got 'meta'"):
+        JsonLines.parse("text", ["meta"])
+    (tmp_path / "plain.txt").write_text("no documents to choose among")
+    with pytest.raises(UserError, match="no input is JSON Lines"):
+        prepare(tmp_path / "tokens.npy", [tmp_path / "plain.txt"], lines=JsonLines.parse("text", ["a=b"]))
+
+
+def test_where_keeps_the_documents_whose_fields_hold_the_values(tmp_path: Path) -> None:
+    """--where FIELD=VALUE, nested fields dotted, numbers as their JSON text, every
+    condition met; the sidecar records the conditions."""
+    from streamer.data import JsonLines
+
+    records = [{"text": "alpha ", "meta": {"pile_set_name": "Github", "stars": 5}},
+               {"text": "beta ", "meta": {"pile_set_name": "ArXiv", "stars": 5}},
+               {"text": "gamma ", "meta": {"pile_set_name": "Github", "stars": 7}},
+               {"text": "delta ", "meta": "not an object"}]
+    path = tmp_path / "pile.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cases = {("meta.pile_set_name=Github",): "alpha gamma ", ("meta.pile_set_name=Github", "meta.stars=7"): "gamma ",
+             ("meta.stars=5",): "alpha beta "}
+    for where, text in cases.items():
+        meta = prepare(tmp_path / "tokens.npy", [path], lines=JsonLines.parse("text", list(where)))
+        assert np.load(tmp_path / "tokens.npy").astype(np.uint8).tobytes() == text.encode(), where
+        assert meta["where"] == list(where) and meta["n_documents"] == text.count(" ")
+    with pytest.raises(UserError, match="no document of the inputs meets --where meta.pile_set_name=Wiki"):
+        prepare(tmp_path / "tokens.npy", [path], lines=JsonLines.parse("text", ["meta.pile_set_name=Wiki"]))

@@ -212,6 +212,8 @@ def test_a_mixture_runs_held_out_loss_is_read_back(tmp_path: Path, token_file: P
     assert held["loss"] == pytest.approx((2 * held["by_file"][str(token_file)] + 6 * held["by_file"][str(other)]) / 8)
     reweighed = _eval(capsys, str(run), "--data-weights", "3", "1")
     assert reweighed["held_out"] is None and reweighed["loss"] != held["loss"]
+    assert main(["sample", str(run), "--tokens", "3", "--device", "cpu"]) == 0  # the files' tokenizer: bytes
+    assert capsys.readouterr().out.startswith("def ")
     data = ["--data", str(token_file), str(other)]
     fails_in_one_line("train", {
         "weights for one file": (["--data", str(token_file), "--data-weights", "1", "--out", str(tmp_path / "a")],

@@ -83,15 +83,15 @@ class StreamedWeights:
         first = 1 if cfg.tie_embeddings else 0  # a tied table stays on the device
         self.order = list(range(first, len(self.layouts)))
         self.host, self.disk = [], None
-        if from_disk:
-            self.disk = UnitsFromDisk(weights, self.layouts, self.order, dtype, cuda, ahead=depth + 1)
-        else:
+        if not from_disk:
             for layout in self.layouts:
                 self.host.append(self._read(weights, layout.index))
         self.locked = page_lock(self.host) if cuda else []
         self.tied = None
         if cfg.tie_embeddings:
             self.tied = (self.host[0] if self.host else self._read(weights, 0)).to(device)
+        if from_disk:  # after the table's read: from here on only the reader thread reads `weights`
+            self.disk = UnitsFromDisk(weights, self.layouts, self.order, dtype, cuda, ahead=depth + 1)
         largest = max(self.layouts[u].numel for u in self.order)
         self.slots = [torch.empty(largest, dtype=dtype, device=device) for _ in range(depth)]
         self.copy_stream = torch.cuda.Stream(device) if cuda else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bz2
 import errno
 import gzip
+import hashlib
 import io
 import json
 import lzma
@@ -82,7 +83,7 @@ class HFTokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # the library raises bare Exceptions on bad files
             raise UserError(f"cannot read tokenizer '{path}': {exc}") from exc
-        self.name = str(path)
+        self.name = str(Path(path).resolve())  # found again from any folder (sample, export)
         self.vocab_size = self._tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
@@ -566,13 +567,23 @@ def load_data(paths: list[Path], weights: list[float] | None, vocab_size: int) -
             tokenizers[path] = json.loads(meta_path(path).read_text()).get("tokenizer")
         except (OSError, ValueError, AttributeError):
             tokenizers[path] = None  # no sidecar: its ids were checked against the vocabulary only
-    named = {path: name for path, name in tokenizers.items() if name is not None}
-    if len(set(named.values())) > 1:
+    named = {path: name for path, name in tokenizers.items() if isinstance(name, str)}
+    if len({_tokenizer_identity(name) for name in named.values()}) > 1:
         listed = ", ".join(f"'{path}' ({name})" for path, name in named.items())
         raise UserError(f"the data files were prepared with different tokenizers: {listed}; prepare them all "
                         "with one (--tokenizer)")
     shares = weights if weights is not None else [part.size for part in parts]
     return Mixture(tuple(parts), tuple(w / sum(shares) for w in shares), tuple(str(path) for path in paths))
+
+
+def _tokenizer_identity(name: str) -> str:
+    """What makes two sidecars' tokenizers the same: a tokenizer.json's contents, where
+    the file is there (one file copied or named by another path is the same), else
+    its name."""
+    path = Path(name)
+    if name != ByteTokenizer.name and path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return name
 
 
 def holdout_split(tokens: Tokens, fraction: float, seq_len: int, name: str = "the data") -> tuple[Tokens, Tokens]:

@@ -437,6 +437,16 @@ def test_a_mixture_of_unlike_files_is_refused(tmp_path: Path) -> None:
         meta_path(path).write_text(json.dumps({"tokenizer": tokenizer, "vocab_size": 256}))
     with pytest.raises(UserError, match="prepared with different tokenizers: .*low.npy' \\(bytes\\)"):
         load_data(paths, None, 256)
+    # One tokenizer.json named by two paths (a copy) is one tokenizer; another file's is not.
+    (tmp_path / "a.json").write_text('{"model": "one"}')
+    (tmp_path / "b.json").write_text('{"model": "one"}')
+    (tmp_path / "c.json").write_text('{"model": "two"}')
+    for path, tokenizer in zip(paths, ("a.json", "b.json")):
+        meta_path(path).write_text(json.dumps({"tokenizer": str(tmp_path / tokenizer), "vocab_size": 256}))
+    assert load_data(paths, None, 256).weights == (0.8, 0.2)
+    meta_path(paths[1]).write_text(json.dumps({"tokenizer": str(tmp_path / "c.json"), "vocab_size": 256}))
+    with pytest.raises(UserError, match="different tokenizers"):
+        load_data(paths, None, 256)
 
 
 DOCUMENTS = ["def f():\n    return 1\n", "caf\u00e9 \u2713\r\nline two", "", "x = [1, 2]\n" * 300]

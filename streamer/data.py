@@ -576,6 +576,16 @@ def load_data(paths: list[Path], weights: list[float] | None, vocab_size: int) -
     return Mixture(tuple(parts), tuple(w / sum(shares) for w in shares), tuple(str(path) for path in paths))
 
 
+def times_read(tokens: Tokens, tokens_read: int) -> list[tuple[str | None, int, float, float]]:
+    """How a run that reads `tokens_read` tokens reads each file: its name (None for one
+    file), its size, its share of the windows and how many times over the run reads it
+    (on average: windows are drawn at random)."""
+    if not isinstance(tokens, Mixture):
+        return [(None, tokens.size, 1.0, tokens_read / tokens.size)]
+    return [(name, part.size, share, tokens_read * share / part.size)
+            for name, part, share in zip(tokens.names, tokens.parts, tokens.weights)]
+
+
 def _tokenizer_identity(name: str) -> str:
     """What makes two sidecars' tokenizers the same: a tokenizer.json's contents, where
     the file is there (one file copied or named by another path is the same), else

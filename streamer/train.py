@@ -37,7 +37,15 @@ from streamer.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from streamer.data import BatchSampler, Tokens, default_corpus, eval_windows_by_file, holdout_split, load_data
+from streamer.data import (
+    BatchSampler,
+    Tokens,
+    default_corpus,
+    eval_windows_by_file,
+    holdout_split,
+    load_data,
+    times_read,
+)
 from streamer.errors import UserError
 from streamer.io import atomic_write_json, write_safetensors
 from streamer.optim import OptimConfig, lr_at
@@ -408,7 +416,19 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
             path.unlink(missing_ok=True)
     if cfg.init_from and not (cfg.resume and newest_manifest(out)):  # a checkpoint's weights win
         open_pretrained(cfg.init_from, model_cfg).close()
+    warnings += repetition_warnings(cfg, tokens, world)
     return Preflight(model_cfg, device, dtype, tokens, out, warnings)
+
+
+def repetition_warnings(cfg: TrainConfig, tokens: Tokens, world: int) -> list[str]:
+    """A file the run reads twice over or more (a small file, or one given a large
+    share): said before the run starts, since training on repeated text overfits it."""
+    read = cfg.steps * cfg.tokens_per_step() * world
+    return [f"{f'data file {name!r}' if name else 'the data'} ({size:,} training tokens"
+            f"{f', {share:.0%} of the windows' if name else ''}) is read {times:.1f} times over by {cfg.steps:,} steps "
+            f"of {cfg.tokens_per_step() * world:,} tokens: more text{' or a smaller share' if name else ''}, "
+            "if that is not meant"
+            for name, size, share, times in times_read(cfg.training_tokens(tokens), read) if times >= 2]
 
 
 def warn(message: str) -> None:

@@ -242,3 +242,23 @@ def test_a_final_export_the_disk_cannot_hold_is_refused_before_anything_is_writt
     assert not out.exists()
     train(TrainConfig(**settings, save_final=False))  # without the export it fits
     assert not (out / "final").exists()
+
+
+def test_a_file_read_twice_over_or_more_is_said_before_the_run() -> None:
+    """Each file's reads: the run's tokens times its share, over its training tokens;
+    twice over or more is a warning naming the file, its share and what to change."""
+    import numpy as np
+
+    from streamer.data import Mixture
+    from streamer.train import repetition_warnings
+
+    cfg = TrainConfig(model="tiny", steps=100, batch_size=4, seq_len=64)  # 25,600 tokens a rank in all
+    small, large = np.zeros(5_000, np.uint16), np.zeros(100_000, np.uint16)
+    assert repetition_warnings(cfg, large, world=1) == []
+    [one] = repetition_warnings(cfg, small, world=1)
+    assert one.startswith("the data (5,000 training tokens) is read 5.1 times over by 100 steps of 256 tokens")
+    mixture = Mixture((small, large), (0.25, 0.75), ("small.npy", "large.npy"))
+    assert repetition_warnings(cfg, mixture, world=1) == []  # 6,400 of 5,000 tokens: 1.3 times
+    [two] = repetition_warnings(cfg, mixture, world=2)  # two ranks read twice the tokens
+    assert "data file 'small.npy' (5,000 training tokens, 25% of the windows) is read 2.6 times over" in two
+    assert two.endswith("more text or a smaller share, if that is not meant")

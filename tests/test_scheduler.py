@@ -562,3 +562,26 @@ def test_a_run_starts_from_another_runs_final_weights(tmp_path, first_step_loss)
         rows, _ = _run(tmp_path / mode / offload, "tiny-neox", mode, offload, steps=1,
                        init_from=str(first / source))
         assert rows[0]["loss"] == pytest.approx(expected, abs=1e-5), source
+
+
+def test_a_mixtures_evaluation_by_file_changes_nothing_in_training(tmp_path, token_file):
+    """Two files' held-out windows in passes of their own: the streamed run evaluated
+    every step still trains bit for bit as one evaluated at its end, and each file's
+    held-out loss is the resident engine's."""
+    import sysconfig
+    from pathlib import Path
+
+    from streamer.data import prepare
+
+    other = tmp_path / "other.npy"
+    prepare(other, [Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"])
+    settings = dict(steps=3, eval_tokens=256, data=[str(token_file), str(other)], data_weights=[1.0, 2.0])
+    every, w_every = _run(tmp_path / "every", "tiny", "stream", "ram", eval_every=1, **settings)
+    last, w_last = _run(tmp_path / "last", "tiny", "stream", "ram", eval_every=3, **settings)
+    assert [r["loss"] for r in every] == [r["loss"] for r in last]
+    assert all(torch.equal(w_every[name], w_last[name]) for name in w_last)
+    assert every[-1]["eval_loss_by_file"] == last[-1]["eval_loss_by_file"]
+    resident, _ = _run(tmp_path / "resident", "tiny", "resident", eval_every=1, **settings)
+    for a, b in zip(every, resident, strict=True):
+        assert list(a["eval_loss_by_file"]) == [str(token_file), str(other)]
+        assert a["eval_loss_by_file"] == pytest.approx(b["eval_loss_by_file"], abs=1e-5)

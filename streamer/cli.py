@@ -285,10 +285,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                    lines=JsonLines.parse(args.text_field, args.where))
     learned = f", with the tokenizer it learned: {meta['tokenizer']}" if args.train_tokenizer else ""
     separated = f", each document followed by token {meta['separator']}" if meta["separator"] is not None else ""
+    left_out = f" (left out: {meta['n_skipped']:,} hidden, compiled or binary files)" if meta.get("n_skipped") else ""
     print(f"wrote {meta['n_tokens']:,} tokens ({meta['dtype']}, vocab {meta['vocab_size']}) "
           f"from {meta['n_documents']:,} document{'s' * (meta['n_documents'] != 1)} in {meta['n_files']} "
           f"file{'s' * (meta['n_files'] != 1)} to "
-          f"{args.out}{separated}{learned}")
+          f"{args.out}{separated}{learned}{left_out}")
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -45,14 +45,35 @@ def stdlib_files() -> list[Path]:
     return files
 
 
-def iter_text_files(paths: Iterable[Path]) -> Iterator[Path]:
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+
+
+def text_files(paths: Iterable[Path]) -> tuple[list[Path], int]:
+    """The files to read, and how many a folder held that are not text: a file named is
+    read whatever it holds; a folder's files in sorted order, but for hidden ones (in
+    `.git`, say), compiled Python (`__pycache__`) and binary files (a NUL byte in their
+    first 8 KiB, unless compressed: a token file, an image, a wheel)."""
+    files, skipped = [], 0
     for path in paths:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file())
+            for found in sorted(p for p in path.rglob("*") if p.is_file()):
+                parts = found.relative_to(path).parts
+                if any(part.startswith(".") or part == "__pycache__" for part in parts) or _binary(found):
+                    skipped += 1
+                else:
+                    files.append(found)
         elif path.is_file():
-            yield path
+            files.append(path)
         else:
             raise UserError(f"input '{path}' does not exist: pass existing text files or folders")
+    return files, skipped
+
+
+def _binary(path: Path) -> bool:
+    if path.suffix.lower() in COMPRESSED:
+        return False
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
 
 
 class ByteTokenizer:
@@ -389,7 +410,10 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
     the tokenizer (GPT-2's `<|endoftext|>`), follows each document, and the sidecar
     records its id, so that a model learns where a text ends and `sample` stops there.
     Without it nothing is added: documents are joined as they are."""
-    files = list(iter_text_files(inputs)) if inputs else stdlib_files()
+    files, skipped = text_files(inputs) if inputs else (stdlib_files(), 0)
+    if not files:
+        raise UserError("the inputs hold no text file (a folder's hidden, compiled and binary files are left out): "
+                        "pass text files or folders holding them")
     if lines is not None and lines.where and not any(_is_json_lines(path) for path in files):
         raise UserError("--where chooses among JSON Lines documents, and no input is JSON Lines (.jsonl, .ndjson): "
                         "drop --where, or pass JSON Lines files")
@@ -444,6 +468,8 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
         bar.close()
     meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "dtype": str(dtype),
             "n_tokens": writer.n_tokens, "n_files": len(files), "n_documents": documents, "separator": separator_id}
+    if skipped:
+        meta["n_skipped"] = skipped
     if lines is not None and lines.where:
         meta["where"] = meta_where(lines)
     atomic_write_json(meta_path(out), meta)

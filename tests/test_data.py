@@ -538,3 +538,23 @@ def test_where_keeps_the_documents_whose_fields_hold_the_values(tmp_path: Path) 
         assert meta["where"] == list(where) and meta["n_documents"] == text.count(" ")
     with pytest.raises(UserError, match="no document of the inputs meets --where meta.pile_set_name=Wiki"):
         prepare(tmp_path / "tokens.npy", [path], lines=JsonLines.parse("text", ["meta.pile_set_name=Wiki"]))
+
+
+def test_a_folders_hidden_compiled_and_binary_files_are_left_out(tmp_path: Path) -> None:
+    """A project folder: its text and compressed files are read; its .git, __pycache__
+    and binary files (a token file) are not, and are counted; a binary file named
+    on its own is read as asked."""
+    import gzip
+
+    folder = tmp_path / "project"
+    for name, raw in {"main.py": b"print(1)\n", "notes/a.txt": b"notes\n", "data.txt.gz": gzip.compress(b"zipped\n"),
+                      ".git/objects/ab": b"x\x00y", "__pycache__/main.cpython-311.pyc": b"\x00\x01",
+                      "tokens.npy": b"\x93NUMPY\x01\x00"}.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(raw)
+    meta = prepare(tmp_path / "tokens.npy", [folder])
+    assert np.load(tmp_path / "tokens.npy").astype(np.uint8).tobytes() == b"zipped\nprint(1)\nnotes\n"
+    assert meta["n_files"] == 3 and meta["n_skipped"] == 3
+    assert prepare(tmp_path / "named.npy", [folder / "tokens.npy"])["n_tokens"] == 10  # 0x93 read as U+FFFD
+    with pytest.raises(UserError, match="the inputs hold no text file"):
+        prepare(tmp_path / "none.npy", [folder / "__pycache__"])

@@ -622,6 +622,13 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                                              "world": dp.world, "device": str(checked.device),
                                              "dtype": str(checked.dtype).removeprefix("torch."),
                                              "flops_per_token": flops_per_token, "peak_flops": peak_flops,
+                                             # Each data file as the run reads it: its training tokens,
+                                             # share of the windows and times read over (on average).
+                                             "data_reads": [{"file": name, "training_tokens": size, "share": share,
+                                                             "times_read": times}
+                                                            for name, size, share, times in times_read(
+                                                                cfg.training_tokens(checked.tokens),
+                                                                cfg.steps * cfg.tokens_per_step() * dp.world)],
                                              "startup": engine.startup,
                                              # The streamer's plan as it started: tiers, state, recompute,
                                              # prefetch, predicted step and memory (before calibration).

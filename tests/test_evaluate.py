@@ -203,6 +203,9 @@ def test_a_mixture_runs_held_out_loss_is_read_back(tmp_path: Path, token_file: P
                       data_weights=[1.0, 3.0], eval_every=2, eval_tokens=8 * 32, holdout=0.05, out=str(run),
                       progress=False))
     logged = _last_eval(run)
+    reads = json.loads((run / "run.json").read_text())["data_reads"]
+    assert [(r["file"], r["share"]) for r in reads] == [(str(token_file), 0.25), (str(other), 0.75)]
+    assert reads[0]["times_read"] == pytest.approx(4 * 2 * 32 * 0.25 / reads[0]["training_tokens"])
     held = _eval(capsys, str(run))
     assert held["tokens"] == logged["eval_tokens"] == 8 * 32 and held["held_out"] is True
     assert held["loss"] == pytest.approx(logged["eval_loss"], abs=1e-5) and held["data"] == f"{token_file} + {other}"

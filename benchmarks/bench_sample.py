@@ -10,7 +10,12 @@ the same new tokens after a warm-up:
 - `resident`: the model whole on the device, with a cache per block;
 - `stream`: the weights in host memory (page-locked on CUDA), every unit copied to the
   device for its turn while the one before it computes ([Note: streamed sampling] in
-  streamer/sample.py).
+  streamer/sample.py);
+- `disk` (asked for with --modes): the weights left in the checkpoint's file, every
+  unit read from it for every pass by a reader thread, ahead of its copy ([Note:
+  streamed from disk] in streamer/inference.py). The file was just written, so the
+  page cache holds it: this measures what reading it costs beside streaming, not the
+  disk's rate.
 
 A streamed token is one pass over the model, so on CUDA it takes at least the longer
 of the resident pass and the weights' bytes over the link (the copies run beside the
@@ -19,7 +24,7 @@ sum. The link's rate (pinned host-to-device copies on CUDA, a memory copy on a C
 measured in the same run; the table gives each streamed pass against that bound (1.00:
 the bound reached) and the rate at which the weights came in.
 
-    python benchmarks/bench_sample.py --json benchmarks/results/sample_cpu.json
+    python benchmarks/bench_sample.py --modes uncached,resident,stream,disk --json benchmarks/results/sample_cpu.json
     python benchmarks/bench_sample.py --model gpt3-xl --device cuda --json benchmarks/results/sample_cuda.json
 """
 
@@ -115,11 +120,13 @@ def main() -> None:
         weight_bytes = cfg.n_params() * torch.finfo(dtype).bits // 8
         held = load_model(final, cfg, device, dtype) if {"uncached", "resident"} & set(modes) else None
         streamed = stream_model(final, cfg, device, dtype) if "stream" in modes else None
+        from_disk = stream_model(final, cfg, device, dtype, from_disk=True) if "disk" in modes else None
         for samples in [int(s) for s in args.samples.split(",")]:
             runs = {
                 "uncached": lambda n, s=samples: uncached(held, prompt, n, s),
                 "resident": lambda n, s=samples: generate(held, prompt, SampleConfig(n, temperature=0), samples=s),
                 "stream": lambda n, s=samples: generate(streamed, prompt, SampleConfig(n, temperature=0), samples=s),
+                "disk": lambda n, s=samples: generate(from_disk, prompt, SampleConfig(n, temperature=0), samples=s),
             }
             outputs = {}
             for mode in modes:
@@ -128,14 +135,19 @@ def main() -> None:
                              "tokens_per_s": samples / seconds})
             # Every way gives the same greedy text (float32; bfloat16 may round apart).
             rows[-1]["same_text"] = len({str(o) for o in outputs.values()}) == 1
-        if streamed is not None:
-            streamed.close()
+        for weights in (streamed, from_disk):
+            if weights is not None:
+                weights.close()
 
     by = {(r["mode"], r["samples"]): r for r in rows}
     for r in rows:
         resident = by.get(("resident", r["samples"]))
         if "uncached" in modes and resident and r["mode"] == "resident":
             r["vs_uncached"] = by[("uncached", r["samples"])]["s_per_token"] / r["s_per_token"]
+        if r["mode"] == "disk":
+            r["read_gb_s"] = weight_bytes / r["s_per_token"] / 1e9  # from the page cache: see the docstring
+            if ("stream", r["samples"]) in by:
+                r["vs_stream"] = by[("stream", r["samples"])]["s_per_token"] / r["s_per_token"]
         if r["mode"] == "stream":
             r["link_gb_s"] = weight_bytes / r["s_per_token"] / 1e9
             if resident:
@@ -150,12 +162,13 @@ def main() -> None:
           f"tokens timed; link {h2d / 1e9:.1f} GB/s")
     print(f"{machine_line(info)}")
     print(f"{'mode':>9} {'samples':>7} {'s/token':>9} {'tokens/s':>9} {'vs uncached':>11} {'link GB/s':>9} "
-          f"{'of bound':>8}")
+          f"{'of bound':>8} {'read GB/s':>9} {'vs stream':>9}")
     for r in rows:
         def cell(key: str, fmt: str, width: int, r: dict = r) -> str:
             return format(r[key], fmt).rjust(width) if key in r else "-".rjust(width)
         print(f"{r['mode']:>9} {r['samples']:>7} {r['s_per_token']:>9.4f} {r['tokens_per_s']:>9.1f} "
-              f"{cell('vs_uncached', '.1f', 11)} {cell('link_gb_s', '.1f', 9)} {cell('share_of_bound', '.2f', 8)}")
+              f"{cell('vs_uncached', '.1f', 11)} {cell('link_gb_s', '.1f', 9)} {cell('share_of_bound', '.2f', 8)} "
+              f"{cell('read_gb_s', '.1f', 9)} {cell('vs_stream', '.2f', 9)}")
     same = all(r.get("same_text", True) for r in rows)
     print(f"the same greedy text from every way: {same}")
     write_json(args.json or RESULTS / f"sample_{device.type}.json", {

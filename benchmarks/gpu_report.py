@@ -213,6 +213,9 @@ def report(folder: Path) -> tuple[str, list[Row]]:
         parts = [f"{r['samples']} sample(s) {r['tokens_per_s']:.1f} tokens/s streamed, {r['link_gb_s']:.1f} GB/s of "
                  f"weights ({r['share_of_bound']:.2f} of the bound)" for r in sampled["rows"]
                  if r["mode"] == "stream" and "share_of_bound" in r]
+        parts += [f"{r['samples']} sample(s) from disk (the page cache) {r['tokens_per_s']:.1f} tokens/s, "
+                  f"{r['vs_stream']:.2f} of streaming's rate" for r in sampled["rows"]
+                  if r["mode"] == "disk" and "vs_stream" in r]
         lines += ["", f"Sampling {sampled['model']} (`sample_cuda.json`, pinned link "
                   f"{sampled['link_bytes_per_s'] / GB:.1f} GB/s): {'; '.join(parts) or 'no streamed row'}."]
     stages = folder / "stages.log"

@@ -23,8 +23,9 @@
 #   xl-sharded    150    110  gpt3-xl streamed (AdamW on host, on GPU) against FSDP2 with
 #                             CPUOffloadPolicy (3, 5)
 #   gptj-sharded  420    200  gpt-j-6b streamed against FSDP2 with CPUOffloadPolicy (3, 5)
-#   sample        120     60  gpt3-xl sampled streamed, held whole, and without the cache
-#                             (`streamer sample`; no target: the link's share it reaches)
+#   sample        120     60  gpt3-xl sampled streamed (from host memory and from disk), held
+#                             whole, and without the cache (`streamer sample`; no target:
+#                             the link's share it reaches)
 # A floor is what the stage is expected to take (a stage started with less would likely be
 # cut short, its time lost); caps and floors are estimates made without a GPU, and
 # stages.log records what each took.
@@ -188,7 +189,7 @@ stage_gptj-sharded() {
 # bytes over the link, predicted ~0.1 s against a resident pass of a few milliseconds.
 stage_sample() {
     python3 benchmarks/bench_sample.py --model gpt3-xl --device cuda --prompt-tokens 256 --tokens 16 --samples 1,8 \
-        --json "$results/sample_cuda.json"
+        --modes uncached,resident,stream,disk --json "$results/sample_cuda.json"
 }
 
 # --- the runner ------------------------------------------------------------------------

@@ -23,19 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models import ModelConfig, loss_fn
-from streamer.data import (
-    BatchSampler,
-    Tokens,
-    default_corpus,
-    eval_windows_by_file,
-    holdout_split,
-    load_data,
-    load_tokens,
-)
+from streamer.data import BatchSampler, Tokens, default_corpus, eval_windows_by_file, holdout_split, load_data
 from streamer.errors import UserError
 from streamer.inference import Weights, activation_bytes, free_memory, model_config, place, run_record, weights_folder
 from streamer.train import TrainConfig, resolve_device, resolve_dtype
@@ -230,10 +221,10 @@ def held_out(run: TrainConfig | None, ecfg: EvalConfig) -> bool | None:
     return bool(run.eval_every) and ecfg.holdout <= run.holdout
 
 
-def _default_tokens(cfg: ModelConfig) -> np.ndarray:
+def _default_tokens(cfg: ModelConfig) -> Tokens:
     from streamer.data import BYTE_VOCAB
 
     if cfg.vocab_size != BYTE_VOCAB:
         raise UserError(f"{cfg.name} has a vocabulary of {cfg.vocab_size} tokens and the default text is bytes: "
                         "pass --data, a token file prepared with the model's tokenizer ('streamer prepare')")
-    return load_tokens(default_corpus(), cfg.vocab_size)
+    return load_data([default_corpus()], None, cfg.vocab_size)

@@ -299,7 +299,7 @@ def _document(path: Path, number: int, line: bytes, lines: JsonLines) -> str:
     if not isinstance(text, str):
         raise UserError(f"'{path}' line {number} has no '{lines.field}' string: name the field that holds the "
                         "text with --text-field")
-    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+    return _lf(text)
 
 
 def _cut_pieces(blocks: Iterator[bytes], piece_bytes: int) -> Iterator[str]:
@@ -335,7 +335,11 @@ def _with_last(items: Iterator[str]) -> Iterator[tuple[str, bool]]:
 def _decode(raw: bytes | bytearray) -> str:
     """UTF-8 text as `Path.read_text` gives it: undecodable bytes replaced, CRLF and CR
     made LF."""
-    text = raw.decode("utf-8", errors="replace")
+    return _lf(raw.decode("utf-8", errors="replace"))
+
+
+def _lf(text: str) -> str:
+    """CRLF and CR line ends made LF, as Python's text files read them."""
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
@@ -579,7 +583,10 @@ def load_data(paths: list[Path], weights: list[float] | None, vocab_size: int) -
     """One token file (`load_tokens`), or a `Mixture` of several: in the shares
     `weights` (any positive numbers, normalised), else in proportion to their sizes.
     Their sidecars must name the same tokenizer: a mixture's ids mean one thing."""
-    if len(paths) == 1 and not weights:
+    if weights is not None and len(paths) < 2:
+        raise UserError("--data-weights shares the windows among several --data files: give two or more, or drop "
+                        "--data-weights")
+    if len(paths) == 1:
         return load_tokens(paths[0], vocab_size)
     if weights is not None and len(weights) != len(paths):
         raise UserError(f"--data-weights gives {len(weights)} weights for {len(paths)} data files: give one per "
@@ -653,7 +660,7 @@ def eval_windows(heldout: Tokens, seq_len: int, n_sequences: int) -> tuple[np.nd
         windows = [eval_windows(part, seq_len, count)
                    for part, count in zip(heldout.parts, eval_window_counts(heldout, seq_len, n_sequences))]
         return np.concatenate([x for x, _ in windows]), np.concatenate([y for _, y in windows])
-    n = max(1, min(n_sequences, heldout.size // (seq_len + 1)))
+    n = _window_count(heldout, seq_len, n_sequences)
     starts = np.linspace(0, heldout.size - seq_len - 1, n).round().astype(np.int64)
     windows = np.stack([np.asarray(heldout[s : s + seq_len + 1], dtype=np.int64) for s in starts])
     return windows[:, :-1], windows[:, 1:]
@@ -672,8 +679,13 @@ def eval_windows_by_file(heldout: Tokens, seq_len: int, n_sequences: int
 def eval_window_counts(heldout: Mixture, seq_len: int, n_sequences: int) -> list[int]:
     """How many of a mixture's `n_sequences` evaluation windows each file's tail gives, in
     order: its share (at least one), or all it holds disjoint when that is fewer."""
-    return [min(max(1, round(n_sequences * share)), max(1, part.size // (seq_len + 1)))
+    return [_window_count(part, seq_len, round(n_sequences * share))
             for part, share in zip(heldout.parts, heldout.weights)]
+
+
+def _window_count(tokens: np.ndarray, seq_len: int, wanted: int) -> int:
+    """At least one window, and no more than the tokens hold disjoint."""
+    return max(1, min(wanted, tokens.size // (seq_len + 1)))
 
 
 @dataclass(frozen=True)

@@ -97,9 +97,6 @@ def eval_config(args: argparse.Namespace, cfg: ModelConfig, settings: tuple[Trai
         data, weights = tuple(args.data), args.data_weights
     else:
         data, weights = tuple(run.data_files()) if run else (), args.data_weights or (run.data_weights if run else None)
-    if weights is not None and len(data) < 2:
-        raise UserError("--data-weights shares the windows among several --data files: give two or more, or drop "
-                        "--data-weights")
     return EvalConfig(
         data=data, weights=tuple(weights) if weights else None, seq_len=seq_len,
         holdout=args.holdout if args.holdout is not None else (run.holdout if run else 0.01),

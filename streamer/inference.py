@@ -102,10 +102,7 @@ class StreamedWeights:
         self.primed = False  # the next pass's first units are on their way (issued as a pass ends)
 
     def _read(self, weights, unit: int) -> torch.Tensor:  # noqa: ANN001
-        flat = page_aligned_zeros(self.layouts[unit].numel, self.dtype)
-        for name, view in self.layouts[unit].views(flat).items():
-            weights.into(f"units.{unit}.{name}", view)
-        return flat
+        return read_unit(weights, self.layouts[unit], page_aligned_zeros(self.layouts[unit].numel, self.dtype))
 
     def device_bytes(self) -> int:
         """What the weights take on the device: the buffers, and a tied table."""
@@ -173,6 +170,13 @@ class StreamedWeights:
             self.disk.close()
 
 
+def read_unit(weights, layout: UnitLayout, flat: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """Unit `layout.index`'s weights read from `weights` into `flat`, a tensor at a time."""
+    for name, view in layout.views(flat).items():
+        weights.into(f"units.{layout.index}.{name}", view)
+    return flat
+
+
 class UnitsFromDisk:
     """A model's units read from its checkpoint's files for every pass, into a few
     host buffers, ahead of their copies to the device.
@@ -208,9 +212,7 @@ class UnitsFromDisk:
     def _read(self, unit: int, buffer: int) -> None:
         if self.emptied is not None:
             self.emptied[buffer].synchronize()  # the copy that read the buffer's last unit
-        flat = self.buffers[buffer][: self.layouts[unit].numel]
-        for name, view in self.layouts[unit].views(flat).items():
-            self.weights.into(f"units.{unit}.{name}", view)
+        read_unit(self.weights, self.layouts[unit], self.buffers[buffer][: self.layouts[unit].numel])
 
     def _issue(self) -> None:
         unit, buffer = self.order[self.next_unit], self.next_buffer

@@ -121,9 +121,6 @@ class TrainConfig:
             raise UserError(f"--eval-tokens must be a positive integer, got {self.eval_tokens}")
         if not 0 < self.holdout < 1:
             raise UserError(f"--holdout must be a fraction between 0 and 1, got {self.holdout}")
-        if self.data_weights is not None and len(self.data_files()) < 2:
-            raise UserError("--data-weights shares the steps among several --data files: give two or more, or "
-                            "drop --data-weights")
         if self.keep <= 0:
             raise UserError(f"--keep must be a positive integer, got {self.keep}")
         if self.resume and not self.out:

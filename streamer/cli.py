@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.safety import UnsafeFileError
-from streamer.errors import UserError
+from streamer.errors import Stopped, UserError
 
 if TYPE_CHECKING:  # the CLI imports torch only for the commands that need it
     from streamer.train import TrainConfig
@@ -206,9 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """`streamer train --nproc N ...` is `torchrun --nproc-per-node N -m streamer train ...`."""
+def launch(nproc: int, argv: list[str], out: Path) -> int:
+    """`streamer train --nproc N ...` is `torchrun --nproc-per-node N -m streamer train ...`.
+
+    A signal goes to the ranks, not to torchrun: torchrun passes one on and kills every
+    rank 30 s later, which would cut short the checkpoint that ranks write when a signal
+    stops them ([Note: stopping on a signal] in streamer/train.py). So torchrun runs in a
+    session of its own, out of the terminal's reach, and this process sends SIGINT and
+    SIGTERM (and SIGHUP, as SIGTERM) to the ranks itself. They stop together after a
+    step and exit 0, so torchrun ends as for a finished run; this process then returns
+    128 + the signal's number, as a process the signal stopped would."""
+    import contextlib
+    import signal
     import subprocess
+
+    import psutil
 
     rest, skip = [], False
     for arg in argv:
@@ -220,7 +232,26 @@ def launch(nproc: int, argv: list[str]) -> int:
             rest.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "streamer", *rest]
-    return subprocess.call(cmd)
+    torchrun = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum: int, frame: object) -> None:
+        sent = signal.SIGTERM if signum == signal.SIGHUP else signum
+        with contextlib.suppress(psutil.NoSuchProcess):
+            parent = psutil.Process(torchrun.pid)
+            for process in parent.children() or [parent]:  # no ranks yet: torchrun ends the start
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.send_signal(sent)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = torchrun.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        if code == 0 and (stopped := json.loads((out / "run.json").read_text()).get("stopped")):
+            return 128 + signal.Signals[stopped["signal"]]
+    return code
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -254,7 +285,7 @@ def launch_train(args: argparse.Namespace, argv: list[str]) -> int:
     checked = preflight(train_config(args), world=args.nproc)
     if args.out is None:  # ranks started a second apart must not pick different folders
         argv = [*argv, "--out", str(checked.out)]
-    return launch(args.nproc, argv)
+    return launch(args.nproc, argv, checked.out)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -338,6 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, UnsafeFileError) as exc:
         print(f"streamer: error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:  # a training run a signal stopped after a step
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"streamer: {exc}", file=sys.stderr)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from streamer.parallel import end_process
+
+            end_process()  # status 0, so that torchrun lets every rank finish (see `launch`)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("streamer: interrupted", file=sys.stderr)
         return 130

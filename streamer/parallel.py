@@ -99,6 +99,14 @@ class DataParallel:
             dist.all_reduce(value)
         return value
 
+    def max(self, value: int, device: torch.device) -> int:
+        """The largest of every rank's `value` (an all-reduce, hence also a barrier)."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
 
 def init_from_env(device: torch.device) -> bool:
     """Join the process group torchrun describes in the environment, if any; whether

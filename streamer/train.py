@@ -6,6 +6,8 @@
         if evaluation is due:
             held_out_loss = engine.evaluate(eval_batches)   # the same windows every time
         log(step, stats, held_out_loss)
+        if a signal asked to stop:                           # every rank agrees
+            checkpoint(step); stop                           # [Note: stopping on a signal]
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import json
 import os
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +50,7 @@ from streamer.data import (
     load_data,
     times_read,
 )
-from streamer.errors import UserError
+from streamer.errors import Stopped, UserError
 from streamer.io import atomic_write_json, write_safetensors
 from streamer.optim import OptimConfig, lr_at
 from streamer.parallel import DataParallel
@@ -433,6 +437,59 @@ def warn(message: str) -> None:
     tqdm.write(f"streamer: warning: {message}", file=sys.stderr)
 
 
+class StopSignals:
+    """Stop a run at a step's end when asked by a signal.
+
+    [Note: stopping on a signal]
+    SIGINT (Ctrl-C) and SIGTERM (what a cluster's scheduler or a cloud sends before it
+    pre-empts a job) do not kill a training run while it steps: the first one asks it to
+    finish the step in progress, write a checkpoint there (when the run writes them,
+    `--checkpoint-every`) and exit, so that `--resume` goes on from that step rather
+    than from the last periodic checkpoint, hours earlier for a large model. A step is
+    never left halfway: its gradients and its updates of the store are one transaction,
+    which is what makes a checkpoint of it consistent. The ranks of a multi-process run
+    agree on stopping after every step (an all-reduce of the signal's number), since
+    each may see the signal in another step, or only one may get it at all: they stop
+    together, after the same step, and write one checkpoint. A second signal stops at
+    once (SIGINT as KeyboardInterrupt, SIGTERM by its default action), as before.
+    The handlers are in place only while steps run: during start-up and while the final
+    weights are written a signal acts as it always has; nothing on disk is half-written
+    either way (every file is written under a temporary name and renamed)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool) -> None:
+        self.signum = 0  # the first signal received; 0: none
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # where Python runs handlers
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum:  # the second: stop now
+            self.__exit__()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        if self.announce:  # a bare write: the main thread may be inside a buffered one
+            os.write(2, f"\nstreamer: {signal.Signals(signum).name}: stopping after this step "
+                        f"(signal again to stop at once)\n".encode())
+
+    def agreed(self, dp: DataParallel, device: torch.device) -> int:
+        """The signal every rank stops for (0: none); all ranks call it after each step."""
+        return dp.max(self.signum, device if dp.world > 1 else torch.device("cpu"))
+
+
 def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device: torch.device,
                  dtype: torch.dtype, initialise: bool = True):  # -> ResidentEngine | StreamEngine
     """The run's engine, its weights drawn at random or read from --init-from;
@@ -604,8 +661,9 @@ def evaluate(engine: Any, groups: list[tuple[str | None, list[list[tuple[torch.T
 
 
 def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParallel, start: int,
-               run_state: dict) -> None:
-    """Steps `start`..steps-1: log each, count skipped ones, checkpoint when due."""
+               run_state: dict) -> Stopped | None:
+    """Steps `start`..steps-1: log each, count skipped ones, checkpoint when due; stop
+    early when a signal asks ([Note: stopping on a signal]), and say so."""
     from streamer import planner
 
     lead, out, optim = dp.rank == 0, checked.out, cfg.optim_config()
@@ -614,27 +672,25 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
     peak_flops = planner.peak_flops(checked.device, checked.dtype)
     flops_per_token = checked.model_cfg.flops_per_token(cfg.seq_len)
     meta = {"mode": cfg.mode, "model": checked.model_cfg.to_dict(), "train": asdict(cfg)}
+    run_info = {"train": asdict(cfg), "model": checked.model_cfg.to_dict(), "world": dp.world,
+                "device": str(checked.device), "dtype": str(checked.dtype).removeprefix("torch."),
+                "flops_per_token": flops_per_token, "peak_flops": peak_flops,
+                # Each data file as the run reads it: its training tokens, share of the
+                # windows and times read over (on average).
+                "data_reads": [{"file": name, "training_tokens": size, "share": share, "times_read": times}
+                               for name, size, share, times in times_read(
+                                   cfg.training_tokens(checked.tokens), cfg.steps * cfg.tokens_per_step() * dp.world)],
+                "startup": engine.startup,
+                # The streamer's plan as it started: tiers, state, recompute, prefetch,
+                # predicted step and memory (before calibration).
+                **({"plan": asdict(engine.plan), "page_locked": engine.page_locked} if hasattr(engine, "plan") else {})}
     if lead:
-        atomic_write_json(out / "run.json", {"train": asdict(cfg), "model": checked.model_cfg.to_dict(),
-                                             "world": dp.world, "device": str(checked.device),
-                                             "dtype": str(checked.dtype).removeprefix("torch."),
-                                             "flops_per_token": flops_per_token, "peak_flops": peak_flops,
-                                             # Each data file as the run reads it: its training tokens,
-                                             # share of the windows and times read over (on average).
-                                             "data_reads": [{"file": name, "training_tokens": size, "share": share,
-                                                             "times_read": times}
-                                                            for name, size, share, times in times_read(
-                                                                cfg.training_tokens(checked.tokens),
-                                                                cfg.steps * cfg.tokens_per_step() * dp.world)],
-                                             "startup": engine.startup,
-                                             # The streamer's plan as it started: tiers, state, recompute,
-                                             # prefetch, predicted step and memory (before calibration).
-                                             **({"plan": asdict(engine.plan), "page_locked": engine.page_locked}
-                                                if hasattr(engine, "plan") else {})})
+        atomic_write_json(out / "run.json", run_info)
     streak, held_out = run_state.get("skipped_in_a_row", 0), None
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and lead), unit="step",
                dynamic_ncols=True, mininterval=1.0)
-    with bar, open(out / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as metrics:
+    stop = StopSignals(announce=lead)
+    with stop, bar, open(out / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as metrics:
         for step in range(start, cfg.steps):
             lr = lr_at(step, optim)
             batches = micro_batches(sampler, step, cfg, dp.rank, dp.world)
@@ -657,11 +713,33 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                 postfix["stall"] = f"{row['stall_s'] / step_s:.0%}"
             bar.set_postfix(postfix)
             bar.update()
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            # A stop asked for in the last step is the run's end anyway.
+            signum = stop.agreed(dp, engine.device) if step + 1 < cfg.steps else 0
+            folder = None
+            if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or signum):
                 if lead:  # the rows a checkpoint vouches for are durable before it is
                     os.fsync(metrics.fileno())
                 run = {"skipped_in_a_row": streak, "next_lr": lr_at(step + 1, optim)}
-                save_checkpoint(out, step + 1, engine, dp, {**meta, "run": run}, cfg.keep)
+                folder = save_checkpoint(out, step + 1, engine, dp, {**meta, "run": run}, cfg.keep)
+            if signum:
+                return _stopped(cfg, out, run_info, signum, step + 1, folder, lead)
+    return None
+
+
+def _stopped(cfg: TrainConfig, out: Path, run_info: dict, signum: int, done: int, folder: Path | None,
+             lead: bool) -> Stopped:
+    """A run stopped by a signal after `done` steps: run.json records it (so a launcher,
+    or a script, can tell it from a finished run), and the message says how to go on."""
+    name = signal.Signals(signum).name
+    if lead:
+        atomic_write_json(out / "run.json", {**run_info, "stopped": {
+            "signal": name, "steps_done": done, "checkpoint": folder.name if folder is not None else None}})
+    if folder is not None:
+        return Stopped(f"stopped by {name} after {done} of {cfg.steps} steps; checkpoint in {folder}: "
+                       f"the same command with --resume goes on from there", signum)
+    return Stopped(f"stopped by {name} after {done} of {cfg.steps} steps, without a checkpoint (the run "
+                   f"writes none: --checkpoint-every 0), so it cannot be resumed; metrics in "
+                   f"{out / 'metrics.jsonl'}", signum)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -687,8 +765,8 @@ def train(cfg: TrainConfig) -> Path:
     for warning in checked.warnings if lead else []:  # once the run is sure to start
         warn(warning)
     try:
-        _run_steps(cfg, checked, engine, dp, start, run_state)
-        if cfg.save_final:
+        stopped = _run_steps(cfg, checked, engine, dp, start, run_state)
+        if cfg.save_final and stopped is None:
             shards = engine.shards()
             if lead:
                 save_final(shards, checked.model_cfg, checked.out)
@@ -699,4 +777,6 @@ def train(cfg: TrainConfig) -> Path:
         engine.close()
     if joined:
         leave()
+    if stopped is not None:
+        raise stopped
     return checked.out

@@ -1,5 +1,6 @@
 """Checkpoints: bit-exact resume after a crash, fallback past corruption, a full disk,
-`--keep`, partial folders, manifests that point outside, and skipped non-finite steps."""
+`--keep`, partial folders, manifests that point outside, skipped non-finite steps, and
+a run that a signal stops after a step, with a checkpoint there."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 
 import streamer.checkpoint as checkpoint
 from models import ModelConfig, loss_fn
-from streamer.errors import UserError
+from streamer.errors import Stopped, UserError
 from streamer.train import TrainConfig, load_final, train
 
 STEPS = 6
@@ -444,3 +446,116 @@ def test_another_world_size_is_reported_with_the_global_batch() -> None:
     assert checkpoint.check_compatible(manifest, Path("step-00000002"), model, "stream", 1,
                                        {**train, "state": "compact8"}) == [
         "processes 2 -> 1 (global batch 8 -> 4 sequences, the 8-bit moments coded again)"]
+
+
+def signal_at(monkeypatch: pytest.MonkeyPatch, step: int, *signals: signal.Signals) -> None:
+    """Send this process `signals` as step `step` starts, as a scheduler or Ctrl-C would."""
+    import streamer.train as train_module
+
+    real = train_module.micro_batches
+
+    def batches(sampler, index, *args, **kwargs):  # noqa: ANN001, ANN202
+        if index == step:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+        return real(sampler, index, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "micro_batches", batches)
+
+
+@pytest.mark.parametrize("mode", ["resident", "stream-disk"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_goes_on(
+        mode: str, references: dict[str, Path], token_file: Path, tmp_path: Path,
+        capfd: pytest.CaptureFixture) -> None:
+    """SIGTERM in step 2 (0-based): step 2 completes, a checkpoint after it (off the
+    --checkpoint-every 4 grid) is written, the run says so and stops without final
+    weights; --resume then gives the uninterrupted run, bit for bit."""
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at(patch, 2, signal.SIGTERM)
+        with pytest.raises(Stopped) as stopped:
+            train(config(token_file, out, mode, checkpoint_every=4))
+    assert stopped.value.signum == signal.SIGTERM
+    assert str(stopped.value) == (f"stopped by SIGTERM after 3 of {STEPS} steps; checkpoint in "
+                                  f"{out / 'checkpoints' / 'step-00000003'}: the same command with --resume "
+                                  f"goes on from there")
+    assert "SIGTERM: stopping after this step" in capfd.readouterr().err  # written to fd 2 itself
+    assert len(losses(out)) == 3 and not (out / "final").exists()
+    assert [step for step, _ in checkpoint.complete(out)] == [3]
+    assert json.loads((out / "run.json").read_text())["stopped"] == {
+        "signal": "SIGTERM", "steps_done": 3, "checkpoint": "step-00000003"}
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # as before the steps
+    train(config(token_file, out, mode, checkpoint_every=4, resume=True))
+    assert_same_run(out, references[mode])
+    assert "stopped" not in json.loads((out / "run.json").read_text())
+    assert [step for step, _ in checkpoint.complete(out)] == [3, 4]
+
+
+def test_a_run_without_checkpoints_says_it_cannot_be_resumed(token_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at(patch, 1, signal.SIGINT)
+        with pytest.raises(Stopped, match=r"after 2 of 6 steps, without a checkpoint .*cannot be resumed"):
+            train(config(token_file, out))
+    assert len(losses(out)) == 2 and not (out / "checkpoints").exists() and not (out / "final").exists()
+    assert json.loads((out / "run.json").read_text())["stopped"]["checkpoint"] is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_signal_stops_at_once(token_file: Path, tmp_path: Path) -> None:
+    """Ctrl-C twice: no waiting for the step's end, and no checkpoint."""
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at(patch, 1, signal.SIGINT, signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            train(config(token_file, out, checkpoint_every=4))
+    assert len(losses(out)) == 1 and not checkpoint.complete(out)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_in_the_last_step_lets_the_run_finish(references: dict[str, Path], token_file: Path,
+                                                      tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at(patch, STEPS - 1, signal.SIGTERM)
+        train(config(token_file, out))
+    assert_same_run(out, references["stream-disk"])
+    assert "stopped" not in json.loads((out / "run.json").read_text())
+
+
+@pytest.mark.parametrize("target", ["launcher", "rank 1"])
+def test_two_ranks_stop_together_after_a_step(target: str, token_file: Path, tmp_path: Path) -> None:
+    """`streamer train --nproc 2` stopped by SIGTERM, sent to the launcher (which sends it
+    to the ranks, not to torchrun) or to one rank alone: both ranks stop after the same
+    step, write one checkpoint of both shards, and the launcher exits 128 + 15."""
+    import psutil
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "streamer", "train", "--model", "tiny-neox", "--mode", "stream", "--steps", "500",
+           "--batch-size", "2", "--seq-len", "32", "--data", str(token_file), "--out", str(out), "--device", "cpu",
+           "--no-progress", "--nproc", "2", "--checkpoint-every", "1000"]
+    launcher = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 2):
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.05)
+        if target == "launcher":
+            launcher.send_signal(signal.SIGTERM)
+        else:
+            torchrun, = psutil.Process(launcher.pid).children()
+            rank, = [p for p in torchrun.children() if p.environ().get("RANK") == "1"]
+            rank.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGTERM, err[-2000:]
+    stopped = json.loads((out / "run.json").read_text())["stopped"]
+    done = stopped["steps_done"]
+    assert 2 <= done < 500 and len(losses(out)) == done
+    assert [step for step, _ in checkpoint.complete(out)] == [done]
+    manifest = checkpoint.read_manifest(out / "checkpoints" / stopped["checkpoint"])
+    assert manifest["world"] == 2 and {f["rank"] for f in manifest["files"].values() if "rank" in f} == {0, 1}
+    assert f"stopped by SIGTERM after {done} of 500 steps" in err
+    assert "Traceback" not in err and "ChildFailedError" not in err

@@ -1,10 +1,11 @@
 """The GPT family: named configs, one model file, Hugging Face import and export."""
 
 from models.config import PUBLISHED_N_PARAMS, REGISTRY, ModelConfig, UnknownModelError
-from models.gpt import GPT, loss_fn
+from models.gpt import GPT, Documents, loss_fn
 
 __all__ = [
     "GPT",
+    "Documents",
     "PUBLISHED_N_PARAMS",
     "REGISTRY",
     "ModelConfig",

@@ -7,13 +7,16 @@ cross-unit link, a tied output head, is passed in explicitly as `tied_weight`.
 The same object also runs as a plain `nn.Module`: `model(idx) -> logits`.
 
 Generation passes each block a `KVCache`: the keys and values of the positions already
-seen, so that a new token attends to them without the prompt being run again.
+seen, so that a new token attends to them without the prompt being run again. Training
+on packed documents may pass every unit `Documents`: where each window's documents
+begin, so that none attends across a boundary.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,41 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: s
     return torch.cat((rotated, rest), dim=-1)
 
 
+@dataclass(frozen=True)
+class Documents:
+    """The documents packed into a batch of windows, for attention that stays inside each.
+
+    [Note: documents in a window]
+    Training windows are cut from token files where documents follow one another, each
+    ended by a separator (`streamer prepare --separator`). By default a position attends
+    to every earlier one in its window, across document boundaries too, as GPT-3 and
+    GPT-NeoX were trained. With `Documents` (`streamer train --document-mask`) a position
+    attends only to the earlier positions of its own document, and learned position
+    embeddings count from the document's start, so that each document is computed as if
+    it were alone in the window (tests/test_gpt.py checks it against running each one by
+    itself). Rotary positions need no reset: the attention between two positions depends
+    on their distance only. A separator belongs to the document it ends, and the token
+    after it starts the next one. The mask costs one boolean per pair of positions per
+    window, and takes the attention off the fused causal kernel onto the one that reads
+    a mask."""
+
+    mask: torch.Tensor  # [B, 1, T, T] bool: whether position i may attend to position j
+    positions: torch.Tensor  # [B, T] each position's place within its document
+
+    @classmethod
+    def of(cls, idx: torch.Tensor, separator: int) -> Documents:
+        """The documents of windows `idx` [B, T] whose documents each end in `separator`."""
+        seq_len = idx.shape[1]
+        places = torch.arange(seq_len, device=idx.device)
+        starts = torch.zeros_like(idx, dtype=torch.bool)
+        starts[:, 0] = True
+        starts[:, 1:] = idx[:, :-1] == separator
+        document = starts.cumsum(1)
+        first = torch.where(starts, places, 0).cummax(1).values  # where each position's document starts
+        mask = (document[:, :, None] == document[:, None, :]) & (places[:, None] >= places[None, :])
+        return cls(mask.unsqueeze(1), places - first)
+
+
 class Embedding(nn.Module):
     """Unit 0: token (and, for learned positions, position) embeddings."""
 
@@ -60,11 +98,14 @@ class Embedding(nn.Module):
         self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positional == "learned" else None
 
-    def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """`start`: the position of idx's first token (a cache's length when generating)."""
+    def forward(self, idx: torch.Tensor, start: int = 0, documents: Documents | None = None) -> torch.Tensor:
+        """`start`: the position of idx's first token (a cache's length when generating);
+        `documents`: positions count from each document's start instead."""
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + idx.shape[1], device=idx.device))
+            positions = (documents.positions if documents is not None
+                         else torch.arange(start, start + idx.shape[1], device=idx.device))
+            x = x + self.wpe(positions)
         return x
 
 
@@ -98,7 +139,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.attn_bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.attn_bias)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, documents: Documents | None = None
+                ) -> torch.Tensor:
         cfg = self.cfg
         batch, seq_len, _ = x.shape
         start = cache.length if cache is not None else 0
@@ -113,7 +155,9 @@ class Attention(nn.Module):
             k = apply_rotary(k, cos, sin, cfg.rotary_style)
         if cache is not None:
             k, v = cache.extend(k, v)
-        if start == 0:
+        if documents is not None:  # each position sees its own document only
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=documents.mask)
+        elif start == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif seq_len == 1:  # one new position sees every key: no mask, so the fused kernels apply
             y = F.scaled_dot_product_attention(q, k, v)
@@ -147,12 +191,13 @@ class Block(nn.Module):
         self.ln_2 = None if shared else nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, documents: Documents | None = None
+                ) -> torch.Tensor:
         if not self.parallel:
-            x = x + self.attn(self.ln_1(x), cache)
+            x = x + self.attn(self.ln_1(x), cache, documents)
             return x + self.mlp(self.ln_2(x))
         h = self.ln_1(x)
-        return x + self.attn(h, cache) + self.mlp(h if self.ln_2 is None else self.ln_2(x))
+        return x + self.attn(h, cache, documents) + self.mlp(h if self.ln_2 is None else self.ln_2(x))
 
 
 class Head(nn.Module):
@@ -185,15 +230,18 @@ class GPT(nn.Module):
     def embedding(self) -> Embedding:
         return self.units[0]
 
-    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None,
+                documents: Documents | None = None) -> torch.Tensor:
         """Logits for every position of idx; with `caches` (one per block), idx follows
-        the positions they hold, and its keys and values are added to them."""
+        the positions they hold, and its keys and values are added to them; with
+        `documents`, each document of idx is computed as if alone ([Note: documents in a
+        window])."""
         start = caches[0].length if caches else 0
         if start + idx.shape[1] > self.cfg.block_size:
             raise ValueError(f"sequence of {start + idx.shape[1]} exceeds the context of {self.cfg.block_size}")
-        x = self.units[0](idx, start)
+        x = self.units[0](idx, start, documents)
         for i, block in enumerate(self.units[1:-1]):
-            x = block(x, caches[i] if caches else None)
+            x = block(x, caches[i] if caches else None, documents)
         return self.units[-1](x, self.tied_weight())
 
     def tied_weight(self) -> torch.Tensor | None:

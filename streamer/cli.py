@@ -47,6 +47,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-weights", nargs="+", type=float, default=None, metavar="W",
                    help="several --data files: each file's share of the training windows, in their order (any "
                         "positive numbers; default: the files' sizes)")
+    p.add_argument("--document-mask", action="store_true",
+                   help="attend within each document of a window only (data prepared with --separator), "
+                        "learned positions counting from each document's start")
     p.add_argument("--out", default=None, help="output directory (default: runs/MODEL-TIMESTAMP)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on CUDA)")
@@ -262,6 +265,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         data=args.data[0] if args.data and len(args.data) == 1 else args.data, data_weights=args.data_weights,
+        document_mask=args.document_mask,
         out=args.out, device=args.device, dtype=args.dtype, offload=args.offload,
         prefetch_depth=args.prefetch_depth, held_units=args.held_units, recompute=args.recompute,
         max_memory_gib=args.max_memory,

@@ -609,6 +609,28 @@ def load_data(paths: list[Path], weights: list[float] | None, vocab_size: int) -
     return Mixture(tuple(parts), tuple(w / sum(shares) for w in shares), tuple(str(path) for path in paths))
 
 
+def document_separator(paths: list[Path]) -> int:
+    """The token that ends every document of these token files (`prepare --separator`),
+    for attention within documents (`train --document-mask`); refused where a file
+    names none, or the files name different ones."""
+    found = {}
+    for path in paths:
+        try:
+            separator = json.loads(meta_path(path).read_text()).get("separator")
+        except (OSError, ValueError, AttributeError):
+            separator = None
+        if not isinstance(separator, int) or isinstance(separator, bool):
+            raise UserError(f"--document-mask needs documents ended by a separator, and data file '{path}' has none "
+                            "recorded: prepare it with --separator TOKEN (a token of its tokenizer, such as "
+                            "'<|endoftext|>'), or drop --document-mask")
+        found[path] = separator
+    if len(set(found.values())) > 1:
+        listed = ", ".join(f"'{path}' ({separator})" for path, separator in found.items())
+        raise UserError(f"the data files end their documents with different separators: {listed}; prepare them all "
+                        "with one --separator")
+    return next(iter(found.values()))
+
+
 def times_read(tokens: Tokens, tokens_read: int) -> list[tuple[str | None, int, float, float]]:
     """How a run that reads `tokens_read` tokens reads each file: its name (None for one
     file), its size, its share of the windows and how many times over the run reads it

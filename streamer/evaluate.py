@@ -25,8 +25,16 @@ from pathlib import Path
 
 import torch
 
-from models import ModelConfig, loss_fn
-from streamer.data import BatchSampler, Tokens, default_corpus, eval_windows_by_file, holdout_split, load_data
+from models import Documents, ModelConfig, loss_fn
+from streamer.data import (
+    BatchSampler,
+    Tokens,
+    default_corpus,
+    document_separator,
+    eval_windows_by_file,
+    holdout_split,
+    load_data,
+)
 from streamer.errors import UserError
 from streamer.inference import Weights, activation_bytes, free_memory, model_config, place, run_record, weights_folder
 from streamer.train import TrainConfig, resolve_device, resolve_dtype
@@ -106,11 +114,13 @@ def eval_config(args: argparse.Namespace, cfg: ModelConfig, settings: tuple[Trai
 
 @torch.no_grad()
 def evaluate(weights: Weights, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             per_pass: int | None = None) -> tuple[float, int]:
+             per_pass: int | None = None, separator: int | None = None) -> tuple[float, int]:
     """The summed token loss over the windows (x, y) and their token count, in passes
     over the model of `per_pass` windows (default: all), each micro-batch of a pass
     through each unit in turn. A streamed model's weights cross the link once a pass;
-    a pass keeps its windows' activations between units."""
+    a pass keeps its windows' activations between units. With a `separator`, attention
+    stays within the documents it ends, as in a run trained with --document-mask (each
+    unit makes the mask again, so a pass holds none)."""
     device, head = weights.device, weights.cfg.n_layer + 1
     per_pass = per_pass or len(x)
     sums = []
@@ -118,9 +128,12 @@ def evaluate(weights: Weights, x: torch.Tensor, y: torch.Tensor, batch_size: int
         batches = range(first, min(len(x), first + per_pass), batch_size)
         hs = [x[i : min(i + batch_size, first + per_pass)].to(device) for i in batches]
         ys = [y[i : min(i + batch_size, first + per_pass)].to(device) for i in batches]
+        ids = hs
         for index, unit in weights.units():
-            if index < head:
+            if index < head and separator is None:
                 hs = [unit(h) for h in hs]
+            elif index < head:
+                hs = [unit(h, documents=Documents.of(i, separator)) for h, i in zip(hs, ids)]
             else:
                 sums += [loss_fn(unit(h), t).double() * t.numel() for h, t in zip(hs, ys)]
     return float(torch.stack(sums).sum()), int(y.numel())
@@ -170,6 +183,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     tokens = (load_data(list(ecfg.data), list(ecfg.weights) if ecfg.weights else None, model_cfg.vocab_size)
               if ecfg.data else _default_tokens(model_cfg))
     x, y, files = ecfg.windows(tokens)
+    # A run trained with attention within documents is measured so (on its data, or on
+    # --data whose documents end in the same way).
+    masked = settings is not None and settings[0].document_mask
+    separator = document_separator(list(ecfg.data) or [default_corpus()]) if masked else None
     weights = place(args.mode, folder, model_cfg, device, dtype, working_bytes(model_cfg, dtype, ecfg),
                     lower="a smaller --batch-size or --seq-len")
     per_pass = windows_per_pass(weights, ecfg, len(x), free_memory(device))
@@ -178,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     try:
         for name, n_windows in files:
             spans.append((name, *evaluate(weights, x[first : first + n_windows], y[first : first + n_windows],
-                                          ecfg.batch_size, per_pass)))
+                                          ecfg.batch_size, per_pass, separator)))
             first += n_windows
     finally:
         weights.close()
@@ -191,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
               "data": " + ".join(map(str, ecfg.data)) or "the standard library",
               "model": model_cfg.name, "mode": weights.mode, "device": device.type,
               "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
-              "passes": sum(-(-n // per_pass) for _, n in files),
+              "passes": sum(-(-n // per_pass) for _, n in files), "document_mask": masked,
               "held_out": held_out(settings[0] if settings else None, ecfg)}
     mixture = len(ecfg.data) > 1
     if mixture:
@@ -206,7 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                         ) if mixture else ""
     print(f"{model_cfg.name} ({weights.mode} on {device.type}): loss {loss:.4f}, perplexity "
           f"{result['perplexity']:.2f}, over {count:,} tokens ({windows} from {where} {result['data']}) in "
-          f"{seconds:.1f} s{by_file}{caveat}")
+          f"{seconds:.1f} s{', attention within documents' if masked else ''}{by_file}{caveat}")
 
 
 def held_out(run: TrainConfig | None, ecfg: EvalConfig) -> bool | None:

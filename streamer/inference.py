@@ -127,7 +127,7 @@ class StreamedWeights:
         if unit == len(self.layouts) - 1 and self.tied is not None:
             table = self.layouts[0].views(self.tied)["wte.weight"]
             return lambda *args: functional_call(module, params, (*args, table))
-        return lambda *args: functional_call(module, params, args)
+        return lambda *args, **kwargs: functional_call(module, params, args, kwargs)
 
     def units(self) -> Iterator[tuple[int, Unit]]:
         """One pass over the model, as `ResidentWeights.units`: each unit is on the device

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from models import GPT, loss_fn
+from models import GPT, Documents, loss_fn
 from streamer.optim import OptimConfig, decays
 from streamer.stats import StepStats
 
@@ -24,8 +24,12 @@ def autocast_for(device: torch.device, dtype: torch.dtype) -> contextlib.Abstrac
 
 
 class ResidentEngine:
-    def __init__(self, model: GPT, optim: OptimConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model: GPT, optim: OptimConfig, device: torch.device, dtype: torch.dtype,
+                 separator: int | None = None) -> None:
         self.model = model.to(device)
+        # Attention within documents, each ended by this token ([Note: documents in a
+        # window] in models/gpt.py); None: across the whole window.
+        self.separator = separator
         self.device, self.dtype, self.optim = device, dtype, optim
         params = list(self.model.named_parameters())
         groups = [
@@ -44,7 +48,7 @@ class ResidentEngine:
         for x, y in micro_batches:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast_for(self.device, self.dtype):
-                loss = loss_fn(self.model(x), y)
+                loss = loss_fn(self._logits(x), y)
             (loss / len(micro_batches)).backward()
             total_loss += loss.item()
         max_norm = self.optim.grad_clip if self.optim.grad_clip > 0 else math.inf
@@ -58,6 +62,9 @@ class ResidentEngine:
                          peak_device_bytes=peak,
                          peak_reserved_bytes=torch.cuda.max_memory_reserved(self.device) if cuda else 0)
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, documents=None if self.separator is None else Documents.of(x, self.separator))
+
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
         """The summed token loss over `batches` and the number of tokens, weights unchanged."""
@@ -65,7 +72,7 @@ class ResidentEngine:
         for x, y in batches:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast_for(self.device, self.dtype):
-                sums.append(loss_fn(self.model(x), y).double() * y.numel())
+                sums.append(loss_fn(self._logits(x), y).double() * y.numel())
         return float(torch.stack(sums).sum()) if sums else 0.0, sum(y.numel() for _, y in batches)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

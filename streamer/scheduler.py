@@ -75,7 +75,7 @@ import torch
 from torch.func import functional_call
 
 from models import ModelConfig, loss_fn
-from models.gpt import build_unit, init_unit
+from models.gpt import Documents, build_unit, init_unit
 from models.hf import Pretrained
 from streamer import planner
 from streamer.optim import OptimConfig, clip_coefficient
@@ -261,8 +261,13 @@ class StreamEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, store: HostStore, device: torch.device,
                  dtype: torch.dtype, prefetch_depth: int, predicted_step_s: float = 0.0,
                  recompute: bool = True, dp: DataParallel | None = None, kept_graphs: int | None = None,
-                 update_on: str = "host", early_updates: bool = False, held_units: int = 0) -> None:
+                 update_on: str = "host", early_updates: bool = False, held_units: int = 0,
+                 separator: int | None = None) -> None:
         self.cfg, self.optim, self.store = model_cfg, optim, store
+        # Attention within documents, each ended by this token ([Note: documents in a
+        # window] in models/gpt.py); None: across the whole window.
+        self.separator = separator
+        self.step_ids: list[torch.Tensor] = []  # the step's token ids, one tensor per micro-batch
         # Where AdamW runs: on the host beside the store, or on the compute device, which
         # decodes and re-codes a compact state far faster than host cores (the chunks
         # travel both ways over the link; the host then only copies).
@@ -405,7 +410,7 @@ class StreamEngine:
     @classmethod
     def create(cls, train_cfg, model_cfg: ModelConfig, optim: OptimConfig, out: Path,  # noqa: ANN001
                device: torch.device, dtype: torch.dtype, initialise: bool = True,
-               pretrained: Pretrained | None = None) -> StreamEngine:
+               pretrained: Pretrained | None = None, separator: int | None = None) -> StreamEngine:
         """Plan the run, refuse it if it does not fit, and initialise the host store, at
         random or from `pretrained` (or, with `initialise=False`, only allocate it: a
         checkpoint will fill it)."""
@@ -489,7 +494,7 @@ class StreamEngine:
         startup["initialise_s" if initialise else "allocate_s"] = time.perf_counter() - started
         engine = cls(model_cfg, optim, store, device, dtype, plan.prefetch_depth, plan.predicted_step_s,
                      dp=dp, kept_graphs=plan.kept_graphs, update_on=train_cfg.update_on,
-                     early_updates=plan.early_updates, held_units=plan.held_units)
+                     early_updates=plan.early_updates, held_units=plan.held_units, separator=separator)
         engine.offload = offload
         engine.plan = plan
         # Whether the RAM tier's page-locking took: refused, the run is correct but its
@@ -941,6 +946,15 @@ class StreamEngine:
     def _tied_weight(self) -> torch.Tensor | None:
         return self.params(0)["wte.weight"] if self.tied else None
 
+    def _run(self, unit: int, params: dict, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """A unit other than the head on one micro-batch, whose token ids are `ids`. With a
+        separator, attention stays within documents; their mask is made again for each
+        unit (a comparison per pair of positions, little next to the attention), so no
+        micro-batch's mask outlives its use."""
+        if self.separator is None:
+            return functional_call(self.modules[unit], params, (x,))
+        return functional_call(self.modules[unit], params, (x,), {"documents": Documents.of(ids, self.separator)})
+
     def _forward_unit(self, unit: int, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
         """Run every micro-batch through a unit. With recompute, keep only the outputs;
         without, keep each micro-batch's autograd graph for the backward visit."""
@@ -948,12 +962,12 @@ class StreamEngine:
         params = self.params(unit)
         if not self.keeps_graph[unit]:
             with torch.no_grad():
-                return [functional_call(self.modules[unit], params, (x,)) for x in inputs], []
+                return [self._run(unit, params, x, ids) for x, ids in zip(inputs, self.step_ids)], []
         outputs, graphs = [], []
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(*self._weight_hooks(unit)):
-            for x in inputs:
+            for x, ids in zip(inputs, self.step_ids):
                 x = x.detach().requires_grad_(unit > 0)  # unit 0 reads token ids
-                out = functional_call(self.modules[unit], params, (x,))
+                out = self._run(unit, params, x, ids)
                 outputs.append(out.detach())
                 graphs.append((x, out, list(params.values())))
         return outputs, graphs
@@ -1006,7 +1020,7 @@ class StreamEngine:
                 # 24 of a 20B step at once would add 10 GB).
                 x, inputs[i] = inputs[i].detach().requires_grad_(unit > 0), None
                 with torch.enable_grad():
-                    out = functional_call(self.modules[unit], params, (x,))
+                    out = self._run(unit, params, x, self.step_ids[i])
                 weights = list(params.values())
             wrt = [*weights, *([x] if unit > 0 else [])]
             grads = torch.autograd.grad(out, wrt, grad_outputs=grad_out)
@@ -1054,6 +1068,7 @@ class StreamEngine:
                 self.counters[key] = 0
         xs = [x.to(self.device, non_blocking=True) for x, _ in micro_batches]
         ys = [y.to(self.device, non_blocking=True) for _, y in micro_batches]
+        self.step_ids = list(xs)  # a list of its own: the backward empties the inputs' lists as it goes
         if self.dp.world > 1 and self._sparse_rows(0):
             # Only these rows of the token table can have a gradient: the sparse all-reduce
             # then skips scanning the whole table for non-zero rows.
@@ -1107,6 +1122,7 @@ class StreamEngine:
         for future in fetching:
             future.result()
         self.counters["backward_s"] = time.perf_counter() - head_started
+        self.step_ids = []
         return self._finish_step(losses, lr)
 
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
@@ -1117,6 +1133,7 @@ class StreamEngine:
         counts as this evaluation's work, not the next step's."""
         xs = [x.to(self.device, non_blocking=True) for x, _ in batches]
         ys = [y.to(self.device, non_blocking=True) for _, y in batches]
+        ids = xs
         order, head, sums = list(range(self.n_units)), self.n_units - 1, []
         if self.tied:
             self.acquire(0)  # the head reads the embedding table
@@ -1133,7 +1150,7 @@ class StreamEngine:
                     sums = [loss_fn(functional_call(self.modules[head], params, (x, tied)), y).double() * y.numel()
                             for x, y in zip(xs, ys)]
                 else:
-                    xs = [functional_call(self.modules[unit], params, (x,)) for x in xs]
+                    xs = [self._run(unit, params, x, i) for x, i in zip(xs, ids)]
                 self.release(unit)
         if self.tied:
             self.release(0)

@@ -45,6 +45,7 @@ from streamer.data import (
     BatchSampler,
     Tokens,
     default_corpus,
+    document_separator,
     eval_windows_by_file,
     holdout_split,
     load_data,
@@ -99,6 +100,9 @@ class TrainConfig:
     keep: int = 2  # complete checkpoints kept; older ones go only once a newer one is complete
     resume: bool = False  # continue from the newest valid checkpoint in --out
     max_skipped_steps: int = 0  # stop after this many non-finite steps in a row; 0: never stop
+    # Attention within each document of a window, not across them ([Note: documents in a
+    # window] in models/gpt.py): the data must end its documents with a separator.
+    document_mask: bool = False
     # Pretrained weights to start from instead of a random initialisation: a Hugging Face
     # checkpoint (GPT-2, GPT-J, GPT-NeoX) or a run's final/ export, of --model's architecture.
     init_from: str | None = None
@@ -379,6 +383,7 @@ class Preflight:
     tokens: Tokens  # one token file, or a mixture of several
     out: Path
     warnings: list[str]
+    separator: int | None = None  # with --document-mask: the token that ends each document
 
 
 def preflight(cfg: TrainConfig, world: int) -> Preflight:
@@ -396,6 +401,7 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
     check_grad_sync(cfg, model_cfg, device, world)
     fused_mode()  # the environment's choice of update kernels, read again by every update
     tokens = load_data(cfg.data_files() or [default_corpus()], cfg.data_weights, model_cfg.vocab_size)
+    separator = document_separator(cfg.data_files() or [default_corpus()]) if cfg.document_mask else None
     BatchSampler(cfg.training_tokens(tokens), cfg.seq_len, cfg.seed)  # refuses data shorter than one sequence
     out = Path(cfg.out) if cfg.out else default_out(cfg.model)
     check_out_dir(out, cfg.resume)
@@ -418,7 +424,7 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
     if cfg.init_from and not (cfg.resume and newest_manifest(out)):  # a checkpoint's weights win
         open_pretrained(cfg.init_from, model_cfg).close()
     warnings += repetition_warnings(cfg, tokens, world)
-    return Preflight(model_cfg, device, dtype, tokens, out, warnings)
+    return Preflight(model_cfg, device, dtype, tokens, out, warnings, separator)
 
 
 def repetition_warnings(cfg: TrainConfig, tokens: Tokens, world: int) -> list[str]:
@@ -491,9 +497,11 @@ class StopSignals:
 
 
 def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device: torch.device,
-                 dtype: torch.dtype, initialise: bool = True):  # -> ResidentEngine | StreamEngine
+                 dtype: torch.dtype, initialise: bool = True,
+                 separator: int | None = None):  # -> ResidentEngine | StreamEngine
     """The run's engine, its weights drawn at random or read from --init-from;
-    `initialise=False` skips both when a checkpoint is about to overwrite them."""
+    `initialise=False` skips both when a checkpoint is about to overwrite them;
+    `separator`: attention within the documents it ends (`--document-mask`)."""
     optim = cfg.optim_config()
     pretrained = open_pretrained(cfg.init_from, model_cfg) if cfg.init_from and initialise else None
     with pretrained or contextlib.nullcontext():
@@ -508,11 +516,11 @@ def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device: to
                 with torch.no_grad():
                     for name, param in model.named_parameters():
                         pretrained.into(name, param)
-            return ResidentEngine(model, optim, device, dtype)
+            return ResidentEngine(model, optim, device, dtype, separator)
         from streamer.scheduler import StreamEngine
 
         return StreamEngine.create(cfg, model_cfg, optim, out, device, dtype, initialise=initialise,
-                                   pretrained=pretrained)
+                                   pretrained=pretrained, separator=separator)
 
 
 def save_final(shards: list, model_cfg: ModelConfig, out: Path) -> Path:
@@ -627,7 +635,8 @@ def _start_engine(cfg: TrainConfig, checked: Preflight, dp: DataParallel) -> tup
         if point is None and lead:
             warn(f"no checkpoint in '{out}': starting from step 0")
     started = time.perf_counter()
-    engine = build_engine(cfg, checked.model_cfg, out, checked.device, checked.dtype, initialise=point is None)
+    engine = build_engine(cfg, checked.model_cfg, out, checked.device, checked.dtype, initialise=point is None,
+                          separator=checked.separator)
     run_state = restore(point, engine, dp.rank) if point is not None else {}
     # The engine's start-up, in run.json: with its parts for a stream store.
     engine.startup = {**getattr(engine, "startup", {}), "total_s": time.perf_counter() - started}

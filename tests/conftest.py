@@ -1,4 +1,5 @@
-"""Shared fixtures: a small byte-level token file, random Hugging Face checkpoints,
+"""Shared fixtures: a small byte-level token file (and its text as short documents),
+random Hugging Face checkpoints,
 skipping `gpu` tests without CUDA, skipping tests of the CUDA kernels' host
 emulation without a C++20 compiler, and checking that bad command lines fail in one
 line."""
@@ -7,14 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from streamer.data import prepare
+from streamer.data import meta_path, prepare
 
 # A few standard-library modules: real text on every machine, about 130 kB of bytes,
 # enough for tiny to learn something in a few dozen steps without the whole corpus.
@@ -36,6 +39,21 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     path = tmp_path_factory.mktemp("data") / "small.npy"
     prepare(path, [stdlib / name for name in SMALL_CORPUS])
+    return path
+
+
+@pytest.fixture(scope="session")
+def documents_file(token_file: Path) -> Path:
+    """`token_file`'s text as short documents, each paragraph ended by token 0 (a byte
+    the text never holds), with a sidecar that names 0 its separator, as `prepare
+    --separator` records one: windows of 32 to 64 tokens cross several boundaries."""
+    text = np.load(token_file)
+    assert not (text == 0).any()
+    ends = np.flatnonzero((text[:-1] == ord("\n")) & (text[1:] == ord("\n"))) + 2  # after each blank line
+    path = token_file.parent / "documents.npy"
+    np.save(path, np.insert(text, ends, 0).astype(np.uint16))
+    meta = json.loads(meta_path(token_file).read_text())
+    meta_path(path).write_text(json.dumps({**meta, "separator": 0, "n_documents": len(ends) + 1}))
     return path
 
 

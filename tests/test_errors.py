@@ -97,6 +97,9 @@ CASES = {
                             lambda tmp, run: (tmp / "empty.npy").write_bytes(b"")),
     "data file of the wrong dtype": Case(["--data", "{tmp}/floats.npy"], ["float32", "streamer prepare"],
                                          _write_npy("floats.npy", np.zeros(1000, np.float32))),
+    "--document-mask on data without separators": Case(
+        ["--document-mask"], ["--document-mask needs documents ended by a separator", "small.npy' has none",
+                              "--separator TOKEN"]),
     "token ids beyond the vocabulary": Case(["--data", "{tmp}/big.npy"], ["token id 300 >=", "256"],
                                             _write_npy("big.npy", np.full(1000, 300, np.uint16))),
     "checkpoint of another model": Case([*RESUME, "--model", "tiny-neox"],

@@ -229,3 +229,23 @@ def test_a_mixture_runs_held_out_loss_is_read_back(tmp_path: Path, token_file: P
     fails_in_one_line("eval", {"too many weights": ([str(run), "--data-weights", "1", "2", "3"],
                                                     ["3 weights for 2 data files"])})
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_a_run_with_attention_within_documents_is_measured_so(tmp_path: Path, documents_file: Path,
+                                                              capsys) -> None:
+    """A run trained with --document-mask: `streamer eval` masks as it did, held whole and
+    streamed, and gives its logged held-out loss, which attention across the windows'
+    documents would not."""
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny", mode="stream", steps=6, batch_size=2, seq_len=64, data=str(documents_file),
+                      document_mask=True, eval_every=3, eval_tokens=1024, holdout=0.05, out=str(run), progress=False))
+    logged = _last_eval(run)
+    held = _eval(capsys, str(run))
+    assert held["document_mask"] is True and held["loss"] == pytest.approx(logged["eval_loss"], abs=1e-5)
+    streamed = _eval(capsys, str(run / "final"), "--mode", "stream")
+    assert streamed["loss"] == pytest.approx(held["loss"], abs=1e-6)
+    (run / "run.json").write_text(json.dumps({**json.loads((run / "run.json").read_text()),
+                                              "train": {**json.loads((run / "run.json").read_text())["train"],
+                                                        "document_mask": False}}))
+    across = _eval(capsys, str(run))
+    assert across["document_mask"] is False and abs(across["loss"] - held["loss"]) > 1e-3

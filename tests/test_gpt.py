@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import GPT, ModelConfig
+from models import GPT, Documents, ModelConfig
 from models.gpt import KVCache, build_unit, init_unit
 
 TINY = ["tiny", "tiny-gptj", "tiny-neox"]
@@ -128,3 +128,38 @@ def test_a_cache_refuses_positions_past_its_room_and_the_context() -> None:
     model(random_tokens(1, 16, 256), caches)
     with pytest.raises(ValueError, match="sequence of 17 exceeds the context of 16"):
         model(random_tokens(1, 1, 256), caches)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_each_packed_document_is_computed_as_if_alone(name: str) -> None:
+    """[Note: documents in a window]: with `Documents`, a window holding the tail of one
+    document, two whole ones and the head of a fourth gives each document's positions
+    the logits that document gets run by itself, learned positions and rotary alike;
+    without, a document sees the ones before it."""
+    model, separator = tiny_model(name), 0
+    lengths = [5, 9, 1, 7]  # the 1: a document that is only its separator
+    pieces = [random_tokens(1, n, 255, seed=n)[0] + 1 for n in lengths]  # no separator inside a document
+    for piece in pieces[:-1]:
+        piece[-1] = separator
+    other = [pieces[2], pieces[0], pieces[1], pieces[3]]  # the head of a document stays last
+    windows = torch.stack([torch.cat(pieces), torch.cat(other)])
+    with torch.no_grad():
+        packed = model(windows, documents=Documents.of(windows, separator))
+        unmasked = model(windows)
+        for row, order in ((0, pieces), (1, other)):
+            start = 0
+            for piece in order:
+                alone = model(piece[None])[0]
+                torch.testing.assert_close(packed[row, start : start + len(piece)], alone, atol=1e-5, rtol=1e-5)
+                start += len(piece)
+    assert not torch.allclose(unmasked[0, 5:14], packed[0, 5:14], atol=1e-3)  # the second document sees the first
+    torch.testing.assert_close(unmasked[0, :5], packed[0, :5])  # the first has nothing before it
+
+
+def test_documents_mark_starts_after_each_separator() -> None:
+    windows = torch.tensor([[7, 0, 3, 4, 0, 0, 5], [0, 1, 2, 3, 4, 5, 6]])
+    documents = Documents.of(windows, separator=0)
+    assert documents.positions.tolist() == [[0, 1, 0, 1, 2, 0, 0], [0, 0, 1, 2, 3, 4, 5]]
+    assert documents.mask.shape == (2, 1, 7, 7)
+    assert documents.mask[0, 0, 4].tolist() == [False, False, True, True, True, False, False]
+    assert documents.mask[1, 0].sum(1).tolist() == [1, 1, 2, 3, 4, 5, 6]

@@ -585,3 +585,20 @@ def test_a_mixtures_evaluation_by_file_changes_nothing_in_training(tmp_path, tok
     for a, b in zip(every, resident, strict=True):
         assert list(a["eval_loss_by_file"]) == [str(token_file), str(other)]
         assert a["eval_loss_by_file"] == pytest.approx(b["eval_loss_by_file"], abs=1e-5)
+
+
+@pytest.mark.parametrize("recompute", ["yes", "no"])
+@pytest.mark.parametrize("model", ["tiny", "tiny-neox"])
+def test_stream_matches_resident_with_attention_within_documents(tmp_path, documents_file, model, recompute):
+    """--document-mask ([Note: documents in a window]): the streamed units, recomputed
+    or keeping their graphs, give the resident model's losses and weights; and the mask
+    acts (the losses are not those of attention across the whole window)."""
+    common = dict(model=model, data=str(documents_file), seq_len=64, device="cpu")
+    resident_rows, resident_w = _run(tmp_path, **common, mode="resident", document_mask=True)
+    rows, weights = _run(tmp_path, **common, mode="stream", offload="ram", recompute=recompute, document_mask=True)
+    for a, b in zip(rows, resident_rows, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5
+    for name in weights:
+        torch.testing.assert_close(weights[name], resident_w[name], atol=1e-5, rtol=0)
+    across, _ = _run(tmp_path / "across", **common, mode="resident")
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(across, resident_rows)) > 1e-3

@@ -602,3 +602,16 @@ def test_stream_matches_resident_with_attention_within_documents(tmp_path, docum
         torch.testing.assert_close(weights[name], resident_w[name], atol=1e-5, rtol=0)
     across, _ = _run(tmp_path / "across", **common, mode="resident")
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(across, resident_rows)) > 1e-3
+
+
+@pytest.mark.gpu
+def test_attention_within_documents_on_cuda(tmp_path, documents_file):
+    """The GPU's attention kernel that reads a mask: streamed as resident."""
+    common = dict(model="tiny-neox", data=str(documents_file), seq_len=64, device="cuda", dtype="float32",
+                  document_mask=True)
+    resident, rw = _run(tmp_path, **common, mode="resident")
+    stream, sw = _run(tmp_path, **common, mode="stream", offload="ram", prefetch_depth=2)
+    for a, b in zip(stream, resident, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4
+    for name in rw:
+        torch.testing.assert_close(sw[name], rw[name], atol=1e-4, rtol=0)

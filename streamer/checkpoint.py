@@ -448,7 +448,8 @@ class Resumable:
 # extend a run, say) but is reported, since the result is then no longer the run that
 # an uninterrupted job would have produced.
 _REPORTED_SETTINGS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup", "weight_decay",
-                      "grad_clip", "seed", "data", "data_weights", "dtype", "document_mask")
+                      "grad_clip", "seed", "data", "data_weights", "dtype", "document_mask",
+                      "schedule", "decay_fraction")
 
 
 def check_compatible(manifest: dict, folder: Path, model_cfg: dict, mode: str, world: int,

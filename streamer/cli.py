@@ -38,6 +38,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr/10)")
     p.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "wsd", "constant"],
+                   help="after warmup: cosine decay to --min-lr; wsd: the peak, then the last --decay-fraction of "
+                        "the steps decays (1 - sqrt); constant: the peak")
+    p.add_argument("--decay-fraction", type=float, default=0.2, metavar="F",
+                   help="--schedule wsd: the share of the steps that decays (default 0.2)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm limit; 0 disables")
     p.add_argument("--seed", type=int, default=0)
@@ -263,7 +268,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         model=args.model, mode=args.mode, steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
-        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+        warmup=args.warmup, schedule=args.schedule, decay_fraction=args.decay_fraction,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         data=args.data[0] if args.data and len(args.data) == 1 else args.data, data_weights=args.data_weights,
         document_mask=args.document_mask,
         out=args.out, device=args.device, dtype=args.dtype, offload=args.offload,

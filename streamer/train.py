@@ -53,7 +53,7 @@ from streamer.data import (
 )
 from streamer.errors import Stopped, UserError
 from streamer.io import atomic_write_json, write_safetensors
-from streamer.optim import OptimConfig, lr_at
+from streamer.optim import SCHEDULES, OptimConfig, lr_at
 from streamer.parallel import DataParallel
 from streamer.state import fused_mode
 from streamer.stats import StepStats
@@ -71,6 +71,8 @@ class TrainConfig:
     lr: float = 3e-3  # tiny models tolerate a high peak rate; scale down for large ones
     min_lr: float | None = None  # default: lr / 10
     warmup: int = 20
+    schedule: str = "cosine"  # after warmup: cosine | wsd | constant (streamer.optim.lr_at)
+    decay_fraction: float = 0.2  # wsd: the last share of the steps, which decays to min_lr
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
@@ -129,6 +131,11 @@ class TrainConfig:
             raise UserError(f"--eval-tokens must be a positive integer, got {self.eval_tokens}")
         if not 0 < self.holdout < 1:
             raise UserError(f"--holdout must be a fraction between 0 and 1, got {self.holdout}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule must be {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}, got '{self.schedule}'")
+        if not 0 < self.decay_fraction <= 1:
+            raise UserError(f"--decay-fraction must be above 0 and at most 1 (the share of the steps that decays), "
+                            f"got {self.decay_fraction}")
         if self.keep <= 0:
             raise UserError(f"--keep must be a positive integer, got {self.keep}")
         if self.resume and not self.out:
@@ -170,7 +177,8 @@ class TrainConfig:
     def optim_config(self) -> OptimConfig:
         return OptimConfig(lr=self.lr, min_lr=self.lr / 10 if self.min_lr is None else self.min_lr,
                            warmup_steps=min(self.warmup, self.steps), total_steps=self.steps,
-                           weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+                           weight_decay=self.weight_decay, grad_clip=self.grad_clip, schedule=self.schedule,
+                           decay_fraction=self.decay_fraction)
 
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.seq_len

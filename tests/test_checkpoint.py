@@ -559,3 +559,22 @@ def test_two_ranks_stop_together_after_a_step(target: str, token_file: Path, tmp
     assert manifest["world"] == 2 and {f["rank"] for f in manifest["files"].values() if "rank" in f} == {0, 1}
     assert f"stopped by SIGTERM after {done} of 500 steps" in err
     assert "Traceback" not in err and "ChildFailedError" not in err
+
+
+def test_a_wsd_run_resumed_with_more_steps_is_the_longer_run(token_file: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """--schedule wsd: a run of 6 steps, resumed from its checkpoint at 4 (before its
+    decay) with --steps 10, is the uninterrupted run of 10, bit for bit; the change of
+    length is reported."""
+    wsd = dict(mode="resident", schedule="wsd", decay_fraction=0.3)
+    longer = tmp_path / "longer"
+    train(config(token_file, longer, steps=10, **wsd))
+    out = tmp_path / "run"
+    train(config(token_file, out, checkpoint_every=4, **wsd))
+    def rates(run: Path) -> list[float]:
+        return [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert rates(out)[:5] == rates(longer)[:5] and rates(out)[5] < rates(longer)[5]  # its own decay
+    train(config(token_file, out, steps=10, checkpoint_every=4, resume=True, **wsd))
+    assert "steps 6 -> 10" in capsys.readouterr().err
+    assert_same_run(out, longer)

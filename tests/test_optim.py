@@ -27,6 +27,35 @@ def test_cosine_decays_from_peak_to_floor() -> None:
     assert all(later <= earlier for earlier, later in pairwise(rates))
 
 
+def test_wsd_holds_the_peak_then_decays_its_last_fraction_as_one_minus_sqrt() -> None:
+    wsd = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, total_steps=110, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(9, wsd) == pytest.approx(1e-3)  # the same warmup
+    assert all(lr_at(step, wsd) == 1e-3 for step in range(10, 88))  # stable: 110 - 22
+    assert lr_at(88, wsd) == pytest.approx(1e-3)
+    assert lr_at(99, wsd) == pytest.approx(1e-4 + (1 - 0.5**0.5) * 9e-4)  # halfway through the decay
+    assert lr_at(110, wsd) == pytest.approx(1e-4) and lr_at(500, wsd) == pytest.approx(1e-4)
+    rates = [lr_at(step, wsd) for step in range(88, 111)]
+    assert all(later < earlier for earlier, later in pairwise(rates))
+
+
+def test_a_longer_wsd_run_reads_the_same_rates_until_the_shorter_one_decays() -> None:
+    """What makes a WSD run extendable (resumed with more --steps): the rates before
+    the decay do not depend on the length; a cosine run's do."""
+    def rates(schedule: str, total: int) -> list[float]:
+        cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, total_steps=total, schedule=schedule)
+        return [lr_at(step, cfg) for step in range(80)]
+
+    assert rates("wsd", 100) == rates("wsd", 1000)
+    warmup_then_peak = [1e-3 * min(1, (s + 1) / 10) for s in range(80)]
+    assert rates("constant", 100) == rates("constant", 1000) == pytest.approx(warmup_then_peak)
+    assert rates("cosine", 100) != rates("cosine", 1000)
+
+
+def test_the_decay_never_starts_inside_the_warmup() -> None:
+    cfg = OptimConfig(lr=1e-3, min_lr=0.0, warmup_steps=10, total_steps=12, schedule="wsd", decay_fraction=1.0)
+    assert [round(lr_at(step, cfg), 9) for step in range(9, 13)] == [1e-3, 1e-3, round(1e-3 * (1 - 0.5**0.5), 9), 0]
+
+
 def test_no_warmup_starts_at_the_peak() -> None:
     assert lr_at(0, OptimConfig(lr=2e-3, warmup_steps=0, total_steps=50)) == pytest.approx(2e-3)
 

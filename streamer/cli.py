@@ -61,6 +61,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk", "split"],
                    help="stream mode: where master weights and optimizer state live (split: the leading units "
                         "in RAM, the rest on disk)")
+    p.add_argument("--store-dir", default=None, metavar="DIR",
+                   help="stream mode: keep the disk tier in a folder of its own in DIR (a local NVMe, say) instead "
+                        "of under --out; removed when the run ends")
     p.add_argument("--state", default="fp32", choices=["fp32", "compact", "compact8"],
                    help="stream mode: host state format: fp32 (16 bytes/parameter, exact), compact (about 6: "
                         "bf16 weights with stochastic rounding, 8-bit moments) or compact8 (about 5: compact with "
@@ -272,7 +275,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         data=args.data[0] if args.data and len(args.data) == 1 else args.data, data_weights=args.data_weights,
         document_mask=args.document_mask,
-        out=args.out, device=args.device, dtype=args.dtype, offload=args.offload,
+        out=args.out, device=args.device, dtype=args.dtype, offload=args.offload, store_dir=args.store_dir,
         prefetch_depth=args.prefetch_depth, held_units=args.held_units, recompute=args.recompute,
         max_memory_gib=args.max_memory,
         host_memory_gib=args.host_memory,

@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any
 
 
+def existing_parent(path: Path) -> Path:
+    """`path`, or its nearest folder that exists: what it would be created in, and where
+    its free space is read."""
+    return next(p for p in [path, *path.parents] if p.exists() or p == p.parent)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -78,6 +78,7 @@ from models import ModelConfig, loss_fn
 from models.gpt import Documents, build_unit, init_unit
 from models.hf import Pretrained
 from streamer import planner
+from streamer.io import existing_parent
 from streamer.optim import OptimConfig, clip_coefficient
 from streamer.parallel import DataParallel
 from streamer.state import BLOCK, FORMATS, use_fused
@@ -90,7 +91,10 @@ from streamer.store import (
     RamStore,
     SplitStore,
     UnitLayout,
+    allocated_bytes,
+    remove_store,
     store_folder,
+    store_root,
 )
 
 UPDATED = ("param", "exp_avg", "exp_avg_sq")  # what an update writes back (it consumes the gradient)
@@ -280,6 +284,7 @@ class StreamEngine:
         self.predicted_step_s = predicted_step_s
         # Re-plans with measured rates (set by `create`); see `_calibrate`.
         self.replan = None
+        self.store_root: Path | None = None  # a disk tier's folder, removed on close (set by `create`)
         self.prediction = "profile"  # where predicted_step_s comes from: profile | calibrated
         self.fastest_update_s = math.inf  # the host update's best time so far (see `_calibrate`)
         self.store_cached = False  # whether the page cache holds the store's disk part (set by `create`)
@@ -418,7 +423,11 @@ class StreamEngine:
 
         planning = time.perf_counter()
         state, available = train_cfg.state, planner.host_available(train_cfg.host_memory_gib)
-        offload = planner.choose_offload(model_cfg, available, shutil.disk_usage(out).free, train_cfg.offload, state)
+        root = store_root(out, train_cfg.store_dir)
+        # The disk's free space, with what this run's own leftover store takes (a killed
+        # run's: the new one is written over it); the same reckoning as the preflight's.
+        free = shutil.disk_usage(existing_parent(root)).free + allocated_bytes([root])
+        offload = planner.choose_offload(model_cfg, available, free, train_cfg.offload, state)
         ram_units = planner.split_ram_units(model_cfg, available, state) if offload == "split" else None
         profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]
         # Whether this GPU runs the compact formats' fused kernels (their check runs here,
@@ -439,7 +448,7 @@ class StreamEngine:
         copy = planner.measure_copy_bandwidth(torch.device("cpu"), 64 * 2**20)[0]
         links = {"h2d_bytes_per_s": copy, "d2h_bytes_per_s": copy} if device.type == "cpu" else {}
         if offload != "ram":  # a store the page cache holds moves at the kernel's copy rate
-            links["cached_io_bytes_per_s"] = planner.measure_page_cache_rate(out, 64 * 2**20)
+            links["cached_io_bytes_per_s"] = planner.measure_page_cache_rate(root, 64 * 2**20)
         profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
                                   matmul_flops=flops, host_copy_bytes_per_s=2 * copy, **links)
         if train_cfg.update_on == "device" and device.type == "cuda":
@@ -470,7 +479,7 @@ class StreamEngine:
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
         owned = [(dp.shard(lay.numel).start, dp.shard(lay.numel).stop) for lay in layouts]
-        folder = store_folder(out, dp.rank, dp.world)
+        folder = store_folder(root, dp.rank, dp.world)
         fmt = FORMATS[state]
         pin = device.type == "cuda"  # see streamer.store's [Note: page-locking the RAM tier]
         # Start-up is reported (run.json): for a 20B state it is minutes, not seconds.
@@ -496,6 +505,7 @@ class StreamEngine:
                      dp=dp, kept_graphs=plan.kept_graphs, update_on=train_cfg.update_on,
                      early_updates=plan.early_updates, held_units=plan.held_units, separator=separator)
         engine.offload = offload
+        engine.store_root = root if offload != "ram" else None
         engine.plan = plan
         # Whether the RAM tier's page-locking took: refused, the run is correct but its
         # copies stage at a lower rate, which its results must say.
@@ -1328,6 +1338,8 @@ class StreamEngine:
         if self.device.type == "cuda":  # after a failed step, copies from the store may still be queued
             torch.cuda.synchronize(self.device)
         self.store.close()
+        if self.store_root is not None:  # streamer.store's [Note: the disk tier is scratch]
+            remove_store(self.store_root, self.dp.rank, self.dp.world)
 
     # --- checkpoint state ----------------------------------------------------------
 

@@ -6,7 +6,8 @@ exp_avg_sq, and the moments' block scales in the compact format: see
 `streamer.state`) are kept together:
 
 - `RamStore`: plain host tensors.
-- `DiskStore`: one safetensors file per unit under `DIR/store/`, read and written with
+- `DiskStore`: one safetensors file per unit in the run's store folder (`store_root`:
+  `DIR/store/`, or in `--store-dir`), read and written with
   `pread`/`pwrite` into buffers allocated once. Reading through file descriptors (not
   mmap) keeps file pages out of the process's resident set: the page cache may hold
   them, but the kernel can drop those at will, and they never count as our memory.
@@ -34,6 +35,8 @@ first waits for the other lane's writes of that unit.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import struct
@@ -331,23 +334,51 @@ class _Lane:
     writer: ThreadPoolExecutor
 
 
-def store_folder(out: Path, rank: int, world: int) -> Path:
-    """Where rank `rank` of `world` keeps its disk tier under --out."""
-    return out / "store" / (f"rank{rank}" if world > 1 else "")
+def store_root(out: Path, store_dir: str | Path | None = None) -> Path:
+    """Where a run's disk tier lives: `--out`/store, or a folder of its own in
+    `--store-dir` (a local NVMe beside an --out on a network or persistent disk), named
+    after --out's absolute path so that runs sharing one scratch disk never meet, and a
+    resumed run finds its own.
+
+    [Note: the disk tier is scratch]
+    The store holds the live training state, rewritten every step; it is never read on
+    resume (a run is rebuilt from its checkpoint) nor by `sample`, `eval` or `export`
+    (they read `final/` or a checkpoint). So a run removes it when it ends, finished,
+    stopped by a signal or failed: a 20B model's is 115-330 GB. Only a killed run
+    leaves it, and its resume takes the space back (`reusable_bytes`)."""
+    if store_dir is None:
+        return out / "store"
+    key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]
+    return Path(store_dir) / f"streamer-{out.name}-{key}"
 
 
-def stale_store(out: Path, saved_world: int, world: int) -> list[Path]:
-    """What a run of `saved_world` processes left under --out/store that a resume by
+def store_folder(root: Path, rank: int, world: int) -> Path:
+    """Where rank `rank` of `world` keeps its disk tier in the run's store `root`."""
+    return root / (f"rank{rank}" if world > 1 else "")
+
+
+def stale_store(root: Path, saved_world: int, world: int) -> list[Path]:
+    """What a run of `saved_world` processes left in its store `root` that a resume by
     `world` processes will not reuse: the top level's unit files (one process) or the
     rank folders (several) no rank of the new world has. A store is never read on
     resume (it is rebuilt from the checkpoint), so these are dead bytes."""
-    root = out / "store"
     if saved_world == world or not root.is_dir():
         return []
     if saved_world == 1:
         return sorted(root.glob("unit_*.safetensors"))
-    kept = {store_folder(out, rank, world) for rank in range(world)} if world > 1 else set()
+    kept = {store_folder(root, rank, world) for rank in range(world)} if world > 1 else set()
     return sorted(p for p in root.glob("rank*") if p.is_dir() and p not in kept)
+
+
+def remove_store(root: Path, rank: int, world: int) -> None:
+    """Remove this rank's part of a store that has closed ([Note: the disk tier is
+    scratch]), and the store's folder once no rank's part is left in it."""
+    folder = store_folder(root, rank, world)
+    for file in sorted(folder.glob("unit_*.safetensors")):
+        file.unlink(missing_ok=True)
+    for empty in dict.fromkeys((folder, root)):  # ranks finish in any order: the last one takes the folder
+        with contextlib.suppress(OSError):
+            empty.rmdir()
 
 
 def allocated_bytes(paths: list[Path]) -> int:

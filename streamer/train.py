@@ -52,12 +52,12 @@ from streamer.data import (
     times_read,
 )
 from streamer.errors import Stopped, UserError
-from streamer.io import atomic_write_json, write_safetensors
+from streamer.io import atomic_write_json, existing_parent, write_safetensors
 from streamer.optim import SCHEDULES, OptimConfig, lr_at
 from streamer.parallel import DataParallel
 from streamer.state import fused_mode
 from streamer.stats import StepStats
-from streamer.store import allocated_bytes, stale_store
+from streamer.store import allocated_bytes, stale_store, store_root
 
 
 @dataclass
@@ -105,6 +105,9 @@ class TrainConfig:
     # Attention within each document of a window, not across them ([Note: documents in a
     # window] in models/gpt.py): the data must end its documents with a separator.
     document_mask: bool = False
+    # Where a stream run's disk tier lives: None, under --out; else a folder of its own
+    # in this one (streamer.store.store_root), such as a local NVMe.
+    store_dir: str | None = None
     # Pretrained weights to start from instead of a random initialisation: a Hugging Face
     # checkpoint (GPT-2, GPT-J, GPT-NeoX) or a run's final/ export, of --model's architecture.
     init_from: str | None = None
@@ -248,16 +251,10 @@ def default_out(model: str) -> Path:
     return Path("runs") / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _existing(out: Path) -> Path:
-    """`out`, or its nearest folder that exists: what it would be created in, and where
-    its free space is read."""
-    return next(p for p in [out, *out.parents] if p.exists() or p == p.parent)
-
-
 def check_out_dir(path: Path, resume: bool) -> None:
     """Refuse, before anything is written, an output directory that cannot be one or that
     holds another run (unless resuming it)."""
-    existing = _existing(path)
+    existing = existing_parent(path)
     if not existing.is_dir():
         raise UserError(f"output directory '{path}' cannot be created: '{existing}' is a file: choose another --out")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -299,16 +296,34 @@ def check_grad_sync(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.devi
                         "pip install 'streamer[cuda]', or use --grad-sync dense") from None
 
 
-def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device: torch.device,
+def check_store_dir(store_dir: str | None) -> None:
+    """--store-dir must be a folder this process can write in, or one it can create."""
+    if store_dir is None:
+        return
+    path = Path(store_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--store-dir '{path}' is a file, not a folder: name a folder on the disk for the store")
+    parent = existing_parent(path)
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--store-dir '{path}' cannot be written here ('{parent}' is not a writable folder): "
+                        "name a folder this user may write in")
+
+
+def same_disk(a: Path, b: Path) -> bool:
+    """Whether two paths (or the folders they would be created in) share a filesystem."""
+    return os.stat(existing_parent(a)).st_dev == os.stat(existing_parent(b)).st_dev
+
+
+def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, root: Path, device: torch.device,
                     dtype: torch.dtype, reclaimed: int = 0) -> float:
-    """A streamed model's state must fit host RAM or the disk under --out (with
-    `reclaimed` bytes more free: a stale store about to go), and its step the
-    --max-memory limit when one is given. Returns the bytes the store will write under
-    --out (its disk part)."""
+    """A streamed model's state must fit host RAM or the disk that holds the store's
+    folder `root` (with `reclaimed` bytes more free: a leftover store about to be
+    written over, or to go), and its step the --max-memory limit when one is given.
+    Returns the bytes the store will write there (its disk part)."""
     from streamer import planner
 
     available = planner.host_available(cfg.host_memory_gib)
-    free = shutil.disk_usage(_existing(out)).free + reclaimed
+    free = shutil.disk_usage(existing_parent(root)).free + reclaimed
     offload = planner.choose_offload(model_cfg, available, free, cfg.offload, cfg.state)
     ram_units = planner.split_ram_units(model_cfg, available, cfg.state) if offload == "split" else None
     counts = planner.unit_param_counts(model_cfg)
@@ -342,7 +357,7 @@ def check_final_fits(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, store_
     def size(n: float) -> str:
         return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
-    need, free = final_bytes(cfg, model_cfg), shutil.disk_usage(_existing(out)).free
+    need, free = final_bytes(cfg, model_cfg), shutil.disk_usage(existing_parent(out)).free
     beside = f" beside its store's {size(store_bytes)}" if store_bytes else ""
     if need + store_bytes > free:
         raise UserError(f"{cfg.model}'s final weights need {size(need)} under '{out}'{beside}, but {size(free)} "
@@ -413,16 +428,19 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
     BatchSampler(cfg.training_tokens(tokens), cfg.seq_len, cfg.seed)  # refuses data shorter than one sequence
     out = Path(cfg.out) if cfg.out else default_out(cfg.model)
     check_out_dir(out, cfg.resume)
-    # A resume by another number of processes rebuilds the store in another layout: the
-    # old one's files are dead (see streamer.store.stale_store), and go once the run is
-    # known to start.
+    root = store_root(out, cfg.store_dir)
+    check_store_dir(cfg.store_dir)
+    # A killed run leaves its store (streamer.store's [Note: the disk tier is scratch]):
+    # the new one is written over it, so its bytes count as free. A resume by another
+    # number of processes rebuilds the store in another layout: the old one's files are
+    # dead (see streamer.store.stale_store), and go once the run is known to start.
     found = newest_manifest(out) if cfg.resume and cfg.mode == "stream" else None
-    stale = stale_store(out, int(found[1].get("world", 1)), world) if found else []
-    reclaimed = allocated_bytes(stale)
-    store_bytes = check_plan_fits(cfg, model_cfg, out, device, dtype, reclaimed) if cfg.mode == "stream" else 0
-    if cfg.save_final:  # a resumed run's store is already on the disk (its free space excludes it), unless
-        # it is rebuilt in another layout, beside the old one's bytes about to be freed
-        check_final_fits(cfg, model_cfg, out, store_bytes - reclaimed if stale else 0 if cfg.resume else store_bytes)
+    stale = stale_store(root, int(found[1].get("world", 1)), world) if found else []
+    reclaimed = allocated_bytes([root])
+    store_bytes = check_plan_fits(cfg, model_cfg, root, device, dtype, reclaimed) if cfg.mode == "stream" else 0
+    if cfg.save_final:  # the store's new bytes, if it shares the disk of --out
+        beside = max(0, store_bytes - reclaimed) if same_disk(out, root) else 0
+        check_final_fits(cfg, model_cfg, out, beside)
     warnings = check_resumable(cfg, model_cfg, out, world) if cfg.resume else []
     for path in stale:  # every rank may try: the first to reach a path removes it
         if path.is_dir():
@@ -698,6 +716,7 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                                for name, size, share, times in times_read(
                                    cfg.training_tokens(checked.tokens), cfg.steps * cfg.tokens_per_step() * dp.world)],
                 "startup": engine.startup,
+                **({"store": str(engine.store_root)} if getattr(engine, "store_root", None) else {}),
                 # The streamer's plan as it started: tiers, state, recompute, prefetch,
                 # predicted step and memory (before calibration).
                 **({"plan": asdict(engine.plan), "page_locked": engine.page_locked} if hasattr(engine, "plan") else {})}

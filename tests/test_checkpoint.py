@@ -480,7 +480,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_goes_on(
                                   f"{out / 'checkpoints' / 'step-00000003'}: the same command with --resume "
                                   f"goes on from there")
     assert "SIGTERM: stopping after this step" in capfd.readouterr().err  # written to fd 2 itself
-    assert len(losses(out)) == 3 and not (out / "final").exists()
+    assert len(losses(out)) == 3 and not (out / "final").exists() and not (out / "store").exists()
     assert [step for step, _ in checkpoint.complete(out)] == [3]
     assert json.loads((out / "run.json").read_text())["stopped"] == {
         "signal": "SIGTERM", "steps_done": 3, "checkpoint": "step-00000003"}

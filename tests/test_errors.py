@@ -97,6 +97,9 @@ CASES = {
                             lambda tmp, run: (tmp / "empty.npy").write_bytes(b"")),
     "data file of the wrong dtype": Case(["--data", "{tmp}/floats.npy"], ["float32", "streamer prepare"],
                                          _write_npy("floats.npy", np.zeros(1000, np.float32))),
+    "--store-dir a file": Case(["--mode", "stream", "--offload", "disk", "--store-dir", "{tmp}/scratch"],
+                               ["--store-dir", "scratch' is a file, not a folder"],
+                               lambda tmp, run: (tmp / "scratch").write_bytes(b"")),
     "a decay fraction above 1": Case(["--schedule", "wsd", "--decay-fraction", "1.5"],
                                      ["--decay-fraction must be above 0 and at most 1", "got 1.5"]),
     "--document-mask on data without separators": Case(

@@ -73,7 +73,8 @@ def test_a_run_resumes_on_another_number_of_processes(tmp_path, state, tolerance
     order). Compact8's bf16 weights are resharded exactly too (the first resumed step's
     loss is the run's to 1e-5); its moments, coded again in the new shards' blocks, and
     the stochastic rounding, drawn per shard, keep the rest within rounding's reach.
-    A disk tier is rebuilt in the new layout and the old layout's files removed."""
+    A disk tier is rebuilt in the new layout, and removed with the old layout's
+    leftover files when the run ends."""
     import shutil
 
     flags = ("--state", state)
@@ -82,10 +83,7 @@ def test_a_run_resumes_on_another_number_of_processes(tmp_path, state, tolerance
         out = tmp_path / f"from-two-on-{nproc}"
         shutil.copytree(tmp_path / "two", out, ignore=shutil.ignore_patterns("step-00000004", "final"))
         resumed, resumed_w = _train(out, "tiny-neox", nproc, batch, offload=offload, extra=(*flags, "--resume"))
-        if offload == "disk":  # the 2-process store's layout is gone, the new one's files are there
-            store = sorted(p.name for p in (out / "store").iterdir())
-            assert store == ([f"rank{r}" for r in range(nproc)] if nproc > 1 else
-                             [f"unit_{u:05d}.safetensors" for u in range(len(store))]), store
+        assert not (out / "store").exists()  # the old layout's leftover and the new store: gone at the end
         assert resumed[:2] == two[:2], "the first steps are the checkpointed run's own rows"
         assert resumed[2][0] == pytest.approx(two[2][0], abs=1e-5), "the weights are the saved ones"
         assert [loss for loss, _ in resumed[2:]] == pytest.approx([loss for loss, _ in two[2:]], abs=tolerance)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,11 +245,12 @@ def test_chunked_disk_updates_equal_whole_unit_updates(tmp_path, monkeypatch):
 def test_a_split_store_trains_exactly_as_one_tier(tmp_path, monkeypatch, state):
     """Units 0-2 in RAM and the rest on disk (as when a state fits neither alone): the
     same losses and weights, bit for bit, as the whole state in RAM; only the disk
-    part has files."""
-    from streamer import planner
+    part has files (kept here past the run's end, which removes them, to be seen)."""
+    from streamer import planner, scheduler
 
     ram, w_ram = _run(tmp_path / "ram", "tiny", "stream", "ram", steps=4, state=state)
     monkeypatch.setattr(planner, "split_ram_units", lambda cfg, available, state="fp32": 3)
+    monkeypatch.setattr(scheduler, "remove_store", lambda root, rank, world: None)
     split, w_split = _run(tmp_path / "split", "tiny", "stream", "split", steps=4, state=state)
     assert [r["loss"] for r in split] == [r["loss"] for r in ram]
     for name in w_ram:
@@ -615,3 +617,32 @@ def test_attention_within_documents_on_cuda(tmp_path, documents_file):
         assert abs(a["loss"] - b["loss"]) <= 1e-4
     for name in rw:
         torch.testing.assert_close(sw[name], rw[name], atol=1e-4, rtol=0)
+
+
+def test_the_disk_tier_lives_in_store_dir_and_goes_when_the_run_ends(tmp_path, token_file, monkeypatch):
+    """--store-dir: the store's files are in a folder of the run's own there, named
+    after --out (run.json says which), never under --out; the run is the one with the
+    store under --out; and when it ends, both places are empty."""
+    from streamer import scheduler
+
+    seen = []
+    real = scheduler.remove_store
+
+    def remove(root, rank, world):  # what the store held as the run ended
+        seen.extend(sorted(p.name for p in root.iterdir()))
+        real(root, rank, world)
+
+    monkeypatch.setattr(scheduler, "remove_store", remove)
+    common = dict(steps=3, data=str(token_file), device="cpu")
+    under_out, w_out = _run(tmp_path / "a", "tiny", "stream", "disk", **common)
+    scratch = tmp_path / "nvme"
+    elsewhere, w_elsewhere = _run(tmp_path / "b", "tiny", "stream", "disk", store_dir=str(scratch), **common)
+    assert [r["loss"] for r in elsewhere] == [r["loss"] for r in under_out]
+    assert all(torch.equal(w_out[name], w_elsewhere[name]) for name in w_out)
+    n_units = len(seen) // 2
+    assert seen == 2 * [f"unit_{u:05d}.safetensors" for u in range(n_units)] and n_units == 6
+    out = tmp_path / "b" / "tiny-stream-disk"
+    store = Path(json.loads((out / "run.json").read_text())["store"])
+    assert store.parent == scratch and store.name.startswith("streamer-tiny-stream-disk-")
+    assert list(scratch.iterdir()) == [] and not (out / "store").exists()
+    assert not (tmp_path / "a" / "tiny-stream-disk" / "store").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -311,3 +313,27 @@ def test_compact_updates_through_ram_and_pipelined_disk_stores_agree(tmp_path, m
     layouts[unit].pack(units[unit], initial)
     assert not torch.equal(ram.open(unit, ("param",), 0, numel)["param"], initial.to(torch.bfloat16))
     disk.close()
+
+
+def test_a_store_folder_of_its_own_per_run_and_per_rank(tmp_path):
+    """store_root: under --out, or in --store-dir a folder named after --out's absolute
+    path (two runs of one name in different places never share one); stale_store: what
+    a resume on another number of processes will not reuse; remove_store: each rank's
+    part, and the folder once the last part is gone."""
+    from streamer.store import remove_store, stale_store, store_folder, store_root
+
+    a, b = tmp_path / "x" / "run", tmp_path / "y" / "run"
+    assert store_root(a) == a / "store"
+    assert store_root(a, "/nvme").parent == Path("/nvme") and store_root(a, "/nvme") != store_root(b, "/nvme")
+    assert store_root(a, "/nvme") == store_root(tmp_path / "x" / ".." / "x" / "run", "/nvme")
+    root = store_root(a, tmp_path / "nvme")
+    for rank in range(3):
+        store_folder(root, rank, 3).mkdir(parents=True)
+        (store_folder(root, rank, 3) / "unit_00000.safetensors").write_bytes(b"x")
+    assert stale_store(root, 3, 3) == [] and stale_store(root, 3, 2) == [root / "rank2"]
+    assert stale_store(root, 3, 1) == [root / f"rank{r}" for r in range(3)]
+    for rank in (2, 0):
+        remove_store(root, rank, 3)
+    assert sorted(p.name for p in root.iterdir()) == ["rank1"]
+    remove_store(root, 1, 3)
+    assert not root.exists() and (tmp_path / "nvme").is_dir()

@@ -242,6 +242,35 @@ def test_a_final_export_the_disk_cannot_hold_is_refused_before_anything_is_writt
     assert not out.exists()
     train(TrainConfig(**settings, save_final=False))  # without the export it fits
     assert not (out / "final").exists()
+    # With the store on a disk of its own (--store-dir), the export has --out's to itself.
+    monkeypatch.setattr(streamer.train, "same_disk", lambda a, b: False)
+    train(TrainConfig(**{**settings, "out": str(tmp_path / "apart")}, store_dir=str(tmp_path / "nvme")))
+    assert (tmp_path / "apart" / "final").is_dir()
+
+
+def test_a_killed_runs_store_counts_as_free_space(token_file: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed run leaves its store in --store-dir (streamer.store's [Note: the disk tier
+    is scratch]); the run into the same --out writes over it, so a disk with room for
+    the store only beside that leftover takes the run, which then leaves nothing there."""
+    import shutil
+
+    import streamer.train
+    from streamer.store import store_root
+
+    out, scratch = tmp_path / "run", tmp_path / "nvme"
+    leftover = store_root(out, scratch)
+    leftover.mkdir(parents=True)
+    size = 16 * sum(t.numel() for t in GPT(ModelConfig.from_name("tiny")).state_dict().values())
+    (leftover / "unit_00001.safetensors").write_bytes(b"\1" * size)  # real blocks, not a sparse file
+    real = shutil.disk_usage
+    monkeypatch.setattr(streamer.train.shutil, "disk_usage", lambda p: real(p)._replace(free=2**20))
+    settings = dict(model="tiny", steps=2, batch_size=2, seq_len=64, data=str(token_file), device="cpu",
+                    progress=False, mode="stream", offload="disk", save_final=False, store_dir=str(scratch))
+    train(TrainConfig(**settings, out=str(out)))
+    assert json.loads((out / "run.json").read_text())["store"] == str(leftover) and not leftover.exists()
+    with pytest.raises(UserError, match="of disk for its state but"):  # without the leftover, too small
+        train(TrainConfig(**settings, out=str(tmp_path / "other")))
 
 
 def test_a_file_read_twice_over_or_more_is_said_before_the_run() -> None:

@@ -797,6 +797,8 @@ def train(cfg: TrainConfig) -> Path:
     except (UserError, UnsafeFileError):
         if created is not None:  # nothing of a run that never started stays on disk
             shutil.rmtree(created, ignore_errors=True)
+        if lead:  # nor its store, wherever it is (streamer.store's [Note: the disk tier is scratch])
+            shutil.rmtree(store_root(checked.out, cfg.store_dir), ignore_errors=True)
         raise
     for warning in checked.warnings if lead else []:  # once the run is sure to start
         warn(warning)

@@ -1,4 +1,4 @@
-"""Soak test: SIGKILL training at random instants, resume, and check nothing was lost.
+"""Soak test: SIGKILL (or SIGTERM) training at random instants, resume, and check nothing was lost.
 
 Each episode trains tiny with checkpoints every few steps under one mode (resident,
 stream from RAM, stream from disk), always launched as `streamer train ... --resume`
@@ -14,8 +14,14 @@ mid-checkpoint, mid-update of the disk store and mid-export. After every kill:
 
 A resume is exact when every row it wrote matched the reference bit for bit and its
 episode finished with final weights equal to the reference's (target: all of them).
+Each stop also counts the steps the resume must run again: the rows past the newest
+checkpoint. With `--signal TERM` (or INT) the run is asked to stop, as a scheduler
+pre-empting it would: once its steps have begun it finishes the step, writes a
+checkpoint there and exits 143 (streamer.train's [Note: stopping on a signal]), so
+no step is run again (target: 0); a signal during start-up still kills it.
 
     python benchmarks/soak_kill_resume.py --kills 50
+    python benchmarks/soak_kill_resume.py --signal TERM --kills 30 --checkpoint-every 8
 """
 
 from __future__ import annotations
@@ -143,8 +149,9 @@ def rows_match(out: Path, ref: dict) -> bool:
     return sorted(rows) == list(range(len(rows))) and all(ref["losses"][s] == loss for s, loss in rows.items())
 
 
-def start_and_kill(cmd: list[str], out: Path, delay_s: float) -> bool:
-    """Start a run; once it trains, SIGKILL it after `delay_s`. False if it finished first."""
+def start_and_stop(cmd: list[str], out: Path, delay_s: float, signum: int) -> int | None:
+    """Start a run; once it trains, send it `signum` after `delay_s`; its exit status,
+    or None if it finished first."""
     marker = out / "run.json"
     before = marker.stat().st_mtime_ns if marker.exists() else 0
     process = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -153,11 +160,11 @@ def start_and_kill(cmd: list[str], out: Path, delay_s: float) -> bool:
     try:
         process.wait(timeout=delay_s)
     except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGKILL)
+        process.send_signal(signum)
         process.wait()
-        return True
+        return process.returncode
     assert process.returncode == 0, process.stderr.read()
-    return False
+    return None
 
 
 def episode(
@@ -165,17 +172,27 @@ def episode(
 ) -> dict:
     """Kill one run `kills` times (fewer if it finishes first), then let it finish."""
     cmd = command(args, data, mode, out, checkpoints=True)
-    result = {"mode": mode, "kills": 0, "where": {}, "resumes_rows_exact": 0, "corrupt": 0, "lost_progress": 0}
+    result = {"mode": mode, "kills": 0, "where": {}, "resumes_rows_exact": 0, "corrupt": 0, "lost_progress": 0,
+              "steps_redone": 0, "graceful": 0, "graceful_lossless": 0}
     ever_complete = False
     while result["kills"] < kills:
         # Over the training left from the newest checkpoint, plus a little for the export.
         resumed_at = max((step for step, _ in checkpoint.complete(out)), default=0)
         window = 1.1 * ref["train_s"] * (args.steps - resumed_at) / args.steps
-        if not start_and_kill(cmd, out, rng.uniform(0, window)):
+        status = start_and_stop(cmd, out, rng.uniform(0, window), args.signum)
+        if status is None:
             break
         result["kills"] += 1
-        landed = where(out, args.steps)
+        # A stop the run made itself: the status of the signal, and run.json saying so.
+        stopped = json.loads((out / "run.json").read_text()).get("stopped") if status == 128 + args.signum else None
+        landed = "stopped after a step" if stopped else where(out, args.steps)
         result["where"][landed] = result["where"].get(landed, 0) + 1
+        newest = max((step for step, _ in checkpoint.complete(out)), default=0)
+        redone = len(losses(out)) - newest  # rows past the newest checkpoint: steps a resume runs again
+        result["steps_redone"] += redone
+        if stopped:
+            result["graceful"] += 1
+            result["graceful_lossless"] += int(redone == 0 and stopped["steps_done"] == newest)
         complete, corrupt = verify_all(out)
         result["corrupt"] += corrupt
         result["lost_progress"] += int(ever_complete and complete == 0)
@@ -212,12 +229,16 @@ def summarize(episodes: list[dict]) -> dict:
                 "corrupt": 0,
                 "lost_progress": 0,
                 "finals_exact": 0,
+                "steps_redone": 0,
+                "graceful": 0,
+                "graceful_lossless": 0,
                 "where": {},
             },
         )
         row["episodes"] += 1
         row["finals_exact"] += int(e["final_exact"])
-        for key in ("kills", "resumes_exact", "corrupt", "lost_progress"):
+        for key in ("kills", "resumes_exact", "corrupt", "lost_progress", "steps_redone", "graceful",
+                    "graceful_lossless"):
             row[key] += e[key]
         for landed, n in e["where"].items():
             row["where"][landed] = row["where"].get(landed, 0) + n
@@ -225,12 +246,14 @@ def summarize(episodes: list[dict]) -> dict:
 
 
 def print_table(by_mode: dict) -> None:
-    print(f"{'mode':<12}{'episodes':>9}{'kills':>7}{'exact':>7}{'corrupt':>9}{'lost':>6}{'finals':>8}  kill landed")
+    print(f"{'mode':<12}{'episodes':>9}{'stops':>7}{'exact':>7}{'corrupt':>9}{'lost':>6}{'finals':>8}"
+          f"{'redone':>8}{'graceful':>10}  stop landed")
     for mode, row in by_mode.items():
         landed = ", ".join(f"{k} {v}" for k, v in sorted(row["where"].items()))
         print(
             f"{mode:<12}{row['episodes']:>9}{row['kills']:>7}{row['resumes_exact']:>7}{row['corrupt']:>9}"
-            f"{row['lost_progress']:>6}{row['finals_exact']:>5}/{row['episodes']:<2}  {landed}"
+            f"{row['lost_progress']:>6}{row['finals_exact']:>5}/{row['episodes']:<2}{row['steps_redone']:>8}"
+            f"{row['graceful_lossless']:>6}/{row['graceful']:<3}  {landed}"
         )
 
 
@@ -241,8 +264,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--checkpoint-every", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=RESULTS / "soak_kill_resume.json")
+    parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM", "INT"],
+                        help="KILL: no warning; TERM or INT: the run is asked to stop")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default: results/soak_kill_resume.json, or soak_sigterm_resume.json and so on")
     args = parser.parse_args()
+    args.signum = int(getattr(signal, f"SIG{args.signal}"))
+    if args.json is None:
+        args.json = RESULTS / ("soak_kill_resume.json" if args.signal == "KILL" else
+                               f"soak_sig{args.signal.lower()}_resume.json")
     rng = random.Random(args.seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
@@ -271,6 +301,9 @@ def main() -> None:
         "corrupt_checkpoints": sum(e["corrupt"] for e in episodes),
         "lost_progress": sum(e["lost_progress"] for e in episodes),
         "finals_exact": sum(e["final_exact"] for e in episodes),
+        "steps_redone": sum(e["steps_redone"] for e in episodes),
+        "graceful_stops": sum(e["graceful"] for e in episodes),
+        "graceful_lossless": sum(e["graceful_lossless"] for e in episodes),
         "episodes": len(episodes),
         "wall_s": round(time.perf_counter() - started, 1),
     }
@@ -279,7 +312,9 @@ def main() -> None:
     print_table(by_mode)
     print(
         f"resumes exact: {totals['resumes_exact']}/{totals['resumes']}; checkpoints found corrupt: "
-        f"{totals['corrupt_checkpoints']}; progress lost: {totals['lost_progress']}; {totals['wall_s']} s"
+        f"{totals['corrupt_checkpoints']}; progress lost: {totals['lost_progress']}; steps run again: "
+        f"{totals['steps_redone']}; stops the run made itself at a step's end: {totals['graceful_stops']} "
+        f"({totals['graceful_lossless']} with nothing to run again); {totals['wall_s']} s"
     )
     write_json(
         args.json,

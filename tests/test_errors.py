@@ -1,17 +1,18 @@
 """Every bad input to `streamer train`: exit code 2, one line on stderr saying what is
 wrong and what to do, no traceback, and nothing on disk changed. One test per case;
-the commands run concurrently in one fixture, since each pays for importing torch."""
+the commands run in one fixture, through `streamer.cli.main` in this process, as
+`python -m streamer` runs it (an exception escaping it would be a traceback)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,17 +21,8 @@ import pytest
 import torch
 
 import streamer.checkpoint as checkpoint
-from streamer.train import TrainConfig, train
-
-# Pretend to be a machine with two GPUs and no CuPy, then run the CLI.
-FAKE_TWO_GPUS_NO_CUPY = """
-import sys, torch
-torch.cuda.is_available = lambda: True
-torch.cuda.device_count = lambda: 2
-sys.modules["cupy"] = None  # import cupy -> ImportError
 from streamer.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+from streamer.train import TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -38,7 +30,7 @@ class Case:
     args: list[str]  # after 'train'; {run}: a copy of a finished run with one checkpoint; {tmp}: a scratch folder
     fragments: list[str]  # each must appear in the one stderr line
     setup: Callable[[Path, Path], None] | None = None  # (tmp, run) -> None
-    script: str | None = None  # run with python -c instead of python -m streamer
+    two_gpus_no_cupy: bool = False  # pretend to be a machine with two GPUs and no CuPy
 
 
 def _write_npy(name: str, array: np.ndarray) -> Callable[[Path, Path], None]:
@@ -139,10 +131,10 @@ CASES = {
     "resume without an output directory": Case(["--resume"], ["--resume needs", "--out"]),
     "sparse gradient sync without CuPy": Case(["--model", "tiny-neox", "--mode", "stream", "--device", "cuda",
                                                "--nproc", "2"], ["needs CuPy", "--grad-sync dense"],
-                                              script=FAKE_TWO_GPUS_NO_CUPY),
+                                              two_gpus_no_cupy=True),
     "more processes than CUDA devices": Case(["--mode", "stream", "--device", "cuda", "--nproc", "4"],
                                              ["4 processes need 4 CUDA devices", "--nproc 2"],
-                                             script=FAKE_TWO_GPUS_NO_CUPY),
+                                             two_gpus_no_cupy=True),
     "negative --eval-every": Case(["--eval-every", "-1"], ["--eval-every must be 0 (off) or a positive integer"]),
     "non-positive --eval-tokens": Case(["--eval-every", "5", "--eval-tokens", "0"],
                                        ["--eval-tokens must be a positive integer"]),
@@ -185,6 +177,13 @@ def finished_run(token_file: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
 def run_case(name: str, case: Case, root: Path, finished: Path, token_file: Path, cache: Path) -> tuple:
     tmp = root / name.replace(" ", "-").replace(",", "")
     tmp.mkdir()
@@ -198,19 +197,22 @@ def run_case(name: str, case: Case, root: Path, finished: Path, token_file: Path
     if "--out" not in args and "--resume" not in args:
         args += ["--out", str(tmp / "new")]
     before = snapshot(tmp)
-    command = [sys.executable, "-c", case.script] if case.script else [sys.executable, "-m", "streamer"]
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*command, "train", *args], capture_output=True, text=True, env=env, timeout=120)
-    return result, before, snapshot(tmp)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        if case.two_gpus_no_cupy:
+            patch.setattr(torch.cuda, "is_available", lambda: True)
+            patch.setattr(torch.cuda, "device_count", lambda: 2)
+            patch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["train", *args])
+    return Result(code, out.getvalue(), err.getvalue()), before, snapshot(tmp)
 
 
 @pytest.fixture(scope="module")
 def outcomes(finished_run: Path, token_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root, cache = tmp_path_factory.mktemp("cases"), tmp_path_factory.mktemp("cache")
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {name: pool.submit(run_case, name, case, root, finished_run, token_file, cache)
-                   for name, case in CASES.items()}
-        return {name: future.result() for name, future in futures.items()}
+    return {name: run_case(name, case, root, finished_run, token_file, cache) for name, case in CASES.items()}
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -1,7 +1,11 @@
-"""The `streamer` command as a user runs it: real subprocesses, real exit codes."""
+"""The `streamer` command as a user runs it: its exit codes and what it prints. Most
+commands run through `streamer.cli.main` in this process, as `python -m streamer` runs
+it (an exception escaping it would be a traceback); one runs as a real subprocess."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -13,14 +17,25 @@ import pytest
 import torch
 
 from models import REGISTRY
+from streamer.cli import main
 
 
-def streamer(*args: str, cache: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def streamer(*args: str, cache: Path, env: dict[str, str] | None = None,
+             process: bool = False) -> subprocess.CompletedProcess:
     # A private cache: no test may fall back on (or rebuild) the user's default corpus.
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "streamer", *args], capture_output=True, text=True, env=env, timeout=120
-    )
+    env = {"XDG_CACHE_HOME": str(cache), **(env or {})}
+    if process:
+        return subprocess.run([sys.executable, "-m", "streamer", *args], capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=120)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for name, value in env.items():
+            patch.setenv(name, value)
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["streamer", *args], code, out.getvalue(), err.getvalue())
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -59,7 +74,7 @@ def test_train_missing_data_file(tmp_path: Path) -> None:
 
 
 def test_models_lists_every_entry(tmp_path: Path) -> None:
-    result = streamer("models", cache=tmp_path)
+    result = streamer("models", cache=tmp_path, process=True)  # `python -m streamer` itself
     assert result.returncode == 0, result.stderr
     listed = [line.split()[0] for line in result.stdout.splitlines()[1:]]
     assert listed == list(REGISTRY)

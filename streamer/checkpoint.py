@@ -19,7 +19,8 @@ under a temporary name, fsynced and renamed into place (`streamer.io.atomic_writ
 Every other file is likewise written under a temporary name, fsynced and renamed, and
 the folder is fsynced before the manifest is written, so a manifest never names a file
 that a power cut could lose. A folder without a manifest is a partial checkpoint: it is
-never read and is removed at the next start. Old checkpoints are deleted (`--keep`)
+never read and is removed at the next start. Old checkpoints are deleted (`--keep`,
+but for the milestones of `--keep-every`)
 only after the new manifest is durable, manifest first, so a crash mid-deletion leaves
 a partial folder, never a checkpoint with missing files. Hence at every instant the
 newest complete checkpoint is loadable. Silent damage after the fact (a bad disk, a
@@ -325,10 +326,12 @@ def clean_partial(out: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _prune(out: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (after a new one is complete)."""
-    for _, folder in complete(out)[:-keep]:
-        remove_checkpoint(folder)
+def _prune(out: Path, keep: int, keep_every: int = 0) -> None:
+    """Delete all but the newest `keep` complete checkpoints (after a new one is
+    complete), and but those of the steps `keep_every` divides (milestones: 0, none)."""
+    for step, folder in complete(out)[:-keep]:
+        if not (keep_every and step % keep_every == 0):
+            remove_checkpoint(folder)
 
 
 # --- RNG -------------------------------------------------------------------------------
@@ -395,7 +398,7 @@ def _commit(folder: Path, step: int, meta: dict, world: int) -> None:
     atomic_write_json(folder / MANIFEST, {**body, "manifest_sha256": _manifest_digest(body)})
 
 
-def save_checkpoint(out: Path, step: int, engine: Any, dp: Any, meta: dict, keep: int) -> Path:
+def save_checkpoint(out: Path, step: int, engine: Any, dp: Any, meta: dict, keep: int, keep_every: int = 0) -> Path:
     """Write the checkpoint after `step` completed steps; every rank calls it.
 
     `meta` (model and train configs, mode, run counters) goes into the manifest. Raises a
@@ -430,7 +433,7 @@ def save_checkpoint(out: Path, step: int, engine: Any, dp: Any, meta: dict, keep
             shutil.rmtree(folder, ignore_errors=True)
         raise _failure(step, out, error) from None
     if lead:
-        _prune(out, keep)
+        _prune(out, keep, keep_every)
     return folder
 
 

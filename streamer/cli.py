@@ -94,6 +94,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="write a checkpoint to DIR/checkpoints every N steps (0: never)")
     p.add_argument("--keep", type=int, default=2, metavar="K", help="complete checkpoints to keep")
+    p.add_argument("--keep-every", type=int, default=0, metavar="N",
+                   help="also keep, for good, the checkpoints of every N-th step (milestones; 0: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest valid checkpoint")
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
@@ -282,7 +284,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         state=args.state, update_on=args.update_on,
         grad_sync=args.grad_sync,
         progress=not args.no_progress, save_final=not args.no_save_final,
-        checkpoint_every=args.checkpoint_every, keep=args.keep,
+        checkpoint_every=args.checkpoint_every, keep=args.keep, keep_every=args.keep_every,
         resume=args.resume, max_skipped_steps=args.max_skipped_steps,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, holdout=args.holdout, init_from=args.init_from,
     )

@@ -100,6 +100,7 @@ class TrainConfig:
     save_final: bool = True  # export DIR/final/ at the end (a benchmark may not need 40 GB of weights)
     checkpoint_every: int = 0  # steps between checkpoints in DIR/checkpoints; 0: none
     keep: int = 2  # complete checkpoints kept; older ones go only once a newer one is complete
+    keep_every: int = 0  # and, past those, the checkpoints of every N-th step for good; 0: none
     resume: bool = False  # continue from the newest valid checkpoint in --out
     max_skipped_steps: int = 0  # stop after this many non-finite steps in a row; 0: never stop
     # Attention within each document of a window, not across them ([Note: documents in a
@@ -141,6 +142,12 @@ class TrainConfig:
                             f"got {self.decay_fraction}")
         if self.keep <= 0:
             raise UserError(f"--keep must be a positive integer, got {self.keep}")
+        if self.keep_every < 0:
+            raise UserError(f"--keep-every must be 0 (none) or a positive number of steps, got {self.keep_every}")
+        if self.keep_every and self.checkpoint_every and self.keep_every % self.checkpoint_every:
+            raise UserError(f"--keep-every {self.keep_every} names steps that --checkpoint-every "
+                            f"{self.checkpoint_every} never checkpoints: make it a multiple of "
+                            f"{self.checkpoint_every}")
         if self.resume and not self.out:
             raise UserError("--resume needs the run's directory: add --out DIR")
         if self.recompute not in ("auto", "yes", "no"):
@@ -756,7 +763,7 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                 if lead:  # the rows a checkpoint vouches for are durable before it is
                     os.fsync(metrics.fileno())
                 run = {"skipped_in_a_row": streak, "next_lr": lr_at(step + 1, optim)}
-                folder = save_checkpoint(out, step + 1, engine, dp, {**meta, "run": run}, cfg.keep)
+                folder = save_checkpoint(out, step + 1, engine, dp, {**meta, "run": run}, cfg.keep, cfg.keep_every)
             if signum:
                 return _stopped(cfg, out, run_info, signum, step + 1, folder, lead)
     return None

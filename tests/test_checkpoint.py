@@ -258,6 +258,22 @@ def test_keep_deletes_older_checkpoints(token_file: Path, tmp_path: Path) -> Non
     assert [s for s, _ in checkpoint.step_folders(out)] == [4, 5]
 
 
+def test_keep_every_keeps_milestones_for_good(token_file: Path, tmp_path: Path) -> None:
+    """--keep-every 3: steps 3 and 6 stay past --keep 1; a stop off the grid (a signal in
+    step 6, 0-based) is pruned like any other; a --keep-every the grid never reaches is
+    refused."""
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at(patch, 6, signal.SIGTERM)
+        with pytest.raises(Stopped):
+            train(config(token_file, out, "resident", steps=9, checkpoint_every=1, keep=1, keep_every=3))
+    assert [s for s, _ in checkpoint.step_folders(out)] == [3, 6, 7]
+    train(config(token_file, out, "resident", steps=9, checkpoint_every=1, keep=1, keep_every=3, resume=True))
+    assert [s for s, _ in checkpoint.step_folders(out)] == [3, 6, 9]
+    with pytest.raises(UserError, match="--keep-every 3 names steps that --checkpoint-every 2 never checkpoints"):
+        train(config(token_file, tmp_path / "other", checkpoint_every=2, keep_every=3))
+
+
 def test_partial_checkpoints_are_ignored_and_removed(token_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     two_checkpoints(token_file, out, "resident")

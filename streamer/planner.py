@@ -1407,7 +1407,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="host RAM to plan with (default: the profile's; with --measure or the cpu profile, "
                         "what this machine reports available)")
     p.add_argument("--measure", action="store_true", help="calibrate on this machine instead of a profile")
-    p.add_argument("--disk", type=Path, default=Path("."), help="folder the disk tier would use")
+    p.add_argument("--store-dir", "--disk", dest="disk", type=Path, default=Path("."),
+                   help="folder the disk tier would use (train's --store-dir; default: here)")
     p.add_argument("--json", action="store_true")
 
 

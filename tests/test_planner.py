@@ -333,7 +333,7 @@ def test_the_heads_visit_applies_its_update() -> None:
 
 def test_the_disk_probe_leaves_nothing_in_the_folder(tmp_path) -> None:
     """The probe moves its bytes through two files at once, fsync'd, and removes them:
-    a user's --disk folder holds nothing of it afterwards."""
+    a user's --store-dir folder holds nothing of it afterwards."""
     read, write = planner.measure_disk_bandwidth(tmp_path, nbytes=32 * 2**20)
     assert read > 0 and write > 0
     assert list(tmp_path.iterdir()) == []

@@ -181,6 +181,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on CUDA)")
     p.add_argument("--mode", choices=("auto", "resident", "stream", "disk"), default="auto",
                    help="as sample's: stream a model larger than the device, from host memory or from disk")
+    p.add_argument("--document-mask", choices=("yes", "no"), default=None,
+                   help="attend within each document of a window (data prepared with --separator); default: as "
+                        "the run trained, else no")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 

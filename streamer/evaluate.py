@@ -184,8 +184,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
               if ecfg.data else _default_tokens(model_cfg))
     x, y, files = ecfg.windows(tokens)
     # A run trained with attention within documents is measured so (on its data, or on
-    # --data whose documents end in the same way).
-    masked = settings is not None and settings[0].document_mask
+    # --data whose documents end in the same way), unless told otherwise.
+    masked = (args.document_mask == "yes" if args.document_mask is not None
+              else settings is not None and settings[0].document_mask)
     separator = document_separator(list(ecfg.data) or [default_corpus()]) if masked else None
     weights = place(args.mode, folder, model_cfg, device, dtype, working_bytes(model_cfg, dtype, ecfg),
                     lower="a smaller --batch-size or --seq-len")

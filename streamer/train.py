@@ -490,7 +490,10 @@ class StopSignals:
     agree on stopping after every step (an all-reduce of the signal's number), since
     each may see the signal in another step, or only one may get it at all: they stop
     together, after the same step, and write one checkpoint. A second signal stops at
-    once (SIGINT as KeyboardInterrupt, SIGTERM by its default action), as before.
+    once (SIGINT as KeyboardInterrupt, SIGTERM by its default action), as before. (Python
+    runs a handler between bytecodes of the main thread: a process hung inside native
+    code, a collective whose peer died, answers neither signal, only SIGKILL, which
+    torchrun and cluster schedulers send after their grace period.)
     The handlers are in place only while steps run: during start-up and while the final
     weights are written a signal acts as it always has; nothing on disk is half-written
     either way (every file is written under a temporary name and renamed)."""

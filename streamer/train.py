@@ -735,7 +735,7 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
     streak, held_out = run_state.get("skipped_in_a_row", 0), None
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and lead), unit="step",
                dynamic_ncols=True, mininterval=1.0)
-    stop = StopSignals(announce=lead)
+    stop, slowest_s, checkpoint_s = StopSignals(announce=lead), 0.0, 0.0
     with stop, bar, open(out / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as metrics:
         for step in range(start, cfg.steps):
             lr = lr_at(step, optim)
@@ -759,6 +759,8 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                 postfix["stall"] = f"{row['stall_s'] / step_s:.0%}"
             bar.set_postfix(postfix)
             bar.update()
+            # What a stop waits for: the longest step (with its evaluation) so far, and a checkpoint.
+            slowest_s = max(slowest_s, time.perf_counter() - started)
             # A stop asked for in the last step is the run's end anyway.
             signum = stop.agreed(dp, engine.device) if step + 1 < cfg.steps else 0
             folder = None
@@ -766,23 +768,30 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                 if lead:  # the rows a checkpoint vouches for are durable before it is
                     os.fsync(metrics.fileno())
                 run = {"skipped_in_a_row": streak, "next_lr": lr_at(step + 1, optim)}
+                writing = time.perf_counter()
                 folder = save_checkpoint(out, step + 1, engine, dp, {**meta, "run": run}, cfg.keep, cfg.keep_every)
+                checkpoint_s = time.perf_counter() - writing
             if signum:
-                return _stopped(cfg, out, run_info, signum, step + 1, folder, lead)
+                return _stopped(cfg, out, run_info, signum, step + 1, folder, lead, slowest_s, checkpoint_s)
     return None
 
 
 def _stopped(cfg: TrainConfig, out: Path, run_info: dict, signum: int, done: int, folder: Path | None,
-             lead: bool) -> Stopped:
+             lead: bool, slowest_s: float, checkpoint_s: float) -> Stopped:
     """A run stopped by a signal after `done` steps: run.json records it (so a launcher,
-    or a script, can tell it from a finished run), and the message says how to go on."""
+    or a script, can tell it from a finished run), and the message says how to go on,
+    and how much notice a stop needs (the slowest step and the checkpoint: a scheduler's
+    notice shorter than that ends in a kill)."""
     name = signal.Signals(signum).name
     if lead:
         atomic_write_json(out / "run.json", {**run_info, "stopped": {
-            "signal": name, "steps_done": done, "checkpoint": folder.name if folder is not None else None}})
+            "signal": name, "steps_done": done, "checkpoint": folder.name if folder is not None else None,
+            "slowest_step_s": slowest_s, "checkpoint_s": checkpoint_s if folder is not None else None}})
     if folder is not None:
         return Stopped(f"stopped by {name} after {done} of {cfg.steps} steps; checkpoint in {folder}: "
-                       f"the same command with --resume goes on from there", signum)
+                       f"the same command with --resume goes on from there (a stop needs {slowest_s:.1f} s for "
+                       f"the slowest step so far and {checkpoint_s:.1f} s for the checkpoint: send the signal that "
+                       f"much ahead of a deadline at least)", signum)
     return Stopped(f"stopped by {name} after {done} of {cfg.steps} steps, without a checkpoint (the run "
                    f"writes none: --checkpoint-every 0), so it cannot be resumed; metrics in "
                    f"{out / 'metrics.jsonl'}", signum)

@@ -78,7 +78,6 @@ from models import ModelConfig, loss_fn
 from models.gpt import Documents, build_unit, init_unit
 from models.hf import Pretrained
 from streamer import planner
-from streamer.io import existing_parent
 from streamer.optim import OptimConfig, clip_coefficient
 from streamer.parallel import DataParallel
 from streamer.state import BLOCK, FORMATS, use_fused
@@ -91,9 +90,9 @@ from streamer.store import (
     RamStore,
     SplitStore,
     UnitLayout,
-    allocated_bytes,
     remove_store,
     store_folder,
+    store_free_bytes,
     store_root,
 )
 
@@ -419,15 +418,11 @@ class StreamEngine:
         """Plan the run, refuse it if it does not fit, and initialise the host store, at
         random or from `pretrained` (or, with `initialise=False`, only allocate it: a
         checkpoint will fill it)."""
-        import shutil
 
         planning = time.perf_counter()
         state, available = train_cfg.state, planner.host_available(train_cfg.host_memory_gib)
         root = store_root(out, train_cfg.store_dir)
-        # The disk's free space, with what this run's own leftover store takes (a killed
-        # run's: the new one is written over it); the same reckoning as the preflight's.
-        free = shutil.disk_usage(existing_parent(root)).free + allocated_bytes([root])
-        offload = planner.choose_offload(model_cfg, available, free, train_cfg.offload, state)
+        offload = planner.choose_offload(model_cfg, available, store_free_bytes(root), train_cfg.offload, state)
         ram_units = planner.split_ram_units(model_cfg, available, state) if offload == "split" else None
         profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]
         # Whether this GPU runs the compact formats' fused kernels (their check runs here,

@@ -39,6 +39,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import struct
 import sys
 import threading
@@ -52,6 +53,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from streamer.io import existing_parent
 from streamer.optim import decays
 from streamer.state import FORMATS, StateFormat
 
@@ -379,6 +381,12 @@ def remove_store(root: Path, rank: int, world: int) -> None:
     for empty in dict.fromkeys((folder, root)):  # ranks finish in any order: the last one takes the folder
         with contextlib.suppress(OSError):
             empty.rmdir()
+
+
+def store_free_bytes(root: Path) -> int:
+    """The room for a run's store in `root`: its disk's free bytes, and what the run's
+    own leftover store takes there (a killed run's: the new one is written over it)."""
+    return shutil.disk_usage(existing_parent(root)).free + allocated_bytes([root])
 
 
 def allocated_bytes(paths: list[Path]) -> int:

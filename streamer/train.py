@@ -57,7 +57,7 @@ from streamer.optim import SCHEDULES, OptimConfig, lr_at
 from streamer.parallel import DataParallel
 from streamer.state import fused_mode
 from streamer.stats import StepStats
-from streamer.store import allocated_bytes, stale_store, store_root
+from streamer.store import allocated_bytes, stale_store, store_free_bytes, store_root
 
 
 @dataclass
@@ -322,15 +322,14 @@ def same_disk(a: Path, b: Path) -> bool:
 
 
 def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, root: Path, device: torch.device,
-                    dtype: torch.dtype, reclaimed: int = 0) -> float:
+                    dtype: torch.dtype) -> float:
     """A streamed model's state must fit host RAM or the disk that holds the store's
-    folder `root` (with `reclaimed` bytes more free: a leftover store about to be
-    written over, or to go), and its step the --max-memory limit when one is given.
-    Returns the bytes the store will write there (its disk part)."""
+    folder `root` (`store_free_bytes`), and its step the --max-memory limit when one is
+    given. Returns the bytes the store will write there (its disk part)."""
     from streamer import planner
 
     available = planner.host_available(cfg.host_memory_gib)
-    free = shutil.disk_usage(existing_parent(root)).free + reclaimed
+    free = store_free_bytes(root)
     offload = planner.choose_offload(model_cfg, available, free, cfg.offload, cfg.state)
     ram_units = planner.split_ram_units(model_cfg, available, cfg.state) if offload == "split" else None
     counts = planner.unit_param_counts(model_cfg)
@@ -444,7 +443,7 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
     found = newest_manifest(out) if cfg.resume and cfg.mode == "stream" else None
     stale = stale_store(root, int(found[1].get("world", 1)), world) if found else []
     reclaimed = allocated_bytes([root])
-    store_bytes = check_plan_fits(cfg, model_cfg, root, device, dtype, reclaimed) if cfg.mode == "stream" else 0
+    store_bytes = check_plan_fits(cfg, model_cfg, root, device, dtype) if cfg.mode == "stream" else 0
     if cfg.save_final:  # the store's new bytes, if it shares the disk of --out
         beside = max(0, store_bytes - reclaimed) if same_disk(out, root) else 0
         check_final_fits(cfg, model_cfg, out, beside)

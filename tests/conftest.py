@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
@@ -122,26 +123,34 @@ def first_step_loss() -> Callable[..., float]:
     return loss
 
 
+def run_main(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`streamer ARGS` run in this process, through `streamer.cli.main` as `python -m
+    streamer` runs it, with `env` set and its output captured (an exception that escapes
+    it fails the test, as a traceback would): a process each would pay for importing
+    torch, for nothing more."""
+    from streamer.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's own refusals
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["streamer", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def fails_in_one_line() -> Callable[[str, dict[str, tuple[list[str], list[str]]]], None]:
     """`check(command, cases)`: each case, {name: (arguments, fragments)}, run as
-    `streamer COMMAND ARGUMENTS` must exit 2 with one line on stderr, no traceback,
-    holding every fragment. The cases run in this process, through `streamer.cli.main`
-    as `python -m streamer` runs it (an exception that escapes it fails the test, as a
-    traceback would): a process each would pay for importing torch, for nothing more.
-    tests/test_errors.py runs `train`'s bad inputs in processes of their own."""
-    from streamer.cli import main
-
+    `streamer COMMAND ARGUMENTS` (`run_main`) must exit 2 with one line on stderr, no
+    traceback, holding every fragment."""
     def check(command: str, cases: dict[str, tuple[list[str], list[str]]]) -> None:
         for name, (args, fragments) in cases.items():
-            stderr = io.StringIO()
-            with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-                try:
-                    code = main([command, *args])
-                except SystemExit as exc:  # argparse's own refusals
-                    code = exc.code
-            lines = stderr.getvalue().strip().splitlines()
-            assert code == 2 and len(lines) == 1, (name, stderr.getvalue())
+            result = run_main([command, *args])
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2 and len(lines) == 1, (name, result.stderr)
             for fragment in fragments:
                 assert fragment in lines[0], (name, fragment, lines[0])
 

@@ -4,8 +4,6 @@ it (an exception escaping it would be a traceback); one runs as a real subproces
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -15,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 
 from models import REGISTRY
-from streamer.cli import main
 
 
 def streamer(*args: str, cache: Path, env: dict[str, str] | None = None,
@@ -27,15 +25,7 @@ def streamer(*args: str, cache: Path, env: dict[str, str] | None = None,
     if process:
         return subprocess.run([sys.executable, "-m", "streamer", *args], capture_output=True, text=True,
                               env={**os.environ, **env}, timeout=120)
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        for name, value in env.items():
-            patch.setenv(name, value)
-        try:
-            code = main(list(args))
-        except SystemExit as exc:  # argparse's own errors
-            code = exc.code if isinstance(exc.code, int) else 1
-    return subprocess.CompletedProcess(["streamer", *args], code, out.getvalue(), err.getvalue())
+    return run_main(list(args), env)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -5,9 +5,7 @@ the commands run in one fixture, through `streamer.cli.main` in this process, as
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -19,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 
 import streamer.checkpoint as checkpoint
-from streamer.cli import main
 from streamer.train import TrainConfig, train
 
 
@@ -177,13 +175,6 @@ def finished_run(token_file: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-@dataclass(frozen=True)
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 def run_case(name: str, case: Case, root: Path, finished: Path, token_file: Path, cache: Path) -> tuple:
     tmp = root / name.replace(" ", "-").replace(",", "")
     tmp.mkdir()
@@ -197,16 +188,13 @@ def run_case(name: str, case: Case, root: Path, finished: Path, token_file: Path
     if "--out" not in args and "--resume" not in args:
         args += ["--out", str(tmp / "new")]
     before = snapshot(tmp)
-    out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CACHE_HOME", str(cache))
         if case.two_gpus_no_cupy:
             patch.setattr(torch.cuda, "is_available", lambda: True)
             patch.setattr(torch.cuda, "device_count", lambda: 2)
             patch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(["train", *args])
-    return Result(code, out.getvalue(), err.getvalue()), before, snapshot(tmp)
+        result = run_main(["train", *args], {"XDG_CACHE_HOME": str(cache)})
+    return result, before, snapshot(tmp)
 
 
 @pytest.fixture(scope="module")

@@ -622,7 +622,8 @@ def document_separator(paths: list[Path]) -> int:
         if not isinstance(separator, int) or isinstance(separator, bool):
             raise UserError(f"--document-mask needs documents ended by a separator, and data file '{path}' has none "
                             "recorded: prepare it with --separator TOKEN (a token of its tokenizer, such as "
-                            "'<|endoftext|>'), or drop --document-mask")
+                            "'<|endoftext|>'), or attend across documents (train: drop --document-mask; eval: "
+                            "--document-mask no)")
         found[path] = separator
     if len(set(found.values())) > 1:
         listed = ", ".join(f"'{path}' ({separator})" for path, separator in found.items())

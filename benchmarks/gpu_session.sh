@@ -234,7 +234,7 @@ for name in "${chosen[@]}"; do
             | tee -a "$log"
         continue
     fi
-    left=$((deadline - SECONDS))
+    left=$(( deadline > SECONDS ? deadline - SECONDS : 0 ))  # an overrun is none left, not a negative
     if (( left < ${FLOOR[$name]} )); then
         echo "$name: skipped, ${left}s left of the budget and it needs ${FLOOR[$name]}s" | tee -a "$log"
         continue
@@ -257,5 +257,5 @@ for name in "${chosen[@]}"; do
     fi
     pack
 done
-echo "$(date -u +%FT%TZ) finished, $((deadline - SECONDS))s of the budget left" | tee -a "$log"
+echo "$(date -u +%FT%TZ) finished, $(( deadline > SECONDS ? deadline - SECONDS : 0 ))s of the budget left" | tee -a "$log"
 pack

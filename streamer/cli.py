@@ -13,10 +13,36 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.safety import UnsafeFileError
-from streamer.errors import Stopped, UserError
+from streamer.errors import OUT_OF_TIME, Stopped, UserError
 
 if TYPE_CHECKING:  # the CLI imports torch only for the commands that need it
     from streamer.train import TrainConfig
+
+
+def duration(text: str) -> float:
+    """--time-limit's wall time in seconds, from `90s`, `45m`, `4h`, `2d`, `1h30m` (units
+    summed), or a scheduler's `H:MM:SS` or `D-H:MM:SS`. A bare number is refused:
+    seconds or minutes? (a scheduler's bare number means minutes; a mistake costs 60x)"""
+    seconds = _duration(text)
+    if seconds <= 0:
+        raise UserError(f"--time-limit '{text}' is no time at all: give the run's wall time, as 4h")
+    return seconds
+
+
+def _duration(text: str) -> float:
+    import re
+
+    text = "".join(text.split())
+    clock = re.fullmatch(r"(?:(\d+)-)?(\d+):([0-5]\d):([0-5]\d)", text)
+    if clock:
+        days, hours, minutes, seconds = (int(g or 0) for g in clock.groups())
+        return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([dhms])", text)
+    if parts and "".join(number + unit for number, unit in parts) == text:
+        return float(sum(float(number) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[unit] for number, unit in parts))
+    hint = f" (say {text}s or {text}m)" if re.fullmatch(r"\d+(?:\.\d+)?", text) else ""
+    raise UserError(f"--time-limit '{text}' is not a duration{hint}: give it with units, as 90s, 45m, 4h or "
+                    f"1h30m, or as H:MM:SS or D-H:MM:SS")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,6 +124,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="also keep, for good, the checkpoints of every N-th step (milestones; 0: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest valid checkpoint")
+    p.add_argument("--time-limit", default=None, metavar="TIME",
+                   help="the wall time the run has (as 4h, 90m or 1-12:00:00), counted from the command's start: "
+                        "it stops in time with a checkpoint, and exits 75 (needs --checkpoint-every)")
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="every N steps and after the last, the loss on held-out text: the data's last "
                         "--holdout, which training then never reads (0: no evaluation, training reads all)")
@@ -222,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def launch(nproc: int, argv: list[str], out: Path) -> int:
+# The launcher's start, passed to the ranks it starts (seconds since the epoch).
+STARTED_AT = "STREAMER_STARTED_AT"
+
+
+def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
     """`streamer train --nproc N ...` is `torchrun --nproc-per-node N -m streamer train ...`.
 
     A signal goes to the ranks, not to torchrun: torchrun passes one on and kills every
@@ -231,7 +264,8 @@ def launch(nproc: int, argv: list[str], out: Path) -> int:
     session of its own, out of the terminal's reach, and this process sends SIGINT and
     SIGTERM (and SIGHUP, as SIGTERM) to the ranks itself. They stop together after a
     step and exit 0, so torchrun ends as for a finished run; this process then returns
-    128 + the signal's number, as a process the signal stopped would."""
+    128 + the signal's number, as a process the signal stopped would (or OUT_OF_TIME, for
+    ranks that --time-limit stopped, which counts from `started_at`)."""
     import contextlib
     import signal
     import subprocess
@@ -248,7 +282,7 @@ def launch(nproc: int, argv: list[str], out: Path) -> int:
             rest.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "streamer", *rest]
-    torchrun = subprocess.Popen(cmd, start_new_session=True)
+    torchrun = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, STARTED_AT: repr(started_at)})
 
     def forward(signum: int, frame: object) -> None:
         sent = signal.SIGTERM if signum == signal.SIGHUP else signum
@@ -266,7 +300,7 @@ def launch(nproc: int, argv: list[str], out: Path) -> int:
             signal.signal(signum, handler)
     with contextlib.suppress(OSError, ValueError, KeyError):
         if code == 0 and (stopped := json.loads((out / "run.json").read_text()).get("stopped")):
-            return 128 + signal.Signals[stopped["signal"]]
+            return 128 + signal.Signals[stopped["signal"]] if stopped["signal"] else OUT_OF_TIME
     return code
 
 
@@ -289,6 +323,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         progress=not args.no_progress, save_final=not args.no_save_final,
         checkpoint_every=args.checkpoint_every, keep=args.keep, keep_every=args.keep_every,
         resume=args.resume, max_skipped_steps=args.max_skipped_steps,
+        time_limit_s=duration(args.time_limit) if args.time_limit else 0.0,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, holdout=args.holdout, init_from=args.init_from,
     )
 
@@ -303,13 +338,13 @@ def launch_train(args: argparse.Namespace, argv: list[str]) -> int:
     checked = preflight(train_config(args), world=args.nproc)
     if args.out is None:  # ranks started a second apart must not pick different folders
         argv = [*argv, "--out", str(checked.out)]
-    return launch(args.nproc, argv, checked.out)
+    return launch(args.nproc, argv, checked.out, args.started_at)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from streamer.train import train
 
-    out = train(train_config(args))
+    out = train(train_config(args), started_at=args.started_at)
     if int(os.environ.get("RANK", "0")) == 0:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         final = ("not exported (--no-save-final)" if args.no_save_final
@@ -359,12 +394,18 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import time
+
+    # When the command started: `train --time-limit` counts from here, and under --nproc
+    # from the launcher's start, which it passes to the ranks.
+    started_at = float(os.environ.get(STARTED_AT, "0")) or time.time()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.command is None:
         argv = ["train", *argv]
         args = parser.parse_args(argv)
+    args.started_at = started_at
     if args.command == "train" and args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         try:
             return launch_train(args, argv)
@@ -387,14 +428,14 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, UnsafeFileError) as exc:
         print(f"streamer: error: {exc}", file=sys.stderr)
         return 2
-    except Stopped as exc:  # a training run a signal stopped after a step
+    except Stopped as exc:  # a training run a signal or its time limit stopped after a step
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"streamer: {exc}", file=sys.stderr)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from streamer.parallel import end_process
 
             end_process()  # status 0, so that torchrun lets every rank finish (see `launch`)
-        return 128 + exc.signum
+        return exc.status
     except KeyboardInterrupt:
         print("streamer: interrupted", file=sys.stderr)
         return 130

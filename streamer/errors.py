@@ -1,14 +1,21 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero, no traceback."""
 
+# The exit status of a run that stopped for want of time (`train --time-limit`):
+# EX_TEMPFAIL of sysexits.h, "try again later", which is what the run asks for (the same
+# command with --resume goes on). A job script can requeue on it.
+OUT_OF_TIME = 75
+
 
 class UserError(Exception):
     """Something the user can fix: the message says what is wrong and what to do."""
 
 
 class Stopped(Exception):
-    """A run that stopped early, as asked by a signal, after a whole step (and its
-    checkpoint, when the run writes them); the message says where and how to go on."""
+    """A run that stopped early after a whole step (and its checkpoint, when the run
+    writes them), as a signal or its time limit asked; the message says where and how
+    to go on, `status` is the process's exit status (128 + the signal's number, or
+    OUT_OF_TIME)."""
 
-    def __init__(self, message: str, signum: int) -> None:
+    def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
-        self.signum = signum
+        self.status = status

@@ -87,6 +87,11 @@ class ResidentEngine:
 
     # --- checkpoint state ----------------------------------------------------------
 
+    def checkpoint_bytes(self) -> int:
+        """The data bytes `save_state` writes: the state dict and AdamW's two moments."""
+        return (sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+                + 2 * sum(p.numel() * p.element_size() for p in self.model.parameters()))
+
     def save_state(self, folder: Path) -> tuple[dict[str, dict], dict]:
         """Write the model's state dict and AdamW's per-parameter state (exp_avg,
         exp_avg_sq and step, each keyed `KIND/parameter name`) as safetensors; returns

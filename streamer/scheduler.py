@@ -1341,6 +1341,13 @@ class StreamEngine:
     def _state_file(self, unit: int) -> str:
         return f"unit-{unit:05d}-rank{self.dp.rank}.safetensors"
 
+    def checkpoint_bytes(self) -> int:
+        """The data bytes `save_state` writes for this rank: its shard of every unit's
+        checkpointed buffers, in the store's format."""
+        fmt = self.store.format
+        return sum(fmt.buffer(name).itemsize * fmt.buffer(name).numel(self.store.owned_numel(unit))
+                   for unit in range(self.n_units) for name in fmt.expand(CHECKPOINT_BUFFERS))
+
     def save_state(self, folder: Path) -> tuple[dict[str, dict], dict]:
         """Write this rank's shard of every unit's param, exp_avg and exp_avg_sq into
         `folder`, after applying every due update; returns {file: size and sha256} and

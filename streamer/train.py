@@ -51,7 +51,7 @@ from streamer.data import (
     load_data,
     times_read,
 )
-from streamer.errors import Stopped, UserError
+from streamer.errors import OUT_OF_TIME, Stopped, UserError
 from streamer.io import atomic_write_json, existing_parent, write_safetensors
 from streamer.optim import SCHEDULES, OptimConfig, lr_at
 from streamer.parallel import DataParallel
@@ -102,6 +102,9 @@ class TrainConfig:
     keep: int = 2  # complete checkpoints kept; older ones go only once a newer one is complete
     keep_every: int = 0  # and, past those, the checkpoints of every N-th step for good; 0: none
     resume: bool = False  # continue from the newest valid checkpoint in --out
+    # The wall time the run has, in seconds (a cluster job's); it stops in time with a
+    # checkpoint ([Note: stopping in time]); 0: no limit.
+    time_limit_s: float = 0.0
     max_skipped_steps: int = 0  # stop after this many non-finite steps in a row; 0: never stop
     # Attention within each document of a window, not across them ([Note: documents in a
     # window] in models/gpt.py): the data must end its documents with a separator.
@@ -148,6 +151,10 @@ class TrainConfig:
             raise UserError(f"--keep-every {self.keep_every} names steps that --checkpoint-every "
                             f"{self.checkpoint_every} never checkpoints: make it a multiple of "
                             f"{self.checkpoint_every}")
+        if not 0 <= self.time_limit_s < float("inf"):
+            raise UserError(f"--time-limit must be a positive duration, got {self.time_limit_s} s")
+        if self.time_limit_s and not self.checkpoint_every:
+            raise UserError("--time-limit stops the run with a checkpoint to go on from: add --checkpoint-every N")
         if self.resume and not self.out:
             raise UserError("--resume needs the run's directory: add --out DIR")
         if self.recompute not in ("auto", "yes", "no"):
@@ -526,9 +533,81 @@ class StopSignals:
             os.write(2, f"\nstreamer: {signal.Signals(signum).name}: stopping after this step "
                         f"(signal again to stop at once)\n".encode())
 
-    def agreed(self, dp: DataParallel, device: torch.device) -> int:
-        """The signal every rank stops for (0: none); all ranks call it after each step."""
-        return dp.max(self.signum, device if dp.world > 1 else torch.device("cpu"))
+    def agreed(self, dp: DataParallel, device: torch.device, out_of_time: bool = False) -> tuple[int, bool]:
+        """Whether every rank stops after this step, and why: the signal (0: none), and
+        whether time is up (a `TimeLimit` said so on some rank); all ranks call it after
+        each step. A signal wins when both ask."""
+        code = dp.max(self.signum << 1 | out_of_time, device if dp.world > 1 else torch.device("cpu"))
+        return code >> 1, bool(code & 1)
+
+
+class TimeLimit:
+    """When a run with `--time-limit` must stop to end in time.
+
+    [Note: stopping in time]
+    A cluster job has a wall time, and the scheduler kills it there, often with no
+    signal first, or with one too late for a 20B step and its checkpoint. With
+    `--time-limit` the run keeps its own clock, from the command's start (the launcher's
+    under `--nproc`), and after each step asks whether one more step and a checkpoint
+    after it (and, when this step's periodic checkpoint is due, that one too) would
+    still end before the limit. When they would not, it stops as a signal would stop it
+    ([Note: stopping on a signal]): a checkpoint after this step, and exit status
+    OUT_OF_TIME (75), on which a job script can requeue the same command with --resume.
+    Ranks agree, since their clocks and steps differ a little.
+    A step is the slowest so far (its evaluation included); a checkpoint, the longest
+    this run wrote, or before it wrote one, its bytes at the rate a probe file writes
+    (`probe_checkpoint_s`). Both vary (the page cache, other jobs on the machine), so
+    each counts a quarter more, and 5 s more on top. The final export is smaller than a
+    checkpoint (weights only); the last step's check covers it.
+    The first step always runs: there is nothing to estimate it from. Start-up (reading
+    a checkpoint back, filling a store) counts against the limit but is not planned for:
+    a limit shorter than start-up and one step is the user's to see."""
+
+    MARGIN, SLACK_S = 1.25, 5.0
+
+    def __init__(self, limit_s: float, started_at: float, checkpoint_s: float) -> None:
+        self.limit_s = limit_s
+        self.deadline = started_at + limit_s
+        self.checkpoint_s = checkpoint_s  # estimated; once the run writes one, the longest it wrote
+        self.measured = False
+
+    @staticmethod
+    def clock() -> float:
+        """Seconds since the epoch: a clock that several processes share."""
+        return time.time()
+
+    def wrote_checkpoint(self, seconds: float) -> None:
+        self.checkpoint_s = max(self.checkpoint_s, seconds) if self.measured else seconds
+        self.measured = True
+
+    def needed_s(self, step_s: float, checkpoints: int) -> float:
+        """The time to keep for a step and `checkpoints` checkpoints, with the margin."""
+        return self.MARGIN * (step_s + checkpoints * self.checkpoint_s) + self.SLACK_S
+
+    def out_of_time(self, slowest_s: float, checkpoint_due: bool) -> bool:
+        """Whether the run must stop after the step just done."""
+        return self.clock() + self.needed_s(slowest_s, 1 + checkpoint_due) > self.deadline
+
+    def left_s(self) -> float:
+        return self.deadline - self.clock()
+
+
+def probe_checkpoint_s(engine: Any, out: Path, rank: int) -> float:
+    """The seconds this rank's part of a checkpoint should take to write, before the run
+    wrote one: its bytes at the rate a probe file of up to 64 MiB writes into `out`
+    (hashed, written under a temporary name, fsynced and renamed, as checkpoint files are)."""
+    from streamer.checkpoint import TensorSpec, write_tensor_file
+
+    total = engine.checkpoint_bytes()
+    size = max(1, min(total, 64 * 2**20))
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8)  # not zeros: a file system may compress those
+    path = out / f".checkpoint-probe-{rank}.safetensors"
+    started = time.perf_counter()
+    try:
+        write_tensor_file(path, [TensorSpec("probe", torch.uint8, (size,))], [data])
+    finally:
+        path.unlink(missing_ok=True)
+    return (time.perf_counter() - started) * total / size
 
 
 def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, device: torch.device,
@@ -705,9 +784,10 @@ def evaluate(engine: Any, groups: list[tuple[str | None, list[list[tuple[torch.T
 
 
 def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParallel, start: int,
-               run_state: dict) -> Stopped | None:
+               run_state: dict, started_at: float) -> Stopped | None:
     """Steps `start`..steps-1: log each, count skipped ones, checkpoint when due; stop
-    early when a signal asks ([Note: stopping on a signal]), and say so."""
+    early when a signal asks ([Note: stopping on a signal]) or time runs short ([Note:
+    stopping in time], counted from `started_at`), and say so."""
     from streamer import planner
 
     lead, out, optim = dp.rank == 0, checked.out, cfg.optim_config()
@@ -725,6 +805,8 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                                for name, size, share, times in times_read(
                                    cfg.training_tokens(checked.tokens), cfg.steps * cfg.tokens_per_step() * dp.world)],
                 "startup": engine.startup,
+                **({"time_limit": {"limit_s": cfg.time_limit_s, "ends": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at + cfg.time_limit_s))}} if cfg.time_limit_s else {}),
                 **({"store": str(engine.store_root)} if getattr(engine, "store_root", None) else {}),
                 # The streamer's plan as it started: tiers, state, recompute, prefetch,
                 # predicted step and memory (before calibration).
@@ -735,6 +817,8 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and lead), unit="step",
                dynamic_ncols=True, mininterval=1.0)
     stop, slowest_s, checkpoint_s = StopSignals(announce=lead), 0.0, 0.0
+    limit = (TimeLimit(cfg.time_limit_s, started_at, probe_checkpoint_s(engine, out, dp.rank))
+             if cfg.time_limit_s else None)
     with stop, bar, open(out / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as metrics:
         for step in range(start, cfg.steps):
             lr = lr_at(step, optim)
@@ -760,48 +844,60 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
             bar.update()
             # What a stop waits for: the longest step (with its evaluation) so far, and a checkpoint.
             slowest_s = max(slowest_s, time.perf_counter() - started)
+            due = bool(cfg.checkpoint_every) and (step + 1) % cfg.checkpoint_every == 0
             # A stop asked for in the last step is the run's end anyway.
-            signum = stop.agreed(dp, engine.device) if step + 1 < cfg.steps else 0
-            folder = None
-            if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or signum):
+            signum, out_of_time = (stop.agreed(dp, engine.device, limit is not None and limit.out_of_time(
+                slowest_s, due)) if step + 1 < cfg.steps else (0, False))
+            folder, left_s = None, limit.left_s() if limit is not None else 0.0
+            if due or (cfg.checkpoint_every and (signum or out_of_time)):
                 if lead:  # the rows a checkpoint vouches for are durable before it is
                     os.fsync(metrics.fileno())
                 run = {"skipped_in_a_row": streak, "next_lr": lr_at(step + 1, optim)}
                 writing = time.perf_counter()
                 folder = save_checkpoint(out, step + 1, engine, dp, {**meta, "run": run}, cfg.keep, cfg.keep_every)
                 checkpoint_s = time.perf_counter() - writing
-            if signum:
-                return _stopped(cfg, out, run_info, signum, step + 1, folder, lead, slowest_s, checkpoint_s)
+                if limit is not None:
+                    limit.wrote_checkpoint(checkpoint_s)
+            if signum or out_of_time:
+                reason = (signal.Signals(signum).name if signum else
+                          f"--time-limit, {max(0.0, left_s):.0f} s before its end (the next step and a checkpoint "
+                          f"need about {limit.needed_s(slowest_s, 1):.0f} s)")
+                return _stopped(cfg, out, run_info, signum, reason, step + 1, folder, lead, slowest_s, checkpoint_s)
     return None
 
 
-def _stopped(cfg: TrainConfig, out: Path, run_info: dict, signum: int, done: int, folder: Path | None,
-             lead: bool, slowest_s: float, checkpoint_s: float) -> Stopped:
-    """A run stopped by a signal after `done` steps: run.json records it (so a launcher,
-    or a script, can tell it from a finished run), and the message says how to go on,
-    and how much notice a stop needs (the slowest step and the checkpoint: a scheduler's
-    notice shorter than that ends in a kill)."""
-    name = signal.Signals(signum).name
+def _stopped(cfg: TrainConfig, out: Path, run_info: dict, signum: int, reason: str, done: int,
+             folder: Path | None, lead: bool, slowest_s: float, checkpoint_s: float) -> Stopped:
+    """A run stopped by a signal (`signum`) or its time limit (`signum` 0) after `done`
+    steps: run.json records it (so a launcher, or a script, can tell it from a finished
+    run), and the message says how to go on, and how much notice a stop needs (the
+    slowest step and the checkpoint: a scheduler's notice shorter than that ends in a kill)."""
+    name = signal.Signals(signum).name if signum else None
     if lead:
         atomic_write_json(out / "run.json", {**run_info, "stopped": {
-            "signal": name, "steps_done": done, "checkpoint": folder.name if folder is not None else None,
+            "signal": name, "time_limit": not signum, "steps_done": done,
+            "checkpoint": folder.name if folder is not None else None,
             "slowest_step_s": slowest_s, "checkpoint_s": checkpoint_s if folder is not None else None}})
+    status = 128 + signum if signum else OUT_OF_TIME
     if folder is not None:
-        return Stopped(f"stopped by {name} after {done} of {cfg.steps} steps; checkpoint in {folder}: "
-                       f"the same command with --resume goes on from there (a stop needs {slowest_s:.1f} s for "
-                       f"the slowest step so far and {checkpoint_s:.1f} s for the checkpoint: send the signal that "
-                       f"much ahead of a deadline at least)", signum)
-    return Stopped(f"stopped by {name} after {done} of {cfg.steps} steps, without a checkpoint (the run "
+        notice = (f" (a stop needs {slowest_s:.1f} s for the slowest step so far and {checkpoint_s:.1f} s for the "
+                  f"checkpoint: send the signal that much ahead of a deadline at least)" if signum else "")
+        return Stopped(f"stopped by {reason} after {done} of {cfg.steps} steps; checkpoint in {folder}: "
+                       f"the same command with --resume goes on from there{notice}", status)
+    return Stopped(f"stopped by {reason} after {done} of {cfg.steps} steps, without a checkpoint (the run "
                    f"writes none: --checkpoint-every 0), so it cannot be resumed; metrics in "
-                   f"{out / 'metrics.jsonl'}", signum)
+                   f"{out / 'metrics.jsonl'}", status)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run a whole training job; returns the output directory.
+def train(cfg: TrainConfig, started_at: float | None = None) -> Path:
+    """Run a whole training job; returns the output directory. `started_at`: when the
+    command started (seconds since the epoch), which --time-limit counts from; None: now.
 
     Under torchrun every rank runs this; rank 0 alone writes metrics, checkpoint
     manifests and final weights (each rank writes its own checkpoint shards)."""
     from streamer.parallel import init_from_env, leave
+
+    started_at = TimeLimit.clock() if started_at is None else started_at
 
     checked = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     reset_peak_rss()
@@ -821,7 +917,7 @@ def train(cfg: TrainConfig) -> Path:
     for warning in checked.warnings if lead else []:  # once the run is sure to start
         warn(warning)
     try:
-        stopped = _run_steps(cfg, checked, engine, dp, start, run_state)
+        stopped = _run_steps(cfg, checked, engine, dp, start, run_state, started_at)
         if cfg.save_final and stopped is None:
             shards = engine.shards()
             if lead:

@@ -1,6 +1,6 @@
 """Checkpoints: bit-exact resume after a crash, fallback past corruption, a full disk,
 `--keep`, partial folders, manifests that point outside, skipped non-finite steps, and
-a run that a signal stops after a step, with a checkpoint there."""
+a run that a signal or its time limit stops after a step, with a checkpoint there."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main
 
 import streamer.checkpoint as checkpoint
 from models import ModelConfig, loss_fn
@@ -491,7 +492,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_goes_on(
         signal_at(patch, 2, signal.SIGTERM)
         with pytest.raises(Stopped) as stopped:
             train(config(token_file, out, mode, checkpoint_every=4))
-    assert stopped.value.signum == signal.SIGTERM
+    assert stopped.value.status == 128 + signal.SIGTERM
     assert str(stopped.value).startswith(f"stopped by SIGTERM after 3 of {STEPS} steps; checkpoint in "
                                          f"{out / 'checkpoints' / 'step-00000003'}: the same command with "
                                          f"--resume goes on from there (a stop needs ")
@@ -541,26 +542,28 @@ def test_a_signal_in_the_last_step_lets_the_run_finish(references: dict[str, Pat
     assert "stopped" not in json.loads((out / "run.json").read_text())
 
 
-@pytest.mark.parametrize("target", ["launcher", "rank 1"])
+@pytest.mark.parametrize("target", ["launcher", "rank 1", "time limit"])
 def test_two_ranks_stop_together_after_a_step(target: str, token_file: Path, tmp_path: Path) -> None:
     """`streamer train --nproc 2` stopped by SIGTERM, sent to the launcher (which sends it
-    to the ranks, not to torchrun) or to one rank alone: both ranks stop after the same
-    step, write one checkpoint of both shards, and the launcher exits 128 + 15."""
+    to the ranks, not to torchrun) or to one rank alone, or by a --time-limit that start-up
+    alone exceeds: both ranks stop after the same step, write one checkpoint of both
+    shards, and the launcher exits 128 + 15, or 75."""
     import psutil
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "streamer", "train", "--model", "tiny-neox", "--mode", "stream", "--steps", "500",
            "--batch-size", "2", "--seq-len", "32", "--data", str(token_file), "--out", str(out), "--device", "cpu",
            "--no-progress", "--nproc", "2", "--checkpoint-every", "1000"]
+    cmd += ["--time-limit", "1s"] if target == "time limit" else []
     launcher = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
-        while not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 2):
+        while target != "time limit" and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 2):
             assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start"
             time.sleep(0.05)
         if target == "launcher":
             launcher.send_signal(signal.SIGTERM)
-        else:
+        elif target == "rank 1":
             torchrun, = psutil.Process(launcher.pid).children()
             rank, = [p for p in torchrun.children() if p.environ().get("RANK") == "1"]
             rank.send_signal(signal.SIGTERM)
@@ -568,15 +571,108 @@ def test_two_ranks_stop_together_after_a_step(target: str, token_file: Path, tmp
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    assert launcher.returncode == 128 + signal.SIGTERM, err[-2000:]
     stopped = json.loads((out / "run.json").read_text())["stopped"]
     done = stopped["steps_done"]
-    assert 2 <= done < 500 and len(losses(out)) == done
+    if target == "time limit":  # the first step always runs: there is nothing to estimate it from
+        assert launcher.returncode == 75 and done == 1, err[-2000:]
+        assert stopped["time_limit"] and stopped["signal"] is None
+        assert "stopped by --time-limit, 0 s before its end" in err and "after 1 of 500 steps" in err
+    else:
+        assert launcher.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert 2 <= done < 500 and f"stopped by SIGTERM after {done} of 500 steps" in err
+    assert len(losses(out)) == done
     assert [step for step, _ in checkpoint.complete(out)] == [done]
     manifest = checkpoint.read_manifest(out / "checkpoints" / stopped["checkpoint"])
     assert manifest["world"] == 2 and {f["rank"] for f in manifest["files"].values() if "rank" in f} == {0, 1}
-    assert f"stopped by SIGTERM after {done} of 500 steps" in err
     assert "Traceback" not in err and "ChildFailedError" not in err
+
+
+class FakeClock:
+    """A wall clock that runs `step_s` seconds a step (the step's own time on top), for
+    TimeLimit to read: a time-limited run whose steps take minutes, in a test of seconds."""
+
+    def __init__(self, patch: pytest.MonkeyPatch, step_s: float) -> None:
+        import streamer.train as train_module
+
+        self.now, real = 1e9, train_module.micro_batches
+
+        def batches(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.now += step_s
+            return real(*args, **kwargs)
+
+        patch.setattr(train_module, "micro_batches", batches)
+        patch.setattr(train_module.TimeLimit, "clock", staticmethod(lambda: self.now))
+
+
+@pytest.mark.parametrize("mode", ["resident", "stream-disk"])
+def test_a_time_limit_stops_in_time_with_a_checkpoint_and_resume_goes_on(
+        mode: str, references: dict[str, Path], token_file: Path, tmp_path: Path) -> None:
+    """Steps of 20 s under a limit of 100 s: after step 4 (and its periodic checkpoint)
+    a fifth still fits with its checkpoint, after the fifth a sixth does not (the margin
+    alone is 5 s): the run stops there, with a checkpoint off the --checkpoint-every 4
+    grid, status 75, and says so; --resume gives the uninterrupted run, bit for bit."""
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        clock = FakeClock(patch, step_s=20.0)
+        with pytest.raises(Stopped) as stopped:
+            train(config(token_file, out, mode, checkpoint_every=4, time_limit_s=100.0), started_at=clock.now)
+    assert stopped.value.status == 75
+    assert str(stopped.value).startswith("stopped by --time-limit, 0 s before its end (the next step and a "
+                                         "checkpoint need about ")
+    assert str(stopped.value).endswith(f"after 5 of {STEPS} steps; checkpoint in "
+                                       f"{out / 'checkpoints' / 'step-00000005'}: the same command with --resume "
+                                       f"goes on from there")
+    assert len(losses(out)) == 5 and not (out / "final").exists()
+    assert [step for step, _ in checkpoint.complete(out)] == [4, 5]
+    assert not list(out.glob(".checkpoint-probe*"))
+    run = json.loads((out / "run.json").read_text())
+    assert run["time_limit"]["limit_s"] == 100.0
+    assert run["stopped"].items() >= {"signal": None, "time_limit": True, "steps_done": 5,
+                                      "checkpoint": "step-00000005"}.items()
+    train(config(token_file, out, mode, checkpoint_every=4, resume=True, time_limit_s=3600.0))
+    assert_same_run(out, references[mode])
+    assert "stopped" not in json.loads((out / "run.json").read_text())
+
+
+def test_a_time_limit_keeps_room_for_a_step_and_its_checkpoints() -> None:
+    """The decision itself: a step and a checkpoint (two when one is due now), a quarter
+    more of each, and 5 s; the estimate is the probe's until a checkpoint is measured,
+    then the longest measured."""
+    from streamer.train import TimeLimit
+
+    limit = TimeLimit(100.0, started_at=0.0, checkpoint_s=10.0)
+    with pytest.MonkeyPatch.context() as patch:
+        now = [0.0]
+        patch.setattr(TimeLimit, "clock", staticmethod(lambda: now[0]))
+        assert limit.needed_s(8.0, 1) == 1.25 * (8 + 10) + 5  # 27.5
+        now[0] = 72.0
+        assert not limit.out_of_time(8.0, checkpoint_due=False)
+        assert limit.out_of_time(8.0, checkpoint_due=True)  # 72 + 1.25 * 28 + 5 > 100
+        now[0] = 73.0
+        assert limit.out_of_time(8.0, checkpoint_due=False)
+        limit.wrote_checkpoint(2.0)  # a measured one replaces the probe's estimate
+        assert limit.checkpoint_s == 2.0 and not limit.out_of_time(8.0, checkpoint_due=False)
+        limit.wrote_checkpoint(1.0)  # and the longest measured counts from then on
+        assert limit.checkpoint_s == 2.0
+        assert limit.left_s() == 27.0
+
+
+def test_a_time_limited_command_ends_within_its_limit(token_file: Path, tmp_path: Path) -> None:
+    """For real: `streamer train --time-limit 12s` on a run far too long for it returns
+    before 12 s have passed, with status 75 and a checkpoint that --resume takes up."""
+    out = tmp_path / "run"
+    args = ["train", "--model", "tiny", "--mode", "stream", "--steps", "100000", "--batch-size", "2",
+            "--seq-len", "32", "--data", str(token_file), "--out", str(out), "--device", "cpu", "--no-progress",
+            "--checkpoint-every", "1000"]
+    started = time.monotonic()
+    result = run_main([*args, "--time-limit", "12s"])
+    assert time.monotonic() - started < 12.0 and result.returncode == 75, result.stderr
+    done = json.loads((out / "run.json").read_text())["stopped"]["steps_done"]
+    assert done >= 1 and [step for step, _ in checkpoint.complete(out)] == [done]
+    assert result.stderr.strip().splitlines()[-1].startswith("streamer: stopped by --time-limit")
+    result = run_main([*args[:6], str(done + 2), *args[7:], "--resume"])
+    assert result.returncode == 0, result.stderr
+    assert len(losses(out)) == done + 2
 
 
 def test_a_wsd_run_resumed_with_more_steps_is_the_longer_run(token_file: Path, tmp_path: Path,

@@ -92,6 +92,12 @@ CASES = {
                                lambda tmp, run: (tmp / "scratch").write_bytes(b"")),
     "a decay fraction above 1": Case(["--schedule", "wsd", "--decay-fraction", "1.5"],
                                      ["--decay-fraction must be above 0 and at most 1", "got 1.5"]),
+    "a time limit without units": Case(["--time-limit", "240", "--checkpoint-every", "10"],
+                                       ["'240' is not a duration (say 240s or 240m)", "4h", "D-H:MM:SS"]),
+    "a time limit of no time": Case(["--time-limit", "0h", "--checkpoint-every", "10"],
+                                    ["'0h' is no time at all"]),
+    "a time limit without checkpoints": Case(["--time-limit", "4h"],
+                                             ["--time-limit stops the run with a checkpoint", "--checkpoint-every N"]),
     "--document-mask on data without separators": Case(
         ["--document-mask"], ["--document-mask needs documents ended by a separator", "small.npy' has none",
                               "--separator TOKEN"]),

@@ -228,6 +228,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                         "prepared with, if any)")
 
 
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="where a training run stands: running, stopped or finished, its loss, "
+                                      "speed, steps left and checkpoints")
+    p.add_argument("run", metavar="DIR", help="the run's --out folder")
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the named model configs")
     p.add_argument("--json", action="store_true")
@@ -241,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_status(sub)
     _add_models(sub)
     try:
         from streamer.planner import add_plan_parser
@@ -419,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         from streamer.sample import cmd_sample as handler
     elif args.command == "eval":
         from streamer.evaluate import cmd_eval as handler
+    elif args.command == "status":
+        from streamer.status import cmd_status as handler
     elif args.command == "export":
         from streamer.export import cmd_export as handler
     else:

@@ -57,6 +57,7 @@ from streamer.optim import SCHEDULES, OptimConfig, lr_at
 from streamer.parallel import DataParallel
 from streamer.state import fused_mode
 from streamer.stats import StepStats
+from streamer.status import process_record
 from streamer.store import allocated_bytes, stale_store, store_free_bytes, store_root
 
 
@@ -805,6 +806,7 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                                for name, size, share, times in times_read(
                                    cfg.training_tokens(checked.tokens), cfg.steps * cfg.tokens_per_step() * dp.world)],
                 "startup": engine.startup,
+                "process": process_record(),  # for `streamer status`: running, or killed?
                 **({"time_limit": {"limit_s": cfg.time_limit_s, "ends": time.strftime(
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at + cfg.time_limit_s))}} if cfg.time_limit_s else {}),
                 **({"store": str(engine.store_root)} if getattr(engine, "store_root", None) else {}),
@@ -925,6 +927,10 @@ def train(cfg: TrainConfig, started_at: float | None = None) -> Path:
             else:
                 for shard in shards:  # every rank takes part in gathering each unit
                     shard()
+        if lead and stopped is None:  # what `streamer status` tells a finished run by
+            run_info = json.loads((checked.out / "run.json").read_text())
+            atomic_write_json(checked.out / "run.json", {**run_info, "finished": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     finally:
         engine.close()
     if joined:

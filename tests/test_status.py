@@ -1,0 +1,88 @@
+"""`streamer status`: one run through every state it can be in (running, killed,
+stopped by its time limit, finished), each read from what the run wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_main
+
+
+def status(out: Path) -> tuple[dict, list[str]]:
+    """The status as JSON and as the lines a person reads."""
+    as_json, as_text = run_main(["status", str(out), "--json"]), run_main(["status", str(out)])
+    assert as_json.returncode == 0 and as_text.returncode == 0, as_json.stderr + as_text.stderr
+    return json.loads(as_json.stdout), as_text.stdout.splitlines()
+
+
+def rows(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def test_status_follows_a_run_through_its_states(token_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train = ["train", "--model", "tiny", "--steps", "400", "--batch-size", "2", "--seq-len", "32",
+             "--data", str(token_file), "--out", str(out), "--device", "cpu", "--no-progress",
+             "--checkpoint-every", "5", "--eval-every", "5", "--resume"]
+    process = subprocess.Popen([sys.executable, "-m", "streamer", *train], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while rows(out) < 7:
+            assert process.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.05)
+        running, lines = status(out)
+        process.send_signal(signal.SIGKILL)  # a scheduler's kill: no word from the run
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert running["state"] == "running" and running["process"]["pid"] == process.pid
+    assert lines[0] == f"run {out}: tiny, resident on cpu in float32"
+    assert lines[1].startswith(f"running (pid {process.pid}): ")
+    assert running["steps_done"] >= 7 and running["checkpoints"][-1] >= "step-00000005"
+    assert 0 < running["step_s"] and running["left_s"] == pytest.approx(running["step_s"] * (400 - running[
+        "steps_done"]))
+
+    killed, lines = status(out)
+    newest = killed["checkpoints"][-1]
+    assert killed["state"] == "ended" and killed["steps_done"] >= running["steps_done"]
+    assert lines[1].startswith(f"not finished, killed or failed: no process runs it: {killed['steps_done']} of 400 "
+                               f"steps; the last step ended ")
+    assert lines[1].endswith(f"`streamer train ... --out {out} --resume` goes on from {newest}")
+    assert killed["eval"] and killed["eval"][0] == {"step": 4, "loss": killed["eval"][0]["loss"]}
+    assert any(line.startswith(f"loss {killed['first_loss']:.3f} -> {killed['loss']:.3f}") and "held-out" in line
+               for line in lines)
+
+    assert run_main([*train, "--time-limit", "1s"]).returncode == 75  # one step, then out of time
+    stopped, lines = status(out)
+    resumed_at = int(newest.removeprefix("step-"))
+    assert stopped["state"] == "stopped" and stopped["steps_done"] == resumed_at + 1
+    assert lines[1] == (f"stopped by its --time-limit after {resumed_at + 1} of 400 steps; checkpoint "
+                        f"step-{resumed_at + 1:08d}: the same command with --resume goes on")
+    assert lines[-1].startswith("time limit 1.0 s (the last job's ended by 20")
+
+    finish = [*train[:train.index("--steps") + 1], str(resumed_at + 3), *train[train.index("--steps") + 2:]]
+    assert run_main(finish).returncode == 0
+    finished, lines = status(out / "final")  # the final weights' folder names its run
+    assert finished["state"] == "finished" and finished["steps_done"] == resumed_at + 3
+    assert finished["final"] and finished["left_s"] is None
+    assert lines[1] == f"finished: {resumed_at + 3} of {resumed_at + 3} steps; final weights in {out / 'final'}"
+    assert not any("steps left" in line for line in lines)
+
+
+def test_status_of_a_folder_without_a_run_is_one_line(tmp_path: Path, fails_in_one_line) -> None:  # noqa: ANN001
+    (tmp_path / "garbled").mkdir()
+    (tmp_path / "garbled" / "run.json").write_text("{not json")
+    fails_in_one_line("status", {
+        "no run": ([str(tmp_path)], ["holds no training run (no run.json)", "--out folder"]),
+        "garbled record": ([str(tmp_path / "garbled")], ["is not a training run's record"]),
+    })

@@ -269,8 +269,8 @@ def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
     A signal goes to the ranks, not to torchrun: torchrun passes one on and kills every
     rank 30 s later, which would cut short the checkpoint that ranks write when a signal
     stops them ([Note: stopping on a signal] in streamer/train.py). So torchrun runs in a
-    session of its own, out of the terminal's reach, and this process sends SIGINT and
-    SIGTERM (and SIGHUP, as SIGTERM) to the ranks itself. They stop together after a
+    session of its own, out of the terminal's reach, and this process sends SIGINT,
+    SIGTERM and SIGUSR1 (and SIGHUP, as SIGTERM) to the ranks itself. They stop together after a
     step and exit 0, so torchrun ends as for a finished run; this process then returns
     128 + the signal's number, as a process the signal stopped would (or OUT_OF_TIME, for
     ranks that --time-limit stopped, which counts from `started_at`)."""
@@ -300,7 +300,8 @@ def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     process.send_signal(sent)
 
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {signum: signal.signal(signum, forward)
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
     try:
         code = torchrun.wait()
     finally:

@@ -487,8 +487,10 @@ class StopSignals:
     """Stop a run at a step's end when asked by a signal.
 
     [Note: stopping on a signal]
-    SIGINT (Ctrl-C) and SIGTERM (what a cluster's scheduler or a cloud sends before it
-    pre-empts a job) do not kill a training run while it steps: the first one asks it to
+    SIGINT (Ctrl-C), SIGTERM (what a cluster's scheduler or a cloud sends before it
+    pre-empts a job) and SIGUSR1 (the warning a batch scheduler sends ahead of a job's
+    wall time when asked to, as Slurm's `--signal=USR1@300`; its default action is to
+    terminate, too) do not kill a training run while it steps: the first one asks it to
     finish the step in progress, write a checkpoint there (when the run writes them,
     `--checkpoint-every`) and exit, so that `--resume` goes on from that step rather
     than from the last periodic checkpoint, hours earlier for a large model. A step is
@@ -497,15 +499,15 @@ class StopSignals:
     agree on stopping after every step (an all-reduce of the signal's number), since
     each may see the signal in another step, or only one may get it at all: they stop
     together, after the same step, and write one checkpoint. A second signal stops at
-    once (SIGINT as KeyboardInterrupt, SIGTERM by its default action), as before. (Python
-    runs a handler between bytecodes of the main thread: a process hung inside native
-    code, a collective whose peer died, answers neither signal, only SIGKILL, which
+    once (SIGINT as KeyboardInterrupt, the others by their default action), as before.
+    (Python runs a handler between bytecodes of the main thread: a process hung inside
+    native code, a collective whose peer died, answers none of them, only SIGKILL, which
     torchrun and cluster schedulers send after their grace period.)
     The handlers are in place only while steps run: during start-up and while the final
     weights are written a signal acts as it always has; nothing on disk is half-written
     either way (every file is written under a temporary name and renamed)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, announce: bool) -> None:
         self.signum = 0  # the first signal received; 0: none

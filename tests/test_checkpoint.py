@@ -521,6 +521,19 @@ def test_a_run_without_checkpoints_says_it_cannot_be_resumed(token_file: Path, t
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_schedulers_warning_signal_stops_the_run_too(token_file: Path, tmp_path: Path) -> None:
+    """SIGUSR1, what a batch scheduler sends ahead of a job's wall time when asked to:
+    a stop after the step, with a checkpoint, and status 128 + 10."""
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        signal_at(patch, 1, signal.SIGUSR1)
+        with pytest.raises(Stopped, match=r"^stopped by SIGUSR1 after 2 of 6 steps; checkpoint in ") as stopped:
+            train(config(token_file, out, "resident", checkpoint_every=4))
+    assert stopped.value.status == 128 + signal.SIGUSR1
+    assert [step for step, _ in checkpoint.complete(out)] == [2]
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
 def test_a_second_signal_stops_at_once(token_file: Path, tmp_path: Path) -> None:
     """Ctrl-C twice: no waiting for the step's end, and no checkpoint."""
     out = tmp_path / "run"

@@ -29,24 +29,27 @@ def _train(out, model, nproc, batch, grad_sync="sparse", offload="ram", init_fro
     return [(r["loss"], r.get("eval_loss")) for r in rows], load_final(out / "final")
 
 
-@pytest.mark.parametrize(("model", "nproc", "grad_sync", "offload", "pretrained"), [
-    ("tiny-neox", 2, "sparse", "ram", False),  # untied embedding: the hash-partitioned sparse path
-    ("tiny-neox", 4, "dense", "disk", False),
-    ("tiny", 4, "sparse", "ram", False),  # tied table: its gradient is dense, reduce-scattered
-    ("tiny-gptj", 2, "sparse", "ram", True),  # every rank starts from a Hugging Face checkpoint
+@pytest.mark.parametrize(("model", "nproc", "grad_sync", "offload", "pretrained", "documents"), [
+    ("tiny-neox", 2, "sparse", "ram", False, False),  # untied embedding: the hash-partitioned sparse path
+    ("tiny-neox", 4, "dense", "disk", False, False),
+    ("tiny", 4, "sparse", "ram", False, True),  # tied table: its gradient is dense, reduce-scattered
+    ("tiny-gptj", 2, "sparse", "ram", True, False),  # every rank starts from a Hugging Face checkpoint
 ])
 def test_n_ranks_equal_one_rank_with_n_times_the_batch(tmp_path, model, nproc, grad_sync, offload, pretrained,
-                                                       hugging_face_checkpoint, first_step_loss, capsys):
+                                                       documents, hugging_face_checkpoint, first_step_loss,
+                                                       documents_file, capsys):
     """Float32 sums over ranks run in another order than within one process, so the
     agreement is to rounding (1e-5), not bit for bit. So do the held-out losses, each
     rank evaluating its share of the same windows; `streamer eval` of the ranks' run
     reads those windows, all of them, in one process, from its final weights or from a
-    checkpoint's shards."""
+    checkpoint's shards. With `documents`, attention within documents (--document-mask):
+    each rank masks its own share of the batch, and the eval masks as the run did."""
     init_from = tmp_path / "hf" if pretrained else None
     if pretrained:
         reference = hugging_face_checkpoint(model, init_from)
-    one, one_w = _train(tmp_path / "one", model, 1, 2 * nproc, offload=offload, init_from=init_from)
-    many, many_w = _train(tmp_path / "many", model, nproc, 2, grad_sync, offload, init_from)
+    extra = ("--data", str(documents_file), "--document-mask") if documents else ()
+    one, one_w = _train(tmp_path / "one", model, 1, 2 * nproc, offload=offload, init_from=init_from, extra=extra)
+    many, many_w = _train(tmp_path / "many", model, nproc, 2, grad_sync, offload, init_from, extra=extra)
     if pretrained:  # the first step's loss, before any update, is the checkpoint's own
         expected = first_step_loss(lambda x: reference(x).logits, 32, 2 * nproc, 2, eval_every=2)
         assert one[0][0] == pytest.approx(expected, abs=1e-4)

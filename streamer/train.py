@@ -863,20 +863,21 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                 if limit is not None:
                     limit.wrote_checkpoint(checkpoint_s)
             if signum or out_of_time:
-                reason = (signal.Signals(signum).name if signum else
-                          f"--time-limit, {max(0.0, left_s):.0f} s before its end (the next step and a checkpoint "
-                          f"need about {limit.needed_s(slowest_s, 1):.0f} s)")
-                return _stopped(cfg, out, run_info, signum, reason, step + 1, folder, lead, slowest_s, checkpoint_s)
+                detail = "" if signum else (f", with {max(0.0, left_s):.0f} s of it left (the next step and a "
+                                            f"checkpoint need about {limit.needed_s(slowest_s, 1):.0f} s)")
+                return _stopped(cfg, out, run_info, signum, detail, step + 1, folder, lead, slowest_s, checkpoint_s)
     return None
 
 
-def _stopped(cfg: TrainConfig, out: Path, run_info: dict, signum: int, reason: str, done: int,
+def _stopped(cfg: TrainConfig, out: Path, run_info: dict, signum: int, detail: str, done: int,
              folder: Path | None, lead: bool, slowest_s: float, checkpoint_s: float) -> Stopped:
-    """A run stopped by a signal (`signum`) or its time limit (`signum` 0) after `done`
-    steps: run.json records it (so a launcher, or a script, can tell it from a finished
-    run), and the message says how to go on, and how much notice a stop needs (the
-    slowest step and the checkpoint: a scheduler's notice shorter than that ends in a kill)."""
+    """A run stopped by a signal (`signum`) or its time limit (`signum` 0; `detail` says
+    what was left of it) after `done` steps: run.json records it (so a launcher, or a
+    script, can tell it from a finished run), and the message says how to go on, and for
+    a signal how much notice a stop needs (the slowest step and the checkpoint: a
+    scheduler's notice shorter than that ends in a kill)."""
     name = signal.Signals(signum).name if signum else None
+    reason = f"{name or '--time-limit'} after {done} of {cfg.steps} steps{detail}"
     if lead:
         atomic_write_json(out / "run.json", {**run_info, "stopped": {
             "signal": name, "time_limit": not signum, "steps_done": done,
@@ -886,9 +887,9 @@ def _stopped(cfg: TrainConfig, out: Path, run_info: dict, signum: int, reason: s
     if folder is not None:
         notice = (f" (a stop needs {slowest_s:.1f} s for the slowest step so far and {checkpoint_s:.1f} s for the "
                   f"checkpoint: send the signal that much ahead of a deadline at least)" if signum else "")
-        return Stopped(f"stopped by {reason} after {done} of {cfg.steps} steps; checkpoint in {folder}: "
+        return Stopped(f"stopped by {reason}; checkpoint in {folder}: "
                        f"the same command with --resume goes on from there{notice}", status)
-    return Stopped(f"stopped by {reason} after {done} of {cfg.steps} steps, without a checkpoint (the run "
+    return Stopped(f"stopped by {reason}, without a checkpoint (the run "
                    f"writes none: --checkpoint-every 0), so it cannot be resumed; metrics in "
                    f"{out / 'metrics.jsonl'}", status)
 

@@ -589,7 +589,7 @@ def test_two_ranks_stop_together_after_a_step(target: str, token_file: Path, tmp
     if target == "time limit":  # the first step always runs: there is nothing to estimate it from
         assert launcher.returncode == 75 and done == 1, err[-2000:]
         assert stopped["time_limit"] and stopped["signal"] is None
-        assert "stopped by --time-limit, 0 s before its end" in err and "after 1 of 500 steps" in err
+        assert "stopped by --time-limit after 1 of 500 steps, with 0 s of it left" in err
     else:
         assert launcher.returncode == 128 + signal.SIGTERM, err[-2000:]
         assert 2 <= done < 500 and f"stopped by SIGTERM after {done} of 500 steps" in err
@@ -630,11 +630,10 @@ def test_a_time_limit_stops_in_time_with_a_checkpoint_and_resume_goes_on(
         with pytest.raises(Stopped) as stopped:
             train(config(token_file, out, mode, checkpoint_every=4, time_limit_s=100.0), started_at=clock.now)
     assert stopped.value.status == 75
-    assert str(stopped.value).startswith("stopped by --time-limit, 0 s before its end (the next step and a "
-                                         "checkpoint need about ")
-    assert str(stopped.value).endswith(f"after 5 of {STEPS} steps; checkpoint in "
-                                       f"{out / 'checkpoints' / 'step-00000005'}: the same command with --resume "
-                                       f"goes on from there")
+    assert str(stopped.value).startswith(f"stopped by --time-limit after 5 of {STEPS} steps, with 0 s of it left "
+                                         f"(the next step and a checkpoint need about ")
+    assert str(stopped.value).endswith(f" s); checkpoint in {out / 'checkpoints' / 'step-00000005'}: the same "
+                                       f"command with --resume goes on from there")
     assert len(losses(out)) == 5 and not (out / "final").exists()
     assert [step for step, _ in checkpoint.complete(out)] == [4, 5]
     assert not list(out.glob(".checkpoint-probe*"))

@@ -26,6 +26,9 @@
 #   sample        120     60  gpt3-xl sampled streamed (from host memory and from disk), held
 #                             whole, and without the cache (`streamer sample`; no target:
 #                             the link's share it reaches)
+#   docmask       120     60  gpt3-xl resident with attention within documents against causal
+#                             (`train --document-mask`; no target: whether its masked kernel
+#                             costs enough to want one that skips masked blocks)
 # A floor is what the stage is expected to take (a stage started with less would likely be
 # cut short, its time lost); caps and floors are estimates made without a GPU, and
 # stages.log records what each took.
@@ -48,16 +51,17 @@ if [[ -n "${OUT:-}" ]]; then results="${GPU_RESULTS:-/tmp/gpu_results}"; else re
 done_dir="${GPU_STAGES_DONE:-/tmp/gpu_stages_done}"  # what this machine has done, while it stays warm
 committed="${GPU_COMMITTED_RESULTS:-benchmarks/results}"  # what earlier sessions measured and committed
 
-STAGES=(limits kernels tests neox20b xl-overlap xl-sharded gptj-sharded sample)
+STAGES=(limits kernels tests neox20b xl-overlap xl-sharded gptj-sharded sample docmask)
 declare -A CAP=([limits]=60 [neox20b]=400 [xl-overlap]=170 [kernels]=75 [xl-sharded]=150 [tests]=150
-                [gptj-sharded]=420 [sample]=120)
+                [gptj-sharded]=420 [sample]=120 [docmask]=120)
 declare -A FLOOR=([limits]=20 [neox20b]=240 [xl-overlap]=110 [kernels]=30 [xl-sharded]=110 [tests]=60
-                  [gptj-sharded]=200 [sample]=60)
+                  [gptj-sharded]=200 [sample]=60 [docmask]=60)
 
 # Each stage's result file, by which a default call knows it is measured already.
 declare -A RESULT=([kernels]=kernels_cuda.json [tests]=gpu_tests.log [neox20b]=train_neox20b_cuda.jsonl
                    [xl-overlap]=stream_vs_resident_cuda.json [xl-sharded]=stream_vs_sharded_cuda.json
-                   [gptj-sharded]=stream_vs_sharded_gptj_cuda.json [sample]=sample_cuda.json)
+                   [gptj-sharded]=stream_vs_sharded_gptj_cuda.json [sample]=sample_cuda.json
+                   [docmask]=document_mask_cuda.json)
 measured() {  # $1: a stage; true when its result is committed and complete
     local file="$committed/${RESULT[$1]:-none}"
     [[ -n "${RESULT[$1]:-}" && -s "$file" ]] || return 1
@@ -190,6 +194,15 @@ stage_gptj-sharded() {
 stage_sample() {
     python3 benchmarks/bench_sample.py --model gpt3-xl --device cuda --prompt-tokens 256 --tokens 16 --samples 1,8 \
         --modes uncached,resident,stream,disk --json "$results/sample_cuda.json"
+}
+
+# gpt3-xl held whole in bfloat16, 4 x 2048 tokens a step, causal (flash) against within
+# documents (a boolean mask: the memory-efficient kernel) on the standard library's
+# paragraphs as documents; if the mask costs much, FlexAttention's block mask or varlen
+# flash attention, which skip the masked blocks, are the next step.
+stage_docmask() {
+    python3 benchmarks/bench_document_mask.py --model gpt3-xl --device cuda --seq-len 2048 --batch-size 4 \
+        --steps 4 --modes resident --json "$results/document_mask_cuda.json"
 }
 
 # --- the runner ------------------------------------------------------------------------

@@ -33,11 +33,12 @@ def test_a_stage_whose_floor_exceeds_the_budget_left_is_skipped_and_said(tmp_pat
 
 def test_stages_done_on_this_machine_are_not_run_again(tmp_path: Path) -> None:
     (tmp_path / "done").mkdir()
-    for stage in ("limits", "kernels", "tests", "neox20b", "xl-overlap", "xl-sharded", "gptj-sharded", "sample"):
+    for stage in ("limits", "kernels", "tests", "neox20b", "xl-overlap", "xl-sharded", "gptj-sharded", "sample",
+                  "docmask"):
         (tmp_path / "done" / stage).touch()
     run = session(tmp_path, budget="570")
     assert run.returncode == 0, run.stderr
-    assert run.stdout.count("done earlier on this machine") == 8
+    assert run.stdout.count("done earlier on this machine") == 9
     assert "==" not in run.stdout  # no stage started
 
 
@@ -46,7 +47,7 @@ def test_an_unknown_stage_or_budget_is_refused_in_one_line(tmp_path: Path) -> No
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         "gpu_session.sh: unknown stage 'neox-20b': choose from "
-        "limits kernels tests neox20b xl-overlap xl-sharded gptj-sharded sample"]
+        "limits kernels tests neox20b xl-overlap xl-sharded gptj-sharded sample docmask"]
     run = session(tmp_path, budget="ten")
     assert run.returncode == 2 and "BUDGET_S must be a whole number of seconds, got 'ten'" in run.stderr
     assert not (tmp_path / "results").exists()

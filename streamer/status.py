@@ -61,7 +61,10 @@ def run_status(out: Path) -> dict:
     rows = read_rows(out / "metrics.jsonl")
     done = rows[-1]["step"] + 1 if rows else 0
     process = run.get("process", {})
-    if "finished" in run:
+    # A run.json from before runs recorded their end says so by its rows and exports.
+    exported = (out / "final" / "config.json").is_file() or not train.get("save_final", True)
+    if "finished" in run or ("process" not in run and "stopped" not in run and done == train.get("steps")
+                             and exported):
         state = "finished"
     elif "stopped" in run:
         state = "stopped"

@@ -77,6 +77,10 @@ def test_status_follows_a_run_through_its_states(token_file: Path, tmp_path: Pat
     assert finished["final"] and finished["left_s"] is None
     assert lines[1] == f"finished: {resumed_at + 3} of {resumed_at + 3} steps; final weights in {out / 'final'}"
     assert not any("steps left" in line for line in lines)
+    # A record from before runs wrote their process and end: its rows and export tell.
+    record = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({k: v for k, v in record.items() if k not in ("finished", "process")}))
+    assert status(out)[0]["state"] == "finished"
 
 
 def test_status_of_a_folder_without_a_run_is_one_line(tmp_path: Path, fails_in_one_line) -> None:  # noqa: ANN001

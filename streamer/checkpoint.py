@@ -452,7 +452,7 @@ class Resumable:
 # an uninterrupted job would have produced.
 _REPORTED_SETTINGS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup", "weight_decay",
                       "grad_clip", "seed", "data", "data_weights", "dtype", "document_mask",
-                      "schedule", "decay_fraction")
+                      "schedule", "decay_fraction", "eval_data")
 
 
 def check_compatible(manifest: dict, folder: Path, model_cfg: dict, mode: str, world: int,
@@ -482,7 +482,8 @@ def check_compatible(manifest: dict, folder: Path, model_cfg: dict, mode: str, w
                        f"{train['batch_size'] * train['grad_accum'] * world} sequences{recoded})")
     # Training reads all of the data but a held-out tail when it evaluates: turning
     # evaluation on or off, or moving the cut, changes what it samples from.
-    before, after = (t.get("holdout") if t.get("eval_every") else 0 for t in (saved_train, train))
+    before, after = (t.get("holdout") if t.get("eval_every") and not t.get("eval_data") else 0
+                     for t in (saved_train, train))
     if before != after:
         changed.append(f"held-out fraction {before!r} -> {after!r}")
     return changed

@@ -134,6 +134,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="tokens per evaluation (default: one step's), the same windows every time")
     p.add_argument("--holdout", type=float, default=0.01, metavar="F",
                    help="with --eval-every: the fraction of the data held out, from its end")
+    p.add_argument("--eval-data", nargs="+", default=None, metavar="FILE",
+                   help="with --eval-every: held-out token file(s) of their own, read whole by each evaluation "
+                        "(several: in their sizes' shares); training then reads all of --data")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start from pretrained weights: a Hugging Face checkpoint (GPT-2, GPT-J, GPT-NeoX; "
                         "safetensors) or a run's final/, of --model's architecture")
@@ -334,6 +337,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         resume=args.resume, max_skipped_steps=args.max_skipped_steps,
         time_limit_s=duration(args.time_limit) if args.time_limit else 0.0,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, holdout=args.holdout, init_from=args.init_from,
+        eval_data=args.eval_data[0] if args.eval_data and len(args.eval_data) == 1 else args.eval_data,
     )
 
 

@@ -594,6 +594,14 @@ def load_data(paths: list[Path], weights: list[float] | None, vocab_size: int) -
     if weights is not None and not all(0 < w < float("inf") for w in weights):
         raise UserError(f"--data-weights must be positive numbers, got {' '.join(f'{w:g}' for w in weights)}")
     parts = [load_tokens(path, vocab_size) for path in paths]
+    check_one_tokenizer(paths)
+    shares = weights if weights is not None else [part.size for part in parts]
+    return Mixture(tuple(parts), tuple(w / sum(shares) for w in shares), tuple(str(path) for path in paths))
+
+
+def check_one_tokenizer(paths: list[Path]) -> None:
+    """Refuse token files whose sidecars name different tokenizers: read together (a
+    mixture, or training data and its evaluation's), their ids must mean one thing."""
     tokenizers = {}
     for path in paths:
         try:
@@ -605,8 +613,6 @@ def load_data(paths: list[Path], weights: list[float] | None, vocab_size: int) -
         listed = ", ".join(f"'{path}' ({name})" for path, name in named.items())
         raise UserError(f"the data files were prepared with different tokenizers: {listed}; prepare them all "
                         "with one (--tokenizer)")
-    shares = weights if weights is not None else [part.size for part in parts]
-    return Mixture(tuple(parts), tuple(w / sum(shares) for w in shares), tuple(str(path) for path in paths))
 
 
 def document_separator(paths: list[Path]) -> int:

@@ -101,13 +101,16 @@ def eval_config(args: argparse.Namespace, cfg: ModelConfig, settings: tuple[Trai
                         f"--seq-len {cfg.block_size} or less")
     if run is not None:  # the run's own evaluation: its windows, however many ranks read them
         run = dataclasses.replace(run, seq_len=seq_len)
+    own = bool(run and run.eval_data) and not args.data  # the run's held-out files of their own: all of them
     if args.data:
         data, weights = tuple(args.data), args.data_weights
+    elif own:
+        data, weights = tuple(run.eval_data_files()), args.data_weights
     else:
         data, weights = tuple(run.data_files()) if run else (), args.data_weights or (run.data_weights if run else None)
     return EvalConfig(
         data=data, weights=tuple(weights) if weights else None, seq_len=seq_len,
-        holdout=args.holdout if args.holdout is not None else (run.holdout if run else 0.01),
+        holdout=args.holdout if args.holdout is not None else 1.0 if own else (run.holdout if run else 0.01),
         tokens=given("tokens", run.eval_sequences(world) * seq_len if run else 16 * seq_len),
         batch_size=given("batch_size", run.batch_size if run else 4))
 
@@ -218,8 +221,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(json.dumps(result))
         return
     windows = f"{len(x)} window{'s' if len(x) > 1 else ''} of {ecfg.seq_len}"
+    run = settings[0] if settings else None
     caveat = "" if result["held_out"] is not False else "; the run trained on these tokens (it held out " + (
-        f"only the last {settings[0].holdout * 100:g}%)" if settings[0].eval_every else "none: see --eval-every)")
+        f"files of its own: {' + '.join(map(str, run.eval_data_files()))})" if run.eval_data else
+        f"only the last {run.holdout * 100:g}%)" if run.eval_every else "none: see --eval-every)")
     by_file = "; by file: " + ", ".join(f"{name} {value:.4f}" for name, value in result["by_file"].items()
                                         ) if mixture else ""
     print(f"{model_cfg.name} ({weights.mode} on {device.type}): loss {loss:.4f}, perplexity "
@@ -228,12 +233,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def held_out(run: TrainConfig | None, ecfg: EvalConfig) -> bool | None:
-    """Whether the windows lie in text the run never trained on: its own data's tail no
-    longer than the part it held out (None: not a run's weights, or other data)."""
+    """Whether the windows lie in text the run never trained on: its --eval-data files,
+    or its own data's tail no longer than the part it held out (None: not a run's
+    weights, or other data)."""
+    if run is not None and run.eval_data and ecfg.data == tuple(run.eval_data_files()):
+        return True
     if run is None or ecfg.data != tuple(run.data_files()) or (len(ecfg.data) > 1 and ecfg.weights != (
             tuple(run.data_weights) if run.data_weights else None)):
         return None
-    return bool(run.eval_every) and ecfg.holdout <= run.holdout
+    return bool(run.eval_every) and not run.eval_data and ecfg.holdout <= run.holdout
 
 
 def _default_tokens(cfg: ModelConfig) -> Tokens:

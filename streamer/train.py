@@ -43,7 +43,9 @@ from streamer.checkpoint import (
 )
 from streamer.data import (
     BatchSampler,
+    Mixture,
     Tokens,
+    check_one_tokenizer,
     default_corpus,
     document_separator,
     eval_windows_by_file,
@@ -122,6 +124,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_tokens: int | None = None  # tokens per evaluation; None: one step's
     holdout: float = 0.01
+    # Held-out text of its own (token files, one or several in their sizes' shares):
+    # evaluations read windows over all of it, and training reads all of `data`.
+    eval_data: str | list[str] | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> ModelConfig:
@@ -137,6 +142,8 @@ class TrainConfig:
                 raise UserError(f"{flag} must be 0 (off) or a positive integer, got {getattr(self, name)}")
         if self.eval_tokens is not None and self.eval_tokens <= 0:
             raise UserError(f"--eval-tokens must be a positive integer, got {self.eval_tokens}")
+        if self.eval_data and not self.eval_every:
+            raise UserError("--eval-data is what the evaluations of --eval-every N read: add --eval-every N")
         if not 0 < self.holdout < 1:
             raise UserError(f"--holdout must be a fraction between 0 and 1, got {self.holdout}")
         if self.schedule not in SCHEDULES:
@@ -201,9 +208,15 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.seq_len
 
+    def eval_data_files(self) -> list[Path]:
+        """The held-out files of their own (`--eval-data`), none for the data's tail."""
+        return ([] if not self.eval_data else [Path(self.eval_data)] if isinstance(self.eval_data, str)
+                else list(map(Path, self.eval_data)))
+
     def training_tokens(self, tokens: Tokens) -> Tokens:
         """What training samples from: all of the data, or all but the held-out tail."""
-        return holdout_split(tokens, self.holdout, self.seq_len)[0] if self.eval_every else tokens
+        tail_held_out = self.eval_every and not self.eval_data
+        return holdout_split(tokens, self.holdout, self.seq_len)[0] if tail_held_out else tokens
 
     def eval_sequences(self, world: int = 1) -> int:
         """The held-out windows an evaluation reads: --eval-tokens (default: one step's, of
@@ -211,21 +224,22 @@ class TrainConfig:
         wanted = -(-(self.eval_tokens or self.tokens_per_step() * world) // self.seq_len)
         return -(-wanted // world) * world
 
-    def eval_passes(self, tokens: Tokens, rank: int = 0, world: int = 1
+    def eval_passes(self, tokens: Tokens, rank: int = 0, world: int = 1, held_out: Tokens | None = None
                     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """This rank's share of the held-out windows, in micro-batches of --batch-size,
         grouped into passes of at most --grad-accum micro-batches, so that a pass holds no
         more activations than a step's forward. Sequences go to ranks in turn (their
         count rounded up to a multiple of the ranks), and every rank makes as many passes,
         some perhaps empty: a streamed pass gathers weights, a collective all must join."""
-        return [batches for _, passes in self.eval_groups(tokens, rank, world) for batches in passes]
+        return [batches for _, passes in self.eval_groups(tokens, rank, world, held_out) for batches in passes]
 
-    def eval_groups(self, tokens: Tokens, rank: int = 0, world: int = 1
+    def eval_groups(self, tokens: Tokens, rank: int = 0, world: int = 1, held_out: Tokens | None = None
                     ) -> list[tuple[str | None, list[list[tuple[torch.Tensor, torch.Tensor]]]]]:
         """`eval_passes`, a group of passes per file: one, unnamed, for one file; for a
         mixture, each file's windows (as many as its share) in passes of their own, so
-        that each file's held-out loss is known as well as the mixture's."""
-        held = holdout_split(tokens, self.holdout, self.seq_len)[1]
+        that each file's held-out loss is known as well as the mixture's. The windows
+        lie in `held_out` (the --eval-data files), else in the tail of `tokens`."""
+        held = held_out if held_out is not None else holdout_split(tokens, self.holdout, self.seq_len)[1]
         x, y, files = eval_windows_by_file(held, self.seq_len, self.eval_sequences(world))
         groups, first = [], 0
         for name, count in files:
@@ -421,6 +435,7 @@ class Preflight:
     out: Path
     warnings: list[str]
     separator: int | None = None  # with --document-mask: the token that ends each document
+    held_out: Tokens | None = None  # the --eval-data files' tokens, when given
 
 
 def preflight(cfg: TrainConfig, world: int) -> Preflight:
@@ -437,8 +452,10 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
                         "drop it, or train with --nproc 1")
     check_grad_sync(cfg, model_cfg, device, world)
     fused_mode()  # the environment's choice of update kernels, read again by every update
-    tokens = load_data(cfg.data_files() or [default_corpus()], cfg.data_weights, model_cfg.vocab_size)
-    separator = document_separator(cfg.data_files() or [default_corpus()]) if cfg.document_mask else None
+    data_files = cfg.data_files() or [default_corpus()]
+    tokens = load_data(data_files, cfg.data_weights, model_cfg.vocab_size)
+    held_out = check_eval_data(cfg, data_files, model_cfg.vocab_size) if cfg.eval_data else None
+    separator = document_separator(data_files + cfg.eval_data_files()) if cfg.document_mask else None
     BatchSampler(cfg.training_tokens(tokens), cfg.seq_len, cfg.seed)  # refuses data shorter than one sequence
     out = Path(cfg.out) if cfg.out else default_out(cfg.model)
     check_out_dir(out, cfg.resume)
@@ -464,7 +481,25 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
     if cfg.init_from and not (cfg.resume and newest_manifest(out)):  # a checkpoint's weights win
         open_pretrained(cfg.init_from, model_cfg).close()
     warnings += repetition_warnings(cfg, tokens, world)
-    return Preflight(model_cfg, device, dtype, tokens, out, warnings, separator)
+    return Preflight(model_cfg, device, dtype, tokens, out, warnings, separator, held_out)
+
+
+def check_eval_data(cfg: TrainConfig, data_files: list[Path], vocab_size: int) -> Tokens:
+    """The --eval-data files' tokens: text of their own, none of it a training file,
+    tokenized as the training data is, and a sequence long at least."""
+    training = {path.resolve() for path in data_files}
+    for path in cfg.eval_data_files():
+        if path.resolve() in training:
+            raise UserError(f"--eval-data file '{path}' is also a --data file: the run would train on what it "
+                            "evaluates; hold out a file of its own, or drop --eval-data to hold out the data's tail")
+    held_out = load_data(cfg.eval_data_files(), None, vocab_size)
+    check_one_tokenizer(data_files + cfg.eval_data_files())
+    parts = held_out.parts if isinstance(held_out, Mixture) else (held_out,)
+    for path, part in zip(cfg.eval_data_files(), parts):
+        if part.size < cfg.seq_len + 1:
+            raise UserError(f"--eval-data file '{path}' holds {part.size} tokens, fewer than one sequence of "
+                            f"{cfg.seq_len + 1}: hold out more text, or a shorter --seq-len")
+    return held_out
 
 
 def repetition_warnings(cfg: TrainConfig, tokens: Tokens, world: int) -> list[str]:
@@ -795,7 +830,7 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
 
     lead, out, optim = dp.rank == 0, checked.out, cfg.optim_config()
     sampler = BatchSampler(cfg.training_tokens(checked.tokens), cfg.seq_len, cfg.seed)
-    evaluation = cfg.eval_groups(checked.tokens, dp.rank, dp.world) if cfg.eval_every else []
+    evaluation = cfg.eval_groups(checked.tokens, dp.rank, dp.world, checked.held_out) if cfg.eval_every else []
     peak_flops = planner.peak_flops(checked.device, checked.dtype)
     flops_per_token = checked.model_cfg.flops_per_token(cfg.seq_len)
     meta = {"mode": cfg.mode, "model": checked.model_cfg.to_dict(), "train": asdict(cfg)}

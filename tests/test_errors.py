@@ -62,6 +62,12 @@ def _craft_header(tmp: Path, run: Path) -> None:
     (folder / checkpoint.MANIFEST).write_text(json.dumps(body))
 
 
+def _tokens_of(name: str, tokenizer: str, tmp: Path) -> None:
+    """A token file whose sidecar names `tokenizer` (in `tmp`) as the one it was made with."""
+    np.save(tmp / name, np.full(1000, 65, np.uint16))
+    (tmp / f"{name}.json").write_text(json.dumps({"tokenizer": str(tmp / tokenizer), "vocab_size": 256}))
+
+
 def _config_only(model: str, *extra: str) -> Callable[[Path, Path], None]:
     """A folder with `model`'s config.json (our format) and the named extra files."""
     def setup(tmp: Path, run: Path) -> None:
@@ -98,6 +104,19 @@ CASES = {
                                     ["'0h' is no time at all"]),
     "a time limit without checkpoints": Case(["--time-limit", "4h"],
                                              ["--time-limit stops the run with a checkpoint", "--checkpoint-every N"]),
+    "--eval-data without --eval-every": Case(["--eval-data", "{tmp}/held.npy"],
+                                             ["--eval-data is what the evaluations of --eval-every N read"]),
+    "--eval-data missing": Case(["--eval-every", "2", "--eval-data", "{tmp}/absent.npy"],
+                                ["absent.npy' not found", "streamer prepare"]),
+    "--eval-data also trained on": Case(["--eval-every", "2", "--data", "{tmp}/a.npy", "--eval-data", "{tmp}/a.npy"],
+                                        ["--eval-data file", "a.npy' is also a --data file", "hold out a file"],
+                                        _write_npy("a.npy", np.full(1000, 65, np.uint16))),
+    "--eval-data shorter than a sequence": Case(["--eval-every", "2", "--eval-data", "{tmp}/short.npy"],
+                                                ["--eval-data file '", "short.npy' holds 20 tokens", "257"],
+                                                _write_npy("short.npy", np.full(20, 65, np.uint16))),
+    "--eval-data of another tokenizer": Case(["--eval-every", "2", "--eval-data", "{tmp}/other.npy"],
+                                             ["prepared with different tokenizers", "other.tokenizer.json"],
+                                             lambda tmp, run: _tokens_of("other.npy", "other.tokenizer.json", tmp)),
     "--document-mask on data without separators": Case(
         ["--document-mask"], ["--document-mask needs documents ended by a separator", "small.npy' has none",
                               "--separator TOKEN"]),

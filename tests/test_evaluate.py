@@ -231,6 +231,37 @@ def test_a_mixture_runs_held_out_loss_is_read_back(tmp_path: Path, token_file: P
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
+def test_a_run_with_held_out_files_of_its_own(tmp_path: Path, token_file: Path, capsys) -> None:
+    """--eval-data: training reads all of --data (no tail held out), each evaluation
+    reads windows over all of the held-out file, and `streamer eval` of the run reads
+    those windows again by default; given the training data instead, it says the run
+    trained on it."""
+    import sysconfig
+
+    from streamer.data import eval_windows, load_tokens, prepare
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    held = tmp_path / "held.npy"
+    prepare(held, [stdlib / "shlex.py", stdlib / "string.py"])
+    run = tmp_path / "run"
+    cfg = TrainConfig(model="tiny", steps=4, batch_size=2, seq_len=32, data=str(token_file), eval_data=str(held),
+                      eval_every=2, eval_tokens=6 * 32, out=str(run), progress=False)
+    train(cfg)
+    reads = json.loads((run / "run.json").read_text())["data_reads"]
+    assert reads[0]["training_tokens"] == load_tokens(token_file, 256).size  # all of it
+    x, _ = eval_windows(load_tokens(held, 256), 32, 6)  # evenly spaced over all of the held-out file
+    passes = cfg.eval_passes(load_tokens(token_file, 256), held_out=load_tokens(held, 256))
+    assert torch.equal(torch.cat([batch for group in passes for batch, _ in group]), torch.from_numpy(x))
+    logged = _last_eval(run)
+    evaluated = _eval(capsys, str(run))
+    assert evaluated["data"] == str(held) and evaluated["holdout"] == 1 and evaluated["held_out"] is True
+    assert evaluated["tokens"] == logged["eval_tokens"] == 6 * 32
+    assert evaluated["loss"] == pytest.approx(logged["eval_loss"], abs=1e-5)
+    assert main(["eval", str(run), "--data", str(token_file), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"the run trained on these tokens (it held out files of its "
+                                                     f"own: {held})")
+
+
 def test_a_run_with_attention_within_documents_is_measured_so(tmp_path: Path, documents_file: Path,
                                                               capsys) -> None:
     """A run trained with --document-mask: `streamer eval` masks as it did, held whole and

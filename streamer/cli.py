@@ -159,6 +159,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--where", action="append", default=None, metavar="FIELD=VALUE",
                    help="JSON Lines inputs: only the documents whose FIELD (dotted for a nested one, as "
                         "meta.pile_set_name) holds VALUE; repeat it for more conditions, all to be met")
+    p.add_argument("--eval-out", type=Path, default=None, metavar="FILE",
+                   help="hold out a share of the documents, drawn over the whole corpus, into this second token "
+                        "file: a validation split for 'train --eval-data'")
+    p.add_argument("--eval-fraction", type=float, default=None, metavar="F",
+                   help="with --eval-out: the share of the documents held out (default 0.01)")
     p.add_argument("--text-field", default="text", metavar="NAME",
                    help="JSON Lines inputs (.jsonl, .ndjson, compressed or not): the field of each line's object "
                         "that holds its document's text (default: text)")
@@ -377,16 +382,24 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from streamer.data import JsonLines, prepare
 
+    if args.eval_fraction is not None and args.eval_out is None:
+        raise UserError("--eval-fraction is the share of the documents held out into --eval-out: add --eval-out FILE")
     meta = prepare(args.out, args.inputs or None, args.tokenizer, args.train_tokenizer,
                    progress=not args.no_progress, separator=args.separator,
-                   lines=JsonLines.parse(args.text_field, args.where))
+                   lines=JsonLines.parse(args.text_field, args.where), eval_out=args.eval_out,
+                   eval_fraction=0.01 if args.eval_fraction is None else args.eval_fraction)
     learned = f", with the tokenizer it learned: {meta['tokenizer']}" if args.train_tokenizer else ""
     separated = f", each document followed by token {meta['separator']}" if meta["separator"] is not None else ""
     left_out = f" (left out: {meta['n_skipped']:,} hidden, compiled or binary files)" if meta.get("n_skipped") else ""
+    held = ""
+    if args.eval_out is not None:
+        held_meta = json.loads(Path(str(args.eval_out) + ".json").read_text())
+        held = (f"; held out {held_meta['n_tokens']:,} tokens from {held_meta['n_documents']:,} "
+                f"document{'s' * (held_meta['n_documents'] != 1)} to {args.eval_out} (for train --eval-data)")
     print(f"wrote {meta['n_tokens']:,} tokens ({meta['dtype']}, vocab {meta['vocab_size']}) "
           f"from {meta['n_documents']:,} document{'s' * (meta['n_documents'] != 1)} in {meta['n_files']} "
           f"file{'s' * (meta['n_files'] != 1)} to "
-          f"{args.out}{separated}{learned}{left_out}")
+          f"{args.out}{separated}{learned}{left_out}{held}")
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ mixtures]); each keeps its own tail.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -399,7 +400,7 @@ class TokenFileWriter:
 
 def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | None = None,
             train_vocab: int | None = None, progress: bool = False, separator: str | None = None,
-            lines: JsonLines | None = None) -> dict:
+            lines: JsonLines | None = None, eval_out: Path | None = None, eval_fraction: float = 0.01) -> dict:
     """Tokenize text files (default: the standard library) into `out` (.npy) plus `out`.json.
     With `train_vocab`, a byte-level BPE of that many tokens is first learned from the
     same files and written beside `out` (`STEM.tokenizer.json`), and the files are
@@ -413,7 +414,20 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
     (`.jsonl`), whose every line is one (read as `lines` says): `separator`, a token of
     the tokenizer (GPT-2's `<|endoftext|>`), follows each document, and the sidecar
     records its id, so that a model learns where a text ends and `sample` stops there.
-    Without it nothing is added: documents are joined as they are."""
+    Without it nothing is added: documents are joined as they are.
+
+    With `eval_out`, a share `eval_fraction` of the documents goes there instead, a
+    held-out set for `train --eval-data` drawn from the whole corpus rather than its
+    tail (a corpus sorted by source or date would otherwise be judged on its last
+    source or its newest texts). Which documents is a hash of each one's place in the
+    inputs' order: the same inputs in the same order split the same way, streaming
+    still, and a document is never cut between the two files."""
+    if eval_out is not None:
+        if Path(eval_out).resolve() == Path(out).resolve():
+            raise UserError(f"--eval-out '{eval_out}' is --out itself: name another file for the held-out documents")
+        if not 0 < eval_fraction < 1:
+            raise UserError(f"--eval-fraction must be a fraction of the documents between 0 and 1, got "
+                            f"{eval_fraction}")
     files, skipped = text_files(inputs) if inputs else (stdlib_files(), 0)
     if not files:
         raise UserError("the inputs hold no text file (a folder's hidden, compiled and binary files are left out): "
@@ -444,25 +458,38 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
     out.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=sum(path.stat().st_size for path in files), unit="B", unit_scale=True,
                desc="tokenizing", disable=not progress)
+    if eval_out is not None:
+        Path(eval_out).parent.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_path(out) as tmp:
-            writer, documents = TokenFileWriter(tmp, dtype), 0
+        with atomic_path(out) as tmp, (atomic_path(eval_out) if eval_out else contextlib.nullcontext()) as tmp_eval:
+            writer = TokenFileWriter(tmp, dtype)
+            held = TokenFileWriter(tmp_eval, dtype) if eval_out else None
+            documents, held_documents = 0, 0
             try:
                 ends = np.array([separator_id if separator_id is not None else 0], dtype=dtype)
                 for batch, n_bytes, last in _batches(files, lines):
                     for tokens, ends_a_document in zip(tokenizer.encode_pieces(batch), last):
-                        writer.append(tokens)
+                        into = held if held is not None and _held_out(documents, eval_fraction) else writer
+                        into.append(tokens)
                         if ends_a_document and separator_id is not None:
-                            writer.append(ends)
-                    documents += sum(last)
+                            into.append(ends)
+                        if ends_a_document:
+                            documents += 1
+                            held_documents += into is held
                     bar.update(n_bytes)
             finally:
                 writer.close()
+                if held is not None:
+                    held.close()
             if writer.n_tokens < 2 and lines is not None and lines.where:
                 raise UserError(f"no document of the inputs meets --where {' '.join(meta_where(lines))} (or those "
                                 "that do are empty): check the fields' names and values")
             if writer.n_tokens < 2:
-                raise UserError("the inputs hold no text: pass non-empty text files")
+                raise UserError("the inputs hold no text: pass non-empty text files"
+                                + (" (or every document was held out: lower --eval-fraction)" if held else ""))
+            if held is not None and held.n_tokens < 2:
+                raise UserError(f"--eval-fraction {eval_fraction:g} held out none of the {documents:,} documents: "
+                                "raise it, or give more documents (each input file is one, each JSON Lines line)")
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
@@ -471,13 +498,26 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
     finally:
         bar.close()
     meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "dtype": str(dtype),
-            "n_tokens": writer.n_tokens, "n_files": len(files), "n_documents": documents, "separator": separator_id}
+            "n_tokens": writer.n_tokens, "n_files": len(files), "n_documents": documents - held_documents,
+            "separator": separator_id}
     if skipped:
         meta["n_skipped"] = skipped
     if lines is not None and lines.where:
         meta["where"] = meta_where(lines)
+    if held is not None:
+        split = {"eval_fraction": eval_fraction, "training": str(out), "held_out": str(eval_out)}
+        atomic_write_json(meta_path(eval_out), {**meta, "n_tokens": held.n_tokens, "n_documents": held_documents,
+                                                "split": split})
+        meta["split"] = split
     atomic_write_json(meta_path(out), meta)
     return meta
+
+
+def _held_out(document: int, fraction: float) -> bool:
+    """Whether the document at this place in the inputs goes to the held-out file: a
+    hash of its place, so that the held-out share is spread over the whole corpus."""
+    digest = hashlib.blake2b(document.to_bytes(8, "little"), digest_size=8, person=b"held-out").digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
 
 
 def meta_where(lines: JsonLines) -> list[str]:

@@ -558,3 +558,45 @@ def test_a_folders_hidden_compiled_and_binary_files_are_left_out(tmp_path: Path)
     assert prepare(tmp_path / "named.npy", [folder / "tokens.npy"])["n_tokens"] == 10  # 0x93 read as U+FFFD
     with pytest.raises(UserError, match="the inputs hold no text file"):
         prepare(tmp_path / "none.npy", [folder / "__pycache__"])
+
+
+def test_held_out_documents_are_drawn_over_the_corpus_and_never_cut(tmp_path: Path, monkeypatch,
+                                                                     fails_in_one_line) -> None:
+    """prepare --eval-out: each document, whole, goes to one file or the other, by a hash
+    of its place (read in pieces, a long one too); the two files hold every document
+    once, in order, and the same inputs split the same way again."""
+    from streamer import data
+
+    monkeypatch.setattr(data, "PIECE_BYTES", 4096)  # the long document is read in pieces
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    texts = [f"document {k}: " + "text " * (3000 if k == 7 else k + 1) + "\n" for k in range(40)]
+    for k, text in enumerate(texts):
+        (folder / f"{k:02d}.txt").write_text(text)
+    train_file, held_file = tmp_path / "train.npy", tmp_path / "held.npy"
+    meta = prepare(train_file, [folder], eval_out=held_file, eval_fraction=0.25)
+    held = [k for k in range(40) if data._held_out(k, 0.25)]
+    assert 4 <= len(held) <= 16  # about a quarter of them, spread by the hash
+    as_bytes = [np.frombuffer(t.encode(), np.uint8) for t in texts]
+    assert np.load(train_file).astype(np.uint8).tobytes() == b"".join(
+        as_bytes[k].tobytes() for k in range(40) if k not in held)
+    assert np.load(held_file).astype(np.uint8).tobytes() == b"".join(as_bytes[k].tobytes() for k in held)
+    held_meta = json.loads(meta_path(held_file).read_text())
+    assert meta["n_documents"] == 40 - len(held) and held_meta["n_documents"] == len(held)
+    assert held_meta["split"] == meta["split"] == {"eval_fraction": 0.25, "training": str(train_file),
+                                                   "held_out": str(held_file)}
+    assert held_meta["tokenizer"] == meta["tokenizer"] and held_meta["n_tokens"] == np.load(held_file).size
+    again = tmp_path / "again.npy"
+    prepare(again, [folder], eval_out=tmp_path / "again-held.npy", eval_fraction=0.25)
+    assert np.load(again).tobytes() == np.load(train_file).tobytes()
+    x, y, z = (str(tmp_path / name) for name in ("x.npy", "y.npy", "z.npy"))
+    quiet = ["--no-progress", str(folder)]
+    fails_in_one_line("prepare", {
+        "the same file": ([*quiet, "--out", x, "--eval-out", x], ["--eval-out", "is --out itself"]),
+        "a fraction of 1": ([*quiet, "--out", y, "--eval-out", z, "--eval-fraction", "1"],
+                            ["--eval-fraction must be a fraction", "got 1.0"]),
+        "a fraction without a file": ([*quiet, "--out", y, "--eval-fraction", "0.1"], ["add --eval-out FILE"]),
+        "nothing held out": (["--no-progress", str(folder / "00.txt"), "--out", y, "--eval-out", z],
+                             ["held out none of the 1 documents", "raise it"]),
+    })
+    assert not any((tmp_path / name).exists() for name in ("x.npy", "y.npy", "z.npy"))

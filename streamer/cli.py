@@ -278,10 +278,10 @@ def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
     rank 30 s later, which would cut short the checkpoint that ranks write when a signal
     stops them ([Note: stopping on a signal] in streamer/train.py). So torchrun runs in a
     session of its own, out of the terminal's reach, and this process sends SIGINT,
-    SIGTERM and SIGUSR1 (and SIGHUP, as SIGTERM) to the ranks itself. They stop together after a
-    step and exit 0, so torchrun ends as for a finished run; this process then returns
-    128 + the signal's number, as a process the signal stopped would (or OUT_OF_TIME, for
-    ranks that --time-limit stopped, which counts from `started_at`)."""
+    SIGTERM and SIGUSR1 (and SIGHUP, as SIGTERM) to the ranks itself. They stop together
+    after a step and exit 0, so torchrun ends as for a finished run; this process then
+    returns 128 + the signal's number, as a process the signal stopped would (or
+    OUT_OF_TIME, for ranks that --time-limit stopped, which counts from `started_at`)."""
     import contextlib
     import signal
     import subprocess

@@ -643,6 +643,10 @@ def probe_checkpoint_s(engine: Any, out: Path, rank: int) -> float:
     started = time.perf_counter()
     try:
         write_tensor_file(path, [TensorSpec("probe", torch.uint8, (size,))], [data])
+    except OSError as exc:  # a full disk, above all: no checkpoint would be written either
+        raise UserError(f"--time-limit times a checkpoint's write into '{out}' first, and {size / 2**20:.0f} MiB "
+                        f"could not be written there ({exc.strerror}): free space there, or choose another --out"
+                        ) from None
     finally:
         path.unlink(missing_ok=True)
     return (time.perf_counter() - started) * total / size

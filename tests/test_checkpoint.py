@@ -253,6 +253,21 @@ def test_disk_full_keeps_the_previous_checkpoint(token_file: Path, tmp_path: Pat
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 
 
+def test_a_time_limit_on_a_full_disk_is_one_line(token_file: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """--time-limit times a write first: where it fails, the run says so before any step."""
+    def full(file, data):  # noqa: ANN001, ANN202
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "_write_bytes", full)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"--time-limit times a checkpoint's write into .* \(No space left on "
+                                        r"device\): free space there") as error:
+        train(config(token_file, out, "resident", checkpoint_every=2, time_limit_s=3600.0))
+    assert "\n" not in str(error.value) and not (out / "metrics.jsonl").exists()  # before any step
+    assert not list(out.glob(".checkpoint-probe*"))
+
+
 def test_keep_deletes_older_checkpoints(token_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(config(token_file, out, "resident", steps=5, checkpoint_every=1, keep=2))

@@ -239,8 +239,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="where a training run stands: running, stopped or finished, its loss, "
                                       "speed, steps left and checkpoints")
-    p.add_argument("run", metavar="DIR", help="the run's --out folder")
-    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    p.add_argument("runs", nargs="+", metavar="DIR", help="a run's --out folder, or several (runs/*)")
+    p.add_argument("--json", action="store_true",
+                   help="print the status as one JSON object (several runs: a list of them)")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:

@@ -164,11 +164,18 @@ def describe(s: dict) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    out = Path(args.run)
-    if out.name == "final" and (out.parent / "run.json").is_file():
-        out = out.parent
-    status = run_status(out)
-    print(json.dumps(status, indent=2) if args.json else "\n".join(describe(status)))
+    """One run's status, or several runs' (a sweep: `streamer status runs/*`), each read
+    before any is printed, so that a folder without a run is one line and nothing else."""
+    statuses = []
+    for given in args.runs:
+        out = Path(given)
+        if out.name == "final" and (out.parent / "run.json").is_file():
+            out = out.parent
+        statuses.append(run_status(out))
+    if args.json:
+        print(json.dumps(statuses[0] if len(statuses) == 1 else statuses, indent=2))
+    else:
+        print("\n\n".join("\n".join(describe(status)) for status in statuses))
 
 
 def process_record() -> dict:

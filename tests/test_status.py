@@ -77,6 +77,8 @@ def test_status_follows_a_run_through_its_states(token_file: Path, tmp_path: Pat
     assert finished["final"] and finished["left_s"] is None
     assert lines[1] == f"finished: {resumed_at + 3} of {resumed_at + 3} steps; final weights in {out / 'final'}"
     assert not any("steps left" in line for line in lines)
+    both = run_main(["status", str(out), str(out), "--json"])  # several runs: a list, one each
+    assert both.returncode == 0 and [s["state"] for s in json.loads(both.stdout)] == ["finished", "finished"]
     # A record from before runs wrote their process and end: its rows and export tell.
     record = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(json.dumps({k: v for k, v in record.items() if k not in ("finished", "process")}))

@@ -594,7 +594,10 @@ class TimeLimit:
     Ranks agree, since their clocks and steps differ a little.
     A step is the slowest so far (its evaluation included); a checkpoint, the longest
     this run wrote, or before it wrote one, its bytes at the rate a probe file writes
-    (`probe_checkpoint_s`). Both vary (the page cache, other jobs on the machine), so
+    (`probe_checkpoint_s`). A resumed run starts from the times its checkpoint recorded
+    (the slowest step and the longest checkpoint before it), so that a job's first
+    decision is measured too; a probe writes but does not read, as a checkpoint of a
+    disk tier does. Both vary (the page cache, other jobs on the machine), so
     each counts a quarter more, and 5 s more on top. The final export is smaller than a
     checkpoint (weights only); the last step's check covers it.
     The first step always runs: there is nothing to estimate it from. Start-up (reading
@@ -603,11 +606,11 @@ class TimeLimit:
 
     MARGIN, SLACK_S = 1.25, 5.0
 
-    def __init__(self, limit_s: float, started_at: float, checkpoint_s: float) -> None:
+    def __init__(self, limit_s: float, started_at: float, checkpoint_s: float, measured: bool = False) -> None:
         self.limit_s = limit_s
         self.deadline = started_at + limit_s
         self.checkpoint_s = checkpoint_s  # estimated; once the run writes one, the longest it wrote
-        self.measured = False
+        self.measured = measured
 
     @staticmethod
     def clock() -> float:
@@ -859,9 +862,14 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
     streak, held_out = run_state.get("skipped_in_a_row", 0), None
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and lead), unit="step",
                dynamic_ncols=True, mininterval=1.0)
-    stop, slowest_s, checkpoint_s = StopSignals(announce=lead), 0.0, 0.0
-    limit = (TimeLimit(cfg.time_limit_s, started_at, probe_checkpoint_s(engine, out, dp.rank))
-             if cfg.time_limit_s else None)
+    # The slowest step and the longest checkpoint so far, of the jobs before too: what a
+    # stop needs ([Note: stopping in time]).
+    slowest_s, longest_s = run_state.get("slowest_step_s", 0.0), run_state.get("checkpoint_s", 0.0)
+    stop, checkpoint_s = StopSignals(announce=lead), 0.0
+    limit = None
+    if cfg.time_limit_s:
+        limit = TimeLimit(cfg.time_limit_s, started_at, longest_s or probe_checkpoint_s(engine, out, dp.rank),
+                          measured=bool(longest_s))
     with stop, bar, open(out / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as metrics:
         for step in range(start, cfg.steps):
             lr = lr_at(step, optim)
@@ -895,10 +903,12 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
             if due or (cfg.checkpoint_every and (signum or out_of_time)):
                 if lead:  # the rows a checkpoint vouches for are durable before it is
                     os.fsync(metrics.fileno())
-                run = {"skipped_in_a_row": streak, "next_lr": lr_at(step + 1, optim)}
+                run = {"skipped_in_a_row": streak, "next_lr": lr_at(step + 1, optim), "slowest_step_s": slowest_s,
+                       "checkpoint_s": longest_s}  # the longest before this one: its own is not known yet
                 writing = time.perf_counter()
                 folder = save_checkpoint(out, step + 1, engine, dp, {**meta, "run": run}, cfg.keep, cfg.keep_every)
                 checkpoint_s = time.perf_counter() - writing
+                longest_s = max(longest_s, checkpoint_s)
                 if limit is not None:
                     limit.wrote_checkpoint(checkpoint_s)
             if signum or out_of_time:

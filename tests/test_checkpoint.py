@@ -656,7 +656,15 @@ def test_a_time_limit_stops_in_time_with_a_checkpoint_and_resume_goes_on(
     assert run["time_limit"]["limit_s"] == 100.0
     assert run["stopped"].items() >= {"signal": None, "time_limit": True, "steps_done": 5,
                                       "checkpoint": "step-00000005"}.items()
-    train(config(token_file, out, mode, checkpoint_every=4, resume=True, time_limit_s=3600.0))
+    # The checkpoint records what a stop needs, and a resumed job decides from that:
+    # the longest checkpoint before it (step 4's), so no probe is written.
+    recorded = checkpoint.read_manifest(out / "checkpoints" / "step-00000005")["run"]
+    assert 0 < recorded["slowest_step_s"] and 0 < recorded["checkpoint_s"]
+    with pytest.MonkeyPatch.context() as patch:
+        import streamer.train as train_module
+
+        patch.setattr(train_module, "probe_checkpoint_s", lambda *args: pytest.fail("probed again"))
+        train(config(token_file, out, mode, checkpoint_every=4, resume=True, time_limit_s=3600.0))
     assert_same_run(out, references[mode])
     assert "stopped" not in json.loads((out / "run.json").read_text())
 

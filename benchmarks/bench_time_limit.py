@@ -59,7 +59,7 @@ def newest_checkpoint(out: Path) -> int:
 
 def job(cmd: list[str], limit_s: float, out: Path) -> dict:
     """One job: the command, killed if it is still running `limit_s` after its start."""
-    before = len(rows(out))
+    start = newest_checkpoint(out)  # where its --resume starts (the rows after it are run again)
     started = time.monotonic()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})
@@ -77,7 +77,7 @@ def job(cmd: list[str], limit_s: float, out: Path) -> dict:
     # A kill loses the rows past the newest checkpoint: the next job runs them again.
     redone = len(steps) - newest_checkpoint(out) if killed else 0
     return {"status": None if killed else process.returncode, "killed": killed, "wall_s": wall_s,
-            "steps_run": len(steps) - before, "steps_redone": redone}
+            "steps_run": len(steps) - start, "steps_redone": redone}
 
 
 def run_policy(policy: str, args: argparse.Namespace, data: Path, scratch: Path) -> dict:
@@ -85,9 +85,10 @@ def run_policy(policy: str, args: argparse.Namespace, data: Path, scratch: Path)
     flags = dict(model=args.model, mode="stream", offload=args.offload, steps=args.steps,
                  batch_size=args.batch_size, seq_len=args.seq_len, warmup=2, data=data, out=out,
                  device="cpu", checkpoint_every=args.checkpoint_every, keep=2, resume=True)
-    jobs = []
-    while not (out / "run.json").exists() or "stopped" in json.loads((out / "run.json").read_text()) \
-            or len(rows(out)) < args.steps:
+    jobs: list[dict] = []
+    # A scheduler requeues every job that did not end well: the run is done when one
+    # exits 0 (a kill after the last step, before the run ended, is requeued too).
+    while not jobs or jobs[-1]["status"] != 0:
         # Every job is the same command, as a job script requeues it (the first, with
         # no checkpoint to resume, starts the run).
         extra = {"time_limit": f"{args.limit:g}s"} if policy == "time-limit" else {}

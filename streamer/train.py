@@ -600,9 +600,10 @@ class TimeLimit:
     disk tier does. Both vary (the page cache, other jobs on the machine), so
     each counts a quarter more, and 5 s more on top. The final export is smaller than a
     checkpoint (weights only); the last step's check covers it.
-    The first step always runs: there is nothing to estimate it from. Start-up (reading
-    a checkpoint back, filling a store) counts against the limit but is not planned for:
-    a limit shorter than start-up and one step is the user's to see."""
+    A fresh run's first step always runs: there is nothing to estimate it from.
+    Start-up (reading a checkpoint back, filling a store) counts against the limit; a
+    resumed job that it left no room for a step and its checkpoint is refused (a
+    UserError, not OUT_OF_TIME: requeued, it would end the same way, for ever)."""
 
     MARGIN, SLACK_S = 1.25, 5.0
 
@@ -870,6 +871,14 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
     if cfg.time_limit_s:
         limit = TimeLimit(cfg.time_limit_s, started_at, longest_s or probe_checkpoint_s(engine, out, dp.rank),
                           measured=bool(longest_s))
+        # A resumed job knows its step: if start-up left no room for one and its
+        # checkpoint, every job would end as this one, with nothing done; say so instead.
+        if slowest_s and start < cfg.steps and dp.max(int(limit.out_of_time(slowest_s, False)), engine.device if
+                                                       dp.world > 1 else torch.device("cpu")):
+            raise UserError(f"--time-limit {cfg.time_limit_s:g} s leaves {max(0.0, limit.left_s()):.0f} s after "
+                            f"start-up ({TimeLimit.clock() - started_at:.0f} s), and a step with its checkpoint needs "
+                            f"about {limit.needed_s(slowest_s, 1):.0f} s (as this run measured them): give the "
+                            f"job more time")
     with stop, bar, open(out / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as metrics:
         for step in range(start, cfg.steps):
             lr = lr_at(step, optim)

@@ -62,20 +62,22 @@ def test_status_follows_a_run_through_its_states(token_file: Path, tmp_path: Pat
     assert any(line.startswith(f"loss {killed['first_loss']:.3f} -> {killed['loss']:.3f}") and "held-out" in line
                for line in lines)
 
-    assert run_main([*train, "--time-limit", "1s"]).returncode == 75  # one step, then out of time
+    steps = train.index("--steps") + 1
+    longer = [*train[:steps], "100000", *train[steps + 1:]]  # a resume may go on for longer
+    assert run_main([*longer, "--time-limit", "9s"]).returncode == 75  # until a step and a checkpoint no longer fit
     stopped, lines = status(out)
-    resumed_at = int(newest.removeprefix("step-"))
-    assert stopped["state"] == "stopped" and stopped["steps_done"] == resumed_at + 1
-    assert lines[1] == (f"stopped by its --time-limit after {resumed_at + 1} of 400 steps; checkpoint "
-                        f"step-{resumed_at + 1:08d}: the same command with --resume goes on")
-    assert lines[-1].startswith("time limit 1.0 s (the last job's ended by 20")
+    done = stopped["steps_done"]
+    assert stopped["state"] == "stopped" and done > int(newest.removeprefix("step-"))
+    assert lines[1] == (f"stopped by its --time-limit after {done:,} of 100,000 steps; checkpoint "
+                        f"step-{done:08d}: the same command with --resume goes on")
+    assert lines[-1].startswith("time limit 9.0 s (the last job's ended by 20")
 
-    finish = [*train[:train.index("--steps") + 1], str(resumed_at + 3), *train[train.index("--steps") + 2:]]
+    finish = [*train[:steps], str(done + 2), *train[steps + 1:]]
     assert run_main(finish).returncode == 0
     finished, lines = status(out / "final")  # the final weights' folder names its run
-    assert finished["state"] == "finished" and finished["steps_done"] == resumed_at + 3
+    assert finished["state"] == "finished" and finished["steps_done"] == done + 2
     assert finished["final"] and finished["left_s"] is None
-    assert lines[1] == f"finished: {resumed_at + 3} of {resumed_at + 3} steps; final weights in {out / 'final'}"
+    assert lines[1] == f"finished: {done + 2:,} of {done + 2:,} steps; final weights in {out / 'final'}"
     assert not any("steps left" in line for line in lines)
     both = run_main(["status", str(out), str(out), "--json"])  # several runs: a list, one each
     assert both.returncode == 0 and [s["state"] for s in json.loads(both.stdout)] == ["finished", "finished"]

@@ -34,27 +34,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, machine_line, streamer_train_cmd, write_json  # noqa: E402
 
+from streamer.checkpoint import complete  # noqa: E402
 from streamer.data import prepare  # noqa: E402
+from streamer.status import read_rows  # noqa: E402
 
 OUT_OF_TIME = 75
 
 
 def rows(out: Path) -> list[int]:
-    """The steps of the whole metrics rows (a row torn by a kill is skipped)."""
-    steps = []
-    path = out / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            steps.append(json.loads(line)["step"])
-        except json.JSONDecodeError:
-            continue
-    return steps
+    """The steps of the whole metrics rows (a row torn by a kill is left out)."""
+    return [row["step"] for row in read_rows(out / "metrics.jsonl")]
 
 
 def newest_checkpoint(out: Path) -> int:
-    root = out / "checkpoints"
-    done = [int(p.name.removeprefix("step-")) for p in root.glob("step-*") if (p / "manifest.json").exists()]
-    return max(done, default=0)
+    return max((step for step, _ in complete(out)), default=0)
 
 
 def job(cmd: list[str], limit_s: float, out: Path) -> dict:

@@ -48,7 +48,6 @@ import math
 import os
 import re
 import shutil
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ import torch
 
 from models.safety import ITEMSIZE, UnsafeFileError, check_safetensors
 from streamer.errors import UserError
-from streamer.io import atomic_path, atomic_write_bytes, atomic_write_json, fsync_dir
+from streamer.io import atomic_path, atomic_write_bytes, atomic_write_json, fsync_dir, utc_stamp
 
 FORMAT = "streamer-checkpoint-v1"
 MANIFEST = "manifest.json"
@@ -392,8 +391,7 @@ def _commit(folder: Path, step: int, meta: dict, world: int) -> None:
             files[file_name] = {**entry, "rank": rank}
         files[name] = {**file_entry(folder / name), "rank": rank}
     fsync_dir(folder)
-    body = {"format": FORMAT, "step": step, "world": world, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                     time.gmtime()),
+    body = {"format": FORMAT, "step": step, "world": world, "created": utc_stamp(),
             **meta, "files": files}
     atomic_write_json(folder / MANIFEST, {**body, "manifest_sha256": _manifest_digest(body)})
 

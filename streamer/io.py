@@ -5,9 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def utc_stamp(seconds: float | None = None) -> str:
+    """A moment (seconds since the epoch; default now) as the records write it, in UTC."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def existing_parent(path: Path) -> Path:

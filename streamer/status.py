@@ -102,7 +102,8 @@ def run_status(out: Path) -> dict:
     return status
 
 
-def _duration(seconds: float) -> str:
+def _readable(seconds: float) -> str:
+    """A span of time as a person reads it."""
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     if seconds < 120:
@@ -129,12 +130,12 @@ def describe(s: dict) -> list[str]:
                  else "no checkpoint: it cannot be resumed")
         lines.append(f"stopped {why} after {progress}; {after}")
     elif s["state"] == "running":
-        age = f", the last step ended {_duration(s['last_row_age_s'])} ago" if s["last_row_age_s"] is not None else ""
+        age = f", the last step ended {_readable(s['last_row_age_s'])} ago" if s["last_row_age_s"] is not None else ""
         lines.append(f"running (pid {s['process']['pid']}): {progress}{age}")
     else:
         where = (f"on {s['process']['host']} (pid {s['process']['pid']}), which this machine cannot see"
                  if s["state"] == "unknown" else "killed or failed: no process runs it")
-        age = f"; the last step ended {_duration(s['last_row_age_s'])} ago" if s["last_row_age_s"] is not None else ""
+        age = f"; the last step ended {_readable(s['last_row_age_s'])} ago" if s["last_row_age_s"] is not None else ""
         go_on = (f"{resume} goes on from {newest}" if newest
                  else "no checkpoint to go on from (--checkpoint-every N writes them)")
         lines.append(f"not finished, {where}: {progress}{age}; {go_on}")
@@ -150,16 +151,16 @@ def describe(s: dict) -> list[str]:
         lines.append(f"loss {s['first_loss']:.3f} -> {s['loss']:.3f}{recent}{held_out}{skipped}")
     if s["step_s"] is not None:
         mfu = f", {s['mfu']:.1%} of the device's peak (MFU)" if s["mfu"] else ""
-        left = (f"; {s['steps'] - s['steps_done']:,} steps left, about {_duration(s['left_s'])} of steps"
+        left = (f"; {s['steps'] - s['steps_done']:,} steps left, about {_readable(s['left_s'])} of steps"
                 if s["left_s"] else "")
-        lines.append(f"speed {s['tokens_per_s']:,.0f} tokens/s, {_duration(s['step_s'])} a step (median of the last "
+        lines.append(f"speed {s['tokens_per_s']:,.0f} tokens/s, {_readable(s['step_s'])} a step (median of the last "
                      f"{min(RECENT, s['steps_done'])}){mfu}{left}")
     if s["checkpoints"]:
         lines.append(f"checkpoints {', '.join(s['checkpoints'])}" + (f" ({newest} is the newest)"
                                                                      if len(s["checkpoints"]) > 1 else ""))
     if s["time_limit"]:
         job = "this job's ends" if s["state"] == "running" else "the last job's ended by"
-        lines.append(f"time limit {_duration(s['time_limit']['limit_s'])} ({job} {s['time_limit']['ends']})")
+        lines.append(f"time limit {_readable(s['time_limit']['limit_s'])} ({job} {s['time_limit']['ends']})")
     return lines
 
 

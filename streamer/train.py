@@ -54,7 +54,7 @@ from streamer.data import (
     times_read,
 )
 from streamer.errors import OUT_OF_TIME, Stopped, UserError
-from streamer.io import atomic_write_json, existing_parent, write_safetensors
+from streamer.io import atomic_write_json, existing_parent, utc_stamp, write_safetensors
 from streamer.optim import SCHEDULES, OptimConfig, lr_at
 from streamer.parallel import DataParallel
 from streamer.state import fused_mode
@@ -852,8 +852,8 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                                    cfg.training_tokens(checked.tokens), cfg.steps * cfg.tokens_per_step() * dp.world)],
                 "startup": engine.startup,
                 "process": process_record(),  # for `streamer status`: running, or killed?
-                **({"time_limit": {"limit_s": cfg.time_limit_s, "ends": time.strftime(
-                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at + cfg.time_limit_s))}} if cfg.time_limit_s else {}),
+                **({"time_limit": {"limit_s": cfg.time_limit_s, "ends": utc_stamp(started_at + cfg.time_limit_s)}}
+                   if cfg.time_limit_s else {}),
                 **({"store": str(engine.store_root)} if getattr(engine, "store_root", None) else {}),
                 # The streamer's plan as it started: tiers, state, recompute, prefetch,
                 # predicted step and memory (before calibration).
@@ -990,8 +990,7 @@ def train(cfg: TrainConfig, started_at: float | None = None) -> Path:
                     shard()
         if lead and stopped is None:  # what `streamer status` tells a finished run by
             run_info = json.loads((checked.out / "run.json").read_text())
-            atomic_write_json(checked.out / "run.json", {**run_info, "finished": time.strftime(
-                "%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            atomic_write_json(checked.out / "run.json", {**run_info, "finished": utc_stamp()})
     finally:
         engine.close()
     if joined:

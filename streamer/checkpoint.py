@@ -58,7 +58,7 @@ import torch
 
 from models.safety import ITEMSIZE, UnsafeFileError, check_safetensors
 from streamer.errors import UserError
-from streamer.io import atomic_path, atomic_write_bytes, atomic_write_json, fsync_dir, utc_stamp
+from streamer.io import absolute, atomic_path, atomic_write_bytes, atomic_write_json, fsync_dir, utc_stamp
 
 FORMAT = "streamer-checkpoint-v1"
 MANIFEST = "manifest.json"
@@ -452,12 +452,17 @@ _REPORTED_SETTINGS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min
                       "grad_clip", "seed", "data", "data_weights", "dtype", "document_mask",
                       "schedule", "decay_fraction", "eval_data")
 
+# Settings that name files or folders: a record holds them absolute (TrainConfig.record);
+# checkpoints from before that hold them as given, relative to where the run started.
+PATH_SETTINGS = ("data", "eval_data", "init_from", "store_dir", "out")
+
 
 def check_compatible(manifest: dict, folder: Path, model_cfg: dict, mode: str, world: int,
                      train: dict) -> list[str]:
     """Refuse a checkpoint of another model, mode, world size or state format; list other
     differences."""
     saved_train = manifest.get("train", {})
+    saved_train = {**saved_train, **{key: absolute(saved_train[key]) for key in PATH_SETTINGS if key in saved_train}}
     if manifest.get("model") != model_cfg:
         theirs = saved_train.get("model", manifest.get("model", {}).get("name", "?"))
         raise UserError(f"checkpoint '{folder}' is of model '{theirs}', not of --model {train['model']}"

@@ -78,7 +78,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-weights", nargs="+", type=float, default=None, metavar="W",
                    help="several --data files: each file's share of the training windows, in their order (any "
                         "positive numbers; default: the files' sizes)")
-    p.add_argument("--document-mask", action="store_true",
+    p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=False,
                    help="attend within each document of a window only (data prepared with --separator), "
                         "learned positions counting from each document's start")
     p.add_argument("--out", default=None, help="output directory (default: runs/MODEL-TIMESTAMP)")
@@ -115,15 +115,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="data parallel: sum the embedding's row-sparse gradient sparsely or densely")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-save-final", action="store_true",
-                   help="do not export the final weights to DIR/final (a benchmark's run; checkpoints still save)")
+    p.add_argument("--save-final", action=argparse.BooleanOptionalAction, default=True,
+                   help="export the final weights to DIR/final (--no-save-final: a benchmark's run; checkpoints "
+                        "still save)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="write a checkpoint to DIR/checkpoints every N steps (0: never)")
     p.add_argument("--keep", type=int, default=2, metavar="K", help="complete checkpoints to keep")
     p.add_argument("--keep-every", type=int, default=0, metavar="N",
                    help="also keep, for good, the checkpoints of every N-th step (milestones; 0: none)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest valid checkpoint")
+                   help="continue the run in --out from its newest valid checkpoint, with the settings it "
+                        "recorded (a flag given here overrides its setting)")
     p.add_argument("--time-limit", default=None, metavar="TIME",
                    help="the wall time the run has (as 4h, 90m or 1-12:00:00), counted from the command's start: "
                         "it stops in time with a checkpoint, and exits 75 (needs --checkpoint-every)")
@@ -338,13 +340,105 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         host_memory_gib=args.host_memory,
         state=args.state, update_on=args.update_on,
         grad_sync=args.grad_sync,
-        progress=not args.no_progress, save_final=not args.no_save_final,
+        progress=not args.no_progress, save_final=args.save_final,
         checkpoint_every=args.checkpoint_every, keep=args.keep, keep_every=args.keep_every,
         resume=args.resume, max_skipped_steps=args.max_skipped_steps,
         time_limit_s=duration(args.time_limit) if args.time_limit else 0.0,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, holdout=args.holdout, init_from=args.init_from,
         eval_data=args.eval_data[0] if args.eval_data and len(args.eval_data) == 1 else args.eval_data,
     )
+
+
+# [Note: resuming with the run's settings]
+# `streamer train --out DIR --resume` goes on with the run as it was: every train flag
+# the command leaves out takes the value the run recorded, in its newest checkpoint's
+# manifest (or, before its first checkpoint, in run.json), and a flag that is given wins
+# (check_compatible then reports the change). So a job script that repeats its whole
+# command resumes as before, and a person need not retype twenty flags. Not taken from
+# the record: what belongs to this job, not to the run: --out and --resume themselves,
+# --no-progress, and the wall time of --time-limit. --nproc is taken as the run's number
+# of processes, except inside a torchrun of the user's own, which has fixed it already.
+# The record holds paths absolute (TrainConfig.record), so the same files are found
+# from any directory. A launcher passes what it filled to its ranks as flags, so they
+# cannot read a different record.
+_OF_THE_JOB = ("out", "resume", "no_progress", "time_limit", "nproc")
+_RECORDED_AS = {"max_memory": "max_memory_gib", "host_memory": "host_memory_gib"}
+
+
+def train_parser() -> argparse.ArgumentParser:
+    probe = _Parser(prog="streamer")
+    sub = probe.add_subparsers(dest="command", parser_class=_Parser)
+    _add_train(sub)
+    return sub.choices["train"]
+
+
+def given_flags(train_argv: list[str]) -> set[str]:
+    """The destinations of the train flags the command line gives, whatever their values
+    (an abbreviated flag included, as argparse reads it)."""
+    parser = train_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(train_argv)))
+
+
+def recorded_run(out: Path) -> tuple[dict, int] | None:
+    """The settings and number of processes the run in `out` recorded last: its newest
+    checkpoint's, or run.json's when it has none; None when it recorded nothing."""
+    from streamer.checkpoint import newest_manifest
+
+    found = newest_manifest(out)
+    try:
+        record = found[1] if found else json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    settings = record.get("train") if isinstance(record, dict) else None
+    return (settings, int(record.get("world", 1))) if isinstance(settings, dict) else None
+
+
+def resume_settings(args: argparse.Namespace, given: set[str]) -> dict[str, object]:
+    """--resume: the recorded values of the train flags the command leaves out, by
+    destination (see [Note: resuming with the run's settings])."""
+    found = recorded_run(Path(args.out)) if args.resume and args.out else None
+    if found is None:
+        return {}
+    settings, world = found
+    filled: dict[str, object] = {}
+    for action in train_parser()._actions:
+        dest = action.dest
+        key = _RECORDED_AS.get(dest, dest)
+        if dest in given or dest in _OF_THE_JOB or key not in settings:
+            continue
+        value = settings[key]
+        filled[dest] = [value] if isinstance(value, str) and action.nargs == "+" else value
+    if "nproc" not in given and "WORLD_SIZE" not in os.environ:
+        filled["nproc"] = world
+    return filled
+
+
+def as_flags(values: dict[str, object], changed_only: bool = False) -> list[str]:
+    """Train flags that set `values` ({destination: value}); with `changed_only`, those
+    whose value is not the default."""
+    parser = train_parser()
+    words = []
+    for action in parser._actions:
+        if action.dest not in values or (changed_only and values[action.dest] == parser.get_default(action.dest)):
+            continue
+        value = values[action.dest]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            words.append(action.option_strings[0 if value else 1])
+        elif isinstance(value, list):
+            words += [action.option_strings[0], *map(str, value)]
+        elif value is not None:
+            words += [action.option_strings[0], str(value)]
+    return words
+
+
+def recorded_notice(args: argparse.Namespace) -> str | None:
+    """The line that says what a resume took from the run's record (None: nothing)."""
+    if not args.filled:
+        return None
+    shown = as_flags(args.filled, changed_only=True)
+    return f"resuming {args.out} with the settings it recorded{': ' if shown else ''}{' '.join(shown)}"
 
 
 def launch_train(args: argparse.Namespace, argv: list[str]) -> int:
@@ -357,16 +451,21 @@ def launch_train(args: argparse.Namespace, argv: list[str]) -> int:
     checked = preflight(train_config(args), world=args.nproc)
     if args.out is None:  # ranks started a second apart must not pick different folders
         argv = [*argv, "--out", str(checked.out)]
+    # What a resume took from the record, given to the ranks as flags: each would
+    # otherwise read the record itself, and a checkpoint being pruned could make them differ.
+    argv += as_flags({dest: value for dest, value in args.filled.items() if dest != "nproc"})
+    if args.filled:
+        print(recorded_notice(args))
     return launch(args.nproc, argv, checked.out, args.started_at)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from streamer.train import train
 
-    out = train(train_config(args), started_at=args.started_at)
+    out = train(train_config(args), started_at=args.started_at, announce=recorded_notice(args))
     if int(os.environ.get("RANK", "0")) == 0:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        final = ("not exported (--no-save-final)" if args.no_save_final
+        final = ("not exported (--no-save-final)" if not args.save_final
                  else f"in {out / 'final'} (`streamer sample {out}` continues a prompt with them, "
                       f"`streamer eval {out}` measures their loss)")
         evals = [row for row in rows if "eval_loss" in row]
@@ -433,6 +532,14 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["train", *argv]
         args = parser.parse_args(argv)
     args.started_at = started_at
+    args.filled = {}
+    if args.command == "train" and args.resume:
+        try:
+            args.filled = resume_settings(args, given_flags(argv[1:]))
+        except (UserError, UnsafeFileError) as exc:
+            print(f"streamer: error: {exc}", file=sys.stderr)
+            return 2
+        vars(args).update(args.filled)
     if args.command == "train" and args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         try:
             return launch_train(args, argv)

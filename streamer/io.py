@@ -16,6 +16,17 @@ def utc_stamp(seconds: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
+def absolute(paths: str | list[str] | None) -> str | list[str] | None:
+    """A path setting (one path, several, or none) with each path made absolute against
+    the working directory, as a run records it: a resume, evaluation or export started
+    elsewhere then finds the same files."""
+    if paths is None:
+        return None
+    if isinstance(paths, str):
+        return os.path.abspath(paths)
+    return [os.path.abspath(path) for path in paths]
+
+
 def existing_parent(path: Path) -> Path:
     """`path`, or its nearest folder that exists: what it would be created in, and where
     its free space is read."""

@@ -118,7 +118,7 @@ def describe(s: dict) -> list[str]:
     processes = f", {s['world']} processes" if s["world"] > 1 else ""
     lines = [f"run {s['out']}: {s['model']}, {s['mode']} on {s['device']} in {s['dtype']}{processes}"]
     progress = f"{s['steps_done']:,} of {s['steps']:,} steps"
-    resume = f"`streamer train ... --out {s['out']} --resume`"
+    resume = f"`streamer train --out {s['out']} --resume`"
     newest = s["checkpoints"][-1] if s["checkpoints"] else None
     if s["state"] == "finished":
         lines.append(f"finished: {progress}; final weights " + (f"in {Path(s['out']) / 'final'}" if s["final"]
@@ -126,7 +126,7 @@ def describe(s: dict) -> list[str]:
     elif s["state"] == "stopped":
         stop = s["stopped"]
         why = f"by {stop['signal']}" if stop.get("signal") else "by its --time-limit"
-        after = (f"checkpoint {stop['checkpoint']}: the same command with --resume goes on" if stop.get("checkpoint")
+        after = (f"checkpoint {stop['checkpoint']}: {resume} goes on" if stop.get("checkpoint")
                  else "no checkpoint: it cannot be resumed")
         lines.append(f"stopped {why} after {progress}; {after}")
     elif s["state"] == "running":

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from models import GPT, ModelConfig, UnknownModelError
 from models.safety import UnsafeFileError, check_safetensors
 from streamer.checkpoint import (
+    PATH_SETTINGS,
     check_compatible,
     choose_checkpoint,
     discard_after,
@@ -54,7 +55,7 @@ from streamer.data import (
     times_read,
 )
 from streamer.errors import OUT_OF_TIME, Stopped, UserError
-from streamer.io import atomic_write_json, existing_parent, utc_stamp, write_safetensors
+from streamer.io import absolute, atomic_write_json, existing_parent, utc_stamp, write_safetensors
 from streamer.optim import SCHEDULES, OptimConfig, lr_at
 from streamer.parallel import DataParallel
 from streamer.state import fused_mode
@@ -194,6 +195,11 @@ class TrainConfig:
 
         check_held_units(model_cfg, self.held_units, self.update_on if self.mode == "stream" else "host")
         return model_cfg
+
+    def record(self) -> dict:
+        """The settings as run.json and each checkpoint record them: file and folder paths
+        made absolute, so that the record means the same files from any directory."""
+        return {**asdict(self), **{name: absolute(getattr(self, name)) for name in PATH_SETTINGS}}
 
     def data_files(self) -> list[Path]:
         """The token files, none for the default corpus."""
@@ -419,7 +425,7 @@ def check_resumable(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, world: 
     if found is None:
         return []
     folder, manifest = found
-    changed = check_compatible(manifest, folder, model_cfg.to_dict(), cfg.mode, world, asdict(cfg))
+    changed = check_compatible(manifest, folder, model_cfg.to_dict(), cfg.mode, world, cfg.record())
     return [f"settings differ from checkpoint {folder.name}'s ({', '.join(changed)}): the resumed run uses "
             "the new ones, so it is not the run the checkpoint came from"] if changed else []
 
@@ -841,8 +847,8 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
     evaluation = cfg.eval_groups(checked.tokens, dp.rank, dp.world, checked.held_out) if cfg.eval_every else []
     peak_flops = planner.peak_flops(checked.device, checked.dtype)
     flops_per_token = checked.model_cfg.flops_per_token(cfg.seq_len)
-    meta = {"mode": cfg.mode, "model": checked.model_cfg.to_dict(), "train": asdict(cfg)}
-    run_info = {"train": asdict(cfg), "model": checked.model_cfg.to_dict(), "world": dp.world,
+    meta = {"mode": cfg.mode, "model": checked.model_cfg.to_dict(), "train": cfg.record()}
+    run_info = {"train": cfg.record(), "model": checked.model_cfg.to_dict(), "world": dp.world,
                 "device": str(checked.device), "dtype": str(checked.dtype).removeprefix("torch."),
                 "flops_per_token": flops_per_token, "peak_flops": peak_flops,
                 # Each data file as the run reads it: its training tokens, share of the
@@ -946,15 +952,16 @@ def _stopped(cfg: TrainConfig, out: Path, run_info: dict, signum: int, detail: s
         notice = (f" (a stop needs {slowest_s:.1f} s for the slowest step so far and {checkpoint_s:.1f} s for the "
                   f"checkpoint: send the signal that much ahead of a deadline at least)" if signum else "")
         return Stopped(f"stopped by {reason}; checkpoint in {folder}: "
-                       f"the same command with --resume goes on from there{notice}", status)
+                       f"`streamer train --out {out} --resume` goes on from there{notice}", status)
     return Stopped(f"stopped by {reason}, without a checkpoint (the run "
                    f"writes none: --checkpoint-every 0), so it cannot be resumed; metrics in "
                    f"{out / 'metrics.jsonl'}", status)
 
 
-def train(cfg: TrainConfig, started_at: float | None = None) -> Path:
+def train(cfg: TrainConfig, started_at: float | None = None, announce: str | None = None) -> Path:
     """Run a whole training job; returns the output directory. `started_at`: when the
     command started (seconds since the epoch), which --time-limit counts from; None: now.
+    `announce`: a line to print once the run is sure to start (not for a bad input).
 
     Under torchrun every rank runs this; rank 0 alone writes metrics, checkpoint
     manifests and final weights (each rank writes its own checkpoint shards)."""
@@ -977,6 +984,8 @@ def train(cfg: TrainConfig, started_at: float | None = None) -> Path:
         if lead:  # nor its store, wherever it is (streamer.store's [Note: the disk tier is scratch])
             shutil.rmtree(store_root(checked.out, cfg.store_dir), ignore_errors=True)
         raise
+    if lead and announce:
+        print(announce)
     for warning in checked.warnings if lead else []:  # once the run is sure to start
         warn(warning)
     try:

@@ -99,6 +99,35 @@ def test_resume_after_a_crash_is_bit_exact(mode: str, references: dict[str, Path
     assert [s for s, _ in checkpoint.complete(out)] == [4, 6]
 
 
+def test_a_resume_given_only_its_directory_goes_on_as_recorded(references: dict[str, Path], token_file: Path,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`streamer train --out DIR --resume` from another directory: the flags it leaves out
+    take the run's recorded settings, a relative --data path included, and the run is the
+    uninterrupted one bit for bit; a flag it gives wins, and the change is reported."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    command = ["train", "--model", "tiny", "--mode", "stream", "--offload", "disk", "--steps", str(STEPS),
+               "--batch-size", "4", "--seq-len", "32", "--warmup", "2", "--data", os.path.relpath(token_file),
+               "--out", "run", "--device", "cpu", "--no-progress", "--checkpoint-every", "2"]
+    with pytest.MonkeyPatch.context() as patch:
+        crash_at(patch, 5)
+        with pytest.raises(Crash):
+            run_main(command)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = run_main(["train", "--out", "../run", "--resume", "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("resuming ../run with the settings it recorded: --mode stream --steps 6 "
+                                     "--batch-size 4 --seq-len 32 --warmup 2 ")
+    assert f"--data {token_file} " in resumed.stdout and "--offload disk" in resumed.stdout
+    assert resumed.stderr == ""
+    assert_same_run(tmp_path / "run", references["stream-disk"])
+    longer = run_main(["train", "--out", "../run", "--resume", "--no-progress", "--steps", "8"])
+    assert longer.returncode == 0, longer.stderr
+    assert "--steps" not in longer.stdout.splitlines()[0]
+    assert "(steps 6 -> 8)" in longer.stderr
+    assert len(losses(tmp_path / "run")) == 8
+
+
 def test_resume_with_early_updates_is_the_same_run(references: dict[str, Path], token_file: Path,
                                                   tmp_path: Path) -> None:
     """The disk units' updates on their own lane (streamer.scheduler's [Note: early
@@ -415,8 +444,13 @@ def test_data_parallel_checkpoints_resume_exactly(token_file: Path, tmp_path: Pa
     checkpoint.remove_checkpoint(out / "checkpoints" / "step-00000006")  # as if killed before it completed
     damaged = folder / "unit-00003-rank1.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-8] + b"\xff" * 8)
-    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=180, env=env)
+    # Only the directory: the launcher takes the rest from the record, --nproc 2 included,
+    # and hands it to both ranks.
+    done = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(out), "--resume"],
+                          capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "--model tiny-neox --mode stream" in done.stdout and "--nproc 2" in done.stdout
+    assert "settings differ" not in done.stderr
     assert f"rank 1: checkpoint file '{damaged}' is corrupt" in done.stderr
     assert "resuming from step-00000002" in done.stderr
     assert losses(out) == uninterrupted
@@ -509,8 +543,8 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_goes_on(
             train(config(token_file, out, mode, checkpoint_every=4))
     assert stopped.value.status == 128 + signal.SIGTERM
     assert str(stopped.value).startswith(f"stopped by SIGTERM after 3 of {STEPS} steps; checkpoint in "
-                                         f"{out / 'checkpoints' / 'step-00000003'}: the same command with "
-                                         f"--resume goes on from there (a stop needs ")
+                                         f"{out / 'checkpoints' / 'step-00000003'}: `streamer train --out {out} "
+                                         f"--resume` goes on from there (a stop needs ")
     assert "SIGTERM: stopping after this step" in capfd.readouterr().err  # written to fd 2 itself
     assert len(losses(out)) == 3 and not (out / "final").exists() and not (out / "store").exists()
     assert [step for step, _ in checkpoint.complete(out)] == [3]
@@ -647,8 +681,8 @@ def test_a_time_limit_stops_in_time_with_a_checkpoint_and_resume_goes_on(
     assert stopped.value.status == 75
     assert str(stopped.value).startswith(f"stopped by --time-limit after 5 of {STEPS} steps, with 0 s of it left "
                                          f"(the next step and a checkpoint need about ")
-    assert str(stopped.value).endswith(f" s); checkpoint in {out / 'checkpoints' / 'step-00000005'}: the same "
-                                       f"command with --resume goes on from there")
+    assert str(stopped.value).endswith(f" s); checkpoint in {out / 'checkpoints' / 'step-00000005'}: "
+                                       f"`streamer train --out {out} --resume` goes on from there")
     assert len(losses(out)) == 5 and not (out / "final").exists()
     assert [step for step, _ in checkpoint.complete(out)] == [4, 5]
     assert not list(out.glob(".checkpoint-probe*"))

@@ -57,6 +57,23 @@ def test_train_user_errors(flags: list[str], fragments: list[str], token_file: P
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_resume_tells_the_flags_given_from_those_left_to_the_record() -> None:
+    """What `train --resume` takes from the run's record is what the command leaves out,
+    whatever the value given (a default's too), however abbreviated; and the flags a
+    launcher hands its ranks set exactly the values filled in."""
+    from streamer.cli import as_flags, given_flags, train_parser
+
+    given = given_flags(["--check", "2", "--no-document-mask", "--steps", "300", "--out", "x", "--resume"])
+    assert given == {"checkpoint_every", "document_mask", "steps", "out", "resume"}
+    filled = {"model": "gpt3-125m", "data": ["a b.npy", "c.npy"], "document_mask": False, "save_final": False,
+              "lr": 1e-4, "min_lr": None, "max_memory": 30.5, "schedule": "wsd"}
+    parsed = vars(train_parser().parse_args(as_flags(filled)))
+    assert {dest: parsed[dest] for dest in filled} == filled
+    assert as_flags(filled, changed_only=True) == ["--model", "gpt3-125m", "--lr", "0.0001", "--schedule", "wsd",
+                                                   "--data", "a b.npy", "c.npy", "--max-memory", "30.5",
+                                                   "--no-save-final"]
+
+
 def test_train_missing_data_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.npy"
     result = streamer("train", "--data", str(missing), "--out", str(tmp_path / "run"), cache=tmp_path / "cache")

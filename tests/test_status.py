@@ -57,7 +57,7 @@ def test_status_follows_a_run_through_its_states(token_file: Path, tmp_path: Pat
     assert killed["state"] == "ended" and killed["steps_done"] >= running["steps_done"]
     assert lines[1].startswith(f"not finished, killed or failed: no process runs it: {killed['steps_done']} of 400 "
                                f"steps; the last step ended ")
-    assert lines[1].endswith(f"`streamer train ... --out {out} --resume` goes on from {newest}")
+    assert lines[1].endswith(f"`streamer train --out {out} --resume` goes on from {newest}")
     assert killed["eval"] and killed["eval"][0] == {"step": 4, "loss": killed["eval"][0]["loss"]}
     assert any(line.startswith(f"loss {killed['first_loss']:.3f} -> {killed['loss']:.3f}") and "held-out" in line
                for line in lines)
@@ -69,7 +69,7 @@ def test_status_follows_a_run_through_its_states(token_file: Path, tmp_path: Pat
     done = stopped["steps_done"]
     assert stopped["state"] == "stopped" and done > int(newest.removeprefix("step-"))
     assert lines[1] == (f"stopped by its --time-limit after {done:,} of 100,000 steps; checkpoint "
-                        f"step-{done:08d}: the same command with --resume goes on")
+                        f"step-{done:08d}: `streamer train --out {out} --resume` goes on")
     assert lines[-1].startswith("time limit 9.0 s (the last job's ended by 20")
 
     finish = [*train[:steps], str(done + 2), *train[steps + 1:]]

@@ -464,9 +464,10 @@ def check_compatible(manifest: dict, folder: Path, model_cfg: dict, mode: str, w
     saved_train = manifest.get("train", {})
     saved_train = {**saved_train, **{key: absolute(saved_train[key]) for key in PATH_SETTINGS if key in saved_train}}
     if manifest.get("model") != model_cfg:
-        theirs = saved_train.get("model", manifest.get("model", {}).get("name", "?"))
-        raise UserError(f"checkpoint '{folder}' is of model '{theirs}', not of --model {train['model']}"
-                        f"{' (same name, other config)' if theirs == train['model'] else ''}: "
+        theirs = saved_train.get("model") or manifest.get("model", {}).get("name", "?")
+        ours = train.get("model") or model_cfg.get("name")
+        raise UserError(f"checkpoint '{folder}' is of model '{theirs}', not of --model {ours}"
+                        f"{' (same name, other config)' if theirs == ours else ''}: "
                         f"resume with --model {theirs}, or choose a new --out")
     if manifest.get("mode") != mode:
         raise UserError(f"checkpoint '{folder}' was written by --mode {manifest.get('mode')}: "

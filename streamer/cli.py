@@ -54,7 +54,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a named model (no flags: tiny on the stdlib corpus)")
-    p.add_argument("--model", default="tiny", help="a registry name; 'streamer models' lists them")
+    p.add_argument("--model", default=None,
+                   help="a registry name ('streamer models' lists them), or a folder of weights whose architecture "
+                        "to train: a Hugging Face checkpoint, a run's final/ or one of its checkpoints (default: "
+                        "--init-from's architecture, else tiny)")
     p.add_argument("--mode", default="resident", choices=["resident", "stream"],
                    help="resident: all on one device; stream: weights stream from a host store")
     p.add_argument("--steps", type=int, default=300)

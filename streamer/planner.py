@@ -46,7 +46,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from models import ModelConfig, UnknownModelError
+from models import ModelConfig
 from streamer.errors import UserError
 from streamer.state import FORMATS
 
@@ -1383,7 +1383,8 @@ def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="bytes per tier, bytes per link, hiding threshold, predicted step time")
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default="tiny",
+                   help="a registry name, or a folder of weights whose architecture to plan for (as train's)")
     p.add_argument("--device", default=None,
                    help=f"a profile ({', '.join(PROFILES)}; default cpu), or with --measure the device to measure: "
                         "cuda or cpu (default: cuda when there is one)")
@@ -1413,10 +1414,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    try:
-        cfg = ModelConfig.from_name(args.model)
-    except UnknownModelError as exc:
-        raise UserError(str(exc)) from exc
+    from streamer.train import model_config
+
+    cfg = model_config(args.model)
     if args.host_memory is not None and not 0 < args.host_memory < math.inf:
         raise UserError(f"--host-memory must be a positive number of GiB, got {args.host_memory}")
     if args.measure:

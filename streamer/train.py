@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from models import GPT, ModelConfig, UnknownModelError
+from models import GPT, REGISTRY, ModelConfig, UnknownModelError
 from models.safety import UnsafeFileError, check_safetensors
 from streamer.checkpoint import (
     PATH_SETTINGS,
@@ -66,7 +66,9 @@ from streamer.store import allocated_bytes, stale_store, store_free_bytes, store
 
 @dataclass
 class TrainConfig:
-    model: str = "tiny"
+    # A registry name, or a folder of weights whose architecture to train (a Hugging Face
+    # checkpoint, a run's final/ or one of its checkpoints); None: --init-from's, else tiny.
+    model: str | None = "tiny"
     mode: str = "resident"  # resident | stream
     steps: int = 300
     batch_size: int = 16  # sequences per micro-batch
@@ -184,12 +186,9 @@ class TrainConfig:
             raise UserError(f"--grad-sync must be sparse or dense, got '{self.grad_sync}'")
         if self.mode not in ("resident", "stream"):
             raise UserError(f"--mode must be 'resident' or 'stream', got '{self.mode}'")
-        try:
-            model_cfg = ModelConfig.from_name(self.model)
-        except UnknownModelError as exc:
-            raise UserError(str(exc)) from exc
+        model_cfg = model_config(self.model, self.init_from)
         if self.seq_len > model_cfg.block_size:
-            raise UserError(f"--seq-len {self.seq_len} exceeds {self.model}'s context of "
+            raise UserError(f"--seq-len {self.seq_len} exceeds {model_cfg.name}'s context of "
                             f"{model_cfg.block_size}: use --seq-len {model_cfg.block_size} or less")
         from streamer.planner import check_held_units
 
@@ -199,7 +198,8 @@ class TrainConfig:
     def record(self) -> dict:
         """The settings as run.json and each checkpoint record them: file and folder paths
         made absolute, so that the record means the same files from any directory."""
-        return {**asdict(self), **{name: absolute(getattr(self, name)) for name in PATH_SETTINGS}}
+        model = self.model if self.model is None or self.model in REGISTRY else absolute(self.model)
+        return {**asdict(self), **{name: absolute(getattr(self, name)) for name in PATH_SETTINGS}, "model": model}
 
     def data_files(self) -> list[Path]:
         """The token files, none for the default corpus."""
@@ -280,6 +280,30 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         raise UserError(f"--dtype must be one of {', '.join(table)} or auto, got '{name}'")
     return table[name]
+
+
+def model_config(model: str | None, init_from: str | None = None) -> ModelConfig:
+    """The architecture to train: `model`'s, a registry name or a folder of weights (its
+    config.json, or a run checkpoint's manifest), or with no `model` that of the weights
+    in `init_from`, or tiny's. Weights that name their own architecture train as they
+    are, with no registry entry for them (GPT-2 medium, Pythia 2.8B, a model of one's own)."""
+    if model is None and init_from is None or model in REGISTRY:
+        return ModelConfig.from_name(model or "tiny")
+    folder, flag = (Path(model), "--model") if model is not None else (Path(init_from), "--init-from")
+    if model is not None and not folder.exists() and os.sep not in model:  # a name, mistyped
+        raise UserError(f"{UnknownModelError(model)} (or name a folder of weights: a Hugging Face checkpoint, "
+                        "a run's final/ or one of its checkpoints)")
+    weights = "a Hugging Face checkpoint with its config.json, a run's final/ or one of its checkpoints"
+    from models.hf import checkpoint_config
+    from streamer.checkpoint import MANIFEST, read_manifest
+
+    try:
+        if (folder / MANIFEST).is_file():
+            return ModelConfig.from_dict(read_manifest(folder)["model"])
+        return checkpoint_config(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{flag} '{folder}': {exc}: " + (f"pass pretrained weights ({weights})" if model is None else
+                        f"name a folder of weights ({weights}) or a registry name (streamer models)")) from None
 
 
 def default_out(model: str) -> Path:
@@ -463,7 +487,7 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
     held_out = check_eval_data(cfg, data_files, model_cfg.vocab_size) if cfg.eval_data else None
     separator = document_separator(data_files + cfg.eval_data_files()) if cfg.document_mask else None
     BatchSampler(cfg.training_tokens(tokens), cfg.seq_len, cfg.seed)  # refuses data shorter than one sequence
-    out = Path(cfg.out) if cfg.out else default_out(cfg.model)
+    out = Path(cfg.out) if cfg.out else default_out(model_cfg.name)
     check_out_dir(out, cfg.resume)
     root = store_root(out, cfg.store_dir)
     check_store_dir(cfg.store_dir)

@@ -73,16 +73,17 @@ def host_compiler() -> None:
 
 @pytest.fixture
 def hugging_face_checkpoint() -> Callable[..., torch.nn.Module]:
-    """Makes a random transformers model of a registry entry's architecture, saves it
-    as safetensors into a folder and returns it: `make(model, folder, std=0.1)`.
+    """Makes a random transformers model of a registry entry's architecture (with any
+    field overridden), saves it as safetensors into a folder and returns it:
+    `make(model, folder, std=0.1, **overrides)`.
     Every parameter is drawn (biases and norms too), so a tensor put in the wrong
     place shows; a larger `std` keeps predictions far from ties."""
     transformers = pytest.importorskip("transformers")
     import models.hf as hf
     from models import ModelConfig
 
-    def make(model: str, folder: Path, std: float = 0.1) -> torch.nn.Module:
-        cfg = ModelConfig.from_name(model)
+    def make(model: str, folder: Path, std: float = 0.1, **overrides: object) -> torch.nn.Module:
+        cfg = ModelConfig.from_name(model, **overrides)
         adapter = hf._adapter_for_model(cfg)
         reference = transformers.AutoModelForCausalLM.from_config(
             transformers.AutoConfig.for_model(adapter.model_type, vocab_size=cfg.vocab_size, bos_token_id=0,

@@ -83,7 +83,13 @@ def _config_only(model: str, *extra: str) -> Callable[[Path, Path], None]:
 STREAM = ["--mode", "stream", "--offload", "ram"]
 RESUME = [*STREAM, "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--out", "{run}", "--resume"]
 CASES = {
-    "unknown model": Case(["--model", "gpt3-x1"], ["unknown model 'gpt3-x1'", "streamer models"]),
+    "unknown model": Case(["--model", "gpt3-x1"], ["unknown model 'gpt3-x1'", "streamer models",
+                                                   "or name a folder of weights"]),
+    "--model a folder that is not there": Case(["--model", "{tmp}/absent"],
+                                               ["--model '", "absent': no folder", "a folder of weights",
+                                                "a registry name"]),
+    "--model a folder without a config": Case(["--model", "{tmp}/weights"], ["no config.json in"],
+                                              lambda tmp, run: (tmp / "weights").mkdir()),
     "zero steps": Case(["--steps", "0"], ["--steps must be a positive integer"]),
     "negative batch": Case(["--batch-size", "-4"], ["--batch-size must be a positive integer"]),
     "zero sequence length": Case(["--seq-len", "0"], ["--seq-len must be a positive integer"]),
@@ -168,7 +174,7 @@ CASES = {
                                                    "a larger --holdout"]),
     "--init-from a folder that is not there": Case(["--init-from", "{tmp}/absent"],
                                                    ["--init-from '", "absent': no folder", "pretrained weights"]),
-    "--init-from another architecture": Case(["--init-from", "{tmp}/weights"],
+    "--init-from another architecture": Case(["--model", "tiny", "--init-from", "{tmp}/weights"],
                                              ["another architecture than tiny's", "positional 'rotary', not 'learned'",
                                               "--model it was made for"], _config_only("tiny-neox")),
     "--init-from a checkpoint of another model": Case(

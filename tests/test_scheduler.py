@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main
 
 from streamer import planner
 from streamer.scheduler import InlineWorker, StreamEngine, UnitState, squared_norm
@@ -546,6 +548,32 @@ def test_a_run_starts_from_a_hugging_face_checkpoint(tmp_path, model, hugging_fa
         rows, _ = _run(tmp_path / name, model, mode, offload, steps=2, state=state, init_from=str(tmp_path / "hf"))
         assert rows[0]["loss"] == pytest.approx(expected, abs=1e-4 if state == "fp32" else 2e-2), name
         assert rows[1]["loss"] < rows[0]["loss"], name  # and it trains from there
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-neox"])
+def test_weights_of_an_architecture_no_entry_has_train_as_they_are(tmp_path, model, hugging_face_checkpoint,
+                                                                    first_step_loss):
+    """`--init-from DIR` with no --model: the weights' own architecture (here 3 layers
+    of 64, which no registry entry has) is the model, planned and trained; the first
+    step's loss is the transformers model's. `--model DIR` trains that architecture
+    from a random start, as a registry name would."""
+    folder = tmp_path / "own-model"
+    reference = hugging_face_checkpoint(model, folder, std=0.3, n_layer=3, d_model=64)
+    expected = first_step_loss(lambda x: reference(x).logits)
+    common = ["--steps", "2", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "32", "--warmup", "2",
+              "--no-progress", "--mode", "stream", "--offload", "ram"]
+    done = run_main(["train", "--init-from", str(folder), "--out", str(tmp_path / "run"), *common])
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(expected, abs=1e-4) and rows[1]["loss"] < rows[0]["loss"]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["model"]["name"] == "own-model" and record["model"]["n_layer"] == 3
+    assert record["plan"]["n_params"] == sum(p.numel() for p in reference.parameters())
+    fresh = run_main(["train", "--model", str(folder), "--out", str(tmp_path / "fresh"), *common])
+    assert fresh.returncode == 0, fresh.stderr
+    assert json.loads((tmp_path / "fresh" / "run.json").read_text())["model"] == record["model"]
+    first = json.loads((tmp_path / "fresh" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert first == pytest.approx(math.log(256), abs=0.25) and abs(first - expected) > 0.3, (first, expected)
 
 
 def test_a_run_starts_from_another_runs_final_weights(tmp_path, first_step_loss):

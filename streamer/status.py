@@ -79,7 +79,7 @@ def run_status(out: Path) -> dict:
     evals = [{"step": row["step"], "loss": row["eval_loss"]} for row in rows if "eval_loss" in row]
     checkpoints = [folder.name for _, folder in complete(out)]
     status = {
-        "out": str(out), "state": state, "model": train.get("model", model.get("name")), "mode": train.get("mode"),
+        "out": str(out), "state": state, "model": model.get("name") or train.get("model"), "mode": train.get("mode"),
         "world": run.get("world", 1), "device": run.get("device"), "dtype": run.get("dtype"),
         "steps": train.get("steps"), "steps_done": done,
         "loss": rows[-1]["loss"] if rows else None,

@@ -97,9 +97,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="stream mode: host state format: fp32 (16 bytes/parameter, exact), compact (about 6: "
                         "bf16 weights with stochastic rounding, 8-bit moments) or compact8 (about 5: compact with "
                         "an 8-bit gradient)")
-    p.add_argument("--update-on", default="host", choices=["host", "device"],
+    p.add_argument("--update-on", default="auto", choices=["auto", "host", "device"],
                    help="stream mode: run AdamW on the host beside the store, or on the compute device (the "
-                        "state's chunks cross the link both ways; faster for --state compact on a GPU)")
+                        "state's chunks cross the link both ways; faster for --state compact on a GPU); auto: "
+                        "the one the planner predicts the faster (on a CPU device, the host)")
     p.add_argument("--prefetch-depth", type=int, default=None, help="stream mode: units fetched ahead")
     p.add_argument("--held-units", type=int, default=None,
                    help="stream mode with --update-on device: the first N units keep their gradients on the device "

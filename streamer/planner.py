@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import torch
@@ -595,6 +596,26 @@ def fastest_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: in
     return best[1], best[2]
 
 
+# [Note: where AdamW runs]
+# The update runs on the host, beside the store, or on the compute device (--update-on).
+# On the host a step's updates cost host cores: float32 AdamW at memory speed, but a
+# compact state's 8-bit coding ~70x slower, which bounds a 20B step at tens of minutes on
+# 16 cores. On the GPU they cost link traffic instead: each unit's state crosses both
+# ways, and the kernels take milliseconds. Which is faster depends on the state, the
+# tiers, the link and the tokens per step, so `--update-on auto` (the default) plans the
+# run both ways, with the device's update rate measured on one chunk, and takes the
+# shorter predicted step; a place whose plan does not fit --max-memory is out. On a CPU
+# device the two are one processor: auto is the host (the device, with --held-units,
+# whose bookkeeping needs it). The run records its choice (run.json's `update_on`).
+def faster_update_place(plans: dict[str, Plan]) -> str:
+    """--update-on auto: of the plans that fit ({place: plan}), the place whose step is
+    predicted shorter (the host on a tie, or when neither fits)."""
+    if "device" in plans and ("host" not in plans
+                              or plans["device"].predicted_step_s < plans["host"].predicted_step_s):
+        return "device"
+    return "host"
+
+
 def check_held_units(cfg: ModelConfig, held: int | None, update_on: str, in_ram: int | None = None) -> None:
     """Refuse a `--held-units` count the engine cannot run: out of range (the head is
     never held), without the update on the device, or past the units in RAM (`in_ram`,
@@ -604,9 +625,9 @@ def check_held_units(cfg: ModelConfig, held: int | None, update_on: str, in_ram:
     if not 0 <= held <= cfg.n_layer + 1:
         raise UserError(f"--held-units must be 0..{cfg.n_layer + 1} for {cfg.name} (the head is never held), "
                         f"got {held}")
-    if held and update_on != "device":
-        raise UserError("--held-units holds units for AdamW on the device: add --update-on device (with --mode "
-                        "stream), or drop it")
+    if held and update_on == "host":
+        raise UserError("--held-units holds units for AdamW on the device: give --update-on device or auto "
+                        "(with --mode stream), or drop it")
     if held and in_ram is not None and held > in_ram:
         raise UserError(f"--held-units {held} exceeds the {in_ram} units in RAM (held units update from the RAM "
                         "tier): lower it")
@@ -1397,8 +1418,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk", "split"])
     p.add_argument("--state", default="fp32", choices=list(FORMATS),
                    help="host state format: fp32 (16 bytes/parameter), compact (about 6) or compact8 (about 5)")
-    p.add_argument("--update-on", default="host", choices=["host", "device"],
-                   help="where AdamW runs, as train's flag: the device's update costs the host only copies")
+    p.add_argument("--update-on", default="auto", choices=["auto", "host", "device"],
+                   help="where AdamW runs, as train's flag: the device's update costs the host only copies; auto: "
+                        "the faster of the two plans")
     p.add_argument("--held-units", type=int, default=None,
                    help="with --update-on device, as train's flag: units whose state comes in during the backward "
                         "(default: as many as the plan finds worth it)")
@@ -1413,39 +1435,27 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def cmd_plan(args: argparse.Namespace) -> None:
-    from streamer.train import model_config
+class _PlanReport(NamedTuple):
+    plan: Plan
+    profile: DeviceProfile  # the profile as the update's place sees it
+    shortfall: str  # why the state does not fit the host, or ""
+    alternatives: list[Plan]  # smaller state formats that keep more units in RAM
 
-    cfg = model_config(args.model)
-    if args.host_memory is not None and not 0 < args.host_memory < math.inf:
-        raise UserError(f"--host-memory must be a positive number of GiB, got {args.host_memory}")
-    if args.measure:
-        if args.device not in (None, "cpu", "cuda"):
-            raise UserError(f"--measure measures cuda or cpu, got --device {args.device}: drop --measure to plan "
-                            "with that profile")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda --measure needs a CUDA device, and this machine has none")
-        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        profile = measure_profile(device, dtype, args.disk, state=args.state, host_memory_gib=args.host_memory)
-    elif (args.device or "cpu") in PROFILES:
-        profile = PROFILES[args.device or "cpu"]
-        if args.host_memory is not None:
-            profile = replace(profile, host_memory_bytes=host_available(args.host_memory))
-    else:
-        raise UserError(f"unknown device profile '{args.device}': use one of {', '.join(PROFILES)} or --measure")
-    measured = profile  # before the update's placement, which depends on the state format
 
+def _planned(args: argparse.Namespace, cfg: ModelConfig, measured: DeviceProfile, device: torch.device | None,
+             place: str) -> _PlanReport:
+    """`streamer plan`'s plan, with AdamW in `place` (host or device)."""
     rates: dict[str, float | None] = {}  # each state's update rate on this GPU, measured once
+    profile = measured
 
     def on_device(state: str, offload: str) -> DeviceProfile:
         """The update's rate on this GPU in `state`, measured, or the profile's estimate."""
         if state not in rates:
-            rates[state] = measure_update_rate(state=state, device=device) if args.measure and device.type == "cuda" \
-                else None
+            rates[state] = (measure_update_rate(state=state, device=device)
+                            if device is not None and device.type == "cuda" else None)
         return with_device_update(measured, state, rates[state], pipelined=offload == "ram")
 
-    if args.update_on == "device":
+    if place == "device":
         profile = on_device(args.state, "disk")  # for the recommendation only: the tiers are not chosen yet
     seq_len = args.seq_len or cfg.block_size
     if seq_len <= 0 or seq_len > cfg.block_size:
@@ -1479,12 +1489,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
                         f"--tokens-per-step ({tokens}), got {micro}")
     if args.max_memory is not None and args.max_memory <= 0:
         raise UserError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
-    check_held_units(cfg, args.held_units, args.update_on)
+    check_held_units(cfg, args.held_units, place)
 
     def plan_for(state: str, offload: str, ram_units: int | None) -> Plan:
-        prof = on_device(state, offload) if args.update_on == "device" else measured
+        prof = on_device(state, offload) if place == "device" else measured
         held = args.held_units
-        check_held_units(cfg, held, args.update_on, units_in_ram(cfg.n_layer + 2, offload, ram_units))
+        check_held_units(cfg, held, place, units_in_ram(cfg.n_layer + 2, offload, ram_units))
         if args.max_memory:
             return fit_memory(cfg, prof, tokens, seq_len, offload, micro, args.max_memory * 2**30,
                               state=state, ram_units=ram_units, held_units=held)
@@ -1504,14 +1514,62 @@ def cmd_plan(args: argparse.Namespace) -> None:
         if not short and units_in_ram(plan.n_units, other, other_units) > in_ram:
             with contextlib.suppress(UserError):  # it may not fit --max-memory: then there is nothing to weigh
                 alternatives.append(plan_for(smaller, other, other_units))
+    return _PlanReport(plan, profile, shortfall, alternatives)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from streamer.train import model_config
+
+    cfg = model_config(args.model)
+    if args.host_memory is not None and not 0 < args.host_memory < math.inf:
+        raise UserError(f"--host-memory must be a positive number of GiB, got {args.host_memory}")
+    if args.measure:
+        if args.device not in (None, "cpu", "cuda"):
+            raise UserError(f"--measure measures cuda or cpu, got --device {args.device}: drop --measure to plan "
+                            "with that profile")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda --measure needs a CUDA device, and this machine has none")
+        device: torch.device | None = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available()
+                                                   else "cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        profile = measure_profile(device, dtype, args.disk, state=args.state, host_memory_gib=args.host_memory)
+    elif (args.device or "cpu") in PROFILES:
+        profile, device = PROFILES[args.device or "cpu"], None
+        if args.host_memory is not None:
+            profile = replace(profile, host_memory_bytes=host_available(args.host_memory))
+    else:
+        raise UserError(f"unknown device profile '{args.device}': use one of {', '.join(PROFILES)} or --measure")
+    # --update-on auto plans both places and takes the faster, as train does ([Note: where
+    # AdamW runs]); a place whose plan is refused (--max-memory) is out.
+    if args.update_on != "auto":
+        places = [args.update_on]
+    else:
+        places = ["device"] if args.held_units else ["host"] if profile.shares_host_cores else ["host", "device"]
+    reports, refused = {}, {}
+    for place in places:
+        try:
+            reports[place] = _planned(args, cfg, profile, device, place)
+        except UserError as exc:
+            refused[place] = exc
+    if not reports:
+        raise refused[places[0]]
+    chosen = faster_update_place({place: report.plan for place, report in reports.items()})
+    plan, profile, shortfall, alternatives = reports[chosen]
+    other = next((reports[place].plan for place in reports if place != chosen), None)
     sampling = sampling_estimate(cfg, profile) if profile.device_memory_bytes else None  # a GPU's
     if args.json:
         print(json.dumps({**asdict(plan), "fits": not shortfall, "shortfall": shortfall, "profile": asdict(profile),
+                          "update_on": chosen,
+                          "other_update_on": {"update_on": "host" if chosen == "device" else "device",
+                                              "predicted_step_s": other.predicted_step_s} if other else None,
                           "smaller_state": asdict(alternatives[0]) if alternatives else None,
                           "smaller_states": [asdict(a) for a in alternatives],
                           "sampling": asdict(sampling) if sampling else None}, indent=2))
         return
     print(format_plan(plan, profile))
+    if other is not None:
+        print(f"  AdamW on the {chosen} (--update-on auto): on the {'host' if chosen == 'device' else 'device'} "
+              f"the step would take {other.predicted_step_s:.3f} s")
     if shortfall:
         print(f"  does not fit: {shortfall.split(': ')[0]}")
     for alternative in alternatives:

@@ -78,6 +78,7 @@ from models import ModelConfig, loss_fn
 from models.gpt import Documents, build_unit, init_unit
 from models.hf import Pretrained
 from streamer import planner
+from streamer.errors import UserError
 from streamer.optim import OptimConfig, clip_coefficient
 from streamer.parallel import DataParallel
 from streamer.state import BLOCK, FORMATS, use_fused
@@ -446,17 +447,19 @@ class StreamEngine:
             links["cached_io_bytes_per_s"] = planner.measure_page_cache_rate(root, 64 * 2**20)
         profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
                                   matmul_flops=flops, host_copy_bytes_per_s=2 * copy, **links)
-        if train_cfg.update_on == "device" and device.type == "cuda":
+        on_device = profile
+        if train_cfg.update_on != "host" and device.type == "cuda":
             # The update's kernels on this GPU, timed on one chunk (a second at most).
             rate = planner.measure_update_rate(state=state, device=device)
-            profile = planner.with_device_update(profile, state, rate, pipelined=offload == "ram")
+            on_device = planner.with_device_update(profile, state, rate, pipelined=offload == "ram")
         if device.type == "cuda":  # the run's peak memory is its steps', not the probes'
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         micro = train_cfg.batch_size * train_cfg.seq_len
         dp = DataParallel(train_cfg.grad_sync)
 
-        def plan_with(held: int | None) -> planner.Plan:
+        def plan_with(held: int | None, place: str) -> planner.Plan:
+            profile = on_device if place == "device" else host_profile
             if train_cfg.max_memory_gib:
                 return planner.fit_memory(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len,
                                           offload, micro, train_cfg.max_memory_gib * 2**30, train_cfg.prefetch_depth,
@@ -466,10 +469,20 @@ class StreamEngine:
                                      memory_budget=budget, recompute=train_cfg.recompute, state=state,
                                      ram_units=ram_units, held_units=held)
 
-        held = train_cfg.held_units
-        planner.check_held_units(model_cfg, held, train_cfg.update_on,
+        held, host_profile = train_cfg.held_units, profile
+        update_on = train_cfg.update_on
+        if update_on == "auto":  # see streamer.planner's [Note: where AdamW runs]
+            update_on = "device" if held else "host"
+            if device.type == "cuda" and not held:
+                plans = {}
+                for place in ("host", "device"):
+                    with contextlib.suppress(UserError):  # this place's plan does not fit --max-memory
+                        plans[place] = plan_with(None if dp.world == 1 else 0, place)
+                update_on = planner.faster_update_place(plans)  # neither fits: the host's plan says why, below
+        profile = on_device if update_on == "device" else host_profile
+        planner.check_held_units(model_cfg, held, update_on,
                                  planner.units_in_ram(model_cfg.n_layer + 2, offload, ram_units))
-        plan = plan_with(held if dp.world == 1 else 0)  # held updates take the whole gradient (the launcher
+        plan = plan_with(held if dp.world == 1 else 0, update_on)  # held updates take the whole gradient (the launcher
         # refuses --held-units with several processes before any starts)
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
@@ -488,7 +501,7 @@ class StreamEngine:
             startup["page_lock_s"] = ram.page_lock_s
         if plan.held_units and device.type == "cuda" and not all(store.pinned(u) for u in range(plan.held_units)):
             # A refused page-lock leaves nothing to copy from asynchronously: no held units.
-            plan = plan_with(0)
+            plan = plan_with(0, update_on)
         started = time.perf_counter()
         if initialise:
             initialise_store(store, layouts, model_cfg, train_cfg.seed, pretrained=pretrained)
@@ -497,9 +510,10 @@ class StreamEngine:
                 store.allocate(i)
         startup["initialise_s" if initialise else "allocate_s"] = time.perf_counter() - started
         engine = cls(model_cfg, optim, store, device, dtype, plan.prefetch_depth, plan.predicted_step_s,
-                     dp=dp, kept_graphs=plan.kept_graphs, update_on=train_cfg.update_on,
+                     dp=dp, kept_graphs=plan.kept_graphs, update_on=update_on,
                      early_updates=plan.early_updates, held_units=plan.held_units, separator=separator)
         engine.offload = offload
+        engine.update_on = update_on
         engine.store_root = root if offload != "ram" else None
         engine.plan = plan
         # Whether the RAM tier's page-locking took: refused, the run is correct but its

@@ -100,7 +100,9 @@ class TrainConfig:
     max_memory_gib: float | None = None  # stream mode: peak device memory (a CPU's: the process) to plan for
     host_memory_gib: float | None = None  # stream mode: host RAM to plan with; None: what the OS reports available
     state: str = "fp32"  # stream mode: host state format, fp32 | compact (streamer.state)
-    update_on: str = "host"  # stream mode: where AdamW runs, host | device (the compute device)
+    # Stream mode: where AdamW runs, host | device (the compute device) | auto (the one the
+    # planner predicts the faster: streamer.planner's [Note: where AdamW runs]).
+    update_on: str = "auto"
     grad_sync: str = "sparse"  # data parallel: the embedding's gradient by sparse or dense all-reduce
     progress: bool = True
     save_final: bool = True  # export DIR/final/ at the end (a benchmark may not need 40 GB of weights)
@@ -180,8 +182,8 @@ class TrainConfig:
             raise UserError(f"--state must be fp32, compact or compact8, got '{self.state}'")
         if self.state != "fp32" and self.mode != "stream":
             raise UserError(f"--state {self.state} is a host-store format: use it with --mode stream")
-        if self.update_on not in ("host", "device"):
-            raise UserError(f"--update-on must be host or device, got '{self.update_on}'")
+        if self.update_on not in ("auto", "host", "device"):
+            raise UserError(f"--update-on must be auto, host or device, got '{self.update_on}'")
         if self.grad_sync not in ("sparse", "dense"):
             raise UserError(f"--grad-sync must be sparse or dense, got '{self.grad_sync}'")
         if self.mode not in ("resident", "stream"):
@@ -887,7 +889,8 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                 **({"store": str(engine.store_root)} if getattr(engine, "store_root", None) else {}),
                 # The streamer's plan as it started: tiers, state, recompute, prefetch,
                 # predicted step and memory (before calibration).
-                **({"plan": asdict(engine.plan), "page_locked": engine.page_locked} if hasattr(engine, "plan") else {})}
+                **({"plan": asdict(engine.plan), "page_locked": engine.page_locked, "update_on": engine.update_on}
+                   if hasattr(engine, "plan") else {})}
     if lead:
         atomic_write_json(out / "run.json", run_info)
     streak, held_out = run_state.get("skipped_in_a_row", 0), None

@@ -116,7 +116,8 @@ def test_a_resume_given_only_its_directory_goes_on_as_recorded(references: dict[
     monkeypatch.chdir(tmp_path / "elsewhere")
     resumed = run_main(["train", "--out", "../run", "--resume", "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.startswith("resuming ../run with the settings it recorded: --mode stream --steps 6 "
+    assert resumed.stdout.startswith("resuming ../run with the settings it recorded: --model tiny --mode stream "
+                                     "--steps 6 "
                                      "--batch-size 4 --seq-len 32 --warmup 2 ")
     assert f"--data {token_file} " in resumed.stdout and "--offload disk" in resumed.stdout
     assert resumed.stderr == ""

@@ -74,6 +74,27 @@ def test_a_resume_tells_the_flags_given_from_those_left_to_the_record() -> None:
                                                    "--no-save-final"]
 
 
+def test_plan_puts_the_update_where_the_step_is_shorter(tmp_path: Path) -> None:
+    """`streamer plan` plans --update-on auto both ways and says what the other place would
+    cost; a CPU profile's host and device are one processor: the host, nothing weighed."""
+    result = streamer("plan", "--model", "gpt-neox-20b", "--device", "h100", "--state", "compact8", "--json",
+                      cache=tmp_path)
+    plan = json.loads(result.stdout)
+    assert plan["update_on"] == "device" and plan["other_update_on"]["update_on"] == "host"
+    assert plan["other_update_on"]["predicted_step_s"] > 10 * plan["predicted_step_s"]
+    text = streamer("plan", "--model", "gpt-neox-20b", "--device", "h100", "--state", "compact8", cache=tmp_path)
+    assert "  AdamW on the device (--update-on auto): on the host the step would take " in text.stdout
+    cpu = json.loads(streamer("plan", "--model", "gpt3-125m", "--json", cache=tmp_path).stdout)
+    assert cpu["update_on"] == "host" and cpu["other_update_on"] is None
+    held = json.loads(streamer("plan", "--model", "gpt3-125m", "--held-units", "2", "--json", cache=tmp_path).stdout)
+    assert held["update_on"] == "device" and held["held_units"] == 2
+    # train decides as plan does: held units update on the device, with no --update-on
+    trained = streamer("train", "--mode", "stream", "--held-units", "2", "--steps", "1", "--batch-size", "2",
+                       "--seq-len", "32", "--out", str(tmp_path / "run"), "--no-progress", cache=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["update_on"] == "device"
+
+
 def test_train_missing_data_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.npy"
     result = streamer("train", "--data", str(missing), "--out", str(tmp_path / "run"), cache=tmp_path / "cache")

@@ -140,7 +140,7 @@ CASES = {
                                           ["needs about", "--max-memory is 0.0 GiB", "lower --batch-size"]),
     "non-positive --max-memory": Case(["--mode", "stream", "--max-memory", "0"],
                                       ["--max-memory must be a positive number of GiB"]),
-    "held units without the update on the device": Case(["--mode", "stream", "--held-units", "2"],
+    "held units with the update on the host": Case(["--mode", "stream", "--update-on", "host", "--held-units", "2"],
                                                        ["--held-units holds units for AdamW on the device",
                                                         "--update-on device"]),
     "held units past the head": Case(["--mode", "stream", "--update-on", "device", "--held-units", "9"],

@@ -537,6 +537,22 @@ def test_the_plan_says_what_runs_the_update_on_the_device() -> None:
     assert "AdamW on the device" not in planner.format_plan(host, PROFILES["h100"])
 
 
+def test_auto_puts_the_update_where_the_step_is_shorter() -> None:
+    """--update-on auto: the place whose plan predicts the shorter step, of those that fit
+    (--max-memory may refuse one); the host on a tie. For gpt3-xl on the h100 profile the
+    device's update wins (the host's fp32 AdamW bounds the step); for 20B in compact8, by
+    far (host cores code 8-bit moments ~70x slower)."""
+    cfg = ModelConfig.from_name("gpt3-xl")
+    host = make_plan(cfg, PROFILES["h100"], 32768, 2048, "ram", micro_tokens=16384)
+    device = make_plan(cfg, _xl_on_device("fp32", fused=True), 32768, 2048, "ram", micro_tokens=16384)
+    assert device.predicted_step_s < host.predicted_step_s
+    assert planner.faster_update_place({"host": host, "device": device}) == "device"
+    assert planner.faster_update_place({"host": device, "device": host}) == "host"
+    assert planner.faster_update_place({"host": host, "device": host}) == "host"
+    assert planner.faster_update_place({"device": host}) == "device"
+    assert planner.faster_update_place({"host": host}) == planner.faster_update_place({}) == "host"
+
+
 def test_a_sampled_tokens_floor_held_and_streamed() -> None:
     """gpt-neox-20b in bf16 on the h100 profile: 41 GB held whole fits its 80 GB, a
     token reading every weight from device memory once; streamed, two of its 0.45B

@@ -17,8 +17,11 @@ from streamer.train import TrainConfig, load_final, train
 
 def _run(tmp_path, model, mode, offload="auto", **overrides):
     out = tmp_path / f"{model}-{mode}-{offload}"
+    # The update's place is pinned: on CUDA, --update-on auto could choose differently for
+    # two runs a test compares (a CPU device's auto is the host anyway).
     settings = dict(model=model, mode=mode, offload=offload, steps=6, batch_size=2, grad_accum=2, seq_len=32,
-                    warmup=2, grad_clip=0.5, weight_decay=0.1, lr=3e-3, progress=False, out=str(out))
+                    warmup=2, grad_clip=0.5, weight_decay=0.1, lr=3e-3, progress=False, out=str(out),
+                    update_on="host")
     settings.update(overrides)
     train(TrainConfig(**settings))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -77,6 +77,7 @@ def test_the_start_up_and_the_plan_are_reported(token_file: Path, tmp_path: Path
     assert info["plan"]["offload"] == "split" and info["plan"]["ram_units"] <= info["plan"]["n_units"] == 6
     assert info["plan"]["predicted_step_s"] > 0
     assert info["page_locked"] is False  # only a CUDA run page-locks its RAM tier
+    assert info["update_on"] == "host"  # --update-on auto on a CPU device: host and device are one
     parts = startup["plan_s"] + startup["store_s"] + startup["initialise_s"]
     assert 0 < parts <= startup["total_s"]
     resident = json.loads((run(token_file, tmp_path / "res", steps=1)[0] / "run.json").read_text())["startup"]

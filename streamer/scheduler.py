@@ -304,7 +304,40 @@ class StreamEngine:
         self.layouts = store.layouts
         self.n_units = len(self.layouts)
         self.tied = model_cfg.tie_embeddings
-        cuda = device.type == "cuda"
+        sizes = self._allocate_buffers(prefetch_depth)
+        self._make_streams(sizes, held_units)
+        self.free_slots = list(range(prefetch_depth + 1))
+        self.state = [UnitState.HOME] * self.n_units
+        self.slot_of: list[int | None] = [None] * self.n_units
+        self.pins = [0] * self.n_units
+        self.staged: list[Future | None] = [None] * self.n_units
+        self.grad_futures: list[Future | None] = [None, None]
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._make_workers(store, early_updates)
+        self._init_held(store, held_units)
+        self._counter_lock = threading.Lock()  # the lane, the worker and the step add time and bytes
+        # Update seconds since the run began, and up to the last step's end: a step's own
+        # share is the difference (the lane's updates for the next step start before the
+        # last step's metrics are written, so a per-step counter would split them).
+        self.update_s_total = self._update_s_seen = 0.0
+        # Bytes an update on the device moves (state in, updated state out), likewise.
+        self.update_bytes_total, self._update_bytes_seen = [0, 0], [0, 0]
+        self.batch_rows: torch.Tensor | None = None  # token ids of this step, for the sparse path
+        self.pending: PendingUpdate | None = None
+        self.update_due = [False] * self.n_units
+        self.adam_step = 0
+        self.counters = {"bytes_in": 0, "bytes_out": 0, "stall_s": 0.0, "update_s": 0.0,
+                         "forward_s": 0.0, "backward_s": 0.0, "h2d_busy_s": 0.0, "h2d_bytes": 0}
+        # On CUDA, (start, end, bytes) of each host-to-device copy this step: the link's
+        # rate while it copies, which the step's average (`link_gbps`) does not show.
+        self.link_timings: list[tuple] = []
+        self.io_before = store.io_seconds()
+        self.io_step: dict[str, float] = {}
+
+    def _allocate_buffers(self, prefetch_depth: int) -> list[int]:
+        """The device's weight slots and gradient buffers (and on CUDA the page-locked
+        host buffers behind them), allocated once; returns the slots' sizes."""
+        device, dtype, cuda = self.device, self.dtype, self.device.type == "cuda"
         # A tied table stays resident all step in a slot of its own, sized for it; the
         # K + 1 ring slots that hold the prefetch window are sized for the other units.
         ring_units = range(1, self.n_units) if self.tied else range(self.n_units)
@@ -329,6 +362,11 @@ class StreamEngine:
         # The squared norm of this rank's reduced gradient shards, summed by whichever
         # thread reduces them (the host worker on CPU, the grad stream on CUDA).
         self.shard_sq_norm = torch.zeros((), dtype=torch.float64, device=device)
+        return sizes
+
+    def _make_streams(self, sizes: list[int], held_units: int) -> None:
+        """CUDA streams and events, allocated once (None on a CPU device)."""
+        device, cuda = self.device, self.device.type == "cuda"
         # Copies run on their own streams so they overlap compute on the default stream.
         self.copy_stream = torch.cuda.Stream(device) if cuda else None  # host -> device weights
         # A page-locked unit's updates on the device alternate chunks between the copy
@@ -350,13 +388,11 @@ class StreamEngine:
         # Per unit, the last direct copy out of a page-locked store: a host update of the
         # unit waits for it before it writes those buffers.
         self.store_read_events = [torch.cuda.Event() for _ in self.layouts] if cuda else None
-        self.free_slots = list(range(prefetch_depth + 1))
-        self.state = [UnitState.HOME] * self.n_units
-        self.slot_of: list[int | None] = [None] * self.n_units
-        self.pins = [0] * self.n_units
-        self.staged: list[Future | None] = [None] * self.n_units
-        self.grad_futures: list[Future | None] = [None, None]
-        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def _make_workers(self, store: HostStore, early_updates: bool) -> None:
+        """The host threads that stage, update and write gradients (or, without threads,
+        the caller's own), and the lane that updates the disk units early."""
+        device, cuda = self.device, self.device.type == "cuda"
         # One host worker: staging, updates and gradient writes run in FIFO order, so
         # a unit is always updated before it is staged and never read mid-write.
         # Without threads (see [Note: no worker thread on a CPU device]) the same queue
@@ -375,6 +411,10 @@ class StreamEngine:
                      if self.early_units else None)
         self.lane_stream = torch.cuda.Stream(device) if cuda and self.early_units else None
         self.early: dict[int, Future] = {}  # unit -> its update running on the lane
+
+    def _init_held(self, store: HostStore, held_units: int) -> None:
+        """The bookkeeping of units held for their update on the device."""
+        cuda = self.device.type == "cuda"
         # See [Note: updates held on the device]. On a CPU device (tests) the same
         # bookkeeping runs with host copies and the host's update.
         self.held_units = held_units
@@ -391,24 +431,6 @@ class StreamEngine:
         # Per unit, the copy of its updated state back into the store: whatever reads
         # the store next (the backward's weights, the next fetch, a checkpoint) waits.
         self.held_written: list[torch.cuda.Event | None] = [None] * self.n_units
-        self._counter_lock = threading.Lock()  # the lane, the worker and the step add time and bytes
-        # Update seconds since the run began, and up to the last step's end: a step's own
-        # share is the difference (the lane's updates for the next step start before the
-        # last step's metrics are written, so a per-step counter would split them).
-        self.update_s_total = self._update_s_seen = 0.0
-        # Bytes an update on the device moves (state in, updated state out), likewise.
-        self.update_bytes_total, self._update_bytes_seen = [0, 0], [0, 0]
-        self.batch_rows: torch.Tensor | None = None  # token ids of this step, for the sparse path
-        self.pending: PendingUpdate | None = None
-        self.update_due = [False] * self.n_units
-        self.adam_step = 0
-        self.counters = {"bytes_in": 0, "bytes_out": 0, "stall_s": 0.0, "update_s": 0.0,
-                         "forward_s": 0.0, "backward_s": 0.0, "h2d_busy_s": 0.0, "h2d_bytes": 0}
-        # On CUDA, (start, end, bytes) of each host-to-device copy this step: the link's
-        # rate while it copies, which the step's average (`link_gbps`) does not show.
-        self.link_timings: list[tuple] = []
-        self.io_before = store.io_seconds()
-        self.io_step: dict[str, float] = {}
 
     # --- construction ------------------------------------------------------------
 
@@ -425,36 +447,13 @@ class StreamEngine:
         root = store_root(out, train_cfg.store_dir)
         offload = planner.choose_offload(model_cfg, available, store_free_bytes(root), train_cfg.offload, state)
         ram_units = planner.split_ram_units(model_cfg, available, state) if offload == "split" else None
-        profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]
-        # Whether this GPU runs the compact formats' fused kernels (their check runs here,
-        # once, not in the first backward): their temporaries are a tenth of the ops'.
-        profile = planner.replace(profile, fused_update=device.type == "cuda" and use_fused(FORMATS[state], device))
+        host_profile, on_device = cls._measured_profiles(train_cfg, model_cfg, device, dtype, offload, root)
         if device.type == "cuda":
             budget = 0.8 * torch.cuda.get_device_properties(device).total_memory
-        else:
+        else:  # half of what the RAM tier leaves
             counts = planner.unit_param_counts(model_cfg)
-            held = planner.state_bytes(state)[0] * sum(counts[: planner.units_in_ram(len(counts), offload, ram_units)])
-            budget = 0.5 * available - held
-        # The compute rate comes from a short profiling run of one block at this run's
-        # micro-batch: a square matmul misses attention, norms and memory-bound kernels
-        # (10-20% on a 2-core CPU for gpt3-125m).
-        flops = planner.measure_model_flops(model_cfg, device, dtype, train_cfg.batch_size, train_cfg.seq_len)
-        # Host copies (staging, gradient writes) at this machine's memcpy rate: a copy of
-        # n bytes reads n and writes n. On a CPU device it is also the "link".
-        copy = planner.measure_copy_bandwidth(torch.device("cpu"), 64 * 2**20)[0]
-        links = {"h2d_bytes_per_s": copy, "d2h_bytes_per_s": copy} if device.type == "cpu" else {}
-        if offload != "ram":  # a store the page cache holds moves at the kernel's copy rate
-            links["cached_io_bytes_per_s"] = planner.measure_page_cache_rate(root, 64 * 2**20)
-        profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
-                                  matmul_flops=flops, host_copy_bytes_per_s=2 * copy, **links)
-        on_device = profile
-        if train_cfg.update_on != "host" and device.type == "cuda":
-            # The update's kernels on this GPU, timed on one chunk (a second at most).
-            rate = planner.measure_update_rate(state=state, device=device)
-            on_device = planner.with_device_update(profile, state, rate, pipelined=offload == "ram")
-        if device.type == "cuda":  # the run's peak memory is its steps', not the probes'
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+            in_ram = sum(counts[: planner.units_in_ram(len(counts), offload, ram_units)])
+            budget = 0.5 * available - planner.state_bytes(state)[0] * in_ram
         micro = train_cfg.batch_size * train_cfg.seq_len
         dp = DataParallel(train_cfg.grad_sync)
 
@@ -469,8 +468,7 @@ class StreamEngine:
                                      memory_budget=budget, recompute=train_cfg.recompute, state=state,
                                      ram_units=ram_units, held_units=held)
 
-        held, host_profile = train_cfg.held_units, profile
-        update_on = train_cfg.update_on
+        held, update_on = train_cfg.held_units, train_cfg.update_on
         if update_on == "auto":  # see streamer.planner's [Note: where AdamW runs]
             update_on = "device" if held else "host"
             if device.type == "cuda" and not held:
@@ -482,8 +480,9 @@ class StreamEngine:
         profile = on_device if update_on == "device" else host_profile
         planner.check_held_units(model_cfg, held, update_on,
                                  planner.units_in_ram(model_cfg.n_layer + 2, offload, ram_units))
-        plan = plan_with(held if dp.world == 1 else 0, update_on)  # held updates take the whole gradient (the launcher
-        # refuses --held-units with several processes before any starts)
+        # Held updates take the whole gradient: one process only (the launcher refuses
+        # --held-units with several before any starts).
+        plan = plan_with(held if dp.world == 1 else 0, update_on)
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
         owned = [(dp.shard(lay.numel).start, dp.shard(lay.numel).stop) for lay in layouts]
@@ -528,6 +527,39 @@ class StreamEngine:
             memory_budget=budget, kept_graphs=plan.kept_graphs, state=state, ram_units=ram_units,
             early_updates=plan.early_updates, held_units=plan.held_units, recommend=False).predicted_step_s
         return engine
+
+    @staticmethod
+    def _measured_profiles(train_cfg, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
+                           offload: str, root: Path) -> tuple[planner.DeviceProfile, planner.DeviceProfile]:
+        """The planner's profile with this machine's rates, measured in a few seconds:
+        as the run sees it with AdamW on the host, and on the device (the same profile
+        unless the update may run on a GPU)."""
+        state = train_cfg.state
+        profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]
+        # Whether this GPU runs the compact formats' fused kernels (their check runs here,
+        # once, not in the first backward): their temporaries are a tenth of the ops'.
+        profile = planner.replace(profile, fused_update=device.type == "cuda" and use_fused(FORMATS[state], device))
+        # The compute rate comes from a short profiling run of one block at this run's
+        # micro-batch: a square matmul misses attention, norms and memory-bound kernels
+        # (10-20% on a 2-core CPU for gpt3-125m).
+        flops = planner.measure_model_flops(model_cfg, device, dtype, train_cfg.batch_size, train_cfg.seq_len)
+        # Host copies (staging, gradient writes) at this machine's memcpy rate: a copy of
+        # n bytes reads n and writes n. On a CPU device it is also the "link".
+        copy = planner.measure_copy_bandwidth(torch.device("cpu"), 64 * 2**20)[0]
+        links = {"h2d_bytes_per_s": copy, "d2h_bytes_per_s": copy} if device.type == "cpu" else {}
+        if offload != "ram":  # a store the page cache holds moves at the kernel's copy rate
+            links["cached_io_bytes_per_s"] = planner.measure_page_cache_rate(root, 64 * 2**20)
+        profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
+                                  matmul_flops=flops, host_copy_bytes_per_s=2 * copy, **links)
+        on_device = profile
+        if train_cfg.update_on != "host" and device.type == "cuda":
+            # The update's kernels on this GPU, timed on one chunk (a second at most).
+            rate = planner.measure_update_rate(state=state, device=device)
+            on_device = planner.with_device_update(profile, state, rate, pipelined=offload == "ram")
+        if device.type == "cuda":  # the run's peak memory is its steps', not the probes'
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        return profile, on_device
 
     # --- unit state and transfers ------------------------------------------------
 

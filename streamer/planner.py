@@ -1636,6 +1636,29 @@ def format_plan(plan: Plan, profile: DeviceProfile) -> str:
     return "\n".join(lines)
 
 
+def run_summary(plan: Plan, update_on: str, micro_tokens: int) -> str:
+    """The line a streamed run prints as it starts: where its state lives, where AdamW
+    runs, and whether its step hides the transfers (the data movement at most
+    RECOMMENDED_OVERHEAD of the step); when a larger step would, the accumulation that
+    makes one, with `micro_tokens` per micro-batch."""
+    where = {"ram": "in RAM", "disk": "on disk",
+             "split": f"{plan.ram_units} of {plan.n_units} units in RAM, the rest on disk"}[plan.offload]
+    recompute = f"recompute {recompute_text(plan)}" if plan.recompute else "no recompute"
+    line = (f"plan: {plan.state} state {where}, AdamW on the {update_on}, prefetch {plan.prefetch_depth}, "
+            f"{recompute}; {plan.tokens_per_step:,} tokens a step: predicted {plan.predicted_step_s:.3g} s, "
+            f"compute {plan.compute_s:.3g} s")
+    excess = plan.predicted_step_s - plan.compute_s
+    if excess <= RECOMMENDED_OVERHEAD * plan.predicted_step_s:
+        return line + ", the transfers hidden"
+    parts = {"host worker": plan.host_s, "link": plan.link_s, "storage": plan.storage_s}
+    busy = ", ".join(f"{name} {s:.3g} s" for s, name in sorted(((s, n) for n, s in parts.items() if s), reverse=True))
+    line += f"; the transfers add {excess:.3g} s ({busy})"
+    if plan.tokens_per_step < plan.recommended_tokens_per_step:
+        accum = -(-plan.recommended_tokens_per_step // micro_tokens)
+        line += f": {plan.recommended_tokens_per_step:,} tokens a step would hide them (--grad-accum {accum})"
+    return line
+
+
 def update_kernels_text(state: str, profile: DeviceProfile) -> str:
     """What runs a state's update on the device, and the device memory it moves."""
     fmt = FORMATS[state]

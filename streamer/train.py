@@ -1013,6 +1013,10 @@ def train(cfg: TrainConfig, started_at: float | None = None, announce: str | Non
         raise
     if lead and announce:
         print(announce)
+    if lead and hasattr(engine, "plan"):
+        from streamer.planner import run_summary
+
+        print(run_summary(engine.plan, engine.update_on, cfg.batch_size * cfg.seq_len))
     for warning in checked.warnings if lead else []:  # once the run is sure to start
         warn(warning)
     try:

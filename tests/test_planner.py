@@ -553,6 +553,23 @@ def test_auto_puts_the_update_where_the_step_is_shorter() -> None:
     assert planner.faster_update_place({"host": host}) == planner.faster_update_place({}) == "host"
 
 
+def test_a_streamed_run_says_whether_its_step_hides_the_transfers() -> None:
+    """The line a streamed run starts with: where the state lives and AdamW runs, and
+    when the step is too small to hide the transfers, by how much and what
+    accumulation would hide them; at that accumulation, that they are hidden."""
+    cfg = ModelConfig.from_name("gpt3-xl")
+    profile = _xl_on_device("fp32")
+    small = make_plan(cfg, profile, 4096, 2048, "ram", micro_tokens=2048)
+    line = planner.run_summary(small, "device", 2048)
+    assert line.startswith("plan: fp32 state in RAM, AdamW on the device, prefetch ")
+    assert f"the transfers add {small.predicted_step_s - small.compute_s:.3g} s (" in line
+    accum = -(-small.recommended_tokens_per_step // 2048)
+    assert accum > 2 and line.endswith(f": {small.recommended_tokens_per_step:,} tokens a step would hide them "
+                                       f"(--grad-accum {accum})")
+    large = make_plan(cfg, profile, accum * 2048, 2048, "ram", micro_tokens=2048)
+    assert planner.run_summary(large, "device", 2048).endswith(", the transfers hidden")
+
+
 def test_a_sampled_tokens_floor_held_and_streamed() -> None:
     """gpt-neox-20b in bf16 on the h100 profile: 41 GB held whole fits its 80 GB, a
     token reading every weight from device memory once; streamed, two of its 0.45B

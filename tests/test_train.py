@@ -63,14 +63,18 @@ def losses(rows: list[dict]) -> list[float]:
     return [row["loss"] for row in rows]
 
 
-def test_the_start_up_and_the_plan_are_reported(token_file: Path, tmp_path: Path) -> None:
+def test_the_start_up_and_the_plan_are_reported(token_file: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     """run.json says how long the engine took to start and where the time went (for a
     20B state, allocating, page-locking and initialising take minutes), and what plan
-    it runs."""
+    it runs; the run's first line says it too."""
     out = tmp_path / "split"
     train(TrainConfig(model="tiny", steps=1, batch_size=2, seq_len=64, data=str(token_file), out=str(out),
                       device="cpu", progress=False, mode="stream", offload="split"))
     info = json.loads((out / "run.json").read_text())
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"plan: fp32 state {info['plan']['ram_units']} of 6 units in RAM, the rest on disk, "
+                            "AdamW on the host, prefetch ")
     startup = info["startup"]
     assert {"plan_s", "store_s", "page_lock_s", "initialise_s", "total_s"} <= set(startup)
     # The plan it started from is there too: what the tiers hold and what a step should cost.

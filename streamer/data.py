@@ -398,6 +398,54 @@ class TokenFileWriter:
         self.file.close()
 
 
+def _prepare_inputs(out: Path, inputs: list[Path] | None, tokenizer_path: Path | None, train_vocab: int | None,
+                    separator: str | None, lines: JsonLines | None, eval_out: Path | None,
+                    eval_fraction: float) -> tuple[list[Path], int]:
+    """`prepare`'s text files (and how many a folder's walk left out), its flags checked
+    against each other before anything is read or written."""
+    if eval_out is not None:
+        if Path(eval_out).resolve() == Path(out).resolve():
+            raise UserError(f"--eval-out '{eval_out}' is --out itself: name another file for the held-out documents")
+        if not 0 < eval_fraction < 1:
+            raise UserError(f"--eval-fraction must be a fraction of the documents between 0 and 1, got "
+                            f"{eval_fraction}")
+    files, skipped = text_files(inputs) if inputs else (stdlib_files(), 0)
+    if not files:
+        raise UserError("the inputs hold no text file (a folder's hidden, compiled and binary files are left out): "
+                        "pass text files or folders holding them")
+    if lines is not None and lines.where and not any(_is_json_lines(path) for path in files):
+        raise UserError("--where chooses among JSON Lines documents, and no input is JSON Lines (.jsonl, .ndjson): "
+                        "drop --where, or pass JSON Lines files")
+    if separator is not None and tokenizer_path is None and train_vocab is None:
+        raise UserError("--separator needs a tokenizer with a token for it (bytes have none to spare): pass "
+                        "--tokenizer, or --train-tokenizer to learn one with it")
+    if train_vocab is not None and tokenizer_path is not None:
+        raise UserError("--tokenizer and --train-tokenizer both given: use one tokenizer, or learn one")
+    return files, skipped
+
+
+def _prepare_tokenizer(
+    out: Path, files: list[Path], tokenizer_path: Path | None, train_vocab: int | None, separator: str | None,
+    lines: JsonLines | None,
+) -> tuple[ByteTokenizer | HFTokenizer, int | None]:
+    """`prepare`'s tokenizer (given, learned from `files` with `train_vocab` tokens, or
+    bytes) and the id of its `separator` token (None without one)."""
+    if train_vocab is not None:
+        if separator is not None:  # before learning a tokenizer, so that an empty one fails fast
+            _separator_text(separator)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tokenizer_path = train_tokenizer(files, train_vocab, Path(out).with_suffix(".tokenizer.json"),
+                                         separator, lines).resolve()
+    tokenizer = HFTokenizer(tokenizer_path) if tokenizer_path else ByteTokenizer()
+    separator_id = None
+    if separator is not None:
+        separator_id = tokenizer.token_id(_separator_text(separator))
+        if separator_id is None:
+            raise UserError(f"--separator '{separator}' is not a token of {tokenizer.name}: name one of its tokens "
+                            "(GPT-2's and GPT-NeoX's end texts with '<|endoftext|>')")
+    return tokenizer, separator_id
+
+
 def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | None = None,
             train_vocab: int | None = None, progress: bool = False, separator: str | None = None,
             lines: JsonLines | None = None, eval_out: Path | None = None, eval_fraction: float = 0.01) -> dict:
@@ -422,37 +470,9 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
     source or its newest texts). Which documents is a hash of each one's place in the
     inputs' order: the same inputs in the same order split the same way, streaming
     still, and a document is never cut between the two files."""
-    if eval_out is not None:
-        if Path(eval_out).resolve() == Path(out).resolve():
-            raise UserError(f"--eval-out '{eval_out}' is --out itself: name another file for the held-out documents")
-        if not 0 < eval_fraction < 1:
-            raise UserError(f"--eval-fraction must be a fraction of the documents between 0 and 1, got "
-                            f"{eval_fraction}")
-    files, skipped = text_files(inputs) if inputs else (stdlib_files(), 0)
-    if not files:
-        raise UserError("the inputs hold no text file (a folder's hidden, compiled and binary files are left out): "
-                        "pass text files or folders holding them")
-    if lines is not None and lines.where and not any(_is_json_lines(path) for path in files):
-        raise UserError("--where chooses among JSON Lines documents, and no input is JSON Lines (.jsonl, .ndjson): "
-                        "drop --where, or pass JSON Lines files")
-    if separator is not None and tokenizer_path is None and train_vocab is None:
-        raise UserError("--separator needs a tokenizer with a token for it (bytes have none to spare): pass "
-                        "--tokenizer, or --train-tokenizer to learn one with it")
-    if train_vocab is not None:
-        if tokenizer_path is not None:
-            raise UserError("--tokenizer and --train-tokenizer both given: use one tokenizer, or learn one")
-        if separator is not None:  # before learning a tokenizer, so that an empty one fails fast
-            _separator_text(separator)
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tokenizer_path = train_tokenizer(files, train_vocab, Path(out).with_suffix(".tokenizer.json"),
-                                         separator, lines).resolve()
-    tokenizer = HFTokenizer(tokenizer_path) if tokenizer_path else ByteTokenizer()
-    separator_id = None
-    if separator is not None:
-        separator_id = tokenizer.token_id(_separator_text(separator))
-        if separator_id is None:
-            raise UserError(f"--separator '{separator}' is not a token of {tokenizer.name}: name one of its tokens "
-                            "(GPT-2's and GPT-NeoX's end texts with '<|endoftext|>')")
+    files, skipped = _prepare_inputs(out, inputs, tokenizer_path, train_vocab, separator, lines, eval_out,
+                                     eval_fraction)
+    tokenizer, separator_id = _prepare_tokenizer(out, files, tokenizer_path, train_vocab, separator, lines)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

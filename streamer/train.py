@@ -861,6 +861,60 @@ def evaluate(engine: Any, groups: list[tuple[str | None, list[list[tuple[torch.T
     return metrics
 
 
+def _run_record(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParallel, started_at: float,
+                flops_per_token: float, peak_flops: float) -> dict:
+    """run.json: the settings, the machine, how the data is read, the start-up, the
+    process (for `streamer status`), the time limit, and a streamed run's plan."""
+    return {"train": cfg.record(), "model": checked.model_cfg.to_dict(), "world": dp.world,
+            "device": str(checked.device), "dtype": str(checked.dtype).removeprefix("torch."),
+            "flops_per_token": flops_per_token, "peak_flops": peak_flops,
+            # Each data file as the run reads it: its training tokens, share of the
+            # windows and times read over (on average).
+            "data_reads": [{"file": name, "training_tokens": size, "share": share, "times_read": times}
+                           for name, size, share, times in times_read(
+                               cfg.training_tokens(checked.tokens), cfg.steps * cfg.tokens_per_step() * dp.world)],
+            "startup": engine.startup,
+            "process": process_record(),  # for `streamer status`: running, or killed?
+            **({"time_limit": {"limit_s": cfg.time_limit_s, "ends": utc_stamp(started_at + cfg.time_limit_s)}}
+               if cfg.time_limit_s else {}),
+            **({"store": str(engine.store_root)} if getattr(engine, "store_root", None) else {}),
+            # The streamer's plan as it started: tiers, state, recompute, prefetch,
+            # predicted step and memory (before calibration).
+            **({"plan": asdict(engine.plan), "page_locked": engine.page_locked, "update_on": engine.update_on}
+               if hasattr(engine, "plan") else {})}
+
+
+def _time_limit(cfg: TrainConfig, engine: Any, dp: DataParallel, out: Path, start: int, started_at: float,
+                slowest_s: float, longest_s: float) -> TimeLimit:
+    """--time-limit's clock, from the times earlier jobs measured (or a probe); a
+    resumed job whose start-up left no room for a step and its checkpoint is refused."""
+    limit = TimeLimit(cfg.time_limit_s, started_at, longest_s or probe_checkpoint_s(engine, out, dp.rank),
+                      measured=bool(longest_s))
+    # A resumed job knows its step: if start-up left no room for one and its
+    # checkpoint, every job would end as this one, with nothing done; say so instead.
+    if slowest_s and start < cfg.steps and dp.max(int(limit.out_of_time(slowest_s, False)), engine.device if
+                                                   dp.world > 1 else torch.device("cpu")):
+        raise UserError(f"--time-limit {cfg.time_limit_s:g} s leaves {max(0.0, limit.left_s()):.0f} s after "
+                        f"start-up ({TimeLimit.clock() - started_at:.0f} s), and a step with its checkpoint needs "
+                        f"about {limit.needed_s(slowest_s, 1):.0f} s (as this run measured them): give the "
+                        f"job more time")
+    return limit
+
+
+def _show_progress(bar: tqdm, row: dict, held_out: float | None) -> float | None:
+    """The progress bar's step, loss, speed, newest held-out loss and stall share;
+    returns that held-out loss."""
+    postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+    held_out = row.get("eval_loss", held_out)
+    if held_out is not None:
+        postfix["held-out"] = f"{held_out:.3f}"
+    if "stall_s" in row:
+        postfix["stall"] = f"{row['stall_s'] / row['step_s']:.0%}"
+    bar.set_postfix(postfix)
+    bar.update()
+    return held_out
+
+
 def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParallel, start: int,
                run_state: dict, started_at: float) -> Stopped | None:
     """Steps `start`..steps-1: log each, count skipped ones, checkpoint when due; stop
@@ -874,23 +928,7 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
     peak_flops = planner.peak_flops(checked.device, checked.dtype)
     flops_per_token = checked.model_cfg.flops_per_token(cfg.seq_len)
     meta = {"mode": cfg.mode, "model": checked.model_cfg.to_dict(), "train": cfg.record()}
-    run_info = {"train": cfg.record(), "model": checked.model_cfg.to_dict(), "world": dp.world,
-                "device": str(checked.device), "dtype": str(checked.dtype).removeprefix("torch."),
-                "flops_per_token": flops_per_token, "peak_flops": peak_flops,
-                # Each data file as the run reads it: its training tokens, share of the
-                # windows and times read over (on average).
-                "data_reads": [{"file": name, "training_tokens": size, "share": share, "times_read": times}
-                               for name, size, share, times in times_read(
-                                   cfg.training_tokens(checked.tokens), cfg.steps * cfg.tokens_per_step() * dp.world)],
-                "startup": engine.startup,
-                "process": process_record(),  # for `streamer status`: running, or killed?
-                **({"time_limit": {"limit_s": cfg.time_limit_s, "ends": utc_stamp(started_at + cfg.time_limit_s)}}
-                   if cfg.time_limit_s else {}),
-                **({"store": str(engine.store_root)} if getattr(engine, "store_root", None) else {}),
-                # The streamer's plan as it started: tiers, state, recompute, prefetch,
-                # predicted step and memory (before calibration).
-                **({"plan": asdict(engine.plan), "page_locked": engine.page_locked, "update_on": engine.update_on}
-                   if hasattr(engine, "plan") else {})}
+    run_info = _run_record(cfg, checked, engine, dp, started_at, flops_per_token, peak_flops)
     if lead:
         atomic_write_json(out / "run.json", run_info)
     streak, held_out = run_state.get("skipped_in_a_row", 0), None
@@ -900,18 +938,7 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
     # stop needs ([Note: stopping in time]).
     slowest_s, longest_s = run_state.get("slowest_step_s", 0.0), run_state.get("checkpoint_s", 0.0)
     stop, checkpoint_s = StopSignals(announce=lead), 0.0
-    limit = None
-    if cfg.time_limit_s:
-        limit = TimeLimit(cfg.time_limit_s, started_at, longest_s or probe_checkpoint_s(engine, out, dp.rank),
-                          measured=bool(longest_s))
-        # A resumed job knows its step: if start-up left no room for one and its
-        # checkpoint, every job would end as this one, with nothing done; say so instead.
-        if slowest_s and start < cfg.steps and dp.max(int(limit.out_of_time(slowest_s, False)), engine.device if
-                                                       dp.world > 1 else torch.device("cpu")):
-            raise UserError(f"--time-limit {cfg.time_limit_s:g} s leaves {max(0.0, limit.left_s()):.0f} s after "
-                            f"start-up ({TimeLimit.clock() - started_at:.0f} s), and a step with its checkpoint needs "
-                            f"about {limit.needed_s(slowest_s, 1):.0f} s (as this run measured them): give the "
-                            f"job more time")
+    limit = _time_limit(cfg, engine, dp, out, start, started_at, slowest_s, longest_s) if cfg.time_limit_s else None
     with stop, bar, open(out / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as metrics:
         for step in range(start, cfg.steps):
             lr = lr_at(step, optim)
@@ -927,14 +954,7 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
             streak = _skip_streak(stats, step, streak, cfg, lead)
-            postfix = {"loss": f"{stats.loss:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
-            held_out = row.get("eval_loss", held_out)
-            if held_out is not None:
-                postfix["held-out"] = f"{held_out:.3f}"
-            if "stall_s" in row:
-                postfix["stall"] = f"{row['stall_s'] / step_s:.0%}"
-            bar.set_postfix(postfix)
-            bar.update()
+            held_out = _show_progress(bar, row, held_out)
             # What a stop waits for: the longest step (with its evaluation) so far, and a checkpoint.
             slowest_s = max(slowest_s, time.perf_counter() - started)
             due = bool(cfg.checkpoint_every) and (step + 1) % cfg.checkpoint_every == 0

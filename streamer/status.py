@@ -10,6 +10,7 @@ it is safe beside a running process (it reads the rows whole up to the last newl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -98,6 +99,9 @@ def run_status(out: Path) -> dict:
         "stopped": run.get("stopped"),
         "time_limit": run.get("time_limit"),
         "store": run.get("store"),
+        "plan": run.get("plan"),  # a streamed run's, as it started
+        "update_on": run.get("update_on"),
+        "micro_tokens": train.get("batch_size", 0) * train.get("seq_len", 0),
     }
     return status
 
@@ -155,6 +159,11 @@ def describe(s: dict) -> list[str]:
                 if s["left_s"] else "")
         lines.append(f"speed {s['tokens_per_s']:,.0f} tokens/s, {_readable(s['step_s'])} a step (median of the last "
                      f"{min(RECENT, s['steps_done'])}){mfu}{left}")
+    if s["plan"] and s["update_on"]:
+        from streamer.planner import Plan, run_summary
+
+        with contextlib.suppress(TypeError):  # a plan recorded by an older version, of other fields
+            lines.append(run_summary(Plan(**s["plan"]), s["update_on"], s["micro_tokens"]))
     if s["checkpoints"]:
         lines.append(f"checkpoints {', '.join(s['checkpoints'])}" + (f" ({newest} is the newest)"
                                                                      if len(s["checkpoints"]) > 1 else ""))

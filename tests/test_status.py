@@ -87,6 +87,21 @@ def test_status_follows_a_run_through_its_states(token_file: Path, tmp_path: Pat
     assert status(out)[0]["state"] == "finished"
 
 
+def test_status_of_a_streamed_run_gives_its_plan(token_file: Path, tmp_path: Path) -> None:
+    """A streamed run's status says the plan it started with, as its first line did:
+    where the state lives, where AdamW ran, the predicted step, to set beside the
+    measured speed."""
+    out = tmp_path / "run"
+    done = run_main(["train", "--mode", "stream", "--offload", "disk", "--steps", "2", "--batch-size", "2",
+                     "--seq-len", "32", "--data", str(token_file), "--out", str(out), "--no-progress"])
+    assert done.returncode == 0, done.stderr
+    record, lines = status(out)
+    assert record["plan"]["offload"] == "disk" and record["update_on"] == "host"
+    plan = next(line for line in lines if line.startswith("plan: "))
+    assert plan.startswith("plan: fp32 state on disk, AdamW on the host, prefetch ")
+    assert plan == done.stdout.splitlines()[0]  # the line the run started with
+
+
 def test_status_of_a_folder_without_a_run_is_one_line(tmp_path: Path, fails_in_one_line) -> None:  # noqa: ANN001
     (tmp_path / "garbled").mkdir()
     (tmp_path / "garbled" / "run.json").write_text("{not json")

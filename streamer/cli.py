@@ -385,9 +385,10 @@ def given_flags(train_argv: list[str]) -> set[str]:
     return set(vars(parser.parse_args(train_argv)))
 
 
-def recorded_run(out: Path) -> tuple[dict, int] | None:
-    """The settings and number of processes the run in `out` recorded last: its newest
-    checkpoint's, or run.json's when it has none; None when it recorded nothing."""
+def recorded_run(out: Path) -> tuple[dict, int, Path | None] | None:
+    """The settings and number of processes the run in `out` recorded last, and the
+    checkpoint that recorded them: its newest checkpoint's, or run.json's when it has
+    none (no checkpoint then); None when it recorded nothing."""
     from streamer.checkpoint import newest_manifest
 
     found = newest_manifest(out)
@@ -396,7 +397,9 @@ def recorded_run(out: Path) -> tuple[dict, int] | None:
     except (OSError, ValueError):
         return None
     settings = record.get("train") if isinstance(record, dict) else None
-    return (settings, int(record.get("world", 1))) if isinstance(settings, dict) else None
+    if not isinstance(settings, dict):
+        return None
+    return settings, int(record.get("world", 1)), found[0] if found else None
 
 
 def resume_settings(args: argparse.Namespace, given: set[str]) -> dict[str, object]:
@@ -405,7 +408,7 @@ def resume_settings(args: argparse.Namespace, given: set[str]) -> dict[str, obje
     found = recorded_run(Path(args.out)) if args.resume and args.out else None
     if found is None:
         return {}
-    settings, world = found
+    settings, world, checkpoint = found
     filled: dict[str, object] = {}
     for action in train_parser()._actions:
         dest = action.dest
@@ -416,6 +419,13 @@ def resume_settings(args: argparse.Namespace, given: set[str]) -> dict[str, obje
         filled[dest] = [value] if isinstance(value, str) and action.nargs == "+" else value
     if "nproc" not in given and "WORLD_SIZE" not in os.environ:
         filled["nproc"] = world
+    # An architecture a folder of weights named (--model DIR, or --init-from's), the
+    # folder since moved or deleted: the checkpoint the run goes on from names it too.
+    model, init_from = filled.get("model", args.model), filled.get("init_from", args.init_from)
+    named_by = model if model is not None else init_from
+    if checkpoint is not None and isinstance(named_by, str) and not Path(named_by).exists() and (
+            model is None or os.sep in model):
+        filled["model"] = str(checkpoint)
     return filled
 
 

@@ -129,6 +129,27 @@ def test_a_resume_given_only_its_directory_goes_on_as_recorded(references: dict[
     assert len(losses(tmp_path / "run")) == 8
 
 
+def test_a_resume_finds_its_architecture_when_the_weights_it_came_from_are_gone(
+        tmp_path: Path, hugging_face_checkpoint) -> None:  # noqa: ANN001
+    """A run of an architecture no registry entry has, named by the weights it started
+    from (--init-from DIR, no --model): with DIR moved away, `--resume` takes the
+    architecture from the checkpoint it goes on from, and the run goes on."""
+    import shutil
+
+    weights = tmp_path / "own-model"
+    hugging_face_checkpoint("tiny", weights, n_layer=3, d_model=64)
+    common = ["--batch-size", "2", "--seq-len", "32", "--no-progress", "--out", str(tmp_path / "run")]
+    assert run_main(["train", "--init-from", str(weights), "--steps", "2", "--checkpoint-every", "2",
+                     *common]).returncode == 0
+    shutil.rmtree(weights)
+    resumed = run_main(["train", "--resume", "--steps", "4", *common])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"--model {tmp_path / 'run' / 'checkpoints' / 'step-00000002'}" in resumed.stdout
+    assert len(losses(tmp_path / "run")) == 4
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["model"]["name"] == "own-model" and record["model"]["n_layer"] == 3
+
+
 def test_resume_with_early_updates_is_the_same_run(references: dict[str, Path], token_file: Path,
                                                   tmp_path: Path) -> None:
     """The disk units' updates on their own lane (streamer.scheduler's [Note: early

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _eval(capsys, *args: str) -> dict:  # noqa: ANN001
+    capsys.readouterr()  # what ran before (a streamed run's first line, its plan)
     assert main(["eval", *args, "--device", "cpu", "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 

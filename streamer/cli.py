@@ -206,8 +206,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="a trained model's loss on text (a run's held-out loss, or a checkpoint's on "
                                     "your data)")
-    p.add_argument("weights", metavar="DIR",
-                   help="a run folder or its final/ (its settings are the defaults), or a Hugging Face checkpoint")
+    p.add_argument("weights", metavar="DIR", nargs="+",
+                   help="a run folder or its final/ (its settings are the defaults), one of its checkpoints, or a "
+                        "Hugging Face checkpoint; several: each one's loss (a run's checkpoints: its curve)")
     p.add_argument("--data", type=Path, nargs="+", default=None, metavar="FILE",
                    help="token file(s) from 'streamer prepare' (default: the run's, else the stdlib as bytes)")
     p.add_argument("--data-weights", nargs="+", type=float, default=None, metavar="W",

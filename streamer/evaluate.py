@@ -172,9 +172,26 @@ def windows_per_pass(weights: Weights, ecfg: EvalConfig, windows: int, free: int
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    """Each folder's loss, on the same windows when they are one run's (its checkpoints
+    along the way: a learning curve on new text, say); every folder is checked before
+    any is read. --json: an object, or a list of them for several folders."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    path = Path(args.weights)
+    paths = [Path(given) for given in args.weights]
+    for path in paths:
+        model_config(weights_folder(path))
+    results = []
+    for path in paths:
+        result, line = _evaluated(args, path, device, dtype)
+        results.append({"weights": str(path), **result})
+        if not args.json:
+            print(f"{path}: {line}" if len(paths) > 1 else line, flush=True)
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results))
+
+
+def _evaluated(args: argparse.Namespace, path: Path, device: torch.device, dtype: torch.dtype) -> tuple[dict, str]:
+    """One folder's loss: the JSON result and the line for a person."""
     folder = weights_folder(path)
     model_cfg = model_config(folder)
     settings = run_settings(path)
@@ -217,9 +234,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     mixture = len(ecfg.data) > 1
     if mixture:
         result["by_file"] = {name: span_total / span_count for name, span_total, span_count in spans}
-    if args.json:
-        print(json.dumps(result))
-        return
     windows = f"{len(x)} window{'s' if len(x) > 1 else ''} of {ecfg.seq_len}"
     run = settings[0] if settings else None
     caveat = "" if result["held_out"] is not False else "; the run trained on these tokens (it held out " + (
@@ -227,9 +241,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         f"only the last {run.holdout * 100:g}%)" if run.eval_every else "none: see --eval-every)")
     by_file = "; by file: " + ", ".join(f"{name} {value:.4f}" for name, value in result["by_file"].items()
                                         ) if mixture else ""
-    print(f"{model_cfg.name} ({weights.mode} on {device.type}): loss {loss:.4f}, perplexity "
-          f"{result['perplexity']:.2f}, over {count:,} tokens ({windows} from {where} {result['data']}) in "
-          f"{seconds:.1f} s{', attention within documents' if masked else ''}{by_file}{caveat}")
+    return result, (f"{model_cfg.name} ({weights.mode} on {device.type}): loss {loss:.4f}, perplexity "
+                    f"{result['perplexity']:.2f}, over {count:,} tokens ({windows} from {where} {result['data']}) in "
+                    f"{seconds:.1f} s{', attention within documents' if masked else ''}{by_file}{caveat}")
 
 
 def held_out(run: TrainConfig | None, ecfg: EvalConfig) -> bool | None:

@@ -97,6 +97,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, token_file: Path, fail
     cpu = ["--device", "cpu"]
     fails_in_one_line("eval", {
         "no weights there": ([str(tmp_path / "absent"), *cpu], ["absent': no folder"]),
+        "a second folder without weights": ([str(run), str(tmp_path / "absent"), *cpu], ["absent': no folder"]),
         "a fraction of nothing": ([str(run), "--holdout", "0", *cpu], ["--holdout must be a fraction above 0"]),
         "more than all": ([str(run), "--holdout", "1.5", *cpu], ["at most 1 (all of the data)"]),
         "past the context": ([str(run), "--seq-len", "300", *cpu], ["exceeds tiny's context of 256"]),
@@ -164,6 +165,13 @@ def test_a_checkpoint_gives_the_held_out_loss_logged_at_its_step(tmp_path: Path,
     # Streamed from the checkpoint's files, a unit read for every pass: the same loss.
     from_disk = _eval(capsys, str(run / "checkpoints" / "step-00000004"), "--mode", "disk")
     assert from_disk["mode"] == "disk" and from_disk["loss"] == at_4["loss"]
+    # Both at once, a run's curve: one result each, in the order given, each the loss alone.
+    both = _eval(capsys, *(str(run / "checkpoints" / f"step-0000000{n}") for n in (2, 4)))
+    assert [r["weights"] for r in both] == [str(run / "checkpoints" / f"step-0000000{n}") for n in (2, 4)]
+    assert [r["loss"] for r in both] == pytest.approx([at_2["loss"], at_4["loss"]], abs=1e-6)
+    assert main(["eval", str(run / "checkpoints" / "step-00000002"), str(run), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(run / "checkpoints" / "step-00000002"), str(run)]
 
     assert main(["sample", str(run / "checkpoints" / "step-00000004"), "--tokens", "10", "--temperature", "0",
                  "--device", "cpu"]) == 0

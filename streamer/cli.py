@@ -54,27 +54,22 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a named model (no flags: tiny on the stdlib corpus)")
+    _add_train_model(p.add_argument_group("model and data"))
+    _add_train_optimizer(p.add_argument_group("steps and optimizer"))
+    _add_train_placement(p.add_argument_group("where it runs"))
+    _add_train_streaming(p.add_argument_group("streaming (--mode stream)"))
+    _add_train_output(p.add_argument_group("output, checkpoints and stopping"))
+    _add_train_evaluation(p.add_argument_group("held-out evaluation"))
+
+
+def _add_train_model(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--model", default=None,
                    help="a registry name ('streamer models' lists them), or a folder of weights whose architecture "
                         "to train: a Hugging Face checkpoint, a run's final/ or one of its checkpoints (default: "
                         "--init-from's architecture, else tiny)")
-    p.add_argument("--mode", default="resident", choices=["resident", "stream"],
-                   help="resident: all on one device; stream: weights stream from a host store")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr/10)")
-    p.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "wsd", "constant"],
-                   help="after warmup: cosine decay to --min-lr; wsd: the peak, then the last --decay-fraction of "
-                        "the steps decays (1 - sqrt); constant: the peak")
-    p.add_argument("--decay-fraction", type=float, default=0.2, metavar="F",
-                   help="--schedule wsd: the share of the steps that decays (default 0.2)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm limit; 0 disables")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from pretrained weights: a Hugging Face checkpoint (GPT-2, GPT-J, GPT-NeoX; "
+                        "safetensors), a run's final/ or one of its checkpoints (with --model: of its architecture)")
     p.add_argument("--data", nargs="+", default=None, metavar="FILE",
                    help="token file(s) from 'streamer prepare' (default: stdlib corpus); several are drawn from "
                         "in the shares --data-weights gives")
@@ -84,9 +79,39 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=False,
                    help="attend within each document of a window only (data prepared with --separator), "
                         "learned positions counting from each document's start")
-    p.add_argument("--out", default=None, help="output directory (default: runs/MODEL-TIMESTAMP)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (at most the model's context)")
+
+
+def _add_train_optimizer(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of the whole run")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr/10)")
+    p.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "wsd", "constant"],
+                   help="after warmup: cosine decay to --min-lr; wsd: the peak, then the last --decay-fraction of "
+                        "the steps decays (1 - sqrt); constant: the peak")
+    p.add_argument("--decay-fraction", type=float, default=0.2, metavar="F",
+                   help="--schedule wsd: the share of the steps that decays (default 0.2)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's, on matrices and embeddings only")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm limit; 0 disables")
+    p.add_argument("--seed", type=int, default=0, help="the initial weights' and the batches' draws")
+    p.add_argument("--max-skipped-steps", type=int, default=0, metavar="N",
+                   help="stop after N steps in a row with a non-finite loss or gradient norm (0: never)")
+
+
+def _add_train_placement(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--mode", default="resident", choices=["resident", "stream"],
+                   help="resident: all on one device; stream: weights stream from a host store")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on CUDA)")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun)")
+    p.add_argument("--grad-sync", default="sparse", choices=["sparse", "dense"],
+                   help="data parallel: sum the embedding's row-sparse gradient sparsely or densely")
+
+
+def _add_train_streaming(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--offload", default="auto", choices=["auto", "ram", "disk", "split"],
                    help="stream mode: where master weights and optimizer state live (split: the leading units "
                         "in RAM, the rest on disk)")
@@ -115,10 +140,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="stream mode: host RAM to plan the store with (default: what the OS reports available; "
                         "give it where that reading is not what the machine can give, as in a VM whose RAM "
                         "grows as it is used)")
-    p.add_argument("--grad-sync", default="sparse", choices=["sparse", "dense"],
-                   help="data parallel: sum the embedding's row-sparse gradient sparsely or densely")
-    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (runs torchrun)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_train_output(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--out", default=None, help="output directory (default: runs/MODEL-TIMESTAMP)")
     p.add_argument("--save-final", action=argparse.BooleanOptionalAction, default=True,
                    help="export the final weights to DIR/final (--no-save-final: a benchmark's run; checkpoints "
                         "still save)")
@@ -133,6 +158,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", default=None, metavar="TIME",
                    help="the wall time the run has (as 4h, 90m or 1-12:00:00), counted from the command's start: "
                         "it stops in time with a checkpoint, and exits 75 (needs --checkpoint-every)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_train_evaluation(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="every N steps and after the last, the loss on held-out text: the data's last "
                         "--holdout, which training then never reads (0: no evaluation, training reads all)")
@@ -143,11 +172,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-data", nargs="+", default=None, metavar="FILE",
                    help="with --eval-every: held-out token file(s) of their own, read whole by each evaluation "
                         "(several: in their sizes' shares); training then reads all of --data")
-    p.add_argument("--init-from", default=None, metavar="DIR",
-                   help="start from pretrained weights: a Hugging Face checkpoint (GPT-2, GPT-J, GPT-NeoX; "
-                        "safetensors) or a run's final/, of --model's architecture")
-    p.add_argument("--max-skipped-steps", type=int, default=0, metavar="N",
-                   help="stop after N steps in a row with a non-finite loss or gradient norm (0: never)")
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:

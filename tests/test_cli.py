@@ -69,8 +69,8 @@ def test_a_resume_tells_the_flags_given_from_those_left_to_the_record() -> None:
               "lr": 1e-4, "min_lr": None, "max_memory": 30.5, "schedule": "wsd"}
     parsed = vars(train_parser().parse_args(as_flags(filled)))
     assert {dest: parsed[dest] for dest in filled} == filled
-    assert as_flags(filled, changed_only=True) == ["--model", "gpt3-125m", "--lr", "0.0001", "--schedule", "wsd",
-                                                   "--data", "a b.npy", "c.npy", "--max-memory", "30.5",
+    assert as_flags(filled, changed_only=True) == ["--model", "gpt3-125m", "--data", "a b.npy", "c.npy", "--lr",
+                                                   "0.0001", "--schedule", "wsd", "--max-memory", "30.5",
                                                    "--no-save-final"]
 
 

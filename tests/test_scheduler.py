@@ -187,6 +187,25 @@ def test_stream_matches_resident_on_cuda(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("state", ["fp32", "compact8"])
+def test_auto_updates_where_the_planner_predicts_the_shorter_step_on_cuda(tmp_path, monkeypatch, state):
+    """--update-on auto on a GPU plans AdamW on the host and on the device (its rate
+    measured on this GPU), runs the place with the shorter predicted step, records it,
+    and trains."""
+    weighed = []
+    real = planner.faster_update_place
+    monkeypatch.setattr(planner, "faster_update_place", lambda plans: weighed.append(plans) or real(plans))
+    rows, _ = _run(tmp_path, "tiny-gptj", "stream", "ram", device="cuda", steps=3, state=state, update_on="auto")
+    [plans] = weighed
+    assert set(plans) == {"host", "device"}
+    chosen = min(plans, key=lambda place: (plans[place].predicted_step_s, place != "host"))
+    record = json.loads((tmp_path / "tiny-gptj-stream-ram" / "run.json").read_text())
+    assert record["update_on"] == chosen  # and it runs the plan it weighed:
+    assert record["plan"]["predicted_step_s"] == plans[chosen].predicted_step_s
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("offload", ["ram", "disk"])
 def test_the_link_rate_while_copying_is_reported_and_within_the_links(tmp_path, offload):
     """Each step times its host-to-device copies with CUDA events: the link's rate while

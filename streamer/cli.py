@@ -159,6 +159,9 @@ def _add_train_output(p: argparse._ArgumentGroup) -> None:
                    help="the wall time the run has (as 4h, 90m or 1-12:00:00), counted from the command's start: "
                         "it stops in time with a checkpoint, and exits 75 (needs --checkpoint-every)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the command as a run would (flags, model, data, disk space, a checkpoint to "
+                        "resume) and print its plan on this machine, then stop: nothing is written")
 
 
 def _add_train_evaluation(p: argparse._ArgumentGroup) -> None:
@@ -198,6 +201,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="JSON Lines inputs (.jsonl, .ndjson, compressed or not): the field of each line's object "
                         "that holds its document's text (default: text)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the command as a run would (flags, model, data, disk space, a checkpoint to "
+                        "resume) and print its plan on this machine, then stop: nothing is written")
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -390,7 +396,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 # The record holds paths absolute (TrainConfig.record), so the same files are found
 # from any directory. A launcher passes what it filled to its ranks as flags, so they
 # cannot read a different record.
-_OF_THE_JOB = ("out", "resume", "no_progress", "time_limit", "nproc")
+_OF_THE_JOB = ("out", "resume", "no_progress", "dry_run", "time_limit", "nproc")
 _RECORDED_AS = {"max_memory": "max_memory_gib", "host_memory": "host_memory_gib"}
 
 
@@ -579,6 +585,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"streamer: error: {exc}", file=sys.stderr)
             return 2
         vars(args).update(args.filled)
+    if args.command == "train" and args.dry_run:
+        try:
+            from streamer.train import dry_run
+
+            lines = dry_run(train_config(args), world=args.nproc)
+            print("\n".join([recorded_notice(args)] * bool(args.filled) + lines))
+        except (UserError, UnsafeFileError) as exc:
+            print(f"streamer: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "train" and args.nproc != 1 and "WORLD_SIZE" not in os.environ:
         try:
             return launch_train(args, argv)

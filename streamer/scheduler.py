@@ -67,6 +67,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,7 @@ from models.gpt import Documents, build_unit, init_unit
 from models.hf import Pretrained
 from streamer import planner
 from streamer.errors import UserError
+from streamer.io import existing_parent
 from streamer.optim import OptimConfig, clip_coefficient
 from streamer.parallel import DataParallel
 from streamer.state import BLOCK, FORMATS, use_fused
@@ -259,6 +261,100 @@ class OnFirstUse:
 
     def __len__(self) -> int:
         return len(self._makers)
+
+
+def measured_profiles(train_cfg, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
+                      offload: str, root: Path) -> tuple[planner.DeviceProfile, planner.DeviceProfile]:
+    """The planner's profile with this machine's rates, measured in a few seconds:
+    as the run sees it with AdamW on the host, and on the device (the same profile
+    unless the update may run on a GPU)."""
+    state = train_cfg.state
+    profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]
+    # Whether this GPU runs the compact formats' fused kernels (their check runs here,
+    # once, not in the first backward): their temporaries are a tenth of the ops'.
+    profile = planner.replace(profile, fused_update=device.type == "cuda" and use_fused(FORMATS[state], device))
+    # The compute rate comes from a short profiling run of one block at this run's
+    # micro-batch: a square matmul misses attention, norms and memory-bound kernels
+    # (10-20% on a 2-core CPU for gpt3-125m).
+    flops = planner.measure_model_flops(model_cfg, device, dtype, train_cfg.batch_size, train_cfg.seq_len)
+    # Host copies (staging, gradient writes) at this machine's memcpy rate: a copy of
+    # n bytes reads n and writes n. On a CPU device it is also the "link".
+    copy = planner.measure_copy_bandwidth(torch.device("cpu"), 64 * 2**20)[0]
+    links = {"h2d_bytes_per_s": copy, "d2h_bytes_per_s": copy} if device.type == "cpu" else {}
+    if offload != "ram":  # a store the page cache holds moves at the kernel's copy rate
+        links["cached_io_bytes_per_s"] = planner.measure_page_cache_rate(existing_parent(root), 64 * 2**20)
+    profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
+                              matmul_flops=flops, host_copy_bytes_per_s=2 * copy, **links)
+    on_device = profile
+    if train_cfg.update_on != "host" and device.type == "cuda":
+        # The update's kernels on this GPU, timed on one chunk (a second at most).
+        rate = planner.measure_update_rate(state=state, device=device)
+        on_device = planner.with_device_update(profile, state, rate, pipelined=offload == "ram")
+    if device.type == "cuda":  # the run's peak memory is its steps', not the probes'
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return profile, on_device
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What `plan_run` decided for a streamed run, before any store exists."""
+
+    plan: planner.Plan
+    update_on: str  # where AdamW runs: host | device
+    profile: planner.DeviceProfile  # the machine's measured profile, as the update's place sees it
+    offload: str  # ram | disk | split
+    ram_units: int | None  # split: the leading units in RAM
+    budget: float  # the memory the planner may fill (the device's, or on a CPU the process's share)
+    replan: Callable[[int | None], planner.Plan]  # the same run planned with this many held units
+
+
+def plan_run(train_cfg, model_cfg: ModelConfig, out: Path, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
+             world: int = 1) -> RunPlan:
+    """A streamed run's plan on this machine, its rates measured in a few seconds: the
+    tiers, where AdamW runs (--update-on auto: streamer.planner's [Note: where AdamW
+    runs]), prefetch, recompute and held units; refused (a UserError) if it does not fit.
+    Writes nothing but a probe file, removed, into the store's disk."""
+    state, available = train_cfg.state, planner.host_available(train_cfg.host_memory_gib)
+    root = store_root(out, train_cfg.store_dir)
+    offload = planner.choose_offload(model_cfg, available, store_free_bytes(root), train_cfg.offload, state)
+    ram_units = planner.split_ram_units(model_cfg, available, state) if offload == "split" else None
+    host_profile, on_device = measured_profiles(train_cfg, model_cfg, device, dtype, offload, root)
+    if device.type == "cuda":
+        budget = 0.8 * torch.cuda.get_device_properties(device).total_memory
+    else:  # half of what the RAM tier leaves
+        counts = planner.unit_param_counts(model_cfg)
+        in_ram = sum(counts[: planner.units_in_ram(len(counts), offload, ram_units)])
+        budget = 0.5 * available - planner.state_bytes(state)[0] * in_ram
+    micro = train_cfg.batch_size * train_cfg.seq_len
+
+    def plan_with(held: int | None, place: str) -> planner.Plan:
+        profile = on_device if place == "device" else host_profile
+        if train_cfg.max_memory_gib:
+            return planner.fit_memory(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len,
+                                      offload, micro, train_cfg.max_memory_gib * 2**30, train_cfg.prefetch_depth,
+                                      train_cfg.recompute, state, ram_units, held)
+        return planner.make_plan(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
+                                 micro_tokens=micro, prefetch_depth=train_cfg.prefetch_depth,
+                                 memory_budget=budget, recompute=train_cfg.recompute, state=state,
+                                 ram_units=ram_units, held_units=held)
+
+    held, update_on = train_cfg.held_units, train_cfg.update_on
+    if update_on == "auto":  # see streamer.planner's [Note: where AdamW runs]
+        update_on = "device" if held else "host"
+        if device.type == "cuda" and not held:
+            plans = {}
+            for place in ("host", "device"):
+                with contextlib.suppress(UserError):  # this place's plan does not fit --max-memory
+                    plans[place] = plan_with(None if world == 1 else 0, place)
+            update_on = planner.faster_update_place(plans)  # neither fits: the host's plan says why, below
+    profile = on_device if update_on == "device" else host_profile
+    planner.check_held_units(model_cfg, held, update_on,
+                             planner.units_in_ram(model_cfg.n_layer + 2, offload, ram_units))
+    # Held updates take the whole gradient: one process only (the launcher refuses
+    # --held-units with several before any starts).
+    plan = plan_with(held if world == 1 else 0, update_on)
+    return RunPlan(plan, update_on, profile, offload, ram_units, budget, lambda held: plan_with(held, update_on))
 
 
 class StreamEngine:
@@ -443,46 +539,10 @@ class StreamEngine:
         checkpoint will fill it)."""
 
         planning = time.perf_counter()
-        state, available = train_cfg.state, planner.host_available(train_cfg.host_memory_gib)
-        root = store_root(out, train_cfg.store_dir)
-        offload = planner.choose_offload(model_cfg, available, store_free_bytes(root), train_cfg.offload, state)
-        ram_units = planner.split_ram_units(model_cfg, available, state) if offload == "split" else None
-        host_profile, on_device = cls._measured_profiles(train_cfg, model_cfg, device, dtype, offload, root)
-        if device.type == "cuda":
-            budget = 0.8 * torch.cuda.get_device_properties(device).total_memory
-        else:  # half of what the RAM tier leaves
-            counts = planner.unit_param_counts(model_cfg)
-            in_ram = sum(counts[: planner.units_in_ram(len(counts), offload, ram_units)])
-            budget = 0.5 * available - planner.state_bytes(state)[0] * in_ram
-        micro = train_cfg.batch_size * train_cfg.seq_len
         dp = DataParallel(train_cfg.grad_sync)
-
-        def plan_with(held: int | None, place: str) -> planner.Plan:
-            profile = on_device if place == "device" else host_profile
-            if train_cfg.max_memory_gib:
-                return planner.fit_memory(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len,
-                                          offload, micro, train_cfg.max_memory_gib * 2**30, train_cfg.prefetch_depth,
-                                          train_cfg.recompute, state, ram_units, held)
-            return planner.make_plan(model_cfg, profile, train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
-                                     micro_tokens=micro, prefetch_depth=train_cfg.prefetch_depth,
-                                     memory_budget=budget, recompute=train_cfg.recompute, state=state,
-                                     ram_units=ram_units, held_units=held)
-
-        held, update_on = train_cfg.held_units, train_cfg.update_on
-        if update_on == "auto":  # see streamer.planner's [Note: where AdamW runs]
-            update_on = "device" if held else "host"
-            if device.type == "cuda" and not held:
-                plans = {}
-                for place in ("host", "device"):
-                    with contextlib.suppress(UserError):  # this place's plan does not fit --max-memory
-                        plans[place] = plan_with(None if dp.world == 1 else 0, place)
-                update_on = planner.faster_update_place(plans)  # neither fits: the host's plan says why, below
-        profile = on_device if update_on == "device" else host_profile
-        planner.check_held_units(model_cfg, held, update_on,
-                                 planner.units_in_ram(model_cfg.n_layer + 2, offload, ram_units))
-        # Held updates take the whole gradient: one process only (the launcher refuses
-        # --held-units with several before any starts).
-        plan = plan_with(held if dp.world == 1 else 0, update_on)
+        run = plan_run(train_cfg, model_cfg, out, device, dtype, dp.world)
+        plan, profile, offload, ram_units, update_on = run.plan, run.profile, run.offload, run.ram_units, run.update_on
+        state, root = train_cfg.state, store_root(out, train_cfg.store_dir)
         with torch.device("meta"):
             layouts = [UnitLayout.of(i, build_unit(model_cfg, i)) for i in range(model_cfg.n_layer + 2)]
         owned = [(dp.shard(lay.numel).start, dp.shard(lay.numel).stop) for lay in layouts]
@@ -500,7 +560,7 @@ class StreamEngine:
             startup["page_lock_s"] = ram.page_lock_s
         if plan.held_units and device.type == "cuda" and not all(store.pinned(u) for u in range(plan.held_units)):
             # A refused page-lock leaves nothing to copy from asynchronously: no held units.
-            plan = plan_with(0, update_on)
+            plan = run.replan(0)
         started = time.perf_counter()
         if initialise:
             initialise_store(store, layouts, model_cfg, train_cfg.seed, pretrained=pretrained)
@@ -524,42 +584,9 @@ class StreamEngine:
         engine.replan = lambda rates: planner.make_plan(
             model_cfg, planner.replace(profile, **rates), train_cfg.tokens_per_step(), train_cfg.seq_len, offload,
             micro_tokens=train_cfg.batch_size * train_cfg.seq_len, prefetch_depth=plan.prefetch_depth,
-            memory_budget=budget, kept_graphs=plan.kept_graphs, state=state, ram_units=ram_units,
+            memory_budget=run.budget, kept_graphs=plan.kept_graphs, state=state, ram_units=ram_units,
             early_updates=plan.early_updates, held_units=plan.held_units, recommend=False).predicted_step_s
         return engine
-
-    @staticmethod
-    def _measured_profiles(train_cfg, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
-                           offload: str, root: Path) -> tuple[planner.DeviceProfile, planner.DeviceProfile]:
-        """The planner's profile with this machine's rates, measured in a few seconds:
-        as the run sees it with AdamW on the host, and on the device (the same profile
-        unless the update may run on a GPU)."""
-        state = train_cfg.state
-        profile = planner.PROFILES["cpu" if device.type == "cpu" else "h100"]
-        # Whether this GPU runs the compact formats' fused kernels (their check runs here,
-        # once, not in the first backward): their temporaries are a tenth of the ops'.
-        profile = planner.replace(profile, fused_update=device.type == "cuda" and use_fused(FORMATS[state], device))
-        # The compute rate comes from a short profiling run of one block at this run's
-        # micro-batch: a square matmul misses attention, norms and memory-bound kernels
-        # (10-20% on a 2-core CPU for gpt3-125m).
-        flops = planner.measure_model_flops(model_cfg, device, dtype, train_cfg.batch_size, train_cfg.seq_len)
-        # Host copies (staging, gradient writes) at this machine's memcpy rate: a copy of
-        # n bytes reads n and writes n. On a CPU device it is also the "link".
-        copy = planner.measure_copy_bandwidth(torch.device("cpu"), 64 * 2**20)[0]
-        links = {"h2d_bytes_per_s": copy, "d2h_bytes_per_s": copy} if device.type == "cpu" else {}
-        if offload != "ram":  # a store the page cache holds moves at the kernel's copy rate
-            links["cached_io_bytes_per_s"] = planner.measure_page_cache_rate(root, 64 * 2**20)
-        profile = planner.replace(profile, compute_bytes=torch.tensor([], dtype=dtype).element_size(),
-                                  matmul_flops=flops, host_copy_bytes_per_s=2 * copy, **links)
-        on_device = profile
-        if train_cfg.update_on != "host" and device.type == "cuda":
-            # The update's kernels on this GPU, timed on one chunk (a second at most).
-            rate = planner.measure_update_rate(state=state, device=device)
-            on_device = planner.with_device_update(profile, state, rate, pipelined=offload == "ram")
-        if device.type == "cuda":  # the run's peak memory is its steps', not the probes'
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        return profile, on_device
 
     # --- unit state and transfers ------------------------------------------------
 

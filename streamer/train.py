@@ -1005,6 +1005,30 @@ def _stopped(cfg: TrainConfig, out: Path, run_info: dict, signum: int, detail: s
                    f"{out / 'metrics.jsonl'}", status)
 
 
+def dry_run(cfg: TrainConfig, world: int = 1) -> list[str]:
+    """`train --dry-run`: every check a run makes before it starts (flags, model, data,
+    output directory, disk space, a checkpoint to resume), and a streamed run's plan on
+    this machine, its rates measured as the run would measure them; the lines to print.
+    Nothing is written but the probe file the plan times the disk with, removed."""
+    from streamer.planner import format_plan, peak_bytes, run_summary
+    from streamer.scheduler import plan_run
+
+    checked = preflight(cfg, world)
+    model_cfg = checked.model_cfg
+    tokens = cfg.tokens_per_step() * world
+    found = newest_manifest(checked.out) if cfg.resume else None
+    going = f"resumes from {found[0].name}" if found else "starts afresh"
+    lines = [f"dry run: {model_cfg.name} ({model_cfg.n_params():,} parameters), {cfg.mode} on {checked.device} in "
+             f"{str(checked.dtype).removeprefix('torch.')}{f' over {world} processes' if world > 1 else ''}, "
+             f"{tokens:,} tokens a step for {cfg.steps:,} steps; {checked.out} {going}; nothing written"]
+    if cfg.mode == "stream":
+        run = plan_run(cfg, model_cfg, checked.out, checked.device, checked.dtype, world)
+        lines += [run_summary(run.plan, run.update_on, cfg.batch_size * cfg.seq_len),
+                  *format_plan(run.plan, run.profile).splitlines()[1:5],
+                  f"  peak memory (what --max-memory limits) {peak_bytes(run.plan, run.profile) / 2**30:.2f} GiB"]
+    return lines + [f"warning: {warning}" for warning in checked.warnings]
+
+
 def train(cfg: TrainConfig, started_at: float | None = None, announce: str | None = None) -> Path:
     """Run a whole training job; returns the output directory. `started_at`: when the
     command started (seconds since the epoch), which --time-limit counts from; None: now.

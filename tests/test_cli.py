@@ -95,6 +95,34 @@ def test_plan_puts_the_update_where_the_step_is_shorter(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run" / "run.json").read_text())["update_on"] == "device"
 
 
+def test_a_dry_run_checks_and_plans_and_writes_nothing(token_file: Path, tmp_path: Path) -> None:
+    """`train --dry-run`: the checks a run makes and a streamed run's plan, measured on
+    this machine; no output folder appears. On a run to resume: the settings it takes
+    from the record and the checkpoint it would go on from. A bad input is still one
+    line."""
+    out = tmp_path / "run"
+    flags = ["--mode", "stream", "--offload", "ram", "--batch-size", "2", "--seq-len", "32", "--steps", "2",
+             "--data", str(token_file), "--no-progress"]
+    planned = streamer("train", *flags, "--out", str(out), "--dry-run", cache=tmp_path)
+    assert planned.returncode == 0, planned.stderr
+    lines = planned.stdout.splitlines()
+    assert lines[0] == (f"dry run: tiny (496,704 parameters), stream on cpu in float32, 64 tokens a step for 2 "
+                        f"steps; {out} starts afresh; nothing written")
+    assert lines[1].startswith("plan: fp32 state in RAM, AdamW on the host, prefetch ")
+    assert lines[-1].startswith("  peak memory (what --max-memory limits) ")
+    assert not out.exists()
+    assert streamer("train", *flags, "--out", str(out), "--checkpoint-every", "2",
+                    cache=tmp_path).returncode == 0
+    resumed = streamer("train", "--out", str(out), "--resume", "--steps", "4", "--dry-run", cache=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith(f"resuming {out} with the settings it recorded: ")
+    assert f"{out} resumes from step-00000002; nothing written" in resumed.stdout
+    assert "settings differ from checkpoint step-00000002's (steps 2 -> 4)" in resumed.stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert_user_error(streamer("train", *flags, "--seq-len", "999", "--dry-run", cache=tmp_path),
+                      "--seq-len 999 exceeds tiny's context of 256")
+
+
 def test_train_missing_data_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.npy"
     result = streamer("train", "--data", str(missing), "--out", str(tmp_path / "run"), cache=tmp_path / "cache")

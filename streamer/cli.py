@@ -564,6 +564,23 @@ def cmd_models(args: argparse.Namespace) -> None:
               f"{r['context']:>9}{r['n_params']:>17,}")
 
 
+def _before_training(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """What `train` does before its handler: --resume's settings from the run's record
+    (into `args`, and `args.filled`), --dry-run, and under --nproc the launcher; an exit
+    status when that is all there is to do, else None."""
+    args.filled = resume_settings(args, given_flags(argv[1:])) if args.resume else {}
+    vars(args).update(args.filled)
+    if args.dry_run:
+        from streamer.train import dry_run
+
+        lines = dry_run(train_config(args), world=args.nproc)
+        print("\n".join([recorded_notice(args)] * bool(args.filled) + lines))
+        return 0
+    if args.nproc != 1 and "WORLD_SIZE" not in os.environ:
+        return launch_train(args, argv)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     import time
 
@@ -577,30 +594,6 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["train", *argv]
         args = parser.parse_args(argv)
     args.started_at = started_at
-    args.filled = {}
-    if args.command == "train" and args.resume:
-        try:
-            args.filled = resume_settings(args, given_flags(argv[1:]))
-        except (UserError, UnsafeFileError) as exc:
-            print(f"streamer: error: {exc}", file=sys.stderr)
-            return 2
-        vars(args).update(args.filled)
-    if args.command == "train" and args.dry_run:
-        try:
-            from streamer.train import dry_run
-
-            lines = dry_run(train_config(args), world=args.nproc)
-            print("\n".join([recorded_notice(args)] * bool(args.filled) + lines))
-        except (UserError, UnsafeFileError) as exc:
-            print(f"streamer: error: {exc}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "train" and args.nproc != 1 and "WORLD_SIZE" not in os.environ:
-        try:
-            return launch_train(args, argv)
-        except (UserError, UnsafeFileError) as exc:
-            print(f"streamer: error: {exc}", file=sys.stderr)
-            return 2
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "models": cmd_models}
     if args.command == "plan":
         from streamer.planner import cmd_plan as handler
@@ -615,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         handler = handlers[args.command]
     try:
+        code = _before_training(args, argv) if args.command == "train" else None
+        if code is not None:
+            return code
         handler(args)
     except (UserError, UnsafeFileError) as exc:
         print(f"streamer: error: {exc}", file=sys.stderr)

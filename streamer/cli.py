@@ -137,9 +137,9 @@ def _add_train_streaming(p: argparse._ArgumentGroup) -> None:
                    help="stream mode: peak memory to plan for (the device's; on CPU the process's); "
                         "the planner keeps graphs or recomputes to fit, or refuses")
     p.add_argument("--host-memory", type=float, default=None, metavar="GIB",
-                   help="stream mode: host RAM to plan the store with (default: what the OS reports available; "
-                        "give it where that reading is not what the machine can give, as in a VM whose RAM "
-                        "grows as it is used)")
+                   help="host RAM to plan the store with (resident on a CPU: to hold the model; default: what "
+                        "the OS reports available; give it where that reading is not what the machine can give, as "
+                        "in a VM whose RAM grows as it is used)")
 
 
 def _add_train_output(p: argparse._ArgumentGroup) -> None:

@@ -375,6 +375,29 @@ def same_disk(a: Path, b: Path) -> bool:
     return os.stat(existing_parent(a)).st_dev == os.stat(existing_parent(b)).st_dev
 
 
+# Held whole, a model keeps float32 weights, their gradients and AdamW's two moments on
+# the device: 16 bytes a parameter before any activation. A model past that would fail
+# in its first allocations: a CUDA out-of-memory error, or on a CPU device the kernel's
+# OOM killer, which takes the process (and may take others) without a word.
+RESIDENT_BYTES_PER_PARAMETER = 16
+
+
+def check_resident_fits(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> None:
+    """Refuse a resident run whose weights and optimizer state alone exceed the device's
+    memory (a CPU device's: the host memory available, or --host-memory)."""
+    from streamer.planner import host_available
+
+    need = RESIDENT_BYTES_PER_PARAMETER * model_cfg.n_params()
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, "the GPU's"
+    else:
+        have, where = host_available(cfg.host_memory_gib), "the host memory available"
+    if need > 0.9 * have:
+        raise UserError(f"{model_cfg.name} held whole needs {need / 2**30:.1f} GiB for its float32 weights, "
+                        f"gradients and AdamW state, and {where} is {have / 2**30:.1f} GiB: train it with --mode "
+                        f"stream (streamer plan --model {model_cfg.name} shows where its state would live)")
+
+
 def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, root: Path, device: torch.device,
                     dtype: torch.dtype) -> float:
     """A streamed model's state must fit host RAM or the disk that holds the store's
@@ -483,6 +506,8 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
         raise UserError(f"--held-units {cfg.held_units} needs one process (a held unit keeps its whole gradient): "
                         "drop it, or train with --nproc 1")
     check_grad_sync(cfg, model_cfg, device, world)
+    if cfg.mode == "resident":
+        check_resident_fits(cfg, model_cfg, device)
     fused_mode()  # the environment's choice of update kernels, read again by every update
     data_files = cfg.data_files() or [default_corpus()]
     tokens = load_data(data_files, cfg.data_weights, model_cfg.vocab_size)

@@ -1051,7 +1051,29 @@ def dry_run(cfg: TrainConfig, world: int = 1) -> list[str]:
         lines += [run_summary(run.plan, run.update_on, cfg.batch_size * cfg.seq_len),
                   *format_plan(run.plan, run.profile).splitlines()[1:5],
                   f"  peak memory (what --max-memory limits) {peak_bytes(run.plan, run.profile) / 2**30:.2f} GiB"]
+    if cfg.time_limit_s and found:
+        lines.append(job_length(cfg, found[1].get("run", {}), checked.out))
     return lines + [f"warning: {warning}" for warning in checked.warnings]
+
+
+def job_length(cfg: TrainConfig, run: dict, out: Path) -> str:
+    """How many steps a job of --time-limit does, resuming this run: its start-up as the
+    last job's took (run.json), then steps and checkpoints at the times the checkpoint
+    recorded, with a stop's reserve ([Note: stopping in time])."""
+    try:
+        startup_s = float(json.loads((out / "run.json").read_text())["startup"]["total_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        startup_s = 0.0
+    step_s, checkpoint_s = float(run.get("slowest_step_s", 0.0)), float(run.get("checkpoint_s", 0.0))
+    if not step_s:
+        return f"--time-limit {cfg.time_limit_s:g} s: the checkpoint recorded no step time to estimate the job by"
+    limit = TimeLimit(cfg.time_limit_s, 0.0, checkpoint_s, measured=True)
+    room = cfg.time_limit_s - startup_s - limit.needed_s(step_s, 1)  # the stop's step and checkpoint
+    per_step = step_s + checkpoint_s / cfg.checkpoint_every
+    steps = max(0, int(room / per_step) + 1) if room >= 0 else 0
+    return (f"--time-limit {cfg.time_limit_s:g} s: start-up about {startup_s:.0f} s (the last job's), then about "
+            f"{steps:,} steps (the slowest so far {step_s:.3g} s, a checkpoint {checkpoint_s:.3g} s every "
+            f"{cfg.checkpoint_every}) before it stops in time")
 
 
 def train(cfg: TrainConfig, started_at: float | None = None, announce: str | None = None) -> Path:

@@ -756,6 +756,21 @@ def test_a_time_limit_keeps_room_for_a_step_and_its_checkpoints() -> None:
         assert limit.left_s() == 27.0
 
 
+def test_a_dry_run_says_how_many_steps_a_job_does(tmp_path: Path) -> None:
+    """The job a --time-limit gives, resuming: the last start-up, then steps and their
+    share of the checkpoints, until a stop's step and checkpoint must begin."""
+    from streamer.train import TrainConfig, job_length
+
+    (tmp_path / "run.json").write_text(json.dumps({"startup": {"total_s": 10.0}}))
+    cfg = TrainConfig(time_limit_s=100.0, checkpoint_every=5)
+    line = job_length(cfg, {"slowest_step_s": 2.0, "checkpoint_s": 4.0}, tmp_path)
+    # 100 - 10 - (1.25 * (2 + 4) + 5) = 77.5 s of steps at 2 + 4 / 5 s each: 27, and the stop's
+    assert line == ("--time-limit 100 s: start-up about 10 s (the last job's), then about 28 steps (the slowest so "
+                    "far 2 s, a checkpoint 4 s every 5) before it stops in time")
+    assert "then about 0 steps" in job_length(TrainConfig(time_limit_s=20.0, checkpoint_every=5),
+                                              {"slowest_step_s": 2.0, "checkpoint_s": 4.0}, tmp_path)
+
+
 def test_a_time_limited_command_ends_within_its_limit(token_file: Path, tmp_path: Path) -> None:
     """For real: `streamer train --time-limit 12s` on a run far too long for it returns
     before 12 s have passed, with status 75 and a checkpoint that --resume takes up."""

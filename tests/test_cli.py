@@ -113,10 +113,14 @@ def test_a_dry_run_checks_and_plans_and_writes_nothing(token_file: Path, tmp_pat
     assert not out.exists()
     assert streamer("train", *flags, "--out", str(out), "--checkpoint-every", "2",
                     cache=tmp_path).returncode == 0
-    resumed = streamer("train", "--out", str(out), "--resume", "--steps", "4", "--dry-run", cache=tmp_path)
+    resumed = streamer("train", "--out", str(out), "--resume", "--steps", "4", "--time-limit", "1h", "--dry-run",
+                       cache=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.startswith(f"resuming {out} with the settings it recorded: ")
     assert f"{out} resumes from step-00000002; nothing written" in resumed.stdout
+    # A job of an hour: the last start-up, then steps at the times the checkpoint recorded.
+    [job] = [line for line in resumed.stdout.splitlines() if line.startswith("--time-limit 3600 s: start-up about ")]
+    assert int(job.split("then about ")[1].split(" steps")[0].replace(",", "")) > 1000
     assert "settings differ from checkpoint step-00000002's (steps 2 -> 4)" in resumed.stdout
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert_user_error(streamer("train", *flags, "--seq-len", "999", "--dry-run", cache=tmp_path),

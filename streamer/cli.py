@@ -279,6 +279,8 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", metavar="DIR", help="a run's --out folder, or several (runs/*)")
     p.add_argument("--json", action="store_true",
                    help="print the status as one JSON object (several runs: a list of them)")
+    p.add_argument("--brief", action="store_true",
+                   help="a line per run, side by side: state, steps, loss, held-out loss, speed, time left")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:

@@ -184,8 +184,25 @@ def cmd_status(args: argparse.Namespace) -> None:
         statuses.append(run_status(out))
     if args.json:
         print(json.dumps(statuses[0] if len(statuses) == 1 else statuses, indent=2))
+    elif args.brief:
+        print("\n".join(table(statuses)))
     else:
         print("\n\n".join("\n".join(describe(status)) for status in statuses))
+
+
+def table(statuses: list[dict]) -> list[str]:
+    """Runs side by side, a line each (a sweep at a glance): state, steps, the last
+    steps' mean loss, the newest held-out loss, speed and the time left."""
+    rows = [("run", "model", "state", "steps", "loss", "held-out", "tokens/s", "left")]
+    for s in statuses:
+        rows.append((s["out"], s["model"], s["state"], f"{s['steps_done']:,}/{s['steps']:,}",
+                     f"{s['recent_loss']:.3f}" if s["recent_loss"] is not None else "-",
+                     f"{s['eval'][-1]['loss']:.3f}" if s["eval"] else "-",
+                     f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] is not None else "-",
+                     _readable(s["left_s"]) if s["left_s"] else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) if i < 3 else cell.rjust(width) for i, (cell, width) in
+                      enumerate(zip(row, widths))).rstrip() for row in rows]
 
 
 def process_record() -> dict:

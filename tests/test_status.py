@@ -100,6 +100,12 @@ def test_status_of_a_streamed_run_gives_its_plan(token_file: Path, tmp_path: Pat
     plan = next(line for line in lines if line.startswith("plan: "))
     assert plan.startswith("plan: fp32 state on disk, AdamW on the host, prefetch ")
     assert plan == done.stdout.splitlines()[0]  # the line the run started with
+    # Several runs side by side, a line each (a sweep): here the same run twice.
+    brief = run_main(["status", str(out), str(out), "--brief"])
+    header, *lines = brief.stdout.splitlines()
+    assert header.split() == ["run", "model", "state", "steps", "loss", "held-out", "tokens/s", "left"]
+    assert [line.split()[:5] for line in lines] == [[str(out), "tiny", "finished", "2/2",
+                                                     f"{record['recent_loss']:.3f}"]] * 2
 
 
 def test_status_of_a_folder_without_a_run_is_one_line(tmp_path: Path, fails_in_one_line) -> None:  # noqa: ANN001

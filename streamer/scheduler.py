@@ -71,6 +71,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.func import functional_call
@@ -98,6 +99,9 @@ from streamer.store import (
     store_free_bytes,
     store_root,
 )
+
+if TYPE_CHECKING:  # annotations only: checkpoint reading is imported where a resume needs it
+    from streamer.checkpoint import TensorFile
 
 UPDATED = ("param", "exp_avg", "exp_avg_sq")  # what an update writes back (it consumes the gradient)
 
@@ -1460,77 +1464,85 @@ class StreamEngine:
         order). The compact formats' moments are coded in blocks that start at their
         shard, so they are decoded from the saved blocks and coded again in the new
         shard's (to the nearest code: one more rounding of the kind every update makes)."""
-        from streamer.checkpoint import CorruptCheckpointError, TensorFile, overlapping_shards
-        from streamer.state import decode_part, encode
-
-        fmt = self.store.format
-        names = fmt.expand(CHECKPOINT_BUFFERS)
         self._await_held_writes()  # nothing may still copy into the buffers about to be filled
         saved_world = saved_world or self.dp.world
-
-        def shards(unit: int) -> list[tuple[TensorFile, int, int]]:
-            """The saved shards of `unit` that this rank reads, with their [first, stop)."""
-            ranks = [self.dp.rank] if saved_world == self.dp.world else overlapping_shards(
-                self.layouts[unit].numel, self.dp.rank, self.dp.world, saved_world)
-            found = []
-            for rank in ranks:
-                source = TensorFile(folder / f"unit-{unit:05d}-rank{rank}.safetensors")
-                saved = source.header.metadata.get("state", "fp32")
-                if saved != fmt.name:
-                    raise CorruptCheckpointError(f"checkpoint file '{source.path}' holds --state {saved} state but "
-                                                 f"this run asks for --state {fmt.name}: resume with --state {saved}")
-                first, _, stop = source.header.metadata.get("owned", "").partition(":")
-                if not (first.isdigit() and stop.isdigit()) or any(
-                        source.header.tensors.get(n) is None
-                        or source.shape(n) != (fmt.buffer(n).numel(int(stop) - int(first)),) for n in names):
-                    raise CorruptCheckpointError(f"checkpoint file '{source.path}' does not hold a shard of unit "
-                                                 f"{unit} of this model")
-                found.append((source, int(first), int(stop)))
-            return found
-
-        def gather(sources: list[tuple[TensorFile, int, int]], name: str, lo: int, hi: int) -> torch.Tensor:
-            """Elements [lo, hi) of buffer `name` from the saved shards that hold them:
-            its values, or a coded moment's, decoded, in float32."""
-            coded = f"{name}_scale" in fmt.names
-            out = torch.empty(hi - lo, dtype=torch.float32 if coded else fmt.buffer(name).dtype)
-            for source, a, b in sources:
-                i, j = max(lo, a) - a, min(hi, b) - a  # the overlap, in the saved shard
-                if i < j:
-                    values = source.read(name, i, j)
-                    if coded:
-                        scales = source.read(f"{name}_scale", i // BLOCK, (j - 1) // BLOCK + 1)
-                        values = decode_part(name, values, scales, i)
-                    out[a + i - lo : a + j - lo] = values
-            return out
-
-        def read(unit: int) -> None:
-            sources = shards(unit)
-            first, stop = self.store.owned[unit]
-            if saved_world == self.dp.world:
-                if sources[0][1:] != (first, stop):
-                    raise CorruptCheckpointError(f"checkpoint file '{sources[0][0].path}' does not hold unit "
-                                                 f"{unit}'s shard [{first}, {stop}) of this model")
-                for name in names:
-                    for start, end in self.store.chunks(unit):
-                        target = self.store.open(unit, (name,), start, end)[name]
-                        offset = fmt.buffer(name).offset(start)
-                        target.copy_(sources[0][0].read(name, offset, offset + target.numel()))
-                        self.store.commit(unit, (name,), start, end)
-                return
-            for name in CHECKPOINT_BUFFERS:  # another partition: see the note above
-                held = fmt.expand((name,))
-                for start, end in self.store.chunks(unit):
-                    parts = self.store.open(unit, held, start, end)
-                    values = gather(sources, name, first + start, first + end)
-                    if len(held) == 2:
-                        encode(name, values, parts[name], parts[held[1]], noise=None)
-                    else:
-                        parts[name].copy_(values)
-                    self.store.commit(unit, held, start, end)
-
         for unit in range(self.n_units):
-            self.worker.submit(read, unit).result()
+            self.worker.submit(self._read_unit, folder, unit, saved_world).result()
         self.adam_step = int(state["adam_step"])
         self.pending = None
         self.update_due = [False] * self.n_units
         self._drop_held()
+
+    def _saved_shards(self, folder: Path, unit: int, saved_world: int) -> list[tuple[TensorFile, int, int]]:
+        """The saved shards of `unit` that this rank reads, with their [first, stop)."""
+        from streamer.checkpoint import CorruptCheckpointError, TensorFile, overlapping_shards
+
+        fmt = self.store.format
+        names = fmt.expand(CHECKPOINT_BUFFERS)
+        ranks = [self.dp.rank] if saved_world == self.dp.world else overlapping_shards(
+            self.layouts[unit].numel, self.dp.rank, self.dp.world, saved_world)
+        found = []
+        for rank in ranks:
+            source = TensorFile(folder / f"unit-{unit:05d}-rank{rank}.safetensors")
+            saved = source.header.metadata.get("state", "fp32")
+            if saved != fmt.name:
+                raise CorruptCheckpointError(f"checkpoint file '{source.path}' holds --state {saved} state but "
+                                             f"this run asks for --state {fmt.name}: resume with --state {saved}")
+            first, _, stop = source.header.metadata.get("owned", "").partition(":")
+            if not (first.isdigit() and stop.isdigit()) or any(
+                    source.header.tensors.get(n) is None
+                    or source.shape(n) != (fmt.buffer(n).numel(int(stop) - int(first)),) for n in names):
+                raise CorruptCheckpointError(f"checkpoint file '{source.path}' does not hold a shard of unit "
+                                             f"{unit} of this model")
+            found.append((source, int(first), int(stop)))
+        return found
+
+    def _gathered(self, sources: list[tuple[TensorFile, int, int]], name: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of buffer `name` from the saved shards that hold them:
+        its values, or a coded moment's, decoded, in float32."""
+        from streamer.state import decode_part
+
+        fmt = self.store.format
+        coded = f"{name}_scale" in fmt.names
+        out = torch.empty(hi - lo, dtype=torch.float32 if coded else fmt.buffer(name).dtype)
+        for source, a, b in sources:
+            i, j = max(lo, a) - a, min(hi, b) - a  # the overlap, in the saved shard
+            if i < j:
+                values = source.read(name, i, j)
+                if coded:
+                    scales = source.read(f"{name}_scale", i // BLOCK, (j - 1) // BLOCK + 1)
+                    values = decode_part(name, values, scales, i)
+                out[a + i - lo : a + j - lo] = values
+        return out
+
+    def _read_unit(self, folder: Path, unit: int, saved_world: int) -> None:
+        """This rank's shard of one unit, from the checkpoint's files into the store."""
+        from streamer.checkpoint import CorruptCheckpointError
+        from streamer.state import encode
+
+        fmt = self.store.format
+        names = fmt.expand(CHECKPOINT_BUFFERS)
+        sources = self._saved_shards(folder, unit, saved_world)
+        first, stop = self.store.owned[unit]
+        if saved_world == self.dp.world:
+            if sources[0][1:] != (first, stop):
+                raise CorruptCheckpointError(f"checkpoint file '{sources[0][0].path}' does not hold unit "
+                                             f"{unit}'s shard [{first}, {stop}) of this model")
+            for name in names:
+                for start, end in self.store.chunks(unit):
+                    target = self.store.open(unit, (name,), start, end)[name]
+                    offset = fmt.buffer(name).offset(start)
+                    target.copy_(sources[0][0].read(name, offset, offset + target.numel()))
+                    self.store.commit(unit, (name,), start, end)
+            return
+        for name in CHECKPOINT_BUFFERS:  # another partition: see the note above
+            held = fmt.expand((name,))
+            for start, end in self.store.chunks(unit):
+                parts = self.store.open(unit, held, start, end)
+                values = self._gathered(sources, name, first + start, first + end)
+                if len(held) == 2:
+                    encode(name, values, parts[name], parts[held[1]], noise=None)
+                else:
+                    parts[name].copy_(values)
+                self.store.commit(unit, held, start, end)
+

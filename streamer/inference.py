@@ -342,13 +342,19 @@ def open_weights(folder: Path, cfg: ModelConfig):  # noqa: ANN201 - Pretrained o
     return CheckpointWeights(folder) if is_checkpoint(folder) else Pretrained(folder, cfg)
 
 
-def model_config(folder: Path) -> ModelConfig:
-    """The model a weights folder holds: from a checkpoint's manifest or a config.json."""
+def read_model_config(folder: Path) -> ModelConfig:
+    """The model a weights folder holds, from a checkpoint's manifest or a config.json
+    (OSError or ValueError saying what is wrong; a damaged manifest is a UserError)."""
     from models.hf import checkpoint_config
     from streamer.checkpoint import CheckpointWeights
 
+    return CheckpointWeights(folder).cfg if is_checkpoint(folder) else checkpoint_config(folder)
+
+
+def model_config(folder: Path) -> ModelConfig:
+    """The model a weights folder holds: from a checkpoint's manifest or a config.json."""
     try:
-        return CheckpointWeights(folder).cfg if is_checkpoint(folder) else checkpoint_config(folder)
+        return read_model_config(folder)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read '{folder}': {exc}: pass a run's final/, one of its checkpoints or a "
                         "Hugging Face checkpoint folder (config.json plus safetensors)") from None

@@ -344,20 +344,20 @@ def plan_run(train_cfg, model_cfg: ModelConfig, out: Path, device: torch.device,
                                  ram_units=ram_units, held_units=held)
 
     held, update_on = train_cfg.held_units, train_cfg.update_on
+    plans: dict[str, planner.Plan] = {}  # auto's plans, one of which the run then runs
     if update_on == "auto":  # see streamer.planner's [Note: where AdamW runs]
         update_on = "device" if held else "host"
         if device.type == "cuda" and not held:
-            plans = {}
             for place in ("host", "device"):
                 with contextlib.suppress(UserError):  # this place's plan does not fit --max-memory
-                    plans[place] = plan_with(None if world == 1 else 0, place)
+                    plans[place] = plan_with(held if world == 1 else 0, place)
             update_on = planner.faster_update_place(plans)  # neither fits: the host's plan says why, below
     profile = on_device if update_on == "device" else host_profile
     planner.check_held_units(model_cfg, held, update_on,
                              planner.units_in_ram(model_cfg.n_layer + 2, offload, ram_units))
     # Held updates take the whole gradient: one process only (the launcher refuses
     # --held-units with several before any starts).
-    plan = plan_with(held if world == 1 else 0, update_on)
+    plan = plans.get(update_on) or plan_with(held if world == 1 else 0, update_on)
     return RunPlan(plan, update_on, profile, offload, ram_units, budget, lambda held: plan_with(held, update_on))
 
 

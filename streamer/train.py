@@ -296,14 +296,11 @@ def model_config(model: str | None, init_from: str | None = None) -> ModelConfig
         raise UserError(f"{UnknownModelError(model)} (or name a folder of weights: a Hugging Face checkpoint, "
                         "a run's final/ or one of its checkpoints)")
     weights = "a Hugging Face checkpoint with its config.json, a run's final/ or one of its checkpoints"
-    from models.hf import checkpoint_config
-    from streamer.checkpoint import MANIFEST, read_manifest
+    from streamer.inference import read_model_config
 
     try:
-        if (folder / MANIFEST).is_file():
-            return ModelConfig.from_dict(read_manifest(folder)["model"])
-        return checkpoint_config(folder)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return read_model_config(folder)
+    except (OSError, ValueError) as exc:
         raise UserError(f"{flag} '{folder}': {exc}: " + (f"pass pretrained weights ({weights})" if model is None else
                         f"name a folder of weights ({weights}) or a registry name (streamer models)")) from None
 
@@ -952,8 +949,8 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
     evaluation = cfg.eval_groups(checked.tokens, dp.rank, dp.world, checked.held_out) if cfg.eval_every else []
     peak_flops = planner.peak_flops(checked.device, checked.dtype)
     flops_per_token = checked.model_cfg.flops_per_token(cfg.seq_len)
-    meta = {"mode": cfg.mode, "model": checked.model_cfg.to_dict(), "train": cfg.record()}
     run_info = _run_record(cfg, checked, engine, dp, started_at, flops_per_token, peak_flops)
+    meta = {"mode": cfg.mode, "model": run_info["model"], "train": run_info["train"]}
     if lead:
         atomic_write_json(out / "run.json", run_info)
     streak, held_out = run_state.get("skipped_in_a_row", 0), None

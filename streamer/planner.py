@@ -485,6 +485,96 @@ def visit_order(cfg: ModelConfig, depth: int) -> list[tuple[str, int, bool]]:
     return visits
 
 
+@dataclass(frozen=True)
+class _StepRates:
+    """What each visit of a step is costed with: the profile's rates and the state
+    format's bytes per parameter (`state_bytes`)."""
+
+    profile: DeviceProfile
+    update_rate: float  # the host worker's AdamW rate, in float32 AdamW's bytes per second
+    memory_rate: float  # the host's copy rate
+    whole: float  # the state, per parameter
+    updated: float  # what an update writes back
+    master: int  # the master weight
+    grad: float  # the gradient
+    update_cost: float  # the format's update cost, against float32 AdamW's
+    cached: bool  # the page cache holds the disk part (`store_cached`)
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, profile: DeviceProfile, offload: str, state: str,
+           ram_units: int | None) -> _StepRates:
+        update_rate, memory_rate = host_rates(profile)  # the update scales by its format's cost
+        return cls(profile, update_rate, memory_rate, *state_bytes(state), FORMATS[state].update_cost,
+                   store_cached(cfg, profile, offload, state, ram_units))
+
+
+def _visit_in(rates: _StepRates, p: int, updates: bool, pinned: bool, on_lane: bool, on_disk: bool,
+              locked: bool, held: bool) -> dict[str, float]:
+    """A visit's costs of bringing a unit of `p` parameters in: the update due from the
+    previous step (when `updates`), the weights' copies and the storage's reads and
+    writes, as `Visit` fields."""
+    profile, costs = rates.profile, {}
+    # The update reads p, g, m, v (16 bytes per parameter in float32) and writes p,
+    # m, v (12); a staging pass without an update reads p only.
+    read, written = (rates.whole * p, rates.updated * p) if updates else (rates.master * p, 0)
+    if updates and profile.update_on_device and locked:
+        # State in (none for a held unit: it came during the backward), the update's
+        # kernels (which write the slot), and the updated state back out.
+        return {"kernel_s": 28 * p / (profile.device_update_rate or profile.device_update_bytes_per_s),
+                "d2h_s": rates.updated * p / profile.d2h_bytes_per_s,
+                "link_in_s": 0.0 if held else rates.whole * p / profile.h2d_bytes_per_s}
+    if pinned:
+        return costs  # still in the window: nothing moves
+    host_in = 0.0
+    # The weights' way in: a CPU device computes from the slot the worker copies them
+    # into; a GPU copies them from a page-locked RAM tier directly, and from a staging
+    # buffer the worker fills otherwise; an update on the device writes them into the
+    # slot itself.
+    if not (updates and profile.update_on_device):
+        # From a page-locked tier the master weights cross as they are kept (a float32
+        # master as float32, cast on the device); staging casts first.
+        crossing = rates.master if locked else profile.compute_bytes
+        costs["link_in_s"] = 0.0 if profile.shares_host_cores else p * crossing / profile.h2d_bytes_per_s
+        host_in = 0.0 if locked else p * (rates.master + profile.compute_bytes) / rates.memory_rate
+    if updates:
+        host_in += 28 * p * rates.update_cost / rates.update_rate  # the AdamW update due from the previous step
+    if on_lane:
+        pass  # the lane's time holds this pass's re-read (see early_lane_s)
+    elif on_disk and rates.cached:
+        host_in += (read + written) / profile.cached_io_bytes_per_s
+    elif on_disk:
+        costs["disk_read_s"] = read / profile.disk_read_bytes_per_s
+        costs["disk_write_s"] = written / profile.disk_write_bytes_per_s
+        if profile.shares_host_cores:
+            # [Note: buffered I/O costs core time] Every byte also passes through the
+            # page cache, copied by the kernel on the cores that compute: 94 GB per
+            # gpt3-2.7b step on 2 cores, ~12 s of a 135 s step that the disk time
+            # (overlapped) does not account for.
+            host_in += (read + written) / profile.cached_io_bytes_per_s
+    costs["host_in_s"] = host_in
+    return costs
+
+
+def _visit_out(rates: _StepRates, p: int, on_disk: bool, locked: bool, held: bool) -> dict[str, float]:
+    """A backward visit's (or the head's) costs of sending a unit's gradient out, as
+    `Visit` fields, the disk's write of it included."""
+    profile = rates.profile
+    if held:  # the gradient stays; the rest of the state comes in behind the compute
+        return {"fetch_s": (rates.whole - rates.grad) * p / profile.h2d_bytes_per_s}
+    if locked:  # straight into the page-locked store
+        return {"grad_out_s": rates.grad * p / profile.d2h_bytes_per_s}
+    out, costs = p * 4 / profile.d2h_bytes_per_s, {}
+    if not on_disk:
+        out += (4 + rates.grad) * p / rates.memory_rate
+    elif rates.cached:
+        out += rates.grad * p / profile.cached_io_bytes_per_s
+    else:
+        costs["disk_write_s"] = rates.grad * p / profile.disk_write_bytes_per_s
+        if profile.shares_host_cores:  # see [Note: buffered I/O costs core time]
+            out += rates.grad * p / profile.cached_io_bytes_per_s
+    return {**costs, "out_s": out}
+
+
 def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int, offload: str,
                 depth: int, kept: int, state: str = "fp32", ram_units: int | None = None,
                 early: bool = False, held: int = 0) -> list[Visit]:
@@ -497,84 +587,31 @@ def step_visits(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, 
     [Note: updates held on the device])."""
     counts = unit_param_counts(cfg)
     flops = _unit_flops_per_token(cfg, seq_len)
-    b, F = profile.compute_bytes, profile.matmul_flops
-    update_rate, mem = host_rates(profile)  # the update scales by its format's cost below
-    disk_r, disk_w = profile.disk_read_bytes_per_s, profile.disk_write_bytes_per_s
     # A store that fits the page cache moves at memory speed after its first pass, and
     # then its "I/O" is host copies on the cores, not time on the storage device.
-    whole, updated, master, grad = state_bytes(state)
-    update_cost = FORMATS[state].update_cost
+    rates = _StepRates.of(cfg, profile, offload, state, ram_units)
     in_ram = units_in_ram(len(counts), offload, ram_units)
-    cached = store_cached(cfg, profile, offload, state, ram_units)
     lane, shared = early_lane_s(cfg, profile, state, in_ram) if early else ({}, 0.0)
     visits = []
     for v, (phase, unit, pinned) in enumerate(visit_order(cfg, depth)):
-        p, f = counts[unit], flops[unit] * tokens_per_step / F
+        p, f = counts[unit], flops[unit] * tokens_per_step / profile.matmul_flops
         on_disk = unit >= in_ram
         locked = not profile.shares_host_cores and not on_disk  # a GPU's page-locked RAM tier
         recomputes = unit < len(counts) - 1 - kept and not (kept >= cfg.n_layer and unit == 0)
         compute = {"forward": f, "head": 3 * f, "backward": (3 if recomputes else 2) * f}[phase]
-        host_in = link_in = disk_read = disk_write = 0.0
         # A unit's first visit of the step (its forward, or the head's one visit) stages
         # it with the update due from the previous step, unless the lane ran it.
         on_lane = unit in lane and phase != "backward"
-        updates = phase != "backward" and not on_lane
-        # The update reads p, g, m, v (16 bytes per parameter in float32) and writes p,
-        # m, v (12); a staging pass without an update reads p only.
-        read, written = (whole * p, updated * p) if updates else (master * p, 0)
-        is_held = unit < held
-        kernel = d2h = 0.0
-        if updates and profile.update_on_device and locked and not profile.shares_host_cores:
-            # State in (none for a held unit: it came during the backward), the update's
-            # kernels (which write the slot), and the updated state back out.
-            kernel = 28 * p / (profile.device_update_rate or profile.device_update_bytes_per_s)
-            d2h = updated * p / profile.d2h_bytes_per_s
-            link_in = 0.0 if is_held else whole * p / profile.h2d_bytes_per_s
-        elif not pinned:
-            # The weights' way in: a CPU device computes from the slot the worker copies
-            # them into; a GPU copies them from a page-locked RAM tier directly, and from a
-            # staging buffer the worker fills otherwise; an update on the device writes
-            # them into the slot itself.
-            if not (updates and profile.update_on_device):
-                # From a page-locked tier the master weights cross as they are kept (a
-                # float32 master as float32, cast on the device); staging casts first.
-                link_in = 0.0 if profile.shares_host_cores else p * (master if locked else b) / profile.h2d_bytes_per_s
-                host_in = 0.0 if locked else p * (master + b) / mem  # read the master, write the copy
-            if updates:
-                host_in += 28 * p * update_cost / update_rate  # the AdamW update due from the previous step
-            if on_lane:
-                pass  # the lane's time holds this pass's re-read (see early_lane_s)
-            elif on_disk and cached:
-                host_in += (read + written) / profile.cached_io_bytes_per_s
-            elif on_disk:
-                disk_read, disk_write = read / disk_r, written / disk_w
-                if profile.shares_host_cores:
-                    # [Note: buffered I/O costs core time] Every byte also passes
-                    # through the page cache, copied by the kernel on the cores that
-                    # compute: 94 GB per gpt3-2.7b step on 2 cores, ~12 s of a 135 s
-                    # step that the disk time (overlapped) does not account for.
-                    host_in += (read + written) / profile.cached_io_bytes_per_s
-        out = fetch = grad_out = 0.0
-        if phase == "backward" and is_held:
-            # The gradient stays; the rest of the state comes in behind the compute.
-            fetch = (whole - grad) * p / profile.h2d_bytes_per_s
-        elif phase != "forward" and locked:
-            grad_out = grad * p / profile.d2h_bytes_per_s  # straight into the page-locked store
-        elif phase != "forward":
-            out = p * 4 / profile.d2h_bytes_per_s
-            if not on_disk:
-                out += (4 + grad) * p / mem
-            elif cached:
-                out += grad * p / profile.cached_io_bytes_per_s
-            else:
-                disk_write += grad * p / disk_w
-                if profile.shares_host_cores:  # see [Note: buffered I/O costs core time]
-                    out += grad * p / profile.cached_io_bytes_per_s
+        costs = {"host_in_s": 0.0, "link_in_s": 0.0, "out_s": 0.0}
+        costs.update(_visit_in(rates, p, phase != "backward" and not on_lane, pinned, on_lane, on_disk, locked,
+                               unit < held))
+        if phase != "forward":
+            written = costs.pop("disk_write_s", 0.0)
+            costs.update(_visit_out(rates, p, on_disk, locked, unit < held and phase == "backward"))
+            costs["disk_write_s"] = written + costs.get("disk_write_s", 0.0)
         if v == 0:
-            host_in += shared  # the lane's update work, charged to the worker from the start
-        visits.append(Visit(compute, host_in, link_in, out, disk_read, disk_write, phase,
-                            ready_s=lane[unit] if on_lane else 0.0, fetch_s=fetch, kernel_s=kernel, d2h_s=d2h,
-                            grad_out_s=grad_out))
+            costs["host_in_s"] += shared  # the lane's update work, charged to the worker from the start
+        visits.append(Visit(compute, phase=phase, ready_s=lane[unit] if on_lane else 0.0, **costs))
     return visits
 
 
@@ -874,6 +911,55 @@ def recommended_tokens(cfg: ModelConfig, profile: DeviceProfile, seq_len: int, o
     return sequences * seq_len
 
 
+def activation_budget(profile: DeviceProfile, state: str, ram_params: int) -> float:
+    """What activations may use by default: 80% of the device's memory, or on a CPU
+    device half the host's, less the RAM tier's state, which shares it."""
+    if profile.device_memory_bytes:
+        return 0.8 * profile.device_memory_bytes
+    return 0.5 * profile.host_memory_bytes - state_bytes(state)[0] * ram_params
+
+
+def crossing_bytes(profile: DeviceProfile, state: str, offload: str) -> float:
+    """Bytes per parameter of the weights on their way to the device: the compute dtype
+    from a staging buffer, the master weights as kept from a page-locked RAM tier."""
+    if offload == "ram" and not profile.shares_host_cores:
+        return state_bytes(state)[2]
+    return profile.compute_bytes
+
+
+class Thresholds(NamedTuple):
+    """Tokens per step below which each part of the transfers outlasts the compute that
+    could hide it, and a step's bytes on the disk."""
+
+    forward: float
+    backward: float
+    disk: float
+    disk_read_bytes: int
+    disk_write_bytes: int
+
+
+def hiding_thresholds(profile: DeviceProfile, state: str, offload: str, recompute: bool, disk_params: int,
+                      n_params: int, early: bool) -> Thresholds:
+    """The tokens per step that hide the weights' way in during the forward (2 FLOPs
+    per parameter per token against `crossing_bytes`), the backward's traffic (weights
+    in, float32 gradients out, against 4 FLOPs, 6 with recompute) and the disk part's
+    reads and writes (against its share of the step's compute)."""
+    F, b, g = profile.matmul_flops, crossing_bytes(profile, state, offload), 4
+    backward_ratio = 6 if recompute else 4  # backward FLOPs per parameter per token
+    forward = F * b / (2 * profile.h2d_bytes_per_s)
+    backward = F * max(b / profile.h2d_bytes_per_s, g / profile.d2h_bytes_per_s) / backward_ratio
+    if not disk_params:
+        return Thresholds(forward, backward, 0.0, 0, 0)
+    # The update reads p, g, m, v and writes p, m, v, and hands p straight to the
+    # forward; backward re-reads p; gradients are written once.
+    whole, updated, master, grad = state_bytes(state)
+    read, written = whole + master + (master if early else 0), updated + grad  # early: staging re-reads p
+    share = disk_params / n_params  # of the compute that hides the disk part
+    disk = (F * (read / profile.disk_read_bytes_per_s + written / profile.disk_write_bytes_per_s)
+            * share / (2 + backward_ratio))
+    return Thresholds(forward, backward, disk, int(read * disk_params), int(written * disk_params))
+
+
 def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, seq_len: int,
               offload: str, micro_tokens: int | None = None, prefetch_depth: int | None = None,
               memory_budget: float | None = None, recompute: str = "auto", kept_graphs: int | None = None,
@@ -890,45 +976,23 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
     counts = unit_param_counts(cfg)
     in_ram = units_in_ram(len(counts), offload, ram_units)
     ram_params, disk_params = sum(counts[:in_ram]), sum(counts[in_ram:])
-    if memory_budget is None:
-        if profile.device_memory_bytes:
-            memory_budget = 0.8 * profile.device_memory_bytes
-        else:  # a CPU device: activations share host memory with a RAM-tier store
-            memory_budget = 0.5 * profile.host_memory_bytes - state_bytes(state)[0] * ram_params
-    budget = memory_budget
+    budget = activation_budget(profile, state, ram_params) if memory_budget is None else memory_budget
     micro = micro_tokens or tokens_per_step
     kept = (min(kept_graphs, cfg.n_layer) if kept_graphs is not None
             else choose_kept_graphs(cfg, tokens_per_step, micro, profile.compute_bytes, budget, recompute))
     do_recompute = kept < cfg.n_layer
     n_params, biggest = sum(counts), max(counts)
-    b, g = profile.compute_bytes, 4  # weights in compute dtype in, float32 gradients out
-    if offload == "ram" and not profile.shares_host_cores:  # page-locked: the master weights cross as kept
-        b = state_bytes(state)[2]
-    F = profile.matmul_flops
     flops = _unit_flops_per_token(cfg, seq_len)
-    unit_compute = flops[1] * tokens_per_step / F if cfg.n_layer else 0.0
-    depth = prefetch_depth or choose_prefetch_depth(unit_compute, counts[1] * b / profile.h2d_bytes_per_s)
+    unit_compute = flops[1] * tokens_per_step / profile.matmul_flops if cfg.n_layer else 0.0
+    unit_transfer = counts[1] * crossing_bytes(profile, state, offload) / profile.h2d_bytes_per_s
+    depth = prefetch_depth or choose_prefetch_depth(unit_compute, unit_transfer)
     visits, early, held, depth = fastest_schedule(cfg, profile, tokens_per_step, seq_len, offload, depth, kept,
                                                   state, in_ram, early_updates, held_units, micro, budget,
                                                   deepen=prefetch_depth is None)
     predicted = predicted_stream_s(visits, depth, profile)
     backlog = held_backlog_bytes(simulate_step(visits, depth)[2], profile, state) if held else 0
 
-    backward_ratio = 6 if do_recompute else 4  # backward FLOPs per parameter per token
-    min_fwd = F * b / (2 * profile.h2d_bytes_per_s)
-    min_bwd = F * max(b / profile.h2d_bytes_per_s, g / profile.d2h_bytes_per_s) / backward_ratio
-    disk_read = disk_write = 0
-    min_disk = 0.0
-    if disk_params:
-        # The update reads p, g, m, v and writes p, m, v, and hands p straight to the
-        # forward; backward re-reads p; gradients are written once.
-        whole, updated, master, grad = state_bytes(state)
-        read, written = whole + master + (master if early else 0), updated + grad  # early: staging re-reads p
-        disk_read, disk_write = int(read * disk_params), int(written * disk_params)
-        per_token = 2 + backward_ratio
-        share = disk_params / n_params  # of the compute that hides the disk part
-        min_disk = (F * (read / profile.disk_read_bytes_per_s + written / profile.disk_write_bytes_per_s)
-                    * share / per_token)
+    thresholds = hiding_thresholds(profile, state, offload, do_recompute, disk_params, n_params, early)
 
     recommended = recommended_tokens(cfg, profile, seq_len, offload, depth, kept, state=state, ram_units=in_ram,
                                      micro_tokens=micro, budget=budget, deepen=prefetch_depth is None,
@@ -944,10 +1008,10 @@ def make_plan(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, se
         max_unit_params=biggest, device_bytes=int(device_bytes), host_bytes=int(host_bytes),
         disk_bytes=int(state_bytes(state)[0] * disk_params), state=state, ram_units=in_ram,
         h2d_bytes_per_step=h2d_bytes, d2h_bytes_per_step=d2h_bytes,
-        disk_read_bytes_per_step=disk_read, disk_write_bytes_per_step=disk_write,
-        min_tokens_forward=math.ceil(min_fwd), min_tokens_backward=math.ceil(min_bwd),
-        min_tokens_disk=math.ceil(min_disk),
-        min_tokens_per_step=math.ceil(max(min_fwd, min_bwd, min_disk)),
+        disk_read_bytes_per_step=thresholds.disk_read_bytes, disk_write_bytes_per_step=thresholds.disk_write_bytes,
+        min_tokens_forward=math.ceil(thresholds.forward), min_tokens_backward=math.ceil(thresholds.backward),
+        min_tokens_disk=math.ceil(thresholds.disk),
+        min_tokens_per_step=math.ceil(max(thresholds.forward, thresholds.backward, thresholds.disk)),
         recommended_tokens_per_step=recommended, recompute=do_recompute, kept_graphs=kept,
         fits_device=not profile.device_memory_bytes or device_bytes <= profile.device_memory_bytes,
         compute_s=sum(v.compute_s for v in visits), predicted_step_s=predicted,
@@ -1469,16 +1533,7 @@ def _planned(args: argparse.Namespace, cfg: ModelConfig, measured: DeviceProfile
     ram_units = split_ram_units(cfg, host, args.state) if offload == "split" else None
     tokens = args.tokens_per_step
     if tokens is None:
-        budget = None
-        if args.max_memory:  # recommend only what the limit can hold: what is left of it for activations
-            lean = make_plan(cfg, profile, seq_len, seq_len, offload, state=args.state, ram_units=ram_units,
-                             recompute="yes", held_units=0, recommend=False)
-            budget = (args.max_memory * 2**30 - peak_bytes(lean, profile)
-                      + kept_activation_bytes(cfg, seq_len, seq_len, profile.compute_bytes, 0))
-        tokens = make_plan(cfg, profile, seq_len, seq_len, offload, micro_tokens=args.micro_tokens or seq_len,
-                           memory_budget=budget, state=args.state, ram_units=ram_units).recommended_tokens_per_step
-        if args.micro_tokens and args.micro_tokens > 0:  # whole micro-batches: the next count train can run
-            tokens = -(-tokens // args.micro_tokens) * args.micro_tokens
+        tokens = _recommended_for(args, cfg, profile, seq_len, offload, ram_units)
     if tokens <= 0:
         raise UserError(f"--tokens-per-step must be positive, got {tokens}")
     # The recommendation plans one sequence per micro-batch unless told otherwise: a
@@ -1507,14 +1562,43 @@ def _planned(args: argparse.Namespace, cfg: ModelConfig, measured: DeviceProfile
     # its price in step time.
     in_ram = 0 if shortfall else units_in_ram(plan.n_units, offload, ram_units)
     alternatives = []
-    weighed = [] if offload == "ram" and not shortfall else list(FORMATS)[list(FORMATS).index(args.state) + 1:]
-    for smaller in weighed:
-        other, short = offload_for_plan(cfg, host, disk, "auto", smaller)
-        other_units = split_ram_units(cfg, host, smaller) if other == "split" else None
-        if not short and units_in_ram(plan.n_units, other, other_units) > in_ram:
+    for smaller, other, other_units in _smaller_states(cfg, args.state, host, disk, offload, shortfall):
+        if units_in_ram(plan.n_units, other, other_units) > in_ram:
             with contextlib.suppress(UserError):  # it may not fit --max-memory: then there is nothing to weigh
                 alternatives.append(plan_for(smaller, other, other_units))
     return _PlanReport(plan, profile, shortfall, alternatives)
+
+
+def _recommended_for(args: argparse.Namespace, cfg: ModelConfig, profile: DeviceProfile, seq_len: int, offload: str,
+                     ram_units: int | None) -> int:
+    """`streamer plan`'s tokens per step when none are given: the recommendation, within
+    `--max-memory` (what is left of it for activations once the leanest plan's own
+    memory is counted), in whole micro-batches of `--micro-tokens`."""
+    budget = None
+    if args.max_memory:
+        lean = make_plan(cfg, profile, seq_len, seq_len, offload, state=args.state, ram_units=ram_units,
+                         recompute="yes", held_units=0, recommend=False)
+        budget = (args.max_memory * 2**30 - peak_bytes(lean, profile)
+                  + kept_activation_bytes(cfg, seq_len, seq_len, profile.compute_bytes, 0))
+    tokens = make_plan(cfg, profile, seq_len, seq_len, offload, micro_tokens=args.micro_tokens or seq_len,
+                       memory_budget=budget, state=args.state, ram_units=ram_units).recommended_tokens_per_step
+    if args.micro_tokens and args.micro_tokens > 0:  # whole micro-batches: the next count train can run
+        tokens = -(-tokens // args.micro_tokens) * args.micro_tokens
+    return tokens
+
+
+def _smaller_states(cfg: ModelConfig, state: str, host: float, disk: float, offload: str,
+                    shortfall: str) -> list[tuple[str, str, int | None]]:
+    """The formats smaller than `state` that fit this host, each with its tiers (offload,
+    units in RAM): none when `state` fits in RAM already."""
+    if offload == "ram" and not shortfall:
+        return []
+    smaller = []
+    for other_state in list(FORMATS)[list(FORMATS).index(state) + 1:]:
+        other, short = offload_for_plan(cfg, host, disk, "auto", other_state)
+        if not short:
+            smaller.append((other_state, other, split_ram_units(cfg, host, other_state) if other == "split" else None))
+    return smaller
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -1523,22 +1607,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     cfg = model_config(args.model)
     if args.host_memory is not None and not 0 < args.host_memory < math.inf:
         raise UserError(f"--host-memory must be a positive number of GiB, got {args.host_memory}")
-    if args.measure:
-        if args.device not in (None, "cpu", "cuda"):
-            raise UserError(f"--measure measures cuda or cpu, got --device {args.device}: drop --measure to plan "
-                            "with that profile")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda --measure needs a CUDA device, and this machine has none")
-        device: torch.device | None = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available()
-                                                   else "cpu")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        profile = measure_profile(device, dtype, args.disk, state=args.state, host_memory_gib=args.host_memory)
-    elif (args.device or "cpu") in PROFILES:
-        profile, device = PROFILES[args.device or "cpu"], None
-        if args.host_memory is not None:
-            profile = replace(profile, host_memory_bytes=host_available(args.host_memory))
-    else:
-        raise UserError(f"unknown device profile '{args.device}': use one of {', '.join(PROFILES)} or --measure")
+    profile, device = _plan_profile(args)
     # --update-on auto plans both places and takes the faster, as train does ([Note: where
     # AdamW runs]); a place whose plan is refused (--max-memory) is out.
     if args.update_on != "auto":
@@ -1566,6 +1635,33 @@ def cmd_plan(args: argparse.Namespace) -> None:
                           "smaller_states": [asdict(a) for a in alternatives],
                           "sampling": asdict(sampling) if sampling else None}, indent=2))
         return
+    _print_plan(plan, profile, chosen, other, shortfall, alternatives, sampling)
+
+
+def _plan_profile(args: argparse.Namespace) -> tuple[DeviceProfile, torch.device | None]:
+    """The profile `streamer plan` plans with: this machine's rates measured
+    (`--measure`, with the device measured), or a named profile's."""
+    if args.measure:
+        if args.device not in (None, "cpu", "cuda"):
+            raise UserError(f"--measure measures cuda or cpu, got --device {args.device}: drop --measure to plan "
+                            "with that profile")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda --measure needs a CUDA device, and this machine has none")
+        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return measure_profile(device, dtype, args.disk, state=args.state, host_memory_gib=args.host_memory), device
+    if (args.device or "cpu") not in PROFILES:
+        raise UserError(f"unknown device profile '{args.device}': use one of {', '.join(PROFILES)} or --measure")
+    profile = PROFILES[args.device or "cpu"]
+    if args.host_memory is not None:
+        profile = replace(profile, host_memory_bytes=host_available(args.host_memory))
+    return profile, None
+
+
+def _print_plan(plan: Plan, profile: DeviceProfile, chosen: str, other: Plan | None, shortfall: str,
+                alternatives: list[Plan], sampling: SamplingEstimate | None) -> None:
+    """`streamer plan`'s text: the plan, the other place of the update, the smaller
+    states weighed and what sampling would cost."""
     print(format_plan(plan, profile))
     if other is not None:
         print(f"  AdamW on the {chosen} (--update-on auto): on the {'host' if chosen == 'device' else 'device'} "

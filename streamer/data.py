@@ -484,32 +484,14 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
         with atomic_path(out) as tmp, (atomic_path(eval_out) if eval_out else contextlib.nullcontext()) as tmp_eval:
             writer = TokenFileWriter(tmp, dtype)
             held = TokenFileWriter(tmp_eval, dtype) if eval_out else None
-            documents, held_documents = 0, 0
             try:
-                ends = np.array([separator_id if separator_id is not None else 0], dtype=dtype)
-                for batch, n_bytes, last in _batches(files, lines):
-                    for tokens, ends_a_document in zip(tokenizer.encode_pieces(batch), last):
-                        into = held if held is not None and _held_out(documents, eval_fraction) else writer
-                        into.append(tokens)
-                        if ends_a_document and separator_id is not None:
-                            into.append(ends)
-                        if ends_a_document:
-                            documents += 1
-                            held_documents += into is held
-                    bar.update(n_bytes)
+                documents, held_documents = _tokenize(files, lines, tokenizer, separator_id, writer, held,
+                                                      eval_fraction, bar)
             finally:
                 writer.close()
                 if held is not None:
                     held.close()
-            if writer.n_tokens < 2 and lines is not None and lines.where:
-                raise UserError(f"no document of the inputs meets --where {' '.join(meta_where(lines))} (or those "
-                                "that do are empty): check the fields' names and values")
-            if writer.n_tokens < 2:
-                raise UserError("the inputs hold no text: pass non-empty text files"
-                                + (" (or every document was held out: lower --eval-fraction)" if held else ""))
-            if held is not None and held.n_tokens < 2:
-                raise UserError(f"--eval-fraction {eval_fraction:g} held out none of the {documents:,} documents: "
-                                "raise it, or give more documents (each input file is one, each JSON Lines line)")
+            _check_prepared(writer, held, lines, documents, eval_fraction)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
@@ -531,6 +513,41 @@ def prepare(out: Path, inputs: list[Path] | None = None, tokenizer_path: Path | 
         meta["split"] = split
     atomic_write_json(meta_path(out), meta)
     return meta
+
+
+def _tokenize(files: list[Path], lines: JsonLines | None, tokenizer: ByteTokenizer | HFTokenizer,
+              separator_id: int | None, writer: TokenFileWriter, held: TokenFileWriter | None,
+              eval_fraction: float, bar: tqdm) -> tuple[int, int]:
+    """The files' documents tokenized into `writer`, or, for those `_held_out` picks, into
+    `held`; each followed by the separator, if there is one. Returns how many documents
+    there were, and how many of them were held out."""
+    documents, held_documents = 0, 0
+    ends = np.array([separator_id if separator_id is not None else 0], dtype=writer.dtype)
+    for batch, n_bytes, last in _batches(files, lines):
+        for tokens, ends_a_document in zip(tokenizer.encode_pieces(batch), last):
+            into = held if held is not None and _held_out(documents, eval_fraction) else writer
+            into.append(tokens)
+            if ends_a_document and separator_id is not None:
+                into.append(ends)
+            if ends_a_document:
+                documents += 1
+                held_documents += into is held
+        bar.update(n_bytes)
+    return documents, held_documents
+
+
+def _check_prepared(writer: TokenFileWriter, held: TokenFileWriter | None, lines: JsonLines | None,
+                    documents: int, eval_fraction: float) -> None:
+    """Refuses a token file too short to train on, and a held-out file likewise."""
+    if writer.n_tokens < 2 and lines is not None and lines.where:
+        raise UserError(f"no document of the inputs meets --where {' '.join(meta_where(lines))} (or those "
+                        "that do are empty): check the fields' names and values")
+    if writer.n_tokens < 2:
+        raise UserError("the inputs hold no text: pass non-empty text files"
+                        + (" (or every document was held out: lower --eval-fraction)" if held else ""))
+    if held is not None and held.n_tokens < 2:
+        raise UserError(f"--eval-fraction {eval_fraction:g} held out none of the {documents:,} documents: "
+                        "raise it, or give more documents (each input file is one, each JSON Lines line)")
 
 
 def _held_out(document: int, fraction: float) -> bool:

@@ -388,17 +388,7 @@ class StreamEngine:
         self.prediction = "profile"  # where predicted_step_s comes from: profile | calibrated
         self.fastest_update_s = math.inf  # the host update's best time so far (see `_calibrate`)
         self.store_cached = False  # whether the page cache holds the store's disk part (set by `create`)
-        # Recompute keeps only unit-boundary activations and runs each unit's forward
-        # again in backward; without it each unit's autograd graph is kept (weights
-        # excluded, see `_weight_hooks`): a third less compute, far more activation memory.
-        # `kept_graphs` blocks, the last ones, keep their graphs and the others recompute
-        # (the planner fits the count to memory); by default all or none, by `recompute`.
-        n_layer = model_cfg.n_layer
-        kept = (0 if recompute else n_layer) if kept_graphs is None else min(kept_graphs, n_layer)
-        self.kept_graphs = kept
-        self.keeps_graph = {u: (n_layer + 1 - kept <= u <= n_layer) or (kept == n_layer and u == 0)
-                            for u in range(n_layer + 2)}
-        self.recompute = kept < n_layer
+        self._choose_graphs(model_cfg.n_layer, recompute, kept_graphs)
         with torch.device("meta"):
             self.modules = [build_unit(model_cfg, i) for i in range(model_cfg.n_layer + 2)]
         self.layouts = store.layouts
@@ -415,6 +405,27 @@ class StreamEngine:
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._make_workers(store, early_updates)
         self._init_held(store, held_units)
+        self.batch_rows: torch.Tensor | None = None  # token ids of this step, for the sparse path
+        self.pending: PendingUpdate | None = None
+        self.update_due = [False] * self.n_units
+        self.adam_step = 0
+        self._init_counters(store)
+
+    def _choose_graphs(self, n_layer: int, recompute: bool, kept_graphs: int | None) -> None:
+        """Which units keep their autograd graphs. Recompute keeps only unit-boundary
+        activations and runs each unit's forward again in backward; without it each
+        unit's graph is kept (weights excluded, see `_weight_hooks`): a third less
+        compute, far more activation memory. `kept_graphs` blocks, the last ones, keep
+        their graphs and the others recompute (the planner fits the count to memory);
+        by default all or none, by `recompute`."""
+        kept = (0 if recompute else n_layer) if kept_graphs is None else min(kept_graphs, n_layer)
+        self.kept_graphs = kept
+        self.keeps_graph = {u: (n_layer + 1 - kept <= u <= n_layer) or (kept == n_layer and u == 0)
+                            for u in range(n_layer + 2)}
+        self.recompute = kept < n_layer
+
+    def _init_counters(self, store: HostStore) -> None:
+        """The time and bytes a step reports (`StepStats`), zero."""
         self._counter_lock = threading.Lock()  # the lane, the worker and the step add time and bytes
         # Update seconds since the run began, and up to the last step's end: a step's own
         # share is the difference (the lane's updates for the next step start before the
@@ -422,10 +433,6 @@ class StreamEngine:
         self.update_s_total = self._update_s_seen = 0.0
         # Bytes an update on the device moves (state in, updated state out), likewise.
         self.update_bytes_total, self._update_bytes_seen = [0, 0], [0, 0]
-        self.batch_rows: torch.Tensor | None = None  # token ids of this step, for the sparse path
-        self.pending: PendingUpdate | None = None
-        self.update_due = [False] * self.n_units
-        self.adam_step = 0
         self.counters = {"bytes_in": 0, "bytes_out": 0, "stall_s": 0.0, "update_s": 0.0,
                          "forward_s": 0.0, "backward_s": 0.0, "h2d_busy_s": 0.0, "h2d_bytes": 0}
         # On CUDA, (start, end, bytes) of each host-to-device copy this step: the link's
@@ -682,23 +689,35 @@ class StreamEngine:
         device writes them there itself; a page-locked store is copied from directly;
         other host memory (the disk tier's chunk buffers) goes through the slot's
         pinned staging buffer."""
-        numel, first = self.layouts[unit].numel, self.store.owned[unit][0]
         early = self.early.pop(unit, None)
         if early is not None:
             early.result()  # the unit's update ran on the lane; read its new weights
         if self.update_due[unit] and unit in self.held:
             self._update_held(unit, slot)
             return
+        if self.staging is None:  # a CPU device computes from the slot the worker fills
+            self._stage_on_cpu(unit, slot)
+        else:
+            self._stage_on_cuda(unit, slot)
+
+    def _stage_on_cpu(self, unit: int, slot: int) -> None:
+        """`_stage` for a CPU device: the update's chunks, each copied into the slot."""
+        numel, first = self.layouts[unit].numel, self.store.owned[unit][0]
         due = self.update_due[unit]
         read, write = (BUFFERS, UPDATED) if due else (("param",), ())
-        if self.staging is None:  # a CPU device computes from the slot the worker fills
-            for start, stop, buffers in self.store.stream(unit, read, write):
-                if due:
-                    self._update_chunk(unit, start, stop, buffers)
-                self.slots[slot][first + start : first + stop].copy_(buffers["param"])  # casts to the compute dtype
-            self.update_due[unit] = False
-            self.dp.gather_weights(self.slots[slot], numel)
-            return
+        for start, stop, buffers in self.store.stream(unit, read, write):
+            if due:
+                self._update_chunk(unit, start, stop, buffers)
+            self.slots[slot][first + start : first + stop].copy_(buffers["param"])  # casts to the compute dtype
+        self.update_due[unit] = False
+        self.dp.gather_weights(self.slots[slot], numel)
+
+    def _stage_on_cuda(self, unit: int, slot: int) -> None:
+        """`_stage` for a CUDA device: the chunks' update on the host or the device, and
+        their way into the slot, directly or through the staging buffer."""
+        numel, first = self.layouts[unit].numel, self.store.owned[unit][0]
+        due = self.update_due[unit]
+        read, write = (BUFFERS, UPDATED) if due else (("param",), ())
         torch.cuda.set_device(self.device)  # this thread's CUDA calls go to our device
         on_device = due and self.update_device.type == "cuda"
         direct = on_device or self.store.pinned(unit)

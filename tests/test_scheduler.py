@@ -361,7 +361,12 @@ def test_a_run_with_the_fused_kernels_trains_as_one_with_the_ops(tmp_path, monke
     the chunk offsets, the decay boundary inside a unit and the coded gradients it
     hands the kernels are the engine's own (chunks of 64 blocks here, so a unit spans
     several and the decay boundary falls inside one). Same random bits, so the same
-    losses to the last few bits and almost every stored weight equal."""
+    losses to the last few bits and almost every stored weight equal: the two round
+    alike but for the last bits of a few float32 results, from the host's vectorised
+    math, which differs by CPU (0.08% of the weights differ where torch runs AVX2
+    kernels, 0.13% where it runs AVX-512 ones). Such a difference flips a stochastic
+    rounding or an 8-bit moment's code: a bf16 step of a small weight, at most 5e-4
+    here, where a wrong offset or decay boundary would move many, or weights of 1."""
     import streamer.store
     from streamer.state import BLOCK, FUSED_ENV
 
@@ -373,7 +378,9 @@ def test_a_run_with_the_fused_kernels_trains_as_one_with_the_ops(tmp_path, monke
     for a, b in zip(fused, ops, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     differ = sum(int((w_fused[n] != w_ops[n]).sum()) for n in w_ops)
-    assert differ <= sum(w.numel() for w in w_ops.values()) // 1000
+    assert differ <= sum(w.numel() for w in w_ops.values()) // 200
+    for name in w_ops:
+        assert (w_fused[name].float() - w_ops[name].float()).abs().max() <= 1e-3, name
 
 
 @pytest.mark.gpu

@@ -648,6 +648,10 @@ def _standalone(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+UMASK = os.umask(0o022)  # read once, on import (setting it is the only way to read it)
+os.umask(UMASK)
+
+
 @contextlib.contextmanager
 def _atomic_path(target: Path) -> Iterator[Path]:
     """A temporary path beside `target` that replaces it only once fully written and synced.
@@ -660,6 +664,7 @@ def _atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # safetensors' save_file creates files only their owner reads
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

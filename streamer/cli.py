@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -186,7 +187,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="learn a byte-level BPE of VOCAB tokens from the inputs first, written beside --out as "
                         "STEM.tokenizer.json, and tokenize with it")
     p.add_argument("--separator", default=None, metavar="TOKEN",
-                   help="a token of the tokenizer to put after each file, each a document (GPT-2's: "
+                   help="a token of the tokenizer to put after each document, each file (or, in JSON Lines, "
+                        "each line) being one (GPT-2's: "
                         "'<|endoftext|>'), so that a model learns where texts end; 'sample' stops there and "
                         "'export' names it the end-of-text token (default: files joined as they are)")
     p.add_argument("--where", action="append", default=None, metavar="FIELD=VALUE",
@@ -201,9 +203,6 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="JSON Lines inputs (.jsonl, .ndjson, compressed or not): the field of each line's object "
                         "that holds its document's text (default: text)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the command as a run would (flags, model, data, disk space, a checkpoint to "
-                        "resume) and print its plan on this machine, then stop: nothing is written")
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -536,6 +535,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                    lines=JsonLines.parse(args.text_field, args.where), eval_out=args.eval_out,
                    eval_fraction=0.01 if args.eval_fraction is None else args.eval_fraction)
     learned = f", with the tokenizer it learned: {meta['tokenizer']}" if args.train_tokenizer else ""
+    if args.train_tokenizer and meta["vocab_size"] < args.train_tokenizer:  # the text ran out of pairs to merge
+        learned += (f" (of {meta['vocab_size']:,} tokens, not the {args.train_tokenizer:,} asked for: the text "
+                    "holds no more pairs to merge)")
     separated = f", each document followed by token {meta['separator']}" if meta["separator"] is not None else ""
     left_out = f" (left out: {meta['n_skipped']:,} hidden, compiled or binary files)" if meta.get("n_skipped") else ""
     held = ""
@@ -628,6 +630,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("streamer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output left (`streamer status run | head -2`): stop as a
+        # command killed by SIGPIPE would, without Python's error at exit flushing stdout.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return 0
 
 

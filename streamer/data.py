@@ -403,6 +403,10 @@ def _prepare_inputs(out: Path, inputs: list[Path] | None, tokenizer_path: Path |
                     eval_fraction: float) -> tuple[list[Path], int]:
     """`prepare`'s text files (and how many a folder's walk left out), its flags checked
     against each other before anything is read or written."""
+    for flag, path in (("--out", out), ("--eval-out", eval_out)):
+        if path is not None and Path(path).is_dir():
+            raise UserError(f"{flag} '{path}' is a folder: name the token file to write (as "
+                            f"{Path(path) / 'tokens.npy'})")
     if eval_out is not None:
         if Path(eval_out).resolve() == Path(out).resolve():
             raise UserError(f"--eval-out '{eval_out}' is --out itself: name another file for the held-out documents")

@@ -41,6 +41,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+UMASK = os.umask(0o022)  # read once, on import (setting it is the only way to read it)
+os.umask(UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside `path` to write the file under. When the block ends
@@ -53,6 +57,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        # The mode a new file gets: a writer may have made it private (safetensors'
+        # save_file creates 0600 files, which other users of a shared machine could not read).
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

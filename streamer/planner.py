@@ -49,6 +49,7 @@ import torch
 
 from models import ModelConfig
 from streamer.errors import UserError
+from streamer.io import existing_parent
 from streamer.state import FORMATS
 
 
@@ -1522,11 +1523,9 @@ def _planned(args: argparse.Namespace, cfg: ModelConfig, measured: DeviceProfile
     if place == "device":
         profile = on_device(args.state, "disk")  # for the recommendation only: the tiers are not chosen yet
     seq_len = args.seq_len or cfg.block_size
-    if seq_len <= 0 or seq_len > cfg.block_size:
-        raise UserError(f"--seq-len must be in 1..{cfg.block_size} for {cfg.name}")
     if args.measure or args.device in (None, "cpu"):  # this machine's memory and disk
         host = host_available(args.host_memory)
-        disk = shutil.disk_usage(args.disk if args.disk.exists() else Path(".")).free
+        disk = shutil.disk_usage(existing_parent(args.disk)).free
     else:  # the profiled machine's
         host, disk = profile.host_memory_bytes, profile.disk_free_bytes
     offload, shortfall = offload_for_plan(cfg, host, disk, args.offload, args.state)
@@ -1534,16 +1533,12 @@ def _planned(args: argparse.Namespace, cfg: ModelConfig, measured: DeviceProfile
     tokens = args.tokens_per_step
     if tokens is None:
         tokens = _recommended_for(args, cfg, profile, seq_len, offload, ram_units)
-    if tokens <= 0:
-        raise UserError(f"--tokens-per-step must be positive, got {tokens}")
     # The recommendation plans one sequence per micro-batch unless told otherwise: a
     # whole recommended step in one would hold its logits for every token at once.
     micro = args.micro_tokens or (tokens if args.tokens_per_step else seq_len)
-    if micro <= 0 or micro % seq_len or tokens % micro:
-        raise UserError(f"--micro-tokens must be a positive multiple of --seq-len ({seq_len}) that divides "
-                        f"--tokens-per-step ({tokens}), got {micro}")
-    if args.max_memory is not None and args.max_memory <= 0:
-        raise UserError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
+    if tokens % micro:
+        raise UserError(f"--micro-tokens {micro} does not divide --tokens-per-step {tokens}: a step is whole "
+                        "micro-batches")
     check_held_units(cfg, args.held_units, place)
 
     def plan_for(state: str, offload: str, ram_units: int | None) -> Plan:
@@ -1602,11 +1597,13 @@ def _smaller_states(cfg: ModelConfig, state: str, host: float, disk: float, offl
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from streamer.train import model_config
+    from streamer.train import check_store_dir, model_config
 
     cfg = model_config(args.model)
     if args.host_memory is not None and not 0 < args.host_memory < math.inf:
         raise UserError(f"--host-memory must be a positive number of GiB, got {args.host_memory}")
+    check_store_dir(args.disk)
+    _check_plan_flags(args, cfg)
     profile, device = _plan_profile(args)
     # --update-on auto plans both places and takes the faster, as train does ([Note: where
     # AdamW runs]); a place whose plan is refused (--max-memory) is out.
@@ -1636,6 +1633,19 @@ def cmd_plan(args: argparse.Namespace) -> None:
                           "sampling": asdict(sampling) if sampling else None}, indent=2))
         return
     _print_plan(plan, profile, chosen, other, shortfall, alternatives, sampling)
+
+
+def _check_plan_flags(args: argparse.Namespace, cfg: ModelConfig) -> None:
+    """`streamer plan`'s counts: whole sequences within the model's context."""
+    if args.seq_len is not None and not 0 < args.seq_len <= cfg.block_size:
+        raise UserError(f"--seq-len must be in 1..{cfg.block_size} for {cfg.name}, got {args.seq_len}")
+    seq_len = args.seq_len or cfg.block_size
+    for flag, tokens in (("--tokens-per-step", args.tokens_per_step), ("--micro-tokens", args.micro_tokens)):
+        if tokens is not None and (tokens <= 0 or tokens % seq_len):
+            raise UserError(f"{flag} must be whole sequences, a positive multiple of --seq-len ({seq_len}), got "
+                            f"{tokens}")
+    if args.max_memory is not None and not 0 < args.max_memory < math.inf:
+        raise UserError(f"--max-memory must be a positive number of GiB, got {args.max_memory}")
 
 
 def _plan_profile(args: argparse.Namespace) -> tuple[DeviceProfile, torch.device | None]:
@@ -1738,7 +1748,9 @@ def run_summary(plan: Plan, update_on: str, micro_tokens: int) -> str:
     RECOMMENDED_OVERHEAD of the step); when a larger step would, the accumulation that
     makes one, with `micro_tokens` per micro-batch."""
     where = {"ram": "in RAM", "disk": "on disk",
-             "split": f"{plan.ram_units} of {plan.n_units} units in RAM, the rest on disk"}[plan.offload]
+             "split": (f"{plan.ram_units} of {plan.n_units} units in RAM, the rest on disk"
+                       if plan.ram_units < plan.n_units else f"split, with room in RAM for all {plan.n_units} units")
+             }[plan.offload]
     recompute = f"recompute {recompute_text(plan)}" if plan.recompute else "no recompute"
     line = (f"plan: {plan.state} state {where}, AdamW on the {update_on}, prefetch {plan.prefetch_depth}, "
             f"{recompute}; {plan.tokens_per_step:,} tokens a step: predicted {plan.predicted_step_s:.3g} s, "

@@ -9,6 +9,7 @@ not the whole context's again.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -46,8 +47,8 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.new_tokens < 1:
             raise UserError(f"--tokens must be at least 1, got {self.new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise UserError(f"--temperature must be 0 (greedy) or a positive number, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"--top-k must be at least 1 (or 0: every token), got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -28,7 +28,18 @@ def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     text = path.read_text()
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(text[: text.rfind("\n") + 1].splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = "bad"
+        if row is not None and not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+            raise UserError(f"'{path}' line {number} is not a metrics row (a JSON object with its step): the file "
+                            "was damaged or edited; restore it, or remove that line")
+        if row is not None:
+            rows.append(row)
+    return rows
 
 
 def _alive(process: dict) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -135,32 +136,68 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> ModelConfig:
+        """Refuses bad settings, each with what to do (a UserError), and returns the
+        model's architecture."""
+        self._check_counts()
+        self._check_optimizer()
+        self._check_checkpoints()
+        self._check_engine()
+        model_cfg = model_config(self.model, self.init_from)
+        if self.seq_len > model_cfg.block_size:
+            raise UserError(f"--seq-len {self.seq_len} exceeds {model_cfg.name}'s context of "
+                            f"{model_cfg.block_size}: use --seq-len {model_cfg.block_size} or less")
+        from streamer.planner import check_held_units
+
+        check_held_units(model_cfg, self.held_units, self.update_on if self.mode == "stream" else "host")
+        return model_cfg
+
+    def _check_counts(self) -> None:
+        """The batch's sizes, the steps, the evaluation's."""
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
             if getattr(self, name) <= 0:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        for name in ("checkpoint_every", "max_skipped_steps", "eval_every"):
+        for name in ("checkpoint_every", "max_skipped_steps", "eval_every", "seed"):
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-")
-                raise UserError(f"{flag} must be 0 (off) or a positive integer, got {getattr(self, name)}")
+                raise UserError(f"{flag} must be 0{'' if name == 'seed' else ' (off)'} or a positive integer, "
+                                f"got {getattr(self, name)}")
         if self.eval_tokens is not None and self.eval_tokens <= 0:
             raise UserError(f"--eval-tokens must be a positive integer, got {self.eval_tokens}")
         if self.eval_data and not self.eval_every:
             raise UserError("--eval-data is what the evaluations of --eval-every N read: add --eval-every N")
         if not 0 < self.holdout < 1:
             raise UserError(f"--holdout must be a fraction between 0 and 1, got {self.holdout}")
+
+    def _check_optimizer(self) -> None:
+        """AdamW's settings and the schedule's: finite, and in their ranges (a NaN passes
+        every comparison but ends the run in NaN weights)."""
+        if not 0 < self.lr < math.inf:
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"--min-lr must be between 0 and --lr ({self.lr:g}), the floor the schedule decays to, "
+                            f"got {self.min_lr}")
+        if self.warmup < 0:
+            raise UserError(f"--warmup must be 0 or a positive number of steps, got {self.warmup}")
+        for name, value in (("weight-decay", self.weight_decay), ("grad-clip", self.grad_clip)):
+            if not 0 <= value < math.inf:
+                raise UserError(f"--{name} must be 0 (off) or a positive number, got {value}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"--schedule must be {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}, got '{self.schedule}'")
         if not 0 < self.decay_fraction <= 1:
             raise UserError(f"--decay-fraction must be above 0 and at most 1 (the share of the steps that decays), "
                             f"got {self.decay_fraction}")
+
+    def _check_checkpoints(self) -> None:
+        """Checkpoints, what is kept of them, the time limit and resuming."""
         if self.keep <= 0:
             raise UserError(f"--keep must be a positive integer, got {self.keep}")
         if self.keep_every < 0:
             raise UserError(f"--keep-every must be 0 (none) or a positive number of steps, got {self.keep_every}")
-        if self.keep_every and self.checkpoint_every and self.keep_every % self.checkpoint_every:
+        if self.keep_every and not self.checkpoint_every:
+            raise UserError(f"--keep-every {self.keep_every} keeps checkpoints that --checkpoint-every writes: add "
+                            f"--checkpoint-every N (N dividing {self.keep_every})")
+        if self.keep_every and self.keep_every % self.checkpoint_every:
             raise UserError(f"--keep-every {self.keep_every} names steps that --checkpoint-every "
                             f"{self.checkpoint_every} never checkpoints: make it a multiple of "
                             f"{self.checkpoint_every}")
@@ -170,32 +207,38 @@ class TrainConfig:
             raise UserError("--time-limit stops the run with a checkpoint to go on from: add --checkpoint-every N")
         if self.resume and not self.out:
             raise UserError("--resume needs the run's directory: add --out DIR")
+
+    def _check_engine(self) -> None:
+        """The mode, and the stream engine's settings: a resident run refuses them rather
+        than run without what they ask for."""
+        if self.mode not in ("resident", "stream"):
+            raise UserError(f"--mode must be 'resident' or 'stream', got '{self.mode}'")
         if self.recompute not in ("auto", "yes", "no"):
             raise UserError(f"--recompute must be auto, yes or no, got '{self.recompute}'")
-        if self.max_memory_gib is not None and self.max_memory_gib <= 0:
+        if self.max_memory_gib is not None and not 0 < self.max_memory_gib < math.inf:
             raise UserError(f"--max-memory must be a positive number of GiB, got {self.max_memory_gib}")
-        if self.host_memory_gib is not None and not 0 < self.host_memory_gib < float("inf"):
+        if self.host_memory_gib is not None and not 0 < self.host_memory_gib < math.inf:
             raise UserError(f"--host-memory must be a positive number of GiB, got {self.host_memory_gib}")
         if self.prefetch_depth is not None and self.prefetch_depth <= 0:
             raise UserError(f"--prefetch-depth must be a positive integer, got {self.prefetch_depth}")
         if self.state not in ("fp32", "compact", "compact8"):
             raise UserError(f"--state must be fp32, compact or compact8, got '{self.state}'")
-        if self.state != "fp32" and self.mode != "stream":
-            raise UserError(f"--state {self.state} is a host-store format: use it with --mode stream")
         if self.update_on not in ("auto", "host", "device"):
             raise UserError(f"--update-on must be auto, host or device, got '{self.update_on}'")
         if self.grad_sync not in ("sparse", "dense"):
             raise UserError(f"--grad-sync must be sparse or dense, got '{self.grad_sync}'")
-        if self.mode not in ("resident", "stream"):
-            raise UserError(f"--mode must be 'resident' or 'stream', got '{self.mode}'")
-        model_cfg = model_config(self.model, self.init_from)
-        if self.seq_len > model_cfg.block_size:
-            raise UserError(f"--seq-len {self.seq_len} exceeds {model_cfg.name}'s context of "
-                            f"{model_cfg.block_size}: use --seq-len {model_cfg.block_size} or less")
-        from streamer.planner import check_held_units
-
-        check_held_units(model_cfg, self.held_units, self.update_on if self.mode == "stream" else "host")
-        return model_cfg
+        if self.mode == "stream":
+            return
+        if self.state != "fp32":
+            raise UserError(f"--state {self.state} is a host-store format: use it with --mode stream")
+        streamed = {"--offload": self.offload != "auto", "--prefetch-depth": self.prefetch_depth is not None,
+                    "--recompute": self.recompute != "auto", "--max-memory": self.max_memory_gib is not None,
+                    "--store-dir": self.store_dir is not None, "--update-on host": self.update_on == "host"}
+        given = [flag for flag, set_ in streamed.items() if set_]
+        if given:
+            raise UserError(f"{', '.join(given)} {'is a setting' if len(given) == 1 else 'are settings'} of the "
+                            "stream engine, which a resident run does not use: add --mode stream, or drop "
+                            f"{'it' if len(given) == 1 else 'them'}")
 
     def record(self) -> dict:
         """The settings as run.json and each checkpoint record them: file and folder paths
@@ -266,11 +309,21 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`--device`: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but this machine has no CUDA device: use --device cpu")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -354,13 +407,18 @@ def check_grad_sync(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.devi
                         "pip install 'streamer[cuda]', or use --grad-sync dense") from None
 
 
-def check_store_dir(store_dir: str | None) -> None:
-    """--store-dir must be a folder this process can write in, or one it can create."""
+def check_store_dir(store_dir: str | Path | None) -> None:
+    """--store-dir must be a folder this process can write in, or one it can create in
+    a folder that exists: a path mistyped further up is refused rather than made, on
+    whichever disk holds the first folder that does exist."""
     if store_dir is None:
         return
     path = Path(store_dir)
     if path.exists() and not path.is_dir():
         raise UserError(f"--store-dir '{path}' is a file, not a folder: name a folder on the disk for the store")
+    if not path.exists() and not path.absolute().parent.is_dir():
+        raise UserError(f"--store-dir '{path}': no folder '{path.absolute().parent}' to make it in: check the path, "
+                        "or create the folder first")
     parent = existing_parent(path)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--store-dir '{path}' cannot be written here ('{parent}' is not a writable folder): "
@@ -379,20 +437,29 @@ def same_disk(a: Path, b: Path) -> bool:
 RESIDENT_BYTES_PER_PARAMETER = 16
 
 
-def check_resident_fits(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> None:
-    """Refuse a resident run whose weights and optimizer state alone exceed the device's
-    memory (a CPU device's: the host memory available, or --host-memory)."""
-    from streamer.planner import host_available
+def check_resident_fits(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a resident run whose weights and optimizer state, or those with a
+    micro-batch's activations (`planner.predict_resident_peak_bytes`, within 11% of the
+    peaks measured), exceed the device's memory (a CPU device's: the host memory
+    available, or --host-memory): it would fail in its first steps, on a CPU at the hands
+    of the OOM killer."""
+    from streamer.planner import host_available, predict_resident_peak_bytes
 
-    need = RESIDENT_BYTES_PER_PARAMETER * model_cfg.n_params()
+    state = RESIDENT_BYTES_PER_PARAMETER * model_cfg.n_params()
     if device.type == "cuda":
         have, where = torch.cuda.get_device_properties(device).total_memory, "the GPU's"
     else:
         have, where = host_available(cfg.host_memory_gib), "the host memory available"
-    if need > 0.9 * have:
-        raise UserError(f"{model_cfg.name} held whole needs {need / 2**30:.1f} GiB for its float32 weights, "
+    if state > 0.9 * have:
+        raise UserError(f"{model_cfg.name} held whole needs {state / 2**30:.1f} GiB for its float32 weights, "
                         f"gradients and AdamW state, and {where} is {have / 2**30:.1f} GiB: train it with --mode "
                         f"stream (streamer plan --model {model_cfg.name} shows where its state would live)")
+    step = predict_resident_peak_bytes(model_cfg, cfg.batch_size * cfg.seq_len, dtype.itemsize, cfg.grad_accum)
+    if step > 0.9 * have:
+        raise UserError(f"a step of {model_cfg.name} held whole, with micro-batches of {cfg.batch_size} x "
+                        f"{cfg.seq_len} tokens, needs about {step / 2**30:.1f} GiB, and {where} is "
+                        f"{have / 2**30:.1f} GiB: lower --batch-size (and raise --grad-accum to keep the tokens "
+                        "per step), or train with --mode stream")
 
 
 def check_plan_fits(cfg: TrainConfig, model_cfg: ModelConfig, root: Path, device: torch.device,
@@ -472,8 +539,10 @@ def check_resumable(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, world: 
         return []
     folder, manifest = found
     changed = check_compatible(manifest, folder, model_cfg.to_dict(), cfg.mode, world, cfg.record())
-    return [f"settings differ from checkpoint {folder.name}'s ({', '.join(changed)}): the resumed run uses "
-            "the new ones, so it is not the run the checkpoint came from"] if changed else []
+    # Not named after a checkpoint: the manifest read here is the newest that reads, and
+    # the run may go on from an older one, should this one's files prove corrupt.
+    return [f"settings differ from those the run recorded ({', '.join(changed)}): the resumed run uses "
+            "the new ones, so it is not the run its checkpoints came from"] if changed else []
 
 
 @dataclass(frozen=True)
@@ -504,7 +573,7 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
                         "drop it, or train with --nproc 1")
     check_grad_sync(cfg, model_cfg, device, world)
     if cfg.mode == "resident":
-        check_resident_fits(cfg, model_cfg, device)
+        check_resident_fits(cfg, model_cfg, device, dtype)
     fused_mode()  # the environment's choice of update kernels, read again by every update
     data_files = cfg.data_files() or [default_corpus()]
     tokens = load_data(data_files, cfg.data_weights, model_cfg.vocab_size)
@@ -1049,14 +1118,17 @@ def dry_run(cfg: TrainConfig, world: int = 1) -> list[str]:
                   *format_plan(run.plan, run.profile).splitlines()[1:5],
                   f"  peak memory (what --max-memory limits) {peak_bytes(run.plan, run.profile) / 2**30:.2f} GiB"]
     if cfg.time_limit_s and found:
-        lines.append(job_length(cfg, found[1].get("run", {}), checked.out))
+        lines.append(job_length(cfg, found[1].get("run", {}), checked.out, cfg.steps - found[1]["step"]))
     return lines + [f"warning: {warning}" for warning in checked.warnings]
 
 
-def job_length(cfg: TrainConfig, run: dict, out: Path) -> str:
+def job_length(cfg: TrainConfig, run: dict, out: Path, steps_left: int) -> str:
     """How many steps a job of --time-limit does, resuming this run: its start-up as the
     last job's took (run.json), then steps and checkpoints at the times the checkpoint
-    recorded, with a stop's reserve ([Note: stopping in time])."""
+    recorded, with a stop's reserve ([Note: stopping in time]), up to the `steps_left`."""
+    if steps_left <= 0:
+        return (f"--time-limit {cfg.time_limit_s:g} s: the checkpoint is the run's last step ({cfg.steps:,}): "
+                "nothing is left to train (raise --steps to go on)")
     try:
         startup_s = float(json.loads((out / "run.json").read_text())["startup"]["total_s"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -1068,9 +1140,11 @@ def job_length(cfg: TrainConfig, run: dict, out: Path) -> str:
     room = cfg.time_limit_s - startup_s - limit.needed_s(step_s, 1)  # the stop's step and checkpoint
     per_step = step_s + checkpoint_s / cfg.checkpoint_every
     steps = max(0, int(room / per_step) + 1) if room >= 0 else 0
-    return (f"--time-limit {cfg.time_limit_s:g} s: start-up about {startup_s:.0f} s (the last job's), then about "
-            f"{steps:,} steps (the slowest so far {step_s:.3g} s, a checkpoint {checkpoint_s:.3g} s every "
-            f"{cfg.checkpoint_every}) before it stops in time")
+    ends = (f"the {steps_left:,} steps left, then it finishes" if steps >= steps_left
+            else f"about {steps:,} steps of the {steps_left:,} left")
+    return (f"--time-limit {cfg.time_limit_s:g} s: start-up about {startup_s:.0f} s (the last job's), then {ends} "
+            f"(the slowest step so far {step_s:.3g} s, a checkpoint {checkpoint_s:.3g} s every "
+            f"{cfg.checkpoint_every}){'' if steps >= steps_left else ' before it stops in time'}")
 
 
 def train(cfg: TrainConfig, started_at: float | None = None, announce: str | None = None) -> Path:

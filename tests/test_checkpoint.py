@@ -763,12 +763,16 @@ def test_a_dry_run_says_how_many_steps_a_job_does(tmp_path: Path) -> None:
 
     (tmp_path / "run.json").write_text(json.dumps({"startup": {"total_s": 10.0}}))
     cfg = TrainConfig(time_limit_s=100.0, checkpoint_every=5)
-    line = job_length(cfg, {"slowest_step_s": 2.0, "checkpoint_s": 4.0}, tmp_path)
+    times = {"slowest_step_s": 2.0, "checkpoint_s": 4.0}
+    line = job_length(cfg, times, tmp_path, steps_left=100)
     # 100 - 10 - (1.25 * (2 + 4) + 5) = 77.5 s of steps at 2 + 4 / 5 s each: 27, and the stop's
-    assert line == ("--time-limit 100 s: start-up about 10 s (the last job's), then about 28 steps (the slowest so "
-                    "far 2 s, a checkpoint 4 s every 5) before it stops in time")
-    assert "then about 0 steps" in job_length(TrainConfig(time_limit_s=20.0, checkpoint_every=5),
-                                              {"slowest_step_s": 2.0, "checkpoint_s": 4.0}, tmp_path)
+    assert line == ("--time-limit 100 s: start-up about 10 s (the last job's), then about 28 steps of the 100 left "
+                    "(the slowest step so far 2 s, a checkpoint 4 s every 5) before it stops in time")
+    assert "then about 0 steps" in job_length(TrainConfig(time_limit_s=20.0, checkpoint_every=5), times, tmp_path,
+                                              steps_left=100)
+    # A job with time for more steps than are left finishes; one with none left has nothing to do.
+    assert "then the 28 steps left, then it finishes (" in job_length(cfg, times, tmp_path, steps_left=28)
+    assert "nothing is left to train (raise --steps to go on)" in job_length(cfg, times, tmp_path, steps_left=0)
 
 
 def test_a_time_limited_command_ends_within_its_limit(token_file: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,10 +119,13 @@ def test_a_dry_run_checks_and_plans_and_writes_nothing(token_file: Path, tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.startswith(f"resuming {out} with the settings it recorded: ")
     assert f"{out} resumes from step-00000002; nothing written" in resumed.stdout
-    # A job of an hour: the last start-up, then steps at the times the checkpoint recorded.
+    # A job of an hour: the last start-up, then the steps left, at the times the checkpoint
+    # recorded, within it; the same run without more --steps has nothing left to do.
     [job] = [line for line in resumed.stdout.splitlines() if line.startswith("--time-limit 3600 s: start-up about ")]
-    assert int(job.split("then about ")[1].split(" steps")[0].replace(",", "")) > 1000
-    assert "settings differ from checkpoint step-00000002's (steps 2 -> 4)" in resumed.stdout
+    assert "then the 2 steps left, then it finishes (the slowest step so far " in job
+    finished = streamer("train", "--out", str(out), "--resume", "--time-limit", "1h", "--dry-run", cache=tmp_path)
+    assert "the checkpoint is the run's last step (2): nothing is left to train" in finished.stdout
+    assert "settings differ from those the run recorded (steps 2 -> 4)" in resumed.stdout
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert_user_error(streamer("train", *flags, "--seq-len", "999", "--dry-run", cache=tmp_path),
                       "--seq-len 999 exceeds tiny's context of 256")
@@ -171,6 +175,38 @@ def test_plan_fits_a_memory_limit_by_recomputing(tmp_path: Path) -> None:
     too_small = streamer("plan", "--model", "gpt3-2.7b", "--tokens-per-step", "1024", "--seq-len", "256",
                          "--offload", "disk", "--max-memory", "1", cache=tmp_path)
     assert_user_error(too_small, "--max-memory is 1.0 GiB", "lower --batch-size")
+
+
+def test_plan_refuses_bad_counts_in_one_line(fails_in_one_line) -> None:  # noqa: ANN001
+    """A count of 0 is refused, not read as the default; a step of less than a sequence
+    names --tokens-per-step, the flag at fault; a limit that is not a number is refused."""
+    plan = ["--model", "gpt3-125m", "--device", "h100"]
+    fails_in_one_line("plan", {
+        "no sequence": ([*plan, "--seq-len", "0"], ["--seq-len must be in 1..2048 for gpt3-125m, got 0"]),
+        "no micro-batch": ([*plan, "--micro-tokens", "0"], ["--micro-tokens must be whole sequences", "got 0"]),
+        "less than a sequence": ([*plan, "--tokens-per-step", "1000"],
+                                 ["--tokens-per-step must be whole sequences, a positive multiple of --seq-len "
+                                  "(2048), got 1000"]),
+        "micro-batches that do not divide the step": (
+            [*plan, "--seq-len", "1024", "--tokens-per-step", "4096", "--micro-tokens", "3072"],
+            ["--micro-tokens 3072 does not divide --tokens-per-step 4096"]),
+        "a limit that is not a number": ([*plan, "--max-memory", "nan"], ["--max-memory must be a positive number"]),
+        "a store under a folder that is not there": ([*plan, "--store-dir", "/nonexistent/store"],
+                                                     ["no folder '/nonexistent' to make it in"]),
+    })
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`streamer status run | head -1`, and any command whose reader closes the pipe:
+    the command stops as one killed by SIGPIPE would (exit 141), with no traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "streamer", "models"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    finally:
+        os.close(write)
+    assert done.returncode == 128 + signal.SIGPIPE and done.stderr == ""
 
 
 def test_plan_recommends_what_a_memory_limit_holds(tmp_path: Path) -> None:

@@ -596,6 +596,9 @@ def test_held_out_documents_are_drawn_over_the_corpus_and_never_cut(tmp_path: Pa
         "a fraction of 1": ([*quiet, "--out", y, "--eval-out", z, "--eval-fraction", "1"],
                             ["--eval-fraction must be a fraction", "got 1.0"]),
         "a fraction without a file": ([*quiet, "--out", y, "--eval-fraction", "0.1"], ["add --eval-out FILE"]),
+        "a folder for the file": ([*quiet, "--out", str(folder)], ["--out '", "is a folder", "name the token file"]),
+        "a folder for the held-out file": ([*quiet, "--out", y, "--eval-out", str(tmp_path)],
+                                           ["--eval-out '", "is a folder"]),
         "nothing held out": (["--no-progress", str(folder / "00.txt"), "--out", y, "--eval-out", z],
                              ["held out none of the 1 documents", "raise it"]),
     })

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main
 
 from models import GPT, ModelConfig
 from streamer.cli import main
@@ -111,6 +112,51 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, fails_in_one_line) -> 
         "no shard": ([str(run), "--out", new, "--shard-size", "0"], ["--shard-size must be"]),
         "no weights": ([str(tmp_path / "absent"), "--out", new], ["absent': no folder"]),
         "a dtype it lacks": ([str(run), "--out", new, "--dtype", "int8"], ["--dtype must be"]),
+        "a tokenizer that is not there": ([str(run), "--out", new, "--tokenizer", str(tmp_path / "absent.json")],
+                                          ["--tokenizer '", "absent.json' not found"]),
+        "a tokenizer that is not one": ([str(run), "--out", new, "--tokenizer", str(tmp_path / "taken" / "keep.txt")],
+                                        ["cannot read tokenizer"]),
     })
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())
+
+
+def test_a_failed_export_leaves_no_checkpoint_behind(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """An export that fails part-way (here: the disk fills once the weights, config.json
+    and the tokenizer are written) leaves --out as it found it, new or empty: nothing that
+    looks like a checkpoint, and a retry into the same --out is not refused."""
+    import models.hf
+
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizers.Tokenizer(WordLevel({"the": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tokenizer))
+    run = _run(tmp_path / "run", "tiny")
+    write_hf = models.hf.write_hf
+
+    def then_the_disk_fills(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        write_hf(*args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(models.hf, "write_hf", then_the_disk_fills)
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        failed = run_main(["export", str(run), "--out", str(out), "--tokenizer", str(tokenizer)])
+        assert failed.returncode == 2 and "No space left on device" in failed.stderr
+        assert not out.exists() if out.name == "new" else not any(out.iterdir())
+    monkeypatch.undo()
+    assert run_main(["export", str(run), "--out", str(tmp_path / "new"), "--tokenizer", str(tokenizer)]).returncode == 0
+    assert {p.name for p in (tmp_path / "new").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+
+
+def test_written_weights_are_readable_by_others(tmp_path: Path) -> None:
+    """A run's final/ and its export get the mode any new file gets (the umask's), not
+    the owner-only one safetensors creates its files with: on a shared machine the
+    others load them too."""
+    from streamer.io import UMASK
+
+    run = _run(tmp_path / "run", "tiny")
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    for path in [*(run / "final").iterdir(), *(tmp_path / "hf").iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~UMASK, path

@@ -21,7 +21,7 @@ def _run(tmp_path, model, mode, offload="auto", **overrides):
     # two runs a test compares (a CPU device's auto is the host anyway).
     settings = dict(model=model, mode=mode, offload=offload, steps=6, batch_size=2, grad_accum=2, seq_len=32,
                     warmup=2, grad_clip=0.5, weight_decay=0.1, lr=3e-3, progress=False, out=str(out),
-                    update_on="host")
+                    update_on="host" if mode == "stream" else "auto")
     settings.update(overrides)
     train(TrainConfig(**settings))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -111,7 +111,13 @@ def test_status_of_a_streamed_run_gives_its_plan(token_file: Path, tmp_path: Pat
 def test_status_of_a_folder_without_a_run_is_one_line(tmp_path: Path, fails_in_one_line) -> None:  # noqa: ANN001
     (tmp_path / "garbled").mkdir()
     (tmp_path / "garbled" / "run.json").write_text("{not json")
+    # A whole line of metrics that is no row (a torn last line is a row being written).
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "run.json").write_text(json.dumps({"train": {"steps": 4}, "model": {}}))
+    (tmp_path / "damaged" / "metrics.jsonl").write_text('{"step": 0, "loss": 5.0}\n{"step": 1, "loss": 4\n')
     fails_in_one_line("status", {
         "no run": ([str(tmp_path)], ["holds no training run (no run.json)", "--out folder"]),
         "garbled record": ([str(tmp_path / "garbled")], ["is not a training run's record"]),
+        "a damaged metrics line": ([str(tmp_path / "damaged")], ["metrics.jsonl' line 2 is not a metrics row",
+                                                                 "remove that line"]),
     })

@@ -68,6 +68,9 @@ def _add_train_model(p: argparse._ArgumentGroup) -> None:
                    help="a registry name ('streamer models' lists them), or a folder of weights whose architecture "
                         "to train: a Hugging Face checkpoint, a run's final/ or one of its checkpoints (default: "
                         "--init-from's architecture, else tiny)")
+    p.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                   help="the model's vocabulary, in place of its own: N tokens, for data prepared with a tokenizer "
+                        "of N (a tiny model on text of a BPE learned by 'prepare --train-tokenizer')")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start from pretrained weights: a Hugging Face checkpoint (GPT-2, GPT-J, GPT-NeoX; "
                         "safetensors), a run's final/ or one of its checkpoints (with --model: of its architecture)")
@@ -364,7 +367,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     from streamer.train import TrainConfig
 
     return TrainConfig(
-        model=args.model, mode=args.mode, steps=args.steps, batch_size=args.batch_size,
+        model=args.model, vocab_size=args.vocab_size, mode=args.mode, steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
         warmup=args.warmup, schedule=args.schedule, decay_fraction=args.decay_fraction,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,

@@ -629,7 +629,8 @@ def load_tokens(path: Path, vocab_size: int) -> np.ndarray:
                             "with 'streamer prepare'") from None
         if data_vocab > vocab_size:
             raise UserError(f"data file '{path}' uses a vocabulary of {data_vocab} but the model has "
-                            f"{vocab_size}: prepare the data with the model's tokenizer")
+                            f"{vocab_size}: prepare the data with the model's tokenizer, or give the model its "
+                            f"vocabulary (train --vocab-size {data_vocab})")
     else:
         # No sidecar: scan once (a linear pass, cheap next to training) for out-of-range ids.
         top = int(tokens.max())

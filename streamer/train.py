@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,9 @@ class TrainConfig:
     # A registry name, or a folder of weights whose architecture to train (a Hugging Face
     # checkpoint, a run's final/ or one of its checkpoints); None: --init-from's, else tiny.
     model: str | None = "tiny"
+    # The model's vocabulary in place of its own (data of a tokenizer the registry entry
+    # was not made for); None: as the model has it.
+    vocab_size: int | None = None
     mode: str = "resident"  # resident | stream
     steps: int = 300
     batch_size: int = 16  # sequences per micro-batch
@@ -143,6 +146,8 @@ class TrainConfig:
         self._check_checkpoints()
         self._check_engine()
         model_cfg = model_config(self.model, self.init_from)
+        if self.vocab_size is not None:
+            model_cfg = replace(model_cfg, vocab_size=self.vocab_size)
         if self.seq_len > model_cfg.block_size:
             raise UserError(f"--seq-len {self.seq_len} exceeds {model_cfg.name}'s context of "
                             f"{model_cfg.block_size}: use --seq-len {model_cfg.block_size} or less")
@@ -153,8 +158,8 @@ class TrainConfig:
 
     def _check_counts(self) -> None:
         """The batch's sizes, the steps, the evaluation's."""
-        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
-            if getattr(self, name) <= 0:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "vocab_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} must be a positive integer, got {getattr(self, name)}")
         for name in ("checkpoint_every", "max_skipped_steps", "eval_every", "seed"):

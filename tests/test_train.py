@@ -296,3 +296,29 @@ def test_a_file_read_twice_over_or_more_is_said_before_the_run() -> None:
     [two] = repetition_warnings(cfg, mixture, world=2)  # two ranks read twice the tokens
     assert "data file 'small.npy' (5,000 training tokens, 25% of the windows) is read 2.6 times over" in two
     assert two.endswith("more text or a smaller share, if that is not meant")
+
+
+def test_text_of_a_learned_tokenizer_trains_with_its_vocabulary(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """Text prepared with a BPE of 300 tokens is refused by tiny's 256 with the flag that
+    fixes it named; with --vocab-size 300 it trains, the final weights hold 300 rows and
+    say so in config.json, and a resume keeps the vocabulary without being told."""
+    import sysconfig
+
+    from streamer.cli import main
+    from streamer.data import prepare
+
+    pytest.importorskip("tokenizers")
+    text = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
+    prepare(tmp_path / "bpe.npy", [text], train_vocab=300)
+    run = ["train", "--data", str(tmp_path / "bpe.npy"), "--batch-size", "2", "--seq-len", "32", "--no-progress"]
+    assert main([*run, "--steps", "2", "--out", str(tmp_path / "refused")]) == 2
+    assert "uses a vocabulary of 300 but the model has 256" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "run"
+    assert main([*run, "--steps", "2", "--vocab-size", "300", "--checkpoint-every", "2", "--out", str(out)]) == 0
+    assert json.loads((out / "final" / "config.json").read_text())["vocab_size"] == 300
+    assert load_final(out / "final")["units.0.wte.weight"].shape == (300, 96)
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--no-progress"]) == 0
+    assert "--vocab-size 300" in capsys.readouterr().out.splitlines()[0]
+    assert load_final(out / "final")["units.0.wte.weight"].shape == (300, 96)

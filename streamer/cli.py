@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.safety import UnsafeFileError
 from streamer.errors import OUT_OF_TIME, Stopped, UserError
 
 if TYPE_CHECKING:  # the CLI imports torch only for the commands that need it
@@ -313,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
 STARTED_AT = "STREAMER_STARTED_AT"
 
 
+RANK_START_S = 1.0  # the time a rank's interpreter takes to reach streamer/__main__.py, and more
+
+
 def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
     """`streamer train --nproc N ...` is `torchrun --nproc-per-node N -m streamer train ...`.
 
@@ -320,13 +322,15 @@ def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
     rank 30 s later, which would cut short the checkpoint that ranks write when a signal
     stops them ([Note: stopping on a signal] in streamer/train.py). So torchrun runs in a
     session of its own, out of the terminal's reach, and this process sends SIGINT,
-    SIGTERM and SIGUSR1 (and SIGHUP, as SIGTERM) to the ranks itself. They stop together
+    SIGTERM and SIGUSR1 (and SIGHUP, as SIGTERM) to the ranks itself, once they exist
+    (see [Note: a signal before the steps]). They stop together
     after a step and exit 0, so torchrun ends as for a finished run; this process then
     returns 128 + the signal's number, as a process the signal stopped would (or
     OUT_OF_TIME, for ranks that --time-limit stopped, which counts from `started_at`)."""
     import contextlib
     import signal
     import subprocess
+    import time
 
     import psutil
 
@@ -340,27 +344,92 @@ def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
             rest.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "streamer", *rest]
+    existed, stopped_before, rows_before = out.exists(), stop_record(out), metrics_rows(out)
     torchrun = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, STARTED_AT: repr(started_at)})
+
+    forwarded: list[int] = []  # the signals received, as the ranks get them
+    pending: list[int] = []  # those not yet passed on: torchrun has started no rank yet
+
+    def pass_on() -> None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            ranks = psutil.Process(torchrun.pid).children()
+            # A rank in its first moments has yet to reach the code that takes a signal
+            # quietly (streamer/__main__.py): Python would die of it, and torchrun report.
+            if any(rank.create_time() > time.time() - RANK_START_S for rank in ranks):
+                return
+            while ranks and pending:  # each signal once: a second one would stop the ranks at once
+                sent = pending.pop(0)
+                for rank in ranks:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        rank.send_signal(sent)
 
     def forward(signum: int, frame: object) -> None:
         sent = signal.SIGTERM if signum == signal.SIGHUP else signum
-        with contextlib.suppress(psutil.NoSuchProcess):
-            parent = psutil.Process(torchrun.pid)
-            for process in parent.children() or [parent]:  # no ranks yet: torchrun ends the start
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.send_signal(sent)
+        forwarded.append(sent)
+        pending.append(sent)
+        pass_on()
 
     previous = {signum: signal.signal(signum, forward)
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
     try:
-        code = torchrun.wait()
+        while (code := torchrun.poll()) is None:  # a signal before the ranks start waits for them
+            time.sleep(0.1)
+            if pending:
+                pass_on()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        if code == 0 and (stopped := json.loads((out / "run.json").read_text()).get("stopped")):
+    stopped = stop_record(out)
+    if code == 0 and stopped and stopped != stopped_before:  # this job's stop, not the last one's
+        with contextlib.suppress(KeyError, TypeError):
             return 128 + signal.Signals[stopped["signal"]] if stopped["signal"] else OUT_OF_TIME
-    return code
+    return stopped_outside_steps(forwarded[0], out, existed, rows_before) if forwarded else code
+
+
+def stop_record(out: Path) -> dict | None:
+    """The stop run.json records (the signal or time limit that last stopped the run), if any."""
+    try:
+        stopped = json.loads((out / "run.json").read_text()).get("stopped")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stopped if isinstance(stopped, dict) else None
+
+
+# [Note: a signal before the steps]
+# A signal stops a run's steps in good order (streamer.train's [Note: stopping on a
+# signal]), but the ranks install those handlers only when their steps begin. Before
+# that (imports, the store's filling, minutes for 20B) and after them (the final
+# export), the launcher's ranks (streamer/__main__.py) take SIGINT, SIGTERM and
+# SIGUSR1 as an interruption and exit 0, quietly, rather than each print a traceback
+# and torchrun its report of failed ranks. A signal that comes before torchrun has
+# started the ranks waits for them, and for their first second (`RANK_START_S`), in
+# which an interpreter has yet to reach the code that takes it quietly; the launcher
+# then says, once, what the
+# signal stopped, and exits 128 + its number, as for a stop within the steps. A run
+# that had not begun its first step leaves nothing: its store is removed by its lead
+# (`train`), and its --out folder, new to this launch, here.
+def stopped_outside_steps(signum: int, out: Path, existed: bool, rows_before: int) -> int:
+    """The launcher's report of ranks a signal stopped outside their steps (see the note),
+    before this job's first step or after its last, told apart by the metrics rows (a resume
+    drops those past its checkpoint, none are added before its first step)."""
+    import shutil
+    import signal
+
+    rows = metrics_rows(out)
+    if not rows and not existed:
+        shutil.rmtree(out, ignore_errors=True)
+    resume = f"`streamer train --out {out} --resume` goes on from its last checkpoint"
+    where = ("during its start-up, before its first step: nothing was trained" if not rows else
+             f"during its start-up, before this job's first step: {resume}" if rows <= rows_before else
+             f"after its steps, as it wrote its final weights: {resume}")
+    print(f"streamer: {signal.Signals(signum).name} stopped the run {where}", file=sys.stderr)
+    return 128 + signum
+
+
+def metrics_rows(out: Path) -> int:
+    """How many steps the run in `out` has logged."""
+    path = out / "metrics.jsonl"
+    return path.read_text().count("\n") if path.is_file() else 0
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -589,7 +658,22 @@ def _before_training(args: argparse.Namespace, argv: list[str]) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`streamer`: a Ctrl-C (SIGINT) from the first moment ends it without a traceback,
+    torch's import of a second and more included: this module imports torch only
+    for the commands that need it."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if os.environ.get(STARTED_AT) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise  # a launched rank: streamer/__main__.py ends it ([Note: a signal before the steps])
+        print("streamer: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     import time
+
+    from models.safety import UnsafeFileError
 
     # When the command started: `train --time-limit` counts from here, and under --nproc
     # from the launcher's start, which it passes to the ranks.
@@ -630,9 +714,6 @@ def main(argv: list[str] | None = None) -> int:
 
             end_process()  # status 0, so that torchrun lets every rank finish (see `launch`)
         return exc.status
-    except KeyboardInterrupt:
-        print("streamer: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # The reader of our output left (`streamer status run | head -2`): stop as a
         # command killed by SIGPIPE would, without Python's error at exit flushing stdout.

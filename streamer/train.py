@@ -1172,7 +1172,7 @@ def train(cfg: TrainConfig, started_at: float | None = None, announce: str | Non
     dp.barrier()
     try:
         engine, start, run_state = _start_engine(cfg, checked, dp)
-    except (UserError, UnsafeFileError):
+    except (UserError, UnsafeFileError, KeyboardInterrupt):  # refused, or stopped in its start-up
         if created is not None:  # nothing of a run that never started stays on disk
             shutil.rmtree(created, ignore_errors=True)
         if lead:  # nor its store, wherever it is (streamer.store's [Note: the disk tier is scratch])

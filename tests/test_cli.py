@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -320,3 +321,45 @@ def test_prepare_a_folder(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "12 tokens" in result.stdout and "2 files" in result.stdout
     assert np.load(out).astype(np.uint8).tobytes() == b"hello\nworld\n"
+
+
+def _interrupt_in_start_up(args: list[str], signum: int, cache: Path) -> subprocess.CompletedProcess:
+    """`python -m streamer train --nproc 2 ...`, sent `signum` as soon as torchrun has
+    started its ranks (they are then importing torch: seconds from their first step)."""
+    import psutil
+
+    launcher = subprocess.Popen([sys.executable, "-m", "streamer", "train", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "XDG_CACHE_HOME": str(cache)})
+    deadline = time.monotonic() + 60
+    while not any(p.children() for p in psutil.Process(launcher.pid).children()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    launcher.send_signal(signum)
+    out, err = launcher.communicate(timeout=120)
+    return subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err)
+
+
+def test_a_signal_in_the_ranks_start_up_stops_them_with_one_line(token_file: Path, tmp_path: Path) -> None:
+    """Before its steps, a run of several processes has no handlers for a stop in good
+    order: the signal ends the ranks quietly (no traceback from them or torchrun) and the
+    launcher says once what it stopped, with 128 + its number. A new run leaves nothing
+    on disk; a resumed one keeps its checkpoint and says how to go on."""
+    flags = ["--mode", "stream", "--offload", "ram", "--nproc", "2", "--batch-size", "2", "--seq-len", "32",
+             "--data", str(token_file), "--no-progress"]
+    fresh = _interrupt_in_start_up([*flags, "--steps", "4", "--out", str(tmp_path / "new")], signal.SIGINT, tmp_path)
+    assert fresh.returncode == 128 + signal.SIGINT, fresh.stderr
+    assert "Traceback" not in fresh.stderr and "FAILED" not in fresh.stderr
+    assert fresh.stderr.strip().splitlines()[-1] == ("streamer: SIGINT stopped the run during its start-up, before "
+                                                     "its first step: nothing was trained")
+    assert not (tmp_path / "new").exists()
+
+    run = tmp_path / "run"
+    assert streamer("train", *flags[:4], *flags[6:], "--steps", "2", "--checkpoint-every", "2", "--out", str(run),
+                    cache=tmp_path).returncode == 0
+    resumed = _interrupt_in_start_up(["--out", str(run), "--resume", "--nproc", "2", "--steps", "4"], signal.SIGTERM,
+                                     tmp_path)
+    assert resumed.returncode == 128 + signal.SIGTERM, resumed.stderr
+    assert "Traceback" not in resumed.stderr and "FAILED" not in resumed.stderr
+    assert resumed.stderr.strip().splitlines()[-1] == (
+        f"streamer: SIGTERM stopped the run during its start-up, before this job's first step: `streamer train "
+        f"--out {run} --resume` goes on from its last checkpoint")
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]

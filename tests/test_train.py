@@ -322,3 +322,27 @@ def test_text_of_a_learned_tokenizer_trains_with_its_vocabulary(tmp_path: Path, 
     assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--no-progress"]) == 0
     assert "--vocab-size 300" in capsys.readouterr().out.splitlines()[0]
     assert load_final(out / "final")["units.0.wte.weight"].shape == (300, 96)
+
+
+def test_an_interrupted_start_up_leaves_nothing(token_file: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Ctrl-C while a streamed run starts (filling a 20B store takes minutes) ends it
+    as a refused run ends: its --out folder and its store (here on a --store-dir of
+    its own, where it is hundreds of GB for 20B) are removed, the interrupt goes on."""
+    import streamer.train
+    from streamer.store import store_root
+
+    start = streamer.train._start_engine
+
+    def interrupted(cfg, checked, dp):  # noqa: ANN001, ANN202
+        engine, *_ = start(cfg, checked, dp)  # the store is filled
+        assert any(store_root(checked.out, cfg.store_dir).iterdir())
+        engine.close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(streamer.train, "_start_engine", interrupted)
+    (tmp_path / "nvme").mkdir()
+    cfg = TrainConfig(mode="stream", offload="disk", steps=2, batch_size=2, seq_len=32, data=str(token_file),
+                      out=str(tmp_path / "run"), store_dir=str(tmp_path / "nvme"), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert not (tmp_path / "run").exists() and not any((tmp_path / "nvme").iterdir())

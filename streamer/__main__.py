@@ -11,6 +11,12 @@ if LAUNCHED_RANK:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.default_int_handler)  # a KeyboardInterrupt, as SIGINT by default
 try:
+    if LAUNCHED_RANK and os.environ.get("STREAMER_READY_DIR"):  # the launcher may send signals from now on
+        try:
+            with open(os.path.join(os.environ["STREAMER_READY_DIR"], str(os.getpid())), "w"):
+                pass
+        except OSError:
+            pass  # the launcher then sends them after a minute's wait (READY_WAIT_S)
     from streamer.cli import main
 
     code = main()

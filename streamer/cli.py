@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 STARTED_AT = "STREAMER_STARTED_AT"
 
 
-RANK_START_S = 1.0  # the time a rank's interpreter takes to reach streamer/__main__.py, and more
+READY_DIR = "STREAMER_READY_DIR"  # where a launched rank marks that it takes signals quietly
+READY_WAIT_S = 60.0  # a rank that has not marked itself by then gets a signal anyway
 
 
 def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
@@ -328,8 +329,10 @@ def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
     returns 128 + the signal's number, as a process the signal stopped would (or
     OUT_OF_TIME, for ranks that --time-limit stopped, which counts from `started_at`)."""
     import contextlib
+    import shutil
     import signal
     import subprocess
+    import tempfile
     import time
 
     import psutil
@@ -345,7 +348,9 @@ def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "streamer", *rest]
     existed, stopped_before, rows_before = out.exists(), stop_record(out), metrics_rows(out)
-    torchrun = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, STARTED_AT: repr(started_at)})
+    ready = Path(tempfile.mkdtemp(prefix="streamer-ranks-"))
+    torchrun = subprocess.Popen(cmd, start_new_session=True,
+                                env={**os.environ, STARTED_AT: repr(started_at), READY_DIR: str(ready)})
 
     forwarded: list[int] = []  # the signals received, as the ranks get them
     pending: list[int] = []  # those not yet passed on: torchrun has started no rank yet
@@ -354,8 +359,10 @@ def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
         with contextlib.suppress(psutil.NoSuchProcess):
             ranks = psutil.Process(torchrun.pid).children()
             # A rank in its first moments has yet to reach the code that takes a signal
-            # quietly (streamer/__main__.py): Python would die of it, and torchrun report.
-            if any(rank.create_time() > time.time() - RANK_START_S for rank in ranks):
+            # quietly (streamer/__main__.py, which then marks itself ready): Python would
+            # die of it, and torchrun report.
+            if any(not (ready / str(rank.pid)).exists() and rank.create_time() > time.time() - READY_WAIT_S
+                   for rank in ranks):
                 return
             while ranks and pending:  # each signal once: a second one would stop the ranks at once
                 sent = pending.pop(0)
@@ -379,6 +386,7 @@ def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        shutil.rmtree(ready, ignore_errors=True)
     stopped = stop_record(out)
     if code == 0 and stopped and stopped != stopped_before:  # this job's stop, not the last one's
         with contextlib.suppress(KeyError, TypeError):
@@ -402,10 +410,11 @@ def stop_record(out: Path) -> dict | None:
 # export), the launcher's ranks (streamer/__main__.py) take SIGINT, SIGTERM and
 # SIGUSR1 as an interruption and exit 0, quietly, rather than each print a traceback
 # and torchrun its report of failed ranks. A signal that comes before torchrun has
-# started the ranks waits for them, and for their first second (`RANK_START_S`), in
-# which an interpreter has yet to reach the code that takes it quietly; the launcher
-# then says, once, what the
-# signal stopped, and exits 128 + its number, as for a stop within the steps. A run
+# started the ranks waits for them, and for each to mark itself ready (a file named by
+# its pid in `READY_DIR`) once it has reached that code: an interpreter still starting
+# would die of the signal, as Python's default does. The launcher
+# then says, once, what the signal stopped, and exits 128 + its number, as for a stop
+# within the steps (a stop run.json recorded before this job is not this one's). A run
 # that had not begun its first step leaves nothing: its store is removed by its lead
 # (`train`), and its --out folder, new to this launch, here.
 def stopped_outside_steps(signum: int, out: Path, existed: bool, rows_before: int) -> int:

@@ -667,8 +667,10 @@ class StopSignals:
     native code, a collective whose peer died, answers none of them, only SIGKILL, which
     torchrun and cluster schedulers send after their grace period.)
     The handlers are in place only while steps run: during start-up and while the final
-    weights are written a signal acts as it always has; nothing on disk is half-written
-    either way (every file is written under a temporary name and renamed)."""
+    weights are written a signal acts as it always has (a launcher's ranks: streamer/
+    cli.py's [Note: a signal before the steps]); nothing on disk is half-written either
+    way (every file is written under a temporary name and renamed), and a run stopped
+    in its start-up removes what it had made."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 

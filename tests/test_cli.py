@@ -236,7 +236,10 @@ def test_plan_sizes_the_working_set_by_the_micro_batch(tmp_path: Path) -> None:
     assert micro["kept_graphs"] > whole["kept_graphs"]
     assert micro["device_bytes"] < whole["device_bytes"]
     assert micro["compute_s"] < whole["compute_s"]
-    assert_user_error(streamer(*args, "--micro-tokens", "3000", cache=tmp_path), "--micro-tokens", "divides")
+    assert_user_error(streamer(*args, "--micro-tokens", "10240", cache=tmp_path),
+                      "--micro-tokens 10240 does not divide --tokens-per-step 49152")
+    assert_user_error(streamer(*args, "--micro-tokens", "3000", cache=tmp_path), "--micro-tokens must be whole "
+                      "sequences")
 
 
 def test_plan_splits_the_store_by_the_host_memory_given(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streamer.errors import OUT_OF_TIME, Stopped, UserError
+from streamer.errors import OUT_OF_TIME, Stopped, UserError, interrupt_on
 
 if TYPE_CHECKING:  # the CLI imports torch only for the commands that need it
     from streamer.train import TrainConfig
@@ -672,11 +672,13 @@ def main(argv: list[str] | None = None) -> int:
     for the commands that need it."""
     try:
         return _main(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if os.environ.get(STARTED_AT) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise  # a launched rank: streamer/__main__.py ends it ([Note: a signal before the steps])
-        print("streamer: interrupted", file=sys.stderr)
-        return 130
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"streamer: interrupted{'' if signum == signal.SIGINT else ' by ' + signal.Signals(signum).name}",
+              file=sys.stderr)
+        return 128 + signum
 
 
 def _main(argv: list[str] | None) -> int:
@@ -695,6 +697,8 @@ def _main(argv: list[str] | None) -> int:
         args = parser.parse_args(argv)
     args.started_at = started_at
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "models": cmd_models}
+    if args.command == "train":  # outside the steps, a run's stop signals act as Ctrl-C does
+        interrupt_on(signal.SIGTERM, signal.SIGUSR1)
     if args.command == "plan":
         from streamer.planner import cmd_plan as handler
     elif args.command == "sample":

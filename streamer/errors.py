@@ -19,3 +19,25 @@ class Stopped(Exception):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGUSR1 outside a run's steps, taken as Ctrl-C is: the command ends at
+    once, and a run that had not begun removes what it made (its store, a new --out);
+    their default action would kill the process with none of that. `signum` gives the
+    exit status, 128 + it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def interrupt_on(*signums: int) -> None:
+    """Have these signals raise `Interrupted` in the main thread."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    for signum in signums:
+        signal.signal(signum, interrupt)

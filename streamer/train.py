@@ -543,6 +543,9 @@ def check_resumable(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, world: 
     if found is None:
         return []
     folder, manifest = found
+    if cfg.steps < manifest["step"]:
+        raise UserError(f"--steps {cfg.steps} is fewer than the {manifest['step']} steps checkpoint {folder.name} "
+                        f"has done: a resumed run goes on from there; give --steps {manifest['step']} or more")
     changed = check_compatible(manifest, folder, model_cfg.to_dict(), cfg.mode, world, cfg.record())
     # Not named after a checkpoint: the manifest read here is the newest that reads, and
     # the run may go on from an older one, should this one's files prove corrupt.
@@ -667,10 +670,11 @@ class StopSignals:
     native code, a collective whose peer died, answers none of them, only SIGKILL, which
     torchrun and cluster schedulers send after their grace period.)
     The handlers are in place only while steps run: during start-up and while the final
-    weights are written a signal acts as it always has (a launcher's ranks: streamer/
-    cli.py's [Note: a signal before the steps]); nothing on disk is half-written either
-    way (every file is written under a temporary name and renamed), and a run stopped
-    in its start-up removes what it had made."""
+    weights are written, each of the three ends the command at once, as Ctrl-C does
+    (`streamer train` has SIGTERM and SIGUSR1 raise errors.Interrupted; a launcher's
+    ranks: streamer/cli.py's [Note: a signal before the steps]); nothing on disk is
+    half-written either way (every file is written under a temporary name and renamed),
+    and a run stopped in its start-up removes what it had made."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -1027,16 +1031,17 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, engine: Any, dp: DataParall
     flops_per_token = checked.model_cfg.flops_per_token(cfg.seq_len)
     run_info = _run_record(cfg, checked, engine, dp, started_at, flops_per_token, peak_flops)
     meta = {"mode": cfg.mode, "model": run_info["model"], "train": run_info["train"]}
+    # The slowest step and the longest checkpoint so far, of the jobs before too: what a
+    # stop needs ([Note: stopping in time]). A job refused for too little time leaves the
+    # run's record as it was (a stop it recorded included).
+    slowest_s, longest_s = run_state.get("slowest_step_s", 0.0), run_state.get("checkpoint_s", 0.0)
+    limit = _time_limit(cfg, engine, dp, out, start, started_at, slowest_s, longest_s) if cfg.time_limit_s else None
     if lead:
         atomic_write_json(out / "run.json", run_info)
     streak, held_out = run_state.get("skipped_in_a_row", 0), None
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and lead), unit="step",
                dynamic_ncols=True, mininterval=1.0)
-    # The slowest step and the longest checkpoint so far, of the jobs before too: what a
-    # stop needs ([Note: stopping in time]).
-    slowest_s, longest_s = run_state.get("slowest_step_s", 0.0), run_state.get("checkpoint_s", 0.0)
     stop, checkpoint_s = StopSignals(announce=lead), 0.0
-    limit = _time_limit(cfg, engine, dp, out, start, started_at, slowest_s, longest_s) if cfg.time_limit_s else None
     with stop, bar, open(out / "metrics.jsonl", "a") if lead else contextlib.nullcontext() as metrics:
         for step in range(start, cfg.steps):
             lr = lr_at(step, optim)

@@ -716,7 +716,9 @@ def test_a_time_limit_stops_in_time_with_a_checkpoint_and_resume_goes_on(
     recorded = checkpoint.read_manifest(out / "checkpoints" / "step-00000005")["run"]
     assert 0 < recorded["slowest_step_s"] and 0 < recorded["checkpoint_s"]
     # A job whose start-up left no room for a step and its checkpoint would do nothing,
-    # and its requeued successors too: it says so, and changes nothing.
+    # and its requeued successors too: it says so, and changes nothing, the run's record
+    # of its stop included.
+    record = (out / "run.json").read_bytes()
     with pytest.MonkeyPatch.context() as patch:
         clock = FakeClock(patch, step_s=20.0)
         with pytest.raises(UserError, match=r"^--time-limit 100 s leaves 4 s after start-up \(96 s\), and a step "
@@ -724,6 +726,7 @@ def test_a_time_limit_stops_in_time_with_a_checkpoint_and_resume_goes_on(
             train(config(token_file, out, mode, checkpoint_every=4, resume=True, time_limit_s=100.0),
                   started_at=clock.now - 96)
     assert len(losses(out)) == 5 and [step for step, _ in checkpoint.complete(out)] == [4, 5]
+    assert (out / "run.json").read_bytes() == record
     with pytest.MonkeyPatch.context() as patch:
         import streamer.train as train_module
 

@@ -366,3 +366,25 @@ def test_a_signal_in_the_ranks_start_up_stops_them_with_one_line(token_file: Pat
         f"streamer: SIGTERM stopped the run during its start-up, before this job's first step: `streamer train "
         f"--out {run} --resume` goes on from its last checkpoint")
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
+
+
+def test_a_stop_signal_outside_the_steps_ends_train_as_ctrl_c_does(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    """SIGTERM (or SIGUSR1) before a run's steps, whose default action would kill the
+    process as it fills its store, raises in train as Ctrl-C does, so that what the run
+    made is removed (tests/test_train.py), and ends it with 128 + the signal's number."""
+    import streamer.train
+    from streamer.cli import main
+
+    def start_up(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        pytest.fail("the signal did not interrupt")
+
+    monkeypatch.setattr(streamer.train, "train", start_up)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        assert main(["train", "--out", str(tmp_path / "run")]) == 128 + signal.SIGTERM
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "streamer: interrupted by SIGTERM"

@@ -205,8 +205,9 @@ def inside(folder: Path, name: object) -> Path:
     return path
 
 
-def verify_file(folder: Path, name: str, expected: dict) -> None:
-    """Check one file's size and checksum against the manifest; the error names the file."""
+def verify_file(folder: Path, name: str, expected: dict, checksum: bool = True) -> None:
+    """Check one file's size and (unless not `checksum`: a read of the whole file) its
+    checksum against the manifest; the error names the file."""
     path = inside(folder, name)
     if not path.is_file():
         raise CorruptCheckpointError(f"checkpoint file '{path}' is missing")
@@ -214,7 +215,7 @@ def verify_file(folder: Path, name: str, expected: dict) -> None:
     if size != expected.get("size"):
         raise CorruptCheckpointError(f"checkpoint file '{path}' is truncated or altered: "
                                      f"{size} bytes, the manifest says {expected.get('size')}")
-    if file_entry(path)["sha256"] != expected.get("sha256"):
+    if checksum and file_entry(path)["sha256"] != expected.get("sha256"):
         raise CorruptCheckpointError(f"checkpoint file '{path}' is corrupt: its sha256 differs from the manifest's")
 
 
@@ -596,6 +597,17 @@ class CheckpointWeights:
             self.layouts = [UnitLayout.of(i, build_unit(self.cfg, i)) for i in range(self.cfg.n_layer + 2)]
         self._unit: tuple[int, torch.Tensor] | None = None  # the unit read last: names come a unit at a time
         self._verified: set[str] = set()  # a model streamed from disk reads each file once a pass: check it once
+
+    def check_present(self) -> None:
+        """Every file of the weights there, of the manifest's size (cheap: their checksums
+        are checked as they are read)."""
+        names = ["model.safetensors"] if self.mode == "resident" else [
+            f"unit-{unit:05d}-rank{rank}.safetensors"
+            for unit in range(len(self.layouts)) for rank in range(self.world)]
+        for name in names:
+            if name not in self.files:
+                raise CorruptCheckpointError(f"checkpoint '{self.folder}' lists no file '{name}'")
+            verify_file(self.folder, name, self.files[name], checksum=False)
 
     def _open(self, name: str) -> TensorFile:
         if name not in self.files:

@@ -36,7 +36,16 @@ from streamer.data import (
     load_data,
 )
 from streamer.errors import UserError
-from streamer.inference import Weights, activation_bytes, free_memory, model_config, place, run_record, weights_folder
+from streamer.inference import (
+    Weights,
+    activation_bytes,
+    check_weights,
+    free_memory,
+    model_config,
+    place,
+    run_record,
+    weights_folder,
+)
 from streamer.train import TrainConfig, resolve_device, resolve_dtype
 
 
@@ -178,8 +187,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     paths = [Path(given) for given in args.weights]
-    for path in paths:
-        model_config(weights_folder(path))
+    for path in paths:  # a folder that cannot be read is found before the others' minutes of reading
+        folder = weights_folder(path)
+        check_weights(folder, model_config(folder))
     results = []
     for path in paths:
         result, line = _evaluated(args, path, device, dtype)

@@ -342,6 +342,21 @@ def open_weights(folder: Path, cfg: ModelConfig):  # noqa: ANN201 - Pretrained o
     return CheckpointWeights(folder) if is_checkpoint(folder) else Pretrained(folder, cfg)
 
 
+def check_weights(folder: Path, cfg: ModelConfig) -> None:
+    """That the folder holds every weight of `cfg` in sound files, without reading them:
+    a checkpoint's files there at their recorded sizes, a Hugging Face checkpoint's
+    tensors named, shaped and framed as they should be (their checksums, and the data,
+    are read in their turn)."""
+    from streamer.checkpoint import CheckpointWeights
+
+    try:
+        with open_weights(folder, cfg) as weights:
+            if isinstance(weights, CheckpointWeights):
+                weights.check_present()
+    except (OSError, ValueError) as exc:  # a bad or crafted file's UnsafeFileError too
+        raise UserError(f"cannot read '{folder}': {exc}") from None
+
+
 def read_model_config(folder: Path) -> ModelConfig:
     """The model a weights folder holds, from a checkpoint's manifest or a config.json
     (OSError or ValueError saying what is wrong; a damaged manifest is a UserError)."""

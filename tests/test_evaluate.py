@@ -194,6 +194,25 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path: Path, token_file:
                                                  ["unit-00001-rank0.safetensors' is corrupt"])})
 
 
+def test_several_folders_are_checked_before_any_is_read(tmp_path: Path, token_file: Path, capsys) -> None:  # noqa: ANN001
+    """`streamer eval` on a run's checkpoints finds one whose file is cut short, or a
+    folder with no weights, before it spends minutes on the others: no loss is printed."""
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny", mode="stream", offload="ram", steps=2, batch_size=1, seq_len=16,
+                      data=str(token_file), checkpoint_every=1, out=str(run), progress=False))
+    capsys.readouterr()
+    first, second = run / "checkpoints" / "step-00000001", run / "checkpoints" / "step-00000002"
+    (tmp_path / "no-weights").mkdir()
+    (tmp_path / "no-weights" / "config.json").write_text((run / "final" / "config.json").read_text())
+    assert main(["eval", str(first), str(tmp_path / "no-weights"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().out == ""
+    cut = second / "unit-00003-rank0.safetensors"
+    os.truncate(cut, cut.stat().st_size - 10)
+    assert main(["eval", str(first), str(second), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "unit-00003-rank0.safetensors' is truncated" in captured.err
+
+
 def test_a_mixture_runs_held_out_loss_is_read_back(tmp_path: Path, token_file: Path, capsys,
                                                   fails_in_one_line) -> None:
     """A run on two files in shares 1:3 holds out each one's tail and evaluates both by

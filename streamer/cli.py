@@ -324,18 +324,16 @@ def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
     stops them ([Note: stopping on a signal] in streamer/train.py). So torchrun runs in a
     session of its own, out of the terminal's reach, and this process sends SIGINT,
     SIGTERM and SIGUSR1 (and SIGHUP, as SIGTERM) to the ranks itself, once they exist
-    (see [Note: a signal before the steps]). They stop together
-    after a step and exit 0, so torchrun ends as for a finished run; this process then
-    returns 128 + the signal's number, as a process the signal stopped would (or
-    OUT_OF_TIME, for ranks that --time-limit stopped, which counts from `started_at`)."""
+    (`RankSignals`). They stop together after a step and exit 0, so torchrun ends as for
+    a finished run; this process then returns 128 + the signal's number, as a process
+    the signal stopped would (or OUT_OF_TIME, for ranks that --time-limit stopped, which
+    counts from `started_at`)."""
     import contextlib
     import shutil
     import signal
     import subprocess
     import tempfile
     import time
-
-    import psutil
 
     rest, skip = [], False
     for arg in argv:
@@ -351,38 +349,13 @@ def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
     ready = Path(tempfile.mkdtemp(prefix="streamer-ranks-"))
     torchrun = subprocess.Popen(cmd, start_new_session=True,
                                 env={**os.environ, STARTED_AT: repr(started_at), READY_DIR: str(ready)})
-
-    forwarded: list[int] = []  # the signals received, as the ranks get them
-    pending: list[int] = []  # those not yet passed on: torchrun has started no rank yet
-
-    def pass_on() -> None:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            ranks = psutil.Process(torchrun.pid).children()
-            # A rank in its first moments has yet to reach the code that takes a signal
-            # quietly (streamer/__main__.py, which then marks itself ready): Python would
-            # die of it, and torchrun report.
-            if any(not (ready / str(rank.pid)).exists() and rank.create_time() > time.time() - READY_WAIT_S
-                   for rank in ranks):
-                return
-            while ranks and pending:  # each signal once: a second one would stop the ranks at once
-                sent = pending.pop(0)
-                for rank in ranks:
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        rank.send_signal(sent)
-
-    def forward(signum: int, frame: object) -> None:
-        sent = signal.SIGTERM if signum == signal.SIGHUP else signum
-        forwarded.append(sent)
-        pending.append(sent)
-        pass_on()
-
-    previous = {signum: signal.signal(signum, forward)
+    relay = RankSignals(torchrun.pid, ready)
+    previous = {signum: signal.signal(signum, relay.receive)
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
     try:
         while (code := torchrun.poll()) is None:  # a signal before the ranks start waits for them
             time.sleep(0.1)
-            if pending:
-                pass_on()
+            relay.pass_on()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -391,7 +364,48 @@ def launch(nproc: int, argv: list[str], out: Path, started_at: float) -> int:
     if code == 0 and stopped and stopped != stopped_before:  # this job's stop, not the last one's
         with contextlib.suppress(KeyError, TypeError):
             return 128 + signal.Signals[stopped["signal"]] if stopped["signal"] else OUT_OF_TIME
-    return stopped_outside_steps(forwarded[0], out, existed, rows_before) if forwarded else code
+    return stopped_outside_steps(relay.received[0], out, existed, rows_before) if relay.received else code
+
+
+class RankSignals:
+    """The launcher's signals, passed on to torchrun's ranks once each is ready to take
+    them (see [Note: a signal before the steps]), each signal once: a second one would
+    stop the ranks at once."""
+
+    def __init__(self, torchrun_pid: int, ready: Path) -> None:
+        self.torchrun_pid, self.ready = torchrun_pid, ready
+        self.received: list[int] = []  # as the ranks get them (SIGHUP as SIGTERM)
+        self.pending: list[int] = []  # not yet passed on
+
+    def receive(self, signum: int, frame: object) -> None:
+        import signal
+
+        sent = signal.SIGTERM if signum == signal.SIGHUP else signum
+        self.received.append(sent)
+        self.pending.append(sent)
+        self.pass_on()
+
+    def pass_on(self) -> None:
+        import contextlib
+        import time
+
+        import psutil
+
+        if not self.pending:
+            return
+        with contextlib.suppress(psutil.NoSuchProcess):
+            ranks = psutil.Process(self.torchrun_pid).children()
+            # A rank in its first moments has yet to reach the code that takes a signal
+            # quietly (streamer/__main__.py, which then marks itself ready): Python would
+            # die of it, and torchrun report.
+            if any(not (self.ready / str(rank.pid)).exists() and rank.create_time() > time.time() - READY_WAIT_S
+                   for rank in ranks):
+                return
+            while ranks and self.pending:
+                sent = self.pending.pop(0)
+                for rank in ranks:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        rank.send_signal(sent)
 
 
 def stop_record(out: Path) -> dict | None:

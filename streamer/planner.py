@@ -1123,17 +1123,24 @@ def fit_memory(cfg: ModelConfig, profile: DeviceProfile, tokens_per_step: int, s
                 return plan
             if held_units:  # asked for, and they do not fit
                 raise UserError(f"{cfg.name} at {tokens_per_step:,} tokens per step with --held-units {held_units} "
-                                f"needs about {peak_bytes(plan, profile) / 2**30:.1f} GiB but --max-memory is "
-                                f"{limit_bytes / 2**30:.1f} GiB: hold fewer units, or drop --held-units to let "
+                                f"needs about {gib(peak_bytes(plan, profile))} GiB but --max-memory is "
+                                f"{gib(limit_bytes)} GiB: hold fewer units, or drop --held-units to let "
                                 "the plan choose")
             return make_plan(cfg, profile, tokens_per_step, seq_len, offload, micro_tokens=micro_tokens,
                              prefetch_depth=depth, memory_budget=float("inf"), kept_graphs=kept, state=state,
                              ram_units=ram_units, held_units=0)
     need = min(peaks.values())
-    raise UserError(f"{cfg.name} at {tokens_per_step:,} tokens per step needs about {need / 2**30:.1f} GiB "
+    raise UserError(f"{cfg.name} at {tokens_per_step:,} tokens per step needs about {gib(need)} GiB "
                     f"{'' if recompute == 'auto' else f'with --recompute {recompute} '}but --max-memory is "
-                    f"{limit_bytes / 2**30:.1f} GiB: lower --batch-size or --seq-len, "
+                    f"{gib(limit_bytes)} GiB: lower --batch-size or --seq-len, "
                     f"{'allow --recompute yes, ' if recompute == 'no' else ''}or raise --max-memory")
+
+
+def gib(nbytes: float) -> str:
+    """Bytes in GiB for a message: a decimal above 1, two significant digits below, so
+    that a limit of 0.45 GiB is not told it is 0.5 (nor 0.05, that it is 0.1)."""
+    value = nbytes / 2**30
+    return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.2g}"
 
 
 def _dense_peak_bytes(params: float, largest: int, gathered: float, activations: float, accum: int) -> int:
@@ -1216,15 +1223,14 @@ def choose_offload(cfg: ModelConfig, host_available: float, disk_free: float, as
     """RAM when the whole state fits in 80% of available memory; else the disk when it
     fits there; else split (the leading units in RAM, the rest on disk) when the two
     together hold it. Refuse when nothing fits, saying what is short and by how much."""
-    gib = 2**30
     need = state_bytes(state)[0] * cfg.n_params()
     smaller = {"fp32": "use --state compact (6 bytes per parameter) or compact8 (5), ",
                "compact": "use --state compact8 (5 bytes per parameter), "}.get(state, "")
     fits_ram = need <= 0.8 * host_available
     if asked == "ram" and not fits_ram:
-        raise UserError(f"{cfg.name} needs {need / gib:.1f} GiB of host RAM for its state but "
-                        f"{0.8 * host_available / gib:.1f} GiB is usable "
-                        f"({(need - 0.8 * host_available) / gib:.1f} GiB short): use --offload disk or split")
+        raise UserError(f"{cfg.name} needs {gib(need)} GiB of host RAM for its state but "
+                        f"{gib(0.8 * host_available)} GiB is usable "
+                        f"({gib(need - 0.8 * host_available)} GiB short): use --offload disk or split")
     if asked == "ram" or (asked == "auto" and fits_ram):
         return "ram"
     if asked == "split" or (asked == "auto" and need > disk_free):
@@ -1232,12 +1238,12 @@ def choose_offload(cfg: ModelConfig, host_available: float, disk_free: float, as
         on_disk = state_bytes(state)[0] * sum(unit_param_counts(cfg)[in_ram:])
         if on_disk <= disk_free:
             return "split"
-        raise UserError(f"{cfg.name} needs {need / gib:.1f} GiB for its state: {(need - on_disk) / gib:.1f} GiB fit "
-                        f"in RAM, and the other {on_disk / gib:.1f} GiB need disk but {disk_free / gib:.1f} GiB is "
+        raise UserError(f"{cfg.name} needs {gib(need)} GiB for its state: {gib(need - on_disk)} GiB fit "
+                        f"in RAM, and the other {gib(on_disk)} GiB need disk but {gib(disk_free)} GiB is "
                         f"free: free disk space, {smaller}or choose a smaller --model")
     if need > disk_free:
-        raise UserError(f"{cfg.name} needs {need / gib:.1f} GiB of disk for its state but "
-                        f"{disk_free / gib:.1f} GiB is free ({(need - disk_free) / gib:.1f} GiB short): "
+        raise UserError(f"{cfg.name} needs {gib(need)} GiB of disk for its state but "
+                        f"{gib(disk_free)} GiB is free ({gib(need - disk_free)} GiB short): "
                         f"free disk space, use --offload split, {smaller}or choose a smaller --model")
     return "disk"
 

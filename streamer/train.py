@@ -169,6 +169,11 @@ class TrainConfig:
                                 f"got {getattr(self, name)}")
         if self.eval_tokens is not None and self.eval_tokens <= 0:
             raise UserError(f"--eval-tokens must be a positive integer, got {self.eval_tokens}")
+        files = [path.resolve() for path in self.data_files()]
+        twice = next((path for path in files if files.count(path) > 1), None)
+        if twice is not None:
+            raise UserError(f"--data names '{twice}' more than once: name each file once (--data-weights draws "
+                            "more from one)")
         if self.eval_data and not self.eval_every:
             raise UserError("--eval-data is what the evaluations of --eval-every N read: add --eval-every N")
         if not 0 < self.holdout < 1:

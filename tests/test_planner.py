@@ -586,3 +586,11 @@ def test_a_sampled_tokens_floor_held_and_streamed() -> None:
     assert estimate.held_s_per_token < estimate.streamed_s_per_token / 10
     assert estimate.disk_s_per_token == pytest.approx(estimate.weight_bytes / h100.disk_read_bytes_per_s)
     assert not sampling_estimate(cfg, replace(h100, device_memory_bytes=24e9)).held_fits
+
+
+def test_messages_give_small_amounts_of_memory_as_they_are() -> None:
+    """A limit of 0.45 GiB is not called 0.5 (above what a step needs) in an error."""
+    from streamer.planner import gib
+
+    assert [gib(x * 2**30) for x in (0.45, 0.05, 0.0074, 1.94, 306.27, 0)] == ["0.45", "0.05", "0.0074", "1.9",
+                                                                                 "306.3", "0.0"]

@@ -261,6 +261,14 @@ def weights_folder(path: Path) -> Path:
     of a run's checkpoints, DIR/checkpoints/step-N), or a run folder's `final/`."""
     if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
         return path / "final"
+    if (path / "run.json").is_file() and not (path / "config.json").is_file():
+        from streamer.checkpoint import complete
+
+        newest = complete(path)
+        where = (f"pass one of its checkpoints, as {newest[-1][1]}" if newest
+                 else "it has no checkpoint either: train it to its end, or with --checkpoint-every")
+        raise UserError(f"the run in '{path}' has no final weights (it was stopped or killed before its end, or "
+                        f"ran with --no-save-final): {where}")
     return path
 
 

@@ -359,10 +359,10 @@ def model_config(model: str | None, init_from: str | None = None) -> ModelConfig
         raise UserError(f"{UnknownModelError(model)} (or name a folder of weights: a Hugging Face checkpoint, "
                         "a run's final/ or one of its checkpoints)")
     weights = "a Hugging Face checkpoint with its config.json, a run's final/ or one of its checkpoints"
-    from streamer.inference import read_model_config
+    from streamer.inference import read_model_config, weights_folder
 
     try:
-        return read_model_config(folder)
+        return read_model_config(weights_folder(folder))  # a run's folder: its final/
     except (OSError, ValueError) as exc:
         raise UserError(f"{flag} '{folder}': {exc}: " + (f"pass pretrained weights ({weights})" if model is None else
                         f"name a folder of weights ({weights}) or a registry name (streamer models)")) from None
@@ -528,7 +528,9 @@ def open_pretrained(path: str, model_cfg: ModelConfig):  # -> models.hf.Pretrain
     they are read."""
     from models.hf import Pretrained, check_architecture
     from streamer.checkpoint import MANIFEST, CheckpointWeights
+    from streamer.inference import weights_folder
 
+    path = weights_folder(Path(path))  # a run's folder: its final/
     try:
         if (Path(path) / MANIFEST).is_file():
             weights = CheckpointWeights(Path(path))

@@ -190,6 +190,9 @@ CASES = {
     "--init-from a checkpoint of another model": Case(
         ["--model", "tiny-neox", "--init-from", "{run}/checkpoints/step-00000002"],
         ["another architecture than tiny-neox's", "one of its checkpoints"]),
+    "--init-from a run without final weights": Case(
+        ["--init-from", "{run}"], ["the run in '", "has no final weights", "pass one of its checkpoints, as ",
+                                   "step-00000002"], lambda tmp, run: shutil.rmtree(run / "final")),
     "--init-from pickled weights": Case(["--init-from", "{tmp}/weights"],
                                         ["only pickled weights (pytorch_model.bin)", "convert the checkpoint"],
                                         _config_only("tiny", "pytorch_model.bin")),

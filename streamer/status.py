@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -186,13 +187,22 @@ def describe(s: dict) -> list[str]:
 
 def cmd_status(args: argparse.Namespace) -> None:
     """One run's status, or several runs' (a sweep: `streamer status runs/*`), each read
-    before any is printed, so that a folder without a run is one line and nothing else."""
-    statuses = []
+    before any is printed. Of several, a folder that holds no run (a stray file of the
+    glob, a run refused before it began) is left out with a warning; if none holds
+    one, the first's error is the command's."""
+    statuses, errors = [], []
     for given in args.runs:
         out = Path(given)
         if out.name == "final" and (out.parent / "run.json").is_file():
             out = out.parent
-        statuses.append(run_status(out))
+        try:
+            statuses.append(run_status(out))
+        except UserError as exc:
+            errors.append(exc)
+    if not statuses or (errors and len(args.runs) == 1):
+        raise errors[0]
+    for error in errors:
+        print(f"streamer: warning: left out: {error}", file=sys.stderr)
     if args.json:
         print(json.dumps(statuses[0] if len(statuses) == 1 else statuses, indent=2))
     elif args.brief:

@@ -106,6 +106,12 @@ def test_status_of_a_streamed_run_gives_its_plan(token_file: Path, tmp_path: Pat
     assert header.split() == ["run", "model", "state", "steps", "loss", "held-out", "tokens/s", "left"]
     assert [line.split()[:5] for line in lines] == [[str(out), "tiny", "finished", "2/2",
                                                      f"{record['recent_loss']:.3f}"]] * 2
+    # A sweep's glob that takes in a folder holding no run shows the runs, and says so.
+    (tmp_path / "stray").mkdir()
+    swept = run_main(["status", str(out), str(tmp_path / "stray"), "--brief"])
+    assert swept.returncode == 0 and len(swept.stdout.splitlines()) == 2
+    assert swept.stderr.strip() == (f"streamer: warning: left out: '{tmp_path / 'stray'}' holds no training run (no "
+                                    "run.json): give the --out folder of a `streamer train`")
 
 
 def test_status_of_a_folder_without_a_run_is_one_line(tmp_path: Path, fails_in_one_line) -> None:  # noqa: ANN001

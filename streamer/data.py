@@ -420,6 +420,14 @@ def _prepare_inputs(out: Path, inputs: list[Path] | None, tokenizer_path: Path |
     if lines is not None and lines.where and not any(_is_json_lines(path) for path in files):
         raise UserError("--where chooses among JSON Lines documents, and no input is JSON Lines (.jsonl, .ndjson): "
                         "drop --where, or pass JSON Lines files")
+    if lines is not None and lines.where:
+        plain = next((path for path in files if not _is_json_lines(path)), None)
+        if plain is not None:
+            raise UserError(f"--where chooses among JSON Lines documents, and '{plain}' is not JSON Lines: it would "
+                            "be taken whole; prepare it on its own, or leave it out")
+    if lines is not None and lines.field != "text" and not any(_is_json_lines(path) for path in files):
+        raise UserError(f"--text-field names the field of JSON Lines documents that holds their text, and no input "
+                        f"is JSON Lines (.jsonl, .ndjson): drop --text-field {lines.field}, or pass JSON Lines files")
     if separator is not None and tokenizer_path is None and train_vocab is None:
         raise UserError("--separator needs a tokenizer with a token for it (bytes have none to spare): pass "
                         "--tokenizer, or --train-tokenizer to learn one with it")
@@ -629,8 +637,8 @@ def load_tokens(path: Path, vocab_size: int) -> np.ndarray:
                             "with 'streamer prepare'") from None
         if data_vocab > vocab_size:
             raise UserError(f"data file '{path}' uses a vocabulary of {data_vocab} but the model has "
-                            f"{vocab_size}: prepare the data with the model's tokenizer, or give the model its "
-                            f"vocabulary (train --vocab-size {data_vocab})")
+                            f"{vocab_size}: prepare the data with the model's tokenizer (a model of the data's "
+                            f"vocabulary trains with train --vocab-size {data_vocab})")
     else:
         # No sidecar: scan once (a linear pass, cheap next to training) for out-of-range ids.
         top = int(tokens.max())

@@ -538,6 +538,14 @@ def test_where_keeps_the_documents_whose_fields_hold_the_values(tmp_path: Path) 
         assert meta["where"] == list(where) and meta["n_documents"] == text.count(" ")
     with pytest.raises(UserError, match="no document of the inputs meets --where meta.pile_set_name=Wiki"):
         prepare(tmp_path / "tokens.npy", [path], lines=JsonLines.parse("text", ["meta.pile_set_name=Wiki"]))
+    # A plain text file among them would pass whole, whatever --where says; --text-field
+    # without a JSON Lines input names nothing.
+    (tmp_path / "notes.txt").write_text("epsilon ")
+    with pytest.raises(UserError, match="notes.txt' is not JSON Lines: it would be taken whole"):
+        prepare(tmp_path / "tokens.npy", [path, tmp_path / "notes.txt"],
+                lines=JsonLines.parse("text", ["meta.stars=5"]))
+    with pytest.raises(UserError, match="--text-field names the field of JSON Lines documents.*--text-field body"):
+        prepare(tmp_path / "tokens.npy", [tmp_path / "notes.txt"], lines=JsonLines.parse("body", None))
 
 
 def test_a_folders_hidden_compiled_and_binary_files_are_left_out(tmp_path: Path) -> None:

@@ -464,8 +464,13 @@ def check_compatible(manifest: dict, folder: Path, model_cfg: dict, mode: str, w
     differences."""
     saved_train = manifest.get("train", {})
     saved_train = {**saved_train, **{key: absolute(saved_train[key]) for key in PATH_SETTINGS if key in saved_train}}
-    if manifest.get("model") != model_cfg:
-        theirs = saved_train.get("model") or manifest.get("model", {}).get("name", "?")
+    saved_model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    if saved_model != model_cfg and {**saved_model, "vocab_size": model_cfg.get("vocab_size")} == model_cfg:
+        raise UserError(f"checkpoint '{folder}' is of a vocabulary of {saved_model.get('vocab_size')}, not "
+                        f"{model_cfg.get('vocab_size')}: resume with --vocab-size {saved_model.get('vocab_size')}, "
+                        "or choose a new --out")
+    if saved_model != model_cfg:
+        theirs = saved_train.get("model") or saved_model.get("name", "?")
         ours = train.get("model") or model_cfg.get("name")
         raise UserError(f"checkpoint '{folder}' is of model '{theirs}', not of --model {ours}"
                         f"{' (same name, other config)' if theirs == ours else ''}: "

@@ -49,7 +49,7 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "wsd":
-        start = max(cfg.warmup_steps, cfg.total_steps - round(cfg.decay_fraction * cfg.total_steps))
+        start = wsd_decay_start(cfg.total_steps, cfg.decay_fraction, cfg.warmup_steps)
         if step < start:
             return cfg.lr
         progress = min(1.0, (step - start) / max(1, cfg.total_steps - start))
@@ -57,6 +57,13 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     span = max(1, cfg.total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def wsd_decay_start(total_steps: int, decay_fraction: float, warmup_steps: int) -> int:
+    """The step at which a wsd schedule leaves its peak: the last `decay_fraction` of the
+    steps decay (after any warmup); its rates up to this step do not depend on the run's
+    length, the ones after it do."""
+    return max(warmup_steps, total_steps - round(decay_fraction * total_steps))
 
 
 def clip_coefficient(grad_norm: float, max_norm: float) -> float:

@@ -57,7 +57,7 @@ from streamer.data import (
 )
 from streamer.errors import OUT_OF_TIME, Stopped, UserError
 from streamer.io import absolute, atomic_write_json, existing_parent, utc_stamp, write_safetensors
-from streamer.optim import SCHEDULES, OptimConfig, lr_at
+from streamer.optim import SCHEDULES, OptimConfig, lr_at, wsd_decay_start
 from streamer.parallel import DataParallel
 from streamer.state import fused_mode
 from streamer.stats import StepStats
@@ -556,8 +556,20 @@ def check_resumable(cfg: TrainConfig, model_cfg: ModelConfig, out: Path, world: 
     changed = check_compatible(manifest, folder, model_cfg.to_dict(), cfg.mode, world, cfg.record())
     # Not named after a checkpoint: the manifest read here is the newest that reads, and
     # the run may go on from an older one, should this one's files prove corrupt.
-    return [f"settings differ from those the run recorded ({', '.join(changed)}): the resumed run uses "
-            "the new ones, so it is not the run its checkpoints came from"] if changed else []
+    warnings = [f"settings differ from those the run recorded ({', '.join(changed)}): the resumed run uses "
+                "the new ones, so it is not the run its checkpoints came from"] if changed else []
+    saved = manifest.get("train") or {}
+    if cfg.schedule == saved.get("schedule") == "wsd" and cfg.steps > saved.get("steps", cfg.steps):
+        # A wsd run is its longer self only up to where its decay began: steps past it
+        # took lower rates than the longer run's (see streamer.optim.lr_at).
+        decay_from = wsd_decay_start(saved["steps"], saved.get("decay_fraction", cfg.decay_fraction),
+                                     min(saved.get("warmup", cfg.warmup), saved["steps"]))
+        if manifest["step"] > decay_from + 1:
+            warnings.append(f"checkpoint {folder.name} is past the start of the run's decay (step {decay_from} of "
+                            f"{saved['steps']}): the longer run goes on from decayed weights, not as a run of "
+                            f"{cfg.steps} steps would; a checkpoint of step {decay_from + 1} or earlier (a "
+                            "--keep-every milestone) would go on as one")
+    return warnings
 
 
 @dataclass(frozen=True)

@@ -811,5 +811,14 @@ def test_a_wsd_run_resumed_with_more_steps_is_the_longer_run(token_file: Path, t
 
     assert rates(out)[:5] == rates(longer)[:5] and rates(out)[5] < rates(longer)[5]  # its own decay
     train(config(token_file, out, steps=10, checkpoint_every=4, resume=True, **wsd))
-    assert "steps 6 -> 10" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "steps 6 -> 10" in said and "decay" not in said
     assert_same_run(out, longer)
+    # From a checkpoint past the decay's start the longer run is not this one: it says so.
+    decayed = tmp_path / "decayed"
+    train(config(token_file, decayed, checkpoint_every=3, **wsd))
+    capsys.readouterr()
+    train(config(token_file, decayed, steps=10, checkpoint_every=3, resume=True, **wsd))
+    assert ("checkpoint step-00000006 is past the start of the run's decay (step 4 of 6): the longer run goes on "
+            "from decayed weights, not as a run of 10 steps would; a checkpoint of step 5 or earlier"
+            in capsys.readouterr().err)

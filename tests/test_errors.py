@@ -135,6 +135,8 @@ CASES = {
                                                "--out", "{run}", "--resume"],
                                               ["--steps 1 is fewer than the 2 steps checkpoint step-00000002 has done",
                                                "--steps 2 or more"]),
+    "checkpoint of another vocabulary": Case([*RESUME, "--vocab-size", "512"],
+                                             ["is of a vocabulary of 256, not 512", "resume with --vocab-size 256"]),
     "checkpoint of another model": Case([*RESUME, "--model", "tiny-neox"],
                                         ["of model 'tiny'", "--model tiny"]),
     "corrupt checkpoint file": Case(RESUME,

@@ -1461,6 +1461,10 @@ def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
     read, write = measure_disk_bandwidth(disk_folder)
     cached_io = measure_page_cache_rate(disk_folder)
     update = measure_update_rate(state=state)
+    # Resident training's AdamW (what the recommendation weighs a step against) is
+    # float32's, whatever the store's format costs.
+    fp32_update = update if state == "fp32" else measure_update_rate(state="fp32")
+    device_update = fp32_update if device.type == "cpu" else measure_update_rate(device=device)
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     # What the OS reports, unless the user says what this machine can give (see host_available).
     free = host_available(host_memory_gib)
@@ -1475,7 +1479,7 @@ def measure_profile(device: torch.device, dtype: torch.dtype, disk_folder: Path,
                    disk_read_bytes_per_s=read, disk_write_bytes_per_s=write, cached_io_bytes_per_s=cached_io,
                    host_update_bytes_per_s=update, update_state=state, host_copy_bytes_per_s=host_copy,
                    page_cache_bytes=free, host_memory_bytes=total,
-                   device_update_bytes_per_s=update if device.type == "cpu" else measure_update_rate(device=device),
+                   device_update_bytes_per_s=device_update,
                    compute_bytes=torch.tensor([], dtype=dtype).element_size())
 
 
@@ -1674,7 +1678,9 @@ def _plan_profile(args: argparse.Namespace) -> tuple[DeviceProfile, torch.device
             raise UserError("--device cuda --measure needs a CUDA device, and this machine has none")
         device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        return measure_profile(device, dtype, args.disk, state=args.state, host_memory_gib=args.host_memory), device
+        # Timed in the folder's nearest existing parent: a folder not yet made is not made.
+        return measure_profile(device, dtype, existing_parent(args.disk), state=args.state,
+                               host_memory_gib=args.host_memory), device
     if (args.device or "cpu") not in PROFILES:
         raise UserError(f"unknown device profile '{args.device}': use one of {', '.join(PROFILES)} or --measure")
     profile = PROFILES[args.device or "cpu"]

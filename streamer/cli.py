@@ -698,8 +698,6 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     import time
 
-    from models.safety import UnsafeFileError
-
     # When the command started: `train --time-limit` counts from here, and under --nproc
     # from the launcher's start, which it passes to the ranks.
     started_at = float(os.environ.get(STARTED_AT, "0")) or time.time()
@@ -710,9 +708,21 @@ def _main(argv: list[str] | None) -> int:
         argv = ["train", *argv]
         args = parser.parse_args(argv)
     args.started_at = started_at
+    # Outside the steps, a run's stop signals act as Ctrl-C does (put back when the
+    # command returns: main runs in other programs too, as the tests' process).
+    previous = interrupt_on(signal.SIGTERM, signal.SIGUSR1) if args.command == "train" else {}
+    try:
+        return _run_command(args, argv)
+    finally:
+        for signum, was in previous.items():
+            signal.signal(signum, was)
+
+
+def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """The command's handler, its errors made the exit status and one line."""
+    from models.safety import UnsafeFileError
+
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "models": cmd_models}
-    if args.command == "train":  # outside the steps, a run's stop signals act as Ctrl-C does
-        interrupt_on(signal.SIGTERM, signal.SIGUSR1)
     if args.command == "plan":
         from streamer.planner import cmd_plan as handler
     elif args.command == "sample":

@@ -32,12 +32,15 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def interrupt_on(*signums: int) -> None:
-    """Have these signals raise `Interrupted` in the main thread."""
+def interrupt_on(*signums: int) -> dict:
+    """Have these signals raise `Interrupted` in the main thread; returns the handlers
+    they had, for `signal.signal` to put back."""
     import signal
+    import threading
 
     def interrupt(signum: int, frame: object) -> None:
         raise Interrupted(signum)
 
-    for signum in signums:
-        signal.signal(signum, interrupt)
+    if threading.current_thread() is not threading.main_thread():  # where Python runs handlers, and sets them
+        return {}
+    return {signum: signal.signal(signum, interrupt) for signum in signums}

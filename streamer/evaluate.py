@@ -189,7 +189,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     paths = [Path(given) for given in args.weights]
     for path in paths:  # a folder that cannot be read is found before the others' minutes of reading
         folder = weights_folder(path)
-        check_weights(folder, model_config(folder))
+        cfg = model_config(folder)
+        if len(paths) > 1:
+            check_weights(folder, cfg)
     results = []
     for path in paths:
         result, line = _evaluated(args, path, device, dtype)

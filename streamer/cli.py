@@ -494,6 +494,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 # cannot read a different record.
 _OF_THE_JOB = ("out", "resume", "no_progress", "dry_run", "time_limit", "nproc")
 _RECORDED_AS = {"max_memory": "max_memory_gib", "host_memory": "host_memory_gib"}
+# The stream engine's settings, which a resident run refuses: not taken from a resident
+# run's record, whose values for them (a default of its day: --update-on host, say) it
+# never used.
+_STREAM_ONLY = ("offload", "prefetch_depth", "held_units", "recompute", "max_memory", "state", "update_on",
+                "store_dir")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -541,6 +546,8 @@ def resume_settings(args: argparse.Namespace, given: set[str]) -> dict[str, obje
         dest = action.dest
         key = _RECORDED_AS.get(dest, dest)
         if dest in given or dest in _OF_THE_JOB or key not in settings:
+            continue
+        if dest in _STREAM_ONLY and settings.get("mode") == "resident" and "mode" not in given:
             continue
         value = settings[key]
         filled[dest] = [value] if isinstance(value, str) and action.nargs == "+" else value

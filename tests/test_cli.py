@@ -388,3 +388,24 @@ def test_a_stop_signal_outside_the_steps_ends_train_as_ctrl_c_does(tmp_path: Pat
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     assert capsys.readouterr().err.strip().splitlines()[-1] == "streamer: interrupted by SIGTERM"
+
+
+def test_a_resident_runs_record_fills_no_stream_setting(token_file: Path, tmp_path: Path) -> None:
+    """A resident run recorded the stream engine's settings at their defaults of the day
+    (--update-on host, before auto): a resume takes none of them, which a resident run
+    would refuse."""
+    import streamer.checkpoint as checkpoint
+
+    out = tmp_path / "run"
+    flags = ["--batch-size", "2", "--seq-len", "32", "--data", str(token_file), "--no-progress"]
+    assert streamer("train", *flags, "--steps", "1", "--checkpoint-every", "1", "--out", str(out),
+                    cache=tmp_path).returncode == 0
+    folder = out / "checkpoints" / "step-00000001"
+    manifest = checkpoint.read_manifest(folder)
+    manifest["train"]["update_on"] = "host"
+    manifest.pop("manifest_sha256", None)
+    (folder / "manifest.json").write_text(json.dumps({**manifest,
+                                                      "manifest_sha256": checkpoint._manifest_digest(manifest)}))
+    resumed = streamer("train", "--out", str(out), "--resume", "--steps", "2", "--no-progress", cache=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "--update-on" not in resumed.stdout.splitlines()[0]

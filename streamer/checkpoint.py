@@ -471,10 +471,13 @@ def check_compatible(manifest: dict, folder: Path, model_cfg: dict, mode: str, w
                         "or choose a new --out")
     if saved_model != model_cfg:
         theirs = saved_train.get("model") or saved_model.get("name", "?")
-        ours = train.get("model") or model_cfg.get("name")
-        raise UserError(f"checkpoint '{folder}' is of model '{theirs}', not of --model {ours}"
+        # What named this architecture: --model, or without it --init-from's weights.
+        flag, ours = (("--init-from", train["init_from"]) if not train.get("model") and train.get("init_from")
+                      else ("--model", train.get("model") or model_cfg.get("name")))
+        raise UserError(f"checkpoint '{folder}' is of model '{theirs}', not of {flag} {ours}"
                         f"{' (same name, other config)' if theirs == ours else ''}: "
-                        f"resume with --model {theirs}, or choose a new --out")
+                        f"resume with --model {theirs}{' and no --init-from' if flag == '--init-from' else ''}, "
+                        "or choose a new --out")
     if manifest.get("mode") != mode:
         raise UserError(f"checkpoint '{folder}' was written by --mode {manifest.get('mode')}: "
                         f"resume with --mode {manifest.get('mode')}, or choose a new --out")

@@ -630,8 +630,25 @@ def preflight(cfg: TrainConfig, world: int) -> Preflight:
             path.unlink(missing_ok=True)
     if cfg.init_from and not (cfg.resume and newest_manifest(out)):  # a checkpoint's weights win
         open_pretrained(cfg.init_from, model_cfg).close()
-    warnings += repetition_warnings(cfg, tokens, world)
+    warnings += repetition_warnings(cfg, tokens, world) + evaluation_warnings(cfg, tokens, held_out, world)
     return Preflight(model_cfg, device, dtype, tokens, out, warnings, separator, held_out)
+
+
+def evaluation_warnings(cfg: TrainConfig, tokens: Tokens, held_out: Tokens | None, world: int) -> list[str]:
+    """--eval-tokens beyond what the held-out text holds (each evaluation reads the
+    windows there are, a fraction of what was asked): said before the run, not found in
+    its metrics' eval_tokens."""
+    if not (cfg.eval_every and cfg.eval_tokens):
+        return []
+    held = held_out if held_out is not None else holdout_split(tokens, cfg.holdout, cfg.seq_len)[1]
+    asked = cfg.eval_sequences(world)
+    windows = len(eval_windows_by_file(held, cfg.seq_len, asked)[0])
+    if windows >= asked:
+        return []
+    where = "--eval-data" if held_out is not None else f"the data's held-out tail (--holdout {cfg.holdout:g})"
+    return [f"--eval-tokens {cfg.eval_tokens:,}: {where} holds {windows:,} window{'s' * (windows != 1)} of "
+            f"{cfg.seq_len}, so each "
+            f"evaluation reads {windows * cfg.seq_len:,} tokens"]
 
 
 def check_eval_data(cfg: TrainConfig, data_files: list[Path], vocab_size: int) -> Tokens:

@@ -409,3 +409,19 @@ def test_a_resident_runs_record_fills_no_stream_setting(token_file: Path, tmp_pa
     resumed = streamer("train", "--out", str(out), "--resume", "--steps", "2", "--no-progress", cache=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "--update-on" not in resumed.stdout.splitlines()[0]
+
+
+def test_a_resume_names_the_flag_that_chose_another_architecture(token_file: Path, tmp_path: Path) -> None:
+    """A run whose architecture --init-from chose, resumed with weights of another one
+    given to --init-from: the refusal names --init-from, not a --model never given."""
+    flags = ["--batch-size", "2", "--seq-len", "32", "--data", str(token_file), "--no-progress"]
+    for model, out in (("tiny", "first"), ("tiny-gptj", "other")):
+        assert streamer("train", *flags, "--model", model, "--steps", "1", "--out", str(tmp_path / out),
+                        cache=tmp_path).returncode == 0
+    run = tmp_path / "run"
+    assert streamer("train", *flags, "--init-from", str(tmp_path / "first"), "--steps", "1", "--checkpoint-every",
+                    "1", "--out", str(run), cache=tmp_path).returncode == 0
+    resumed = streamer("train", "--out", str(run), "--resume", "--init-from", str(tmp_path / "other"), "--steps", "2",
+                       cache=tmp_path)
+    assert_user_error(resumed, f"not of --init-from {tmp_path / 'other'}", "resume with --model tiny and no "
+                      "--init-from")

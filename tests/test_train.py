@@ -359,3 +359,13 @@ def test_a_run_folder_is_its_final_weights(token_file: Path, tmp_path: Path) -> 
     losses = [json.loads((train(cfg) / "metrics.jsonl").read_text().splitlines()[0])["loss"]
               for cfg in (by_folder, by_final)]
     assert losses[0] == losses[1] < 5.0  # trained weights, not a fresh initialisation (5.5 on bytes)
+
+
+def test_more_evaluation_tokens_than_the_held_out_text_holds_is_said(token_file: Path, tmp_path: Path,
+                                                                      capsys) -> None:  # noqa: ANN001
+    """--eval-tokens beyond the held-out tail: the run says, before its first step, how
+    many tokens each evaluation reads instead, and reads that many."""
+    out = run(token_file, tmp_path / "run", steps=1, eval_every=1, eval_tokens=10**7, seq_len=64)[0]
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (f"--eval-tokens 10,000,000: the data's held-out tail (--holdout 0.01) holds {row['eval_tokens'] // 64:,} "
+            f"windows of 64, so each evaluation reads {row['eval_tokens']:,} tokens") in capsys.readouterr().err

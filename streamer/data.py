@@ -802,6 +802,13 @@ def eval_window_counts(heldout: Mixture, seq_len: int, n_sequences: int) -> list
             for part, share in zip(heldout.parts, heldout.weights)]
 
 
+def eval_window_total(heldout: Tokens, seq_len: int, n_sequences: int) -> int:
+    """How many evaluation windows `eval_windows` gives, counted without making them."""
+    if isinstance(heldout, Mixture):
+        return sum(eval_window_counts(heldout, seq_len, n_sequences))
+    return _window_count(heldout, seq_len, n_sequences)
+
+
 def _window_count(tokens: np.ndarray, seq_len: int, wanted: int) -> int:
     """At least one window, and no more than the tokens hold disjoint."""
     return max(1, min(wanted, tokens.size // (seq_len + 1)))

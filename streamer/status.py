@@ -31,15 +31,16 @@ def read_rows(path: Path) -> list[dict]:
     text = path.read_text()
     rows = []
     for number, line in enumerate(text[: text.rfind("\n") + 1].splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            row = json.loads(line) if line.strip() else None
+            row = json.loads(line)
         except json.JSONDecodeError:
-            row = "bad"
-        if row is not None and not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
             raise UserError(f"'{path}' line {number} is not a metrics row (a JSON object with its step): the file "
                             "was damaged or edited; restore it, or remove that line")
-        if row is not None:
-            rows.append(row)
+        rows.append(row)
     return rows
 
 

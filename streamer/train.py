@@ -50,6 +50,7 @@ from streamer.data import (
     check_one_tokenizer,
     default_corpus,
     document_separator,
+    eval_window_total,
     eval_windows_by_file,
     holdout_split,
     load_data,
@@ -642,7 +643,7 @@ def evaluation_warnings(cfg: TrainConfig, tokens: Tokens, held_out: Tokens | Non
         return []
     held = held_out if held_out is not None else holdout_split(tokens, cfg.holdout, cfg.seq_len)[1]
     asked = cfg.eval_sequences(world)
-    windows = len(eval_windows_by_file(held, cfg.seq_len, asked)[0])
+    windows = eval_window_total(held, cfg.seq_len, asked)
     if windows >= asked:
         return []
     where = "--eval-data" if held_out is not None else f"the data's held-out tail (--holdout {cfg.holdout:g})"
